@@ -1,0 +1,62 @@
+"""Meta-learning algorithms: one small file each, sharing the engine's pieces, no inheritance.
+
+Every algorithm satisfies :class:`MetaLearner` and registers a builder under its ``--algo`` name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamlkit.tasks.base import TaskBatch
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+KIND_OF_LOSS = {"mse": "regression", "cross_entropy": "classification"}
+
+
+@runtime_checkable
+class MetaLearner(Protocol):
+    """What the trainer, the evaluator and checkpoints need from an algorithm."""
+
+    name: str
+    model: nn.Module
+    kind: str  # "regression" | "classification"
+
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        """Everything the outer optimiser updates: the model's parameters and any learned extras."""
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        """Mean over tasks of the outer objective, with its graph; ``loss.backward()`` fills ``.grad``."""
+
+    def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
+        """Accumulate ``weight ×`` the meta-gradient into ``.grad``, chunk by chunk, to save memory."""
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
+        """Adapted parameters for one task (``support_x [N, ...]``)."""
+
+    def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
+        """Query loss and accuracy ``[T, steps+1]`` after 0..steps inner steps (evaluation)."""
+
+
+ALGORITHMS: dict[str, Callable[..., MetaLearner]] = {}
+
+
+def register(name: str):
+    """Register ``builder(model, cfg) -> MetaLearner`` under ``name``."""
+    def deco(builder):
+        ALGORITHMS[name] = builder
+        return builder
+    return deco
+
+
+def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
+    """Build the algorithm ``name`` for ``model`` from a :class:`~mamlkit.config.TrainConfig`."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
+    return ALGORITHMS[name](model, cfg)
+
+
+from mamlkit.algorithms import maml, pretrain  # noqa: E402,F401  (registration)

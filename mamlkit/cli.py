@@ -1,0 +1,152 @@
+"""The ``mamlkit`` command line. Every config field is a flag; user mistakes exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from mamlkit import config
+from mamlkit.errors import UserError
+from mamlkit.presets import PRESETS, preset_config
+
+# Fields that may change when a run is resumed; everything else defines the run.
+RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progress", "tensorboard", "threads",
+             "eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained"}
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null") else int(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~mamlkit.config.TrainConfig` field; unset flags stay out of the namespace."""
+    group = parser.add_argument_group("config fields (override the preset and --config)")
+    for name, typ in config.field_types().items():
+        flag = "--" + name.replace("_", "-")
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS}
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple:
+            kw |= {"nargs": "+", "type": args[0]}
+        elif type(None) in args:
+            kw |= {"type": _optional_int, "metavar": "INT|none"}
+        else:
+            kw["type"] = typ
+        default = getattr(config.TrainConfig(), name)
+        group.add_argument(flag, help=f"default {default!r}", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mamlkit", description="Exact, fast gradient-based meta-learning.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the engine's choices")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="meta-train from a preset", description="Meta-train from a preset. "
+                           "Presets: " + ", ".join(sorted(PRESETS)))
+    train.add_argument("preset", nargs="?", help="preset name (see `mamlkit presets`)")
+    train.add_argument("--config", help="YAML file of config overrides")
+    train.add_argument("--resume", metavar="RUN", help="continue the run in this folder or checkpoint")
+    add_config_flags(train)
+
+    ev = sub.add_parser("eval", help="evaluate a run or checkpoint on fixed test tasks")
+    ev.add_argument("run", help="run folder or checkpoint file")
+    ev.add_argument("--baseline", help="run folder of a baseline to compare (default: RUN/pretrained if present)")
+    ev.add_argument("--eval-tasks", type=int, help="number of test tasks (default: the run's, 600)")
+
+    sub.add_parser("presets", help="list the presets and the papers they reproduce")
+    sub.add_parser("algos", help="list the algorithms")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mamlkit import reports, train
+
+    overrides = {k: v for k, v in vars(args).items() if k in config.field_types()}
+    if args.resume:
+        trainer = train.load_trainer(args.resume)
+        bad = sorted(set(overrides) - RESUMABLE)
+        if bad:
+            raise UserError(f"cannot change {', '.join(bad)} when resuming; these may change: "
+                            f"{', '.join(sorted(RESUMABLE))}")
+        trainer.cfg = trainer.cfg.replace(**overrides)
+    else:
+        if not args.preset:
+            raise UserError("name a preset (`mamlkit train sinusoid`) or pass --resume RUN; presets: "
+                            + ", ".join(sorted(PRESETS)))
+        file_values = config.load_yaml(args.config) if args.config else {}
+        cfg = preset_config(args.preset, {**file_values, **overrides})
+        trainer = train.new_trainer(cfg, train.run_dir_for(cfg))
+    train.fit(trainer)
+    cfg = trainer.cfg
+    learners = {trainer.learner.name: trainer.learner}
+    if cfg.compare_pretrained and cfg.algo != "pretrain":
+        learners["pretrain"] = _baseline(trainer).learner
+    print()
+    print(reports.report(trainer.run_dir, learners, cfg))
+    print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, config.json, metrics.jsonl, eval.md, figures)")
+    return 0
+
+
+def _baseline(trainer):
+    """Train (or resume, or load) the paper's pretrained baseline in ``RUN/pretrained``."""
+    from mamlkit import train
+
+    folder = trainer.run_dir / "pretrained"
+    if (folder / "checkpoint.safetensors").exists():
+        baseline = train.load_trainer(folder)
+    else:
+        cfg = trainer.cfg.replace(algo="pretrain", compare_pretrained=False, run_name="pretrained")
+        baseline = train.new_trainer(cfg, folder)
+    return train.fit(baseline)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mamlkit import reports, train
+
+    main = train.load_trainer(args.run)
+    cfg = main.cfg if args.eval_tasks is None else main.cfg.replace(eval_tasks=args.eval_tasks)
+    learners = {main.learner.name: main.learner}
+    baseline = Path(args.baseline) if args.baseline else main.run_dir / "pretrained"
+    if args.baseline or (baseline / "checkpoint.safetensors").exists():
+        learners["pretrain"] = train.load_trainer(baseline).learner
+    print(reports.report(main.run_dir, learners, cfg))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    for name, p in sorted(PRESETS.items()):
+        print(f"{name:22s} {p.summary}\n{'':22s} {p.citation}")
+    return 0
+
+
+def cmd_algos(args: argparse.Namespace) -> int:
+    from mamlkit.algorithms import ALGORITHMS
+
+    for name, builder in sorted(ALGORITHMS.items()):
+        doc = (builder.__doc__ or sys.modules[builder.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:12s} {doc[0] if doc else ''}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "algos": cmd_algos}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"mamlkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Run configuration: one frozen, keyword-only dataclass, checked on construction.
+
+Every field is a CLI flag (``inner_lr`` → ``--inner-lr``) and a YAML key. Presets
+(:mod:`mamlkit.presets`) fill it with a paper's setting; a YAML file and flags override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from mamlkit.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A user's configuration mistake; the CLI prints it and exits with code 2."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that defines a run. Defaults are the paper's sinusoid setting (Finn et al. 2017)."""
+
+    # what to learn
+    task: str = "sinusoid"            # task family: sinusoid, omniglot, ...
+    algo: str = "maml"                # algorithm, see `mamlkit algos`
+    loss: str = "mse"                 # mse | cross_entropy
+    model: str = "mlp"                # model architecture from mamlkit.models
+    hidden_sizes: tuple[int, ...] = (40, 40)  # MLP hidden widths
+    # episodes
+    n_way: int = 5                    # classes per task (classification)
+    k_shot: int = 10                  # support examples per class (per task for regression)
+    k_query: int = 10                 # query examples per class (per task for regression)
+    # inner loop
+    inner_lr: float = 0.01            # α
+    inner_steps: int = 1              # K during meta-training
+    test_inner_steps: int | None = None  # K at evaluation/adapt (None: inner_steps)
+    first_order: bool = False         # FOMAML
+    # outer loop
+    meta_batch: int = 25              # tasks per meta-iteration
+    meta_lr: float = 1e-3             # β (Adam)
+    iterations: int = 70_000
+    # execution
+    strategy: str = "auto"            # auto | vmap | loop
+    chunk_size: int = 0               # tasks per backward chunk (0: whole batch for vmap)
+    device: str = "cpu"
+    dtype: str = "float32"            # float32 | float64
+    threads: int = 0                  # torch threads (0: torch's default)
+    seed: int = 0
+    # data
+    data_root: str = ""               # dataset folder ('' : --data-root, $MAMLKIT_DATA, or the cache)
+    # logging, validation, checkpoints
+    out_dir: str = "runs"
+    run_name: str = ""                # '' : <preset or task>-<algo>
+    log_every: int = 100
+    val_every: int = 2_000
+    val_tasks: int = 100
+    checkpoint_every: int = 5_000
+    progress: bool = True
+    tensorboard: bool = True
+    # final evaluation
+    eval_tasks: int = 600
+    eval_steps: tuple[int, ...] = (0, 1, 5, 10)
+    eval_shots: tuple[int, ...] = (5, 10, 20)   # regression: K values evaluated
+    eval_query: int = 100             # regression: query points per evaluation task
+    compare_pretrained: bool = True   # also train the pretrained baseline and compare
+    preset: str = ""                  # the preset this config started from (informational)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.loss in ("mse", "cross_entropy"), f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
+        need(self.strategy in ("auto", "vmap", "loop"),
+             f"strategy must be auto, vmap or loop, got {self.strategy!r}")
+        need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
+        for name in ("n_way", "k_shot", "k_query", "meta_batch", "iterations", "log_every", "val_every",
+                     "checkpoint_every", "eval_tasks", "eval_query"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("inner_steps", "chunk_size", "threads", "val_tasks"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.test_inner_steps is None or self.test_inner_steps >= 0, "test_inner_steps must be >= 0")
+        need(self.inner_lr >= 0, f"inner_lr must be >= 0, got {self.inner_lr}")
+        need(self.meta_lr > 0, f"meta_lr must be > 0, got {self.meta_lr}")
+        need(all(s >= 0 for s in self.eval_steps) and len(self.eval_steps) > 0,
+             f"eval_steps must be non-negative step counts, got {self.eval_steps}")
+        need(all(s >= 1 for s in self.eval_shots) and len(self.eval_shots) > 0,
+             f"eval_shots must be positive, got {self.eval_shots}")
+        need(all(h >= 1 for h in self.hidden_sizes), f"hidden_sizes must be positive, got {self.hidden_sizes}")
+
+    @property
+    def eval_inner_steps(self) -> int:
+        return self.inner_steps if self.test_inner_steps is None else self.test_inner_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return from_dict({**self.to_dict(), **changes})
+
+
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = next(a for a in args if a is not type(None))
+        return _coerce(name, value, typ)
+    if origin is tuple:
+        if isinstance(value, (int, float, str)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(name, v, args[0]) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    try:
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be of type {typ.__name__}, got {value!r}") from None
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build a config from a dict, rejecting unknown keys with the list of valid ones."""
+    types_ = field_types()
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(types_)}")
+    return TrainConfig(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping of config overrides."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+__all__ = ["TrainConfig", "ConfigError", "from_dict", "load_yaml"]

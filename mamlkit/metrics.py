@@ -1,0 +1,76 @@
+"""Run metrics: JSONL (every record), CSV (one row per record), and TensorBoard when installed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+CSV_COLUMNS = ["step", "split", "loss", "acc", "tasks_per_s", "elapsed_s"]
+
+
+def mean_ci(values: Tensor) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% confidence interval, 1.96·σ/√n (σ with ddof=1)."""
+    values = values.double().flatten()
+    n = values.numel()
+    mean = values.mean().item()
+    if n < 2:
+        return mean, math.nan
+    return mean, 1.96 * values.std(unbiased=True).item() / math.sqrt(n)
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard) in ``run_dir``."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        new = not (run_dir / "metrics.csv").exists()
+        self.csv_file = open(run_dir / "metrics.csv", "a", newline="")
+        self.csv = csv.DictWriter(self.csv_file, CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            self.csv.writeheader()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # the optional extra `tensorboard` is not installed
+                self.writer = None
+
+    def log(self, step: int, split: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        self.csv.writerow(record)
+        self.csv_file.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        self.csv_file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+__all__ = ["MetricsLog", "mean_ci", "read_jsonl"]

@@ -1,0 +1,70 @@
+"""Reference models, as plain ``nn.Module``s, and a registry to rebuild them from a spec.
+
+A spec is a JSON-able dict ``{"name": ..., **kwargs}`` stored in every checkpoint, so a
+checkpoint can be loaded without pickles: ``build_model(spec)``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        MODELS[name] = fn
+        return fn
+    return deco
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """Build a registered model from ``{"name": ..., **kwargs}``."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}")
+    return MODELS[name](**spec)
+
+
+@register_model("mlp")
+def mlp(in_features: int = 1, hidden: list[int] | tuple[int, ...] = (40, 40), out_features: int = 1) -> nn.Module:
+    """MLP with ReLU; the paper's sinusoid regressor is ``mlp(1, (40, 40), 1)`` (Finn et al. 2017, §5.1)."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+@register_model("conv4")
+def conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 64, image_size: int = 28,
+          pool: bool = False, bn_track_running_stats: bool = False) -> nn.Module:
+    """Conv4 (Vinyals et al. 2016; Finn et al. 2017, §5.2): 4 × [3×3 conv, BatchNorm, ReLU] + linear head.
+
+    ``pool=False``: stride-2 convolutions, the paper's Omniglot network on 28×28 inputs.
+    ``pool=True``: stride-1 convolutions each followed by 2×2 max-pool (the mini-ImageNet
+    network, with ``hidden=32`` on 84×84 inputs). BatchNorm uses batch statistics
+    (``track_running_stats=False``), as the paper's code does, so it is transductive.
+    Input ``[B, C, H, W]``; output ``[B, out_features]``. The head is named ``head``.
+    """
+    blocks: list[nn.Module] = []
+    c, size = in_channels, image_size
+    for _ in range(4):
+        conv = nn.Conv2d(c, hidden, 3, stride=1 if pool else 2, padding=1)
+        block = [conv, nn.BatchNorm2d(hidden, track_running_stats=bn_track_running_stats), nn.ReLU()]
+        if pool:
+            block.append(nn.MaxPool2d(2))
+            size = size // 2
+        else:
+            size = (size + 1) // 2
+        blocks.append(nn.Sequential(*block))
+        c = hidden
+    body = nn.Sequential(*blocks, nn.Flatten())
+    return nn.Sequential(OrderedDict(body=body, head=nn.Linear(hidden * size * size, out_features)))

@@ -1,0 +1,73 @@
+"""Figures as PNG files (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mamlkit.functional import call
+from mamlkit.tasks.base import task_generator
+from mamlkit.tasks.sinusoid import Sinusoid
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def sinusoid_figures(run_dir: Path, learners: dict, results: dict, cfg) -> None:
+    """Finn et al. Fig. 2 (fits before and after 1 and 10 steps) and Fig. 3 (MSE against steps)."""
+    plt = _plt()
+    dtype = getattr(torch, cfg.dtype)
+    k = min(cfg.eval_shots)
+    dist = Sinusoid(k_support=k, k_query=1)
+    gen = task_generator(cfg.seed, "figure", 0)
+    amp, phase = dist.sample_params(3, gen)
+    x = -5 + 10 * torch.rand(3, k, 1, generator=gen, dtype=torch.float64)
+    y = amp[:, None, None] * torch.sin(x - phase[:, None, None])
+    grid = torch.linspace(-5, 5, 200, dtype=torch.float64)
+    truth = Sinusoid.curve(amp, phase, grid)
+    names = list(learners)
+    fig, axes = plt.subplots(len(names), 3, figsize=(13, 3.6 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        learner = learners[name]
+        for col in range(3):
+            ax = axes[row][col]
+            ax.plot(grid, truth[col], color="red", label="ground truth")
+            sx, sy = x[col].to(dtype), y[col].to(dtype)
+            for steps, style in ((0, ":"), (1, "--"), (10, "-")):
+                params = learner.adapt(sx, sy, steps=steps)
+                with torch.no_grad():
+                    pred = call(learner.model, params, dict(learner.model.named_buffers()),
+                                grid[:, None].to(dtype))
+                ax.plot(grid, pred[:, 0].double(), style, color="tab:green" if steps else "tab:blue",
+                        alpha=0.9, label="pre-update" if steps == 0 else f"{steps} grad step{'s' * (steps > 1)}")
+            ax.scatter(x[col, :, 0], y[col, :, 0], marker="^", color="purple", zorder=5, label="used for grad")
+            ax.set_title(f"{name}, K={k}")
+            ax.set_ylim(-6, 6)
+        axes[row][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(run_dir / "figure2_fits.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(cfg.eval_shots), figsize=(4.5 * len(cfg.eval_shots), 3.6), squeeze=False)
+    for ax, shot in zip(axes[0], cfg.eval_shots):
+        for name in names:
+            res = results[name][shot]
+            steps = torch.arange(res.losses.shape[1])
+            mean = res.losses.double().mean(0)
+            ci = 1.96 * res.losses.double().std(0) / res.losses.shape[0] ** 0.5
+            ax.plot(steps, mean, marker="o", markersize=3, label=name)
+            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.25)
+        ax.set_title(f"K={shot}")
+        ax.set_xlabel("number of gradient steps")
+        ax.set_ylabel("mean squared error")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "figure3_learning_curve.png", dpi=110)
+    plt.close(fig)

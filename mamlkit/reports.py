@@ -1,0 +1,98 @@
+"""Final evaluation reports: tables beside the paper's numbers, JSON, and figures.
+
+``report(run_dir, learners, cfg)`` evaluates every learner (MAML, and the pretrained baseline
+when there is one) on the same fixed test tasks and writes ``eval.json``, ``eval.md`` and the
+family's figures into ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mamlkit import plots
+from mamlkit.algorithms import MetaLearner
+from mamlkit.checkpoint import atomic_write_text
+from mamlkit.config import TrainConfig
+from mamlkit.evaluate import EvalResult, evaluate, fmt, test_tasks
+from mamlkit.presets import PRESETS
+from mamlkit.tasks import get_family
+from mamlkit.tasks.sinusoid import Sinusoid
+
+EVAL_SEED_OFFSET = 10_000  # evaluation tasks never share a stream with training or validation
+
+
+def _paper(cfg: TrainConfig) -> dict:
+    preset = PRESETS.get(cfg.preset)
+    return preset.paper if preset else {}
+
+
+def sinusoid_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
+    """Query MSE after ``cfg.eval_steps`` inner steps for every K in ``cfg.eval_shots`` (Finn et al. Fig. 3)."""
+    dtype = getattr(torch, cfg.dtype)
+    max_steps = max(cfg.eval_steps)
+    paper = _paper(cfg)
+    results: dict[str, dict[int, EvalResult]] = {name: {} for name in learners}
+    for k in cfg.eval_shots:
+        tasks = test_tasks(Sinusoid(k_support=k, k_query=cfg.eval_query), cfg.seed + EVAL_SEED_OFFSET,
+                           cfg.eval_tasks)
+        for name, learner in learners.items():
+            results[name][k] = evaluate(learner, tasks, max_steps, device=cfg.device, dtype=dtype)
+    names = list(learners)
+    head = "| K | steps | " + " | ".join(f"{n} MSE (ours)" for n in names) + " | " + \
+        " | ".join(f"{n} (paper)" for n in names) + " |"
+    lines = [f"Sinusoid regression: query MSE, mean ± 95% CI over {cfg.eval_tasks} fixed test tasks "
+             f"({cfg.eval_query} query points each), inner SGD α={cfg.inner_lr}.", "", head,
+             "|" + "---|" * (2 + 2 * len(names))]
+    table = {}
+    for k in cfg.eval_shots:
+        for s in cfg.eval_steps:
+            ours = [results[n][k].loss(s) for n in names]
+            theirs = [paper.get(n, {}).get(k, {}).get(s) for n in names]
+            lines.append(f"| {k} | {s} | " + " | ".join(fmt(*o) for o in ours) + " | " +
+                         " | ".join("—" if t is None else f"{t:.2f}" for t in theirs) + " |")
+            for n, o in zip(names, ours):
+                table.setdefault(n, {}).setdefault(str(k), {})[str(s)] = {"mean": o[0], "ci95": o[1]}
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(run_dir / "eval.json", json.dumps({"task": "sinusoid", "mse": table,
+                                                         "num_tasks": cfg.eval_tasks}, indent=2))
+    atomic_write_text(run_dir / "eval.md", text)
+    plots.sinusoid_figures(run_dir, learners, results, cfg)
+    return text
+
+
+def classification_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
+    """Query accuracy after each inner step on ``cfg.eval_tasks`` fixed test tasks (± 95% CI)."""
+    dist = get_family(cfg.task).build(cfg, "test")
+    tasks = test_tasks(dist, cfg.seed + EVAL_SEED_OFFSET, cfg.eval_tasks)
+    steps = cfg.eval_inner_steps
+    paper = _paper(cfg)
+    lines = [f"{cfg.preset or cfg.task}: query accuracy (%), mean ± 95% CI over {cfg.eval_tasks} test tasks, "
+             f"{cfg.n_way}-way {cfg.k_shot}-shot, α={cfg.inner_lr}.", "",
+             "| model | " + " | ".join(f"{s} steps" for s in range(steps + 1)) + " | paper |",
+             "|" + "---|" * (steps + 3)]
+    table = {}
+    for name, learner in learners.items():
+        res = evaluate(learner, tasks, steps, batch_size=50, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+        accs = [res.acc(s) for s in range(steps + 1)]
+        ref = paper.get(name)
+        lines.append(f"| {name} | " + " | ".join(fmt(100 * m, 100 * c, 2) for m, c in accs) +
+                     f" | {ref if ref is not None else '—'} |")
+        table[name] = {str(s): {"mean": m, "ci95": c} for s, (m, c) in enumerate(accs)}
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(run_dir / "eval.json", json.dumps({"task": cfg.task, "accuracy": table,
+                                                         "num_tasks": cfg.eval_tasks}, indent=2))
+    atomic_write_text(run_dir / "eval.md", text)
+    return text
+
+
+def report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    kind = next(iter(learners.values())).kind
+    if cfg.task == "sinusoid":
+        return sinusoid_report(run_dir, learners, cfg)
+    if kind == "classification":
+        return classification_report(run_dir, learners, cfg)
+    raise NotImplementedError(f"no report for task family {cfg.task!r}")

@@ -1,0 +1,179 @@
+"""The meta-training loop, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mamlkit import checkpoint, config
+from mamlkit.algorithms import MetaLearner, build_learner
+from mamlkit.errors import UserError
+from mamlkit.metrics import MetricsLog, mean_ci, read_jsonl
+from mamlkit.models import build_model
+from mamlkit.tasks import get_family, task_generator
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Trainer:
+    """A model, its meta-learner and meta-optimiser, and where the run writes."""
+
+    cfg: config.TrainConfig
+    learner: MetaLearner
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    step: int = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.cfg.dtype]
+
+
+def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MetaLearner, dict]:
+    """Build the model and learner of ``cfg``; load meta-parameters from ``state`` if given.
+
+    The initial weights come from ``cfg.seed`` in a forked RNG, so the global RNG is untouched.
+    """
+    spec = get_family(cfg.task).model_spec(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(spec)
+    model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
+    learner = build_learner(cfg.algo, model, cfg)
+    if state is not None:
+        params = learner.meta_parameters()
+        missing = [k for k in params if f"meta/{k}" not in state]
+        if missing:
+            raise checkpoint.CheckpointError(f"checkpoint lacks meta-parameters {missing[:5]}; it was written "
+                                             "for another model or algorithm")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[f"meta/{k}"])
+            for k, b in model.named_buffers():
+                if f"buffer/{k}" in state:
+                    b.copy_(state[f"buffer/{k}"])
+    return learner, spec
+
+
+def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """Write meta-parameters, buffers, optimiser and RNG state, and the resolved config, atomically."""
+    learner = trainer.learner
+    tensors = {f"meta/{k}": v for k, v in learner.meta_parameters().items()}
+    tensors |= {f"buffer/{k}": v for k, v in learner.model.named_buffers()}
+    opt_tensors, opt_meta = checkpoint.optimizer_tensors(trainer.optimizer.state_dict())
+    tensors |= opt_tensors
+    tensors["rng/torch"] = checkpoint.rng_tensor()
+    state = {"config": trainer.cfg.to_dict(), "model_spec": get_family(trainer.cfg.task).model_spec(trainer.cfg),
+             "algo": learner.name, "kind": learner.kind, "step": trainer.step, "optimizer": opt_meta,
+             **(extra or {})}
+    checkpoint.save(path, tensors, state)
+
+
+def load_trainer(path: str | Path, run_dir: Path | None = None) -> Trainer:
+    """Rebuild a :class:`Trainer` from a checkpoint, ready to continue exactly where it stopped."""
+    tensors, state = checkpoint.load(path)
+    cfg = config.from_dict(state["config"])
+    learner, _ = build(cfg, tensors)
+    optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=cfg.meta_lr)
+    optimizer.load_state_dict(checkpoint.optimizer_state(tensors, state["optimizer"]))
+    torch.set_rng_state(tensors["rng/torch"])
+    ckpt = Path(path)
+    run_dir = run_dir or (ckpt if ckpt.is_dir() else ckpt.parent)
+    return Trainer(cfg, learner, optimizer, run_dir, step=state["step"])
+
+
+def new_trainer(cfg: config.TrainConfig, run_dir: Path) -> Trainer:
+    learner, _ = build(cfg)
+    optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=cfg.meta_lr)
+    return Trainer(cfg, learner, optimizer, run_dir)
+
+
+def validate(trainer: Trainer, split: str = "val", num_tasks: int | None = None) -> dict[str, float]:
+    """Mean query loss (and accuracy) after the test-time inner steps on fixed ``split`` tasks."""
+    cfg = trainer.cfg
+    dist = get_family(cfg.task).build(cfg, split)
+    batch = dist.sample(num_tasks or cfg.val_tasks, task_generator(cfg.seed, split, 0))
+    losses, accs = trainer.learner.adapted_losses(batch.to(cfg.device, trainer.dtype), cfg.eval_inner_steps)
+    out = {"loss": mean_ci(losses[:, -1])[0]}
+    if trainer.learner.kind == "classification":
+        out["acc"] = mean_ci(accs[:, -1])[0]
+    return out
+
+
+def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
+    """Meta-train from ``trainer.step`` to ``cfg.iterations`` (or ``stop_at``), checkpointing on the way.
+
+    Task batch ``s`` is drawn from ``(seed, "train", s)`` alone, so a resumed run sees exactly the
+    tasks an uninterrupted one would.
+    """
+    cfg, learner, opt = trainer.cfg, trainer.learner, trainer.optimizer
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(trainer.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    _truncate_metrics(trainer.run_dir, trainer.step)
+    metrics = MetricsLog(trainer.run_dir, tensorboard=cfg.tensorboard)
+    tasks = get_family(cfg.task).build(cfg, "train")
+    end = min(stop_at or cfg.iterations, cfg.iterations)
+    bar = tqdm(total=end, initial=trainer.step, disable=not cfg.progress, desc=f"{cfg.run_name or cfg.task}",
+               dynamic_ncols=True, unit="it")
+    bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {getattr(learner, 'strategy', None).name}, "
+              f"run folder {trainer.run_dir}")
+    start_time, window = time.perf_counter(), []
+    try:
+        while trainer.step < end:
+            batch = tasks.sample(cfg.meta_batch, task_generator(cfg.seed, "train", trainer.step))
+            opt.zero_grad(set_to_none=True)
+            stats = learner.meta_backward(batch.to(cfg.device, trainer.dtype))
+            opt.step()
+            trainer.step += 1
+            window.append(stats)
+            if trainer.step % cfg.log_every == 0 or trainer.step == end:
+                elapsed = time.perf_counter() - start_time
+                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                row |= {"tasks_per_s": bar.format_dict["rate"] * cfg.meta_batch if bar.format_dict["rate"] else 0.0,
+                        "elapsed_s": elapsed}
+                metrics.log(trainer.step, "train", row)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc")})
+                window = []
+            if cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end):
+                val = validate(trainer)
+                metrics.log(trainer.step, "val", val)
+                bar.write(f"step {trainer.step}: val " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
+                save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
+            bar.update(1)
+    except KeyboardInterrupt:
+        save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
+        bar.write(f"interrupted at step {trainer.step}; checkpoint saved. Resume with "
+                  f"`mamlkit train --resume {trainer.run_dir}`")
+        raise
+    finally:
+        bar.close()
+        metrics.close()
+    return trainer
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint so the logs match an uninterrupted run."""
+    path = run_dir / "metrics.jsonl"
+    if step == 0 or not path.exists():
+        return
+    records = [r for r in read_jsonl(path) if r["step"] <= step]
+    checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def run_dir_for(cfg: config.TrainConfig) -> Path:
+    name = cfg.run_name or f"{cfg.preset or cfg.task}-{cfg.algo}"
+    path = Path(cfg.out_dir) / name
+    if (path / "checkpoint.safetensors").exists():
+        raise UserError(f"run folder {path} already holds a checkpoint. Resume it with `mamlkit train --resume "
+                        f"{path}`, or pick another folder with --run-name or --out-dir.")
+    return path
