@@ -18,12 +18,22 @@ from mamlkit.rules import InnerRule
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def fresh(buffers: Mapping[str, Tensor]) -> Params:
+    """Copies of ``buffers`` that a forward pass may update without side effects."""
+    return {k: b.clone() for k, b in buffers.items()}
+
+
 def support_loss_fn(model: nn.Module, loss_fn: LossFn, shared: Mapping[str, Tensor],
                     buffers: Mapping[str, Tensor]) -> Callable[[Params, Tensor, Tensor], Tensor]:
-    """``L(fast, x, y)``: the loss of ``model`` with ``fast`` params (``shared`` fill the rest)."""
+    """``L(fast, x, y)``: the loss of ``model`` with ``fast`` params (``shared`` fill the rest).
+
+    Buffers are copied on every call: a module may update them in place (BatchNorm's
+    ``num_batches_tracked``), which a function transform forbids on captured tensors and which
+    would make results depend on the execution strategy. The model's own buffers never change.
+    """
 
     def loss(fast: Params, x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(call(model, {**shared, **fast}, buffers, x), y)
+        return loss_fn(call(model, {**shared, **fast}, fresh(buffers), x), y)
 
     return loss
 
@@ -97,7 +107,7 @@ def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
     loss = support_loss_fn(model, loss_fn, shared, buffers)
 
     def predict(fast: Params, x: Tensor) -> Tensor:
-        return call(model, {**shared, **fast}, buffers, x)
+        return call(model, {**shared, **fast}, fresh(buffers), x)
 
     def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         path = adapt_path(loss, fast0, sx, sy, rule=rule, steps=steps, first_order=first_order)
@@ -122,3 +132,78 @@ def path_objective(kind: str) -> Objective:
         return torch.stack(losses), torch.stack(accs)
 
     return objective
+
+
+# --------------------------------------------------------------------------------------
+# Pieces for the MAML family (MAML++, Reptile, iMAML)
+
+
+def multi_step_objective(weights: Tensor) -> Objective:
+    """MAML++'s multi-step loss (Antoniou et al. 2019, §4): Σ_k w_k L_q(θ_k) over steps k = 1..K.
+
+    ``weights [K]``; the query predictions returned are those at θ_K.
+    """
+
+    def objective(path, loss, sx, sy, qx, qy, predict, loss_fn):
+        total = 0.0
+        for k, fast in enumerate(path[1:]):
+            pred = predict(fast, qx)
+            total = total + weights[k] * loss_fn(pred, qy)
+        return total, pred
+
+    return objective
+
+
+def adapt_final(loss: Callable[[Params, Tensor, Tensor], Tensor], fast: Params, support_x: Tensor,
+                support_y: Tensor, *, rule: InnerRule, steps: int) -> Params:
+    """θ_K after ``steps`` updates, with no graph to θ0 and only the current iterate kept, so memory
+    does not grow with ``steps`` (Reptile's and iMAML's inner solve). Returns detached tensors."""
+    grad_fn = torch.func.grad(loss)
+    fast = {k: v.detach() for k, v in fast.items()}
+    state = rule.init(fast)
+    for step in range(steps):
+        grads = grad_fn(fast, support_x, support_y)
+        fast, state = rule.update({k: g.detach() for k, g in grads.items()}, state, fast, step)
+        fast = {k: v.detach() for k, v in fast.items()}
+    return fast
+
+
+def proximal(loss: Callable[[Params, Tensor, Tensor], Tensor], anchor: Params, lam: float
+             ) -> Callable[[Params, Tensor, Tensor], Tensor]:
+    """``L(φ) + λ/2 ‖φ − anchor‖²``, iMAML's inner objective (Rajeswaran et al. 2019, Eq. 4)."""
+
+    def prox_loss(fast: Params, x: Tensor, y: Tensor) -> Tensor:
+        reg = sum(((fast[k] - anchor[k]) ** 2).sum() for k in fast)
+        return loss(fast, x, y) + 0.5 * lam * reg
+
+    return prox_loss
+
+
+def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int) -> Params:
+    """Solve ``A x = b`` for symmetric positive-definite ``A`` given as ``matvec``, from x = 0, with a
+    fixed number of CG iterations (Hestenes & Stiefel 1952). No data-dependent branches, so it runs
+    under ``torch.vmap``; a converged residual gives zero step sizes instead of 0/0, and so does a
+    direction of non-positive curvature (truncated CG)."""
+
+    def dot(u: Params, v: Params) -> Tensor:
+        return sum((u[k] * v[k]).sum() for k in u)
+
+    x = {k: torch.zeros_like(v) for k, v in b.items()}
+    r = dict(b)
+    p = dict(b)
+    rs = dot(r, r)
+    live = torch.ones_like(rs, dtype=torch.bool)
+    for _ in range(steps):
+        ap = matvec(p)
+        tiny = torch.finfo(rs.dtype).tiny
+        pap = dot(p, ap)
+        # Non-positive curvature (a non-convex inner loss with small λ): stop for good, as truncated CG does.
+        live = live & (pap > 0)
+        alpha = torch.where(live, rs / pap.clamp_min(tiny), torch.zeros_like(pap))
+        x = {k: x[k] + alpha * p[k] for k in x}
+        r = {k: r[k] - alpha * ap[k] for k in r}
+        rs_new = dot(r, r)
+        beta = rs_new / rs.clamp_min(tiny)
+        p = {k: r[k] + beta * p[k] for k in p}
+        rs = rs_new
+    return x

@@ -1,0 +1,28 @@
+"""Shared test utilities: flattening and central finite differences in float64."""
+
+from __future__ import annotations
+
+import torch
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def finite_difference_grad(fn, params: list[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+    """Central differences of scalar ``fn()`` w.r.t. every entry of ``params`` (perturbed in place)."""
+    grads = []
+    with torch.no_grad():
+        for p in params:
+            g = torch.zeros_like(p).reshape(-1)
+            view = p.view(-1)
+            for i in range(view.numel()):
+                old = view[i].item()
+                view[i] = old + eps
+                plus = fn().item()
+                view[i] = old - eps
+                minus = fn().item()
+                view[i] = old
+                g[i] = (plus - minus) / (2 * eps)
+            grads.append(g)
+    return torch.cat(grads)

@@ -1,0 +1,52 @@
+"""The README's examples run: its Python blocks, its CLI calls, and its test command is CI's."""
+
+import re
+import shlex
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+FAST = ["--eval-tasks", "20", "--eval-query", "20", "--val-tasks", "5", "--no-progress", "--no-tensorboard"]
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [b.strip() for b in blocks("bash")]
+    assert len(commands) == 2, "the quickstart gives exactly two commands"
+    assert commands[1] in ci.splitlines(), "README's test command must be the line .ci/run runs"
+    assert "mamlkit train sinusoid" in commands[0] and "torch==2.13.0" in commands[0]
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for code in blocks("python"):
+        exec(compile(code, "README.md", "exec"), {})
+    mse = float(re.search(r"query MSE after adaptation: ([\d.]+)", capsys.readouterr().out).group(1))
+    assert mse < 10.0  # finite and sane after 200 meta-iterations
+
+
+def test_readme_cli_examples_run(cli, tmp_path):
+    lines = [line[2:] for b in blocks("console") for line in b.splitlines() if line.startswith("$ mamlkit ")]
+    assert len(lines) >= 4
+    for line in lines:
+        args = shlex.split(line.replace("runs/", f"{tmp_path}/"))[1:]
+        if args[0] == "train" and "--resume" in args:
+            args += ["--iterations", "40", "--no-progress"]
+        elif args[0] == "train":
+            args += ["--iterations", "20", "--out-dir", str(tmp_path), "--log-every", "10", "--val-every", "10",
+                     *FAST]
+        elif args[0] == "eval":
+            args += ["--eval-tasks", "20"]
+        code, out, err = cli(*args)
+        assert code == 0, f"`{line}` failed: {err}"
+
+
+def test_readme_lists_every_preset():
+    from mamlkit.presets import PRESETS
+
+    for name in PRESETS:
+        assert f"| `{name}` |" in README, f"preset {name} missing from the README's table"
