@@ -9,6 +9,7 @@
 from mamlkit import functional
 from mamlkit.algorithms import ALGORITHMS, MetaLearner, build_learner
 from mamlkit.algorithms.maml import MAML
+from mamlkit.api import load
 from mamlkit.config import ConfigError, TrainConfig
 from mamlkit.errors import UserError
 from mamlkit.presets import PRESETS, preset_config
@@ -16,5 +17,5 @@ from mamlkit.tasks import TaskBatch
 
 __version__ = "0.1.0"
 
-__all__ = ["MAML", "MetaLearner", "ALGORITHMS", "build_learner", "TaskBatch", "TrainConfig", "ConfigError",
+__all__ = ["MAML", "load", "MetaLearner", "ALGORITHMS", "build_learner", "TaskBatch", "TrainConfig", "ConfigError",
            "UserError", "PRESETS", "preset_config", "functional", "__version__"]

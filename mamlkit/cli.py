@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -14,7 +16,8 @@ from mamlkit.presets import PRESETS, preset_config
 
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progress", "tensorboard", "threads",
-             "eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained"}
+             "eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained",
+             "backend", "dist_timeout", "data_root", "trust_checksum"}  # data: verified by checksum
 
 
 def _optional_int(text: str) -> int | None:
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="meta-train from a preset", description="Meta-train from a preset. "
                            "Presets: " + ", ".join(sorted(PRESETS)))
-    train.add_argument("preset", nargs="?", help="preset name (see `mamlkit presets`)")
+    train.add_argument("preset_name", nargs="?", metavar="PRESET", help="preset name (see `mamlkit presets`)")
     train.add_argument("--config", help="YAML file of config overrides")
     train.add_argument("--resume", metavar="RUN", help="continue the run in this folder or checkpoint")
     add_config_flags(train)
@@ -57,8 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline", help="run folder of a baseline to compare (default: RUN/pretrained if present)")
     ev.add_argument("--eval-tasks", type=int, help="number of test tasks (default: the run's, 600)")
 
+    from mamlkit import adapt_cli
+
+    adapt_cli.add_parser(sub)
     sub.add_parser("presets", help="list the presets and the papers they reproduce")
     sub.add_parser("algos", help="list the algorithms")
+    from mamlkit.rl.cli import add_parser as add_rl_parser  # meta-RL command group: `mamlkit rl ...`
+
+    add_rl_parser(sub)
+
+    data = sub.add_parser("data", help="download, verify and preprocess a dataset",
+                          description="Download (when online and missing), verify the checksums and build "
+                          "the preprocessed cache of a dataset. Data root: --data-root, else $MAMLKIT_DATA, "
+                          "else ~/.cache/mamlkit; cache: $MAMLKIT_CACHE, else ~/.cache/mamlkit.")
+    data.add_argument("dataset", choices=["omniglot", "miniimagenet"])
+    data.add_argument("--data-root", default="", help="folder holding (or to receive) the dataset's files")
+    data.add_argument("--trust-checksum", action="store_true",
+                      help="use files whose checksum matches no known version")
+    data.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
     return parser
 
 
@@ -74,17 +93,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                             f"{', '.join(sorted(RESUMABLE))}")
         trainer.cfg = trainer.cfg.replace(**overrides)
     else:
-        if not args.preset:
+        if not args.preset_name:
             raise UserError("name a preset (`mamlkit train sinusoid`) or pass --resume RUN; presets: "
                             + ", ".join(sorted(PRESETS)))
         file_values = config.load_yaml(args.config) if args.config else {}
-        cfg = preset_config(args.preset, {**file_values, **overrides})
+        cfg = preset_config(args.preset_name, {**file_values, **overrides})
         trainer = train.new_trainer(cfg, train.run_dir_for(cfg))
     train.fit(trainer)
     cfg = trainer.cfg
     learners = {trainer.learner.name: trainer.learner}
     if cfg.compare_pretrained and cfg.algo != "pretrain":
         learners["pretrain"] = _baseline(trainer).learner
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun every rank trains; rank 0 alone evaluates and reports
     print()
     print(reports.report(trainer.run_dir, learners, cfg))
     print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, config.json, metrics.jsonl, eval.md, figures)")
@@ -132,7 +153,48 @@ def cmd_algos(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "algos": cmd_algos}
+def cmd_data(args: argparse.Namespace) -> int:
+    from mamlkit import data
+
+    if args.dataset == "omniglot":
+        folder = data.ensure_omniglot(args.data_root, download_missing=not args.no_download)
+        ds = data.load_omniglot(folder, trust_checksum=args.trust_checksum)
+        bg = int(ds.background.sum())
+        print(f"omniglot: {folder} verified; {bg} background + {len(ds.names) - bg} evaluation characters, "
+              f"images {tuple(ds.images.shape)} uint8, cache {data.cache_root() / 'omniglot'}")
+    else:
+        from mamlkit.tasks import miniimagenet
+
+        folder = data.dataset_dir("miniimagenet", args.data_root, "train.csv")
+        for split in miniimagenet.SPLIT_FILES:
+            images, labels = miniimagenet.load_split(folder, split)
+            print(f"miniimagenet {split}: {len(labels)} classes, images {tuple(images.shape)} uint8")
+    return 0
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from mamlkit.rl.cli import main as rl_main
+
+    return rl_main(args)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from mamlkit import adapt_cli
+
+    return adapt_cli.run(args)
+
+
+COMMANDS = {"adapt": cmd_adapt, "train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "algos": cmd_algos,
+            "data": cmd_data, "rl": cmd_rl}
+
+
+def _torchrun_session():
+    """Under torchrun, one process group serves the whole command (both trainings); torn down at its end."""
+    if "WORLD_SIZE" not in os.environ:
+        return contextlib.nullcontext()  # keeps torch out of `mamlkit presets`
+    from mamlkit import distributed
+
+    return distributed.session()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return COMMANDS[args.command](args)
+        with _torchrun_session():
+            return COMMANDS[args.command](args)
     except UserError as e:
         print(f"mamlkit: error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,10 @@ class TrainConfig:
     loss: str = "mse"                 # mse | cross_entropy
     model: str = "mlp"                # model architecture from mamlkit.models
     hidden_sizes: tuple[int, ...] = (40, 40)  # MLP hidden widths
+    filters: int = 64                 # Conv4 channels per layer (paper: 64 Omniglot, 32 mini-ImageNet)
+    pool: bool = False                # Conv4: stride-1 convs + 2x2 max-pool (mini-ImageNet) vs stride-2 convs
+    image_size: int = 28              # image side after preprocessing (Omniglot 28, mini-ImageNet 84)
+    bn_mode: str = "transductive"     # transductive: query batch stats (paper) | support: support set's only
     # episodes
     n_way: int = 5                    # classes per task (classification)
     k_shot: int = 10                  # support examples per class (per task for regression)
@@ -48,9 +52,14 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"            # float32 | float64
     threads: int = 0                  # torch threads (0: torch's default)
+    backend: str = "auto"             # torchrun backend: auto (nccl on CUDA, else gloo) | gloo | nccl
+    dist_timeout: int = 600           # seconds a collective waits for the other ranks before the job fails
     seed: int = 0
     # data
     data_root: str = ""               # dataset folder ('' : --data-root, $MAMLKIT_DATA, or the cache)
+    trust_checksum: bool = False      # use data files whose checksum matches no known version
+    split: str = "paper"              # Omniglot characters: paper (1100/100/423) | background (official)
+    rotations: str = "per_task"       # Omniglot rotation classes: per_task | expand | none
     # logging, validation, checkpoints
     out_dir: str = "runs"
     run_name: str = ""                # '' : <preset or task>-<algo>
@@ -67,6 +76,24 @@ class TrainConfig:
     eval_query: int = 100             # regression: query points per evaluation task
     compare_pretrained: bool = True   # also train the pretrained baseline and compare
     preset: str = ""                  # the preset this config started from (informational)
+    # MAML family (issue 5). Outer meta-rate schedule, applied by the trainer every iteration:
+    meta_optimizer: str = "adam"      # adam | sgd (Reptile's outer step θ ← θ + ε(φ̄ − θ) is SGD at ε)
+    meta_lr_schedule: str = "constant"  # constant | cosine (MAML++) | linear (Reptile), to min_meta_lr
+    min_meta_lr: float = 0.0          # the schedule's final meta rate
+    # MAML++ (--algo mamlpp, Antoniou et al. 2019); each part can be switched off
+    msl: bool = True                  # multi-step loss with annealed per-step weights
+    msl_epochs: int = 10              # epochs over which the MSL weights anneal to the last step
+    lslr: bool = True                 # learned per-layer, per-step inner rates
+    per_step_bn: bool = True          # per-step batch-norm weights and biases
+    first_order_epochs: int = 0       # derivative-order annealing: first order for these epochs
+    epoch_iterations: int = 500       # iterations per "epoch" of the MAML++ schedules (paper: 500)
+    # Reptile (--algo reptile, Nichol et al. 2018): its own inner optimiser
+    reptile_inner_optimizer: str = "sgd"  # sgd | adam (paper: Adam with beta1 = 0)
+    reptile_inner_lr: float = 0.02
+    reptile_inner_steps: int = 5
+    # iMAML (--algo imaml, Rajeswaran et al. 2019); inner SGD uses inner_lr and inner_steps
+    imaml_lambda: float = 1.0         # λ, strength of the proximal term
+    cg_steps: int = 5                 # conjugate-gradient iterations for the implicit gradient
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -77,6 +104,20 @@ class TrainConfig:
         need(self.strategy in ("auto", "vmap", "loop"),
              f"strategy must be auto, vmap or loop, got {self.strategy!r}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
+        need(self.bn_mode in ("transductive", "support"),
+             f"bn_mode must be transductive or support, got {self.bn_mode!r}")
+        need(self.split in ("paper", "background"), f"split must be paper or background, got {self.split!r}"
+             + (" (the official background/evaluation split is called 'background')"
+                if self.split == "vinyals" else ""))
+        need(self.rotations in ("per_task", "expand", "none"),
+             f"rotations must be per_task, expand or none, got {self.rotations!r}")
+        need(self.filters >= 1 and self.image_size >= 8,
+             f"filters must be >= 1 and image_size >= 8, got {self.filters} and {self.image_size}")
+        need(self.backend in ("auto", "gloo", "nccl"),
+             f"backend must be auto, gloo or nccl, got {self.backend!r}")
+        need(self.backend != "nccl" or self.device.startswith("cuda"),
+             f"backend nccl needs --device cuda, got device {self.device!r}; use gloo (or auto) on the CPU")
+        need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         for name in ("n_way", "k_shot", "k_query", "meta_batch", "iterations", "log_every", "val_every",
                      "checkpoint_every", "eval_tasks", "eval_query"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -85,6 +126,21 @@ class TrainConfig:
         need(self.test_inner_steps is None or self.test_inner_steps >= 0, "test_inner_steps must be >= 0")
         need(self.inner_lr >= 0, f"inner_lr must be >= 0, got {self.inner_lr}")
         need(self.meta_lr > 0, f"meta_lr must be > 0, got {self.meta_lr}")
+        need(self.meta_optimizer in ("adam", "sgd"),
+             f"meta_optimizer must be adam or sgd, got {self.meta_optimizer!r}")
+        need(self.meta_lr_schedule in ("constant", "cosine", "linear"),
+             f"meta_lr_schedule must be constant, cosine or linear, got {self.meta_lr_schedule!r}")
+        need(0 <= self.min_meta_lr <= self.meta_lr,
+             f"min_meta_lr must be in [0, meta_lr], got {self.min_meta_lr}")
+        for name in ("msl_epochs", "first_order_epochs", "reptile_inner_steps"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("epoch_iterations", "cg_steps"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.reptile_inner_optimizer in ("sgd", "adam"),
+             f"reptile_inner_optimizer must be sgd or adam, got {self.reptile_inner_optimizer!r}")
+        need(self.reptile_inner_lr >= 0, f"reptile_inner_lr must be >= 0, got {self.reptile_inner_lr}")
+        need(self.imaml_lambda > 0, f"imaml_lambda must be > 0, got {self.imaml_lambda}")
+        need(self.algo != "mamlpp" or self.inner_steps >= 1, "mamlpp needs inner_steps >= 1")
         need(all(s >= 0 for s in self.eval_steps) and len(self.eval_steps) > 0,
              f"eval_steps must be non-negative step counts, got {self.eval_steps}")
         need(all(s >= 1 for s in self.eval_shots) and len(self.eval_shots) > 0,

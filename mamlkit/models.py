@@ -45,13 +45,15 @@ def mlp(in_features: int = 1, hidden: list[int] | tuple[int, ...] = (40, 40), ou
 
 @register_model("conv4")
 def conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 64, image_size: int = 28,
-          pool: bool = False, bn_track_running_stats: bool = False) -> nn.Module:
+          pool: bool = False, bn_track_running_stats: bool = False, global_pool: bool = False) -> nn.Module:
     """Conv4 (Vinyals et al. 2016; Finn et al. 2017, §5.2): 4 × [3×3 conv, BatchNorm, ReLU] + linear head.
 
     ``pool=False``: stride-2 convolutions, the paper's Omniglot network on 28×28 inputs.
     ``pool=True``: stride-1 convolutions each followed by 2×2 max-pool (the mini-ImageNet
     network, with ``hidden=32`` on 84×84 inputs). BatchNorm uses batch statistics
     (``track_running_stats=False``), as the paper's code does, so it is transductive.
+    ``global_pool=True`` averages the last feature map over its positions before the head, as the
+    original MAML code does for Omniglot (64 features instead of 64·2·2).
     Input ``[B, C, H, W]``; output ``[B, out_features]``. The head is named ``head``.
     """
     blocks: list[nn.Module] = []
@@ -66,5 +68,8 @@ def conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 64, image_s
             size = (size + 1) // 2
         blocks.append(nn.Sequential(*block))
         c = hidden
+    if global_pool:
+        blocks.append(nn.AdaptiveAvgPool2d(1))
+        size = 1
     body = nn.Sequential(*blocks, nn.Flatten())
     return nn.Sequential(OrderedDict(body=body, head=nn.Linear(hidden * size * size, out_features)))

@@ -21,6 +21,8 @@ from mamlkit.presets import PRESETS
 from mamlkit.tasks import get_family
 from mamlkit.tasks.sinusoid import Sinusoid
 
+BN_MODE_TEXT = {"transductive": "transductive (batch statistics of each query batch, as the paper)",
+                "support": "non-transductive (support-set statistics only)"}
 EVAL_SEED_OFFSET = 10_000  # evaluation tasks never share a stream with training or validation
 
 
@@ -70,7 +72,12 @@ def classification_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: 
     steps = cfg.eval_inner_steps
     paper = _paper(cfg)
     lines = [f"{cfg.preset or cfg.task}: query accuracy (%), mean ± 95% CI over {cfg.eval_tasks} test tasks, "
-             f"{cfg.n_way}-way {cfg.k_shot}-shot, α={cfg.inner_lr}.", "",
+             f"{cfg.n_way}-way {cfg.k_shot}-shot, {cfg.k_query} query images per class, α={cfg.inner_lr}.",
+             f"Batch norm: {BN_MODE_TEXT.get(cfg.bn_mode, cfg.bn_mode)}.",
+             *([f"Omniglot split {cfg.split!r}, rotations {cfg.rotations!r}."]
+               if cfg.task == "omniglot" else []),
+             *([f"Paper ({PRESETS[cfg.preset].citation}): " + ", ".join(f"{k} {v}" for k, v in paper.items())]
+               if paper else []), "",
              "| model | " + " | ".join(f"{s} steps" for s in range(steps + 1)) + " | paper |",
              "|" + "---|" * (steps + 3)]
     table = {}
@@ -83,7 +90,8 @@ def classification_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: 
         table[name] = {str(s): {"mean": m, "ci95": c} for s, (m, c) in enumerate(accs)}
     text = "\n".join(lines) + "\n"
     atomic_write_text(run_dir / "eval.json", json.dumps({"task": cfg.task, "accuracy": table,
-                                                         "num_tasks": cfg.eval_tasks}, indent=2))
+                                                         "num_tasks": cfg.eval_tasks, "bn_mode": cfg.bn_mode,
+                                                         "paper": paper}, indent=2))
     atomic_write_text(run_dir / "eval.md", text)
     return text
 

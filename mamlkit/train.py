@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mamlkit import checkpoint, config
+from mamlkit import checkpoint, config, distributed
 from mamlkit.algorithms import MetaLearner, build_learner
 from mamlkit.errors import UserError
 from mamlkit.metrics import MetricsLog, mean_ci, read_jsonl
 from mamlkit.models import build_model
+from mamlkit.schedules import meta_lr_at, meta_optimizer
 from mamlkit.tasks import get_family, task_generator
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -81,7 +82,7 @@ def load_trainer(path: str | Path, run_dir: Path | None = None) -> Trainer:
     tensors, state = checkpoint.load(path)
     cfg = config.from_dict(state["config"])
     learner, _ = build(cfg, tensors)
-    optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=cfg.meta_lr)
+    optimizer = meta_optimizer(cfg, learner.meta_parameters().values())
     optimizer.load_state_dict(checkpoint.optimizer_state(tensors, state["optimizer"]))
     torch.set_rng_state(tensors["rng/torch"])
     ckpt = Path(path)
@@ -91,7 +92,7 @@ def load_trainer(path: str | Path, run_dir: Path | None = None) -> Trainer:
 
 def new_trainer(cfg: config.TrainConfig, run_dir: Path) -> Trainer:
     learner, _ = build(cfg)
-    optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=cfg.meta_lr)
+    optimizer = meta_optimizer(cfg, learner.meta_parameters().values())
     return Trainer(cfg, learner, optimizer, run_dir)
 
 
@@ -111,31 +112,48 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     """Meta-train from ``trainer.step`` to ``cfg.iterations`` (or ``stop_at``), checkpointing on the way.
 
     Task batch ``s`` is drawn from ``(seed, "train", s)`` alone, so a resumed run sees exactly the
-    tasks an uninterrupted one would.
+    tasks an uninterrupted one would. Launched by torchrun, the ``meta_batch`` tasks are split across
+    the ranks and their gradients summed (:mod:`mamlkit.distributed`); rank 0 alone logs, validates and
+    writes checkpoints, and the last checkpoint is on disk when ``fit`` returns on any rank.
     """
-    cfg, learner, opt = trainer.cfg, trainer.learner, trainer.optimizer
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    trainer.run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(trainer.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-    _truncate_metrics(trainer.run_dir, trainer.step)
-    metrics = MetricsLog(trainer.run_dir, tensorboard=cfg.tensorboard)
+    if trainer.cfg.threads:
+        torch.set_num_threads(trainer.cfg.threads)
+    with distributed.session(trainer.cfg) as world:
+        world.broadcast_(trainer.learner)  # every rank starts from rank 0's meta-parameters
+        _fit_loop(trainer, stop_at, world)
+        world.barrier()
+    return trainer
+
+
+def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -> None:
+    cfg, learner, opt, main = trainer.cfg, trainer.learner, trainer.optimizer, world.is_main
+    if main:
+        trainer.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(trainer.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        _truncate_metrics(trainer.run_dir, trainer.step)
+    metrics = MetricsLog(trainer.run_dir, tensorboard=cfg.tensorboard, enabled=main)
     tasks = get_family(cfg.task).build(cfg, "train")
     end = min(stop_at or cfg.iterations, cfg.iterations)
-    bar = tqdm(total=end, initial=trainer.step, disable=not cfg.progress, desc=f"{cfg.run_name or cfg.task}",
-               dynamic_ncols=True, unit="it")
-    bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {getattr(learner, 'strategy', None).name}, "
-              f"run folder {trainer.run_dir}")
+    bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
+               desc=f"{cfg.run_name or cfg.task}", dynamic_ncols=True, unit="it")
+    if main:
+        strategy = getattr(learner, "strategy", None)
+        bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {strategy.name}, {world.size} rank(s), "
+                  f"run folder {trainer.run_dir}")
     start_time, window = time.perf_counter(), []
     try:
         while trainer.step < end:
-            batch = tasks.sample(cfg.meta_batch, task_generator(cfg.seed, "train", trainer.step))
+            batch = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch)  # this rank's share
             opt.zero_grad(set_to_none=True)
-            stats = learner.meta_backward(batch.to(cfg.device, trainer.dtype))
+            if hasattr(learner, "set_step"):  # step-dependent algorithms (MAML++ annealing)
+                learner.set_step(trainer.step)
+            for group in opt.param_groups:  # a pure function of the step: resume-exact
+                group["lr"] = meta_lr_at(cfg, trainer.step)
+            stats = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch)
             opt.step()
             trainer.step += 1
             window.append(stats)
-            if trainer.step % cfg.log_every == 0 or trainer.step == end:
+            if main and (trainer.step % cfg.log_every == 0 or trainer.step == end):
                 elapsed = time.perf_counter() - start_time
                 row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 row |= {"tasks_per_s": bar.format_dict["rate"] * cfg.meta_batch if bar.format_dict["rate"] else 0.0,
@@ -143,22 +161,22 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
                 metrics.log(trainer.step, "train", row)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc")})
                 window = []
-            if cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end):
+            if main and cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end):
                 val = validate(trainer)
                 metrics.log(trainer.step, "val", val)
                 bar.write(f"step {trainer.step}: val " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
-            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
+            if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
                 save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
             bar.update(1)
     except KeyboardInterrupt:
-        save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
-        bar.write(f"interrupted at step {trainer.step}; checkpoint saved. Resume with "
-                  f"`mamlkit train --resume {trainer.run_dir}`")
+        if main:
+            save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
+            bar.write(f"interrupted at step {trainer.step}; checkpoint saved. Resume with "
+                      f"`mamlkit train --resume {trainer.run_dir}`")
         raise
     finally:
         bar.close()
         metrics.close()
-    return trainer
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:

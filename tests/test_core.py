@@ -53,10 +53,10 @@ def _closed_form_one_step(model, batch, alpha):
     total = torch.zeros_like(theta)
     for t in range(batch.num_tasks):
         sx, sy, qx, qy = batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t]
-        g_s = torch.autograd.functional.jacobian(lambda v: loss_at(v, sx, sy), theta)
-        hess = torch.autograd.functional.hessian(lambda v: loss_at(v, sx, sy), theta)
+        g_s = torch.autograd.functional.jacobian(lambda v, x=sx, y=sy: loss_at(v, x, y), theta)
+        hess = torch.autograd.functional.hessian(lambda v, x=sx, y=sy: loss_at(v, x, y), theta)
         adapted = theta - alpha * g_s
-        g_q = torch.autograd.functional.jacobian(lambda v: loss_at(v, qx, qy), adapted)
+        g_q = torch.autograd.functional.jacobian(lambda v, x=qx, y=qy: loss_at(v, x, y), adapted)
         total += (torch.eye(theta.numel()) - alpha * hess) @ g_q
     return total / batch.num_tasks, names, unflat
 

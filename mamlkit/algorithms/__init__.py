@@ -56,7 +56,14 @@ def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
     """Build the algorithm ``name`` for ``model`` from a :class:`~mamlkit.config.TrainConfig`."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
-    return ALGORITHMS[name](model, cfg)
+    learner = ALGORITHMS[name](model, cfg)
+    mode = getattr(cfg, "bn_mode", "transductive")
+    if getattr(learner, "bn_mode", "transductive") != mode:
+        from mamlkit.errors import UserError
+
+        raise UserError(f"algorithm {name!r} does not support bn_mode={mode!r}; use --bn-mode transductive")
+    return learner
 
 
 from mamlkit.algorithms import maml, pretrain  # noqa: E402,F401  (registration)
+from mamlkit.algorithms import anil, imaml, mamlpp, metasgd, reptile  # noqa: E402,F401  (registration)

@@ -15,6 +15,7 @@ from mamlkit import engine
 from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
 from mamlkit.functional import named_buffers, named_params
 from mamlkit.inner import Objective, adapt_path, query_objective, make_task_fn, path_objective, split_params, support_loss_fn
+from mamlkit.norms import BN_MODES, support_stats_objective
 from mamlkit.rules import sgd
 from mamlkit.tasks.base import TaskBatch
 
@@ -34,6 +35,8 @@ class MAML:
         strategy: ``"auto" | "vmap" | "loop"``, how tasks are batched (see :mod:`mamlkit.engine`).
         chunk_size: tasks per chunk in :meth:`meta_backward`; bounds memory.
         objective: the outer objective (default: query loss at θ_K; see :mod:`mamlkit.inner`).
+        bn_mode: ``"transductive"`` (batch statistics of the query batch, the paper) or ``"support"``
+            (query predictions use support-set batch-norm statistics; see :mod:`mamlkit.norms`).
         name: the name logged and saved in checkpoints.
 
     Example::
@@ -47,7 +50,7 @@ class MAML:
                  first_order: bool = False, loss_fn: str | Callable[[Tensor, Tensor], Tensor] = "mse",
                  kind: str | None = None, adapt_filter: Callable[[str], bool] | None = None,
                  test_inner_steps: int | None = None, strategy: str = "auto", chunk_size: int | None = None,
-                 objective: Objective = query_objective, name: str = "maml"):
+                 objective: Objective = query_objective, name: str = "maml", bn_mode: str = "transductive"):
         if inner_steps < 0 or (test_inner_steps is not None and test_inner_steps < 0):
             raise ValueError("inner_steps and test_inner_steps must be >= 0")
         if isinstance(loss_fn, str):
@@ -55,7 +58,9 @@ class MAML:
                 raise ValueError(f"unknown loss {loss_fn!r}; choose one of {', '.join(LOSSES)}")
             kind = kind or KIND_OF_LOSS[loss_fn]
             loss_fn = LOSSES[loss_fn]
-        self.model, self.objective, self.name = model, objective, name
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
+        self.model, self.objective, self.name, self.bn_mode = model, objective, name, bn_mode
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.loss_fn, self.kind, self.adapt_filter = loss_fn, kind or "regression", adapt_filter
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
@@ -72,7 +77,10 @@ class MAML:
     def _task_fn(self, params, steps: int, first_order: bool, objective: Objective | None = None):
         return make_task_fn(self.model, params, self.buffers(), loss_fn=self.loss_fn, rule=sgd(self.inner_lr),
                             steps=steps, first_order=first_order, adapt_filter=self.adapt_filter,
-                            objective=objective or self.objective)
+                            objective=self._with_bn_mode(objective or self.objective))
+
+    def _with_bn_mode(self, objective: Objective) -> Objective:
+        return support_stats_objective(objective) if self.bn_mode == "support" else objective
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         fn = self._task_fn(named_params(self.model), self.inner_steps, self.first_order)
@@ -108,7 +116,7 @@ class MAML:
 def build(model: nn.Module, cfg) -> MAML:
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
                 loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
-                chunk_size=cfg.chunk_size or None)
+                chunk_size=cfg.chunk_size or None, bn_mode=cfg.bn_mode)
 
 
 @register("fomaml")
@@ -116,4 +124,4 @@ def build_fomaml(model: nn.Module, cfg) -> MAML:
     """First-order MAML (Finn et al. 2017, §5.2): the meta-gradient is ∇L_q(θ')."""
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=True,
                 loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
-                chunk_size=cfg.chunk_size or None, name="fomaml")
+                chunk_size=cfg.chunk_size or None, name="fomaml", bn_mode=cfg.bn_mode)

@@ -25,4 +25,5 @@ def joint_objective(path, loss, sx, sy, qx, qy, predict, loss_fn):
 def build(model: nn.Module, cfg) -> MAML:
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=0, loss_fn=cfg.loss,
                 test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
-                chunk_size=cfg.chunk_size or None, objective=joint_objective, name="pretrain")
+                chunk_size=cfg.chunk_size or None, objective=joint_objective, name="pretrain",
+                bn_mode=cfg.bn_mode)

@@ -44,5 +44,20 @@ register_task_family(TaskFamily(
                             "hidden": list(cfg.hidden_sizes), "out_features": 1},
 ))
 
+
+def _lazy(module: str, attr: str) -> Callable:
+    """A family hook imported on first use, so `import mamlkit` does not load image code."""
+    def hook(*args):
+        import importlib
+
+        return getattr(importlib.import_module(f"mamlkit.tasks.{module}"), attr)(*args)
+    return hook
+
+
+register_task_family(TaskFamily(name="omniglot", build=_lazy("omniglot", "build"),
+                                model_spec=_lazy("omniglot", "model_spec")))
+register_task_family(TaskFamily(name="miniimagenet", build=_lazy("miniimagenet", "build"),
+                                model_spec=_lazy("miniimagenet", "model_spec")))
+
 __all__ = ["TaskBatch", "TaskDistribution", "TaskFamily", "task_generator", "Sinusoid", "TASK_FAMILIES",
            "register_task_family", "get_family"]

@@ -1,0 +1,122 @@
+"""Reptile (Nichol, Achiam & Schulman, 2018, arXiv:1803.02999).
+
+Pieces: every parameter adapts; the inner rule is Reptile's own optimiser (SGD, or Adam with
+β1 = 0 as in the paper's §6) at its own rate and step count (``reptile_inner_*``); the inner loop
+is not differentiated (:func:`~mamlkit.inner.adapt_final` keeps no graph and only the current
+iterate, so memory does not grow with the number of steps); the outer "gradient" written into
+``.grad`` is θ − mean_t φ_t, so an outer SGD step at rate ε is the paper's θ ← θ + ε(mean φ − θ).
+
+The outer direction enters autograd through a surrogate per task, ⟨θ, stopgrad(θ − φ_t)⟩, whose
+gradient is θ − φ_t; its value is replaced by the query loss at φ_t, which is what is logged.
+So ``meta_loss``/``meta_backward`` and both execution strategies work unchanged. The inner loop
+uses the support set with full-batch steps (the paper samples mini-batches of the task's data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from mamlkit import engine
+from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
+from mamlkit.functional import call, named_buffers, named_params
+from mamlkit.inner import Params, adapt_final, adapt_path, path_objective, query_objective, support_loss_fn
+from mamlkit.norms import support_stats_objective
+from mamlkit.rules import InnerRule, adam, sgd
+from mamlkit.tasks.base import TaskBatch
+
+
+class Reptile:
+    """Reptile over any ``nn.Module``.
+
+    Args:
+        inner_lr, inner_steps: the inner optimiser's rate and steps during meta-training.
+        inner_optimizer: ``"sgd"`` or ``"adam"`` (β1 = 0, the paper's choice).
+        test_inner_steps: steps at evaluation and in :meth:`adapt` (default: ``inner_steps``).
+    Other arguments as :class:`~mamlkit.algorithms.maml.MAML`.
+    """
+
+    def __init__(self, model: nn.Module, *, inner_lr: float = 0.02, inner_steps: int = 5,
+                 inner_optimizer: str = "sgd", loss_fn: str | Callable[[Tensor, Tensor], Tensor] = "mse",
+                 kind: str | None = None, test_inner_steps: int | None = None, strategy: str = "auto",
+                 chunk_size: int | None = None, name: str = "reptile", bn_mode: str = "transductive"):
+        if inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"Reptile's inner optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        if isinstance(loss_fn, str):
+            kind = kind or KIND_OF_LOSS[loss_fn]
+            loss_fn = LOSSES[loss_fn]
+        self.model, self.name, self.loss_fn, self.kind = model, name, loss_fn, kind or "regression"
+        self.inner_steps, self.inner_optimizer, self.inner_lr = inner_steps, inner_optimizer, inner_lr
+        self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
+        self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.norms)
+        device = next(model.parameters()).device
+        self.strategy = engine.choose_strategy(strategy, model, device, chunk_size)
+
+    @property
+    def rule(self) -> InnerRule:
+        return adam(self.inner_lr) if self.inner_optimizer == "adam" else sgd(self.inner_lr)
+
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def buffers(self) -> dict[str, Tensor]:
+        return named_buffers(self.model)
+
+    def _predict(self, fast: Params, x: Tensor) -> Tensor:
+        return call(self.model, fast, {k: b.clone() for k, b in self.buffers().items()}, x)
+
+    def _objective(self, objective):
+        return support_stats_objective(objective) if self.bn_mode == "support" else objective
+
+    def _task_fn(self, theta: Params):
+        loss = support_loss_fn(self.model, self.loss_fn, {}, self.buffers())
+        rule, steps = self.rule, self.inner_steps
+        query = self._objective(query_objective)
+
+        def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+            phi = adapt_final(loss, theta, sx, sy, rule=rule, steps=steps)
+            q_loss, pred = query([phi], loss, sx, sy, qx, qy, predict=self._predict, loss_fn=self.loss_fn)
+            surrogate = sum((theta[k] * (theta[k] - phi[k]).detach()).sum() for k in theta)
+            # Value: the query loss at φ (logged); gradient w.r.t. θ: θ − φ.
+            return q_loss.detach() + surrogate - surrogate.detach(), pred.detach()
+
+        return task_fn
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        """Mean query loss at φ; its ``.backward()`` writes mean_t (θ − φ_t) into ``.grad``."""
+        losses, preds = engine.map_tasks(self._task_fn(named_params(self.model)), batch, self.strategy)
+        return losses.mean(), engine.task_metrics(losses, preds, batch.query_y, self.kind)
+
+    def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
+        """Accumulate ``weight × mean_t (θ − φ_t)`` into ``.grad``."""
+        fn = self._task_fn(named_params(self.model))
+        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight)
+        return engine.task_metrics(losses, preds, batch.query_y, self.kind)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
+        """φ for one task with Reptile's inner optimiser; every parameter, detached."""
+        steps = self.test_inner_steps if steps is None else steps
+        loss = support_loss_fn(self.model, self.loss_fn, {}, self.buffers())
+        return adapt_final(loss, named_params(self.model), support_x, support_y, rule=self.rule, steps=steps)
+
+    def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
+        params = {k: v.detach() for k, v in named_params(self.model).items()}
+        loss = support_loss_fn(self.model, self.loss_fn, {}, self.buffers())
+        objective, rule = self._objective(path_objective(self.kind)), self.rule
+
+        def fn(sx, sy, qx, qy):
+            path = adapt_path(loss, params, sx, sy, rule=rule, steps=steps, first_order=True)
+            return objective(path, loss, sx, sy, qx, qy, predict=self._predict, loss_fn=self.loss_fn)
+
+        losses, accs = engine.map_tasks(fn, batch, self.strategy)
+        return losses.detach(), accs.detach()
+
+
+@register("reptile")
+def build(model: nn.Module, cfg) -> Reptile:
+    """Reptile (Nichol et al. 2018): outer gradient θ − mean(φ), own inner optimiser, no unrolling."""
+    test_steps = cfg.test_inner_steps if cfg.test_inner_steps is not None else cfg.reptile_inner_steps
+    return Reptile(model, inner_lr=cfg.reptile_inner_lr, inner_steps=cfg.reptile_inner_steps,
+                   inner_optimizer=cfg.reptile_inner_optimizer, loss_fn=cfg.loss, test_inner_steps=test_steps,
+                   strategy=cfg.strategy, chunk_size=cfg.chunk_size or None, bn_mode=cfg.bn_mode)

@@ -1,0 +1,181 @@
+"""Use a meta-trained model on your own task: load, adapt on a support set, predict, export.
+
+    learner = mamlkit.load("runs/omniglot-5w1s-maml")         # a training checkpoint
+    task_model = learner.adapt(support_x, support_y)          # the checkpoint's test-time α and K
+    labels, probs = task_model.predict(query_x)               # classification
+    task_model.save("my_task.safetensors")                    # no inner loop needed to reuse it
+    same = mamlkit.load("my_task.safetensors")                # -> TaskModel
+
+Adaptation runs the same ``adapt_path`` as training and evaluation. Loading never runs code
+from the file: weights are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from mamlkit import checkpoint
+from mamlkit.algorithms import MetaLearner
+from mamlkit.errors import UserError
+from mamlkit.functional import call, named_buffers
+from mamlkit.models import build_model
+from mamlkit.tasks import get_family
+
+log = logging.getLogger("mamlkit")
+TASK_MODEL_FORMAT = "task_model"
+
+
+def input_spec(cfg) -> dict[str, Any]:
+    """How raw inputs become model inputs, stored in every checkpoint (see ``mamlkit.io``)."""
+    if cfg.task in ("omniglot",):
+        # as mamlkit.data preprocesses Omniglot: grey levels, Lanczos resize, strokes bright, scaled to [0, 1]
+        return {"type": "image", "mode": "L", "size": getattr(cfg, "image_size", 28), "invert": True,
+                "scale": 1 / 255}
+    if cfg.task in ("miniimagenet",):
+        return {"type": "image", "mode": "RGB", "size": getattr(cfg, "image_size", 84), "invert": False,
+                "scale": 1 / 255}
+    return {"type": "vector"}
+
+
+class Prediction(NamedTuple):
+    """``labels [B]`` and class ``probs [B, C]`` (classification), or ``values [B, ...]`` (regression)."""
+
+    labels: Tensor | None
+    probs: Tensor | None
+    values: Tensor | None = None
+
+
+def _head_name(model: nn.Module, n_out: int) -> str:
+    """The last ``nn.Linear`` with ``n_out`` outputs: the classifier head."""
+    heads = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == n_out]
+    if not heads:
+        raise UserError(f"cannot find a linear head with {n_out} outputs to reset in this model")
+    return heads[-1]
+
+
+@dataclass
+class TaskModel:
+    """A model adapted to one task: a plain module plus its adapted parameters."""
+
+    model: nn.Module
+    params: dict[str, Tensor]
+    model_spec: dict[str, Any]
+    kind: str
+    input: dict[str, Any]
+    num_classes: int | None = None   # classes in use (the first ``num_classes`` logits)
+    class_names: list[str] | None = None
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        """Predict for ``x [B, *x_shape]`` (already in the model's input format)."""
+        out = call(self.model, self.params, named_buffers(self.model), x.to(next(iter(self.params.values())).dtype))
+        if self.kind != "classification":
+            return Prediction(None, None, out)
+        probs = out[..., : self.num_classes].softmax(-1)
+        return Prediction(probs.argmax(-1), probs)
+
+    def save(self, path: str | Path) -> None:
+        """Write the adapted parameters and everything needed to rebuild the model (atomic)."""
+        state = {"type": TASK_MODEL_FORMAT, "model_spec": self.model_spec, "kind": self.kind, "input": self.input,
+                 "num_classes": self.num_classes, "class_names": self.class_names}
+        tensors = {f"param/{k}": v for k, v in self.params.items()}
+        tensors |= {f"buffer/{k}": v for k, v in named_buffers(self.model).items()}
+        checkpoint.save(path, tensors, state)
+
+
+@dataclass
+class Learner:
+    """A meta-trained model ready to adapt: the checkpoint's algorithm, config and test-time settings."""
+
+    meta: MetaLearner
+    cfg: Any
+    tensors: dict[str, Tensor]
+    input: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def n_way(self) -> int | None:
+        return self.cfg.n_way if self.kind == "classification" else None
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None, *,
+              reset_head: bool = False, class_names: list[str] | None = None) -> TaskModel:
+        """Adapt to one task with the algorithm's own inner loop (its α, learned rates, and K).
+
+        ``support_x [N, *x_shape]``; ``support_y [N]`` class ids in ``[0, C)`` or regression targets
+        ``[N, *y_shape]``. ``steps`` defaults to the checkpoint's test-time K. With fewer classes than
+        the head's N outputs, the first C outputs are used. With more, ``reset_head=True`` replaces the
+        head by a zero-initialised one with C outputs before adapting; otherwise it is an error.
+        """
+        meta, num_classes = self.meta, None
+        dtype = next(iter(meta.model.parameters())).dtype
+        if self.kind == "classification":
+            support_y = support_y.long()
+            num_classes = int(support_y.max()) + 1
+            if num_classes < 2:
+                raise UserError("the support set has a single class; few-shot classification needs at least 2")
+            if num_classes > self.n_way:
+                if not reset_head:
+                    raise UserError(f"the support set has {num_classes} classes but this model's head has "
+                                    f"{self.n_way} outputs; pass reset_head=True (CLI: --reset-head) to adapt a "
+                                    "fresh zero-initialised head of the right size")
+                meta = self._with_new_head(num_classes)
+            elif num_classes < self.n_way:
+                log.warning("mamlkit: %d classes, fewer than the head's %d outputs: using the first %d",
+                            num_classes, self.n_way, num_classes)
+        params = meta.adapt(support_x.to(dtype), support_y, steps)
+        spec = get_family(self.cfg.task).model_spec(meta_cfg(self.cfg, num_classes, meta is not self.meta))
+        return TaskModel(meta.model, params, spec, self.kind, self.input, num_classes, class_names)
+
+    def _with_new_head(self, classes: int) -> MetaLearner:
+        from mamlkit.train import build
+
+        head = _head_name(self.meta.model, self.n_way)
+        meta, _ = build(meta_cfg(self.cfg, classes, True))
+        with torch.no_grad():
+            for name, p in meta.meta_parameters().items():
+                key = f"meta/{name}"
+                if name.startswith(head + ".") or key not in self.tensors or self.tensors[key].shape != p.shape:
+                    p.zero_()  # the new head (and any per-parameter extra of its shape) starts at zero
+                else:
+                    p.copy_(self.tensors[key])
+        return meta
+
+
+def meta_cfg(cfg, classes: int | None, reset: bool):
+    return cfg.replace(n_way=classes) if reset else cfg
+
+
+def load(path: str | Path) -> Learner | TaskModel:
+    """Load a training checkpoint (→ :class:`Learner`) or an exported adapted model (→ :class:`TaskModel`)."""
+    from mamlkit import config
+    from mamlkit.train import build
+
+    tensors, state = checkpoint.load(path)
+    if state.get("type") == TASK_MODEL_FORMAT:
+        model = build_model(state["model_spec"])
+        params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+        model = model.to(next(iter(params.values())).dtype)
+        _load_buffers(model, tensors)
+        return TaskModel(model, params, state["model_spec"], state["kind"], state["input"], state["num_classes"],
+                         state["class_names"])
+    if "config" not in state:
+        raise checkpoint.CheckpointError(f"{path} is a mamlkit file without a run config; it cannot be adapted")
+    cfg = config.from_dict(state["config"])
+    meta, _ = build(cfg, tensors)
+    return Learner(meta, cfg, tensors, state.get("input") or input_spec(cfg))
+
+
+def _load_buffers(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if f"buffer/{name}" in tensors:
+                b.copy_(tensors[f"buffer/{name}"])

@@ -1,0 +1,126 @@
+"""Reading a user's own task from disk: image folders (ImageFolder layout) and CSV files.
+
+Every problem with the input is a :class:`~mamlkit.errors.UserError` that names the file and
+the fix; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mamlkit.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def load_image(path: Path, spec: dict[str, Any], notes: set[str]) -> Tensor:
+    """One image as the checkpoint's input spec: ``[C, size, size]`` float in the trained scale."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode fully now, so a truncated file fails here with its name
+            mode = im.mode
+            target = spec.get("mode", "L")
+            if mode not in (target, "1" if target == "L" else target):
+                notes.add(f"converted {mode} images to {target} to match the model's input")
+            # "1" (bilevel) goes through "L" first, or PIL resizes without antialiasing
+            im = im.convert("L") if target == "L" else im.convert("RGB")
+            size = int(spec["size"])
+            im = im.resize((size, size), Image.LANCZOS)
+            arr = np.asarray(im, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}. Remove the file or replace it with a valid image.") from None
+    if spec.get("invert"):
+        arr = 255.0 - arr
+    arr = arr * float(spec.get("scale", 1 / 255))
+    x = torch.from_numpy(arr)
+    return x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    bad = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if bad:
+        raise UserError(f"{folder} holds files that are not images: {', '.join(bad[:5])}"
+                        f"{' ...' if len(bad) > 5 else ''}. Class folders may hold only images "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return files
+
+
+def load_image_folder(root: str | Path, spec: dict[str, Any]) -> tuple[Tensor, Tensor, list[str], set[str]]:
+    """A support set in the ImageFolder layout: ``root/<class name>/<image>``.
+
+    Returns ``x [N, C, H, W]``, ``y [N]`` (classes numbered in sorted folder-name order), the class
+    names, and notes about conversions made.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"support folder not found: {root}. Pass a folder with one sub-folder per class.")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise UserError(f"{root} has {len(classes)} class folder(s); a few-shot task needs at least 2 "
+                        "(one sub-folder per class, each with its example images).")
+    notes: set[str] = set()
+    xs, ys = [], []
+    for label, folder in enumerate(classes):
+        files = _images_in(folder)
+        if not files:
+            raise UserError(f"class folder {folder} is empty; put at least one example image in it.")
+        for f in files:
+            xs.append(load_image(f, spec, notes))
+            ys.append(label)
+    return torch.stack(xs), torch.tensor(ys), [c.name for c in classes], notes
+
+
+def load_query_images(paths: list[str], spec: dict[str, Any]) -> tuple[Tensor, list[Path], set[str]]:
+    """Query images from files and/or folders (folders are searched recursively)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"query file not found: {p}")
+    if not files:
+        raise UserError(f"no query images found in {', '.join(paths)}")
+    notes: set[str] = set()
+    return torch.stack([load_image(f, spec, notes) for f in files]), files, notes
+
+
+def read_csv_table(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """A numeric CSV with a header row: ``(columns, values [rows, columns])``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"CSV file not found: {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise UserError(f"{path} needs a header row and at least one data row")
+    header, body = rows[0], rows[1:]
+    try:
+        values = np.array([[float(v) for v in r] for r in body], dtype=np.float64)
+    except ValueError as e:
+        raise UserError(f"{path} must hold numbers only (after the header): {e}") from None
+    if values.shape[1] != len(header):
+        raise UserError(f"{path}: rows have {values.shape[1]} values but the header names {len(header)} columns")
+    return header, values
+
+
+def load_regression_csv(path: str | Path, in_features: int, with_target: bool) -> tuple[Tensor, Tensor | None]:
+    """Support (``with_target``: the last column is the target) or query rows for a regression model."""
+    header, values = read_csv_table(path)
+    need = in_features + (1 if with_target else 0)
+    if values.shape[1] != need:
+        what = f"{in_features} input column(s) and a target column" if with_target else \
+            f"{in_features} input column(s)"
+        raise UserError(f"{path} has columns {header}; this model takes {what}")
+    x = torch.from_numpy(values[:, :in_features])
+    return x, (torch.from_numpy(values[:, in_features:]) if with_target else None)

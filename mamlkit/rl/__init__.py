@@ -1,0 +1,15 @@
+"""Meta-reinforcement learning: MAML-TRPO (Finn et al. 2017, §5.3 and App. A.2) on the mamlkit engine.
+
+Layout:
+
+* ``envs.py``: vectorised ``[T tasks, N trajectories]`` environments with a Gymnasium-like API;
+  ``Nav2D`` (pure torch) and ``cheetah.py`` (HalfCheetah velocity/direction on gymnasium + mujoco,
+  the optional ``rl`` extra). Tasks come from ``sample_tasks(env, T, generator)``.
+* ``policy.py``: the Gaussian MLP policy (a plain ``nn.Module``), log-likelihood, KL.
+* ``sampling.py``: rollouts and packing episodes as the engine's per-task ``(x, y)``.
+* ``advantages.py``: discounted returns, the linear feature baseline, GAE.
+* ``trpo.py``: conjugate gradient, Fisher-vector products (Hessian-vector products of the KL),
+  the TRPO step with its backtracking line search.
+* ``maml_trpo.py``: the meta-learner: inner step = :func:`mamlkit.inner.adapt_path`, outer = TRPO.
+* ``config.py``, ``train.py``, ``evaluate.py``, ``cli.py``: ``mamlkit rl train|eval``.
+"""

@@ -1,0 +1,112 @@
+"""Meta-RL run configuration: one frozen, keyword-only dataclass, checked on construction.
+
+Every field is a flag of ``mamlkit rl train`` (``inner_lr`` -> ``--inner-lr``). Defaults are the
+paper's 2D-navigation setting (Finn et al. 2017, §5.3 and App. A.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from mamlkit.config import ConfigError, _coerce
+
+ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
+DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLConfig:
+    """Everything that defines a meta-RL run."""
+
+    env: str = "nav2d"                 # nav2d | cheetah-vel | cheetah-dir
+    algo: str = "maml-trpo"            # maml-trpo | pretrain (TRPO on all tasks jointly, no inner step)
+    # policy: Gaussian MLP, learned state-independent log σ
+    hidden_sizes: tuple[int, ...] = (100, 100)
+    init_std: float = 1.0
+    # sampling
+    horizon: int = 0                   # episode length (0: the env's paper value, 100 nav2d / 200 cheetah)
+    meta_batch: int = 20               # tasks per meta-iteration (paper: 20 nav2d, 40 cheetah)
+    traj_per_task: int = 20            # trajectories per task and per inner step (paper: 20)
+    gamma: float = 0.99                # discount
+    gae_lambda: float = 1.0            # GAE λ (1: Monte-Carlo returns minus the baseline)
+    # inner loop: REINFORCE with the linear feature baseline
+    inner_lr: float = 0.1              # α (paper: 0.1)
+    inner_steps: int = 1               # 1 (MAML); 0 only with algo=pretrain
+    first_order: bool = False          # drop second-order terms (meta-gradient and Fisher)
+    # outer loop: TRPO
+    max_kl: float = 0.01               # trust region δ
+    cg_iters: int = 10                 # conjugate-gradient iterations
+    cg_damping: float = 1e-5           # added to the Fisher: (F + λI) v
+    ls_steps: int = 15                 # backtracking line-search steps
+    ls_ratio: float = 0.8              # step shrink factor per backtrack
+    fisher_tasks: int = 0              # tasks whose KL gives the Fisher (0: all; fewer: faster, approximate)
+    iterations: int = 200              # meta-iterations
+    # execution
+    dtype: str = "float32"             # float32 | float64
+    threads: int = 1                   # torch threads (0: torch's default)
+    seed: int = 0
+    # logging and checkpoints
+    out_dir: str = "runs"
+    run_name: str = ""                 # '' : rl-<env>-<algo>
+    log_every: int = 1
+    checkpoint_every: int = 10
+    progress: bool = True
+    # evaluation
+    eval_tasks: int = 40               # fixed test tasks (>= 40 for the report)
+    eval_traj: int = 20                # trajectories per test task and step
+    eval_lrs: tuple[float, ...] = (0.1, 0.05, 0.05)  # α of test steps 1, 2, 3 (paper: 0.1 then 0.05)
+    baselines: bool = True             # also evaluate a pretrained and a random policy
+    pretrain_iterations: int = 100     # TRPO iterations of the pretrained baseline
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.env in ENV_NAMES, f"env must be one of {', '.join(ENV_NAMES)}, got {self.env!r}")
+        need(self.algo in ("maml-trpo", "pretrain"), f"algo must be maml-trpo or pretrain, got {self.algo!r}")
+        need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
+        for name in ("meta_batch", "traj_per_task", "cg_iters", "ls_steps", "iterations", "log_every",
+                     "checkpoint_every", "eval_tasks", "eval_traj"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("horizon", "threads", "pretrain_iterations", "fisher_tasks"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.inner_steps in (0, 1), "inner_steps must be 0 or 1 during training (each RL inner step "
+             f"needs fresh samples; evaluate more steps with --eval-lrs), got {self.inner_steps}")
+        need((self.inner_steps == 0) == (self.algo == "pretrain"),
+             "algo=pretrain trains without an inner step (inner_steps=0); maml-trpo needs inner_steps=1")
+        need(all(h >= 1 for h in self.hidden_sizes),
+             f"hidden_sizes must be positive, got {self.hidden_sizes}")
+        need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        need(0 < self.gamma <= 1 and 0 <= self.gae_lambda <= 1,
+             "gamma must be in (0, 1] and gae_lambda in [0, 1]")
+        need(self.inner_lr >= 0 and all(a >= 0 for a in self.eval_lrs), "inner_lr and eval_lrs must be >= 0")
+        need(self.max_kl > 0 and self.cg_damping >= 0, "max_kl must be > 0 and cg_damping >= 0")
+        need(0 < self.ls_ratio < 1, f"ls_ratio must be in (0, 1), got {self.ls_ratio}")
+
+    @property
+    def episode_len(self) -> int:
+        return self.horizon or DEFAULT_HORIZON[self.env]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> RLConfig:
+        return from_dict({**self.to_dict(), **changes})
+
+
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(RLConfig)
+
+
+def from_dict(values: dict[str, Any]) -> RLConfig:
+    """Build a config from a dict, rejecting unknown keys with the list of valid ones."""
+    types_ = field_types()
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"unknown rl config key(s): {', '.join(unknown)}. Valid keys: {', '.join(types_)}")
+    return RLConfig(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})

@@ -1,0 +1,117 @@
+"""Vectorised environments with a Gymnasium-like API, batched over tasks and trajectories.
+
+Every environment here steps ``[T, N]`` copies at once: T tasks (one goal each) times N
+trajectories per task. ``reset() -> (obs, info)`` and ``step(action) -> (obs, reward,
+terminated, truncated, info)`` follow Gymnasium's names and meanings, with a leading
+``[T, N]`` on every array. Sub-environments that terminated stay frozen (reward 0) until the
+next ``reset``: meta-RL samples whole batches of fixed-horizon episodes, so no auto-reset.
+
+Tasks are drawn by ``sample_tasks(num_tasks, generator)``; with
+:func:`mamlkit.tasks.base.task_generator` they depend only on ``(seed, split, index)``.
+
+* :class:`Nav2D`: the point-mass 2D navigation of Finn et al. 2017 §5.3 (pure torch).
+* :class:`HalfCheetahTasks`: HalfCheetah velocity / direction on ``gymnasium`` + ``mujoco``
+  (the optional ``rl`` extra), see :mod:`mamlkit.rl.cheetah`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from mamlkit.rl.config import ENV_NAMES
+
+
+class TaskEnv(Protocol):
+    """A batch of ``[T, N]`` environments: T tasks, N trajectories per task."""
+
+    obs_dim: int
+    act_dim: int
+    horizon: int
+
+    def reset(self, *, seed: int | None = None) -> tuple[Tensor, dict[str, Any]]: ...
+
+    def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]: ...
+
+
+class Nav2D:
+    """2D navigation with a point mass (Finn et al. 2017, §5.3; rllab's ``PointEnv``).
+
+    The agent starts at the origin; its observation is its position ``[x, y]``; an action is a
+    displacement, clipped to ``[-max_action, max_action]`` per coordinate; the reward is the
+    negative Euclidean distance to the task's goal after the move. An episode terminates when
+    both coordinates are within ``goal_tol`` of the goal, and is truncated after ``horizon`` steps.
+
+    Args:
+        goals: ``[T, 2]`` task goals (from :meth:`sample_tasks`).
+        num_envs: N, trajectories per task.
+        horizon: episode length (paper: 100).
+    """
+
+    obs_dim = 2
+    act_dim = 2
+
+    def __init__(self, goals: Tensor, num_envs: int, horizon: int = 100, max_action: float = 0.1,
+                 goal_tol: float = 0.01):
+        if goals.dim() != 2 or goals.shape[1] != 2:
+            raise ValueError(f"goals must have shape [T, 2], got {tuple(goals.shape)}")
+        self.goals, self.num_envs, self.horizon = goals, num_envs, horizon
+        self.max_action, self.goal_tol = max_action, goal_tol
+        self.reset()
+
+    @staticmethod
+    def sample_tasks(num_tasks: int, generator: torch.Generator, low: float = -0.5, high: float = 0.5
+                     ) -> Tensor:
+        """Goals ``[T, 2]`` uniform in ``[low, high]²`` (paper: ``[-0.5, 0.5]²``), float64."""
+        return low + (high - low) * torch.rand(num_tasks, 2, generator=generator, dtype=torch.float64)
+
+    def reset(self, *, seed: int | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """Start every copy at the origin. ``seed`` is accepted for API parity: the start is fixed."""
+        T = self.goals.shape[0]
+        self.pos = torch.zeros(T, self.num_envs, 2, dtype=self.goals.dtype)
+        self.done = torch.zeros(T, self.num_envs, dtype=torch.bool)
+        self.t = 0
+        return self.pos.clone(), {}
+
+    def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
+        """``action [T, N, 2]`` -> ``obs [T, N, 2]``, ``reward [T, N]``, ``terminated``, ``truncated``
+        (bool ``[T, N]``) and ``info`` with ``"active"``: the copies this step counted for."""
+        active = ~self.done
+        a = action.detach().to(self.pos.dtype).clamp(-self.max_action, self.max_action)
+        self.pos = torch.where(active[..., None], self.pos + a, self.pos)
+        diff = self.pos - self.goals[:, None, :]
+        reward = torch.where(active, -diff.norm(dim=-1), torch.zeros((), dtype=self.pos.dtype))
+        terminated = active & (diff.abs() < self.goal_tol).all(-1)
+        self.t += 1
+        truncated = active & ~terminated & (self.t >= self.horizon)
+        self.done = self.done | terminated | truncated
+        return self.pos.clone(), reward, terminated, truncated, {"active": active}
+
+
+def make_env(name: str, tasks: Tensor, num_envs: int, horizon: int) -> TaskEnv:
+    """Build environment ``name`` for ``tasks`` (from :func:`sample_tasks`) with N copies per task."""
+    if name == "nav2d":
+        return Nav2D(tasks, num_envs, horizon)
+    from mamlkit.rl.cheetah import HalfCheetahTasks
+
+    return HalfCheetahTasks(name, tasks, num_envs, horizon)
+
+
+def sample_tasks(name: str, num_tasks: int, generator: torch.Generator) -> Tensor:
+    """Task parameters ``[T, d]`` of environment ``name``: goals, target velocities or directions."""
+    if name == "nav2d":
+        return Nav2D.sample_tasks(num_tasks, generator)
+    if name == "cheetah-vel":  # target velocity U[0, 2] (paper, App. A.2)
+        return 2.0 * torch.rand(num_tasks, 1, generator=generator, dtype=torch.float64)
+    if name == "cheetah-dir":  # forward (+1) or backward (-1), equally likely
+        return torch.randint(0, 2, (num_tasks, 1), generator=generator).double() * 2 - 1
+    raise ValueError(f"unknown environment {name!r}; choose one of {', '.join(ENV_NAMES)}")
+
+
+def env_dims(name: str) -> tuple[int, int]:
+    """``(obs_dim, act_dim)`` of environment ``name`` without building it."""
+    if name == "nav2d":
+        return Nav2D.obs_dim, Nav2D.act_dim
+    return 17, 6  # gymnasium HalfCheetah-v5: 17 observations (x excluded), 6 torques

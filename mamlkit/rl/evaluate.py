@@ -1,0 +1,138 @@
+"""Evaluation of meta-RL policies: returns after 0..K adaptation steps beside the paper, and figures.
+
+Every policy is evaluated on the same fixed test tasks (``task_generator(seed, "test", 0)``) with
+the same sampling noise, so differences between policies are not sampling luck. Each
+adaptation step samples ``eval_traj`` fresh episodes per task with the current parameters and
+takes one policy-gradient step (rates ``cfg.eval_lrs``, paper: 0.1 then 0.05).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mamlkit.checkpoint import atomic_write_text
+from mamlkit.metrics import mean_ci
+from mamlkit.rl.config import RLConfig
+from mamlkit.rl.envs import sample_tasks
+from mamlkit.rl.maml_trpo import MAMLTRPO
+from mamlkit.tasks.base import task_generator
+
+# Finn et al. 2017, MAML after 0..3 steps: Table 4 (2D navigation), Table 5 (half-cheetah forward/backward).
+PAPER = {"nav2d": (-40.41, -11.68, -3.33, -3.23), "cheetah-dir": (-50.69, 293.19, 313.48, 315.65)}
+
+
+def test_tasks(cfg: RLConfig, num_tasks: int | None = None) -> Tensor:
+    return sample_tasks(cfg.env, num_tasks or cfg.eval_tasks, task_generator(cfg.seed, "test", 0))
+
+
+def adaptation_curve(policy: nn.Module, cfg: RLConfig, tasks: Tensor) -> Tensor:
+    """Mean episode return per task after 0..K steps, ``[T, K+1]`` (K = ``len(cfg.eval_lrs)``)."""
+    gen = task_generator(cfg.seed, "test", 0, "rollouts")
+    curve, _ = MAMLTRPO(policy, cfg).adapt_curve(tasks, cfg.eval_lrs, gen, cfg.eval_traj)
+    return curve
+
+
+def _fmt(mean: float, ci: float) -> str:
+    return f"{mean:.2f} ± {ci:.2f}"
+
+
+def report(run_dir: Path, policies: dict[str, nn.Module], cfg: RLConfig) -> str:
+    """Evaluate ``policies`` (name -> policy); write ``eval.json``, ``eval.md``, figures; return the table."""
+    tasks = test_tasks(cfg)
+    curves = {name: adaptation_curve(p, cfg, tasks) for name, p in policies.items()}
+    steps = range(len(cfg.eval_lrs) + 1)
+    paper = PAPER.get(cfg.env)
+    names = list(policies)
+    lines = [f"{cfg.env}: average return per episode after k policy-gradient steps (rates "
+             f"{list(cfg.eval_lrs)}), mean ± 95% CI over {tasks.shape[0]} fixed test tasks, "
+             f"{cfg.eval_traj} episodes per task and step.",
+             "", "| steps | " + " | ".join(names) + (" | paper (MAML) |" if paper else " |"),
+             "|---|" + "---|" * (len(names) + (1 if paper else 0))]
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for k in steps:
+        cells = []
+        for n in names:
+            m, ci = mean_ci(curves[n][:, k])
+            table.setdefault(n, {})[str(k)] = {"mean": m, "ci95": ci}
+            cells.append(_fmt(m, ci))
+        tail = f" | {paper[k]:.2f}" if paper and k < len(paper) else (" | —" if paper else "")
+        lines.append(f"| {k} | " + " | ".join(cells) + tail + " |")
+    gains = [_fmt(*mean_ci(curves[n][:, 1] - curves[n][:, 0])) for n in names] if len(steps) > 1 else []
+    if gains:
+        tail = f" | {paper[1] - paper[0]:.2f}" if paper else ""
+        lines.append("| gain 0→1 | " + " | ".join(gains) + tail + " |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(run_dir / "eval.json", json.dumps({"env": cfg.env, "num_tasks": int(tasks.shape[0]),
+                                                         "eval_lrs": list(cfg.eval_lrs), "returns": table,
+                                                         "paper": paper}, indent=2))
+    atomic_write_text(run_dir / "eval.md", text)
+    curve_figure(run_dir / "returns_vs_steps.png", curves, paper)
+    if cfg.env == "nav2d":
+        trajectory_figure(run_dir / "figure4_trajectories.png", policies, cfg)
+    return text
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curve_figure(path: Path, curves: dict[str, Tensor], paper) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, c in curves.items():
+        c = c.double()
+        x = torch.arange(c.shape[1])
+        mean, ci = c.mean(0), 1.96 * c.std(0) / c.shape[0] ** 0.5
+        ax.plot(x, mean, marker="o", label=name)
+        ax.fill_between(x, mean - ci, mean + ci, alpha=0.25)
+    if paper:
+        ax.plot(range(len(paper)), paper, "k--", marker="x", label="paper (MAML)")
+    ax.set_xlabel("number of gradient steps")
+    ax.set_ylabel("average return")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trajectory_figure(path: Path, policies: dict[str, nn.Module], cfg: RLConfig, num_goals: int = 4) -> None:
+    """Finn et al. Fig. 4: mean-action trajectories before and after 1 and 3 steps, per goal and policy."""
+    plt = _plt()
+    tasks = test_tasks(cfg, num_goals)
+    names = list(policies)
+    fig, axes = plt.subplots(len(names), num_goals, figsize=(3.2 * num_goals, 3.2 * len(names)),
+                             squeeze=False)
+    for row, name in enumerate(names):
+        algo = MAMLTRPO(policies[name], cfg)
+        gen = task_generator(cfg.seed, "figure", 0)
+        _, path_params = algo.adapt_curve(tasks, cfg.eval_lrs, gen, cfg.eval_traj)
+        shown = [(0, ":", "pre-update")] + [(k, "-" if k > 1 else "--", f"{k} grad step{'s' * (k > 1)}")
+                                           for k in (1, len(cfg.eval_lrs)) if 0 < k < len(path_params)]
+        for k, style, label in dict.fromkeys(shown):
+            ep = algo.sample(tasks, path_params[k], k > 0, gen, num_traj=1, deterministic=True)
+            for g in range(num_goals):
+                m = ep.mask[g, 0].bool()
+                pos = torch.cat([torch.zeros(1, 2, dtype=ep.obs.dtype), ep.obs[g, 0, m] +
+                                 ep.actions[g, 0, m].clamp(-0.1, 0.1)]).double()
+                axes[row][g].plot(pos[:, 0], pos[:, 1], style, label=label)
+        for g in range(num_goals):
+            ax = axes[row][g]
+            ax.scatter([tasks[g, 0].item()], [tasks[g, 1].item()], marker="*", s=150, color="red",
+                       label="goal", zorder=5)
+            ax.set_xlim(-0.6, 0.6)
+            ax.set_ylim(-0.6, 0.6)
+            ax.set_aspect("equal")
+            ax.set_title(f"{name}, goal {g}", fontsize=9)
+        axes[row][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""Sampling episodes from a batch of task environments, and packing them for the engine.
+
+A packed batch is the engine's ``(x, y)`` pair per task: ``x`` the states ``[T, N·H, obs_dim]``,
+``y`` the actions, advantages and validity mask (and, for the outer objective, the sampling
+policy's distribution parameters), so the policy-gradient loss is ``loss_fn(model(x), y)``
+exactly as a supervised loss is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mamlkit.functional import call
+from mamlkit.rl.advantages import baseline_features, discounted_returns, fit_linear_baseline, gae, normalize
+from mamlkit.rl.envs import TaskEnv
+from mamlkit.rl.policy import split_dist
+
+PolicyFn = Callable[[Tensor], Tensor]  # obs [T, N, d] -> [T, N, 2a]
+
+
+@dataclass
+class Episodes:
+    """Fixed-horizon episodes of T tasks x N trajectories: ``obs [T, N, H, d]``, ``actions [T, N, H, a]``,
+    ``rewards, mask [T, N, H]`` (mask: 1 while the episode runs) and ``dist [T, N, H, 2a]``
+    (the sampling policy's mean and log σ at each state)."""
+
+    obs: Tensor
+    actions: Tensor
+    rewards: Tensor
+    mask: Tensor
+    dist: Tensor
+
+    def returns(self) -> Tensor:
+        """Undiscounted return of each episode, ``[T, N]``."""
+        return (self.rewards * self.mask).sum(-1)
+
+
+def policy_fn(model: nn.Module, params: Mapping[str, Tensor], per_task: bool) -> PolicyFn:
+    """``obs [T, N, d] -> [T, N, 2a]`` with shared ``params``, or per-task ones (leading dim T) under vmap."""
+    if not per_task:
+        return lambda obs: call(model, params, {}, obs)
+    return lambda obs: torch.vmap(lambda p, o: call(model, p, {}, o))(dict(params), obs)
+
+
+@torch.no_grad()
+def rollout(env: TaskEnv, policy: PolicyFn, generator: torch.Generator, dtype: torch.dtype = torch.float32,
+            deterministic: bool = False) -> Episodes:
+    """Run every copy of ``env`` for ``env.horizon`` steps with actions a ~ π(·|s) (noise from ``generator``).
+
+    ``deterministic=True`` takes the mean action (for plots).
+    """
+    obs, _ = env.reset(seed=int(torch.randint(0, 2**31 - 1, (), generator=generator)))
+    obs_l, act_l, rew_l, mask_l, dist_l = [], [], [], [], []
+    for _ in range(env.horizon):
+        o = obs.to(dtype)
+        out = policy(o)
+        mean, log_std = split_dist(out)
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64).to(dtype)
+        action = mean if deterministic else mean + torch.exp(log_std) * noise
+        obs, reward, _, _, info = env.step(action)
+        obs_l.append(o)
+        act_l.append(action)
+        rew_l.append(reward.to(dtype))
+        mask_l.append(info["active"])
+        dist_l.append(out)
+        if not info["active"].any():
+            break
+    pad = env.horizon - len(obs_l)  # every copy finished early: pad with invalid steps
+    for lst in (obs_l, act_l, rew_l, mask_l, dist_l):
+        lst.extend([torch.zeros_like(lst[-1])] * pad)
+    return Episodes(*(torch.stack(lst, dim=2) for lst in (obs_l, act_l, rew_l, mask_l, dist_l)))
+
+
+def advantages(ep: Episodes, gamma: float, lam: float) -> Tensor:
+    """Normalised GAE advantages ``[T, N, H]`` with the linear feature baseline fitted per task."""
+    mask = ep.mask
+    returns = discounted_returns(ep.rewards, mask, gamma)
+    feats = baseline_features(ep.obs)
+    coef = fit_linear_baseline(feats, returns, mask)
+    values = torch.einsum("tnhf,tf->tnh", feats, coef)
+    return normalize(gae(ep.rewards, values, mask, gamma, lam), mask)
+
+
+def pack(ep: Episodes, gamma: float, lam: float, with_dist: bool) -> tuple[Tensor, Tensor]:
+    """``(x [T, N·H, d], y [T, N·H, a + 2 (+ 2a)])``: states; actions, advantage, mask (, old mean/log σ)."""
+    T = ep.obs.shape[0]
+    adv = advantages(ep, gamma, lam)
+    cols = [ep.actions, adv[..., None], ep.mask.to(adv.dtype)[..., None]]
+    if with_dist:
+        cols.append(ep.dist)
+    y = torch.cat(cols, dim=-1)
+    return ep.obs.reshape(T, -1, ep.obs.shape[-1]), y.reshape(T, -1, y.shape[-1])

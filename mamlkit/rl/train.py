@@ -1,0 +1,140 @@
+"""The meta-RL training loop: checkpoints (safetensors + JSON, atomic), progress bar and exact resume.
+
+Meta-iteration ``s`` draws its tasks *and* its sampling noise from ``task_generator(seed, "train", s)``
+alone, and TRPO keeps no optimiser state, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mamlkit import checkpoint
+from mamlkit.errors import UserError
+from mamlkit.metrics import MetricsLog
+from mamlkit.rl.config import RLConfig, from_dict
+from mamlkit.rl.envs import env_dims, sample_tasks
+from mamlkit.rl.maml_trpo import MAMLTRPO
+from mamlkit.rl.policy import GaussianMLPPolicy, build_policy
+from mamlkit.tasks.base import task_generator
+from mamlkit.train import _truncate_metrics
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class RLTrainer:
+    cfg: RLConfig
+    policy: GaussianMLPPolicy
+    run_dir: Path
+    step: int = 0
+
+    @property
+    def algo(self) -> MAMLTRPO:
+        return MAMLTRPO(self.policy, self.cfg)
+
+
+def make_policy(cfg: RLConfig) -> GaussianMLPPolicy:
+    obs_dim, act_dim = env_dims(cfg.env)
+    return build_policy(obs_dim, act_dim, cfg.hidden_sizes, cfg.init_std, cfg.seed, DTYPES[cfg.dtype])
+
+
+def new_trainer(cfg: RLConfig, run_dir: Path) -> RLTrainer:
+    return RLTrainer(cfg, make_policy(cfg), Path(run_dir))
+
+
+def run_dir_for(cfg: RLConfig) -> Path:
+    path = Path(cfg.out_dir) / (cfg.run_name or f"rl-{cfg.env}-{cfg.algo}")
+    if (path / "checkpoint.safetensors").exists():
+        raise UserError(f"run folder {path} already holds a checkpoint. Resume it with `mamlkit rl train "
+                        f"--resume {path}`, or pick another folder with --run-name or --out-dir.")
+    return path
+
+
+def save_checkpoint(trainer: RLTrainer, path: Path) -> None:
+    tensors = {f"meta/{k}": v for k, v in trainer.policy.named_parameters()}
+    state = {"kind": "rl", "config": trainer.cfg.to_dict(), "algo": trainer.cfg.algo, "step": trainer.step}
+    checkpoint.save(path, tensors, state)
+
+
+def load_trainer(path: str | Path) -> RLTrainer:
+    """Rebuild a trainer from a run folder or checkpoint file, ready to continue where it stopped."""
+    tensors, state = checkpoint.load(path)
+    if state.get("kind") != "rl":
+        raise checkpoint.CheckpointError(f"{path} is a supervised mamlkit checkpoint; evaluate it with "
+                                         "`mamlkit eval`, not `mamlkit rl eval`")
+    cfg = from_dict(state["config"])
+    policy = make_policy(cfg)
+    with torch.no_grad():
+        for k, p in policy.named_parameters():
+            if f"meta/{k}" not in tensors:
+                raise checkpoint.CheckpointError(f"checkpoint {path} lacks policy parameter {k}")
+            p.copy_(tensors[f"meta/{k}"])
+    ckpt = Path(path)
+    return RLTrainer(cfg, policy, ckpt if ckpt.is_dir() else ckpt.parent, step=state["step"])
+
+
+def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
+    """Meta-train from ``trainer.step`` to ``cfg.iterations`` (or ``stop_at``), checkpointing on the way."""
+    cfg = trainer.cfg
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = trainer.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    _truncate_metrics(run_dir, trainer.step)
+    metrics = MetricsLog(run_dir, tensorboard=False)
+    algo = trainer.algo
+    end = min(stop_at or cfg.iterations, cfg.iterations)
+    bar = tqdm(total=end, initial=trainer.step, disable=not cfg.progress, desc=f"{cfg.env} {cfg.algo}",
+               dynamic_ncols=True, unit="it")
+    start, window, snapshot = time.perf_counter(), [], None
+    try:
+        while trainer.step < end:
+            gen = task_generator(cfg.seed, "train", trainer.step)
+            tasks = sample_tasks(cfg.env, cfg.meta_batch, gen)
+            # an interrupted iteration is rolled back, so the checkpoint matches its step count
+            snapshot = {k: p.detach().clone() for k, p in trainer.policy.named_parameters()}
+            stats = algo.meta_step(tasks, gen)
+            trainer.step, snapshot = trainer.step + 1, None
+            window.append(stats)
+            if trainer.step % cfg.log_every == 0 or trainer.step == end:
+                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                row["elapsed_s"] = time.perf_counter() - start
+                metrics.log(trainer.step, "train", row)
+                bar.set_postfix({k.replace("return_", "R_"): f"{row[k]:.1f}"
+                                 for k in ("return_pre", "return_post") if k in row})
+                window = []
+            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
+                save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
+            bar.update(1)
+    except KeyboardInterrupt:
+        if snapshot is not None:
+            with torch.no_grad():
+                for k, p in trainer.policy.named_parameters():
+                    p.copy_(snapshot[k])
+        save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
+        bar.write(f"interrupted at step {trainer.step}; checkpoint saved. Resume with "
+                  f"`mamlkit rl train --resume {run_dir}`")
+        raise
+    finally:
+        bar.close()
+        metrics.close()
+    return trainer
+
+
+def pretrained_baseline(trainer: RLTrainer) -> RLTrainer:
+    """Train (or resume, or load) the joint-training TRPO baseline in ``RUN/pretrained``."""
+    folder = trainer.run_dir / "pretrained"
+    if (folder / "checkpoint.safetensors").exists():
+        base = load_trainer(folder)
+    else:
+        cfg = trainer.cfg.replace(algo="pretrain", inner_steps=0, run_name="pretrained",
+                                  iterations=max(1, trainer.cfg.pretrain_iterations))
+        base = new_trainer(cfg, folder)
+    return fit(base)

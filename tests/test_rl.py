@@ -1,0 +1,364 @@
+"""Meta-RL (MAML-TRPO): environments, advantages, conjugate gradient, Fisher products, TRPO, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mamlkit import checkpoint
+from mamlkit.cli import main
+from mamlkit.config import ConfigError
+from mamlkit.rl import sampling
+from mamlkit.rl.advantages import baseline_features, discounted_returns, fit_linear_baseline, gae, normalize
+from mamlkit.rl.config import RLConfig, from_dict
+from mamlkit.rl.envs import Nav2D, sample_tasks
+from mamlkit.rl.maml_trpo import MAMLTRPO
+from mamlkit.rl.policy import build_policy, kl_divergence, log_prob
+from mamlkit.rl.trpo import conjugate_gradient, fisher_vector_product, flat, trpo_step
+from mamlkit.tasks.base import task_generator
+
+torch.set_num_threads(1)
+D = torch.float64
+
+# A tiny nav2d setting that runs in well under a second per meta-iteration.
+TINY = dict(hidden_sizes=(5,), meta_batch=3, traj_per_task=4, horizon=6, dtype="float64")
+TINY_FLAGS = ["--hidden-sizes", "8", "--meta-batch", "3", "--traj-per-task", "4", "--horizon", "10",
+              "--eval-tasks", "4", "--eval-traj", "3", "--pretrain-iterations", "1", "--no-progress"]
+
+
+# ---------------------------------------------------------------- environments
+
+def test_nav2d_reward_clipping_and_termination():
+    env = Nav2D(torch.tensor([[0.15, 0.0]], dtype=D), num_envs=1, horizon=10)
+    obs, _ = env.reset()
+    assert obs.tolist() == [[[0.0, 0.0]]]
+    # the action is clipped to 0.1: the point moves to (0.1, 0), 0.05 from the goal
+    obs, r, term, trunc, info = env.step(torch.tensor([[[0.5, 0.0]]], dtype=D))
+    assert obs[0, 0].tolist() == pytest.approx([0.1, 0.0])
+    assert r.item() == pytest.approx(-0.05)
+    assert not term.item() and not trunc.item() and info["active"].item()
+    # within 0.01 of the goal on both coordinates: terminated, reward −distance
+    obs, r, term, trunc, info = env.step(torch.tensor([[[0.05, 0.005]]], dtype=D))
+    assert r.item() == pytest.approx(-0.005)
+    assert term.item() and not trunc.item()
+    # a finished copy stays put and earns nothing
+    obs2, r, term, trunc, info = env.step(torch.tensor([[[0.1, 0.1]]], dtype=D))
+    assert torch.equal(obs2, obs) and r.item() == 0.0 and not info["active"].item() and not term.item()
+
+
+def test_nav2d_truncation_at_horizon():
+    env = Nav2D(torch.tensor([[0.5, 0.5], [-0.5, 0.2]], dtype=D), num_envs=3, horizon=3)
+    env.reset()
+    for t in range(3):
+        obs, r, term, trunc, info = env.step(torch.full((2, 3, 2), -0.2, dtype=D))
+        assert trunc.all() == (t == 2) and not term.any()
+    # after 3 steps of (−0.1, −0.1) the distance to (0.5, 0.5) is |(−0.8, −0.8)|
+    assert r[0, 0].item() == pytest.approx(-0.8 * math.sqrt(2))
+
+
+def test_tasks_and_rollouts_are_deterministic():
+    a = sample_tasks("nav2d", 5, task_generator(0, "train", 3))
+    b = sample_tasks("nav2d", 5, task_generator(0, "train", 3))
+    c = sample_tasks("nav2d", 5, task_generator(0, "train", 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (5, 2) and a.abs().max() <= 0.5
+    policy = build_policy(2, 2, (5,), 1.0, seed=0, dtype=D)
+    fn = sampling.policy_fn(policy, dict(policy.named_parameters()), per_task=False)
+    eps = [sampling.rollout(Nav2D(a, 4, 7), fn, torch.Generator().manual_seed(s), D) for s in (1, 1, 2)]
+    assert eps[0].obs.shape == (5, 4, 7, 2) and eps[0].rewards.shape == (5, 4, 7)
+    assert torch.equal(eps[0].actions, eps[1].actions) and torch.equal(eps[0].rewards, eps[1].rewards)
+    assert not torch.equal(eps[0].actions, eps[2].actions)
+    # rewards are −distance of the next position to the goal, positions integrate clipped actions
+    nxt = eps[0].obs[:, :, 0] + eps[0].actions[:, :, 0].clamp(-0.1, 0.1)
+    assert torch.allclose(eps[0].rewards[:, :, 0], -(nxt - a[:, None]).norm(dim=-1))
+
+
+# ---------------------------------------------------------------- baseline and GAE
+
+def test_returns_and_gae_hand_computed():
+    # 3 valid steps, then one invalid step whose reward and value must be ignored
+    r = torch.tensor([[1.0, 2.0, 3.0, 7.0]], dtype=D)
+    v = torch.tensor([[0.5, 1.0, 1.5, 9.0]], dtype=D)
+    m = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    assert discounted_returns(r, m, 0.9)[0].tolist() == pytest.approx([5.23, 4.7, 3.0, 0.0])
+    # δ = (1.4, 2.35, 1.5); A2 = 1.5, A1 = 2.35 + 0.72·1.5, A0 = 1.4 + 0.72·A1
+    assert gae(r, v, m, 0.9, 0.8)[0].tolist() == pytest.approx([3.8696, 3.43, 1.5, 0.0])
+    # λ = 1: returns minus the baseline
+    assert gae(r, v, m, 0.9, 1.0)[0].tolist() == pytest.approx([4.73, 3.7, 1.5, 0.0])
+    n = normalize(torch.tensor([[[1.0, 2.0, 3.0, 50.0]]], dtype=D), m[None])
+    assert n[0, 0].tolist() == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0], abs=1e-6)
+
+
+def test_linear_baseline_features_and_fit():
+    obs = torch.tensor([[[0.5], [-2.0], [20.0]]], dtype=D)  # [N=1, H=3, d=1]
+    f = baseline_features(obs)
+    assert torch.allclose(f[0], torch.tensor([[0.5, 0.25, 0.0, 0.0, 0.0, 1.0],
+                                              [-2.0, 4.0, 0.01, 1e-4, 1e-6, 1.0],
+                                              [10.0, 100.0, 0.02, 4e-4, 8e-6, 1.0]], dtype=D))
+    # targets that are an exact linear function of the features are fitted exactly; masked
+    # steps (given absurd targets) do not count
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(2, 5, 30, 2, generator=g, dtype=D)
+    feats = baseline_features(obs)
+    w = torch.randn(2, feats.shape[-1], generator=g, dtype=D)
+    y = torch.einsum("tnhf,tf->tnh", feats, w)
+    mask = torch.ones(2, 5, 30, dtype=torch.bool)
+    mask[:, :, 25:] = False
+    y[~mask] = 1e3
+    coef = fit_linear_baseline(feats, y, mask, reg=1e-10)
+    assert torch.allclose(coef, w, atol=1e-5)
+
+
+# ---------------------------------------------------------------- conjugate gradient and Fisher
+
+def test_conjugate_gradient_matches_direct_solve():
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=D))[0]
+    A = Q @ torch.diag(torch.tensor([1.0, 2.0, 3.0, 5.0, 8.0, 13.0], dtype=D)) @ Q.T
+    b = torch.randn(6, generator=g, dtype=D)
+    x = conjugate_gradient(lambda v: A @ v, b, iters=10)
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-10)
+    # with fewer iterations than distinct eigenvalues the residual is not yet zero
+    assert (A @ conjugate_gradient(lambda v: A @ v, b, iters=2) - b).norm() > 1e-3
+
+
+def _tiny_batch(first_order: bool = False, seed: int = 0):
+    cfg = RLConfig(**TINY, first_order=first_order, seed=seed)
+    policy = build_policy(2, 2, cfg.hidden_sizes, 0.5, seed=seed, dtype=D)
+    with torch.no_grad():  # nonzero biases: with zero biases every ReLU sits on its kink at the start state
+        for name, p in policy.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=D))
+    algo = MAMLTRPO(policy, cfg)
+    gen = task_generator(seed, "train", 0)
+    batch, _ = algo.collect(sample_tasks("nav2d", cfg.meta_batch, gen), gen)
+    return cfg, policy, algo, batch
+
+
+def _explicit_fisher(cfg, policy, batch, first_order: bool) -> torch.Tensor:
+    """Σ_tasks mean_states Jᵀ M J / T, J = d(post-update mean, log σ)/dθ, M = diag(1/σ², 2): written
+    out by hand (inner step by autograd.grad, Jacobian by autograd.functional.jacobian)."""
+    names = [k for k, _ in policy.named_parameters()]
+    theta0 = flat([p.detach() for p in policy.parameters()])
+    shapes = [p.shape for p in policy.parameters()]
+
+    def unflat(v):
+        out, i = {}, 0
+        for k, s in zip(names, shapes):
+            out[k] = v[i:i + s.numel()].view(s)
+            i += s.numel()
+        return out
+
+    a = 2
+    F = torch.zeros(theta0.numel(), theta0.numel(), dtype=D)
+    for t in range(batch.num_tasks):
+        sx, sy, qx, qy = batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t]
+
+        def post_dist(v, sx=sx, sy=sy, qx=qx):
+            p = unflat(v)
+            out = torch.func.functional_call(policy, p, (sx,))
+            m = sy[:, a + 1]
+            inner = -(log_prob(out, sy[:, :a]) * sy[:, a] * m).sum() / m.sum()
+            grads = torch.autograd.grad(inner, list(p.values()), create_graph=not first_order)
+            fast = {k: p[k] - cfg.inner_lr * g for k, g in zip(names, grads)}
+            return torch.func.functional_call(policy, fast, (qx,))
+
+        J = torch.autograd.functional.jacobian(post_dist, theta0, vectorize=True)  # [M, 2a, n]
+        out = post_dist(theta0.clone().requires_grad_()).detach()
+        mask = qy[:, a + 1]
+        M = torch.cat([torch.exp(-2 * out[:, a:]), torch.full_like(out[:, a:], 2.0)], dim=-1) * mask[:, None]
+        F += torch.einsum("mon,mo,mok->nk", J, M, J) / mask.sum()
+    return F / batch.num_tasks
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_fisher_vector_product_matches_explicit_fisher(first_order):
+    cfg, policy, algo, batch = _tiny_batch(first_order)
+    params = list(policy.parameters())
+    _, kl = algo.losses(batch)
+    assert abs(kl.item()) < 1e-12  # the KL to the sampling policy vanishes at θ_old
+    fvp = fisher_vector_product(kl, params)
+    n = sum(p.numel() for p in params)
+    H = torch.stack([fvp(e) for e in torch.eye(n, dtype=D)])
+    F = _explicit_fisher(cfg, policy, batch, first_order)
+    assert torch.allclose(H, H.T, atol=1e-10)
+    assert torch.allclose(H, F, rtol=1e-7, atol=1e-10)
+    assert torch.linalg.eigvalsh(F).min() > -1e-10
+
+
+def test_fisher_goes_through_the_inner_step():
+    # second and first order differ: the FVP contains the inner step's Jacobian (I − α∇²L)
+    _, p2, algo2, batch = _tiny_batch(False)
+    _, p1, algo1, _ = _tiny_batch(True)
+    v = torch.linspace(-1, 1, sum(p.numel() for p in p2.parameters()), dtype=D)
+    f2 = fisher_vector_product(algo2.losses(batch)[1], list(p2.parameters()))(v)
+    f1 = fisher_vector_product(algo1.losses(batch)[1], list(p1.parameters()))(v)
+    assert (f2 - f1).norm() > 1e-3 * f1.norm()
+
+
+def test_meta_gradient_matches_finite_differences():
+    _, policy, algo, batch = _tiny_batch(False)
+    params = list(policy.parameters())
+    loss, _ = algo.losses(batch)
+    g = flat(torch.autograd.grad(loss, params))
+    direction = torch.randn(g.numel(), generator=torch.Generator().manual_seed(1), dtype=D)
+    theta = flat([p.detach() for p in params])
+    eps, vals = 1e-5, []
+    from mamlkit.rl.trpo import set_flat
+    for s in (1, -1):
+        set_flat(params, theta + s * eps * direction)
+        with torch.no_grad():
+            vals.append(algo.losses(batch)[0].item())
+    set_flat(params, theta)
+    assert (vals[0] - vals[1]) / (2 * eps) == pytest.approx((g @ direction).item(), rel=1e-6)
+
+
+def test_trpo_step_respects_trust_region():
+    cfg, policy, algo, batch = _tiny_batch(False, seed=2)
+    params = list(policy.parameters())
+    before = flat([p.detach() for p in params]).clone()
+    loss0, _ = algo.losses(batch)
+    stats = trpo_step(params, lambda: algo.losses(batch), max_kl=1e-3, damping=1e-5)
+    with torch.no_grad():
+        loss1, kl1 = algo.losses(batch)
+    assert stats["backtracks"] < 15
+    assert 0 < kl1.item() <= 1e-3
+    assert loss1.item() < loss0.item()
+    assert stats["kl"] == pytest.approx(kl1.item()) and stats["loss"] == pytest.approx(loss1.item())
+    assert not torch.equal(before, flat([p.detach() for p in params]))
+
+
+def test_kl_and_log_prob_closed_forms():
+    old = torch.tensor([[0.3, 0.0]], dtype=D)    # mean 0.3, log σ 0
+    new = torch.tensor([[0.1, math.log(2.0)]], dtype=D)
+    # KL(N(0.3, 1) ‖ N(0.1, 4)) = log 2 + (1 + 0.04)/8 − 1/2
+    assert kl_divergence(old, new).item() == pytest.approx(math.log(2) + 1.04 / 8 - 0.5)
+    lp = log_prob(old, torch.tensor([[1.3]], dtype=D)).item()
+    assert lp == pytest.approx(-0.5 - 0.5 * math.log(2 * math.pi))
+
+
+# ---------------------------------------------------------------- config and CLI
+
+def test_config_rejects_bad_values_and_unknown_keys():
+    with pytest.raises(ConfigError, match="Valid keys: env, algo"):
+        from_dict({"env": "nav2d", "meta_batchh": 3})
+    with pytest.raises(ConfigError, match="max_kl must be > 0"):
+        RLConfig(max_kl=0.0)
+    with pytest.raises(ConfigError, match="inner_steps must be 0 or 1"):
+        RLConfig(inner_steps=2)
+
+
+def test_cli_train_eval_and_resume(tmp_path, capsys):
+    flags = ["--out-dir", str(tmp_path)] + TINY_FLAGS
+    assert main(["rl", "train", "nav2d", "--iterations", "2", "--run-name", "full"] + flags) == 0
+    run = tmp_path / "full"
+    for name in ("checkpoint.safetensors", "config.json", "metrics.jsonl", "eval.md", "eval.json",
+                 "figure4_trajectories.png", "returns_vs_steps.png", "pretrained/checkpoint.safetensors"):
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["kl"] <= 0.01 for r in rows)
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["returns"]) == {"maml-trpo", "pretrained", "random init"} and ev["num_tasks"] == 4
+    for curve in ev["returns"].values():
+        assert list(curve) == ["0", "1", "2", "3"]
+        assert all(-10.5 < c["mean"] < 0 and math.isfinite(c["ci95"]) for c in curve.values())
+    assert ev["paper"] == [-40.41, -11.68, -3.33, -3.23]
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and "-11.68" in out
+
+    assert main(["rl", "eval", str(run / "checkpoint.safetensors"), "--eval-tasks", "5"]) == 0
+    assert json.loads((run / "eval.json").read_text())["num_tasks"] == 5
+
+    # resume: 1 iteration, then continue to 2 == 2 uninterrupted iterations, bit for bit
+    half_run = tmp_path / "half"
+    assert main(["rl", "train", "nav2d", "--iterations", "1", "--run-name", "half", "--no-baselines",
+                 *flags]) == 0
+    assert main(["rl", "train", "--resume", str(half_run), "--iterations", "2", "--no-baselines"]) == 0
+    full, _ = checkpoint.load(run)
+    half, state = checkpoint.load(tmp_path / "half")
+    assert state["step"] == 2
+    assert all(torch.equal(full[k], half[k]) for k in full)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["rl", "train", "walker"], "name an environment"),
+    (["rl", "train", "nav2d", "--max-kl", "-1"], "max_kl must be > 0"),
+    (["rl", "train", "nav2d", "--algo", "ppo"], "algo must be maml-trpo or pretrain"),
+    (["rl", "eval", "/nonexistent/run"], "checkpoint not found"),
+])
+def test_cli_bad_input_exits_2(argv, message, capsys, tmp_path):
+    assert main(argv + ["--out-dir", str(tmp_path)] if argv[1] == "train" else argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_resume_rejects_changing_the_run(tmp_path, capsys):
+    flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines"] + TINY_FLAGS
+    assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 0
+    assert main(["rl", "train", "--resume", str(tmp_path / "r"), "--inner-lr", "0.5"]) == 2
+    assert "cannot change inner_lr" in capsys.readouterr().err
+    assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 2  # the folder holds a checkpoint
+    assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- half-cheetah (optional extra)
+
+def test_cheetah_reward_truncation_and_determinism():
+    pytest.importorskip("gymnasium")
+    pytest.importorskip("mujoco")
+    from mamlkit.rl.envs import make_env
+
+    vel = sample_tasks("cheetah-vel", 2, task_generator(0, "train", 0))
+    assert vel.shape == (2, 1) and ((0 <= vel) & (vel <= 2)).all()
+    dirs = sample_tasks("cheetah-dir", 40, task_generator(0, "train", 0))
+    assert set(dirs.flatten().tolist()) == {-1.0, 1.0}
+    env = make_env("cheetah-vel", vel, num_envs=2, horizon=4)
+    obs, _ = env.reset(seed=3)
+    assert obs.shape == (2, 2, 17)
+    action = torch.full((2, 2, 6), 0.5)
+    for t in range(4):
+        obs, r, term, trunc, info = env.step(action)
+        # r = −|v − v_goal| − 0.05·‖a‖² with ‖a‖² = 6·0.25
+        assert torch.allclose(r, -(info["x_velocity"] - vel).abs() - 0.05 * 1.5)
+        assert trunc.all() == (t == 3) and not term.any()
+    env2 = make_env("cheetah-dir", dirs[:2], num_envs=2, horizon=4)
+    obs2, _ = env2.reset(seed=3)
+    first, _ = make_env("cheetah-vel", vel, num_envs=2, horizon=4).reset(seed=3)
+    assert torch.equal(obs2, first)   # same seed, same initial states
+    _, r, _, _, info = env2.step(torch.zeros(2, 2, 6))
+    assert torch.allclose(r, dirs[:2] * info["x_velocity"])
+
+
+def test_cheetah_cli_smoke(tmp_path):
+    pytest.importorskip("gymnasium")
+    pytest.importorskip("mujoco")
+    argv = ["rl", "train", "cheetah-dir", "--out-dir", str(tmp_path), "--iterations", "1",
+            "--meta-batch", "2", "--traj-per-task", "2", "--horizon", "5", "--hidden-sizes", "8",
+            "--eval-tasks", "2", "--eval-traj", "2", "--no-baselines", "--no-progress"]
+    assert main(argv) == 0
+    ev = json.loads((tmp_path / "rl-cheetah-dir-maml-trpo" / "eval.json").read_text())
+    assert ev["paper"] == [-50.69, 293.19, 313.48, 315.65] and len(ev["returns"]["maml-trpo"]) == 4
+
+
+def test_interrupt_rolls_back_the_unfinished_iteration(tmp_path, monkeypatch):
+    from mamlkit.rl import train
+
+    trainer = train.new_trainer(RLConfig(**TINY, iterations=3, progress=False), tmp_path / "run")
+    train.fit(trainer, stop_at=1)
+    after_one = {k: p.detach().clone() for k, p in trainer.policy.named_parameters()}
+
+    def interrupted(self, tasks, generator):
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(1.0)  # a half-finished update...
+        raise KeyboardInterrupt  # ...then Ctrl-C
+
+    monkeypatch.setattr(MAMLTRPO, "meta_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(trainer)
+    saved, state = checkpoint.load(tmp_path / "run")
+    assert state["step"] == 1
+    assert all(torch.equal(saved[f"meta/{k}"], v) for k, v in after_one.items())
