@@ -18,13 +18,36 @@ def add_parser(sub) -> None:
                        "--support is a folder with one sub-folder per class (any size or format); --query is "
                        "files and/or folders. Regression: --support is a CSV of inputs then target, --query a "
                        "CSV of inputs.")
-    p.add_argument("checkpoint", help="run folder or checkpoint file written by `mamlkit train`")
+    p.add_argument("checkpoint", help="run folder or checkpoint file written by `mamlkit train`, or the name of "
+                   "a model that ships with mamlkit (omniglot-5w1s)")
     p.add_argument("--support", required=True, help="class folders (images) or a CSV (regression)")
     p.add_argument("--query", required=True, nargs="+", help="query images/folders, or a CSV (regression)")
     p.add_argument("--steps", type=int, help="inner steps (default: the checkpoint's test-time steps)")
     p.add_argument("--output", help="write predictions to .csv or .json (default: CSV on stdout)")
     p.add_argument("--reset-head", action="store_true",
                    help="with more classes than the head has outputs: adapt a zero-initialised head of the right size")
+
+
+def add_example_parser(sub) -> None:
+    p = sub.add_parser("example", help="copy an example task that ships with mamlkit into a folder",
+                       description="Copy a tiny example task (support/ and query/ folders) to try `mamlkit adapt`.")
+    p.add_argument("name", help="example name: omniglot")
+    p.add_argument("dest", help="folder to create")
+
+
+def run_example(args: argparse.Namespace) -> int:
+    import shutil
+
+    from mamlkit.api import EXAMPLES
+
+    if args.name not in EXAMPLES:
+        raise UserError(f"unknown example {args.name!r}; available: {', '.join(EXAMPLES)}")
+    dest = Path(args.dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise UserError(f"{dest} exists and is not empty; choose a new folder")
+    shutil.copytree(EXAMPLES[args.name], dest, dirs_exist_ok=True)
+    print(f"example task in {dest}: {dest / 'support'} (one folder per class), {dest / 'query'}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,10 @@ from mamlkit.tasks import get_family
 
 log = logging.getLogger("mamlkit")
 TASK_MODEL_FORMAT = "task_model"
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Meta-trained models that ship inside the package, loadable by name: ``mamlkit.load("omniglot-5w1s")``.
+PRETRAINED = {"omniglot-5w1s": ASSETS / "omniglot-5w1s.safetensors"}
+EXAMPLES = {"omniglot": ASSETS / "examples" / "omniglot"}
 
 
 def input_spec(cfg) -> dict[str, Any]:
@@ -155,10 +159,15 @@ def meta_cfg(cfg, classes: int | None, reset: bool):
 
 
 def load(path: str | Path) -> Learner | TaskModel:
-    """Load a training checkpoint (→ :class:`Learner`) or an exported adapted model (→ :class:`TaskModel`)."""
+    """Load a training checkpoint (→ :class:`Learner`) or an exported adapted model (→ :class:`TaskModel`).
+
+    ``path`` may also name a model that ships with mamlkit (see ``PRETRAINED``), e.g. ``"omniglot-5w1s"``.
+    """
     from mamlkit import config
     from mamlkit.train import build
 
+    if str(path) in PRETRAINED and not Path(path).exists():
+        path = PRETRAINED[str(path)]
     tensors, state = checkpoint.load(path)
     if state.get("type") == TASK_MODEL_FORMAT:
         model = build_model(state["model_spec"])

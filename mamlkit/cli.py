@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mamlkit import adapt_cli
 
     adapt_cli.add_parser(sub)
+    adapt_cli.add_example_parser(sub)
     sub.add_parser("presets", help="list the presets and the papers they reproduce")
     sub.add_parser("algos", help="list the algorithms")
     from mamlkit.rl.cli import add_parser as add_rl_parser  # meta-RL command group: `mamlkit rl ...`
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Download (when online and missing), verify the checksums and build "
                           "the preprocessed cache of a dataset. Data root: --data-root, else $MAMLKIT_DATA, "
                           "else ~/.cache/mamlkit; cache: $MAMLKIT_CACHE, else ~/.cache/mamlkit.")
-    data.add_argument("dataset", choices=["omniglot", "miniimagenet"])
+    data.add_argument("dataset", choices=["omniglot", "miniimagenet", "clinc150"])
     data.add_argument("--data-root", default="", help="folder holding (or to receive) the dataset's files")
     data.add_argument("--trust-checksum", action="store_true",
                       help="use files whose checksum matches no known version")
@@ -156,6 +157,14 @@ def cmd_algos(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from mamlkit import data
 
+    if args.dataset == "clinc150":  # issue 9: download (online, when missing) and verify
+        from mamlkit.tasks import text
+
+        folder = text.ensure_clinc(args.data_root, download_missing=not args.no_download)
+        ds = text.load_clinc(str(folder), args.trust_checksum)
+        print(f"clinc150: {folder} verified; {len(ds.texts)} intents in {len(ds.domains)} domains, "
+              f"{sum(map(len, ds.texts.values()))} train utterances")
+        return 0
     if args.dataset == "omniglot":
         folder = data.ensure_omniglot(args.data_root, download_missing=not args.no_download)
         ds = data.load_omniglot(folder, trust_checksum=args.trust_checksum)
@@ -184,14 +193,23 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return adapt_cli.run(args)
 
 
-COMMANDS = {"adapt": cmd_adapt, "train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "algos": cmd_algos,
-            "data": cmd_data, "rl": cmd_rl}
+def cmd_example(args: argparse.Namespace) -> int:
+    from mamlkit import adapt_cli
+
+    return adapt_cli.run_example(args)
 
 
-def _torchrun_session():
+COMMANDS = {"adapt": cmd_adapt, "example": cmd_example, "train": cmd_train, "eval": cmd_eval,
+            "presets": cmd_presets, "algos": cmd_algos, "data": cmd_data, "rl": cmd_rl}
+
+
+def _torchrun_session(command: str):
     """Under torchrun, one process group serves the whole command (both trainings); torn down at its end."""
     if "WORLD_SIZE" not in os.environ:
         return contextlib.nullcontext()  # keeps torch out of `mamlkit presets`
+    if command != "train" and os.environ["WORLD_SIZE"] != "1":
+        raise UserError(f"only `mamlkit train` runs distributed; run `mamlkit {command}` without torchrun "
+                        "(every rank would repeat the same work and write the same files)")
     from mamlkit import distributed
 
     return distributed.session()
@@ -202,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        with _torchrun_session():
+        with _torchrun_session(args.command):
             return COMMANDS[args.command](args)
     except UserError as e:
         print(f"mamlkit: error: {e}", file=sys.stderr)

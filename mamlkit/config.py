@@ -60,6 +60,21 @@ class TrainConfig:
     trust_checksum: bool = False      # use data files whose checksum matches no known version
     split: str = "paper"              # Omniglot characters: paper (1100/100/423) | background (official)
     rotations: str = "per_task"       # Omniglot rotation classes: per_task | expand | none
+    # tasks from a CSV (task csv, issue 9): a task per distinct value of task_column
+    path: str = ""                    # the CSV file
+    task_column: str = ""             # column whose values name the tasks (patient, asset, site)
+    target: str = ""                  # column to predict
+    features: tuple[str, ...] = ()    # feature columns (empty: every other column)
+    kind: str = "regression"          # csv: regression (mse) | classification (cross_entropy); sets the loss
+    fill: str = "none"                # missing values: none (error naming rows) | drop | mean (meta-train mean)
+    max_categories: int = 20          # one-hot cap for a categorical column (more: an error naming it)
+    task_split: tuple[float, ...] = (0.7, 0.15, 0.15)  # fractions of tasks for train / val / test
+    small_tasks: str = "skip"         # tasks with < k_shot + k_query rows: skip (counted) | error
+    # few-shot text (task clinc, issue 9)
+    encoder_mode: str = "frozen"      # frozen: cached sentence embeddings + adapted head | finetune: last layers too
+    finetune_layers: int = 1          # encoder_mode finetune: how many of the last encoder layers adapt
+    text_max_tokens: int = 24         # encoder_mode finetune: tokens kept per utterance (CLINC: 99% have <= 21)
+    text_per_intent: int = 100        # CLINC utterances per intent: the first N of its 100 train utterances
     # logging, validation, checkpoints
     out_dir: str = "runs"
     run_name: str = ""                # '' : <preset or task>-<algo>
@@ -146,6 +161,23 @@ class TrainConfig:
         need(all(s >= 1 for s in self.eval_shots) and len(self.eval_shots) > 0,
              f"eval_shots must be positive, got {self.eval_shots}")
         need(all(h >= 1 for h in self.hidden_sizes), f"hidden_sizes must be positive, got {self.hidden_sizes}")
+        need(self.kind in ("regression", "classification"),
+             f"kind must be regression or classification, got {self.kind!r}")
+        need(self.fill in ("none", "drop", "mean"), f"fill must be none, drop or mean, got {self.fill!r}")
+        need(self.max_categories >= 1, f"max_categories must be >= 1, got {self.max_categories}")
+        need(len(self.task_split) == 3 and all(f >= 0 for f in self.task_split)
+             and abs(sum(self.task_split) - 1) < 1e-6,
+             f"task_split must be three fractions (train val test) summing to 1, got {self.task_split}")
+        need(self.small_tasks in ("skip", "error"),
+             f"small_tasks must be skip or error, got {self.small_tasks!r}")
+        need(self.encoder_mode in ("frozen", "finetune"),
+             f"encoder_mode must be frozen or finetune, got {self.encoder_mode!r}")
+        need(1 <= self.finetune_layers <= 6,
+             f"finetune_layers must be in 1..6 (MiniLM-L6 has 6 layers), got {self.finetune_layers}")
+        need(self.text_max_tokens >= 4, f"text_max_tokens must be >= 4, got {self.text_max_tokens}")
+        need(1 <= self.text_per_intent <= 100, f"text_per_intent must be in 1..100, got {self.text_per_intent}")
+        if self.task == "csv":  # the kind of a CSV task picks its loss, so `--kind classification` suffices
+            object.__setattr__(self, "loss", "mse" if self.kind == "regression" else "cross_entropy")
 
     @property
     def eval_inner_steps(self) -> int:

@@ -74,10 +74,11 @@ def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
     return default_root()
 
 
-def dataset_dir(name: str, data_root: str | os.PathLike | None, marker: str) -> Path:
-    """The folder of dataset ``name``: ``ROOT/name``, or ``ROOT`` itself when it holds ``marker``."""
+def dataset_dir(name: str, data_root: str | os.PathLike | None, marker: str | tuple[str, ...]) -> Path:
+    """The folder of dataset ``name``: ``ROOT/name``, or ``ROOT`` itself when it holds a ``marker`` file."""
     root = resolve_root(data_root)
-    if (root / marker).exists() and not (root / name / marker).exists():
+    markers = (marker,) if isinstance(marker, str) else marker
+    if any((root / m).exists() for m in markers) and not any((root / name / m).exists() for m in markers):
         return root
     return root / name
 
@@ -167,7 +168,7 @@ def ensure_omniglot(data_root: str | os.PathLike | None = None, *, download_miss
 
     Raises :class:`DataError` naming the URLs and the folder when files are missing.
     """
-    folder = dataset_dir("omniglot", data_root, OMNIGLOT_FILES[0].name)
+    folder = dataset_dir("omniglot", data_root, tuple(k.name for k in OMNIGLOT_FILES))
     missing = [k for k in OMNIGLOT_FILES if not (folder / k.name).is_file()]
     if missing and download_missing:
         try:
@@ -175,6 +176,7 @@ def ensure_omniglot(data_root: str | os.PathLike | None = None, *, download_miss
             for k in missing:
                 download(k.url, folder / k.name, progress=progress)
         except (urllib.error.URLError, OSError, TimeoutError) as e:
+            missing = [k for k in missing if not (folder / k.name).is_file()]
             raise DataError(_missing_message(folder, missing, f" and downloading failed ({e})")) from None
         missing = []
     if missing:

@@ -11,7 +11,7 @@ rank ``r`` of ``R`` keeps the contiguous block :meth:`World.shard` of its ``T`` 
 differ by at most one), so no two ranks train on the same task, and scales its loss by ``n_r / T``:
 summed over ranks this is exactly the mean over all ``T`` tasks, however unevenly ``T`` divides.
 The tasks of a step do not depend on ``R``, so a run on 2 ranks equals a run on 1 rank (up to the
-rounding of the sum), and a checkpoint resumes exactly on any number of ranks. Every rank draws
+rounding of the sum), and a checkpoint resumes on any number of ranks. Every rank draws
 the whole batch and keeps its block: drawing is cheap next to a meta-step (sinusoid: 0.1 ms of
 ~14 ms; Omniglot 5-way 1-shot, 32 tasks: ~7 ms of ~1.4 s on one CPU thread), and it leaves the
 single-process task stream untouched. One generator per task instead would let each rank draw only
@@ -23,7 +23,9 @@ Only rank 0 logs, validates, evaluates and writes checkpoints (see :func:`mamlki
 
 Usage (one machine, 2 processes)::
 
-    torchrun --nproc_per_node=2 -m mamlkit train sinusoid --threads 1
+    torchrun --standalone --nproc_per_node=2 -m mamlkit train omniglot-5w1s --threads 1
+
+More, multi-node included: ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -149,6 +151,10 @@ def env_world() -> World | None:
         raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
     if not 0 <= world.rank < world.size:
         raise UserError(f"RANK={world.rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world.size})")
+    if os.environ["MASTER_PORT"] == "0":
+        # torchrun passes port 0 on to its workers, which then wait forever for a store on port 0.
+        raise UserError("MASTER_PORT is 0: torchrun's workers cannot connect to it. Use `torchrun --standalone` "
+                        "on one machine, or pass a free --master-port (or --rdzv-endpoint HOST:PORT).")
     return world
 
 

@@ -99,11 +99,21 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *_, *
     return out
 
 
+def _torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, *_, **__):
+    # torch.batch_norm orders its arguments differently from F.batch_norm
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _torch_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                         *_, **__):
+    return _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
 _EXACT: dict[Callable, Callable] = {
     F.batch_norm: _batch_norm,
-    torch.batch_norm: _batch_norm,
+    torch.batch_norm: _torch_batch_norm,
     F.instance_norm: _instance_norm,
-    torch.instance_norm: _instance_norm,
+    torch.instance_norm: _torch_instance_norm,
     F.layer_norm: _layer_norm,
     torch.layer_norm: _layer_norm,
 }

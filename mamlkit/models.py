@@ -73,3 +73,41 @@ def conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 64, image_s
         size = 1
     body = nn.Sequential(*blocks, nn.Flatten())
     return nn.Sequential(OrderedDict(body=body, head=nn.Linear(hidden * size * size, out_features)))
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with fixed statistics held as buffers, so checkpoints carry them (CSV tasks:
+    fitted on meta-train tasks only, see :mod:`mamlkit.tasks.tabular`)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        import torch
+
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+@register_model("tabular_mlp")
+def tabular_mlp(in_features: int, hidden: list[int] | tuple[int, ...] = (40, 40), out_features: int = 1,
+                mean: list[float] | None = None, std: list[float] | None = None,
+                preprocess: dict[str, Any] | None = None) -> nn.Module:
+    """``Standardize`` then the ReLU MLP; input ``[B, in_features]`` (encoded CSV rows), output
+    ``[B, out_features]``. ``preprocess`` (JSON: feature names, categories, classes, target statistics)
+    is kept as ``model.preprocess`` for whoever maps raw rows and predictions back."""
+    std_layer = Standardize(mean or [0.0] * in_features, std or [1.0] * in_features)
+    net = mlp(in_features, hidden, out_features)
+    model = nn.Sequential(std_layer, *net)
+    model.preprocess = dict(preprocess or {})
+    return model
+
+
+@register_model("minilm_head")
+def minilm_head(layers: int = 1, out_features: int = 5, pretrained: bool = True) -> nn.Module:
+    """The top ``layers`` of all-MiniLM-L6-v2 (pretrained, from the ``text`` extra) + a linear head, over
+    cached hidden states ``[B, L, 385]`` (see :mod:`mamlkit.encoders`). The head is named ``head``."""
+    from mamlkit.encoders import minilm_head as build
+
+    return build(layers, out_features, pretrained)

@@ -101,6 +101,11 @@ def report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) ->
     kind = next(iter(learners.values())).kind
     if cfg.task == "sinusoid":
         return sinusoid_report(run_dir, learners, cfg)
+    if cfg.task in ("csv", "clinc"):  # issue 9: reports with the baselines run in the same evaluation
+        import importlib
+
+        module = {"csv": "tabular", "clinc": "text"}[cfg.task]
+        return importlib.import_module(f"mamlkit.tasks.{module}").report(run_dir, learners, cfg)
     if kind == "classification":
         return classification_report(run_dir, learners, cfg)
     raise NotImplementedError(f"no report for task family {cfg.task!r}")

@@ -141,6 +141,7 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
         bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {strategy.name}, {world.size} rank(s), "
                   f"run folder {trainer.run_dir}")
     start_time, window = time.perf_counter(), []
+    window_start = start_time
     try:
         while trainer.step < end:
             batch = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch)  # this rank's share
@@ -154,9 +155,10 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
             trainer.step += 1
             window.append(stats)
             if main and (trainer.step % cfg.log_every == 0 or trainer.step == end):
-                elapsed = time.perf_counter() - start_time
+                now = time.perf_counter()
+                elapsed, window_time, window_start = now - start_time, now - window_start, now
                 row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                row |= {"tasks_per_s": bar.format_dict["rate"] * cfg.meta_batch if bar.format_dict["rate"] else 0.0,
+                row |= {"tasks_per_s": len(window) * cfg.meta_batch / window_time,
                         "elapsed_s": elapsed}
                 metrics.log(trainer.step, "train", row)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc")})

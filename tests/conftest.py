@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -11,9 +10,18 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def _fixed_threads():
-    # Keep tests stable and fair on a 2-core CI machine.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # One thread: the tests are small, and more threads oversubscribe a 2-core CI machine.
+    torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory):
+    """One preprocessed-data cache for the whole session, never the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("mamlkit-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MAMLKIT_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture

@@ -209,3 +209,20 @@ def test_images_any_format_become_the_trained_input(tmp_path):
                                           "scale": 1 / 255}, notes)
     assert x.shape == (1, 28, 28) and notes
     assert x.max() > 0.9 and x.min() < 0.05  # strokes bright after inversion, background dark
+
+
+def test_shipped_model_adapts_on_the_shipped_example(cli, tmp_path):
+    code, out, err = cli("example", "omniglot", tmp_path / "task")
+    assert code == 0, err
+    code, out, err = cli("adapt", "omniglot-5w1s", "--support", tmp_path / "task" / "support",
+                         "--query", tmp_path / "task" / "query", "--output", tmp_path / "preds.json")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "preds.json").read_text())
+    assert len(rows) == 15 and all(len([k for k in r if k.startswith("p[")]) == 5 for r in rows)
+    # query files are named <class>__<i>.png: accuracy well above chance (0.2)
+    correct = sum(Path(r["file"]).name.split("__")[0] == r["prediction"] for r in rows)
+    assert correct / len(rows) >= 0.8
+    learner = mamlkit.load("omniglot-5w1s")
+    assert learner.n_way == 5 and learner.cfg.eval_inner_steps == 3 and learner.input["size"] == 28
+    code, _, err = cli("example", "omniglot", tmp_path / "task")
+    assert code == 2 and "not empty" in err

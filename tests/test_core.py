@@ -9,7 +9,14 @@ from torch import nn
 import mamlkit
 from mamlkit.tasks import Sinusoid, TaskBatch, task_generator
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """This module's tests build models in float64; restore the default afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def tiny_mlp(seed=0):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,8 +80,12 @@ def _two_rank_job(rank: int, size: int, port: int, out: str) -> None:
         save_file(params(straight), out / f"straight-{rank}.safetensors")
         first = train.fit(train.new_trainer(cfg, out / "split"), stop_at=STOP)
         assert first.step == STOP
+        if rank == 0:  # kept to resume on 1 rank in the test process
+            shutil.copytree(out / "split", out / "split-at-stop")
         resumed = train.fit(train.load_trainer(out / "split"))  # every rank loads rank 0's checkpoint
         save_file(params(resumed), out / f"resumed-{rank}.safetensors")
+        assert torch.distributed.is_initialized()  # the fits' inner sessions left the group to its owner
+    assert not torch.distributed.is_initialized()  # the outermost session tore it down
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +160,10 @@ def test_environment_detection(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(UserError, match="outside"):
         distributed.env_world()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_PORT", "0")  # what `torchrun --master-port 0` hands its workers
+    with pytest.raises(UserError, match="--standalone"):
+        distributed.env_world()
 
 
 # ----- 2 ranks (gloo) against 1 rank -----
@@ -201,6 +210,13 @@ def test_two_rank_resume_equals_uninterrupted(two_ranks):
     assert all(torch.equal(resumed[k], load(two_ranks, "resumed-1")[k]) for k in resumed)
     steps = [json.loads(x)["step"] for x in open(two_ranks / "split" / "metrics.jsonl") if '"train"' in x]
     assert steps == list(range(1, ITERS + 1))
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
+    # The tasks of a step do not depend on the number of ranks, so neither does the continued run.
+    resumed = train.load_trainer(two_ranks / "split-at-stop", run_dir=tmp_path)
+    assert resumed.step == STOP
+    assert_close(params(train.fit(resumed)), load(two_ranks, "straight-0"), 1e-9)
 
 
 # ----- a crashing rank ends the job -----
@@ -255,3 +271,10 @@ def test_torchrun_cli_trains_and_only_rank_0_reports(tmp_path):
     assert proc.stdout.count("run folder:") == 1 and proc.stdout.count("| K | steps |") == 1
     assert "2 rank(s)" in proc.stdout
     assert train.load_trainer(tmp_path / "cli").step == 3
+
+
+def test_other_commands_refuse_to_run_on_several_ranks(cli, monkeypatch):
+    for k, v in torchrun_env(0, 2, 29500).items():
+        monkeypatch.setenv(k, v)
+    code, _, err = cli("presets")
+    assert code == 2 and "only `mamlkit train` runs distributed" in err

@@ -16,7 +16,25 @@ from mamlkit.inner import make_task_fn
 from mamlkit.rules import sgd
 from mamlkit.tasks import TaskBatch
 
+
+class TorchLevelNorms(nn.Module):
+    """Calls torch.batch_norm / torch.instance_norm / torch.layer_norm directly (not through F)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3, 4))
+        self.bias = nn.Parameter(torch.zeros(3, 4))
+        self.ln_weight = nn.Parameter(torch.ones(5))
+        self.ln_bias = nn.Parameter(torch.zeros(5))
+
+    def forward(self, x):
+        x = torch.batch_norm(x, self.weight[0], self.bias[0], None, None, True, 0.1, 1e-5, False)
+        x = torch.instance_norm(x, self.weight[1], self.bias[1], None, None, True, 0.1, 1e-5, False)
+        return torch.layer_norm(x, [5], self.ln_weight, self.ln_bias, 1e-5, False)
+
+
 LAYERS = {
+    "torch_level_norms": TorchLevelNorms,
     "batchnorm2d": lambda: nn.BatchNorm2d(4, track_running_stats=False),
     "batchnorm2d_running": lambda: nn.BatchNorm2d(4),  # train mode: batch statistics
     "instancenorm2d": lambda: nn.InstanceNorm2d(4, affine=True),

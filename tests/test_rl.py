@@ -306,10 +306,14 @@ def test_cli_resume_rejects_changing_the_run(tmp_path, capsys):
 
 # ---------------------------------------------------------------- half-cheetah (optional extra)
 
-def test_cheetah_reward_truncation_and_determinism():
+def test_cheetah_reward_truncation_and_determinism(tmp_path, monkeypatch):
     pytest.importorskip("gymnasium")
     pytest.importorskip("mujoco")
+    from mamlkit.rl import cheetah
     from mamlkit.rl.envs import make_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cheetah, "_POOL", [])  # build simulators here: MuJoCo must not write MUJOCO_LOG.TXT
 
     vel = sample_tasks("cheetah-vel", 2, task_generator(0, "train", 0))
     assert vel.shape == (2, 1) and ((0 <= vel) & (vel <= 2)).all()
@@ -330,6 +334,7 @@ def test_cheetah_reward_truncation_and_determinism():
     assert torch.equal(obs2, first)   # same seed, same initial states
     _, r, _, _, info = env2.step(torch.zeros(2, 2, 6))
     assert torch.allclose(r, dirs[:2] * info["x_velocity"])
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
 
 
 def test_cheetah_cli_smoke(tmp_path):

@@ -65,5 +65,4 @@ def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
     return learner
 
 
-from mamlkit.algorithms import maml, pretrain  # noqa: E402,F401  (registration)
-from mamlkit.algorithms import anil, imaml, mamlpp, metasgd, reptile  # noqa: E402,F401  (registration)
+from mamlkit.algorithms import anil, imaml, maml, mamlpp, metasgd, pretrain, reptile  # noqa: E402,F401  (registration)  # noqa: E402,F401  (registration)

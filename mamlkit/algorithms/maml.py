@@ -14,7 +14,15 @@ from torch import Tensor, nn
 from mamlkit import engine
 from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
 from mamlkit.functional import named_buffers, named_params
-from mamlkit.inner import Objective, adapt_path, query_objective, make_task_fn, path_objective, split_params, support_loss_fn
+from mamlkit.inner import (
+    Objective,
+    adapt_path,
+    make_task_fn,
+    path_objective,
+    query_objective,
+    split_params,
+    support_loss_fn,
+)
 from mamlkit.norms import BN_MODES, support_stats_objective
 from mamlkit.rules import sgd
 from mamlkit.tasks.base import TaskBatch

@@ -7,13 +7,11 @@ MAML with switchable fixes, each a piece of the engine:
   (non-final weights floored at 0.03/K while annealing), after which only L_q(θ_K) counts.
 * ``lslr``: a learned rate per parameter tensor ("layer") and per step, meta-parameters
   ``inner_lr/<param>`` of shape ``[K]`` (:func:`~mamlkit.rules.per_step_sgd`).
-* ``per_step_bn``: every normalisation layer's weight and bias has one copy per step,
-  meta-parameters ``bn/<param>`` of shape ``[K+1, C]``; the forward pass at step k uses copy k
-  and the inner loop does not adapt them (as in the paper). The rule implements this by
-  *setting* those entries at each step instead of taking a gradient step.
-  Simplification: per-step running *statistics* are not kept. mamlkit's norms use batch
-  statistics during meta-learning (transductive, as MAML's conv4 does), so there is nothing
-  to store per step; models with ``track_running_stats=True`` use their single set.
+* ``per_step_bn``: each norm layer's weight and bias has one copy per step, meta-parameters
+  ``bn/<param>`` ``[K+1, C]``; the forward pass at step k uses copy k, which the rule *sets* (the
+  inner loop does not adapt them, as in the paper). Simplification: no per-step running
+  *statistics*; mamlkit's norms use batch statistics during meta-learning, so there are none to
+  keep, and models with ``track_running_stats=True`` use their single set.
 * derivative-order annealing: first order while epoch < ``first_order_epochs``; the trainer
   reports the iteration through :meth:`MAMLPlusPlus.set_step` (epoch = step // epoch_iterations).
 * cosine annealing of the meta rate is the trainer's ``meta_lr_schedule="cosine"``.
@@ -41,7 +39,7 @@ from mamlkit.inner import (
     support_loss_fn,
 )
 from mamlkit.norms import support_stats_objective
-from mamlkit.rules import InnerRule
+from mamlkit.rules import InnerRule, per_step_sgd, sgd
 from mamlkit.tasks.base import TaskBatch
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -106,20 +104,14 @@ class MAMLPlusPlus:
         return named_buffers(self.model)
 
     def _rule(self, lrs: dict[str, Tensor], bn: dict[str, Tensor]) -> InnerRule:
-        alpha, last = self.inner_lr, self.inner_steps
+        """LSLR (or plain SGD) on the parameters; the norm copies are *set* to the next step's."""
+        base, last = per_step_sgd(lrs) if lrs else sgd(self.inner_lr), self.inner_steps
 
         def update(grads, state, params, step):
-            new = {}
-            for k, p in params.items():
-                if k in bn:  # per-step BN: the next step's copy, not a gradient step
-                    new[k] = bn[k][min(step + 1, last)]
-                elif k in lrs:
-                    new[k] = p - lrs[k][min(step, last - 1)] * grads[k]
-                else:
-                    new[k] = p - alpha * grads[k]
-            return new, state
+            new, state = base.update(grads, state, {k: p for k, p in params.items() if k not in bn}, step)
+            return new | {k: bn[k][min(step + 1, last)] for k in bn}, state
 
-        return InnerRule(init=lambda params: None, update=update)
+        return InnerRule(init=base.init, update=update)
 
     def _bn_objective(self, objective):
         return support_stats_objective(objective) if self.bn_mode == "support" else objective

@@ -14,8 +14,7 @@ would cost more than they save on 2 cores) behind the same ``[T, N]`` API as :cl
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
+import logging
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ from torch import Tensor
 from mamlkit.errors import UserError
 
 CTRL_COST = 0.05
+log = logging.getLogger("mamlkit")
 _POOL: list[Any] = []  # simulators are reused across batches: building one parses the model XML
 
 
@@ -36,23 +36,24 @@ def _simulators(n: int) -> list[Any]:
         raise UserError("the half-cheetah environments need gymnasium and mujoco: pip install 'mamlkit[rl]'"
                         ) from None
     while len(_POOL) < n:
-        with _quiet_stderr():  # MuJoCo's model compiler prints a deprecation note per simulator built
+        with _mujoco_warnings_to_log():
             _POOL.append(gym.make("HalfCheetah-v5").unwrapped)
     return _POOL[:n]
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 (C-level writes included) for the duration of the block."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+def _mujoco_warnings_to_log():
+    """Route MuJoCo's warnings to the ``mamlkit`` logger (debug level). By default MuJoCo prints them
+    and appends them to ``MUJOCO_LOG.TXT`` in the working directory; its model compiler warns about a
+    deprecated attribute of gymnasium's half-cheetah model once per simulator built."""
+    import mujoco
+
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(lambda msg: log.debug("mujoco: %s", msg))
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
+        yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        mujoco.set_mju_user_warning(previous)
 
 
 class HalfCheetahTasks:

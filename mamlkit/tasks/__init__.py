@@ -58,6 +58,10 @@ register_task_family(TaskFamily(name="omniglot", build=_lazy("omniglot", "build"
                                 model_spec=_lazy("omniglot", "model_spec")))
 register_task_family(TaskFamily(name="miniimagenet", build=_lazy("miniimagenet", "build"),
                                 model_spec=_lazy("miniimagenet", "model_spec")))
+register_task_family(TaskFamily(name="csv", build=_lazy("tabular", "build"),
+                                model_spec=_lazy("tabular", "model_spec")))
+register_task_family(TaskFamily(name="clinc", build=_lazy("text", "build"),
+                                model_spec=_lazy("text", "model_spec")))
 
 __all__ = ["TaskBatch", "TaskDistribution", "TaskFamily", "task_generator", "Sinusoid", "TASK_FAMILIES",
            "register_task_family", "get_family"]
