@@ -22,15 +22,10 @@ from torch import Tensor, nn
 from mamlkit import engine
 from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
 from mamlkit.functional import call, named_buffers, named_params
-from mamlkit.inner import adapt_path, make_task_fn, path_objective, query_objective
+from mamlkit.inner import adapt_path, fresh, make_task_fn, path_objective, query_objective
 from mamlkit.norms import SupportStatsNorm
 from mamlkit.rules import sgd
 from mamlkit.tasks.base import TaskBatch
-
-
-def _fresh(buffers: dict[str, Tensor]) -> dict[str, Tensor]:
-    # Copies: BatchNorm may bump `num_batches_tracked` in place, which must not touch the model.
-    return {k: b.clone() for k, b in buffers.items()}
 
 
 def split_head(model: nn.Module) -> tuple[str, nn.Module, nn.Module]:
@@ -89,12 +84,12 @@ class ANIL:
 
         def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
             # Once per task, with the graph to the body kept (exact second order through the body).
-            fs = call(self.body, body_params, _fresh(body_buffers), sx)
+            fs = call(self.body, body_params, fresh(body_buffers), sx)
             if self.bn_mode == "support":
                 with SupportStatsNorm(sx.shape[0]):
-                    fq = call(self.body, body_params, _fresh(body_buffers), torch.cat([sx, qx]))[sx.shape[0]:]
+                    fq = call(self.body, body_params, fresh(body_buffers), torch.cat([sx, qx]))[sx.shape[0]:]
             else:
-                fq = call(self.body, body_params, _fresh(body_buffers), qx)
+                fq = call(self.body, body_params, fresh(body_buffers), qx)
             return head_fn(fs, sy, fq, qy)
 
         return task_fn
@@ -115,10 +110,10 @@ class ANIL:
         params = {k: v.detach() for k, v in named_params(self.model).items()}
         body_params, head_params = self._split(params)
         body_buffers, head_buffers = self._split(self.buffers())
-        feats = call(self.body, body_params, _fresh(body_buffers), support_x).detach()
+        feats = call(self.body, body_params, fresh(body_buffers), support_x).detach()
 
         def loss(fast, x, y):
-            return self.loss_fn(call(self.head, fast, _fresh(head_buffers), x), y)
+            return self.loss_fn(call(self.head, fast, fresh(head_buffers), x), y)
 
         path = adapt_path(loss, head_params, feats, support_y, rule=sgd(self.inner_lr), steps=steps,
                           first_order=True)

@@ -28,6 +28,7 @@ from mamlkit.inner import (
     adapt_final,
     adapt_path,
     conjugate_gradient,
+    fresh,
     path_objective,
     proximal,
     query_objective,
@@ -71,7 +72,7 @@ class IMAML:
         return named_buffers(self.model)
 
     def _predict(self, fast: Params, x: Tensor) -> Tensor:
-        return call(self.model, fast, {k: b.clone() for k, b in self.buffers().items()}, x)
+        return call(self.model, fast, fresh(self.buffers()), x)
 
     def _objective(self, objective):
         return support_stats_objective(objective) if self.bn_mode == "support" else objective

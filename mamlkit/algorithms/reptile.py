@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from mamlkit import engine
 from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
 from mamlkit.functional import call, named_buffers, named_params
-from mamlkit.inner import Params, adapt_final, adapt_path, path_objective, query_objective, support_loss_fn
+from mamlkit.inner import Params, adapt_final, adapt_path, fresh, path_objective, query_objective, support_loss_fn
 from mamlkit.norms import support_stats_objective
 from mamlkit.rules import InnerRule, adam, sgd
 from mamlkit.tasks.base import TaskBatch
@@ -64,7 +64,7 @@ class Reptile:
         return named_buffers(self.model)
 
     def _predict(self, fast: Params, x: Tensor) -> Tensor:
-        return call(self.model, fast, {k: b.clone() for k, b in self.buffers().items()}, x)
+        return call(self.model, fast, fresh(self.buffers()), x)
 
     def _objective(self, objective):
         return support_stats_objective(objective) if self.bn_mode == "support" else objective
