@@ -25,26 +25,38 @@ import types
 import torch
 import torch.nn.functional as F
 
+# Each workload is a preset (its model, episodes, α, inner steps and meta-batch), second order.
 WORKLOADS = {
-    # the paper's sinusoid setup: MLP 1-40-40-1, K=10 support + 10 query, α=0.01, 1 step, meta-batch 25
-    "sinusoid": dict(meta_batch=25, k=10, inner_lr=0.01, steps=1),
+    "sinusoid": "sinusoid",              # MLP 1-40-40-1, K=10, α=0.01, 1 step, meta-batch 25
+    "omniglot-5w1s": "omniglot-5w1s",    # Conv4 stride 2, 28×28, α=0.4, 1 step, meta-batch 32
+    "omniglot-20w1s": "omniglot-20w1s",  # Conv4 stride 2, 28×28, α=0.1, 5 steps, meta-batch 16
 }
 
 
-def workload_data(name: str, n: int, dtype=torch.float32):
-    from mamlkit.tasks import Sinusoid, task_generator
+def workload(name: str) -> dict:
+    from mamlkit.presets import preset_config
 
-    w = WORKLOADS[name]
-    dist = Sinusoid(k_support=w["k"], k_query=w["k"])
-    return [dist.sample(w["meta_batch"], task_generator(0, "bench", i)).to(dtype=dtype) for i in range(n)]
+    cfg = preset_config(WORKLOADS[name], {"data_root": os.environ.get("MAMLKIT_BENCH_DATA", "")})
+    loss = F.mse_loss if cfg.loss == "mse" else F.cross_entropy
+    return dict(cfg=cfg, meta_batch=cfg.meta_batch, inner_lr=cfg.inner_lr, steps=cfg.inner_steps, loss=loss)
+
+
+def workload_data(name: str, n: int, dtype=torch.float32):
+    from mamlkit.tasks import get_family, task_generator
+
+    cfg = workload(name)["cfg"]
+    dist = get_family(cfg.task).build(cfg, "train")
+    return [dist.sample(cfg.meta_batch, task_generator(0, "bench", i)).to(dtype=dtype) for i in range(n)]
 
 
 def workload_model(name: str, dtype=torch.float32):
-    from mamlkit.models import mlp
+    from mamlkit.models import build_model
+    from mamlkit.tasks import get_family
 
+    cfg = workload(name)["cfg"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return mlp(1, (40, 40), 1).to(dtype)
+        return build_model(get_family(cfg.task).model_spec(cfg)).to(dtype)
 
 
 # --- implementations: step(model, batch, alpha, steps) accumulates the mean meta-gradient in .grad --------
@@ -53,7 +65,8 @@ def make_mamlkit(strategy):
     def setup(model, w):
         import mamlkit
 
-        learner = mamlkit.MAML(model, inner_lr=w["inner_lr"], inner_steps=w["steps"], loss_fn="mse",
+        learner = mamlkit.MAML(model, inner_lr=w["inner_lr"], inner_steps=w["steps"], loss_fn=w["loss"],
+                               kind="classification" if w["loss"] is F.cross_entropy else "regression",
                                strategy=strategy)
         return lambda batch: learner.meta_backward(batch)
     return setup
@@ -66,7 +79,7 @@ def setup_torchfunc(model, w):
     names = [n for n, _ in model.named_parameters()]
 
     def inner_loss(p, x, y):
-        return F.mse_loss(functional_call(model, p, (x,)), y)
+        return w["loss"](functional_call(model, p, (x,)), y)
 
     def task(p, sx, sy, qx, qy):
         for _ in range(w["steps"]):
@@ -96,12 +109,12 @@ def setup_loop(model, w):
         for t in range(batch.num_tasks):
             fast = params
             for _ in range(w["steps"]):
-                loss = F.mse_loss(torch.func.functional_call(model, dict(zip(names, fast)),
-                                                             (batch.support_x[t],)), batch.support_y[t])
+                loss = w["loss"](torch.func.functional_call(model, dict(zip(names, fast)),
+                                                            (batch.support_x[t],)), batch.support_y[t])
                 gs = torch.autograd.grad(loss, fast, create_graph=True)
                 fast = [p - w["inner_lr"] * g for p, g in zip(fast, gs)]
-            total = total + F.mse_loss(torch.func.functional_call(model, dict(zip(names, fast)),
-                                                                  (batch.query_x[t],)), batch.query_y[t])
+            total = total + w["loss"](torch.func.functional_call(model, dict(zip(names, fast)),
+                                                                 (batch.query_x[t],)), batch.query_y[t])
         (total / batch.num_tasks).backward()
     return step
 
@@ -115,8 +128,8 @@ def setup_higher(model, w):
         for t in range(batch.num_tasks):
             with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
                 for _ in range(w["steps"]):
-                    diffopt.step(F.mse_loss(fmodel(batch.support_x[t]), batch.support_y[t]))
-                (F.mse_loss(fmodel(batch.query_x[t]), batch.query_y[t]) / batch.num_tasks).backward()
+                    diffopt.step(w["loss"](fmodel(batch.support_x[t]), batch.support_y[t]))
+                (w["loss"](fmodel(batch.query_x[t]), batch.query_y[t]) / batch.num_tasks).backward()
     return step
 
 
@@ -145,27 +158,28 @@ def setup_learn2learn(model, w):
         for t in range(batch.num_tasks):
             learner = maml.clone()
             for _ in range(w["steps"]):
-                learner.adapt(F.mse_loss(learner(batch.support_x[t]), batch.support_y[t]))
-            (F.mse_loss(learner(batch.query_x[t]), batch.query_y[t]) / batch.num_tasks).backward()
+                learner.adapt(w["loss"](learner(batch.support_x[t]), batch.support_y[t]))
+            (w["loss"](learner(batch.query_x[t]), batch.query_y[t]) / batch.num_tasks).backward()
     return step
 
 
-IMPLS = {"mamlkit": make_mamlkit("auto"), "mamlkit-loop": make_mamlkit("loop"), "torch.func": setup_torchfunc,
+IMPLS = {"mamlkit": make_mamlkit("auto"), "mamlkit-vmap": make_mamlkit("vmap"),
+         "mamlkit-loop": make_mamlkit("loop"), "torch.func": setup_torchfunc,
          "loop": setup_loop, "higher": setup_higher, "learn2learn": setup_learn2learn}
 
 
-def run_one(impl: str, workload: str, iters: int, warmup: int, threads: int) -> dict:
+def run_one(impl: str, name: str, iters: int, warmup: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    w = WORKLOADS[workload]
+    w = workload(name)
     # 1) exactness: the first meta-gradient in float64
-    model64 = workload_model(workload, torch.float64)
-    IMPLS[impl](model64, w)(workload_data(workload, 1, torch.float64)[0])
+    model64 = workload_model(name, torch.float64)
+    IMPLS[impl](model64, w)(workload_data(name, 1, torch.float64)[0])
     grad64 = torch.cat([p.grad.reshape(-1) for p in model64.parameters()]).tolist()
     # 2) throughput in float32, with an Adam step as in training
-    model = workload_model(workload)
+    model = workload_model(name)
     step = IMPLS[impl](model, w)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = workload_data(workload, min(iters, 50))
+    data = workload_data(name, min(iters, 50))
     for i in range(warmup):
         opt.zero_grad(set_to_none=True)
         step(data[i % len(data)])
@@ -188,11 +202,14 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-root", default="", help="dataset root for image workloads (sets MAMLKIT_BENCH_DATA)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_one(args.child, args.workload, args.iters, args.warmup, args.threads)))
         return
+    if args.data_root:
+        os.environ["MAMLKIT_BENCH_DATA"] = args.data_root  # children inherit it
     results = []
     for impl in args.impls:
         cmd = [sys.executable, __file__, "--child", impl, "--workload", args.workload, "--iters", str(args.iters),
