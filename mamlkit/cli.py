@@ -20,6 +20,15 @@ RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progre
              "backend", "dist_timeout", "data_root", "trust_checksum"}  # data: verified by checksum
 
 
+def resumed_config(cfg, overrides: dict, allowed: set[str]):
+    """``cfg`` with ``overrides`` applied, refusing fields that define the run (only ``allowed`` may change)."""
+    bad = sorted(set(overrides) - allowed)
+    if bad:
+        raise UserError(f"cannot change {', '.join(bad)} when resuming; these may change: "
+                        f"{', '.join(sorted(allowed))}")
+    return cfg.replace(**overrides)
+
+
 def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null") else int(text)
 
@@ -88,11 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in config.field_types()}
     if args.resume:
         trainer = train.load_trainer(args.resume)
-        bad = sorted(set(overrides) - RESUMABLE)
-        if bad:
-            raise UserError(f"cannot change {', '.join(bad)} when resuming; these may change: "
-                            f"{', '.join(sorted(RESUMABLE))}")
-        trainer.cfg = trainer.cfg.replace(**overrides)
+        trainer.cfg = resumed_config(trainer.cfg, overrides, RESUMABLE)
     else:
         if not args.preset_name:
             raise UserError("name a preset (`mamlkit train sinusoid`) or pass --resume RUN; presets: "

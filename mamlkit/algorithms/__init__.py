@@ -17,6 +17,17 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "cro
 KIND_OF_LOSS = {"mse": "regression", "cross_entropy": "classification"}
 
 
+def resolve_loss(loss_fn: str | Callable[[Tensor, Tensor], Tensor], kind: str | None
+                 ) -> tuple[Callable[[Tensor, Tensor], Tensor], str]:
+    """``(loss function, kind)`` from a loss name or callable; the kind defaults from a named loss,
+    else to ``"regression"``."""
+    if isinstance(loss_fn, str):
+        if loss_fn not in LOSSES:
+            raise ValueError(f"unknown loss {loss_fn!r}; choose one of {', '.join(LOSSES)}")
+        return LOSSES[loss_fn], kind or KIND_OF_LOSS[loss_fn]
+    return loss_fn, kind or "regression"
+
+
 @runtime_checkable
 class MetaLearner(Protocol):
     """What the trainer, the evaluator and checkpoints need from an algorithm."""
@@ -65,4 +76,4 @@ def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
     return learner
 
 
-from mamlkit.algorithms import anil, imaml, maml, mamlpp, metasgd, pretrain, reptile  # noqa: E402,F401  (registration)  # noqa: E402,F401  (registration)
+from mamlkit.algorithms import anil, imaml, maml, mamlpp, metasgd, pretrain, reptile  # noqa: E402,F401  (registration)

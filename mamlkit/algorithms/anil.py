@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlkit import engine
-from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
+from mamlkit.algorithms import register, resolve_loss
 from mamlkit.functional import call, named_buffers, named_params
 from mamlkit.inner import adapt_path, fresh, make_task_fn, path_objective, query_objective
 from mamlkit.norms import SupportStatsNorm
@@ -48,10 +48,8 @@ class ANIL:
                  first_order: bool = False, loss_fn: str | Callable[[Tensor, Tensor], Tensor] = "mse",
                  kind: str | None = None, test_inner_steps: int | None = None, strategy: str = "auto",
                  chunk_size: int | None = None, name: str = "anil", bn_mode: str = "transductive"):
-        if isinstance(loss_fn, str):
-            kind = kind or KIND_OF_LOSS[loss_fn]
-            loss_fn = LOSSES[loss_fn]
-        self.model, self.name, self.loss_fn, self.kind = model, name, loss_fn, kind or "regression"
+        self.loss_fn, self.kind = resolve_loss(loss_fn, kind)
+        self.model, self.name = model, name
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.head_name, self.body, self.head = split_head(model)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlkit import engine
-from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
+from mamlkit.algorithms import register, resolve_loss
 from mamlkit.functional import call, named_buffers, named_params
 from mamlkit.inner import (
     Params,
@@ -55,10 +55,8 @@ class IMAML:
                  chunk_size: int | None = None, name: str = "imaml", bn_mode: str = "transductive"):
         if lam <= 0 or cg_steps < 1:
             raise ValueError(f"iMAML needs lam > 0 and cg_steps >= 1, got {lam}, {cg_steps}")
-        if isinstance(loss_fn, str):
-            kind = kind or KIND_OF_LOSS[loss_fn]
-            loss_fn = LOSSES[loss_fn]
-        self.model, self.name, self.loss_fn, self.kind = model, name, loss_fn, kind or "regression"
+        self.loss_fn, self.kind = resolve_loss(loss_fn, kind)
+        self.model, self.name = model, name
         self.inner_lr, self.inner_steps, self.lam, self.cg_steps = inner_lr, inner_steps, lam, cg_steps
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.norms)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from mamlkit import engine
-from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
+from mamlkit.algorithms import register, resolve_loss
 from mamlkit.functional import named_buffers, named_params
 from mamlkit.inner import (
     Objective,
@@ -61,16 +61,12 @@ class MAML:
                  objective: Objective = query_objective, name: str = "maml", bn_mode: str = "transductive"):
         if inner_steps < 0 or (test_inner_steps is not None and test_inner_steps < 0):
             raise ValueError("inner_steps and test_inner_steps must be >= 0")
-        if isinstance(loss_fn, str):
-            if loss_fn not in LOSSES:
-                raise ValueError(f"unknown loss {loss_fn!r}; choose one of {', '.join(LOSSES)}")
-            kind = kind or KIND_OF_LOSS[loss_fn]
-            loss_fn = LOSSES[loss_fn]
+        loss_fn, kind = resolve_loss(loss_fn, kind)
         if bn_mode not in BN_MODES:
             raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
         self.model, self.objective, self.name, self.bn_mode = model, objective, name, bn_mode
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
-        self.loss_fn, self.kind, self.adapt_filter = loss_fn, kind or "regression", adapt_filter
+        self.loss_fn, self.kind, self.adapt_filter = loss_fn, kind, adapt_filter
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         device = next(model.parameters()).device
         self.strategy = engine.choose_strategy(strategy, model, device, chunk_size)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlkit import engine
-from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
+from mamlkit.algorithms import register, resolve_loss
 from mamlkit.functional import named_buffers, named_params
 from mamlkit.inner import (
     adapt_path,
@@ -68,10 +68,8 @@ class MAMLPlusPlus:
                  chunk_size: int | None = None, name: str = "mamlpp", bn_mode: str = "transductive"):
         if inner_steps < 1:
             raise ValueError("MAML++ needs inner_steps >= 1")
-        if isinstance(loss_fn, str):
-            kind = kind or KIND_OF_LOSS[loss_fn]
-            loss_fn = LOSSES[loss_fn]
-        self.model, self.name, self.loss_fn, self.kind = model, name, loss_fn, kind or "regression"
+        self.loss_fn, self.kind = resolve_loss(loss_fn, kind)
+        self.model, self.name = model, name
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.msl, self.msl_epochs, self.first_order_epochs = msl, msl_epochs, first_order_epochs

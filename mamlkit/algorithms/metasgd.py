@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlkit import engine
-from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
+from mamlkit.algorithms import register, resolve_loss
 from mamlkit.functional import named_buffers, named_params
 from mamlkit.inner import (
     adapt_path,
@@ -41,10 +41,8 @@ class MetaSGD:
                  kind: str | None = None, adapt_filter: Callable[[str], bool] | None = None,
                  test_inner_steps: int | None = None, strategy: str = "auto", chunk_size: int | None = None,
                  name: str = "metasgd", bn_mode: str = "transductive"):
-        if isinstance(loss_fn, str):
-            kind = kind or KIND_OF_LOSS[loss_fn]
-            loss_fn = LOSSES[loss_fn]
-        self.model, self.name, self.loss_fn, self.kind = model, name, loss_fn, kind or "regression"
+        self.loss_fn, self.kind = resolve_loss(loss_fn, kind)
+        self.model, self.name = model, name
         self.inner_steps, self.first_order, self.adapt_filter = inner_steps, first_order, adapt_filter
         self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.norms)
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from mamlkit import engine
-from mamlkit.algorithms import KIND_OF_LOSS, LOSSES, register
+from mamlkit.algorithms import register, resolve_loss
 from mamlkit.functional import call, named_buffers, named_params
 from mamlkit.inner import Params, adapt_final, adapt_path, fresh, path_objective, query_objective, support_loss_fn
 from mamlkit.norms import support_stats_objective
@@ -43,10 +43,8 @@ class Reptile:
                  chunk_size: int | None = None, name: str = "reptile", bn_mode: str = "transductive"):
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"Reptile's inner optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
-        if isinstance(loss_fn, str):
-            kind = kind or KIND_OF_LOSS[loss_fn]
-            loss_fn = LOSSES[loss_fn]
-        self.model, self.name, self.loss_fn, self.kind = model, name, loss_fn, kind or "regression"
+        self.loss_fn, self.kind = resolve_loss(loss_fn, kind)
+        self.model, self.name = model, name
         self.inner_steps, self.inner_optimizer, self.inner_lr = inner_steps, inner_optimizer, inner_lr
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.norms)

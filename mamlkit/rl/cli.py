@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import typing
 
+from mamlkit.cli import resumed_config
 from mamlkit.config import load_yaml
 from mamlkit.errors import UserError
 from mamlkit.rl import config as rlconfig
@@ -76,11 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.env:
             raise UserError("pass either an environment or --resume RUN, not both")
         trainer = train.load_trainer(args.resume)
-        bad = sorted(set(overrides) - RESUMABLE)
-        if bad:
-            raise UserError(f"cannot change {', '.join(bad)} when resuming; these may change: "
-                            f"{', '.join(sorted(RESUMABLE))}")
-        trainer.cfg = trainer.cfg.replace(**overrides)
+        trainer.cfg = resumed_config(trainer.cfg, overrides, RESUMABLE)
     else:
         if args.env not in ENV_NAMES:
             raise UserError(f"name an environment: `mamlkit rl train {{{'|'.join(ENV_NAMES)}}}` "

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mamlkit.models import mlp
+
 
 class GaussianMLPPolicy(nn.Module):
     """π(a|s) = N(μ_θ(s), diag σ²): μ an MLP (paper: two hidden layers of 100 ReLU units), log σ learned.
@@ -26,13 +28,7 @@ class GaussianMLPPolicy(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (100, 100),
                  init_std: float = 1.0):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = obs_dim
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, act_dim))
-        self.mean = nn.Sequential(*layers)
+        self.mean = mlp(obs_dim, hidden, act_dim)
         for m in self.mean:
             if isinstance(m, nn.Linear):  # Xavier weights and zero biases, as rllab's MLPs
                 nn.init.xavier_uniform_(m.weight)
