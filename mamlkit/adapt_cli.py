@@ -16,22 +16,32 @@ def add_parser(sub) -> None:
     p = sub.add_parser("adapt", help="adapt a meta-trained model to your own few examples and predict",
                        description="Adapt a checkpoint to a support set and predict the query set. Images: "
                        "--support is a folder with one sub-folder per class (any size or format); --query is "
-                       "files and/or folders. Regression: --support is a CSV of inputs then target, --query a "
-                       "CSV of inputs.")
+                       "files and/or folders. Text (clinc checkpoints): --support is a CSV of text,label rows; "
+                       "--query a text file (one utterance per line) or a CSV with a text column. CSV tasks "
+                       "(csv checkpoints): --support is a CSV with the model's feature columns and its target; "
+                       "--query a CSV with the feature columns. Regression: --support is a CSV of inputs then "
+                       "target, --query a CSV of inputs.")
     p.add_argument("checkpoint", help="run folder or checkpoint file written by `mamlkit train`, or the name of "
-                   "a model that ships with mamlkit (omniglot-5w1s)")
-    p.add_argument("--support", required=True, help="class folders (images) or a CSV (regression)")
-    p.add_argument("--query", required=True, nargs="+", help="query images/folders, or a CSV (regression)")
+                   "a model that ships with mamlkit (omniglot-5w1s, clinc-5w1s)")
+    p.add_argument("--support", required=True, help="class folders (images) or a CSV (text, CSV tasks, regression)")
+    p.add_argument("--query", required=True, nargs="+",
+                   help="query images/folders, a text file (text) or a CSV (text, CSV tasks, regression)")
     p.add_argument("--steps", type=int, help="inner steps (default: the checkpoint's test-time steps)")
     p.add_argument("--output", help="write predictions to .csv or .json (default: CSV on stdout)")
     p.add_argument("--reset-head", action="store_true",
                    help="with more classes than the head has outputs: adapt a zero-initialised head of the right size")
+    p.add_argument("--text-column", default="text", help="text checkpoints: the CSV column of utterances")
+    p.add_argument("--label-column", default="label", help="text checkpoints: the support CSV's label column")
+    p.add_argument("--id-column", help="text and CSV-task checkpoints: a query CSV column copied to the output "
+                   "(default: the column 'id' if there is one; the output always has the query row index)")
 
 
 def add_example_parser(sub) -> None:
     p = sub.add_parser("example", help="copy an example task that ships with mamlkit into a folder",
-                       description="Copy a tiny example task (support/ and query/ folders) to try `mamlkit adapt`.")
-    p.add_argument("name", help="example name: omniglot")
+                       description="Copy a tiny example task to try `mamlkit adapt`: omniglot (support/ and "
+                       "query/ image folders), clinc (support.csv and query.txt), csv (a table of tasks to "
+                       "meta-train on, and a new task's support and query CSVs).")
+    p.add_argument("name", help="example name: omniglot, clinc or csv")
     p.add_argument("dest", help="folder to create")
 
 
@@ -46,8 +56,18 @@ def run_example(args: argparse.Namespace) -> int:
     if dest.exists() and any(dest.iterdir()):
         raise UserError(f"{dest} exists and is not empty; choose a new folder")
     shutil.copytree(EXAMPLES[args.name], dest, dirs_exist_ok=True)
-    print(f"example task in {dest}: {dest / 'support'} (one folder per class), {dest / 'query'}")
+    print(f"example task in {dest}: {EXAMPLE_FILES[args.name].format(dest=dest)}")
     return 0
+
+
+EXAMPLE_FILES = {
+    "omniglot": "{dest}/support (one folder per class), {dest}/query",
+    "clinc": "{dest}/support.csv (text,label rows: 5 new intents), {dest}/query.txt (one utterance per line); "
+             "try `mamlkit adapt clinc-5w1s --support {dest}/support.csv --query {dest}/query.txt`",
+    "csv": "{dest}/stores.csv (synthetic daily sales of 30 stores: meta-train with `mamlkit train csv --path "
+           "{dest}/stores.csv --task-column store --target sales`), {dest}/new_store_support.csv and "
+           "{dest}/new_store_query.csv (a new store: adapt on its 6 days, predict 4 more)",
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         rows = [{"file": str(f), "prediction": names[int(label)],
                  **{f"p[{n}]": round(float(p), 6) for n, p in zip(names, probs)}}
                 for f, label, probs in zip(files, pred.labels, pred.probs)]
+    elif spec["type"] == "text":
+        rows = _adapt_text(learner, args)
+    elif spec["type"] == "table":
+        rows = _adapt_table(learner, args)
     else:
         in_features = _in_features(learner)
         if len(args.query) != 1:
@@ -87,6 +111,64 @@ def run(args: argparse.Namespace) -> int:
                 for x, y in zip(qx, values)]
     _write(rows, args.output)
     return 0
+
+
+def _adapt_text(learner, args: argparse.Namespace) -> list[dict]:
+    """Support CSV of (text, label) rows; query utterances from a text file or a CSV."""
+    from mamlkit import inputs
+
+    texts, labels = inputs.read_text_support(args.support, args.text_column, args.label_column)
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise UserError(f"{args.support} has a single label ({names[0]!r}); a few-shot task needs at least 2 classes")
+    if len(args.query) != 1:
+        raise UserError("a text checkpoint takes one query file (a text file, one utterance per line, or a CSV)")
+    qtexts, qrows = inputs.read_text_query(args.query[0], args.text_column)
+    task_model = learner.adapt(texts, labels, args.steps, reset_head=args.reset_head, class_names=names)
+    pred = task_model.predict(qtexts)
+    ids = _ids(args, qrows)
+    return [{"row": i, **ids[i], "text": t, "prediction": names[int(label)],
+             **{f"p[{n}]": round(float(p), 6) for n, p in zip(names, probs)}}
+            for i, (t, label, probs) in enumerate(zip(qtexts, pred.labels, pred.probs))]
+
+
+def _adapt_table(learner, args: argparse.Namespace) -> list[dict]:
+    """Support CSV: the model's feature columns and its target; query CSV: the feature columns."""
+    from mamlkit import inputs
+
+    spec, pre = learner.input, learner.model_spec["preprocess"]
+    if len(args.query) != 1:
+        raise UserError("a CSV-task checkpoint takes one query CSV")
+    header, rows, lines = inputs.read_csv_rows(args.support)
+    if spec["target"] not in header:
+        raise UserError(f"{args.support} has no target column {spec['target']!r}; the support CSV needs the "
+                        f"feature columns ({', '.join(inputs.feature_columns(pre))}) and the target "
+                        f"{spec['target']!r}. Its columns are {', '.join(header)}")
+    fill = spec.get("fill", "none")
+    sx = inputs.encode_rows(rows, learner.model_spec, fill=fill, where=str(args.support), lines=lines)
+    targets = [r[spec["target"]] for r in rows]
+    inputs.encode_targets(targets, learner.model_spec, where=str(args.support), lines=lines)  # errors name lines
+    _, qrows, qlines = inputs.read_csv_rows(args.query[0])
+    qx = inputs.encode_rows(qrows, learner.model_spec, fill=fill, where=str(args.query[0]), lines=qlines)
+    task_model = learner.adapt(sx, targets, args.steps, reset_head=args.reset_head)  # targets in their units
+    pred = task_model.predict(qx)
+    ids = _ids(args, qrows)
+    if pre["kind"] == "classification":
+        return [{"row": i, **ids[i], "prediction": pre["classes"][int(label)],
+                 **{f"p[{n}]": round(float(p), 6) for n, p in zip(pre["classes"], probs)}}
+                for i, (label, probs) in enumerate(zip(pred.labels, pred.probs))]
+    return [{"row": i, **ids[i], "prediction": float(v.reshape(-1)[0])} for i, v in enumerate(pred.values)]
+
+
+def _ids(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """The id column's value per query row (``--id-column``, else a column named ``id``), or nothing."""
+    column = args.id_column or ("id" if rows and "id" in rows[0] else None)
+    if column is None:
+        return [{} for _ in rows]
+    if rows and column not in rows[0]:
+        raise UserError(f"--id-column {column!r} is not a column of {args.query[0]}; its columns are "
+                        f"{', '.join(rows[0]) or '(a plain text file has none)'}")
+    return [{column: r[column]} for r in rows]
 
 
 def _in_features(learner) -> int:

@@ -113,3 +113,13 @@ def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 def rng_tensor() -> Tensor:
     """The global torch RNG state, saved so that user models with dropout resume exactly."""
     return torch.get_rng_state()
+
+
+def slim(src: str | Path, dest: str | Path) -> None:
+    """Write ``src``'s meta-parameters, buffers and model description to ``dest`` without the optimiser
+    and RNG state or local paths: the form in which a model ships (``mamlkit/assets``)."""
+    tensors, state = load(src)
+    keep = {k: v for k, v in tensors.items() if k.startswith(("meta/", "buffer/"))}
+    meta = {k: state[k] for k in ("config", "model_spec", "algo", "kind", "step")}
+    meta["config"] = {**meta["config"], "data_root": "", "out_dir": "runs", "run_name": ""}
+    save(dest, keep, meta)

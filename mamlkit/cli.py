@@ -126,7 +126,9 @@ def _baseline(trainer):
     if (folder / "checkpoint.safetensors").exists():
         baseline = train.load_trainer(folder)
     else:
-        cfg = trainer.cfg.replace(algo="pretrain", compare_pretrained=False, run_name="pretrained")
+        cfg = trainer.cfg.replace(algo="pretrain", compare_pretrained=False, run_name="pretrained",
+                                  checkpoint_inner=False,
+                                  strategy="vmap" if trainer.cfg.strategy == "compile" else trainer.cfg.strategy)
         baseline = train.new_trainer(cfg, folder)
     return train.fit(baseline)
 

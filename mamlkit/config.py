@@ -47,8 +47,10 @@ class TrainConfig:
     meta_lr: float = 1e-3             # β (Adam)
     iterations: int = 70_000
     # execution
-    strategy: str = "auto"            # auto | vmap | loop
+    strategy: str = "auto"            # auto (measured on the first batch) | vmap | loop | compile
     chunk_size: int = 0               # tasks per backward chunk (0: whole batch for vmap)
+    memory_budget: float = 0.0        # MB of tensors a meta-iteration may hold; chunks vmap to fit (0: no limit)
+    checkpoint_inner: bool = False    # recompute inner steps in the meta-gradient: memory flat in inner_steps
     device: str = "cpu"
     dtype: str = "float32"            # float32 | float64
     threads: int = 0                  # torch threads (0: torch's default)
@@ -73,6 +75,7 @@ class TrainConfig:
     # few-shot text (task clinc, issue 9)
     encoder_mode: str = "frozen"      # frozen: cached sentence embeddings + adapted head | finetune: last layers too
     finetune_layers: int = 1          # encoder_mode finetune: how many of the last encoder layers adapt
+    finetune_rate_scale: float = 1.0  # encoder_mode finetune: layers held as W/c: inner rate α·c², meta rate ~c·β
     text_max_tokens: int = 24         # encoder_mode finetune: tokens kept per utterance (CLINC: 99% have <= 21)
     text_per_intent: int = 100        # CLINC utterances per intent: the first N of its 100 train utterances
     # logging, validation, checkpoints
@@ -116,8 +119,12 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(self.loss in ("mse", "cross_entropy"), f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
-        need(self.strategy in ("auto", "vmap", "loop"),
-             f"strategy must be auto, vmap or loop, got {self.strategy!r}")
+        need(self.strategy in ("auto", "vmap", "loop", "compile"),
+             f"strategy must be auto, vmap, loop or compile, got {self.strategy!r}")
+        need(self.memory_budget >= 0, f"memory_budget must be >= 0 MB (0: no limit), got {self.memory_budget}")
+        need(not self.checkpoint_inner or (self.algo in ("maml", "fomaml") and self.strategy in ("auto", "loop")),
+             "checkpoint_inner works with --algo maml or fomaml and --strategy auto or loop, got "
+             f"--algo {self.algo} --strategy {self.strategy}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
         need(self.bn_mode in ("transductive", "support"),
              f"bn_mode must be transductive or support, got {self.bn_mode!r}")
@@ -174,6 +181,7 @@ class TrainConfig:
              f"encoder_mode must be frozen or finetune, got {self.encoder_mode!r}")
         need(1 <= self.finetune_layers <= 6,
              f"finetune_layers must be in 1..6 (MiniLM-L6 has 6 layers), got {self.finetune_layers}")
+        need(self.finetune_rate_scale > 0, f"finetune_rate_scale must be > 0, got {self.finetune_rate_scale}")
         need(self.text_max_tokens >= 4, f"text_max_tokens must be >= 4, got {self.text_max_tokens}")
         need(1 <= self.text_per_intent <= 100, f"text_per_intent must be in 1..100, got {self.text_per_intent}")
         if self.task == "csv":  # the kind of a CSV task picks its loss, so `--kind classification` suffices

@@ -120,9 +120,13 @@ class MiniLMLayer(nn.Module):
     maps and layer norms that ``torch.func`` transforms (vmap, second-order grad) handle exactly.
     Input ``h [B, L, 384]`` and ``mask [B, L]`` (1 real, 0 padding)."""
 
-    def __init__(self, dim: int = DIM, heads: int = HEADS, hidden: int = 4 * DIM, eps: float = 1e-12):
+    def __init__(self, dim: int = DIM, heads: int = HEADS, hidden: int = 4 * DIM, eps: float = 1e-12,
+                 rate_scale: float = 1.0):
         super().__init__()
-        self.heads = heads
+        # Weights are held as W / c and used as c · (W / c): the function is unchanged, but a gradient
+        # step of size α on the held values moves W by α·c² (and an Adam step of size β by about c·β).
+        # That gives the encoder layer its own, smaller inner rate under one α for the whole model.
+        self.heads, self.scale = heads, rate_scale
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.attn_out, self.attn_norm = nn.Linear(dim, dim), nn.LayerNorm(dim, eps=eps)
         self.inter, self.out = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
@@ -135,12 +139,21 @@ class MiniLMLayer(nn.Module):
         def heads(t: Tensor) -> Tensor:  # [..., L, D] -> [..., H, L, d]
             return t.reshape(*lead, L, self.heads, d).transpose(-3, -2)
 
-        q, k, v = heads(self.query(h)), heads(self.key(h)), heads(self.value(h))
+        lin, norm = self._linear, self._norm
+        q, k, v = heads(lin(self.query, h)), heads(lin(self.key, h)), heads(lin(self.value, h))
         scores = q @ k.transpose(-1, -2) / math.sqrt(d)
         scores = scores - (1.0 - mask[..., None, None, :]) * 1e9  # padding gets weight exp(-1e9) = 0
         ctx = (scores.softmax(-1) @ v).transpose(-3, -2).reshape(*lead, L, D)
-        h = self.attn_norm(self.attn_out(ctx) + h)
-        return self.out_norm(self.out(F.gelu(self.inter(h))) + h)
+        h = norm(self.attn_norm, lin(self.attn_out, ctx) + h)
+        return norm(self.out_norm, lin(self.out, F.gelu(lin(self.inter, h))) + h)
+
+    def _linear(self, m: nn.Linear, x: Tensor) -> Tensor:
+        return m(x) if self.scale == 1 else F.linear(x, m.weight * self.scale, m.bias * self.scale)
+
+    def _norm(self, m: nn.LayerNorm, x: Tensor) -> Tensor:
+        if self.scale == 1:
+            return m(x)
+        return F.layer_norm(x, m.normalized_shape, m.weight * self.scale, m.bias * self.scale, m.eps)
 
     def load_bert(self, layer: nn.Module) -> MiniLMLayer:
         """Copy the weights of a ``transformers`` ``BertLayer``."""
@@ -151,7 +164,7 @@ class MiniLMLayer(nn.Module):
         with torch.no_grad():
             for mine, theirs in names.items():
                 for p in ("weight", "bias"):
-                    getattr(self, mine).get_parameter(p).copy_(src[f"{theirs}.{p}"])
+                    getattr(self, mine).get_parameter(p).copy_(src[f"{theirs}.{p}"] / self.scale)
         return self
 
 
@@ -159,9 +172,9 @@ class MiniLMTop(nn.Module):
     """The last ``layers`` MiniLM layers, then mean pooling and L2 normalisation: the sentence
     embedding from cached hidden states. Input ``[B, L, 385]`` (hidden states + mask channel)."""
 
-    def __init__(self, layers: int, pretrained: bool = True):
+    def __init__(self, layers: int, pretrained: bool = True, rate_scale: float = 1.0):
         super().__init__()
-        self.layers = nn.ModuleList(MiniLMLayer() for _ in range(layers))
+        self.layers = nn.ModuleList(MiniLMLayer(rate_scale=rate_scale) for _ in range(layers))
         if pretrained:
             _, bert = load()
             for mine, theirs in zip(self.layers, bert.encoder.layer[LAYERS - layers:]):
@@ -174,9 +187,11 @@ class MiniLMTop(nn.Module):
         return pool(h, mask)
 
 
-def minilm_head(layers: int, out_features: int, pretrained: bool = True) -> nn.Module:
-    """``body`` = :class:`MiniLMTop` (pretrained top ``layers``), ``head`` = a linear classifier."""
-    return nn.Sequential(OrderedDict(body=MiniLMTop(layers, pretrained), head=nn.Linear(DIM, out_features)))
+def minilm_head(layers: int, out_features: int, pretrained: bool = True, rate_scale: float = 1.0) -> nn.Module:
+    """``body`` = :class:`MiniLMTop` (pretrained top ``layers``; weights held as W / ``rate_scale``, see
+    :class:`MiniLMLayer`), ``head`` = a linear classifier."""
+    return nn.Sequential(OrderedDict(body=MiniLMTop(layers, pretrained, rate_scale),
+                                     head=nn.Linear(DIM, out_features)))
 
 
 __all__ = ["model_dir", "weights_sha256", "load", "tokenize", "pool", "encode", "MiniLMLayer", "MiniLMTop",

@@ -54,6 +54,7 @@ def adapt_path(
     rule: InnerRule,
     steps: int,
     first_order: bool = False,
+    checkpoint: bool = False,
 ) -> list[Params]:
     """Run ``steps`` inner updates and return the parameters after each: ``[θ0, θ1, ..., θK]``.
 
@@ -66,21 +67,65 @@ def adapt_path(
         steps: K, the number of inner steps (0 returns ``[θ0]``).
         first_order: drop the second-order terms (FOMAML): the inner gradient is treated as
             a constant, so dθ_K/dθ_0 = I.
+        checkpoint: gradient-checkpoint every step (Chen et al. 2016, arXiv:1604.06174): keep only
+            θ_k and recompute step k's graph when the meta-gradient reaches it, so second-order
+            memory no longer grows with ``steps``, for about one more forward and backward per step.
+            Runs outside ``torch.vmap`` only (the loop strategy); the numbers are unchanged.
 
     The gradient is taken with :func:`torch.func.grad`, which works both per task and under
     ``torch.vmap``; with ``first_order=False`` the graph through every step is kept, so the
     meta-gradient contains the exact Jacobian Π_k (I − α∇²L(θ_k)) (Finn et al. 2017, Eq. 1).
     """
     grad_fn = torch.func.grad(loss)
+
+    def one_step(fast: Params, state, step: int):
+        if _autograd_ok(fast):
+            # Outside function transforms (the loop strategy), the autograd engine's double backward
+            # is the same mathematics and up to 3× faster than torch.func.grad for Conv nets with
+            # max-pooling (benchmarks/RESULTS.md).
+            values = list(fast.values())
+            gs = torch.autograd.grad(loss(fast, support_x, support_y), values, create_graph=not first_order)
+            grads = dict(zip(fast, gs))
+        else:
+            grads = grad_fn(fast, support_x, support_y)
+            if first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+        return rule.update(grads, state, fast, step)
+
     state = rule.init(fast)
     path = [fast]
     for step in range(steps):
-        grads = grad_fn(fast, support_x, support_y)
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        fast, state = rule.update(grads, state, fast, step)
+        if checkpoint and torch.is_grad_enabled() and any(t.requires_grad for t in fast.values()):
+            fast, state = _checkpointed(one_step, fast, state, step)
+        else:
+            fast, state = one_step(fast, state, step)
         path.append(fast)
     return path
+
+
+def _autograd_ok(fast: Params) -> bool:
+    """True when the inner gradient can come from ``torch.autograd.grad``: no torch.func transform is
+    active (vmap, grad) and every adapted tensor is in the autograd graph."""
+    return (torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
+            and all(t.requires_grad for t in fast.values()))
+
+
+def _checkpointed(step_fn: Callable, fast: Params, state, step: int):
+    """``step_fn(fast, state, step)`` under a re-entrant checkpoint. The re-entrant form is the one
+    that works here: ``torch.func.grad`` refuses the saved-tensor hooks of the non-re-entrant one."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+    from torch.utils.checkpoint import checkpoint
+
+    leaves, spec = tree_flatten((fast, state))
+
+    def flat_step(*xs):
+        out_fast, out_state = step_fn(*tree_unflatten(list(xs), spec), step)
+        out, out_spec = tree_flatten((out_fast, out_state))
+        flat_step.spec = out_spec
+        return tuple(out)
+
+    out = checkpoint(flat_step, *leaves, use_reentrant=True)
+    return tree_unflatten(list(out), flat_step.spec)
 
 
 Objective = Callable[..., tuple[Tensor, Tensor]]
@@ -97,11 +142,11 @@ def query_objective(path: list[Params], loss: Callable, sx: Tensor, sy: Tensor, 
 def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], *,
                  loss_fn: LossFn, rule: InnerRule, steps: int, first_order: bool,
                  adapt_filter: Callable[[str], bool] | None = None,
-                 objective: Objective = query_objective) -> Callable:
+                 objective: Objective = query_objective, checkpoint: bool = False) -> Callable:
     """The per-task function ``fn(sx, sy, qx, qy) -> (loss, query_pred)`` that every strategy runs.
 
     Parameters whose name passes ``adapt_filter`` (all, by default) are adapted; the rest are
-    shared by all tasks and only meta-learned.
+    shared by all tasks and only meta-learned. ``checkpoint``: see :func:`adapt_path`.
     """
     fast0, shared = split_params(params, adapt_filter)
     loss = support_loss_fn(model, loss_fn, shared, buffers)
@@ -110,7 +155,8 @@ def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
         return call(model, {**shared, **fast}, fresh(buffers), x)
 
     def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-        path = adapt_path(loss, fast0, sx, sy, rule=rule, steps=steps, first_order=first_order)
+        path = adapt_path(loss, fast0, sx, sy, rule=rule, steps=steps, first_order=first_order,
+                          checkpoint=checkpoint)
         return objective(path, loss, sx, sy, qx, qy, predict=predict, loss_fn=loss_fn)
 
     return task_fn

@@ -35,4 +35,8 @@ def meta_optimizer(cfg, params) -> torch.optim.Optimizer:
     params = list(params)
     if cfg.meta_optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.meta_lr)
-    return torch.optim.Adam(params, lr=cfg.meta_lr)
+    # The fused kernel: one call for all parameters, ~3× faster than the per-tensor loop on the CPU,
+    # which matters for small dispatch-bound models (the sinusoid MLP's whole compiled meta-gradient
+    # costs about as much as an unfused Adam step).
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    return torch.optim.Adam(params, lr=cfg.meta_lr, fused=fused or None)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mamlkit import checkpoint, config, distributed
+from mamlkit import checkpoint, config, distributed, engine, tuning
 from mamlkit.algorithms import MetaLearner, build_learner
 from mamlkit.errors import UserError
 from mamlkit.metrics import MetricsLog, mean_ci, read_jsonl
@@ -48,19 +48,26 @@ def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None)
         model = build_model(spec)
     model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
     learner = build_learner(cfg.algo, model, cfg)
+    if learner.strategy.compiled and not getattr(learner, "compilable", False):
+        raise config.ConfigError(f"--strategy compile is not available for --algo {cfg.algo}; use auto, vmap or loop")
     if state is not None:
-        params = learner.meta_parameters()
-        missing = [k for k in params if f"meta/{k}" not in state]
-        if missing:
-            raise checkpoint.CheckpointError(f"checkpoint lacks meta-parameters {missing[:5]}; it was written "
-                                             "for another model or algorithm")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state[f"meta/{k}"])
-            for k, b in model.named_buffers():
-                if f"buffer/{k}" in state:
-                    b.copy_(state[f"buffer/{k}"])
+        restore(learner, state)
     return learner, spec
+
+
+def restore(learner: MetaLearner, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's ``meta/*`` parameters and ``buffer/*`` buffers into ``learner``."""
+    params = learner.meta_parameters()
+    missing = [k for k in params if f"meta/{k}" not in tensors]
+    if missing:
+        raise checkpoint.CheckpointError(f"checkpoint lacks meta-parameters {missing[:5]}; it was written "
+                                         "for another model or algorithm")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[f"meta/{k}"])
+        for k, b in learner.model.named_buffers():
+            if f"buffer/{k}" in tensors:
+                b.copy_(tensors[f"buffer/{k}"])
 
 
 def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None = None) -> None:
@@ -73,7 +80,7 @@ def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None =
     tensors["rng/torch"] = checkpoint.rng_tensor()
     state = {"config": trainer.cfg.to_dict(), "model_spec": get_family(trainer.cfg.task).model_spec(trainer.cfg),
              "algo": learner.name, "kind": learner.kind, "step": trainer.step, "optimizer": opt_meta,
-             **(extra or {})}
+             "strategy": learner.strategy.name, **(extra or {})}
     checkpoint.save(path, tensors, state)
 
 
@@ -85,6 +92,9 @@ def load_trainer(path: str | Path, run_dir: Path | None = None) -> Trainer:
     optimizer = meta_optimizer(cfg, learner.meta_parameters().values())
     optimizer.load_state_dict(checkpoint.optimizer_state(tensors, state["optimizer"]))
     torch.set_rng_state(tensors["rng/torch"])
+    if learner.strategy.auto and state.get("strategy"):
+        # keep what the run measured and used, so the resumed run computes exactly the same numbers
+        learner.strategy = engine.Strategy.from_name(state["strategy"])
     ckpt = Path(path)
     run_dir = run_dir or (ckpt if ckpt.is_dir() else ckpt.parent)
     return Trainer(cfg, learner, optimizer, run_dir, step=state["step"])
@@ -136,9 +146,12 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
                desc=f"{cfg.run_name or cfg.task}", dynamic_ncols=True, unit="it")
+    if learner.strategy.auto or trainer.step == 0:  # measure memory (and, with auto, speed) before launching
+        first = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch).to(cfg.device, trainer.dtype)
+        tuning.settle_strategy(learner, first, iterations=end - trainer.step, memory_budget_mb=cfg.memory_budget,
+                               say=bar.write if main else lambda msg: None)
     if main:
-        strategy = getattr(learner, "strategy", None)
-        bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {strategy.name}, {world.size} rank(s), "
+        bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.strategy.name}, {world.size} rank(s), "
                   f"run folder {trainer.run_dir}")
     start_time, window = time.perf_counter(), []
     window_start = start_time

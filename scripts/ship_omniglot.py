@@ -24,11 +24,8 @@ ASSETS = Path(__file__).resolve().parents[1] / "mamlkit" / "assets"
 
 
 def slim_checkpoint(run_dir: Path) -> None:
-    tensors, state = checkpoint.load(run_dir)
-    keep = {k: v for k, v in tensors.items() if k.startswith(("meta/", "buffer/"))}
-    slim = {k: state[k] for k in ("config", "model_spec", "algo", "kind", "step")}
-    slim["config"] = {**slim["config"], "data_root": "", "out_dir": "runs", "run_name": ""}
-    checkpoint.save(ASSETS / "omniglot-5w1s.safetensors", keep, slim)
+
+    checkpoint.slim(run_dir, ASSETS / "omniglot-5w1s.safetensors")
 
 
 def example_set(data_root: str, classes: int = 5, queries: int = 3) -> None:

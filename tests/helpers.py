@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import torch
 
 
@@ -26,3 +28,12 @@ def finite_difference_grad(fn, params: list[torch.Tensor], eps: float = 1e-6) ->
                 g[i] = (plus - minus) / (2 * eps)
             grads.append(g)
     return torch.cat(grads)
+
+
+def write_csv(path, header, rows):
+    """Write ``header`` and ``rows`` as a CSV file; returns ``path``."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

@@ -1,3 +1,4 @@
+
 """Tasks from a CSV (issue 9): task-level splits, meta-train-only standardisation (stored in the
 checkpoint), episodes within a task, every bad input with exit 2, and a short end-to-end CLI run.
 
@@ -6,13 +7,13 @@ All data are small synthetic CSVs written to a temporary folder, so every number
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import re
 
 import pytest
 import torch
+from helpers import write_csv
 
 from mamlkit import checkpoint
 from mamlkit.errors import UserError
@@ -21,14 +22,6 @@ from mamlkit.tasks import task_generator
 from mamlkit.tasks.tabular import CSVTasks, load_csv, split_tasks
 
 torch.set_num_threads(1)
-
-
-def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def linear_tasks(path, num_tasks=20, rows=16, shuffle=False, seed=0):

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -47,6 +52,17 @@ def test_nav2d_reward_clipping_and_termination():
     # a finished copy stays put and earns nothing
     obs2, r, term, trunc, info = env.step(torch.tensor([[[0.1, 0.1]]], dtype=D))
     assert torch.equal(obs2, obs) and r.item() == 0.0 and not info["active"].item() and not term.item()
+
+
+def test_nav2d_action_scale():
+    # action_scale 10: the policy's action 0.5 is a move of 0.05; 5.0 is clipped to the 0.1 limit
+    env = Nav2D(torch.tensor([[0.3, 0.3]], dtype=D), num_envs=1, horizon=10, action_scale=10.0)
+    env.reset()
+    obs, r, *_ = env.step(torch.tensor([[[0.5, 5.0]]], dtype=D))
+    assert obs[0, 0].tolist() == pytest.approx([0.05, 0.1])
+    assert r.item() == pytest.approx(-math.hypot(0.25, 0.2))
+    assert RLConfig().env_action_scale == 1.0 and RLConfig(env="cheetah-vel").env_action_scale == 10.0
+    assert RLConfig(env="cheetah-vel", action_scale=1).env_action_scale == 1.0
 
 
 def test_nav2d_truncation_at_horizon():
@@ -334,6 +350,17 @@ def test_cheetah_reward_truncation_and_determinism(tmp_path, monkeypatch):
     assert torch.equal(obs2, first)   # same seed, same initial states
     _, r, _, _, info = env2.step(torch.zeros(2, 2, 6))
     assert torch.allclose(r, dirs[:2] * info["x_velocity"])
+    # action_scale 10: the policy's action 5 is the torque 0.5 (same dynamics), 20 is clipped to 1,
+    # and the control cost is on the torque: 0.05·(3·0.25 + 3·1) = 0.1875
+    # (one after the other: environments of the same size share the pooled simulators)
+    unscaled = make_env("cheetah-vel", vel, num_envs=2, horizon=4)
+    unscaled.reset(seed=5)
+    o1, r1, *_ = unscaled.step(torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0, 1.0]).expand(2, 2, 6))
+    scaled = make_env("cheetah-vel", vel, num_envs=2, horizon=4, action_scale=10.0)
+    scaled.reset(seed=5)
+    o2, r2, _, _, info = scaled.step(torch.tensor([5.0, 5.0, 5.0, 20.0, 20.0, 20.0]).expand(2, 2, 6))
+    assert torch.equal(o1, o2) and torch.allclose(r1, r2)
+    assert torch.allclose(r2, -(info["x_velocity"] - vel).abs() - 0.1875)
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
 
 
@@ -367,3 +394,83 @@ def test_interrupt_rolls_back_the_unfinished_iteration(tmp_path, monkeypatch):
     saved, state = checkpoint.load(tmp_path / "run")
     assert state["step"] == 1
     assert all(torch.equal(saved[f"meta/{k}"], v) for k, v in after_one.items())
+
+
+def _wait_for(cond, proc, seconds=120.0):
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigint_checkpoints_exits_130_and_resumes_exactly(tmp_path):
+    """Ctrl-C (SIGINT) stops `mamlkit rl train` promptly with a resumable checkpoint, even in a process
+    that inherited SIGINT ignored (a background job of a script), where Python raises nothing by default."""
+    from mamlkit.rl import train
+
+    run = tmp_path / "r"
+    argv = [sys.executable, "-m", "mamlkit", "rl", "train", "nav2d", "--out-dir", str(tmp_path), "--run-name",
+            "r", "--iterations", "1000000", "--checkpoint-every", "1", "--val-every", "0", "--no-baselines",
+            *TINY_FLAGS]
+    # `trap '' INT` + exec: the child starts with SIGINT ignored, as a background job of a script does
+    proc = subprocess.Popen(["sh", "-c", "trap '' INT; exec " + shlex.join(argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"mamlkit rl train --resume {run}" in err and "Traceback" not in err
+    _, state = checkpoint.load(run)
+    step = state["step"]
+    assert step >= 3
+    # resuming for 2 more iterations == an uninterrupted run of step + 2 iterations, bit for bit
+    resumed = train.load_trainer(run)
+    resumed.cfg = resumed.cfg.replace(iterations=step + 2)
+    train.fit(resumed)
+    ref = train.fit(train.new_trainer(resumed.cfg, tmp_path / "ref"))
+    assert resumed.step == ref.step == step + 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed.policy.parameters(), ref.policy.parameters()))
+
+
+def test_validation_keeps_the_best_policy_and_eval_uses_it(tmp_path, capsys):
+    from mamlkit.rl import train
+
+    run = tmp_path / "v"
+    flags = ["--out-dir", str(tmp_path), "--run-name", "v", "--no-baselines", "--val-every", "1",
+             "--val-tasks", "3", *TINY_FLAGS]
+    assert main(["rl", "train", "nav2d", "--iterations", "3", *flags]) == 0
+    assert main(["rl", "train", "--resume", str(run), "--iterations", "5", "--no-baselines"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in vals] == [1, 2, 3, 4, 5]
+    best = max(vals, key=lambda r: r["return_post"])
+    assert vals[-1]["best_return_post"] == best["return_post"]
+    _, state = checkpoint.load(run / "best.safetensors")
+    assert state["step"] == best["step"] and state["val_return_post"] == pytest.approx(best["return_post"])
+    assert checkpoint.load(run)[1]["best_val"] == pytest.approx(best["return_post"])  # survives resume
+    # best.safetensors holds that iteration's policy: validating it again gives the logged returns
+    again = train.validate(train.load_trainer(run / "best.safetensors"))
+    assert again["return_pre"] == pytest.approx(best["return_pre"], abs=1e-9)
+    assert again["return_post"] == pytest.approx(best["return_post"], abs=1e-9)
+    capsys.readouterr()
+    assert main(["rl", "eval", str(run), "--no-baselines"]) == 0
+    assert f"iteration {best['step']} of 5, the best validation" in capsys.readouterr().out
+    assert main(["rl", "eval", str(run), "--last", "--no-baselines"]) == 0
+    assert "policy of iteration 5" in capsys.readouterr().out
+
+
+def test_checkpoints_from_before_action_scale_load_unscaled(tmp_path):
+    from mamlkit.rl import train
+
+    trainer = train.new_trainer(RLConfig(**TINY, iterations=1, progress=False), tmp_path)
+    tensors = {f"meta/{k}": v for k, v in trainer.policy.named_parameters()}
+    cfg = trainer.cfg.to_dict()
+    del cfg["action_scale"], cfg["val_every"], cfg["val_tasks"]
+    checkpoint.save(tmp_path / "old.safetensors", tensors, {"kind": "rl", "config": cfg, "step": 7})
+    old = train.load_trainer(tmp_path / "old.safetensors")
+    assert old.cfg.action_scale == 1.0 and old.step == 7 and old.best_val is None

@@ -181,6 +181,33 @@ def test_top_layers_reproduce_the_encoder(layers):
         torch.testing.assert_close(top(hidden), full, atol=2e-5, rtol=0)
 
 
+def test_rate_scale_keeps_the_function_and_scales_the_layer_step():
+    """Layers held as W/c compute the same function, and an SGD step α on the held values equals a step
+    α·c² on W (float64, one step on a random layer)."""
+    from torch.func import functional_call, grad
+
+    g = torch.Generator().manual_seed(0)
+    c, alpha = 0.1, 0.5
+    plain = encoders.MiniLMTop(1, pretrained=False).double()
+    scaled = encoders.MiniLMTop(1, pretrained=False, rate_scale=c).double()
+    with torch.no_grad():
+        for p, q in zip(plain.parameters(), scaled.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1 + (p.dim() == 1 and p.shape[0] == 384))
+            q.copy_(p / c)
+    x = torch.randn(3, 7, 385, generator=g, dtype=torch.float64)
+    x[..., 384] = (torch.arange(7) < torch.tensor([[7], [4], [2]])).double()
+    torch.testing.assert_close(scaled(x), plain(x), atol=1e-12, rtol=0)
+    target = torch.randn(3, 384, generator=g, dtype=torch.float64)
+
+    def step(model, lr):
+        params = dict(model.named_parameters())
+        grads = grad(lambda p: (functional_call(model, p, (x,)) - target).pow(2).sum())(params)
+        return functional_call(model, {k: v - lr * grads[k] for k, v in params.items()}, (x,))
+
+    torch.testing.assert_close(step(scaled, alpha), step(plain, alpha * c * c), atol=1e-10, rtol=0)
+    assert not torch.allclose(step(plain, alpha), step(plain, alpha * c * c), atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------
 # End to end
 

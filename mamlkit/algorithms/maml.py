@@ -40,8 +40,10 @@ class MAML:
         kind: ``"regression"`` or ``"classification"``; inferred from a named ``loss_fn``.
         adapt_filter: which parameters adapt, by name (default: all). ANIL adapts ``head.*``.
         test_inner_steps: K at evaluation and in :meth:`adapt` (default: ``inner_steps``).
-        strategy: ``"auto" | "vmap" | "loop"``, how tasks are batched (see :mod:`mamlkit.engine`).
+        strategy: ``"auto" | "vmap" | "loop" | "compile"``, how tasks are batched (see :mod:`mamlkit.engine`).
         chunk_size: tasks per chunk in :meth:`meta_backward`; bounds memory.
+        checkpoint_inner: recompute each inner step's graph during the meta-gradient instead of keeping
+            it, so second-order memory does not grow with ``inner_steps`` (loop strategy; same numbers).
         objective: the outer objective (default: query loss at θ_K; see :mod:`mamlkit.inner`).
         bn_mode: ``"transductive"`` (batch statistics of the query batch, the paper) or ``"support"``
             (query predictions use support-set batch-norm statistics; see :mod:`mamlkit.norms`).
@@ -54,11 +56,14 @@ class MAML:
         loss.backward()                            # .grad on model.parameters()
     """
 
+    compilable = True  # meta_backward runs through engine.meta_backward: strategy "compile" works
+
     def __init__(self, model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss_fn: str | Callable[[Tensor, Tensor], Tensor] = "mse",
                  kind: str | None = None, adapt_filter: Callable[[str], bool] | None = None,
                  test_inner_steps: int | None = None, strategy: str = "auto", chunk_size: int | None = None,
-                 objective: Objective = query_objective, name: str = "maml", bn_mode: str = "transductive"):
+                 objective: Objective = query_objective, name: str = "maml", bn_mode: str = "transductive",
+                 checkpoint_inner: bool = False):
         if inner_steps < 0 or (test_inner_steps is not None and test_inner_steps < 0):
             raise ValueError("inner_steps and test_inner_steps must be >= 0")
         loss_fn, kind = resolve_loss(loss_fn, kind)
@@ -68,8 +73,11 @@ class MAML:
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.loss_fn, self.kind, self.adapt_filter = loss_fn, kind, adapt_filter
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
+        self.checkpoint_inner = checkpoint_inner
         device = next(model.parameters()).device
-        self.strategy = engine.choose_strategy(strategy, model, device, chunk_size)
+        self.strategy = engine.choose_strategy(strategy, model, device, chunk_size, checkpoint_inner=checkpoint_inner)
+        # one builder object for the training function, so a compiled meta-gradient is built once
+        self._train_build = lambda params: self._task_fn(params, self.inner_steps, self.first_order)
         engine.log.info("mamlkit: %s runs tasks with strategy %s", self.name, self.strategy.name)
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
@@ -81,7 +89,8 @@ class MAML:
     def _task_fn(self, params, steps: int, first_order: bool, objective: Objective | None = None):
         return make_task_fn(self.model, params, self.buffers(), loss_fn=self.loss_fn, rule=sgd(self.inner_lr),
                             steps=steps, first_order=first_order, adapt_filter=self.adapt_filter,
-                            objective=self._with_bn_mode(objective or self.objective))
+                            objective=self._with_bn_mode(objective or self.objective),
+                            checkpoint=self.checkpoint_inner)
 
     def _with_bn_mode(self, objective: Objective) -> Objective:
         return support_stats_objective(objective) if self.bn_mode == "support" else objective
@@ -92,8 +101,8 @@ class MAML:
         return losses.mean(), engine.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
-        fn = self._task_fn(named_params(self.model), self.inner_steps, self.first_order)
-        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight)
+        losses, preds = engine.meta_backward(self._train_build, self.meta_parameters(), batch, self.strategy,
+                                             weight)
         return engine.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
@@ -120,7 +129,7 @@ class MAML:
 def build(model: nn.Module, cfg) -> MAML:
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
                 loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
-                chunk_size=cfg.chunk_size or None, bn_mode=cfg.bn_mode)
+                chunk_size=cfg.chunk_size or None, bn_mode=cfg.bn_mode, checkpoint_inner=cfg.checkpoint_inner)
 
 
 @register("fomaml")
@@ -128,4 +137,5 @@ def build_fomaml(model: nn.Module, cfg) -> MAML:
     """First-order MAML (Finn et al. 2017, §5.2): the meta-gradient is ∇L_q(θ')."""
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=True,
                 loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
-                chunk_size=cfg.chunk_size or None, name="fomaml", bn_mode=cfg.bn_mode)
+                chunk_size=cfg.chunk_size or None, name="fomaml", bn_mode=cfg.bn_mode,
+                checkpoint_inner=cfg.checkpoint_inner)

@@ -5,7 +5,11 @@ Needs the optional extra: ``pip install 'mamlkit[rl]'``. The simulator is gymnas
 reward, as in the paper:
 
 * ``cheetah-vel``: r = −|v_x − v_goal| − 0.05·‖a‖², v_goal ~ U[0, 2];
-* ``cheetah-dir``: r = d·v_x − 0.05·‖a‖², d ∈ {−1, +1} (backward or forward).
+* ``cheetah-dir``: r = d·v_x − 0.05·‖a‖², d ∈ {−1, +1} (backward or forward);
+
+where a = clip(policy action / ``action_scale``, ±1) is the torque applied (and penalised) and v_x
+the torso's forward velocity over the step. ``action_scale`` 10 (the default of ``mamlkit rl``) is
+pytorch-maml-rl's ``normalization_scale`` for these tasks; 1 is rllab's [-1, 1] normalisation.
 
 The ``T·N`` simulators are stepped in one process (MuJoCo steps take microseconds; processes
 would cost more than they save on 2 cores) behind the same ``[T, N]`` API as :class:`~mamlkit.rl.envs.Nav2D`.
@@ -62,10 +66,11 @@ class HalfCheetahTasks:
     obs_dim = 17
     act_dim = 6
 
-    def __init__(self, name: str, tasks: Tensor, num_envs: int, horizon: int = 200):
+    def __init__(self, name: str, tasks: Tensor, num_envs: int, horizon: int = 200, action_scale: float = 1.0):
         if name not in ("cheetah-vel", "cheetah-dir"):
             raise ValueError(f"unknown half-cheetah task {name!r}")
         self.name, self.tasks, self.num_envs, self.horizon = name, tasks.double(), num_envs, horizon
+        self.action_scale = action_scale
         self.T = tasks.shape[0]
         self.sims = _simulators(self.T * num_envs)
         self.t = 0
@@ -77,7 +82,7 @@ class HalfCheetahTasks:
         return torch.from_numpy(np.stack(obs)).view(self.T, self.num_envs, -1), {}
 
     def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
-        a = action.detach().double().clamp(-1, 1).reshape(self.T * self.num_envs, -1).numpy()
+        a = (action.detach().double() / self.action_scale).clamp(-1, 1).reshape(self.T * self.num_envs, -1).numpy()
         obs, vel = [], []
         for sim, ai in zip(self.sims, a):
             o, _, _, _, info = sim.step(ai)

@@ -6,7 +6,12 @@ Every :class:`~mamlkit.rl.config.RLConfig` field is a flag; mistakes raise ``Use
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import sys
+import threading
 import typing
+from pathlib import Path
 
 from mamlkit.cli import resumed_config
 from mamlkit.config import load_yaml
@@ -16,7 +21,7 @@ from mamlkit.rl.config import ENV_NAMES
 
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
-             "eval_lrs", "baselines", "pretrain_iterations"}
+             "eval_lrs", "baselines", "pretrain_iterations", "val_every"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +51,61 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--eval-tasks", type=int, help="number of test tasks (default: the run's, 40)")
     ev.add_argument("--eval-traj", type=int, help="episodes per test task and step (default: the run's, 20)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the pretrained and random baselines")
+    ev.add_argument("--last", action="store_true",
+                    help="evaluate the run's last checkpoint, not its best validated one (RUN/best.safetensors)")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; ``signum`` says which (the exit status is 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGINT (Ctrl-C) and SIGTERM into :class:`Stopped`, so training stops at the next Python
+    bytecode (between MuJoCo steps, torch ops), rolls back the unfinished iteration and checkpoints.
+
+    Installed explicitly because a process started in the background by a non-interactive shell
+    (``mamlkit rl train ... &`` in a script) inherits SIGINT *ignored*, and Python then never raises
+    KeyboardInterrupt: ``kill -INT`` did nothing. Further signals while the checkpoint is written
+    are ignored, so a second Ctrl-C cannot abort the (atomic) save halfway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _best_or_last(trainer):
+    """``(policy's trainer, what it is)``: the run's best validated policy (RUN/best.safetensors) if it
+    has one, else ``trainer`` itself."""
+    from mamlkit import checkpoint
+    from mamlkit.rl import train
+
+    best = train.best_path(trainer.run_dir)
+    if not best.exists():
+        return trainer, f"evaluating the policy of iteration {trainer.step} in {trainer.run_dir}"
+    chosen = train.load_trainer(best)
+    chosen.cfg = trainer.cfg  # evaluation settings as given now
+    _, state = checkpoint.load(best)
+    return chosen, (f"evaluating {best}: iteration {chosen.step} of {trainer.step}, the best validation "
+                    f"return after 1 step ({state['val_return_post']:.2f} on {trainer.cfg.val_tasks} held-out "
+                    "tasks); `mamlkit rl eval --last RUN` evaluates the last iteration")
 
 
 def _report(trainer, baselines: bool, train_baseline: bool) -> str:
@@ -85,11 +145,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         file_values = load_yaml(args.config) if args.config else {}
         cfg = rlconfig.from_dict({**file_values, **overrides, "env": args.env})
         trainer = train.new_trainer(cfg, train.run_dir_for(cfg))
-    train.fit(trainer)
-    print()
-    print(_report(trainer, trainer.cfg.baselines, train_baseline=True))
-    print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, config.json, metrics.jsonl, eval.md, "
-          "figures)")
+    try:
+        with stop_on_signals():
+            train.fit(trainer)
+            chosen, what = _best_or_last(trainer)
+            print()
+            print(what)
+            print(_report(chosen, trainer.cfg.baselines, train_baseline=True))
+    except Stopped as e:
+        print(f"stopped by {signal.Signals(e.signum).name}. Resume with `mamlkit rl train --resume "
+              f"{trainer.run_dir}`", file=sys.stderr)
+        return 128 + e.signum
+    print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, best.safetensors, config.json, "
+          "metrics.jsonl, eval.md, figures)")
     return 0
 
 
@@ -100,6 +168,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in (("eval_tasks", args.eval_tasks), ("eval_traj", args.eval_traj))
                if v is not None}
     trainer.cfg = trainer.cfg.replace(**changes)
+    what = f"evaluating the policy of iteration {trainer.step} from {args.checkpoint}"
+    if Path(args.checkpoint).is_dir() and not args.last:
+        trainer, what = _best_or_last(trainer)
+    print(what)
     print(_report(trainer, trainer.cfg.baselines and not args.no_baselines, train_baseline=False))
     return 0
 

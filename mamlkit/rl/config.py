@@ -15,6 +15,10 @@ from mamlkit.config import ConfigError, _coerce
 
 ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
 DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
+# Policy actions are divided by this before the environment clips them to its range. Half-cheetah: 10,
+# as pytorch-maml-rl's HalfCheetahVel/Dir (``normalization_scale``): a policy with σ = 1 then explores
+# with torque noise 0.1 instead of flailing at the ±1 torque limits (see docs/rl.md).
+DEFAULT_ACTION_SCALE = {"nav2d": 1.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +32,7 @@ class RLConfig:
     init_std: float = 1.0
     # sampling
     horizon: int = 0                   # episode length (0: the env's paper value, 100 nav2d / 200 cheetah)
+    action_scale: float = 0.0          # env action = policy action / scale (0: env default, 1 nav2d, 10 cheetah)
     meta_batch: int = 20               # tasks per meta-iteration (paper: 20 nav2d, 40 cheetah)
     traj_per_task: int = 20            # trajectories per task and per inner step (paper: 20)
     gamma: float = 0.99                # discount
@@ -54,6 +59,9 @@ class RLConfig:
     log_every: int = 1
     checkpoint_every: int = 10
     progress: bool = True
+    # validation: the 1-step return on held-out tasks; the best policy is kept as RUN/best.safetensors
+    val_every: int = 10                # meta-iterations between validations (0: never)
+    val_tasks: int = 20                # fixed validation tasks (split "val"), traj_per_task episodes each
     # evaluation
     eval_tasks: int = 40               # fixed test tasks (>= 40 for the report)
     eval_traj: int = 20                # trajectories per test task and step
@@ -70,9 +78,10 @@ class RLConfig:
         need(self.algo in ("maml-trpo", "pretrain"), f"algo must be maml-trpo or pretrain, got {self.algo!r}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
         for name in ("meta_batch", "traj_per_task", "cg_iters", "ls_steps", "iterations", "log_every",
-                     "checkpoint_every", "eval_tasks", "eval_traj"):
+                     "checkpoint_every", "eval_tasks", "eval_traj", "val_tasks"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("horizon", "threads", "pretrain_iterations", "fisher_tasks"):
+        need(self.action_scale >= 0, f"action_scale must be >= 0 (0: the env's default), got {self.action_scale}")
+        for name in ("horizon", "threads", "pretrain_iterations", "fisher_tasks", "val_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.inner_steps in (0, 1), "inner_steps must be 0 or 1 during training (each RL inner step "
              f"needs fresh samples; evaluate more steps with --eval-lrs), got {self.inner_steps}")
@@ -90,6 +99,10 @@ class RLConfig:
     @property
     def episode_len(self) -> int:
         return self.horizon or DEFAULT_HORIZON[self.env]
+
+    @property
+    def env_action_scale(self) -> float:
+        return self.action_scale or DEFAULT_ACTION_SCALE[self.env]
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)

@@ -48,16 +48,17 @@ class Nav2D:
         goals: ``[T, 2]`` task goals (from :meth:`sample_tasks`).
         num_envs: N, trajectories per task.
         horizon: episode length (paper: 100).
+        action_scale: the policy's action is divided by this before clipping (1: the paper's).
     """
 
     obs_dim = 2
     act_dim = 2
 
     def __init__(self, goals: Tensor, num_envs: int, horizon: int = 100, max_action: float = 0.1,
-                 goal_tol: float = 0.01):
+                 goal_tol: float = 0.01, action_scale: float = 1.0):
         if goals.dim() != 2 or goals.shape[1] != 2:
             raise ValueError(f"goals must have shape [T, 2], got {tuple(goals.shape)}")
-        self.goals, self.num_envs, self.horizon = goals, num_envs, horizon
+        self.goals, self.num_envs, self.horizon, self.action_scale = goals, num_envs, horizon, action_scale
         self.max_action, self.goal_tol = max_action, goal_tol
         self.reset()
 
@@ -79,7 +80,7 @@ class Nav2D:
         """``action [T, N, 2]`` -> ``obs [T, N, 2]``, ``reward [T, N]``, ``terminated``, ``truncated``
         (bool ``[T, N]``) and ``info`` with ``"active"``: the copies this step counted for."""
         active = ~self.done
-        a = action.detach().to(self.pos.dtype).clamp(-self.max_action, self.max_action)
+        a = (action.detach().to(self.pos.dtype) / self.action_scale).clamp(-self.max_action, self.max_action)
         self.pos = torch.where(active[..., None], self.pos + a, self.pos)
         diff = self.pos - self.goals[:, None, :]
         reward = torch.where(active, -diff.norm(dim=-1), torch.zeros((), dtype=self.pos.dtype))
@@ -90,13 +91,14 @@ class Nav2D:
         return self.pos.clone(), reward, terminated, truncated, {"active": active}
 
 
-def make_env(name: str, tasks: Tensor, num_envs: int, horizon: int) -> TaskEnv:
-    """Build environment ``name`` for ``tasks`` (from :func:`sample_tasks`) with N copies per task."""
+def make_env(name: str, tasks: Tensor, num_envs: int, horizon: int, action_scale: float = 1.0) -> TaskEnv:
+    """Build environment ``name`` for ``tasks`` (from :func:`sample_tasks`) with N copies per task; the
+    environment divides the policy's actions by ``action_scale`` before clipping them to its range."""
     if name == "nav2d":
-        return Nav2D(tasks, num_envs, horizon)
+        return Nav2D(tasks, num_envs, horizon, action_scale=action_scale)
     from mamlkit.rl.cheetah import HalfCheetahTasks
 
-    return HalfCheetahTasks(name, tasks, num_envs, horizon)
+    return HalfCheetahTasks(name, tasks, num_envs, horizon, action_scale)
 
 
 def sample_tasks(name: str, num_tasks: int, generator: torch.Generator) -> Tensor:

@@ -122,7 +122,7 @@ def trajectory_figure(path: Path, policies: dict[str, nn.Module], cfg: RLConfig,
             for g in range(num_goals):
                 m = ep.mask[g, 0].bool()
                 pos = torch.cat([torch.zeros(1, 2, dtype=ep.obs.dtype), ep.obs[g, 0, m] +
-                                 ep.actions[g, 0, m].clamp(-0.1, 0.1)]).double()
+                                 (ep.actions[g, 0, m] / cfg.env_action_scale).clamp(-0.1, 0.1)]).double()
                 axes[row][g].plot(pos[:, 0], pos[:, 1], style, label=label)
         for g in range(num_goals):
             ax = axes[row][g]

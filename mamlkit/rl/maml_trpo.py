@@ -89,7 +89,8 @@ class MAMLTRPO:
     def sample(self, tasks: Tensor, params: Mapping[str, Tensor], per_task: bool, generator: torch.Generator,
                num_traj: int | None = None, deterministic: bool = False) -> sampling.Episodes:
         """Episodes ``[T, N, H]`` of every task in ``tasks [T, d]`` with ``params`` (shared or per task)."""
-        env = make_env(self.cfg.env, tasks, num_traj or self.cfg.traj_per_task, self.cfg.episode_len)
+        env = make_env(self.cfg.env, tasks, num_traj or self.cfg.traj_per_task, self.cfg.episode_len,
+                       self.cfg.env_action_scale)
         return sampling.rollout(env, sampling.policy_fn(self.model, params, per_task), generator,
                                 self.dtype, deterministic)
 
@@ -130,6 +131,7 @@ class MAMLTRPO:
         stats |= trpo_step(list(self.model.parameters()), lambda: self.losses(batch), max_kl=cfg.max_kl,
                            damping=cfg.cg_damping, cg_iters=cfg.cg_iters, ls_steps=cfg.ls_steps,
                            ls_ratio=cfg.ls_ratio, fisher_kl=fisher_kl)
+        stats["policy_std"] = self.model.log_std.detach().exp().mean().item()  # mean σ after the step
         return stats
 
     def adapt_curve(self, tasks: Tensor, lrs: tuple[float, ...], generator: torch.Generator, num_traj: int,

@@ -33,6 +33,7 @@ class RLTrainer:
     policy: GaussianMLPPolicy
     run_dir: Path
     step: int = 0
+    best_val: float | None = None  # best validation 1-step return so far (RUN/best.safetensors)
 
     @property
     def algo(self) -> MAMLTRPO:
@@ -56,10 +57,34 @@ def run_dir_for(cfg: RLConfig) -> Path:
     return path
 
 
-def save_checkpoint(trainer: RLTrainer, path: Path) -> None:
+def save_checkpoint(trainer: RLTrainer, path: Path, **extra: float) -> None:
+    """Policy parameters + JSON state (config, step, best validation return, ``extra``), atomically."""
     tensors = {f"meta/{k}": v for k, v in trainer.policy.named_parameters()}
-    state = {"kind": "rl", "config": trainer.cfg.to_dict(), "algo": trainer.cfg.algo, "step": trainer.step}
+    state = {"kind": "rl", "config": trainer.cfg.to_dict(), "algo": trainer.cfg.algo, "step": trainer.step,
+             "best_val": trainer.best_val} | extra
     checkpoint.save(path, tensors, state)
+
+
+def validation_tasks(cfg: RLConfig):
+    """The fixed held-out tasks of the validation (split ``"val"``, disjoint draws from train and test)."""
+    return sample_tasks(cfg.env, cfg.val_tasks, task_generator(cfg.seed, "val", 0))
+
+
+def validate(trainer: RLTrainer) -> dict[str, float]:
+    """Mean return before and after one inner step (α = ``inner_lr``) on the validation tasks.
+
+    The tasks and the sampling noise are the same at every validation (paired comparisons between
+    iterations), and the training generators are untouched, so validating does not change training.
+    """
+    cfg = trainer.cfg
+    curve, _ = trainer.algo.adapt_curve(validation_tasks(cfg), (cfg.inner_lr,),
+                                        task_generator(cfg.seed, "val", 0, "rollouts"), cfg.traj_per_task)
+    pre, post = curve.double().mean(0).tolist()
+    return {"return_pre": pre, "return_post": post}
+
+
+def best_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "best.safetensors"
 
 
 def load_trainer(path: str | Path) -> RLTrainer:
@@ -68,7 +93,8 @@ def load_trainer(path: str | Path) -> RLTrainer:
     if state.get("kind") != "rl":
         raise checkpoint.CheckpointError(f"{path} is a supervised mamlkit checkpoint; evaluate it with "
                                          "`mamlkit eval`, not `mamlkit rl eval`")
-    cfg = from_dict(state["config"])
+    # runs written before action_scale existed applied the policy's actions unscaled
+    cfg = from_dict({"action_scale": 1.0} | state["config"])
     policy = make_policy(cfg)
     with torch.no_grad():
         for k, p in policy.named_parameters():
@@ -76,11 +102,28 @@ def load_trainer(path: str | Path) -> RLTrainer:
                 raise checkpoint.CheckpointError(f"checkpoint {path} lacks policy parameter {k}")
             p.copy_(tensors[f"meta/{k}"])
     ckpt = Path(path)
-    return RLTrainer(cfg, policy, ckpt if ckpt.is_dir() else ckpt.parent, step=state["step"])
+    return RLTrainer(cfg, policy, ckpt if ckpt.is_dir() else ckpt.parent, step=state["step"],
+                     best_val=state.get("best_val"))
+
+
+def _validate_and_keep_best(trainer: RLTrainer, step: int, metrics: MetricsLog, write) -> None:
+    """Validate the policy of iteration ``step``; if it is the best so far, save it as ``best.safetensors``."""
+    val = validate(trainer)
+    if trainer.best_val is None or val["return_post"] > trainer.best_val:
+        trainer.best_val = val["return_post"]
+        save_checkpoint(trainer, best_path(trainer.run_dir), step=step, val_return_pre=val["return_pre"],
+                        val_return_post=val["return_post"])
+    metrics.log(step, "val", val | {"best_return_post": trainer.best_val})
+    write(f"step {step}: validation return {val['return_pre']:.2f} before, {val['return_post']:.2f} after "
+          f"1 step (best {trainer.best_val:.2f})")
 
 
 def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
-    """Meta-train from ``trainer.step`` to ``cfg.iterations`` (or ``stop_at``), checkpointing on the way."""
+    """Meta-train from ``trainer.step`` to ``cfg.iterations`` (or ``stop_at``), checkpointing on the way
+    and validating every ``cfg.val_every`` iterations (the best policy goes to ``best.safetensors``).
+
+    On KeyboardInterrupt (and the CLI's SIGINT/SIGTERM) the unfinished iteration is rolled back and
+    ``checkpoint.safetensors`` written, then the exception propagates."""
     cfg = trainer.cfg
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -101,15 +144,20 @@ def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
             # an interrupted iteration is rolled back, so the checkpoint matches its step count
             snapshot = {k: p.detach().clone() for k, p in trainer.policy.named_parameters()}
             stats = algo.meta_step(tasks, gen)
-            trainer.step, snapshot = trainer.step + 1, None
+            step = trainer.step + 1
+            # validating and logging belong to the iteration: interrupted there, it is rolled back whole
+            # (and its rows are dropped from metrics.jsonl on resume), so no row is ever missing
+            if cfg.val_every and cfg.inner_steps and step % cfg.val_every == 0:
+                _validate_and_keep_best(trainer, step, metrics, bar.write)
             window.append(stats)
-            if trainer.step % cfg.log_every == 0 or trainer.step == end:
+            if step % cfg.log_every == 0 or step == end:
                 row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 row["elapsed_s"] = time.perf_counter() - start
-                metrics.log(trainer.step, "train", row)
+                metrics.log(step, "train", row)
                 bar.set_postfix({k.replace("return_", "R_"): f"{row[k]:.1f}"
                                  for k in ("return_pre", "return_post") if k in row})
                 window = []
+            trainer.step, snapshot = step, None
             if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
                 save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
             bar.update(1)
@@ -119,8 +167,7 @@ def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
                 for k, p in trainer.policy.named_parameters():
                     p.copy_(snapshot[k])
         save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
-        bar.write(f"interrupted at step {trainer.step}; checkpoint saved. Resume with "
-                  f"`mamlkit rl train --resume {run_dir}`")
+        bar.write(f"interrupted at step {trainer.step}; checkpoint saved to {run_dir / 'checkpoint.safetensors'}")
         raise
     finally:
         bar.close()

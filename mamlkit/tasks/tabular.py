@@ -129,9 +129,11 @@ class TabularData:
                 "target_std": self.target_std}
 
 
-def _read(path: Path) -> tuple[list[str], list[list[str]]]:
+def read_csv_table(path: Path, hint: str = " Pass the file with --path FILE.") -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of a CSV file with a header line; each row ends with its line number in the file.
+    Every problem (no file, not UTF-8, no header, duplicate names, a ragged line, no rows) is a UserError."""
     if not path.is_file():
-        raise UserError(f"CSV file not found: {path}. Pass the file with --path FILE.")
+        raise UserError(f"CSV file not found: {path}.{hint}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
@@ -174,7 +176,7 @@ def load_csv(path: str | os.PathLike, task_column: str, target: str, features: t
         raise UserError(f"kind must be regression or classification, got {kind!r}")
     if fill not in FILLS:
         raise UserError(f"fill must be none, drop or mean, got {fill!r}")
-    header, rows = _read(path)
+    header, rows = read_csv_table(path)
     cols = ", ".join(header)
     if not task_column:
         raise UserError(f"name the task column with --task-column; {path} has columns: {cols}")

@@ -238,7 +238,8 @@ def model_spec(cfg) -> dict:
     the pretrained top ``finetune_layers`` MiniLM layers + a linear head."""
     if cfg.encoder_mode == "frozen":
         return {"name": "mlp", "in_features": 384, "hidden": list(cfg.hidden_sizes), "out_features": cfg.n_way}
-    return {"name": "minilm_head", "layers": cfg.finetune_layers, "out_features": cfg.n_way}
+    spec = {"name": "minilm_head", "layers": cfg.finetune_layers, "out_features": cfg.n_way}
+    return spec | ({"rate_scale": cfg.finetune_rate_scale} if cfg.finetune_rate_scale != 1 else {})
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,167 @@
+"""Choose the execution strategy by measuring it, and say how much memory it will take.
+
+No single strategy wins everywhere (see :mod:`mamlkit.engine` and benchmarks/RESULTS.md): vmap
+wins for small models, the loop for Conv nets with many query images on the CPU, a compiled
+meta-gradient for dispatch-bound MLPs in long runs. Before training, :func:`settle_strategy`
+
+1. measures the peak tensor memory of each candidate on the first batch (:mod:`mamlkit.memory`)
+   and prints the estimate for the whole meta-batch;
+2. under ``--memory-budget``, chunks vmap (or drops a candidate) so the estimate fits;
+3. with ``--strategy auto``, times the candidates on that batch and keeps the fastest.
+
+Every candidate computes the same meta-gradient (tests check this to 1e-10 in float64), so the
+choice changes speed and memory, never the numbers beyond floating-point rounding. The learner's
+gradients and the global RNG are left as they were.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from mamlkit.engine import Strategy, _has_conv
+from mamlkit.errors import UserError
+from mamlkit.memory import mb, meta_backward_peak
+from mamlkit.tasks.base import TaskBatch
+
+# A compiled meta-gradient costs tens of seconds to build on a CPU; below this many iterations it
+# cannot pay that back, so ``auto`` does not try it.
+COMPILE_MIN_ITERATIONS = 2_000
+# ``auto`` takes the candidate with the least memory among those within 5% of the fastest.
+NEAR_FASTEST = 1.05
+
+
+def estimate(learner: Any, batch: TaskBatch, strategy: Strategy) -> tuple[int, int]:
+    """``(fixed, per_task)`` bytes: the peak tensor memory of one meta-iteration is about
+    ``fixed + per_task × (tasks run together)``. Measured on one and two tasks of ``batch``."""
+    probe = strategy.replace(compiled=False, chunk_size=None)
+    one = meta_backward_peak(learner, batch[:1], probe)
+    if not probe.vectorize or batch.num_tasks < 2:
+        return one, 0  # the loop frees each task's graph before the next
+    two = meta_backward_peak(learner, batch[:2], probe)
+    per_task = max(two - one, 0)
+    return one - per_task, per_task
+
+
+def _fit_budget(strategy: Strategy, fixed: int, per_task: int, num_tasks: int, budget: int) -> Strategy | None:
+    together = strategy.chunk_size or num_tasks if strategy.vectorize else 1
+    if fixed + per_task * together <= budget:
+        return strategy
+    if not strategy.vectorize or fixed + per_task > budget:
+        return None
+    return strategy.replace(chunk_size=max(1, (budget - fixed) // per_task))
+
+
+def _time(learner: Any, batch: TaskBatch, strategy: Strategy, repeats: int = 3) -> float:
+    """Seconds per ``meta_backward`` (the best of ``repeats`` after one warm-up call)."""
+    saved, learner.strategy = learner.strategy, strategy
+    params = list(learner.meta_parameters().values())
+    try:
+        best = math.inf
+        with torch.random.fork_rng(devices=[]):
+            for i in range(repeats + 1):
+                start = time.perf_counter()
+                learner.meta_backward(batch)
+                if i:
+                    best = min(best, time.perf_counter() - start)
+        return best
+    finally:
+        learner.strategy = saved
+        for p in params:
+            p.grad = None
+
+
+def _candidates(learner: Any, iterations: int) -> list[Strategy]:
+    s = learner.strategy
+    if not s.auto:
+        return [s]
+    vmap, loop = Strategy(True, s.chunk_size, auto_chunk=not s.chunk_size), Strategy(False, s.chunk_size)
+    if next(learner.model.parameters()).device.type == "cpu" and _has_conv(learner.model):
+        # Conv nets on the CPU: vmap's grouped convolutions win with few query images, the loop with
+        # many (benchmarks/RESULTS.md); compiling them takes minutes and lost to the loop when measured.
+        return [loop, vmap]
+    # Models without convolutions are dispatch-bound: vmap always beat the loop, by 4-10× when measured,
+    # and a compiled meta-gradient beats vmap by ~6× once its compile time is paid back.
+    out = [vmap]
+    if getattr(learner, "compilable", False) and iterations >= COMPILE_MIN_ITERATIONS and _simple(learner.model):
+        out.append(Strategy(True, s.chunk_size, compiled=True))
+    return out
+
+
+_SIMPLE = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def _simple(model: nn.Module) -> bool:
+    """MLP-like models, whose compiled meta-gradient builds in seconds. Others (attention, recurrent
+    layers, a user's custom module) may compile for minutes or not at all, so ``auto`` leaves them to
+    vmap; ``--strategy compile`` still asks for it explicitly."""
+    def simple(m: nn.Module) -> bool:
+        if isinstance(m, nn.MultiheadAttention):  # it lives in torch.nn.modules.activation too
+            return False
+        return isinstance(m, _SIMPLE) or type(m).__module__ in ("torch.nn.modules.activation", "mamlkit.models")
+
+    return all(simple(m) for m in model.modules()
+               if not list(m.children()) or any(True for _ in m.parameters(recurse=False)))
+
+
+def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_budget_mb: float = 0.0,
+                    say: Callable[[str], None] = print) -> Strategy:
+    """Fix ``learner.strategy`` for a run of ``iterations`` meta-iterations on batches like ``batch``.
+
+    Prints the memory estimate and, with ``auto``, the time per meta-iteration of each candidate.
+    Raises :class:`UserError` when no strategy fits ``memory_budget_mb`` (0: no budget).
+    """
+    budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
+    options, needs = [], {}
+    for cand in _candidates(learner, iterations):
+        fixed, per_task = estimate(learner, batch, cand)
+        together = (cand.chunk_size or batch.num_tasks) if cand.vectorize else 1
+        need = fixed + per_task * together
+        fitted = cand if budget is None else _fit_budget(cand, fixed, per_task, batch.num_tasks, budget)
+        note = f"~{mb(need)} of tensors per meta-iteration ({mb(per_task)} per task run together)"
+        if fitted is None:
+            say(f"mamlkit: memory: {cand.name} needs {note}; over the budget of {mb(budget)}")
+            continue
+        if fitted is not cand:
+            note += f"; chunked to {fitted.chunk_size} tasks for the budget of {mb(budget)}: " \
+                    f"~{mb(fixed + per_task * fitted.chunk_size)}"
+        say(f"mamlkit: memory estimate, {fitted.name}: {note}")
+        options.append(fitted)
+        needs[fitted.name] = fixed + per_task * ((fitted.chunk_size or batch.num_tasks) if fitted.vectorize else 1)
+        quarter = batch.num_tasks // 4
+        if cand.auto_chunk and fitted.vectorize and not fitted.compiled and not fitted.chunk_size and quarter >= 2:
+            # vmap in quarters often runs as fast with a fraction of the memory (benchmarks/RESULTS.md)
+            chunked = fitted.replace(chunk_size=quarter)
+            options.append(chunked)
+            needs[chunked.name] = fixed + per_task * quarter
+    if not options:
+        raise UserError(f"no execution strategy fits --memory-budget {memory_budget_mb:g} MB. Raise the "
+                        "budget, lower --meta-batch or --inner-steps, or use --checkpoint-inner (memory "
+                        "independent of the inner steps)")
+    if len(options) > 1:
+        timed = []
+        for cand in options:
+            try:
+                timed.append((_time(learner, batch, cand), cand))
+            except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for torch.compile: skip it
+                say(f"mamlkit: strategy {cand.name} unavailable here ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:120] if str(err) else ''}); skipped")
+        say("mamlkit: strategy timing (s per meta-iteration): "
+            + ", ".join(f"{c.name} {t:.4f}" for t, c in timed))
+        # the fastest, or a leaner one within NEAR_FASTEST of it
+        best = min(t for t, _ in timed)
+        options = [min((c for t, c in timed if t <= best * NEAR_FASTEST), key=lambda c: needs[c.name])]
+    elif options[0].compiled:  # compile now, so a failure is a clear message rather than a mid-run traceback
+        try:
+            _time(learner, batch, options[0], repeats=0)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"--strategy compile failed on this machine ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else ''}). torch.compile needs a "
+                            "working C++ compiler on the CPU; use --strategy vmap (same numbers)") from err
+    learner.strategy = options[0]
+    return learner.strategy

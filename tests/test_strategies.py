@@ -1,0 +1,170 @@
+"""Execution strategies (issue 8): compile, checkpointed inner loop, the measured ``auto`` choice and
+the memory estimate. Every strategy must give the reference loop's meta-gradient (float64, 1e-10)."""
+
+import pytest
+import torch
+from helpers import flat
+from torch import nn
+
+import mamlkit
+from mamlkit import engine, train, tuning
+from mamlkit.memory import meta_backward_peak
+from mamlkit.models import conv4
+from mamlkit.presets import preset_config
+from mamlkit.tasks import TaskBatch
+
+
+def image_batch(tasks=3, ways=3, shots=2, queries=4, size=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(ways)
+    return TaskBatch(torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=torch.float64),
+                     y.repeat_interleave(shots).repeat(tasks, 1),
+                     torch.rand(tasks, ways * queries, 1, size, size, generator=g, dtype=torch.float64),
+                     y.repeat_interleave(queries).repeat(tasks, 1))
+
+
+def conv_model(size=12, hidden=6):
+    torch.manual_seed(0)
+    return conv4(1, 3, hidden, size).double()
+
+
+def meta_grad(learner, batch):
+    for p in learner.meta_parameters().values():
+        p.grad = None
+    learner.meta_backward(batch)
+    return flat(p.grad for p in learner.meta_parameters().values())
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_compiled_meta_gradient_equals_the_loop_with_layer_norm():
+    """torch.compile of grad(vmap(task)), with ExactNorms traced inside: exact at second order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 1)).double()
+    g = torch.Generator().manual_seed(1)
+    batch = TaskBatch(*(torch.randn(4, 6, *s, generator=g, dtype=torch.float64) for s in ((2,), (1,), (2,), (1,))))
+    kw = dict(inner_lr=0.1, inner_steps=2, loss_fn="mse")
+    ref = meta_grad(mamlkit.MAML(model, strategy="loop", **kw), batch)
+    compiled = mamlkit.MAML(model, strategy="compile", **kw)
+    assert rel(meta_grad(compiled, batch), ref) < 1e-10
+    assert rel(meta_grad(compiled, batch), ref) < 1e-10  # the second call reuses the compiled function
+    assert len(compiled.strategy.cache) == 1
+    # and the native (inexact under vmap) layer norm really is on the path being tested
+    assert rel(meta_grad(mamlkit.MAML(model, strategy="vmap", **kw), batch), ref) < 1e-10
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_checkpointed_inner_loop_gives_the_same_meta_gradient(first_order):
+    model, batch = conv_model(), image_batch()
+    kw = dict(inner_lr=0.3, inner_steps=3, loss_fn="cross_entropy", first_order=first_order, strategy="loop")
+    ref = meta_grad(mamlkit.MAML(model, **kw), batch)
+    got = meta_grad(mamlkit.MAML(model, checkpoint_inner=True, **kw), batch)
+    assert rel(got, ref) < 1e-12
+
+
+def test_checkpointed_inner_loop_memory_does_not_grow_with_steps():
+    model, batch = conv_model(size=24, hidden=16), image_batch(tasks=1, shots=4, size=24)
+
+    def peak(steps, ckpt):
+        learner = mamlkit.MAML(model, inner_lr=0.1, inner_steps=steps, loss_fn="cross_entropy", strategy="loop",
+                               checkpoint_inner=ckpt)
+        return meta_backward_peak(learner, batch, learner.strategy)
+
+    plain = [peak(s, False) for s in (1, 4, 8)]
+    ckpt = [peak(s, True) for s in (1, 4, 8)]
+    assert plain[2] > 2.5 * plain[0]             # second order keeps every step's graph
+    assert ckpt[2] < 1.35 * ckpt[0]              # checkpointed: one step's graph plus θ_k copies
+    assert ckpt[2] < 0.5 * plain[2]
+
+
+def test_memory_estimate_predicts_the_vmap_peak():
+    model, batch = conv_model(), image_batch(tasks=6)
+    learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="vmap")
+    fixed, per_task = tuning.estimate(learner, batch, learner.strategy)
+    assert per_task > 0
+    measured = meta_backward_peak(learner, batch, learner.strategy)
+    assert abs(fixed + 6 * per_task - measured) < 0.15 * measured
+
+
+def test_memory_budget_chunks_vmap_and_keeps_the_gradient():
+    model, batch = conv_model(), image_batch(tasks=6)
+    learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="vmap")
+    ref = meta_grad(learner, batch)
+    fixed, per_task = tuning.estimate(learner, batch, learner.strategy)
+    budget_mb = (fixed + 2.5 * per_task) / 2**20
+    said = []
+    chosen = tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=budget_mb, say=said.append)
+    assert chosen.vectorize and chosen.chunk_size == 2
+    assert "chunked to 2 tasks" in " ".join(said)
+    assert rel(meta_grad(learner, batch), ref) < 1e-10
+    with pytest.raises(mamlkit.errors.UserError, match="no execution strategy fits"):
+        tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=fixed / 2**21)
+
+
+def test_auto_times_only_exact_candidates_and_leaves_no_trace():
+    model, batch = conv_model(), image_batch(tasks=8)
+    learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy")
+    assert learner.strategy.auto and not learner.strategy.vectorize  # conv on CPU starts as the loop
+    ref = meta_grad(mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="loop"), batch)
+    for p in learner.meta_parameters().values():
+        p.grad = None
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    said = []
+    chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    assert torch.equal(torch.rand(2), expected)                       # global RNG untouched
+    assert all(p.grad is None for p in learner.meta_parameters().values())
+    assert chosen.name in ("loop", "vmap", "vmap(chunk=2)") and not chosen.auto
+    # vmap in quarters is a candidate too: it often runs as fast with a fraction of the memory
+    assert "strategy timing" in said[-1] and all(n in said[-1] for n in ("loop ", "vmap ", "vmap(chunk=2) "))
+    assert rel(meta_grad(learner, batch), ref) < 1e-10
+    # a long run of a model without convolutions also tries the compiled meta-gradient; a short one does not
+    mlp_learner = mamlkit.MAML(mamlkit.models.mlp(1, (8,), 1), inner_lr=0.1)
+    names = [c.name for c in tuning._candidates(mlp_learner, tuning.COMPILE_MIN_ITERATIONS)]
+    assert names == ["vmap", "compile"]
+    assert [c.name for c in tuning._candidates(mlp_learner, 10)] == ["vmap"]
+    # models whose compile could take minutes (attention) are left to vmap
+    attention = mamlkit.MAML(nn.Sequential(nn.TransformerEncoderLayer(8, 2), nn.Linear(8, 1)), inner_lr=0.1)
+    assert [c.name for c in tuning._candidates(attention, 10**6)] == ["vmap"]
+
+
+def test_strategy_names_round_trip_and_bad_combinations_fail():
+    for s in (engine.Strategy(True), engine.Strategy(False, 4), engine.Strategy(True, 8, compiled=True)):
+        assert engine.Strategy.from_name(s.name) == s
+    with pytest.raises(ValueError, match="checkpoint_inner runs only with strategy loop"):
+        mamlkit.MAML(conv_model(), strategy="vmap", checkpoint_inner=True)
+
+
+def test_resume_keeps_the_measured_strategy(tmp_path):
+    cfg = preset_config("sinusoid", dict(iterations=4, log_every=2, val_every=100, val_tasks=0, progress=False,
+                                         tensorboard=False, hidden_sizes=(8,), meta_batch=3, out_dir=str(tmp_path),
+                                         checkpoint_every=2, compare_pretrained=False))
+    trainer = train.fit(train.new_trainer(cfg, tmp_path / "r"), stop_at=2)
+    assert trainer.learner.strategy.name == "vmap"
+    train.save_checkpoint(trainer, tmp_path / "r" / "checkpoint.safetensors")
+    resumed = train.load_trainer(tmp_path / "r")
+    assert resumed.learner.strategy.name == "vmap" and not resumed.learner.strategy.auto
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "vmap", "--checkpoint-inner"], "checkpoint_inner works with"),
+    (["--algo", "reptile", "--checkpoint-inner"], "checkpoint_inner works with"),
+    (["--strategy", "compile", "--algo", "reptile"], "--strategy compile is not available for --algo reptile"),
+    (["--memory-budget", "-1"], "memory_budget must be >= 0"),
+    (["--strategy", "pmap"], "strategy must be auto, vmap, loop or compile"),
+    (["--memory-budget", "0.0001", "--hidden-sizes", "8"], "no execution strategy fits --memory-budget"),
+])
+def test_cli_strategy_errors_exit_2(cli, tmp_path, args, message):
+    code, _, err = cli("train", "sinusoid", "--out-dir", tmp_path, "--iterations", "2", "--no-progress",
+                       "--no-compare-pretrained", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_cli_prints_the_memory_estimate_before_training(cli, tmp_path):
+    code, out, err = cli("train", "sinusoid", "--out-dir", tmp_path, "--iterations", "2", "--no-progress",
+                         "--no-compare-pretrained", "--hidden-sizes", "8", "--val-tasks", "0", "--eval-tasks", "5")
+    assert code == 0
+    assert "memory estimate, vmap" in out + err
