@@ -24,6 +24,18 @@ class EvalResult:
     def acc(self, steps: int) -> tuple[float, float]:
         return mean_ci(self.accs[:, steps])
 
+    def diverged(self, steps: int) -> int:
+        """Tasks whose query loss after ``steps`` inner steps is not finite (inner SGD blew up)."""
+        return int((~torch.isfinite(self.losses[:, steps])).sum())
+
+    def loss_text(self, steps: int, digits: int = 3) -> str:
+        """``mean ± ci``, or, when some tasks diverged, that count and the finite tasks' mean ± ci."""
+        bad = self.diverged(steps)
+        if not bad:
+            return fmt(*self.loss(steps), digits)
+        finite = self.losses[:, steps][torch.isfinite(self.losses[:, steps])]
+        return f"diverged on {bad}/{len(self.losses)} (others {fmt(*mean_ci(finite), digits)})"
+
 
 def test_tasks(dist: TaskDistribution, seed: int, num_tasks: int, split: str = "test") -> TaskBatch:
     """``num_tasks`` fixed tasks; task k is drawn from ``(seed, split, k)`` alone, so the set is the

@@ -106,6 +106,8 @@ def adapt_path(
 def _autograd_ok(fast: Params) -> bool:
     """True when the inner gradient can come from ``torch.autograd.grad``: no torch.func transform is
     active (vmap, grad) and every adapted tensor is in the autograd graph."""
+    if torch.compiler.is_compiling():  # inside the compiled strategy's grad transform; asking would break the graph
+        return False
     return (torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
             and all(t.requires_grad for t in fast.values()))
 

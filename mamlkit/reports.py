@@ -53,7 +53,7 @@ def sinusoid_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainC
         for s in cfg.eval_steps:
             ours = [results[n][k].loss(s) for n in names]
             theirs = [paper.get(n, {}).get(k, {}).get(s) for n in names]
-            lines.append(f"| {k} | {s} | " + " | ".join(fmt(*o) for o in ours) + " | " +
+            lines.append(f"| {k} | {s} | " + " | ".join(results[n][k].loss_text(s) for n in names) + " | " +
                          " | ".join("—" if t is None else f"{t:.2f}" for t in theirs) + " |")
             for n, o in zip(names, ours):
                 table.setdefault(n, {}).setdefault(str(k), {})[str(s)] = {"mean": o[0], "ci95": o[1]}

@@ -157,3 +157,12 @@ def test_cli_refuses_to_overwrite_a_run(cli, tmp_path):
     (run / "checkpoint.safetensors").write_bytes(b"x")
     code, _, err = cli("train", "sinusoid", "--out-dir", tmp_path)
     assert code == 2 and "--resume" in err
+
+
+def test_eval_report_counts_diverged_tasks_instead_of_printing_nan():
+    from mamlkit.evaluate import EvalResult
+
+    r = EvalResult(torch.tensor([[1.0, 0.5], [1.0, float("nan")], [1.0, 0.7]]), torch.zeros(3, 2))
+    assert r.diverged(1) == 1 and r.diverged(0) == 0
+    assert r.loss_text(0) == "1.000 ± 0.000"
+    assert r.loss_text(1).startswith("diverged on 1/3 (others 0.600 ± ")
