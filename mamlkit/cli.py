@@ -33,10 +33,16 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null") else int(text)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`~mamlkit.config.TrainConfig` field; unset flags stay out of the namespace."""
-    group = parser.add_argument_group("config fields (override the preset and --config)")
-    for name, typ in config.field_types().items():
+def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainConfig,
+                     title: str = "config fields (override the preset and --config)", skip: tuple[str, ...] = ()
+                     ) -> None:
+    """One flag per field of the config dataclass ``cls`` (but ``skip``); unset flags stay out of the
+    namespace, so only what the user typed overrides the preset or YAML file."""
+    group = parser.add_argument_group(title)
+    defaults = cls()
+    for name, typ in typing.get_type_hints(cls).items():
+        if name in skip:
+            continue
         flag = "--" + name.replace("_", "-")
         kw: dict = {"dest": name, "default": argparse.SUPPRESS}
         origin, args = typing.get_origin(typ), typing.get_args(typ)
@@ -48,8 +54,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kw |= {"type": _optional_int, "metavar": "INT|none"}
         else:
             kw["type"] = typ
-        default = getattr(config.TrainConfig(), name)
-        group.add_argument(flag, help=f"default {default!r}", **kw)
+        group.add_argument(flag, help=f"default {getattr(defaults, name)!r}", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

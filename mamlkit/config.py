@@ -192,8 +192,7 @@ class TrainConfig:
         return self.inner_steps if self.test_inner_steps is None else self.test_inner_steps
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return as_dict(self)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return from_dict({**self.to_dict(), **changes})
@@ -231,13 +230,25 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
         raise ConfigError(f"{name} must be of type {typ.__name__}, got {value!r}") from None
 
 
-def from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Build a config from a dict, rejecting unknown keys with the list of valid ones."""
-    types_ = field_types()
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-ready values (tuples become lists)."""
+    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v)
+            for f in dataclasses.fields(cfg)}
+
+
+def build_config(cls: type, values: dict[str, Any], what: str = "config") -> Any:
+    """``cls(**values)`` with every value coerced to its field's type, rejecting unknown keys with the
+    list of valid ones (shared by :class:`TrainConfig` and ``mamlkit.rl.config.RLConfig``)."""
+    types_ = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(types_)}")
-    return TrainConfig(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+        raise ConfigError(f"unknown {what} key(s): {', '.join(unknown)}. Valid keys: {', '.join(types_)}")
+    return cls(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build a config from a dict, rejecting unknown keys with the list of valid ones."""
+    return build_config(TrainConfig, values)
 
 
 def load_yaml(path: str) -> dict[str, Any]:

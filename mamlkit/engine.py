@@ -154,8 +154,8 @@ def meta_backward(build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str
     if grad_fn is None:
         grad_fn = strategy.cache[build] = _compiled_grad(build)
     losses, preds = [], []
+    detached = {k: p.detach() for k, p in params.items()}
     for c in chunks(batch, strategy):
-        detached = {k: p.detach() for k, p in params.items()}
         grads, (loss, pred) = grad_fn(detached, c.support_x, c.support_y, c.query_x, c.query_y)
         scale = weight * c.num_tasks / batch.num_tasks  # grad_fn differentiates the chunk's mean
         for k, p in params.items():

@@ -98,4 +98,10 @@ def support_stats_objective(objective):
     return wrapped
 
 
+def with_bn_mode(objective, bn_mode: str):
+    """``objective`` as ``bn_mode`` asks: unchanged for ``"transductive"`` (batch statistics, the paper),
+    wrapped by :func:`support_stats_objective` for ``"support"``."""
+    return support_stats_objective(objective) if bn_mode == "support" else objective
+
+
 __all__ = ["BN_MODES", "SupportStatsNorm", "support_stats_objective"]

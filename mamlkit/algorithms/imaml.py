@@ -34,7 +34,7 @@ from mamlkit.inner import (
     query_objective,
     support_loss_fn,
 )
-from mamlkit.norms import support_stats_objective
+from mamlkit.norms import with_bn_mode
 from mamlkit.rules import sgd
 from mamlkit.tasks.base import TaskBatch
 
@@ -72,13 +72,10 @@ class IMAML:
     def _predict(self, fast: Params, x: Tensor) -> Tensor:
         return call(self.model, fast, fresh(self.buffers()), x)
 
-    def _objective(self, objective):
-        return support_stats_objective(objective) if self.bn_mode == "support" else objective
-
     def implicit_task_fn(self, theta: Params):
         """``fn(sx, sy, qx, qy) -> (surrogate loss, query_pred)``; see the module docstring."""
         loss = support_loss_fn(self.model, self.loss_fn, {}, self.buffers())
-        lam, rule, query = self.lam, sgd(self.inner_lr), self._objective(query_objective)
+        lam, rule, query = self.lam, sgd(self.inner_lr), with_bn_mode(query_objective, self.bn_mode)
 
         def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
             anchor = {k: v.detach() for k, v in theta.items()}
@@ -122,7 +119,7 @@ class IMAML:
     def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
         theta = {k: v.detach() for k, v in named_params(self.model).items()}
         loss = proximal(support_loss_fn(self.model, self.loss_fn, {}, self.buffers()), theta, self.lam)
-        objective = self._objective(path_objective(self.kind))
+        objective = with_bn_mode(path_objective(self.kind), self.bn_mode)
 
         def fn(sx, sy, qx, qy):
             path = adapt_path(loss, theta, sx, sy, rule=sgd(self.inner_lr), steps=steps, first_order=True)

@@ -23,7 +23,7 @@ from mamlkit.inner import (
     split_params,
     support_loss_fn,
 )
-from mamlkit.norms import BN_MODES, support_stats_objective
+from mamlkit.norms import BN_MODES, with_bn_mode
 from mamlkit.rules import sgd
 from mamlkit.tasks.base import TaskBatch
 
@@ -89,11 +89,8 @@ class MAML:
     def _task_fn(self, params, steps: int, first_order: bool, objective: Objective | None = None):
         return make_task_fn(self.model, params, self.buffers(), loss_fn=self.loss_fn, rule=sgd(self.inner_lr),
                             steps=steps, first_order=first_order, adapt_filter=self.adapt_filter,
-                            objective=self._with_bn_mode(objective or self.objective),
+                            objective=with_bn_mode(objective or self.objective, self.bn_mode),
                             checkpoint=self.checkpoint_inner)
-
-    def _with_bn_mode(self, objective: Objective) -> Objective:
-        return support_stats_objective(objective) if self.bn_mode == "support" else objective
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         fn = self._task_fn(named_params(self.model), self.inner_steps, self.first_order)

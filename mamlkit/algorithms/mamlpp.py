@@ -38,7 +38,7 @@ from mamlkit.inner import (
     query_objective,
     support_loss_fn,
 )
-from mamlkit.norms import support_stats_objective
+from mamlkit.norms import with_bn_mode
 from mamlkit.rules import InnerRule, per_step_sgd, sgd
 from mamlkit.tasks.base import TaskBatch
 
@@ -111,9 +111,6 @@ class MAMLPlusPlus:
 
         return InnerRule(init=base.init, update=update)
 
-    def _bn_objective(self, objective):
-        return support_stats_objective(objective) if self.bn_mode == "support" else objective
-
     def _start(self, detach: bool) -> tuple[dict[str, Tensor], InnerRule]:
         """θ0 (norm parameters: the step-0 copies) and the inner rule over the current extras."""
         d = (lambda t: t.detach()) if detach else (lambda t: t)
@@ -124,7 +121,7 @@ class MAMLPlusPlus:
     def _task_fn(self, detach: bool, steps: int, first_order: bool, objective):
         params, rule = self._start(detach)
         return make_task_fn(self.model, params, self.buffers(), loss_fn=self.loss_fn, rule=rule, steps=steps,
-                            first_order=first_order, objective=self._bn_objective(objective))
+                            first_order=first_order, objective=with_bn_mode(objective, self.bn_mode))
 
     def _train_fn(self):
         first_order = self.first_order or self.epoch < self.first_order_epochs

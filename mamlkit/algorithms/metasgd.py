@@ -26,7 +26,7 @@ from mamlkit.inner import (
     split_params,
     support_loss_fn,
 )
-from mamlkit.norms import support_stats_objective
+from mamlkit.norms import with_bn_mode
 from mamlkit.rules import per_parameter_sgd
 from mamlkit.tasks.base import TaskBatch
 
@@ -58,14 +58,11 @@ class MetaSGD:
     def buffers(self) -> dict[str, Tensor]:
         return named_buffers(self.model)
 
-    def _bn_objective(self, objective):
-        return support_stats_objective(objective) if self.bn_mode == "support" else objective
-
     def _task_fn(self, params, lrs, steps: int, first_order: bool, objective=query_objective):
         return make_task_fn(self.model, params, self.buffers(), loss_fn=self.loss_fn,
                             rule=per_parameter_sgd(lrs), steps=steps, first_order=first_order,
                             adapt_filter=self.adapt_filter,
-                            objective=self._bn_objective(objective))
+                            objective=with_bn_mode(objective, self.bn_mode))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         fn = self._task_fn(named_params(self.model), self.inner_lrs, self.inner_steps, self.first_order)

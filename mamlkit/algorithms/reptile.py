@@ -22,7 +22,7 @@ from mamlkit import engine
 from mamlkit.algorithms import register, resolve_loss
 from mamlkit.functional import call, named_buffers, named_params
 from mamlkit.inner import Params, adapt_final, adapt_path, fresh, path_objective, query_objective, support_loss_fn
-from mamlkit.norms import support_stats_objective
+from mamlkit.norms import with_bn_mode
 from mamlkit.rules import InnerRule, adam, sgd
 from mamlkit.tasks.base import TaskBatch
 
@@ -64,13 +64,10 @@ class Reptile:
     def _predict(self, fast: Params, x: Tensor) -> Tensor:
         return call(self.model, fast, fresh(self.buffers()), x)
 
-    def _objective(self, objective):
-        return support_stats_objective(objective) if self.bn_mode == "support" else objective
-
     def _task_fn(self, theta: Params):
         loss = support_loss_fn(self.model, self.loss_fn, {}, self.buffers())
         rule, steps = self.rule, self.inner_steps
-        query = self._objective(query_objective)
+        query = with_bn_mode(query_objective, self.bn_mode)
 
         def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
             phi = adapt_final(loss, theta, sx, sy, rule=rule, steps=steps)
@@ -101,7 +98,7 @@ class Reptile:
     def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
         params = {k: v.detach() for k, v in named_params(self.model).items()}
         loss = support_loss_fn(self.model, self.loss_fn, {}, self.buffers())
-        objective, rule = self._objective(path_objective(self.kind)), self.rule
+        objective, rule = with_bn_mode(path_objective(self.kind), self.bn_mode), self.rule
 
         def fn(sx, sy, qx, qy):
             path = adapt_path(loss, params, sx, sy, rule=rule, steps=steps, first_order=True)

@@ -10,10 +10,9 @@ import contextlib
 import signal
 import sys
 import threading
-import typing
 from pathlib import Path
 
-from mamlkit.cli import resumed_config
+from mamlkit.cli import add_config_flags, resumed_config
 from mamlkit.config import load_yaml
 from mamlkit.errors import UserError
 from mamlkit.rl import config as rlconfig
@@ -33,19 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("env", nargs="?", help=f"environment: {', '.join(ENV_NAMES)}")
     train.add_argument("--config", help="YAML file of config overrides")
     train.add_argument("--resume", metavar="RUN", help="continue the run in this folder or checkpoint")
-    group = train.add_argument_group("config fields (override --config)")
-    for name, typ in rlconfig.field_types().items():
-        if name == "env":
-            continue
-        kw: dict = {"dest": name, "default": argparse.SUPPRESS}
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(typ) is tuple:
-            kw |= {"nargs": "+", "type": typing.get_args(typ)[0]}
-        else:
-            kw["type"] = typ
-        default = getattr(rlconfig.RLConfig(), name)
-        group.add_argument("--" + name.replace("_", "-"), help=f"default {default!r}", **kw)
+    add_config_flags(train, rlconfig.RLConfig, "config fields (override --config)", skip=("env",))
     ev = rsub.add_parser("eval", help="evaluate a meta-RL run or checkpoint on fixed test tasks")
     ev.add_argument("checkpoint", help="run folder or checkpoint file written by `mamlkit rl train`")
     ev.add_argument("--eval-tasks", type=int, help="number of test tasks (default: the run's, 40)")

@@ -6,12 +6,11 @@ paper's 2D-navigation setting (Finn et al. 2017, §5.3 and App. A.2).
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass
 from typing import Any
 
-from mamlkit.config import ConfigError, _coerce
+from mamlkit.config import ConfigError, as_dict, build_config
 
 ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
 DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
@@ -105,8 +104,7 @@ class RLConfig:
         return self.action_scale or DEFAULT_ACTION_SCALE[self.env]
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return as_dict(self)
 
     def replace(self, **changes: Any) -> RLConfig:
         return from_dict({**self.to_dict(), **changes})
@@ -118,8 +116,4 @@ def field_types() -> dict[str, Any]:
 
 def from_dict(values: dict[str, Any]) -> RLConfig:
     """Build a config from a dict, rejecting unknown keys with the list of valid ones."""
-    types_ = field_types()
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise ConfigError(f"unknown rl config key(s): {', '.join(unknown)}. Valid keys: {', '.join(types_)}")
-    return RLConfig(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+    return build_config(RLConfig, values, "rl config")
