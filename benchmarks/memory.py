@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import WORKLOADS, workload, workload_data, workload_model  # noqa: E402
+from throughput import WORKLOADS, peak_rss_mb, workload, workload_data, workload_model  # noqa: E402
 
 
 def run_one(name: str, steps: int, ckpt: bool, strategy: str, iters: int) -> dict:
@@ -43,7 +42,7 @@ def run_one(name: str, steps: int, ckpt: bool, strategy: str, iters: int) -> dic
     for batch in data:
         learner.meta_backward(batch)
     return {"steps": steps, "checkpoint": ckpt, "strategy": strategy, "peak_tensor_mb": peak / 2**20,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "s_per_it": (time.perf_counter() - start) / len(data)}
 
 

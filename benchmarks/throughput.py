@@ -1,8 +1,9 @@
 """Meta-training throughput of mamlkit against peers on the same workload, data and initialisation.
 
 Every implementation runs in its own process (so peak RSS is its own), on the same task
-batches and the same initial weights, and first proves it computes the same meta-gradient as
-mamlkit (float64, first batch). Peers run only when installed (``pip install -e .[bench]``;
+batches and the same initial weights, and proves it computes the same meta-gradient as
+mamlkit (float64, first batch; checked after the timed float32 run, so that peak RSS is float32
+training's). Peers run only when installed (``pip install -e .[bench]``;
 see benchmarks/RESULTS.md for how learn2learn was built here).
 
     python benchmarks/throughput.py --workload sinusoid --iters 200 --threads 2
@@ -10,7 +11,9 @@ see benchmarks/RESULTS.md for how learn2learn was built here).
 Prints a table of meta-iterations/s, tasks/s, peak RSS, the ratio to mamlkit and the achieved
 GFLOP/s: the FLOPs of one meta-iteration are counted once (torch.utils.flop_counter on the plain
 loop, forward, backward and second-order terms included) and divided by each implementation's time.
-``--first-order`` runs every implementation first order (FOMAML) instead.
+``--first-order`` runs every implementation first order (FOMAML) instead. ``--device cuda`` runs every
+implementation on the GPU (JAX stays on the CPU and is skipped there), synchronising around the timed
+loop and reporting peak GPU memory (``torch.cuda.max_memory_allocated``) instead of peak RSS.
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ def workload_model(name: str, dtype=torch.float32):
 
 # --- implementations: step(model, batch, alpha, steps) accumulates the mean meta-gradient in .grad --------
 
+CHOSEN: dict[str, str] = {}  # what `auto` settled on in this process
+
 def make_mamlkit(strategy, **kw):
     def setup(model, w):
         import mamlkit
@@ -94,8 +99,12 @@ def make_mamlkit(strategy, **kw):
         if strategy == "auto":  # settle it as the trainer does, on the first batch
             from mamlkit.tuning import settle_strategy
 
-            settle_strategy(learner, workload_data(w["name"], 1, next(model.parameters()).dtype)[0],
+            p0 = next(model.parameters())
+            settle_strategy(learner, workload_data(w["name"], 1, p0.dtype)[0].to(p0.device),
                             iterations=10**6, say=lambda m: print(m, file=sys.stderr))
+            if "strategy" not in CHOSEN:  # the float32 run's choice and the trial's own peak, for the table
+                CHOSEN.update(strategy=learner.strategy.name, trial_mb=f"{peak_rss_mb():.0f}")
+                reset_peak_rss()  # so that the table's peak RSS is training's, after the one-off trial
         return lambda batch: learner.meta_backward(batch)
     return setup
 
@@ -254,51 +263,92 @@ def setup_jax(model, w):
 
 
 IMPLS = {"mamlkit": make_mamlkit("auto"), "mamlkit-vmap": make_mamlkit("vmap"),
-         "mamlkit-loop": make_mamlkit("loop"), "mamlkit-compile": make_mamlkit("compile"),
+         "mamlkit-loop": make_mamlkit("loop"), "mamlkit-threads": make_mamlkit("threads"),
+         "mamlkit-compile": make_mamlkit("compile"),
          "mamlkit-loop-ckpt": make_mamlkit("loop", checkpoint_inner=True),
          "mamlkit-vmap-c4": make_mamlkit("vmap", chunk_size=4), "mamlkit-vmap-c8": make_mamlkit("vmap", chunk_size=8),
          "torch.func": setup_torchfunc, "jax": setup_jax,
          "loop": setup_loop, "higher": setup_higher, "learn2learn": setup_learn2learn}
 
 
-def run_one(impl: str, name: str, iters: int, warmup: int, threads: int) -> dict:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux it is VmHWM, the high-water mark of this
+    process's own address space: ``getrusage``'s ru_maxrss would also carry the parent's peak across
+    fork and exec, so every child would report at least the parent's (which loaded the data to count
+    FLOPs)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Restart VmHWM from the current RSS (Linux; elsewhere the peak keeps counting from the start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def run_one(impl: str, name: str, iters: int, warmup: int, threads: int, device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
     w = workload(name) | {"name": name}
-    # 1) exactness: the first meta-gradient in float64
-    model64 = workload_model(name, torch.float64)
-    IMPLS[impl](model64, w)(workload_data(name, 1, torch.float64)[0])
-    grad64 = torch.cat([p.grad.reshape(-1) for p in model64.parameters()]).tolist()
-    # 2) throughput in float32, with an Adam step as in training
-    model = workload_model(name)
+    if impl == "jax" and device != "cpu":
+        raise NotImplementedError("the JAX reference runs on the CPU only")
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # 1) throughput in float32, with an Adam step as in training
+    model = workload_model(name).to(device)
     step = IMPLS[impl](model, w)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = workload_data(name, min(iters, 50))
+    data = [b.to(device) for b in workload_data(name, min(iters, 50))]
     for i in range(warmup):
         opt.zero_grad(set_to_none=True)
         step(data[i % len(data)])
         opt.step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sync()
     start = time.perf_counter()
     for i in range(iters):
         opt.zero_grad(set_to_none=True)
         step(data[i % len(data)])
         opt.step()
+    sync()
     elapsed = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"impl": impl, "its_per_s": iters / elapsed, "tasks_per_s": iters * w["meta_batch"] / elapsed,
-            "peak_rss_mb": rss_mb, "grad64": grad64}
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    # 2) exactness: the first meta-gradient in float64, after the memory reading so that the float64
+    # copy (twice the bytes) does not set the peak reported for float32 training
+    del step, opt, data
+    model64 = workload_model(name, torch.float64).to(device)
+    IMPLS[impl](model64, w)(workload_data(name, 1, torch.float64)[0].to(device))
+    grad64 = torch.cat([p.grad.reshape(-1) for p in model64.parameters()]).tolist()
+    label = impl + (f" (auto: {CHOSEN['strategy']}; peak RSS {CHOSEN['trial_mb']} MB while choosing)"
+                    if "strategy" in CHOSEN else "")
+    return {"impl": label, "its_per_s": iters / elapsed, "tasks_per_s": iters * w["meta_batch"] / elapsed,
+            "peak_rss_mb": peak_mb, "grad64": grad64}
 
 
-def matmul_peak() -> float:
-    """GFLOP/s of a float32 2048×2048 matmul at the current thread count: the machine's practical peak."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_peak(device: str = "cpu") -> float:
+    """GFLOP/s of a float32 matmul (2048² on the CPU at the current thread count, 8192² on a GPU, TF32
+    off): the machine's practical peak."""
+    n = 8192 if device.startswith("cuda") else 2048
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
+    sync()
     best = float("inf")
     for _ in range(10):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def count_flops(name: str) -> int:
@@ -323,6 +373,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-root", default="", help="dataset root for image workloads (sets MAMLKIT_BENCH_DATA)")
     ap.add_argument("--first-order", action="store_true", help="every implementation first order (FOMAML)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every implementation runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.data_root:
@@ -330,27 +381,28 @@ def main() -> None:
     if args.first_order:
         os.environ["MAMLKIT_BENCH_FIRST_ORDER"] = "1"
     if args.child:
-        print(json.dumps(run_one(args.child, args.workload, args.iters, args.warmup, args.threads)))
+        print(json.dumps(run_one(args.child, args.workload, args.iters, args.warmup, args.threads, args.device)))
         return
     torch.set_num_threads(args.threads)
     flops = count_flops(args.workload)
-    peak = matmul_peak()
+    peak = matmul_peak(args.device)
     results = []
     for impl in args.impls:
         cmd = [sys.executable, __file__, "--child", impl, "--workload", args.workload, "--iters", str(args.iters),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
             print(f"# {impl}: skipped ({last})")
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    ref = next((r for r in results if r["impl"] == "mamlkit"), results[0])
+    ref = next((r for r in results if r["impl"].split(" ")[0] == "mamlkit"), results[0])
     g_ref = torch.tensor(ref["grad64"], dtype=torch.float64)
-    print(f"workload {args.workload}, {args.iters} meta-iterations, {args.threads} thread(s), torch "
+    memory = "peak GPU memory (MB)" if args.device.startswith("cuda") else "peak RSS (MB)"
+    print(f"workload {args.workload} on {args.device}, {args.iters} meta-iterations, {args.threads} thread(s), torch "
           f"{torch.__version__}, {'first' if args.first_order else 'second'} order, "
           f"{flops / 1e9:.2f} GFLOP per meta-iteration (counted), float32 matmul peak {peak:.0f} GFLOP/s")
-    print("| implementation | meta-its/s | tasks/s | GFLOP/s (% of peak) | peak RSS (MB) | × mamlkit "
+    print(f"| implementation | meta-its/s | tasks/s | GFLOP/s (% of peak) | {memory} | × mamlkit "
           "| max rel. grad diff vs mamlkit |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

@@ -47,7 +47,7 @@ class TrainConfig:
     meta_lr: float = 1e-3             # β (Adam)
     iterations: int = 70_000
     # execution
-    strategy: str = "auto"            # auto (measured on the first batch) | vmap | loop | compile
+    strategy: str = "auto"            # auto (measured on the first batch) | vmap | loop | threads | compile
     chunk_size: int = 0               # tasks per backward chunk (0: whole batch for vmap)
     memory_budget: float = 0.0        # MB of tensors a meta-iteration may hold; chunks vmap to fit (0: no limit)
     checkpoint_inner: bool = False    # recompute inner steps in the meta-gradient: memory flat in inner_steps
@@ -119,11 +119,12 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(self.loss in ("mse", "cross_entropy"), f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
-        need(self.strategy in ("auto", "vmap", "loop", "compile"),
-             f"strategy must be auto, vmap, loop or compile, got {self.strategy!r}")
+        need(self.strategy in ("auto", "vmap", "loop", "threads", "compile"),
+             f"strategy must be auto, vmap, loop, threads or compile, got {self.strategy!r}")
         need(self.memory_budget >= 0, f"memory_budget must be >= 0 MB (0: no limit), got {self.memory_budget}")
-        need(not self.checkpoint_inner or (self.algo in ("maml", "fomaml") and self.strategy in ("auto", "loop")),
-             "checkpoint_inner works with --algo maml or fomaml and --strategy auto or loop, got "
+        need(not self.checkpoint_inner
+             or (self.algo in ("maml", "fomaml") and self.strategy in ("auto", "loop", "threads")),
+             "checkpoint_inner works with --algo maml or fomaml and --strategy auto, loop or threads, got "
              f"--algo {self.algo} --strategy {self.strategy}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
         need(self.bn_mode in ("transductive", "support"),

@@ -10,6 +10,11 @@ numbers (a test checks this to 1e-10 in float64):
 * ``loop``: a Python loop over tasks calling the same function. Often fastest for
   convolutional nets on the CPU with many query images, where vmap's batched (grouped)
   convolutions are slower, and the fallback for operations vmap cannot batch.
+* ``threads``: the loop, with tasks spread over worker threads that each run one intra-op thread.
+  On a CPU, one task of a small conv net is too little work to keep several cores busy inside each
+  kernel; whole tasks in parallel do (1.65× the loop on 2 cores for Omniglot 5w1s, benchmarks/
+  RESULTS.md). Per-task gradients are summed in task order, so the result is deterministic and
+  equals the loop's.
 * ``compile``: the whole meta-gradient as one function, ``torch.func.grad`` of the vmapped
   meta-loss, compiled by ``torch.compile``, so no double backward is left to the eager
   autograd engine at run time. ~6× vmap on the sinusoid MLP on the CPU (dispatch-bound), at a
@@ -23,21 +28,25 @@ graph freed before the next chunk, so peak memory scales with the chunk, not the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from mamlkit import functional
 from mamlkit.functional import ExactNorms
 from mamlkit.tasks.base import TaskBatch
 
 log = logging.getLogger("mamlkit")
 
 TaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-STRATEGIES = ("auto", "vmap", "loop", "compile")
+STRATEGIES = ("auto", "vmap", "loop", "threads", "compile")
 
 
 @dataclass(frozen=True)
@@ -45,11 +54,14 @@ class Strategy:
     """How tasks are batched: ``vectorize`` (vmap) or not (loop), ``chunk_size`` tasks at a time
     (``None``: the whole meta-batch at once for vmap, one task at a time for backward in a loop).
     ``compiled``: the meta-gradient runs as one ``torch.compile``-d function (implies vmap).
+    ``workers``: run the loop's tasks on this many threads (0 or 1: the plain loop; -1: as many as
+    ``torch.get_num_threads()`` when it runs).
     ``auto``: chosen by :func:`autotune` on the first training batch (until then it runs as given)."""
 
     vectorize: bool
     chunk_size: int | None = None
     compiled: bool = False
+    workers: int = 0
     auto: bool = False
     auto_chunk: bool = field(default=False, compare=False)  # tuning: also try it in chunks (mamlkit.tuning)
     # compiled meta-gradient functions, one per per-task builder (kept across iterations)
@@ -57,12 +69,27 @@ class Strategy:
 
     @property
     def name(self) -> str:
+        if self.threaded:
+            return "threads" + (f"(workers={self.workers})" if self.workers > 0 else "")
         base = "compile" if self.compiled else "vmap" if self.vectorize else "loop"
         return base + (f"(chunk={self.chunk_size})" if self.chunk_size else "")
 
+    @property
+    def threaded(self) -> bool:
+        return not self.vectorize and (self.workers > 1 or self.workers == -1)
+
+    def num_workers(self) -> int:
+        return torch.get_num_threads() if self.workers == -1 else max(self.workers, 1)
+
     @classmethod
     def from_name(cls, name: str) -> Strategy:
-        """The inverse of :attr:`name`: ``"vmap"``, ``"loop"``, ``"compile"``, optionally ``"(chunk=N)"``."""
+        """The inverse of :attr:`name`: ``"vmap"``, ``"loop"``, ``"compile"``, optionally ``"(chunk=N)"``,
+        and ``"threads"``, optionally ``"(workers=N)"``."""
+        if name.startswith("threads"):
+            rest = name[len("threads"):]
+            if rest and not (rest.startswith("(workers=") and rest.endswith(")")):
+                raise ValueError(f"unknown strategy name {name!r}")
+            return cls(vectorize=False, workers=int(rest[len("(workers="):-1]) if rest else -1)
         base, _, rest = name.partition("(chunk=")
         if base not in STRATEGIES[1:]:
             raise ValueError(f"unknown strategy name {name!r}")
@@ -75,7 +102,7 @@ class Strategy:
 
 def choose_strategy(requested: str, model: nn.Module, device: torch.device | str = "cpu",
                     chunk_size: int | None = None, *, checkpoint_inner: bool = False) -> Strategy:
-    """Resolve ``"auto" | "vmap" | "loop" | "compile"`` to a :class:`Strategy`.
+    """Resolve ``"auto" | "vmap" | "loop" | "threads" | "compile"`` to a :class:`Strategy`.
 
     ``auto`` starts as vmap (the loop for convolutional models on the CPU, or with
     ``checkpoint_inner``) and is settled by :func:`autotune` on the first training batch.
@@ -84,17 +111,27 @@ def choose_strategy(requested: str, model: nn.Module, device: torch.device | str
     if requested not in STRATEGIES:
         raise ValueError(f"unknown strategy {requested!r}; choose one of {', '.join(STRATEGIES)}")
     if checkpoint_inner and requested in ("vmap", "compile"):
-        raise ValueError(f"checkpoint_inner runs only with strategy loop or auto, not {requested}: "
+        raise ValueError(f"checkpoint_inner runs only with strategy loop, threads or auto, not {requested}: "
                          "torch.func transforms cannot recompute a checkpointed step")
     chunk = chunk_size or None
     if requested == "auto":
         loop = checkpoint_inner or (_has_conv(model) and torch.device(device).type == "cpu")
         return Strategy(vectorize=not loop, chunk_size=chunk, auto=not checkpoint_inner)
+    if requested == "threads":
+        if has_dropout(model):
+            raise ValueError("strategy threads would make the model's dropout masks depend on thread timing "
+                             "(dropout draws from the global RNG); use loop, vmap or auto")
+        return Strategy(vectorize=False, workers=-1)
     return Strategy(vectorize=requested != "loop", chunk_size=chunk, compiled=requested == "compile")
 
 
 def _has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` has a dropout layer (random draws that run in task order only in one thread)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
 
 
 def _run(fn: TaskFn, batch: TaskBatch, vectorize: bool) -> tuple[Tensor, Tensor]:
@@ -118,17 +155,23 @@ def chunks(batch: TaskBatch, strategy: Strategy, for_backward: bool = False) -> 
 
 def map_tasks(fn: TaskFn, batch: TaskBatch, strategy: Strategy) -> tuple[Tensor, Tensor]:
     """Per-task losses ``[T]`` and query predictions ``[T, N_q, ...]``, keeping the autograd graph."""
+    if strategy.threaded:
+        outs = threaded_tasks(fn, batch, strategy.num_workers())
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
     outs = [_run(fn, c, strategy.vectorize) for c in chunks(batch, strategy)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def backward_tasks(fn: TaskFn, batch: TaskBatch, strategy: Strategy, weight: float = 1.0
-                   ) -> tuple[Tensor, Tensor]:
+def backward_tasks(fn: TaskFn, batch: TaskBatch, strategy: Strategy, weight: float = 1.0,
+                   params: Iterable[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Back-propagate ``weight * mean_t loss_t`` chunk by chunk, freeing each chunk's graph.
 
     Gradients accumulate into ``.grad`` exactly as ``(weight * losses.mean()).backward()`` would.
-    Returns the detached per-task losses ``[T]`` and query predictions.
+    Returns the detached per-task losses ``[T]`` and query predictions. The threads strategy
+    differentiates with respect to ``params`` (the meta-parameters); without them it runs the loop.
     """
+    if strategy.threaded and params is not None:
+        return _threaded_backward(fn, batch, strategy.num_workers(), weight, list(params))
     losses, preds = [], []
     for c in chunks(batch, strategy, for_backward=True):
         loss, pred = _run(fn, c, strategy.vectorize)
@@ -149,7 +192,7 @@ def meta_backward(build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str
     and query predictions ``[T, N_q, ...]``.
     """
     if not strategy.compiled:
-        return backward_tasks(build(params), batch, strategy, weight)
+        return backward_tasks(build(params), batch, strategy, weight, params.values())
     grad_fn = strategy.cache.get(build)
     if grad_fn is None:
         grad_fn = strategy.cache[build] = _compiled_grad(build)
@@ -164,6 +207,74 @@ def meta_backward(build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str
         losses.append(loss)
         preds.append(pred)
     return torch.cat(losses), torch.cat(preds)
+
+
+# --- threads: whole tasks on worker threads ---------------------------------------------------------
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A lasting pool of ``workers`` threads, each with one intra-op thread (the tasks are the parallelism)."""
+    with _POOL_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="mamlkit-task",
+                                                 initializer=torch.set_num_threads, initargs=(1,))
+        return _POOLS[workers]
+
+
+def _in_worker(job: Callable, grad_enabled: bool) -> Callable:
+    """``job`` as a worker runs it: grad mode is thread-local, so the caller's is carried over, and
+    ``functional.call`` uses a per-thread replica of each module (``functional_call`` swaps a module's
+    tensors while it runs, so two threads must not share one module)."""
+    def run(*args):
+        with torch.set_grad_enabled(grad_enabled), functional.thread_replicas():
+            return job(*args)
+    return run
+
+
+@contextlib.contextmanager
+def _single_threaded_caller() -> Iterator[None]:
+    """The caller drops to one intra-op thread while the workers run. A thread count is per thread for
+    OpenMP but not for every library torch calls (MKL's is process-wide): with the caller at 2, two
+    workers on 2 cores ran 0.6× as fast as with it at 1 (measured, benchmarks/RESULTS.md)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def threaded_tasks(fn: TaskFn, batch: TaskBatch, workers: int) -> list[tuple[Tensor, Tensor]]:
+    """``fn`` on every task of ``batch``, on ``workers`` threads; results in task order."""
+    job = _in_worker(lambda t: fn(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0]),
+                     torch.is_grad_enabled())
+    with _single_threaded_caller():
+        return list(_pool(workers).map(job, [batch[i:i + 1] for i in range(batch.num_tasks)]))
+
+
+def _threaded_backward(fn: TaskFn, batch: TaskBatch, workers: int, weight: float, params: list[Tensor]
+                       ) -> tuple[Tensor, Tensor]:
+    scale = weight / batch.num_tasks
+    wanted = [p for p in params if p.requires_grad]
+
+    def task(t: TaskBatch):
+        loss, pred = fn(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0])
+        return torch.autograd.grad(loss * scale, wanted, allow_unused=True), loss.detach(), pred.detach()
+
+    job = _in_worker(task, True)
+    losses, preds = [], []
+    with _single_threaded_caller():
+        # map yields in task order: the gradients are summed in the loop's order, whatever the timing
+        for grads, loss, pred in _pool(workers).map(job, [batch[i:i + 1] for i in range(batch.num_tasks)]):
+            for p, g in zip(wanted, grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+            losses.append(loss)
+            preds.append(pred)
+    return torch.stack(losses), torch.stack(preds)
 
 
 def _compiled_grad(build: Callable[[dict[str, Tensor]], TaskFn]) -> Callable:

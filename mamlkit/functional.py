@@ -15,7 +15,11 @@ calls these functions, not just the layers mamlkit ships. ``group_norm`` is exac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import copy
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +48,39 @@ def call(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
         fast = learner.adapt(support_x, support_y)
         y = mamlkit.functional.call(learner.model, fast, learner.buffers(), query_x)
     """
-    return torch.func.functional_call(model, (dict(params), dict(buffers)), (x,), strict=False)
+    return torch.func.functional_call(_local(model), (dict(params), dict(buffers)), (x,), strict=False)
+
+
+# functional_call swaps a module's tensors for the call's duration, so a module must not run in two
+# threads at once. The threads strategy's workers run on per-thread replicas: the same parameter and
+# buffer objects (so a subset in ``params`` still falls back to the module's own), with their own
+# module objects.
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def thread_replicas() -> Iterator[None]:
+    """Within the block, :func:`call` runs this thread's replica of each module."""
+    if getattr(_THREAD, "replicas", None) is None:
+        _THREAD.replicas = weakref.WeakKeyDictionary()
+    depth = getattr(_THREAD, "depth", 0)
+    _THREAD.depth = depth + 1
+    try:
+        yield
+    finally:
+        _THREAD.depth = depth
+
+
+def _local(model: nn.Module) -> nn.Module:
+    if not getattr(_THREAD, "depth", 0):
+        return model
+    tensors = [*model.parameters(), *model.buffers()]
+    key = tuple(map(id, tensors))
+    replica, known = _THREAD.replicas.get(model, (None, None))
+    if known != key:  # first use, or the model's tensors were replaced since
+        replica = copy.deepcopy(model, memo={id(t): t for t in tensors})
+        _THREAD.replicas[model] = (replica, key)
+    return replica
 
 
 # --------------------------------------------------------------------------------------

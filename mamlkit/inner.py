@@ -113,8 +113,7 @@ def _autograd_ok(fast: Params) -> bool:
 
 
 def _checkpointed(step_fn: Callable, fast: Params, state, step: int):
-    """``step_fn(fast, state, step)`` under a re-entrant checkpoint. The re-entrant form is the one
-    that works here: ``torch.func.grad`` refuses the saved-tensor hooks of the non-re-entrant one."""
+    """``step_fn(fast, state, step)`` under a gradient checkpoint (its graph is recomputed in backward)."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
     from torch.utils.checkpoint import checkpoint
 
@@ -126,7 +125,10 @@ def _checkpointed(step_fn: Callable, fast: Params, state, step: int):
         flat_step.spec = out_spec
         return tuple(out)
 
-    out = checkpoint(flat_step, *leaves, use_reentrant=True)
+    # the re-entrant form under torch.func transforms, which refuse the other's saved-tensor hooks; the
+    # non-re-entrant form otherwise, since only it allows torch.autograd.grad (the threads strategy's backward)
+    reentrant = torch._C._functorch.maybe_current_level() is not None
+    out = checkpoint(flat_step, *leaves, use_reentrant=reentrant)
     return tree_unflatten(list(out), flat_step.spec)
 
 

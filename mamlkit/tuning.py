@@ -1,7 +1,8 @@
 """Choose the execution strategy by measuring it, and say how much memory it will take.
 
 No single strategy wins everywhere (see :mod:`mamlkit.engine` and benchmarks/RESULTS.md): vmap
-wins for small models, the loop for Conv nets with many query images on the CPU, a compiled
+wins for small models, the loop for Conv nets with many query images on the CPU, tasks on threads
+for Conv nets with little work per task on several CPU cores, a compiled
 meta-gradient for dispatch-bound MLPs in long runs. Before training, :func:`settle_strategy`
 
 1. measures the peak tensor memory of each candidate on the first batch (:mod:`mamlkit.memory`)
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mamlkit.engine import Strategy, _has_conv
+from mamlkit.engine import Strategy, _has_conv, has_dropout
 from mamlkit.errors import UserError
 from mamlkit.memory import mb, meta_backward_peak
 from mamlkit.tasks.base import TaskBatch
@@ -32,15 +33,26 @@ from mamlkit.tasks.base import TaskBatch
 # A compiled meta-gradient costs tens of seconds to build on a CPU; below this many iterations it
 # cannot pay that back, so ``auto`` does not try it.
 COMPILE_MIN_ITERATIONS = 2_000
-# ``auto`` takes the candidate with the least memory among those within 5% of the fastest.
-NEAR_FASTEST = 1.05
+# ``auto`` takes the candidate with the least memory among those within 10% of the fastest: on a
+# 2-core VM, repeated trials of the same candidates differed by about 10% (benchmarks/RESULTS.md,
+# issue 8 session 3), so a tighter window chose by noise, often the hungrier candidate.
+NEAR_FASTEST = 1.10
+# rounds of the interleaved trial (after one warm-up round)
+TRIAL_ROUNDS = 5
+# ``auto`` does not time a candidate that needs this many times the memory of the leanest one (and over
+# 64 MB): the trial alone would set the run's peak memory (3.4 GB for unchunked vmap on Omniglot
+# 20w1s; on 5w1s the unchunked vmap trial, 179 MB of tensors, took peak RSS from 483 to 784 MB), and
+# such a candidate has a leaner chunked or threaded sibling in the list.
+MEMORY_SKIP_RATIO, MEMORY_SKIP_FLOOR = 8, 64 * 2**20
 
 
 def estimate(learner: Any, batch: TaskBatch, strategy: Strategy) -> tuple[int, int]:
     """``(fixed, per_task)`` bytes: the peak tensor memory of one meta-iteration is about
     ``fixed + per_task × (tasks run together)``. Measured on one and two tasks of ``batch``."""
-    probe = strategy.replace(compiled=False, chunk_size=None)
+    probe = strategy.replace(compiled=False, chunk_size=None, workers=0)
     one = meta_backward_peak(learner, batch[:1], probe)
+    if strategy.threaded:
+        return 0, one  # each worker holds one task's graph and gradients (the tracker sees one thread only)
     if not probe.vectorize or batch.num_tasks < 2:
         return one, 0  # the loop frees each task's graph before the next
     two = meta_backward_peak(learner, batch[:2], probe)
@@ -48,8 +60,15 @@ def estimate(learner: Any, batch: TaskBatch, strategy: Strategy) -> tuple[int, i
     return one - per_task, per_task
 
 
+def _together(strategy: Strategy, num_tasks: int) -> int:
+    """How many tasks' graphs are alive at once."""
+    if strategy.threaded:
+        return min(strategy.num_workers(), num_tasks)
+    return (strategy.chunk_size or num_tasks) if strategy.vectorize else 1
+
+
 def _fit_budget(strategy: Strategy, fixed: int, per_task: int, num_tasks: int, budget: int) -> Strategy | None:
-    together = strategy.chunk_size or num_tasks if strategy.vectorize else 1
+    together = _together(strategy, num_tasks)
     if fixed + per_task * together <= budget:
         return strategy
     if not strategy.vectorize or fixed + per_task > budget:
@@ -59,16 +78,39 @@ def _fit_budget(strategy: Strategy, fixed: int, per_task: int, num_tasks: int, b
 
 def _time(learner: Any, batch: TaskBatch, strategy: Strategy, repeats: int = 3) -> float:
     """Seconds per ``meta_backward`` (the best of ``repeats`` after one warm-up call)."""
-    saved, learner.strategy = learner.strategy, strategy
+    return _time_all(learner, batch, [strategy], rounds=repeats)[0]
+
+
+def _time_all(learner: Any, batch: TaskBatch, strategies: list[Strategy], rounds: int = 3,
+              say: Callable[[str], None] | None = None) -> list[float]:
+    """Seconds per ``meta_backward`` of each strategy: one warm-up call each, then ``rounds`` rounds
+    that time every strategy once, keeping each one's best. Interleaved rather than one strategy after
+    another, so that a change in the machine's load during the trial does not favour whichever ran
+    first. A strategy that fails its warm-up gets ``inf`` (and a message through ``say``); with no
+    ``say`` the error propagates."""
+    saved = learner.strategy
     params = list(learner.meta_parameters().values())
+    best = [math.inf] * len(strategies)
+    ok = [True] * len(strategies)
     try:
-        best = math.inf
         with torch.random.fork_rng(devices=[]):
-            for i in range(repeats + 1):
-                start = time.perf_counter()
-                learner.meta_backward(batch)
-                if i:
-                    best = min(best, time.perf_counter() - start)
+            for r in range(rounds + 1):
+                for i, strategy in enumerate(strategies):
+                    if not ok[i]:
+                        continue
+                    learner.strategy = strategy
+                    start = time.perf_counter()
+                    try:
+                        learner.meta_backward(batch)
+                    except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for torch.compile
+                        if say is None or r:
+                            raise
+                        ok[i] = False
+                        say(f"mamlkit: strategy {strategy.name} unavailable here ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:120] if str(err) else ''}); skipped")
+                        continue
+                    if r:  # round 0 is the warm-up
+                        best[i] = min(best[i], time.perf_counter() - start)
         return best
     finally:
         learner.strategy = saved
@@ -81,10 +123,15 @@ def _candidates(learner: Any, iterations: int) -> list[Strategy]:
     if not s.auto:
         return [s]
     vmap, loop = Strategy(True, s.chunk_size, auto_chunk=not s.chunk_size), Strategy(False, s.chunk_size)
-    if next(learner.model.parameters()).device.type == "cpu" and _has_conv(learner.model):
+    cpu = next(learner.model.parameters()).device.type == "cpu"
+    if _has_conv(learner.model):
         # Conv nets on the CPU: vmap's grouped convolutions win with few query images, the loop with
-        # many (benchmarks/RESULTS.md); compiling them takes minutes and lost to the loop when measured.
-        return [loop, vmap]
+        # many, whole tasks on threads with several cores and little work per task (benchmarks/
+        # RESULTS.md); compiling them takes minutes and lost to the loop when measured. On a GPU the
+        # loop (large images, few tasks) and vmap (many small tasks) are both worth timing.
+        parallel = cpu and torch.get_num_threads() > 1 and not has_dropout(learner.model)
+        threads = [Strategy(False, workers=-1)] if parallel else []
+        return [loop, *threads, vmap]
     # Models without convolutions are dispatch-bound: vmap always beat the loop, by 4-10× when measured,
     # and a compiled meta-gradient beats vmap by ~6× once its compile time is paid back.
     out = [vmap]
@@ -109,6 +156,18 @@ def _simple(model: nn.Module) -> bool:
                if not list(m.children()) or any(True for _ in m.parameters(recurse=False)))
 
 
+def _release_freed_memory() -> None:
+    """Hand the memory the trial freed back to the OS (glibc's ``malloc_trim``). The hungrier candidates'
+    trials leave freed pages in the allocator's heaps, which would otherwise stay in the training
+    run's resident memory (benchmarks/RESULTS.md, issue 8 session 3). A no-op without glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_budget_mb: float = 0.0,
                     say: Callable[[str], None] = print) -> Strategy:
     """Fix ``learner.strategy`` for a run of ``iterations`` meta-iterations on batches like ``batch``.
@@ -120,8 +179,7 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
     options, needs = [], {}
     for cand in _candidates(learner, iterations):
         fixed, per_task = estimate(learner, batch, cand)
-        together = (cand.chunk_size or batch.num_tasks) if cand.vectorize else 1
-        need = fixed + per_task * together
+        need = fixed + per_task * _together(cand, batch.num_tasks)
         fitted = cand if budget is None else _fit_budget(cand, fixed, per_task, batch.num_tasks, budget)
         note = f"~{mb(need)} of tensors per meta-iteration ({mb(per_task)} per task run together)"
         if fitted is None:
@@ -132,7 +190,7 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
                     f"~{mb(fixed + per_task * fitted.chunk_size)}"
         say(f"mamlkit: memory estimate, {fitted.name}: {note}")
         options.append(fitted)
-        needs[fitted.name] = fixed + per_task * ((fitted.chunk_size or batch.num_tasks) if fitted.vectorize else 1)
+        needs[fitted.name] = fixed + per_task * _together(fitted, batch.num_tasks)
         quarter = batch.num_tasks // 4
         if cand.auto_chunk and fitted.vectorize and not fitted.compiled and not fitted.chunk_size and quarter >= 2:
             # vmap in quarters often runs as fast with a fraction of the memory (benchmarks/RESULTS.md)
@@ -144,18 +202,21 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
                         "budget, lower --meta-batch or --inner-steps, or use --checkpoint-inner (memory "
                         "independent of the inner steps)")
     if len(options) > 1:
-        timed = []
-        for cand in options:
-            try:
-                timed.append((_time(learner, batch, cand), cand))
-            except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for torch.compile: skip it
-                say(f"mamlkit: strategy {cand.name} unavailable here ({type(err).__name__}: "
-                    f"{str(err).splitlines()[0][:120] if str(err) else ''}); skipped")
+        leanest = min(needs.values())
+        heavy = [c for c in options if needs[c.name] > max(MEMORY_SKIP_RATIO * leanest, MEMORY_SKIP_FLOOR)]
+        if heavy:
+            say(f"mamlkit: not timing {', '.join(c.name for c in heavy)}: over {MEMORY_SKIP_RATIO}× the memory of "
+                "the leanest candidate")
+            options = [c for c in options if c not in heavy]
+    if len(options) > 1:
+        seconds = _time_all(learner, batch, options, rounds=TRIAL_ROUNDS, say=say)
+        timed = [(t, c) for t, c in zip(seconds, options) if t < math.inf]
         say("mamlkit: strategy timing (s per meta-iteration): "
             + ", ".join(f"{c.name} {t:.4f}" for t, c in timed))
         # the fastest, or a leaner one within NEAR_FASTEST of it
         best = min(t for t, _ in timed)
         options = [min((c for t, c in timed if t <= best * NEAR_FASTEST), key=lambda c: needs[c.name])]
+        _release_freed_memory()
     elif options[0].compiled:  # compile now, so a failure is a clear message rather than a mid-run traceback
         try:
             _time(learner, batch, options[0], repeats=0)

@@ -339,7 +339,7 @@ def test_every_algorithm_has_a_finite_loss_and_a_gradient_on_every_meta_paramete
 def test_every_algorithm_is_deterministic_and_vmap_equals_loop_and_meta_loss(name, reference_grads):
     batch, out = reference_grads
     loss_ref, ref = out[name]
-    for strategy, chunk in (("vmap", 0), ("loop", 0), ("vmap", 3)):
+    for strategy, chunk in (("vmap", 0), ("loop", 0), ("vmap", 3), ("threads", 0)):
         learner = build_learner(name, mlp(), cfg_for(strategy, chunk_size=chunk))
         stats = learner.meta_backward(batch)
         got = {k: p.grad for k, p in learner.meta_parameters().items()}

@@ -50,3 +50,21 @@ def test_readme_lists_every_preset():
 
     for name in PRESETS:
         assert f"| `{name}` |" in README, f"preset {name} missing from the README's table"
+
+
+def test_readme_benchmark_example_runs_and_its_implementations_agree():
+    import subprocess
+    import sys
+
+    lines = [line[2:] for b in blocks("console") for line in b.splitlines()
+             if line.startswith("$ python benchmarks/throughput.py ")]
+    assert len(lines) == 1
+    args = shlex.split(lines[0])[1:] + ["--iters", "3", "--warmup", "1"]  # the last --iters wins
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [r.split("|")[1:-1] for r in proc.stdout.splitlines() if r.startswith(("| mamlkit", "| torch"))]
+    names = [r[0].strip().split(" ")[0] for r in rows]
+    assert names == ["mamlkit-vmap", "mamlkit-loop", "mamlkit-threads", "torch.func"], proc.stdout
+    for r in rows:
+        assert float(r[2]) > 0  # tasks/s
+        assert float(r[-1]) < 1e-10, f"{r[0]} computes another meta-gradient than mamlkit: {proc.stdout}"

@@ -1,6 +1,8 @@
 """Execution strategies (issue 8): compile, checkpointed inner loop, the measured ``auto`` choice and
 the memory estimate. Every strategy must give the reference loop's meta-gradient (float64, 1e-10)."""
 
+import re
+
 import pytest
 import torch
 from helpers import flat
@@ -121,9 +123,11 @@ def test_auto_times_only_exact_candidates_and_leaves_no_trace():
     chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
     assert torch.equal(torch.rand(2), expected)                       # global RNG untouched
     assert all(p.grad is None for p in learner.meta_parameters().values())
-    assert chosen.name in ("loop", "vmap", "vmap(chunk=2)") and not chosen.auto
-    # vmap in quarters is a candidate too: it often runs as fast with a fraction of the memory
+    assert chosen.name in ("loop", "threads", "vmap", "vmap(chunk=2)") and not chosen.auto
+    # vmap in quarters is a candidate too: it often runs as fast with a fraction of the memory; and
+    # with several torch threads, whole tasks on threads
     assert "strategy timing" in said[-1] and all(n in said[-1] for n in ("loop ", "vmap ", "vmap(chunk=2) "))
+    assert ("threads " in said[-1]) == (torch.get_num_threads() > 1)
     assert rel(meta_grad(learner, batch), ref) < 1e-10
     # a long run of a model without convolutions also tries the compiled meta-gradient; a short one does not
     mlp_learner = mamlkit.MAML(mamlkit.models.mlp(1, (8,), 1), inner_lr=0.1)
@@ -136,7 +140,8 @@ def test_auto_times_only_exact_candidates_and_leaves_no_trace():
 
 
 def test_strategy_names_round_trip_and_bad_combinations_fail():
-    for s in (engine.Strategy(True), engine.Strategy(False, 4), engine.Strategy(True, 8, compiled=True)):
+    for s in (engine.Strategy(True), engine.Strategy(False, 4), engine.Strategy(True, 8, compiled=True),
+              engine.Strategy(False, workers=-1), engine.Strategy(False, workers=3)):
         assert engine.Strategy.from_name(s.name) == s
     with pytest.raises(ValueError, match="checkpoint_inner runs only with strategy loop"):
         mamlkit.MAML(conv_model(), strategy="vmap", checkpoint_inner=True)
@@ -158,7 +163,7 @@ def test_resume_keeps_the_measured_strategy(tmp_path):
     (["--algo", "reptile", "--checkpoint-inner"], "checkpoint_inner works with"),
     (["--strategy", "compile", "--algo", "reptile"], "--strategy compile is not available for --algo reptile"),
     (["--memory-budget", "-1"], "memory_budget must be >= 0"),
-    (["--strategy", "pmap"], "strategy must be auto, vmap, loop or compile"),
+    (["--strategy", "pmap"], "strategy must be auto, vmap, loop, threads or compile"),
     (["--memory-budget", "0.0001", "--hidden-sizes", "8"], "no execution strategy fits --memory-budget"),
 ])
 def test_cli_strategy_errors_exit_2(cli, tmp_path, args, message):
@@ -172,3 +177,115 @@ def test_cli_prints_the_memory_estimate_before_training(cli, tmp_path):
                          "--no-compare-pretrained", "--hidden-sizes", "8", "--val-tasks", "0", "--eval-tasks", "5")
     assert code == 0
     assert "memory estimate, vmap" in out + err
+
+
+# --- threads: whole tasks on worker threads ------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_order, checkpoint_inner", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_threads_equal_the_loop_bitwise(workers, first_order, checkpoint_inner):
+    """Tasks on threads give exactly the loop's meta-gradient: per-task gradients are summed in task
+    order. Without per-thread module replicas, two threads swap one module's tensors under each other
+    and this fails (wrong gradients or "backward through the graph a second time")."""
+    model, batch = conv_model(), image_batch(tasks=7)
+    kw = dict(inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", first_order=first_order,
+              checkpoint_inner=checkpoint_inner)
+    ref = meta_grad(mamlkit.MAML(model, strategy="loop", **kw), batch)
+    learner = mamlkit.MAML(model, **kw)
+    learner.strategy = engine.Strategy(False, workers=workers)
+    assert learner.strategy.name == f"threads(workers={workers})"
+    for _ in range(2):  # and deterministic
+        assert torch.equal(meta_grad(learner, batch), ref)
+    # evaluation runs through the same threads, under the caller's no_grad
+    with torch.no_grad():
+        losses, accs = learner.adapted_losses(batch, 2)
+    ref_losses, ref_accs = mamlkit.MAML(model, strategy="loop", **kw).adapted_losses(batch, 2)
+    assert torch.equal(losses, ref_losses) and torch.equal(accs, ref_accs)
+
+
+def test_threads_keep_the_callers_thread_count_and_refuse_dropout():
+    model, batch = conv_model(), image_batch(tasks=4)
+    before = torch.get_num_threads()
+    learner = mamlkit.MAML(model, inner_lr=0.3, loss_fn="cross_entropy", strategy="threads")
+    assert learner.strategy.name == "threads" and learner.strategy.num_workers() == before
+    learner.meta_backward(batch)
+    assert torch.get_num_threads() == before  # workers run one intra-op thread each, the caller keeps its own
+    dropout = nn.Sequential(conv_model(), nn.Dropout(0.1))
+    with pytest.raises(ValueError, match="dropout"):
+        mamlkit.MAML(dropout, inner_lr=0.3, loss_fn="cross_entropy", strategy="threads")
+    torch.set_num_threads(2)
+    try:
+        names = [c.name for c in tuning._candidates(mamlkit.MAML(dropout, inner_lr=0.3), 10)]
+        assert "threads" not in names and "threads" in \
+            [c.name for c in tuning._candidates(mamlkit.MAML(conv_model(), inner_lr=0.3), 10)]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_training_with_threads_equals_the_loop_and_resumes_as_threads(tmp_path):
+    def cfg(strategy):
+        return preset_config("sinusoid", dict(iterations=4, log_every=2, val_every=100, val_tasks=0, progress=False,
+                                              tensorboard=False, hidden_sizes=(8,), meta_batch=5, out_dir=str(tmp_path),
+                                              checkpoint_every=2, compare_pretrained=False, strategy=strategy,
+                                              dtype="float64"))
+
+    loop = train.fit(train.new_trainer(cfg("loop"), tmp_path / "loop"))
+    first = train.fit(train.new_trainer(cfg("threads"), tmp_path / "t"), stop_at=2)
+    assert first.learner.strategy.name == "threads"
+    train.save_checkpoint(first, tmp_path / "t" / "checkpoint.safetensors")
+    resumed = train.load_trainer(tmp_path / "t")
+    assert resumed.learner.strategy.name == "threads"
+    train.fit(resumed)
+    for k, p in loop.learner.meta_parameters().items():
+        assert torch.equal(p, resumed.learner.meta_parameters()[k]), k
+
+
+def test_auto_does_not_time_a_candidate_far_above_the_leanest_in_memory(monkeypatch):
+    model, batch = conv_model(), image_batch(tasks=8)
+    learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy")
+    needs = {}
+    for cand in tuning._candidates(learner, 10):
+        fixed, per_task = tuning.estimate(learner, batch, cand)
+        needs[cand.name] = fixed + per_task * tuning._together(cand, batch.num_tasks)
+    assert needs["vmap"] > 2 * needs["loop"]
+    # a skip ratio below vmap's: its trial would set the run's peak, so it is not timed
+    monkeypatch.setattr(tuning, "MEMORY_SKIP_RATIO", 0.5 * needs["vmap"] / min(needs.values()))
+    monkeypatch.setattr(tuning, "MEMORY_SKIP_FLOOR", 0)
+    said = []
+    chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    skipped = next(s for s in said if "not timing" in s)
+    assert "vmap" in skipped and chosen.name != "vmap"
+    timing = " ".join(s for s in said if "strategy timing" in s)
+    assert not re.search(r"\bvmap \d", timing)  # timed: the leaner ones only
+
+
+def test_auto_times_candidates_interleaved_and_skips_one_that_fails(monkeypatch):
+    model, batch = conv_model(), image_batch(tasks=8)  # candidates: loop, [threads], vmap, vmap in quarters
+    learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn="cross_entropy")
+    order, real, real_time_all, timing = [], type(learner).meta_backward, tuning._time_all, []
+
+    def spy(self, b):
+        if timing:  # the memory estimate runs meta_backward too: only the timed trial is watched
+            order.append(self.strategy.name)
+            if self.strategy.vectorize and not self.strategy.chunk_size:
+                raise RuntimeError("pretend vmap cannot batch an operation")
+        return real(self, b)
+
+    def time_all(*args, **kwargs):
+        timing.append(True)
+        return real_time_all(*args, **kwargs)
+
+    monkeypatch.setattr(type(learner), "meta_backward", spy)
+    monkeypatch.setattr(tuning, "_time_all", time_all)
+    monkeypatch.setattr(tuning, "MEMORY_SKIP_FLOOR", 10**12)
+    said = []
+    chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    names = list(dict.fromkeys(order))  # the candidates in trial order
+    assert len(names) >= 3 and "vmap" in names
+    rest = [n for n in names if n != "vmap"]
+    # one warm-up round, then TRIAL_ROUNDS rounds over every candidate in the same order; vmap dropped
+    assert order == names + rest * tuning.TRIAL_ROUNDS
+    assert any("strategy vmap unavailable here (RuntimeError: pretend vmap" in s for s in said)
+    assert chosen.name in rest
+    assert all(p.grad is None for p in model.parameters())  # the trial leaves no gradients behind

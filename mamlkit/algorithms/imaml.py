@@ -106,7 +106,8 @@ class IMAML:
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         fn = self.implicit_task_fn(named_params(self.model))
-        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight)
+        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight,
+                                              self.meta_parameters().values())
         return engine.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:

@@ -40,7 +40,8 @@ class MAML:
         kind: ``"regression"`` or ``"classification"``; inferred from a named ``loss_fn``.
         adapt_filter: which parameters adapt, by name (default: all). ANIL adapts ``head.*``.
         test_inner_steps: K at evaluation and in :meth:`adapt` (default: ``inner_steps``).
-        strategy: ``"auto" | "vmap" | "loop" | "compile"``, how tasks are batched (see :mod:`mamlkit.engine`).
+        strategy: ``"auto" | "vmap" | "loop" | "threads" | "compile"``, how tasks are batched
+            (see :mod:`mamlkit.engine`).
         chunk_size: tasks per chunk in :meth:`meta_backward`; bounds memory.
         checkpoint_inner: recompute each inner step's graph during the meta-gradient instead of keeping
             it, so second-order memory does not grow with ``inner_steps`` (loop strategy; same numbers).

@@ -135,7 +135,8 @@ class MAMLPlusPlus:
         return losses.mean(), engine.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
-        losses, preds = engine.backward_tasks(self._train_fn(), batch, self.strategy, weight)
+        losses, preds = engine.backward_tasks(self._train_fn(), batch, self.strategy, weight,
+                                              self.meta_parameters().values())
         return engine.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:

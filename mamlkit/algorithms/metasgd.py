@@ -71,7 +71,8 @@ class MetaSGD:
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         fn = self._task_fn(named_params(self.model), self.inner_lrs, self.inner_steps, self.first_order)
-        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight)
+        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight,
+                                              self.meta_parameters().values())
         return engine.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
