@@ -247,12 +247,17 @@ def _single_threaded_caller() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+def _map_threaded(task: Callable, batch: TaskBatch, workers: int, grad_enabled: bool) -> Iterator:
+    """``task(sx, sy, qx, qy)`` on every task of ``batch`` on ``workers`` threads, yielded in task order
+    (so that whatever the threads' timing, results are combined in the loop's order)."""
+    job = _in_worker(lambda t: task(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0]), grad_enabled)
+    with _single_threaded_caller():
+        yield from _pool(workers).map(job, [batch[i:i + 1] for i in range(batch.num_tasks)])
+
+
 def threaded_tasks(fn: TaskFn, batch: TaskBatch, workers: int) -> list[tuple[Tensor, Tensor]]:
     """``fn`` on every task of ``batch``, on ``workers`` threads; results in task order."""
-    job = _in_worker(lambda t: fn(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0]),
-                     torch.is_grad_enabled())
-    with _single_threaded_caller():
-        return list(_pool(workers).map(job, [batch[i:i + 1] for i in range(batch.num_tasks)]))
+    return list(_map_threaded(fn, batch, workers, torch.is_grad_enabled()))
 
 
 def _threaded_backward(fn: TaskFn, batch: TaskBatch, workers: int, weight: float, params: list[Tensor]
@@ -260,20 +265,17 @@ def _threaded_backward(fn: TaskFn, batch: TaskBatch, workers: int, weight: float
     scale = weight / batch.num_tasks
     wanted = [p for p in params if p.requires_grad]
 
-    def task(t: TaskBatch):
-        loss, pred = fn(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0])
+    def task(*data: Tensor):
+        loss, pred = fn(*data)
         return torch.autograd.grad(loss * scale, wanted, allow_unused=True), loss.detach(), pred.detach()
 
-    job = _in_worker(task, True)
     losses, preds = [], []
-    with _single_threaded_caller():
-        # map yields in task order: the gradients are summed in the loop's order, whatever the timing
-        for grads, loss, pred in _pool(workers).map(job, [batch[i:i + 1] for i in range(batch.num_tasks)]):
-            for p, g in zip(wanted, grads):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad.add_(g)
-            losses.append(loss)
-            preds.append(pred)
+    for grads, loss, pred in _map_threaded(task, batch, workers, True):
+        for p, g in zip(wanted, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        losses.append(loss)
+        preds.append(pred)
     return torch.stack(losses), torch.stack(preds)
 
 
