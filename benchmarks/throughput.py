@@ -11,6 +11,8 @@ see benchmarks/RESULTS.md for how learn2learn was built here).
 Prints a table of meta-iterations/s, tasks/s, peak RSS, the ratio to mamlkit and the achieved
 GFLOP/s: the FLOPs of one meta-iteration are counted once (torch.utils.flop_counter on the plain
 loop, forward, backward and second-order terms included) and divided by each implementation's time.
+The mamlkit rows apply the trainer's glibc malloc settings (``mamlkit.tuning.tune_malloc``), as
+``mamlkit train`` does; ``--no-tune-malloc`` leaves them out, and ``GLIBC_TUNABLES`` gives them to every row.
 ``--first-order`` runs every implementation first order (FOMAML) instead. ``--device cuda`` runs every
 implementation on the GPU (JAX stays on the CPU and is skipped there), synchronising around the timed
 loop and reporting peak GPU memory (``torch.cuda.max_memory_allocated``) instead of peak RSS.
@@ -92,7 +94,10 @@ CHOSEN: dict[str, str] = {}  # what `auto` settled on in this process
 def make_mamlkit(strategy, **kw):
     def setup(model, w):
         import mamlkit
+        from mamlkit.tuning import tune_malloc
 
+        if os.environ.get("MAMLKIT_BENCH_TUNE_MALLOC", "1") == "1":
+            tune_malloc()  # as `mamlkit train` does (unless --no-tune-malloc)
         learner = mamlkit.MAML(model, inner_lr=w["inner_lr"], inner_steps=w["steps"], loss_fn=w["loss"],
                                kind="classification" if w["loss"] is F.cross_entropy else "regression",
                                strategy=strategy, first_order=w["first_order"], **kw)
@@ -100,8 +105,8 @@ def make_mamlkit(strategy, **kw):
             from mamlkit.tuning import settle_strategy
 
             p0 = next(model.parameters())
-            settle_strategy(learner, workload_data(w["name"], 1, p0.dtype)[0].to(p0.device),
-                            iterations=10**6, say=lambda m: print(m, file=sys.stderr))
+            first = w["first_batch"] if "first_batch" in w else workload_data(w["name"], 1, p0.dtype)[0].to(p0.device)
+            settle_strategy(learner, first, iterations=10**6, say=lambda m: print(m, file=sys.stderr))
             if "strategy" not in CHOSEN:  # the float32 run's choice and the trial's own peak, for the table
                 CHOSEN.update(strategy=learner.strategy.name, trial_mb=f"{peak_rss_mb():.0f}")
                 reset_peak_rss()  # so that the table's peak RSS is training's, after the one-off trial
@@ -301,9 +306,11 @@ def run_one(impl: str, name: str, iters: int, warmup: int, threads: int, device:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # 1) throughput in float32, with an Adam step as in training
     model = workload_model(name).to(device)
-    step = IMPLS[impl](model, w)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # the data first, as in training (the trainer loads the data set before choosing a strategy), so that
+    # loading it, which peaks above its resting memory, happens before any implementation's own work
     data = [b.to(device) for b in workload_data(name, min(iters, 50))]
+    step = IMPLS[impl](model, w | {"first_batch": data[0]})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for i in range(warmup):
         opt.zero_grad(set_to_none=True)
         step(data[i % len(data)])
@@ -373,6 +380,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-root", default="", help="dataset root for image workloads (sets MAMLKIT_BENCH_DATA)")
     ap.add_argument("--first-order", action="store_true", help="every implementation first order (FOMAML)")
+    ap.add_argument("--no-tune-malloc", action="store_true",
+                    help="mamlkit rows without the trainer's glibc malloc settings (mamlkit.tuning.tune_malloc); "
+                         "give every row them instead with GLIBC_TUNABLES (see RESULTS.md)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every implementation runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -380,6 +390,8 @@ def main() -> None:
         os.environ["MAMLKIT_BENCH_DATA"] = args.data_root  # children inherit it
     if args.first_order:
         os.environ["MAMLKIT_BENCH_FIRST_ORDER"] = "1"
+    if args.no_tune_malloc:
+        os.environ["MAMLKIT_BENCH_TUNE_MALLOC"] = "0"
     if args.child:
         print(json.dumps(run_one(args.child, args.workload, args.iters, args.warmup, args.threads, args.device)))
         return
@@ -391,6 +403,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", impl, "--workload", args.workload, "--iters", str(args.iters),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        for line in proc.stderr.splitlines():  # what `auto` measured and chose, as the trainer prints it
+            if line.startswith("mamlkit:"):
+                print(f"# {line}")
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
             print(f"# {impl}: skipped ({last})")

@@ -16,7 +16,7 @@ from mamlkit.presets import PRESETS, preset_config
 
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progress", "tensorboard", "threads",
-             "eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained",
+             "tune_malloc", "eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained",
              "backend", "dist_timeout", "data_root", "trust_checksum"}  # data: verified by checksum
 
 

@@ -128,6 +128,8 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     """
     if trainer.cfg.threads:
         torch.set_num_threads(trainer.cfg.threads)
+    if trainer.cfg.tune_malloc:
+        tuning.tune_malloc()
     with distributed.session(trainer.cfg) as world:
         world.broadcast_(trainer.learner)  # every rank starts from rank 0's meta-parameters
         _fit_loop(trainer, stop_at, world)

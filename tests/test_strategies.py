@@ -2,6 +2,8 @@
 the memory estimate. Every strategy must give the reference loop's meta-gradient (float64, 1e-10)."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -289,3 +291,32 @@ def test_auto_times_candidates_interleaved_and_skips_one_that_fails(monkeypatch)
     assert any("strategy vmap unavailable here (RuntimeError: pretend vmap" in s for s in said)
     assert chosen.name in rest
     assert all(p.grad is None for p in model.parameters())  # the trial leaves no gradients behind
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc")
+def test_tune_malloc_keeps_freed_memory_for_reuse():
+    # In a fresh process a freed 16 MB tensor goes back to the OS under glibc's defaults (mmapped, 128 kB
+    # threshold) and stays resident for reuse after tune_malloc (heap, 32 MB threshold, 1 GB trim).
+    script = ("import os, sys, torch\nfrom mamlkit.tuning import tune_malloc\n"
+              "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+              "tuned = sys.argv[1] == '1' and tune_malloc()\n"
+              "before = rss(); x = torch.ones(4 * 2**20); del x\n"
+              "print(tuned, (rss() - before) / 2**20)\n")
+    kept = {}
+    for arg in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, check=True)
+        tuned, mb = out.stdout.split()
+        kept[arg] = (tuned, float(mb))
+    assert kept["1"][0] == "True" and kept["1"][1] > 14  # the 16 MB stayed
+    assert kept["0"][1] < 8  # the default returned it
+
+
+def test_trainer_tunes_malloc_unless_asked_not_to(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tuning, "tune_malloc", lambda: calls.append(True) or True)
+    cfg = preset_config("sinusoid", {"iterations": 2, "meta_batch": 2, "progress": False, "tensorboard": False,
+                                     "compare_pretrained": False, "eval_tasks": 2, "strategy": "vmap"})
+    train.fit(train.new_trainer(cfg, tmp_path / "tuned"))
+    assert calls == [True]
+    train.fit(train.new_trainer(cfg.replace(tune_malloc=False), tmp_path / "untuned"))
+    assert calls == [True]
