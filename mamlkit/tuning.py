@@ -37,28 +37,40 @@ COMPILE_MIN_ITERATIONS = 2_000
 # 2-core VM, repeated trials of the same candidates differed by about 10% (benchmarks/RESULTS.md,
 # issue 8 session 3), so a tighter window chose by noise, often the hungrier candidate.
 NEAR_FASTEST = 1.10
-# rounds of the interleaved trial (after one warm-up round)
-TRIAL_ROUNDS = 5
+# timed rounds of the interleaved trial (after one warm-up round); each timed call follows an untimed one
+TRIAL_ROUNDS = 3
 # ``auto`` does not time a candidate that needs this many times the memory of the leanest one (and over
-# 32 MB): the trial alone would set the run's peak memory (3.4 GB for unchunked vmap on Omniglot
-# 20w1s; on 5w1s the unchunked vmap trial, 179 MB of tensors, took peak RSS from 483 to 784 MB, and vmap
-# in chunks of 8, 45 MB against the loop's 5 MB, from 401 to 460 MB for at most 12% more speed). Such a
-# candidate has a leaner sibling in the list; ``--strategy vmap`` or ``--memory-budget`` still asks for it.
-MEMORY_SKIP_RATIO, MEMORY_SKIP_FLOOR = 8, 32 * 2**20
+# 32 MB), nor measure it beyond one task: its trial would set the run's peak memory (unchunked vmap: 3.4 GB
+# on Omniglot 20w1s; on 5w1s, 179 MB of tensors took peak RSS from 483 to 784 MB, and vmap in chunks of
+# 8, 45 MB against the loop's 5 MB, from 401 to 460 MB for at most 1.13-1.29× the speed of threads). In
+# session 4's runs (benchmarks/RESULTS.md) no other candidate above 4× the leanest was the fastest: vmap in
+# chunks of 4 on 20w1s (7×) was slower than threads (2×). ``--strategy vmap`` still asks for it.
+MEMORY_SKIP_RATIO, MEMORY_SKIP_FLOOR = 4, 32 * 2**20
 
 
-def estimate(learner: Any, batch: TaskBatch, strategy: Strategy) -> tuple[int, int]:
+def estimate(learner: Any, batch: TaskBatch, strategy: Strategy, enough: int | None = None) -> tuple[int, int]:
     """``(fixed, per_task)`` bytes: the peak tensor memory of one meta-iteration is about
-    ``fixed + per_task × (tasks run together)``. Measured on one and two tasks of ``batch``."""
+    ``fixed + per_task × (tasks run together)``. Measured on one and two tasks of ``batch``.
+
+    With ``enough``, a vectorised strategy whose one-task peak times the batch's tasks exceeds it stops
+    at one task and returns ``(0, one)``, an upper bound: two tasks under vmap take twice one task's
+    memory (1.65 GB of tensors on mini-ImageNet 5w1s, where a whole meta-iteration of the loop needs 420 MB)."""
     probe = strategy.replace(compiled=False, chunk_size=None, workers=0)
     one = meta_backward_peak(learner, batch[:1], probe)
     if strategy.threaded:
         return 0, one  # each worker holds one task's graph and gradients (the tracker sees one thread only)
     if not probe.vectorize or batch.num_tasks < 2:
         return one, 0  # the loop frees each task's graph before the next
+    if enough is not None and one * batch.num_tasks > enough:
+        return 0, one
     two = meta_backward_peak(learner, batch[:2], probe)
     per_task = max(two - one, 0)
     return one - per_task, per_task
+
+
+def _skip_above(leanest: int) -> int:
+    """Bytes of tensors above which ``auto`` does not time a candidate (see MEMORY_SKIP_RATIO)."""
+    return max(MEMORY_SKIP_RATIO * leanest, MEMORY_SKIP_FLOOR)
 
 
 def _together(strategy: Strategy, num_tasks: int) -> int:
@@ -87,8 +99,12 @@ def _time_all(learner: Any, batch: TaskBatch, strategies: list[Strategy], rounds
     """Seconds per ``meta_backward`` of each strategy: one warm-up call each, then ``rounds`` rounds
     that time every strategy once, keeping each one's best. Interleaved rather than one strategy after
     another, so that a change in the machine's load during the trial does not favour whichever ran
-    first. A strategy that fails its warm-up gets ``inf`` (and a message through ``say``); with no
-    ``say`` the error propagates."""
+    first. Before each call, the memory the previous strategy freed is handed back to the OS; after the
+    warm-up round, each strategy then runs once untimed (which warms the allocator's heap again, as in
+    training) and once timed. So the trial's peak memory is the hungriest candidate's, not the sum of
+    every candidate's leftovers, each kept in its own malloc arena (mini-ImageNet 5w1s: 2.5 GB before,
+    2.2 GB after, the threads candidate's own peak). A strategy that fails its
+    warm-up gets ``inf`` (and a message through ``say``); with no ``say`` the error propagates."""
     saved = learner.strategy
     params = list(learner.meta_parameters().values())
     best = [math.inf] * len(strategies)
@@ -100,6 +116,10 @@ def _time_all(learner: Any, batch: TaskBatch, strategies: list[Strategy], rounds
                     if not ok[i]:
                         continue
                     learner.strategy = strategy
+                    if len(strategies) > 1:
+                        _release_freed_memory()
+                        if r:
+                            learner.meta_backward(batch)
                     start = time.perf_counter()
                     try:
                         learner.meta_backward(batch)
@@ -183,7 +203,7 @@ def tune_malloc() -> bool:
     free, and freed heap tops above the trim threshold are returned, so each task page-faults its
     memory in again (zeroed by the kernel). Fixing the thresholds (``mallopt``; the same as
     ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824``)
-    made the loop 1.24× faster on mini-ImageNet 5w1s at +10% peak RSS, and changed nothing
+    made the loop 1.27-1.41× faster on mini-ImageNet 5w1s at +8-13% peak RSS, and changed nothing
     measurable on Omniglot 5w1s (benchmarks/RESULTS.md, issue 8 session 4). Process-wide and kept
     until exit; the trainer calls it unless ``--no-tune-malloc``. Returns False where there is no
     glibc (macOS, musl) and nothing was changed.
@@ -208,7 +228,10 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
     options, needs = [], {}
     for cand in _candidates(learner, iterations):
-        fixed, per_task = estimate(learner, batch, cand)
+        # without a budget, a candidate far above the leanest so far is not timed: one task tells that
+        enough = None if budget is not None or not needs else _skip_above(min(needs.values()))
+        fixed, per_task = estimate(learner, batch, cand, enough)
+        _release_freed_memory()  # so that the next measurement does not sit on top of this one's leftovers
         need = fixed + per_task * _together(cand, batch.num_tasks)
         fitted = cand if budget is None else _fit_budget(cand, fixed, per_task, batch.num_tasks, budget)
         note = f"~{mb(need)} of tensors per meta-iteration ({mb(per_task)} per task run together)"
@@ -232,14 +255,12 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
                         "budget, lower --meta-batch or --inner-steps, or use --checkpoint-inner (memory "
                         "independent of the inner steps)")
     if len(options) > 1:
-        leanest = min(needs.values())
-        heavy = [c for c in options if needs[c.name] > max(MEMORY_SKIP_RATIO * leanest, MEMORY_SKIP_FLOOR)]
+        heavy = [c for c in options if needs[c.name] > _skip_above(min(needs.values()))]
         if heavy:
             say(f"mamlkit: not timing {', '.join(c.name for c in heavy)}: over {MEMORY_SKIP_RATIO}× the memory of "
                 "the leanest candidate")
             options = [c for c in options if c not in heavy]
     if len(options) > 1:
-        _release_freed_memory()  # what measuring the estimates freed, before the trial allocates on top of it
         seconds = _time_all(learner, batch, options, rounds=TRIAL_ROUNDS, say=say)
         timed = [(t, c) for t, c in zip(seconds, options) if t < math.inf]
         say("mamlkit: strategy timing (s per meta-iteration): "

@@ -286,8 +286,9 @@ def test_auto_times_candidates_interleaved_and_skips_one_that_fails(monkeypatch)
     names = list(dict.fromkeys(order))  # the candidates in trial order
     assert len(names) >= 3 and "vmap" in names
     rest = [n for n in names if n != "vmap"]
-    # one warm-up round, then TRIAL_ROUNDS rounds over every candidate in the same order; vmap dropped
-    assert order == names + rest * tuning.TRIAL_ROUNDS
+    # one warm-up round, then TRIAL_ROUNDS rounds over every candidate in the same order, each run twice
+    # (untimed on a trimmed heap, then timed); vmap dropped
+    assert order == names + [n for n in rest for _ in range(2)] * tuning.TRIAL_ROUNDS
     assert any("strategy vmap unavailable here (RuntimeError: pretend vmap" in s for s in said)
     assert chosen.name in rest
     assert all(p.grad is None for p in model.parameters())  # the trial leaves no gradients behind
@@ -320,3 +321,25 @@ def test_trainer_tunes_malloc_unless_asked_not_to(tmp_path, monkeypatch):
     assert calls == [True]
     train.fit(train.new_trainer(cfg.replace(tune_malloc=False), tmp_path / "untuned"))
     assert calls == [True]
+
+
+def test_estimate_stops_at_one_task_when_that_already_rules_a_candidate_out(monkeypatch):
+    model, batch = conv_model(), image_batch(tasks=8)
+    learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn="cross_entropy", strategy="vmap")
+    sizes, real = [], tuning.meta_backward_peak
+
+    def spy(lrn, b, strategy):
+        sizes.append(b.num_tasks)
+        return real(lrn, b, strategy)
+
+    monkeypatch.setattr(tuning, "meta_backward_peak", spy)
+    fixed, per_task = tuning.estimate(learner, batch, learner.strategy)
+    assert sizes == [1, 2] and fixed > 0
+    sizes.clear()
+    one = fixed + per_task
+    # 8 tasks of one task's memory exceed the limit: two tasks are not measured; (0, one) bounds the need
+    assert tuning.estimate(learner, batch, learner.strategy, enough=4 * one) == (0, one)
+    assert sizes == [1]
+    sizes.clear()
+    assert tuning.estimate(learner, batch, learner.strategy, enough=9 * one) == (fixed, per_task)
+    assert sizes == [1, 2]
