@@ -337,9 +337,14 @@ def test_estimate_stops_at_one_task_when_that_already_rules_a_candidate_out(monk
     assert sizes == [1, 2] and fixed > 0
     sizes.clear()
     one = fixed + per_task
-    # 8 tasks of one task's memory exceed the limit: two tasks are not measured; (0, one) bounds the need
+    # 8 tasks of one task's memory exceed the limit: two tasks are not measured; (0, one) is the estimate
     assert tuning.estimate(learner, batch, learner.strategy, enough=4 * one) == (0, one)
     assert sizes == [1]
     sizes.clear()
     assert tuning.estimate(learner, batch, learner.strategy, enough=9 * one) == (fixed, per_task)
     assert sizes == [1, 2]
+    sizes.clear()
+    # a budget below one task: nothing fits, and finding that out takes one task's measurement only
+    with pytest.raises(mamlkit.errors.UserError, match="no execution strategy fits"):
+        tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=0.9 * one / 2**20, say=lambda m: None)
+    assert sizes == [1]
