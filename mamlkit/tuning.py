@@ -17,6 +17,8 @@ gradients and the global RNG are left as they were.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -179,16 +181,23 @@ def _simple(model: nn.Module) -> bool:
                if not list(m.children()) or any(True for _ in m.parameters(recurse=False)))
 
 
+@functools.cache
+def _glibc() -> Any:
+    """glibc, for its malloc controls; None where the C library is another (macOS, musl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def _release_freed_memory() -> None:
     """Hand the memory the trial freed back to the OS (glibc's ``malloc_trim``). The hungrier candidates'
     trials leave freed pages in the allocator's heaps, which would otherwise stay in the training
     run's resident memory (benchmarks/RESULTS.md, issue 8 session 3). A no-op without glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # glibc malloc settings for training (see :func:`tune_malloc`): allocations up to 32 MB (glibc's largest
@@ -210,14 +219,9 @@ def tune_malloc() -> bool:
     until exit; the trainer calls it unless ``--no-tune-malloc``. Returns False where there is no
     glibc (macOS, musl) and nothing was changed.
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+                                     and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_budget_mb: float = 0.0,
