@@ -13,6 +13,8 @@ GFLOP/s: the FLOPs of one meta-iteration are counted once (torch.utils.flop_coun
 loop, forward, backward and second-order terms included) and divided by each implementation's time.
 The mamlkit rows apply the trainer's glibc malloc settings (``mamlkit.tuning.tune_malloc``), as
 ``mamlkit train`` does; ``--no-tune-malloc`` leaves them out, and ``GLIBC_TUNABLES`` gives them to every row.
+They also run mamlkit's compiled NCHW max-pool and batch-norm forward kernels (``mamlkit.kernels``, on by
+default in the loop and threads strategies); ``--no-fast-kernels`` gives them torch's, as the peers have.
 ``--first-order`` runs every implementation first order (FOMAML) instead. ``--device cuda`` runs every
 implementation on the GPU (JAX stays on the CPU and is skipped there), synchronising around the timed
 loop and reporting peak GPU memory (``torch.cuda.max_memory_allocated``) instead of peak RSS.
@@ -383,6 +385,8 @@ def main() -> None:
     ap.add_argument("--no-tune-malloc", action="store_true",
                     help="mamlkit rows without the trainer's glibc malloc settings (mamlkit.tuning.tune_malloc); "
                          "give every row them instead with GLIBC_TUNABLES (see RESULTS.md)")
+    ap.add_argument("--no-fast-kernels", action="store_true",
+                    help="mamlkit rows with torch's own max-pool and batch-norm kernels (mamlkit.kernels off)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every implementation runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -392,6 +396,8 @@ def main() -> None:
         os.environ["MAMLKIT_BENCH_FIRST_ORDER"] = "1"
     if args.no_tune_malloc:
         os.environ["MAMLKIT_BENCH_TUNE_MALLOC"] = "0"
+    if args.no_fast_kernels:
+        os.environ["MAMLKIT_FAST_KERNELS"] = "0"  # read by mamlkit.kernels in each row's process
     if args.child:
         print(json.dumps(run_one(args.child, args.workload, args.iters, args.warmup, args.threads, args.device)))
         return

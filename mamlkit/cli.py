@@ -139,9 +139,10 @@ def _baseline(trainer):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mamlkit import reports, train
+    from mamlkit import kernels, reports, train
 
     main = train.load_trainer(args.run)
+    kernels.set_enabled(main.cfg.fast_kernels)
     cfg = main.cfg if args.eval_tasks is None else main.cfg.replace(eval_tasks=args.eval_tasks)
     learners = {main.learner.name: main.learner}
     baseline = Path(args.baseline) if args.baseline else main.run_dir / "pretrained"

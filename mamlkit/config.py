@@ -55,6 +55,7 @@ class TrainConfig:
     dtype: str = "float32"            # float32 | float64
     threads: int = 0                  # torch threads (0: torch's default)
     tune_malloc: bool = True          # glibc keeps freed memory for reuse: fewer page faults, ~+10% RSS
+    fast_kernels: bool = True         # compiled CPU forward kernels for NCHW max-pool and batch norm (kernels.py)
     backend: str = "auto"             # torchrun backend: auto (nccl on CUDA, else gloo) | gloo | nccl
     dist_timeout: int = 600           # seconds a collective waits for the other ranks before the job fails
     seed: int = 0

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mamlkit import functional
+from mamlkit import functional, kernels
 from mamlkit.functional import ExactNorms
 from mamlkit.tasks.base import TaskBatch
 
@@ -140,7 +140,8 @@ def _run(fn: TaskFn, batch: TaskBatch, vectorize: bool) -> tuple[Tensor, Tensor]
         # randomness="different": a model with dropout gets independent masks per task, as in the loop.
         with ExactNorms():
             return torch.vmap(fn, randomness="different")(*args)
-    outs = [fn(*(a[i] for a in args)) for i in range(batch.num_tasks)]
+    with kernels.fast():
+        outs = [fn(*(a[i] for a in args)) for i in range(batch.num_tasks)]
     return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
 
@@ -229,7 +230,7 @@ def _in_worker(job: Callable, grad_enabled: bool) -> Callable:
     ``functional.call`` uses a per-thread replica of each module (``functional_call`` swaps a module's
     tensors while it runs, so two threads must not share one module)."""
     def run(*args):
-        with torch.set_grad_enabled(grad_enabled), functional.thread_replicas():
+        with torch.set_grad_enabled(grad_enabled), functional.thread_replicas(), kernels.fast():
             return job(*args)
     return run
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mamlkit import checkpoint, config, distributed, engine, tuning
+from mamlkit import checkpoint, config, distributed, engine, kernels, tuning
 from mamlkit.algorithms import MetaLearner, build_learner
 from mamlkit.errors import UserError
 from mamlkit.metrics import MetricsLog, mean_ci, read_jsonl
@@ -130,6 +130,7 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
         torch.set_num_threads(trainer.cfg.threads)
     if trainer.cfg.tune_malloc:
         tuning.tune_malloc()
+    kernels.set_enabled(trainer.cfg.fast_kernels)
     with distributed.session(trainer.cfg) as world:
         world.broadcast_(trainer.learner)  # every rank starts from rank 0's meta-parameters
         _fit_loop(trainer, stop_at, world)

@@ -1,0 +1,365 @@
+"""Faster CPU forward kernels for max-pooling and batch norm on NCHW tensors, with torch's numbers.
+
+Why: on the CPU, torch's kernels for ``max_pool2d_with_indices`` and training-mode ``batch_norm`` on
+contiguous (NCHW) tensors are scalar loops. On the first block of Conv4 with 15 queries per class
+(a ``[75, 64, 28, 28]`` tensor, 1 thread) they take 20-25 ms and 8-10 ms, against ~1.5 and ~2.5 ms
+for the same ops on a channels-last copy, and they are about a third of a second-order MAML
+iteration (benchmarks/RESULTS.md, issue 8 session 5). The peers (learn2learn, higher, a plain loop)
+all run them. Converting to channels-last costs as much as it saves, so this module compiles a few
+small C loops instead (with the system C compiler, once per process, in well under a second) and
+routes ``F.max_pool2d`` and ``F.batch_norm`` to them while the per-task loop runs (:func:`fast`).
+
+Exactness: only the forward pass is replaced. The backward passes are torch's own
+(``max_pool2d_with_indices_backward``, ``native_batch_norm_backward``), called on the same saved
+tensors, so second and higher derivatives are torch's too.
+
+* Max-pooling returns the same values and the same indices as torch, bit for bit, ties and NaNs
+  included (the first maximum of a window in row-major order; a NaN wins; tested).
+* Batch norm sums in double, so its statistics differ from torch's in the last float32 bit
+  (1e-7 relative), as any two summation orders do; in float64 the difference is ~1e-16.
+
+Anything else (channels-last or non-contiguous tensors, padding, dilation, ceil mode, other dtypes,
+evaluation-mode batch norm, torch.func transforms, ``torch.compile``, autocast) goes to torch
+unchanged, and so does everything when no C compiler is found (logged once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import string
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger("mamlkit")
+
+_TEMPLATE = string.Template(r"""
+void maxpool2d_${SFX}(const $T* x, $T* y, int64_t* idx, int64_t planes, int64_t H, int64_t W,
+                   int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OH, int64_t OW, int nthreads) {
+  #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
+  for (int64_t p = 0; p < planes; p++) {
+    const $T* xp = x + p * H * W;
+    $T* yp = y + p * OH * OW;
+    int64_t* ip = idx + p * OH * OW;
+    for (int64_t oh = 0; oh < OH; oh++) {
+      if (kH == 2 && kW == 2 && sH == 2 && sW == 2) {
+        /* the common 2x2 window, branch-free so that it vectorises; same rule as below */
+        const $T* r0 = xp + 2 * oh * W;
+        const $T* r1 = r0 + W;
+        $T* yr = yp + oh * OW;
+        int64_t* ir = ip + oh * OW;
+        const int64_t base = 2 * oh * W;
+        #pragma omp simd
+        for (int64_t ow = 0; ow < OW; ow++) {
+          $T m = r0[2 * ow], v;
+          int64_t k = 0, t;
+          v = r0[2 * ow + 1]; t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
+          v = r1[2 * ow];     t = (v > m) | (v != v); m = t ? v : m; k = t ? W : k;
+          v = r1[2 * ow + 1]; t = (v > m) | (v != v); m = t ? v : m; k = t ? W + 1 : k;
+          yr[ow] = m;
+          ir[ow] = base + 2 * ow + k;
+        }
+        continue;
+      }
+      for (int64_t ow = 0; ow < OW; ow++) {
+        /* torch's rule: scan the window row-major, take a value that is greater or NaN */
+        int64_t h0 = oh * sH, w0 = ow * sW, best = h0 * W + w0;
+        $T m = xp[best];
+        for (int64_t h = h0; h < h0 + kH; h++)
+          for (int64_t w = w0; w < w0 + kW; w++) {
+            $T v = xp[h * W + w];
+            if (v > m || v != v) { m = v; best = h * W + w; }
+          }
+        yp[oh * OW + ow] = m;
+        ip[oh * OW + ow] = best;
+      }
+    }
+  }
+}
+
+void batchnorm_${SFX}(const $T* x, $T* y, const $T* weight, const $T* bias, $T* save_mean, $T* save_invstd,
+                   $T* running_mean, $T* running_var, int64_t N, int64_t C, int64_t HW, double eps,
+                   double momentum, int nthreads) {
+  const double count = (double)N * (double)HW;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
+  for (int64_t c = 0; c < C; c++) {
+    /* one pass, shifted by the channel's first value so that var = E[d^2] - E[d]^2 does not cancel */
+    const double shift = (double)x[c * HW];
+    double sum = 0.0, sq = 0.0;
+    for (int64_t n = 0; n < N; n++) {
+      const $T* r = x + (n * C + c) * HW;
+      #pragma omp simd reduction(+:sum, sq)
+      for (int64_t i = 0; i < HW; i++) { double d = (double)r[i] - shift; sum += d; sq += d * d; }
+    }
+    const double dmean = sum / count, mean = shift + dmean;
+    const double var = sq / count - dmean * dmean > 0.0 ? sq / count - dmean * dmean : 0.0;
+    const $T invstd = ($T)(1.0 / sqrt(var + eps));
+    /* as torch: y = x * alpha + beta with alpha = invstd * weight, beta = bias - mean * alpha */
+    const $T alpha = weight ? invstd * weight[c] : invstd;
+    const $T beta = (bias ? bias[c] : ($T)0) - ($T)mean * alpha;
+    for (int64_t n = 0; n < N; n++) {
+      const $T* r = x + (n * C + c) * HW;
+      $T* o = y + (n * C + c) * HW;
+      #pragma omp simd
+      for (int64_t i = 0; i < HW; i++) o[i] = r[i] * alpha + beta;
+    }
+    save_mean[c] = ($T)mean;
+    save_invstd[c] = invstd;
+    if (running_mean) running_mean[c] = ($T)((1.0 - momentum) * running_mean[c] + momentum * mean);
+    if (running_var) running_var[c] = ($T)((1.0 - momentum) * running_var[c] + momentum * var * count / (count - 1.0));
+  }
+}
+void batchnorm_backward_${SFX}(const $T* gy, const $T* x, const $T* weight, const $T* mean, const $T* invstd,
+                            $T* gx, $T* gw, $T* gb, int64_t N, int64_t C, int64_t HW, int nthreads) {
+  const double count = (double)N * (double)HW;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
+  for (int64_t c = 0; c < C; c++) {
+    const double m = (double)mean[c];
+    double sum = 0.0, dot = 0.0;
+    for (int64_t n = 0; n < N; n++) {
+      const $T* g = gy + (n * C + c) * HW;
+      const $T* r = x + (n * C + c) * HW;
+      #pragma omp simd reduction(+:sum, dot)
+      for (int64_t i = 0; i < HW; i++) { sum += (double)g[i]; dot += (double)g[i] * ((double)r[i] - m); }
+    }
+    const double s = (double)invstd[c];
+    gb[c] = ($T)sum;
+    gw[c] = ($T)(dot * s);
+    if (!gx) continue;
+    /* as torch: gx = (gy - mean(gy) - (x - mean) * dot * invstd^2 / count) * invstd * weight */
+    const $T w = weight ? weight[c] : ($T)1;
+    const $T gmean = ($T)(sum / count), proj = ($T)(dot * s * s / count), mu = mean[c], scale = ($T)s * w;
+    for (int64_t n = 0; n < N; n++) {
+      const $T* g = gy + (n * C + c) * HW;
+      const $T* r = x + (n * C + c) * HW;
+      $T* o = gx + (n * C + c) * HW;
+      #pragma omp simd
+      for (int64_t i = 0; i < HW; i++) o[i] = (g[i] - gmean - (r[i] - mu) * proj) * scale;
+    }
+  }
+}
+""")
+_SOURCE = "#include <math.h>\n#include <stdint.h>\n" + "".join(
+    _TEMPLATE.substitute(T=t, SFX=sfx) for t, sfx in (("float", "f32"), ("double", "f64")))
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_I64, _INT, _DBL, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+
+_enabled = os.environ.get("MAMLKIT_FAST_KERNELS", "1") != "0"
+_lib: ctypes.CDLL | None | bool = False  # False: not built yet; None: unavailable
+_lib_lock = threading.Lock()
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the fast kernels on or off for this process (``mamlkit train --no-fast-kernels``)."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+def available() -> bool:
+    """Whether the kernels are enabled and compiled (compiles them on the first call)."""
+    return _enabled and _library() is not None
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is False:
+        with _lib_lock:
+            if _lib is False:
+                _lib = _build()
+    return _lib  # type: ignore[return-value]
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.info("mamlkit: no C compiler found; max-pool and batch norm use torch's slower NCHW CPU kernels")
+        return None
+    tmp = tempfile.mkdtemp(prefix="mamlkit-kernels-")
+    try:
+        src, lib = os.path.join(tmp, "kernels.c"), os.path.join(tmp, "kernels.so")
+        with open(src, "w") as f:
+            f.write(_SOURCE)
+        # -march=native: built on the machine it runs on, in this process. Falls back to a portable build.
+        # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: one thread pool.
+        for arch in (["-march=native"], []):
+            proc = subprocess.run([cc, "-O3", *arch, "-fopenmp", "-shared", "-fPIC", src, "-o", lib],
+                                  capture_output=True, text=True, timeout=120)
+            if proc.returncode == 0:
+                break
+        else:
+            log.info("mamlkit: building the fast CPU kernels failed (%s); using torch's",
+                     proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else proc.returncode)
+            return None
+        handle = ctypes.CDLL(lib)
+        for sfx in _SUFFIX.values():
+            getattr(handle, f"maxpool2d_{sfx}").argtypes = [_PTR] * 3 + [_I64] * 9 + [_INT]
+            getattr(handle, f"batchnorm_{sfx}").argtypes = [_PTR] * 8 + [_I64] * 3 + [_DBL, _DBL, _INT]
+            getattr(handle, f"batchnorm_backward_{sfx}").argtypes = [_PTR] * 8 + [_I64] * 3 + [_INT]
+        return handle
+    except (OSError, subprocess.SubprocessError) as err:
+        log.info("mamlkit: fast CPU kernels unavailable (%s); using torch's", err)
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the loaded library stays mapped
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+class _MaxPool2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: tuple[int, int], stride: tuple[int, int]):
+        n, c, h, w = x.shape
+        oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
+        y = x.new_empty((n, c, oh, ow))
+        idx = torch.empty((n, c, oh, ow), dtype=torch.int64)
+        getattr(_library(), f"maxpool2d_{_SUFFIX[x.dtype]}")(
+            x.data_ptr(), y.data_ptr(), idx.data_ptr(), n * c, h, w, *kernel, *stride, oh, ow, _threads())
+        ctx.save_for_backward(x, idx)
+        ctx.kernel, ctx.stride = kernel, stride
+        ctx.mark_non_differentiable(idx)
+        return y, idx
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_idx: Tensor | None):
+        x, idx = ctx.saved_tensors
+        # torch's own backward, so its double backward (a gather at idx) is torch's as well
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, list(ctx.kernel), list(ctx.stride),
+                                                              [0, 0], [1, 1], False, idx)
+        return gx, None, None
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                running_var: Tensor | None, momentum: float, eps: float):
+        n, c = x.shape[:2]
+        y = torch.empty_like(x)
+        mean, invstd = x.new_empty(c), x.new_empty(c)
+        getattr(_library(), f"batchnorm_{_SUFFIX[x.dtype]}")(
+            x.data_ptr(), y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
+            _ptr(running_mean), _ptr(running_var), n, c, x[0, 0].numel(), float(eps), float(momentum), _threads())
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph (the inner loop's gradient): torch's own backward, which is differentiable (its
+            # double backward is batchnorm_double_backward), on the same saved tensors as torch's layer
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, None, None, mean, invstd, True, ctx.eps,
+                [need[0], weight is not None and need[1], need[2]])
+            return gx, gw, gb, None, None, None, None
+        # a first-order backward (the outer one): the same formula, compiled
+        grad = grad.contiguous()
+        n, c = x.shape[:2]
+        gx = torch.empty_like(x) if need[0] else None
+        gw, gb = x.new_empty(c), x.new_empty(c)
+        getattr(_library(), f"batchnorm_backward_{_SUFFIX[x.dtype]}")(
+            grad.data_ptr(), x.data_ptr(), _ptr(weight), mean.data_ptr(), invstd.data_ptr(), _ptr(gx),
+            gw.data_ptr(), gb.data_ptr(), n, c, x[0, 0].numel(), _threads())
+        return (gx, gw if weight is not None and need[1] else None, gb if need[2] else None,
+                None, None, None, None)
+
+
+def _pair(v, default) -> tuple[int, int] | None:
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        v = default
+    if isinstance(v, int):
+        return v, v
+    if isinstance(v, (list, tuple)) and len(v) in (1, 2) and all(isinstance(i, int) for i in v):
+        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+    return None
+
+
+def _plain(x: object) -> bool:
+    """A tensor this module handles: a contiguous 4-d float32/float64 CPU tensor, outside any transform."""
+    return (type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "cpu" and x.dtype in _SUFFIX
+            and x.dim() == 4 and x.is_contiguous() and x.numel() > 0)
+
+
+def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    kernel, step = _pair(kernel_size, None), _pair(stride, kernel_size)
+    if not (_plain(input) and kernel and step and _pair(padding, 0) == (0, 0) and _pair(dilation, 1) == (1, 1)
+            and not ceil_mode and min(*kernel, *step) > 0 and input.shape[2] >= kernel[0]
+            and input.shape[3] >= kernel[1]):
+        return NotImplemented
+    y, idx = _MaxPool2d.apply(input, kernel, step)
+    return (y, idx) if return_indices else y
+
+
+def _max_pool2d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                             return_indices=True):
+    return _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+
+
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                eps=1e-5):
+    tensors = [t for t in (weight, bias, running_mean, running_var) if t is not None]
+    if not (training and _plain(input) and input.shape[0] * input.shape[2] * input.shape[3] > 1
+            and isinstance(momentum, (int, float)) and isinstance(eps, (int, float))
+            and all(t.dtype == input.dtype and t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
+                    and t.numel() == input.shape[1] for t in tensors)):
+        return NotImplemented
+    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def _torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, *rest):
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+_FAST = {
+    F.max_pool2d: _max_pool2d,
+    F.max_pool2d_with_indices: _max_pool2d_with_indices,
+    F.batch_norm: _batch_norm,
+    torch.batch_norm: _torch_batch_norm,
+}
+
+
+class FastKernels(TorchFunctionMode):
+    """Route ``F.max_pool2d`` and ``F.batch_norm`` (training mode) on NCHW CPU tensors to the compiled
+    kernels of this module; everything else runs unchanged. Enter it through :func:`fast`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        impl = _FAST.get(func)
+        if impl is not None and _outside_transforms():
+            out = impl(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return func(*args, **kwargs)
+
+
+def _outside_transforms() -> bool:
+    return (torch._C._functorch.maybe_current_level() is None and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu"))
+
+
+@contextlib.contextmanager
+def fast() -> Iterator[None]:
+    """Run the enclosed per-task code with the fast kernels, when enabled and built (else a no-op).
+    The mode is per thread: each worker thread enters its own."""
+    if not available():
+        yield
+        return
+    with FastKernels():
+        yield
