@@ -93,10 +93,14 @@ def workload_model(name: str, dtype=torch.float32):
 
 CHOSEN: dict[str, str] = {}  # what `auto` settled on in this process
 
-def make_mamlkit(strategy, **kw):
+def make_mamlkit(strategy, fast_kernels=True, **kw):
     def setup(model, w):
         import mamlkit
+        from mamlkit import kernels
         from mamlkit.tuning import tune_malloc
+
+        if not fast_kernels:
+            kernels.set_enabled(False)  # torch's max-pool and batch-norm kernels, as the peers run
 
         if os.environ.get("MAMLKIT_BENCH_TUNE_MALLOC", "1") == "1":
             tune_malloc()  # as `mamlkit train` does (unless --no-tune-malloc)
@@ -272,6 +276,9 @@ def setup_jax(model, w):
 IMPLS = {"mamlkit": make_mamlkit("auto"), "mamlkit-vmap": make_mamlkit("vmap"),
          "mamlkit-loop": make_mamlkit("loop"), "mamlkit-threads": make_mamlkit("threads"),
          "mamlkit-compile": make_mamlkit("compile"),
+         # "-tk": on torch's kernels (mamlkit.kernels off), to measure what the compiled kernels give in one run
+         "mamlkit-loop-tk": make_mamlkit("loop", fast_kernels=False),
+         "mamlkit-threads-tk": make_mamlkit("threads", fast_kernels=False),
          "mamlkit-loop-ckpt": make_mamlkit("loop", checkpoint_inner=True),
          "mamlkit-vmap-c4": make_mamlkit("vmap", chunk_size=4), "mamlkit-vmap-c8": make_mamlkit("vmap", chunk_size=8),
          "torch.func": setup_torchfunc, "jax": setup_jax,
@@ -373,11 +380,22 @@ def count_flops(name: str) -> int:
     return counter.get_total_flops()
 
 
+def _summary(rs: list[dict]) -> dict:
+    """One row from an implementation's rounds: the median speed, its range, the largest peak memory."""
+    mid = sorted(rs, key=lambda r: r["its_per_s"])[(len(rs) - 1) // 2]  # the lower median: a real run
+    return mid | {"peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                  "tasks_min": min(r["tasks_per_s"] for r in rs), "tasks_max": max(r["tasks_per_s"] for r in rs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="sinusoid", choices=sorted(WORKLOADS))
     ap.add_argument("--impls", nargs="+", default=list(IMPLS))
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the implementations this many times, round-robin, each in a fresh process, and "
+                         "report the median speed (and its range) and the largest peak memory: on a shared VM, "
+                         "speed drifts by ±15%% over minutes, so one pass can favour whichever ran at a quiet moment")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-root", default="", help="dataset root for image workloads (sets MAMLKIT_BENCH_DATA)")
@@ -404,24 +422,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     flops = count_flops(args.workload)
     peak = matmul_peak(args.device)
-    results = []
-    for impl in args.impls:
-        cmd = [sys.executable, __file__, "--child", impl, "--workload", args.workload, "--iters", str(args.iters),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        for line in proc.stderr.splitlines():  # what `auto` measured and chose, as the trainer prints it
-            if line.startswith("mamlkit:"):
-                print(f"# {line}")
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            print(f"# {impl}: skipped ({last})")
-            continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for impl in args.impls:
+            cmd = [sys.executable, __file__, "--child", impl, "--workload", args.workload, "--iters", str(args.iters),
+                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            for line in proc.stderr.splitlines():  # what `auto` measured and chose, as the trainer prints it
+                if line.startswith("mamlkit:"):
+                    print(f"# {line}")
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"# {impl}: skipped ({last})")
+                continue
+            runs.setdefault(impl, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = [_summary(rs) for rs in runs.values()]
     ref = next((r for r in results if r["impl"].split(" ")[0] == "mamlkit"), results[0])
     g_ref = torch.tensor(ref["grad64"], dtype=torch.float64)
     memory = "peak GPU memory (MB)" if args.device.startswith("cuda") else "peak RSS (MB)"
-    print(f"workload {args.workload} on {args.device}, {args.iters} meta-iterations, {args.threads} thread(s), torch "
-          f"{torch.__version__}, {'first' if args.first_order else 'second'} order, "
+    rounds = f", median of {args.rounds} rounds (range in brackets), largest peak" if args.rounds > 1 else ""
+    print(f"workload {args.workload} on {args.device}, {args.iters} meta-iterations{rounds}, {args.threads} "
+          f"thread(s), torch {torch.__version__}, {'first' if args.first_order else 'second'} order, "
           f"{flops / 1e9:.2f} GFLOP per meta-iteration (counted), float32 matmul peak {peak:.0f} GFLOP/s")
     print(f"| implementation | meta-its/s | tasks/s | GFLOP/s (% of peak) | {memory} | × mamlkit "
           "| max rel. grad diff vs mamlkit |")
@@ -430,7 +451,8 @@ def main() -> None:
         g = torch.tensor(r["grad64"], dtype=torch.float64)
         diff = ((g - g_ref).abs().max() / g_ref.abs().max()).item()
         gflops = r["its_per_s"] * flops / 1e9
-        print(f"| {r['impl']} | {r['its_per_s']:.1f} | {r['tasks_per_s']:.0f} | "
+        spread = f" ({r['tasks_min']:.0f}-{r['tasks_max']:.0f})" if args.rounds > 1 else ""
+        print(f"| {r['impl']} | {r['its_per_s']:.1f} | {r['tasks_per_s']:.0f}{spread} | "
               f"{gflops:.1f} ({100 * gflops / peak:.0f}%) | {r['peak_rss_mb']:.0f} | "
               f"{r['tasks_per_s'] / ref['tasks_per_s']:.2f} | {diff:.1e} |")
 

@@ -19,6 +19,8 @@ numbers (a test checks this to 1e-10 in float64):
   meta-loss, compiled by ``torch.compile``, so no double backward is left to the eager
   autograd engine at run time. ~6× vmap on the sinusoid MLP on the CPU (dispatch-bound), at a
   one-off compile cost of tens of seconds; not a win for Conv nets on the CPU.
+* The loop and threads strategies run NCHW max-pooling and batch norm through :mod:`mamlkit.kernels`
+  (compiled forward kernels, torch's backward; same numbers to rounding), entered per thread.
 * ``auto``: measured, not guessed (:func:`autotune`): the candidates run the first batch of
   training and the fastest is kept. Every candidate is exact.
 

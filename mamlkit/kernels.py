@@ -249,8 +249,8 @@ class _BatchNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                 running_var: Tensor | None, momentum: float, eps: float):
         n, c = x.shape[:2]
+        mean, invstd = x.new_empty(c), x.new_empty(c)  # small ones first, as torch does (less fragmentation)
         y = torch.empty_like(x)
-        mean, invstd = x.new_empty(c), x.new_empty(c)
         getattr(_library(), f"batchnorm_{_SUFFIX[x.dtype]}")(
             x.data_ptr(), y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
             _ptr(running_mean), _ptr(running_var), n, c, x[0, 0].numel(), float(eps), float(momentum), _threads())
@@ -272,8 +272,8 @@ class _BatchNorm(torch.autograd.Function):
         # a first-order backward (the outer one): the same formula, compiled
         grad = grad.contiguous()
         n, c = x.shape[:2]
-        gx = torch.empty_like(x) if need[0] else None
         gw, gb = x.new_empty(c), x.new_empty(c)
+        gx = torch.empty_like(x) if need[0] else None
         getattr(_library(), f"batchnorm_backward_{_SUFFIX[x.dtype]}")(
             grad.data_ptr(), x.data_ptr(), _ptr(weight), mean.data_ptr(), invstd.data_ptr(), _ptr(gx),
             gw.data_ptr(), gb.data_ptr(), n, c, x[0, 0].numel(), _threads())
