@@ -142,9 +142,15 @@ def _run(fn: TaskFn, batch: TaskBatch, vectorize: bool) -> tuple[Tensor, Tensor]
         # randomness="different": a model with dropout gets independent masks per task, as in the loop.
         with ExactNorms():
             return torch.vmap(fn, randomness="different")(*args)
-    with kernels.fast():
+    with kernels.fast(_kernel_key(fn, batch)):
         outs = [fn(*(a[i] for a in args)) for i in range(batch.num_tasks)]
     return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+
+
+def _kernel_key(fn: Callable, batch: TaskBatch) -> tuple:
+    """What decides whether :mod:`mamlkit.kernels` pays: the per-task code and the shapes it runs on."""
+    return (getattr(fn, "__code__", None) or fn, batch.support_x.dtype, tuple(batch.support_x.shape[1:]),
+            tuple(batch.query_x.shape[1:]))
 
 
 def chunks(batch: TaskBatch, strategy: Strategy, for_backward: bool = False) -> Iterator[TaskBatch]:
@@ -227,12 +233,12 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOLS[workers]
 
 
-def _in_worker(job: Callable, grad_enabled: bool) -> Callable:
+def _in_worker(job: Callable, grad_enabled: bool, kernel_key: tuple | None = None) -> Callable:
     """``job`` as a worker runs it: grad mode is thread-local, so the caller's is carried over, and
     ``functional.call`` uses a per-thread replica of each module (``functional_call`` swaps a module's
     tensors while it runs, so two threads must not share one module)."""
     def run(*args):
-        with torch.set_grad_enabled(grad_enabled), functional.thread_replicas(), kernels.fast():
+        with torch.set_grad_enabled(grad_enabled), functional.thread_replicas(), kernels.fast(kernel_key):
             return job(*args)
     return run
 
@@ -250,10 +256,12 @@ def _single_threaded_caller() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _map_threaded(task: Callable, batch: TaskBatch, workers: int, grad_enabled: bool) -> Iterator:
+def _map_threaded(task: Callable, batch: TaskBatch, workers: int, grad_enabled: bool,
+                  kernel_key: tuple | None = None) -> Iterator:
     """``task(sx, sy, qx, qy)`` on every task of ``batch`` on ``workers`` threads, yielded in task order
     (so that whatever the threads' timing, results are combined in the loop's order)."""
-    job = _in_worker(lambda t: task(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0]), grad_enabled)
+    job = _in_worker(lambda t: task(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0]), grad_enabled,
+                     kernel_key or _kernel_key(task, batch))
     with _single_threaded_caller():
         yield from _pool(workers).map(job, [batch[i:i + 1] for i in range(batch.num_tasks)])
 
@@ -273,7 +281,7 @@ def _threaded_backward(fn: TaskFn, batch: TaskBatch, workers: int, weight: float
         return torch.autograd.grad(loss * scale, wanted, allow_unused=True), loss.detach(), pred.detach()
 
     losses, preds = [], []
-    for grads, loss, pred in _map_threaded(task, batch, workers, True):
+    for grads, loss, pred in _map_threaded(task, batch, workers, True, _kernel_key(fn, batch)):
         for p, g in zip(wanted, grads):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad.add_(g)

@@ -34,7 +34,7 @@ import string
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -291,10 +291,17 @@ def _pair(v, default) -> tuple[int, int] | None:
     return None
 
 
+# Below this many elements torch's kernels take tens of microseconds, about what the autograd.Function
+# around a compiled kernel costs in Python, and under the threads strategy that Python time holds the GIL:
+# on Omniglot 5w1s (stride-2 Conv4, [5, 64, 14, 14] activations) routing every batch norm slowed threads
+# to 0.75× (benchmarks/RESULTS.md, issue 8 session 5).
+MIN_ELEMENTS = 2**18
+
+
 def _plain(x: object) -> bool:
     """A tensor this module handles: a contiguous 4-d float32/float64 CPU tensor, outside any transform."""
     return (type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "cpu" and x.dtype in _SUFFIX
-            and x.dim() == 4 and x.is_contiguous() and x.numel() > 0)
+            and x.dim() == 4 and x.is_contiguous() and x.numel() >= MIN_ELEMENTS)
 
 
 def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -339,12 +346,17 @@ class FastKernels(TorchFunctionMode):
     """Route ``F.max_pool2d`` and ``F.batch_norm`` (training mode) on NCHW CPU tensors to the compiled
     kernels of this module; everything else runs unchanged. Enter it through :func:`fast`."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits = 0
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         impl = _FAST.get(func)
         if impl is not None and _outside_transforms():
             out = impl(*args, **kwargs)
             if out is not NotImplemented:
+                self.hits += 1
                 return out
         return func(*args, **kwargs)
 
@@ -354,12 +366,22 @@ def _outside_transforms() -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+# Whether code run under ``fast(key)`` used a kernel the first time. A mode costs a Python call on every
+# torch function, which slowed threads on Omniglot 5w1s by 11% where no tensor was large enough
+# (benchmarks/RESULTS.md, issue 8 session 5), so code that did not use them runs without the mode after.
+_USEFUL: dict[Hashable, bool] = {}
+
+
 @contextlib.contextmanager
-def fast() -> Iterator[None]:
+def fast(key: Hashable = None) -> Iterator[None]:
     """Run the enclosed per-task code with the fast kernels, when enabled and built (else a no-op).
-    The mode is per thread: each worker thread enters its own."""
-    if not available():
+    The mode is per thread: each worker thread enters its own. ``key`` names the code and its input
+    shapes; once a run under a key has used no kernel, later runs under it skip the mode."""
+    if not available() or _USEFUL.get(key) is False:
         yield
         return
-    with FastKernels():
+    mode = FastKernels()
+    with mode:
         yield
+    if key is not None and key not in _USEFUL:
+        _USEFUL[key] = mode.hits > 0

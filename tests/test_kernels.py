@@ -21,8 +21,11 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 
 @pytest.fixture(autouse=True)
-def enabled():
+def enabled(monkeypatch):
+    """Kernels on, for tensors of any size (the tests' are small), and no remembered decisions."""
     kernels.set_enabled(True)
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(kernels, "_USEFUL", {})
     yield
     kernels.set_enabled(True)
 
@@ -192,3 +195,22 @@ def test_without_a_compiler_everything_runs_on_torch(monkeypatch, caplog):
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn="cross_entropy", strategy="loop")
     assert learner.strategy == engine.Strategy(False)
     assert torch.isfinite(meta_grad(learner, batch)).all()
+
+
+def test_code_that_used_no_kernel_runs_without_the_mode_afterwards(monkeypatch):
+    """Small activations: torch's kernels are used, and after the first batch the mode (a Python call per
+    torch function) is not entered at all; large ones keep it."""
+    entered = []
+    monkeypatch.setattr(kernels.FastKernels, "__enter__",
+                        lambda self: entered.append(True) or torch.overrides.TorchFunctionMode.__enter__(self))
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 10**9)
+    model, batch = pooled_conv_model(), image_batch()
+    learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn="cross_entropy", strategy="loop")
+    first = meta_grad(learner, batch)
+    assert entered == [True]
+    assert torch.equal(meta_grad(learner, batch), first) and entered == [True]
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    other = image_batch(size=20)  # other shapes: decided afresh
+    meta_grad(learner, other)
+    meta_grad(learner, other)
+    assert len(entered) == 1 + 2 * other.num_tasks  # the loop's backward runs one task per call
