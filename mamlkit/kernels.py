@@ -1,17 +1,19 @@
-"""Faster CPU forward kernels for max-pooling and batch norm on NCHW tensors, with torch's numbers.
+"""Faster CPU kernels for max-pooling and batch norm on NCHW tensors, with torch's numbers.
 
 Why: on the CPU, torch's kernels for ``max_pool2d_with_indices`` and training-mode ``batch_norm`` on
 contiguous (NCHW) tensors are scalar loops. On the first block of Conv4 with 15 queries per class
-(a ``[75, 64, 28, 28]`` tensor, 1 thread) they take 20-25 ms and 8-10 ms, against ~1.5 and ~2.5 ms
-for the same ops on a channels-last copy, and they are about a third of a second-order MAML
-iteration (benchmarks/RESULTS.md, issue 8 session 5). The peers (learn2learn, higher, a plain loop)
-all run them. Converting to channels-last costs as much as it saves, so this module compiles a few
-small C loops instead (with the system C compiler, once per process, in well under a second) and
-routes ``F.max_pool2d`` and ``F.batch_norm`` to them while the per-task loop runs (:func:`fast`).
+(a ``[75, 64, 28, 28]`` tensor, 1 thread) they take 20-25 ms and 8-11 ms, against ~1.5 and ~2.5 ms
+for the same ops on a channels-last copy; with batch norm's backward they are about a quarter of a
+second-order MAML iteration (benchmarks/RESULTS.md, issue 8 session 5). The peers (learn2learn,
+higher, a plain loop) all run them. Converting to channels-last costs as much as it saves, so this
+module compiles a few small C loops instead (with the system C compiler, once per process, in well
+under a second) and routes ``F.max_pool2d`` and ``F.batch_norm`` to them while the per-task loop runs
+(:func:`fast`): 6.4 and 4.7 ms on that tensor.
 
-Exactness: only the forward pass is replaced. The backward passes are torch's own
-(``max_pool2d_with_indices_backward``, ``native_batch_norm_backward``), called on the same saved
-tensors, so second and higher derivatives are torch's too.
+Exactness: the forward passes and batch norm's first-order backward are compiled. Every backward that
+is itself differentiated (the inner loop's, under ``create_graph``) is torch's own
+(``max_pool2d_with_indices_backward``, ``native_batch_norm_backward``) on the same saved tensors, so
+second and higher derivatives are torch's too.
 
 * Max-pooling returns the same values and the same indices as torch, bit for bit, ties and NaNs
   included (the first maximum of a window in row-major order; a NaN wins; tested).
@@ -19,8 +21,9 @@ tensors, so second and higher derivatives are torch's too.
   (1e-7 relative), as any two summation orders do; in float64 the difference is ~1e-16.
 
 Anything else (channels-last or non-contiguous tensors, padding, dilation, ceil mode, other dtypes,
-evaluation-mode batch norm, torch.func transforms, ``torch.compile``, autocast) goes to torch
-unchanged, and so does everything when no C compiler is found (logged once).
+tensors under :data:`MIN_ELEMENTS`, evaluation-mode batch norm, torch.func transforms,
+``torch.compile``, autocast) goes to torch unchanged, and so does everything when no C compiler is
+found (logged once).
 """
 
 from __future__ import annotations
