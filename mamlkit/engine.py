@@ -233,7 +233,7 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOLS[workers]
 
 
-def _in_worker(job: Callable, grad_enabled: bool, kernel_key: tuple | None = None) -> Callable:
+def _in_worker(job: Callable, grad_enabled: bool, kernel_key: tuple) -> Callable:
     """``job`` as a worker runs it: grad mode is thread-local, so the caller's is carried over, and
     ``functional.call`` uses a per-thread replica of each module (``functional_call`` swaps a module's
     tensors while it runs, so two threads must not share one module)."""
@@ -256,19 +256,20 @@ def _single_threaded_caller() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _map_threaded(task: Callable, batch: TaskBatch, workers: int, grad_enabled: bool,
-                  kernel_key: tuple | None = None) -> Iterator:
+def _map_threaded(task: Callable, batch: TaskBatch, workers: int, grad_enabled: bool, kernel_key: tuple
+                  ) -> Iterator:
     """``task(sx, sy, qx, qy)`` on every task of ``batch`` on ``workers`` threads, yielded in task order
-    (so that whatever the threads' timing, results are combined in the loop's order)."""
+    (so that whatever the threads' timing, results are combined in the loop's order). ``kernel_key``:
+    the per-task code and shapes, for :func:`mamlkit.kernels.fast`."""
     job = _in_worker(lambda t: task(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0]), grad_enabled,
-                     kernel_key or _kernel_key(task, batch))
+                     kernel_key)
     with _single_threaded_caller():
         yield from _pool(workers).map(job, [batch[i:i + 1] for i in range(batch.num_tasks)])
 
 
 def threaded_tasks(fn: TaskFn, batch: TaskBatch, workers: int) -> list[tuple[Tensor, Tensor]]:
     """``fn`` on every task of ``batch``, on ``workers`` threads; results in task order."""
-    return list(_map_threaded(fn, batch, workers, torch.is_grad_enabled()))
+    return list(_map_threaded(fn, batch, workers, torch.is_grad_enabled(), _kernel_key(fn, batch)))
 
 
 def _threaded_backward(fn: TaskFn, batch: TaskBatch, workers: int, weight: float, params: list[Tensor]

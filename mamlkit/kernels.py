@@ -216,8 +216,19 @@ def _build() -> ctypes.CDLL | None:
         shutil.rmtree(tmp, ignore_errors=True)  # the loaded library stays mapped
 
 
+def _kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+    """The compiled ``name`` for ``dtype`` (float32 or float64)."""
+    return getattr(_library(), f"{name}_{_SUFFIX[dtype]}")
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _ncl(x: Tensor) -> tuple[int, int, int]:
+    """Batch, channels and elements per channel plane of an NCHW tensor."""
+    n, c = x.shape[:2]
+    return n, c, x.numel() // (n * c)
 
 
 def _threads() -> int:
@@ -231,7 +242,7 @@ class _MaxPool2d(torch.autograd.Function):
         oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
         y = x.new_empty((n, c, oh, ow))
         idx = torch.empty((n, c, oh, ow), dtype=torch.int64)
-        getattr(_library(), f"maxpool2d_{_SUFFIX[x.dtype]}")(
+        _kernel("maxpool2d", x.dtype)(
             x.data_ptr(), y.data_ptr(), idx.data_ptr(), n * c, h, w, *kernel, *stride, oh, ow, _threads())
         ctx.save_for_backward(x, idx)
         ctx.kernel, ctx.stride = kernel, stride
@@ -251,12 +262,12 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                 running_var: Tensor | None, momentum: float, eps: float):
-        n, c = x.shape[:2]
+        n, c, hw = _ncl(x)
         mean, invstd = x.new_empty(c), x.new_empty(c)  # small ones first, as torch does (less fragmentation)
         y = torch.empty_like(x)
-        getattr(_library(), f"batchnorm_{_SUFFIX[x.dtype]}")(
+        _kernel("batchnorm", x.dtype)(
             x.data_ptr(), y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
-            _ptr(running_mean), _ptr(running_var), n, c, x[0, 0].numel(), float(eps), float(momentum), _threads())
+            _ptr(running_mean), _ptr(running_var), n, c, hw, float(eps), float(momentum), _threads())
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         return y
@@ -274,12 +285,12 @@ class _BatchNorm(torch.autograd.Function):
             return gx, gw, gb, None, None, None, None
         # a first-order backward (the outer one): the same formula, compiled
         grad = grad.contiguous()
-        n, c = x.shape[:2]
+        n, c, hw = _ncl(x)
         gw, gb = x.new_empty(c), x.new_empty(c)
         gx = torch.empty_like(x) if need[0] else None
-        getattr(_library(), f"batchnorm_backward_{_SUFFIX[x.dtype]}")(
+        _kernel("batchnorm_backward", x.dtype)(
             grad.data_ptr(), x.data_ptr(), _ptr(weight), mean.data_ptr(), invstd.data_ptr(), _ptr(gx),
-            gw.data_ptr(), gb.data_ptr(), n, c, x[0, 0].numel(), _threads())
+            gw.data_ptr(), gb.data_ptr(), n, c, hw, _threads())
         return (gx, gw if weight is not None and need[1] else None, gb if need[2] else None,
                 None, None, None, None)
 
