@@ -20,7 +20,8 @@ numbers (a test checks this to 1e-10 in float64):
   autograd engine at run time. ~6× vmap on the sinusoid MLP on the CPU (dispatch-bound), at a
   one-off compile cost of tens of seconds; not a win for Conv nets on the CPU.
 * The loop and threads strategies run NCHW max-pooling and batch norm through :mod:`mamlkit.kernels`
-  (compiled forward kernels, torch's backward; same numbers to rounding), entered per thread.
+  (compiled kernels; every differentiated backward is torch's; same numbers to rounding), entered per
+  thread, and a batch norm → ReLU → max-pool block as one fused kernel (:mod:`mamlkit.fusion`).
 * ``auto``: measured, not guessed (:func:`autotune`): the candidates run the first batch of
   training and the fastest is kept. Every candidate is exact.
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from mamlkit import fusion
+
 Params = dict[str, Tensor]
 
 
@@ -48,7 +50,9 @@ def call(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
         fast = learner.adapt(support_x, support_y)
         y = mamlkit.functional.call(learner.model, fast, learner.buffers(), query_x)
     """
-    return torch.func.functional_call(_local(model), (dict(params), dict(buffers)), (x,), strict=False)
+    # fusion.fused: the model itself, or under mamlkit.kernels.fast its traced copy with fused blocks
+    return torch.func.functional_call(fusion.fused(_local(model)), (dict(params), dict(buffers)), (x,),
+                                      strict=False)
 
 
 # functional_call swaps a module's tensors for the call's duration, so a module must not run in two

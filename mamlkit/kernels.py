@@ -10,6 +10,16 @@ module compiles a few small C loops instead (with the system C compiler, once pe
 under a second) and routes ``F.max_pool2d`` and ``F.batch_norm`` to them while the per-task loop runs
 (:func:`fast`): 6.4 and 4.7 ms on that tensor.
 
+Max-pool of ReLU of batch norm (Conv4's block) also runs as one fused kernel from batch norm's input
+(:class:`_BatchNormReLUMaxPool`): the mode fuses the backward when it sees the three calls in turn, and
+:mod:`mamlkit.fusion` the forward too, on a traced copy of the model. Its saved state is batch norm's
+input, the pooled output and a byte per window, instead of three full-size tensors and int64 indices,
+so a task's graph takes less memory as well.
+
+The window loops run over a whole plane's outputs through a table of window starts, so that they
+vectorise (gathers) with no data-dependent branch: row by row (14 outputs) they did not, and branches
+on activations mispredict about half the time.
+
 Exactness: the forward passes and batch norm's first-order backward are compiled. Every backward that
 is itself differentiated (the inner loop's, under ``create_graph``) is torch's own
 (``max_pool2d_with_indices_backward``, ``native_batch_norm_backward``) on the same saved tensors, so
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import shutil
@@ -37,6 +48,7 @@ import string
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Hashable, Iterator
 
 import torch
@@ -47,33 +59,42 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger("mamlkit")
 
 _TEMPLATE = string.Template(r"""
+/* Where each output's window starts in its plane: one table for all planes, so that the window loops run
+   over a whole plane's outputs (OH * OW of them, not rows of OW = 14 that are too short for a vector),
+   vectorised with gathers and branch-free (data-dependent branches mispredict on real activations). */
+static $I* window_starts_${SFX}(int64_t W, int64_t sH, int64_t sW, int64_t OH, int64_t OW) {
+  $I* start = ($I*)malloc(sizeof($I) * OH * OW);
+  if (start)
+    for (int64_t q = 0; q < OH * OW; q++) start[q] = ($I)((q / OW) * sH * W + (q % OW) * sW);
+  return start;
+}
+
 void maxpool2d_${SFX}(const $T* x, $T* y, int64_t* idx, int64_t planes, int64_t H, int64_t W,
                    int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OH, int64_t OW, int nthreads) {
+  const int64_t OHW = OH * OW;
+  $I* start = (kH == 2 && kW == 2) ? window_starts_${SFX}(W, sH, sW, OH, OW) : 0;
+  const $I w0 = ($I)W, w1 = ($I)W + 1;
   #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
   for (int64_t p = 0; p < planes; p++) {
     const $T* xp = x + p * H * W;
-    $T* yp = y + p * OH * OW;
-    int64_t* ip = idx + p * OH * OW;
-    for (int64_t oh = 0; oh < OH; oh++) {
-      if (kH == 2 && kW == 2 && sH == 2 && sW == 2) {
-        /* the common 2x2 window, branch-free so that it vectorises; same rule as below */
-        const $T* r0 = xp + 2 * oh * W;
-        const $T* r1 = r0 + W;
-        $T* yr = yp + oh * OW;
-        int64_t* ir = ip + oh * OW;
-        const int64_t base = 2 * oh * W;
-        #pragma omp simd
-        for (int64_t ow = 0; ow < OW; ow++) {
-          $T m = r0[2 * ow], v;
-          int64_t k = 0, t;
-          v = r0[2 * ow + 1]; t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
-          v = r1[2 * ow];     t = (v > m) | (v != v); m = t ? v : m; k = t ? W : k;
-          v = r1[2 * ow + 1]; t = (v > m) | (v != v); m = t ? v : m; k = t ? W + 1 : k;
-          yr[ow] = m;
-          ir[ow] = base + 2 * ow + k;
-        }
-        continue;
+    $T* yp = y + p * OHW;
+    int64_t* ip = idx + p * OHW;
+    if (start) {
+      /* the common 2x2 window; the same rule as below */
+      #pragma omp simd
+      for (int64_t q = 0; q < OHW; q++) {
+        const $I b = start[q];
+        $T m = xp[b], v;
+        $I k = 0, t;
+        v = xp[b + 1];  t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
+        v = xp[b + w0]; t = (v > m) | (v != v); m = t ? v : m; k = t ? w0 : k;
+        v = xp[b + w1]; t = (v > m) | (v != v); m = t ? v : m; k = t ? w1 : k;
+        yp[q] = m;
+        ip[q] = (int64_t)(b + k);
       }
+      continue;
+    }
+    for (int64_t oh = 0; oh < OH; oh++) {
       for (int64_t ow = 0; ow < OW; ow++) {
         /* torch's rule: scan the window row-major, take a value that is greater or NaN */
         int64_t h0 = oh * sH, w0 = ow * sW, best = h0 * W + w0;
@@ -88,6 +109,7 @@ void maxpool2d_${SFX}(const $T* x, $T* y, int64_t* idx, int64_t planes, int64_t 
       }
     }
   }
+  free(start);
 }
 
 void batchnorm_${SFX}(const $T* x, $T* y, const $T* weight, const $T* bias, $T* save_mean, $T* save_invstd,
@@ -110,7 +132,7 @@ void batchnorm_${SFX}(const $T* x, $T* y, const $T* weight, const $T* bias, $T* 
     /* as torch: y = x * alpha + beta with alpha = invstd * weight, beta = bias - mean * alpha */
     const $T alpha = weight ? invstd * weight[c] : invstd;
     const $T beta = (bias ? bias[c] : ($T)0) - ($T)mean * alpha;
-    for (int64_t n = 0; n < N; n++) {
+    for (int64_t n = 0; n < N && y; n++) {  /* y == NULL: statistics only (mamlkit.fusion) */
       const $T* r = x + (n * C + c) * HW;
       $T* o = y + (n * C + c) * HW;
       #pragma omp simd
@@ -151,9 +173,112 @@ void batchnorm_backward_${SFX}(const $T* gy, const $T* x, const $T* weight, cons
     }
   }
 }
+
+/* out = max_pool2d(relu(batch_norm(y))) from batch norm's input and batch statistics, in one pass over y.
+   Per element the same float operations as batchnorm_ above, the window rule of maxpool2d_ on them, then
+   relu (torch's clamp_min, which keeps NaN) of the maximum: relu(max z) = max relu(z), and where it is
+   positive the first maximum of z is the first of relu(z), the only index the backward uses (relu's
+   gradient is 0 elsewhere). Taking relu last keeps the loop vectorisable. off: the window-local index
+   kh * kW + kw of each maximum. */
+void bnrelupool_${SFX}(const $T* y, const $T* weight, const $T* bias, const $T* mean, const $T* invstd,
+                    $T* out, uint8_t* off, int64_t planes, int64_t C, int64_t H, int64_t W, int64_t kH,
+                    int64_t kW, int64_t sH, int64_t sW, int64_t OH, int64_t OW, int nthreads) {
+  const int64_t OHW = OH * OW;
+  $I* start = (kH == 2 && kW == 2) ? window_starts_${SFX}(W, sH, sW, OH, OW) : 0;
+  const $I w0 = ($I)W, w1 = ($I)W + 1;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
+  for (int64_t p = 0; p < planes; p++) {
+    const int64_t c = p % C;
+    const $T alpha = weight ? invstd[c] * weight[c] : invstd[c];
+    const $T beta = (bias ? bias[c] : ($T)0) - mean[c] * alpha;
+    const $T* yp = y + p * H * W;
+    $T* op = out + p * OHW;
+    uint8_t* fp = off + p * OHW;
+    if (start) {
+      #pragma omp simd
+      for (int64_t q = 0; q < OHW; q++) {
+        const $I b = start[q];
+        $T m = yp[b] * alpha + beta, v;
+        $I k = 0, t;
+        v = yp[b + 1] * alpha + beta;  t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
+        v = yp[b + w0] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 2 : k;
+        v = yp[b + w1] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 3 : k;
+        op[q] = m < 0 ? ($T)0 : m;
+        fp[q] = (uint8_t)k;
+      }
+      continue;
+    }
+    for (int64_t oh = 0; oh < OH; oh++)
+      for (int64_t ow = 0; ow < OW; ow++) {
+        const $T* x0 = yp + oh * sH * W + ow * sW;
+        $T m = x0[0] * alpha + beta;
+        int64_t k = 0;
+        for (int64_t i = 0; i < kH; i++)
+          for (int64_t j = 0; j < kW; j++) {
+            $T v = x0[i * W + j] * alpha + beta;
+            if (v > m || v != v) { m = v; k = i * kW + j; }
+          }
+        op[oh * OW + ow] = m < 0 ? ($T)0 : m;
+        fp[oh * OW + ow] = (uint8_t)k;
+      }
+  }
+  free(start);
+}
+/* Its first-order backward: the gradient reaches each window's maximum where it is positive (relu's
+   result > 0), summed where windows overlap, then batch norm's backward as batchnorm_backward_. */
+void bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const uint8_t* off, const $T* weight,
+                             const $T* mean, const $T* invstd, $T* gy, $T* gw, $T* gb, int64_t N, int64_t C,
+                             int64_t H, int64_t W, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OH,
+                             int64_t OW, int nthreads) {
+  const int64_t HW = H * W, OHW = OH * OW;
+  const double count = (double)N * (double)HW;
+  $I step[256];  /* window-local index -> offset from the window's start */
+  for (int64_t k = 0; k < kH * kW; k++) step[k] = ($I)((k / kW) * W + k % kW);
+  $I* start = window_starts_${SFX}(W, sH, sW, OH, OW);
+  #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
+  {
+    $T* gz = gy ? ($T*)malloc(sizeof($T) * HW) : 0;  /* one plane of relu's input gradient, in cache */
+    #pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+      const $T m = mean[c];
+      double sum = 0.0, dot = 0.0;
+      for (int64_t n = 0; n < N; n++) {
+        const int64_t p = n * C + c;
+        const $T *g = go + p * OHW, *o = out + p * OHW, *yp = y + p * HW;
+        const uint8_t* f = off + p * OHW;
+        #pragma omp simd reduction(+:sum, dot)
+        for (int64_t q = 0; q < OHW; q++) {
+          const $T gq = o[q] > 0 ? g[q] : ($T)0;
+          sum += (double)gq;
+          dot += (double)gq * ((double)yp[start[q] + step[f[q]]] - (double)m);
+        }
+      }
+      const double s = (double)invstd[c];
+      gb[c] = ($T)sum;
+      gw[c] = ($T)(dot * s);
+      if (!gy) continue;
+      const $T w = weight ? weight[c] : ($T)1;
+      const $T gmean = ($T)(sum / count), proj = ($T)(dot * s * s / count), mu = m, scale = ($T)s * w;
+      for (int64_t n = 0; n < N; n++) {
+        const int64_t p = n * C + c;
+        const $T *g = go + p * OHW, *o = out + p * OHW, *yp = y + p * HW;
+        const uint8_t* f = off + p * OHW;
+        $T* gp = gy + p * HW;
+        memset(gz, 0, sizeof($T) * HW);
+        for (int64_t q = 0; q < OHW; q++) gz[start[q] + step[f[q]]] += o[q] > 0 ? g[q] : ($T)0;
+        #pragma omp simd
+        for (int64_t i = 0; i < HW; i++) gp[i] = (gz[i] - gmean - (yp[i] - mu) * proj) * scale;
+      }
+    }
+    free(gz);
+  }
+  free(start);
+}
 """)
-_SOURCE = "#include <math.h>\n#include <stdint.h>\n" + "".join(
-    _TEMPLATE.substitute(T=t, SFX=sfx) for t, sfx in (("float", "f32"), ("double", "f64")))
+_SOURCE = "#include <math.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\n" + "".join(
+    _TEMPLATE.substitute(T=t, I=i, SFX=sfx)
+    # $I: the window-offset type, as wide as $T so that one vector holds both (gathers need that)
+    for t, i, sfx in (("float", "int32_t", "f32"), ("double", "int64_t", "f64")))
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _I64, _INT, _DBL, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
 
@@ -208,6 +333,8 @@ def _build() -> ctypes.CDLL | None:
             getattr(handle, f"maxpool2d_{sfx}").argtypes = [_PTR] * 3 + [_I64] * 9 + [_INT]
             getattr(handle, f"batchnorm_{sfx}").argtypes = [_PTR] * 8 + [_I64] * 3 + [_DBL, _DBL, _INT]
             getattr(handle, f"batchnorm_backward_{sfx}").argtypes = [_PTR] * 8 + [_I64] * 3 + [_INT]
+            getattr(handle, f"bnrelupool_{sfx}").argtypes = [_PTR] * 7 + [_I64] * 10 + [_INT]
+            getattr(handle, f"bnrelupool_backward_{sfx}").argtypes = [_PTR] * 10 + [_I64] * 10 + [_INT]
         return handle
     except (OSError, subprocess.SubprocessError) as err:
         log.info("mamlkit: fast CPU kernels unavailable (%s); using torch's", err)
@@ -270,10 +397,11 @@ class _BatchNorm(torch.autograd.Function):
             _ptr(running_mean), _ptr(running_var), n, c, hw, float(eps), float(momentum), _threads())
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
-        return y
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd  # the statistics, for the fused block below
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor, _grad_mean: Tensor | None, _grad_invstd: Tensor | None):
         x, weight, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():
@@ -293,6 +421,68 @@ class _BatchNorm(torch.autograd.Function):
             gw.data_ptr(), gb.data_ptr(), n, c, hw, _threads())
         return (gx, gw if weight is not None and need[1] else None, gb if need[2] else None,
                 None, None, None, None)
+
+
+class _BatchNormReLUMaxPool(torch.autograd.Function):
+    """``max_pool2d(relu(batch_norm(y)))`` from batch norm's input ``y`` and the batch statistics its forward
+    computed: one pass over ``y`` forward and a sparse one plus a dense one backward, instead of the eight
+    passes over ``[N, C, H, W]`` tensors that the three ops make one by one (the first block of Conv4)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
+                eps: float, kernel: tuple[int, int], stride: tuple[int, int]):
+        n, c, h, w = y.shape
+        oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
+        off = torch.empty((n, c, oh, ow), dtype=torch.uint8)  # window-local argmax: 1 byte, not torch's 8
+        out = y.new_empty((n, c, oh, ow))
+        _kernel("bnrelupool", y.dtype)(
+            y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(), out.data_ptr(),
+            off.data_ptr(), n * c, c, h, w, *kernel, *stride, oh, ow, _threads())
+        ctx.save_for_backward(y, weight, mean, invstd, out, off)
+        ctx.eps, ctx.kernel, ctx.stride = eps, kernel, stride
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, weight, mean, invstd, out, off = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], weight is not None and need[1], need[2]]
+        if torch.is_grad_enabled():
+            # create_graph: torch's own differentiable backwards of the three ops. Masking the pooled
+            # gradient by out > 0 is relu's backward (threshold_backward on its result), as the gradient
+            # reaches only the window maxima, where relu's result is out.
+            idx = _plane_index(off, ctx.kernel, ctx.stride, y.shape[3])
+            gz = torch.ops.aten.max_pool2d_with_indices_backward(
+                grad * (out > 0), y, list(ctx.kernel), list(ctx.stride), [0, 0], [1, 1], False, idx)
+            gy, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                gz, y, weight, None, None, mean, invstd, True, ctx.eps, mask)
+            return gy, gw, gb, None, None, None, None, None
+        grad = grad.contiguous()
+        n, c, h, w = y.shape
+        gw, gb = y.new_empty(c), y.new_empty(c)
+        gy = torch.empty_like(y) if need[0] else None
+        _kernel("bnrelupool_backward", y.dtype)(
+            grad.data_ptr(), y.data_ptr(), out.data_ptr(), off.data_ptr(), _ptr(weight), mean.data_ptr(),
+            invstd.data_ptr(), _ptr(gy), gw.data_ptr(), gb.data_ptr(), n, c, h, w, *ctx.kernel, *ctx.stride,
+            out.shape[2], out.shape[3], _threads())
+        return gy, gw if mask[1] else None, gb if need[2] else None, None, None, None, None, None
+
+
+def batch_norm_relu_max_pool(y: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
+                             eps: float, kernel: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+    """``max_pool2d(relu(batch_norm(y)))`` in training mode, from ``y`` ``[N, C, H, W]`` (contiguous CPU float)
+    and its batch statistics ``mean`` and ``invstd`` ``[C]`` (as constants: the backward differentiates
+    through them); returns ``[N, C, OH, OW]``. Derivatives of every order, first-order backward compiled."""
+    return _BatchNormReLUMaxPool.apply(y, weight, bias, mean, invstd, eps, kernel, stride)
+
+
+def _plane_index(off: Tensor, kernel: tuple[int, int], stride: tuple[int, int], width: int) -> Tensor:
+    """torch's max-pool indices (row-major within each plane, int64) from window-local offsets."""
+    oh, ow = off.shape[2:]
+    off = off.long()
+    rows = torch.arange(oh).mul_(stride[0]).view(oh, 1) + off // kernel[1]
+    cols = torch.arange(ow).mul_(stride[1]) + off % kernel[1]
+    return rows * width + cols
 
 
 def _pair(v, default) -> tuple[int, int] | None:
@@ -318,22 +508,61 @@ def _plain(x: object) -> bool:
             and x.dim() == 4 and x.is_contiguous() and x.numel() >= MIN_ELEMENTS)
 
 
-def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+@dataclasses.dataclass
+class _Norm:
+    """The last batch norm a mode routed, and relu's result on its output: what a max-pool of that result
+    needs to run as one :class:`_BatchNormReLUMaxPool`. Weak references, so no tensor lives longer; the
+    versions make sure that nothing was changed in place in between."""
+
+    out: weakref.ref
+    out_version: int
+    input: weakref.ref
+    input_version: int
+    weight: Tensor | None
+    bias: Tensor | None
+    param_versions: tuple[int, ...]
+    mean: Tensor
+    invstd: Tensor
+    eps: float
+    relu: weakref.ref | None = None
+    relu_version: int = -1
+
+    def fused_input(self, x: Tensor) -> Tensor | None:
+        """Batch norm's input, if ``x`` is still relu's unchanged result on this batch norm's output."""
+        y = self.input()
+        if (self.relu is None or self.relu() is not x or x._version != self.relu_version or y is None
+                or y._version != self.input_version or _versions(self.weight, self.bias) != self.param_versions):
+            return None
+        return y
+
+
+def _versions(*ts: Tensor | None) -> tuple[int, ...]:
+    return tuple(t._version for t in ts if t is not None)
+
+
+def _max_pool2d(mode, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                return_indices=False):
     kernel, step = _pair(kernel_size, None), _pair(stride, kernel_size)
     if not (_plain(input) and kernel and step and _pair(padding, 0) == (0, 0) and _pair(dilation, 1) == (1, 1)
             and not ceil_mode and min(*kernel, *step) > 0 and input.shape[2] >= kernel[0]
             and input.shape[3] >= kernel[1]):
         return NotImplemented
+    norm = mode.norm
+    if not return_indices and norm is not None and kernel[0] * kernel[1] <= 256:
+        y = norm.fused_input(input)
+        if y is not None:
+            return batch_norm_relu_max_pool(y, norm.weight, norm.bias, norm.mean, norm.invstd, norm.eps,
+                                            kernel, step)
     y, idx = _MaxPool2d.apply(input, kernel, step)
     return (y, idx) if return_indices else y
 
 
-def _max_pool2d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+def _max_pool2d_with_indices(mode, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                              return_indices=True):
-    return _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+    return _max_pool2d(mode, input, kernel_size, stride, padding, dilation, ceil_mode, True)
 
 
-def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+def _batch_norm(mode, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                 eps=1e-5):
     tensors = [t for t in (weight, bias, running_mean, running_var) if t is not None]
     if not (training and _plain(input) and input.shape[0] * input.shape[2] * input.shape[3] > 1
@@ -341,11 +570,22 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
             and all(t.dtype == input.dtype and t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
                     and t.numel() == input.shape[1] for t in tensors)):
         return NotImplemented
-    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+    if mode.stats_only:  # a fused block (mamlkit.fusion) needs the statistics and running-stat update only
+        mode.stats_only = False
+        mean, invstd = input.new_empty(input.shape[1]), input.new_empty(input.shape[1])
+        _kernel("batchnorm", input.dtype)(
+            input.data_ptr(), None, _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
+            _ptr(running_mean), _ptr(running_var), *_ncl(input), float(eps), float(momentum), _threads())
+        mode.stats = mean, invstd
+        return input.new_empty(0)  # not used: the block computes its own output
+    out, mean, invstd = _BatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+    mode.norm = _Norm(weakref.ref(out), out._version, weakref.ref(input), input._version, weight, bias,
+                      _versions(weight, bias), mean, invstd, float(eps))
+    return out
 
 
-def _torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, *rest):
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+def _torch_batch_norm(mode, input, weight, bias, running_mean, running_var, training, momentum, eps, *rest):
+    return _batch_norm(mode, input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 _FAST = {
@@ -354,25 +594,37 @@ _FAST = {
     F.batch_norm: _batch_norm,
     torch.batch_norm: _torch_batch_norm,
 }
+_RELU = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
 
 class FastKernels(TorchFunctionMode):
     """Route ``F.max_pool2d`` and ``F.batch_norm`` (training mode) on NCHW CPU tensors to the compiled
-    kernels of this module; everything else runs unchanged. Enter it through :func:`fast`."""
+    kernels of this module, and a max-pool of a relu of such a batch norm to the fused block; everything
+    else runs unchanged. Enter it through :func:`fast`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.hits = 0
+        self.norm: _Norm | None = None
+        self.stats_only = False  # set by mamlkit.fusion around a batch norm whose output it does not use
+        self.stats: tuple[Tensor, Tensor] | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         impl = _FAST.get(func)
         if impl is not None and _outside_transforms():
-            out = impl(*args, **kwargs)
+            out = impl(self, *args, **kwargs)
             if out is not NotImplemented:
                 self.hits += 1
                 return out
-        return func(*args, **kwargs)
+        norm = self.norm
+        # relu of the last batch norm's unchanged output (checked before an in-place relu bumps its version)
+        after_norm = (func in _RELU and norm is not None and len(args) > 0 and args[0] is norm.out()
+                      and args[0]._version == norm.out_version)
+        out = func(*args, **kwargs)
+        if after_norm and type(out) in (torch.Tensor, torch.nn.Parameter):
+            norm.relu, norm.relu_version = weakref.ref(out), out._version
+        return out
 
 
 def _outside_transforms() -> bool:
@@ -386,6 +638,14 @@ def _outside_transforms() -> bool:
 _USEFUL: dict[Hashable, bool] = {}
 
 
+_ACTIVE = threading.local()
+
+
+def active_mode() -> FastKernels | None:
+    """This thread's innermost :func:`fast` mode, if it is routing (for :mod:`mamlkit.fusion`)."""
+    return getattr(_ACTIVE, "mode", None)
+
+
 @contextlib.contextmanager
 def fast(key: Hashable = None) -> Iterator[None]:
     """Run the enclosed per-task code with the fast kernels, when enabled and built (else a no-op).
@@ -395,7 +655,11 @@ def fast(key: Hashable = None) -> Iterator[None]:
         yield
         return
     mode = FastKernels()
-    with mode:
-        yield
+    outer, _ACTIVE.mode = getattr(_ACTIVE, "mode", None), mode
+    try:
+        with mode:
+            yield
+    finally:
+        _ACTIVE.mode = outer
     if key is not None and key not in _USEFUL:
         _USEFUL[key] = mode.hits > 0
