@@ -1,30 +1,31 @@
-"""Batch norm → ReLU → max-pool blocks run as one compiled kernel in the per-task loop (issue 8).
+"""[Conv →] batch norm → ReLU → max-pool blocks run as one compiled kernel in the per-task loop (issue 8).
 
 Why: in Conv4 with max-pooling (the mini-ImageNet network, and Omniglot with ``pool=True``) the first
 block's ``[N, 64, 28, 28]`` tensors make each op memory-bound. Run one by one, batch norm writes its
 output, ReLU reads it and writes another, and max-pool reads that: ~100 MB of traffic per task that the
-pooled result (a quarter of the size) does not need. :mod:`mamlkit.kernels` already fuses the backward of
-``max_pool2d(relu(batch_norm(y)))`` when it sees the three calls; this module also removes the forward's
-two full-size intermediates, which the kernels' op-by-op mode cannot (it must return each op's result).
+pooled result (a quarter of the size) does not need. :mod:`mamlkit.kernels` fuses the backward of
+``max_pool2d(relu(batch_norm(y)))`` when it sees the three calls; this module also removes the
+forward's full-size intermediates, which an op-by-op mode cannot (it must return each op's result).
+When the block starts with a convolution of a one-channel input (Omniglot's first layer), the
+convolution is fused as well: it is recomputed from the small input wherever it is needed, so no
+``[N, C, H, W]`` tensor is stored or read at all.
 
-How: the model is traced once with ``torch.fx`` (a copy of its call graph; the model is not changed),
-and each ``BatchNorm2d → ReLU → MaxPool2d`` chain whose intermediates have no other use becomes one
-:class:`FusedBlock`. Under :func:`mamlkit.kernels.fast`, a block runs the batch norm module itself for
-its bookkeeping (``num_batches_tracked``, running statistics) with the statistics computed but no output
-written, then the fused kernel from batch norm's input. Anything it does not cover (evaluation mode,
-small or non-contiguous tensors, hooks, torch.func transforms) runs the three modules as they are.
-
-Only models built entirely from ``torch.nn`` modules (``nn.Sequential`` of built-in layers, as
-:func:`mamlkit.models.conv4`) are traced: tracing a custom ``forward`` would freeze its Python control
-flow (``if self.training: ...``) at trace time. Other models run unchanged (the kernels' op-by-op fusion
-of the backward still applies to them).
+How: a model that is an ``nn.Sequential`` tree of built-in ``torch.nn`` layers (as
+:func:`mamlkit.models.conv4`) runs as the flat list of its layers, in the order ``nn.Sequential`` runs
+them, with each ``[Conv2d →] BatchNorm2d → ReLU → MaxPool2d`` run replaced by a :class:`FusedBlock`. The
+list runs the model's own layer objects under the names ``functional_call`` swaps, so parameters,
+buffers and running statistics are the model's. Under :func:`mamlkit.kernels.fast`, a block does the
+batch norm module's bookkeeping (``num_batches_tracked``, the running-statistics momentum) as
+``nn.BatchNorm2d.forward`` does and calls the fused kernel; anything it does not cover (evaluation mode,
+small or non-contiguous tensors, hooks, torch.func transforms) runs the layers as they are. Other models
+(a ``forward`` of their own, whose control flow only running it can follow) run unchanged.
 """
 
 from __future__ import annotations
 
 import weakref
 
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from mamlkit import kernels
 
@@ -32,100 +33,137 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]] 
 
 
 def fused(model: nn.Module) -> nn.Module:
-    """The module to run for ``model`` in this thread: its traced, fused copy while a
-    :func:`mamlkit.kernels.fast` mode routes and the model has a fusable block, else ``model`` itself.
-    The copy shares ``model``'s submodules, so parameter and buffer names and objects are the same."""
+    """The module to run for ``model`` in this thread: a :class:`FusedSequential` over its layers while a
+    :func:`mamlkit.kernels.fast` mode routes and it has a fusable block, else ``model`` itself."""
     if kernels.active_mode() is None:
         return model
-    key = tuple(map(id, model.modules()))  # traced again if a submodule is replaced
+    key = tuple(map(id, model.modules()))  # rebuilt if a layer is replaced
     hit = _CACHE.get(model)
     if hit is None or hit[0] != key:
-        traced = _trace_and_fuse(model)
-        hit = key, model if traced is None else traced
+        plan = _plan(model)
+        hit = key, model if plan is None else FusedSequential(model, plan)
         _CACHE[model] = hit
     return hit[1]
 
 
-def _builtin(model: nn.Module) -> bool:
-    return all(type(m).__module__.startswith("torch.nn.") for m in model.modules())
+def _layers(seq: nn.Sequential) -> list[nn.Module]:
+    """The layers ``seq`` runs, in order, with nested ``nn.Sequential`` flattened."""
+    out: list[nn.Module] = []
+    for m in seq:
+        out.extend(_layers(m) if type(m) is nn.Sequential else [m])
+    return out
 
 
-def _module_node(gm: fx.GraphModule, node: object, kind: type) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs
-            and type(gm.get_submodule(node.target)) is kind)
-
-
-def _trace_and_fuse(model: nn.Module) -> fx.GraphModule | None:
-    if not _builtin(model):
+def _plan(model: nn.Module) -> list[nn.Module] | None:
+    """The steps that run ``model``, or None when there is nothing to fuse or it is not a plain tree."""
+    if type(model) is not nn.Sequential or not all(type(m).__module__.startswith("torch.nn.") for m in model.modules()):
         return None
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001 - untraceable: the model runs as it is
+    if any(next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
+           for m in model.modules() if type(m) is nn.Sequential):
         return None
-    blocks = 0
-    for pool in list(gm.graph.nodes):
-        if not _module_node(gm, pool, nn.MaxPool2d):
-            continue
-        act = pool.args[0]
-        if not (_module_node(gm, act, nn.ReLU) and len(act.users) == 1):
-            continue
-        norm = act.args[0]
-        if not (_module_node(gm, norm, nn.BatchNorm2d) and len(norm.users) == 1):
-            continue
-        name = f"mamlkit_fused_{blocks}"
-        blocks += 1
-        gm.add_submodule(name, FusedBlock(*(gm.get_submodule(n.target) for n in (norm, act, pool))))
-        with gm.graph.inserting_before(pool):
-            node = gm.graph.call_module(name, norm.args)
-        pool.replace_all_uses_with(node)
-        for old in (pool, act, norm):
-            gm.graph.erase_node(old)
-    if not blocks:
-        return None
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    layers, steps, i, blocks = _layers(model), [], 0, 0
+    while i < len(layers):
+        kinds = [type(m) for m in layers[i:i + 4]]
+        if kinds[:3] == [nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]:
+            steps.append(FusedBlock(None, *layers[i:i + 3]))
+            i, blocks = i + 3, blocks + 1
+        elif kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]:
+            steps.append(FusedBlock(*layers[i:i + 4]))
+            i, blocks = i + 4, blocks + 1
+        else:
+            steps.append(layers[i])
+            i += 1
+    return steps if blocks else None
+
+
+class FusedSequential(nn.Module):
+    """Runs ``model``'s layers as ``steps``. It registers ``model``'s children under their own names (the
+    same objects), so its parameter and buffer names are the model's and ``functional_call`` on it swaps
+    the tensors that the steps' layers use."""
+
+    def __init__(self, model: nn.Sequential, steps: list[nn.Module]):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        self.steps = tuple(steps)  # a tuple: not registered, so no second set of names
+        self.containers = tuple(m for m in model.modules() if type(m) is nn.Sequential)
+        self.model = (model,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _hooked(self.containers):  # a container's hook would not run here: run the model itself
+            return self.model[0](x)
+        for step in self.steps:
+            x = step(x)
+        return x
 
 
 class FusedBlock(nn.Module):
-    """``pool(relu(norm(x)))`` with the original modules, through the fused kernel where it applies.
-    The modules are held in a tuple, not registered, so the traced copy's parameter names are the model's."""
+    """``pool(relu(norm(conv(x))))`` with the model's own layers (``conv`` optional), through the fused
+    kernel where it applies. The layers are held in a tuple, not registered as children."""
 
-    def __init__(self, norm: nn.BatchNorm2d, act: nn.ReLU, pool: nn.MaxPool2d):
+    def __init__(self, conv: nn.Conv2d | None, norm: nn.BatchNorm2d, act: nn.ReLU, pool: nn.MaxPool2d):
         super().__init__()
-        self.parts = (norm, act, pool)
+        self.parts = (conv, norm, act, pool)
+
+    def forward_modules(self, x: Tensor) -> Tensor:
+        conv, norm, act, pool = self.parts
+        return pool(act(norm(conv(x) if conv is not None else x)))
 
     def forward(self, x: Tensor) -> Tensor:
-        norm, act, pool = self.parts
+        conv, norm, act, pool = self.parts
         mode = kernels.active_mode()
-        window = _window(pool, x)
-        if mode is None or window is None or not norm.training or _hooked(self.parts):
-            return pool(act(norm(x)))
-        mode.stats_only = True  # the module's own forward, for its bookkeeping; the mode computes statistics only
-        try:
-            out = norm(x)
-        finally:
-            mode.stats_only = False
-        stats, mode.stats = mode.stats, None
-        if stats is None:  # the mode did not take this batch norm: out is its real output
-            return pool(act(out))
-        return kernels.batch_norm_relu_max_pool(x, norm.weight, norm.bias, *stats, norm.eps, *window)
+        if mode is None or not norm.training or _hooked(self.parts):
+            return self.forward_modules(x)
+        if conv is not None and kernels.conv_fusable(x, conv):
+            window = _window(pool, kernels.conv_output_shape(x, conv))
+            if window is not None and _norm_fusable(norm, kernels.conv_output_shape(x, conv), x):
+                momentum, running = _bookkeeping(norm)
+                mode.hits += 1  # kernels used: kernels.fast keeps the mode for this code
+                return kernels.conv_batch_norm_relu_max_pool(
+                    x, conv.weight, conv.bias, conv.padding, norm.weight, norm.bias, *running, momentum, norm.eps,
+                    *window)
+        y = conv(x) if conv is not None else x
+        window = _window(pool, y.shape)
+        if window is None or not kernels._plain(y) or not _norm_fusable(norm, y.shape, y):
+            return pool(act(norm(y)))
+        momentum, running = _bookkeeping(norm)
+        mode.hits += 1
+        mean, invstd = kernels.batch_stats(y, *running, momentum, norm.eps)
+        return kernels.batch_norm_relu_max_pool(y, norm.weight, norm.bias, mean, invstd, norm.eps, *window)
 
 
-def _window(pool: nn.MaxPool2d, x: Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
+def _norm_fusable(norm: nn.BatchNorm2d, shape, like: Tensor) -> bool:
+    """Whether ``norm``'s tensors suit the kernels for its input of ``shape`` (dtype and device of ``like``)."""
+    tensors = [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
+    return (len(shape) == 4 and shape[1] == norm.num_features and shape[0] * shape[2] * shape[3] > 1
+            and all(type(t) in (Tensor, nn.Parameter) and t.dtype == like.dtype and t.device == like.device
+                    and t.dim() == 1 and t.is_contiguous() for t in tensors))
+
+
+def _bookkeeping(norm: nn.BatchNorm2d) -> tuple[float, tuple[Tensor | None, Tensor | None]]:
+    """What ``nn.BatchNorm2d.forward`` does in training mode before it calls ``F.batch_norm``: count the
+    batch, and pick the running-statistics momentum (a cumulative average when ``momentum`` is None)."""
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    return momentum, (norm.running_mean, norm.running_var) if norm.track_running_stats else (None, None)
+
+
+def _window(pool: nn.MaxPool2d, shape) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """Max-pool's kernel and stride where the fused kernel covers it (else None)."""
     kernel, stride = kernels._pair(pool.kernel_size, None), kernels._pair(pool.stride, pool.kernel_size)
-    if (kernel is None or stride is None or pool.return_indices or pool.ceil_mode or not kernels._plain(x)
+    if (kernel is None or stride is None or pool.return_indices or pool.ceil_mode or len(shape) != 4
             or kernels._pair(pool.padding, 0) != (0, 0) or kernels._pair(pool.dilation, 1) != (1, 1)
-            or min(*kernel, *stride) < 1 or kernel[0] * kernel[1] > 256 or x.shape[2] < kernel[0]
-            or x.shape[3] < kernel[1] or not kernels._outside_transforms()):
+            or min(*kernel, *stride) < 1 or kernel[0] * kernel[1] > 256 or shape[2] < kernel[0]
+            or shape[3] < kernel[1] or not kernels._outside_transforms()):
         return None
     return kernel, stride
 
 
-def _hooked(modules: tuple[nn.Module, ...]) -> bool:
+def _hooked(modules) -> bool:
     """Whether a hook would see the intermediate results that fusing skips."""
     from torch.nn.modules import module as m
 
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks
-                or any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules))
+                or any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules if mod is not None))

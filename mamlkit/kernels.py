@@ -274,6 +274,217 @@ void bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const 
   }
   free(start);
 }
+
+/* Conv (one input channel, stride 1, zero padding) -> batch norm -> relu -> max-pool, with the convolution
+   recomputed per plane from the small input instead of stored. Conv outputs live in a per-thread plane
+   buffer in "padded width" layout: row h at h * Wp, with Wp = W + 2 pW, so that one flat loop over
+   H1 * Wp positions computes them all (the columns from W1 on are not used). */
+static $T* pad_images_${SFX}(const $T* x, int64_t N, int64_t H, int64_t W, int64_t pH, int64_t pW, int64_t slack) {
+  const int64_t Hp = H + 2 * pH, Wp = W + 2 * pW;
+  $T* xp = ($T*)calloc(N * Hp * Wp + slack, sizeof($T));
+  if (xp)
+    for (int64_t n = 0; n < N; n++)
+      for (int64_t h = 0; h < H; h++)
+        memcpy(xp + n * Hp * Wp + (h + pH) * Wp + pW, x + (n * H + h) * W, sizeof($T) * W);
+  return xp;
+}
+static void conv_plane_${SFX}(const $T* xp, const $T* k, $T b, $T* y, int64_t len, int64_t Wp, int64_t kH, int64_t kW) {
+  if (kH == 3 && kW == 3) {  /* Conv4's 3x3: the nine taps in registers, one pass */
+    const $T k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6], k7 = k[7], k8 = k[8];
+    const $T *r0 = xp, *r1 = xp + Wp, *r2 = xp + 2 * Wp;
+    #pragma omp simd
+    for (int64_t i = 0; i < len; i++)
+      y[i] = b + k0 * r0[i] + k1 * r0[i + 1] + k2 * r0[i + 2] + k3 * r1[i] + k4 * r1[i + 1] + k5 * r1[i + 2]
+               + k6 * r2[i] + k7 * r2[i + 1] + k8 * r2[i + 2];
+    return;
+  }
+  #pragma omp simd
+  for (int64_t i = 0; i < len; i++) y[i] = b;
+  for (int64_t a = 0; a < kH; a++)
+    for (int64_t c = 0; c < kW; c++) {
+      const $T kv = k[a * kW + c];
+      const $T* src = xp + a * Wp + c;
+      #pragma omp simd
+      for (int64_t i = 0; i < len; i++) y[i] += kv * src[i];
+    }
+}
+static void pool_plane_${SFX}(const $T* yp, const $I* start, $T alpha, $T beta, $T* op, uint8_t* fp, int64_t OHW,
+                           int64_t Wp, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OW) {
+  /* as bnrelupool_ on one plane whose rows are Wp apart */
+  if (kH == 2 && kW == 2) {
+    const $I w0 = ($I)Wp, w1 = ($I)Wp + 1;
+    #pragma omp simd
+    for (int64_t q = 0; q < OHW; q++) {
+      const $I b = start[q];
+      $T m = yp[b] * alpha + beta, v;
+      $I k = 0, t;
+      v = yp[b + 1] * alpha + beta;  t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
+      v = yp[b + w0] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 2 : k;
+      v = yp[b + w1] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 3 : k;
+      op[q] = m < 0 ? ($T)0 : m;
+      fp[q] = (uint8_t)k;
+    }
+    return;
+  }
+  for (int64_t q = 0; q < OHW; q++) {
+    const $T* x0 = yp + start[q];
+    $T m = x0[0] * alpha + beta;
+    int64_t k = 0;
+    for (int64_t i = 0; i < kH; i++)
+      for (int64_t j = 0; j < kW; j++) {
+        $T v = x0[i * Wp + j] * alpha + beta;
+        if (v > m || v != v) { m = v; k = i * kW + j; }
+      }
+    op[q] = m < 0 ? ($T)0 : m;
+    fp[q] = (uint8_t)k;
+  }
+}
+int convbnrelupool_${SFX}(const $T* x, const $T* cw, const $T* cb, const $T* weight, const $T* bias,
+                       $T* save_mean, $T* save_invstd, $T* running_mean, $T* running_var, $T* out, uint8_t* off,
+                       int64_t N, int64_t C, int64_t H, int64_t W, int64_t kH, int64_t kW, int64_t pH, int64_t pW,
+                       int64_t pkH, int64_t pkW, int64_t psH, int64_t psW, int64_t OH, int64_t OW, double eps,
+                       double momentum, int nthreads) {
+  const int64_t Hp = H + 2 * pH, Wp = W + 2 * pW, H1 = Hp - kH + 1, W1 = Wp - kW + 1, len = H1 * Wp, OHW = OH * OW;
+  const double count = (double)N * (double)(H1 * W1);
+  $T* xp = pad_images_${SFX}(x, N, H, W, pH, pW, Wp + kW);
+  $I* start = window_starts_${SFX}(Wp, psH, psW, OH, OW);
+  int failed = !xp || !start;
+  #pragma omp parallel num_threads(nthreads) if(nthreads > 1 && !failed)
+  {
+    $T* y = failed ? 0 : ($T*)malloc(sizeof($T) * len);
+    if (!y) failed = 1;
+    #pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+      if (!y) continue;
+      const $T* k = cw + c * kH * kW;
+      const $T b = cb ? cb[c] : ($T)0;
+      double shift = 0.0, sum = 0.0, sq = 0.0;
+      for (int64_t n = 0; n < N; n++) {
+        conv_plane_${SFX}(xp + n * Hp * Wp, k, b, y, len, Wp, kH, kW);
+        if (n == 0) shift = (double)y[0];  /* as batchnorm_: shifted sums */
+        for (int64_t h = 0; h < H1; h++) {
+          const $T* r = y + h * Wp;
+          #pragma omp simd reduction(+:sum, sq)
+          for (int64_t i = 0; i < W1; i++) { double d = (double)r[i] - shift; sum += d; sq += d * d; }
+        }
+      }
+      const double dmean = sum / count, mean = shift + dmean;
+      const double var = sq / count - dmean * dmean > 0.0 ? sq / count - dmean * dmean : 0.0;
+      const $T invstd = ($T)(1.0 / sqrt(var + eps));
+      save_mean[c] = ($T)mean;
+      save_invstd[c] = invstd;
+      if (running_mean) running_mean[c] = ($T)((1.0 - momentum) * running_mean[c] + momentum * mean);
+      if (running_var) running_var[c] = ($T)((1.0 - momentum) * running_var[c] + momentum * var * count / (count - 1.0));
+      const $T alpha = weight ? invstd * weight[c] : invstd;
+      const $T beta = (bias ? bias[c] : ($T)0) - ($T)mean * alpha;
+      for (int64_t n = 0; n < N; n++) {
+        conv_plane_${SFX}(xp + n * Hp * Wp, k, b, y, len, Wp, kH, kW);
+        pool_plane_${SFX}(y, start, alpha, beta, out + (n * C + c) * OHW, off + (n * C + c) * OHW, OHW, Wp,
+                          pkH, pkW, psH, psW, OW);
+      }
+    }
+    free(y);
+  }
+  free(xp);
+  free(start);
+  return failed;
+}
+/* Its first-order backward: batch norm's and the convolution's weight and bias gradients; the gradient
+   with respect to the conv output is formed one plane at a time and never stored. */
+int convbnrelupool_backward_${SFX}(const $T* go, const $T* x, const $T* cw, const $T* cb, const $T* out,
+                                const uint8_t* off, const $T* weight, const $T* mean, const $T* invstd, $T* gcw,
+                                $T* gcb, $T* gw, $T* gb, int64_t N, int64_t C, int64_t H, int64_t W, int64_t kH,
+                                int64_t kW, int64_t pH, int64_t pW, int64_t pkH, int64_t pkW, int64_t psH,
+                                int64_t psW, int64_t OH, int64_t OW, int nthreads) {
+  const int64_t Hp = H + 2 * pH, Wp = W + 2 * pW, H1 = Hp - kH + 1, W1 = Wp - kW + 1, len = H1 * Wp, OHW = OH * OW;
+  const double count = (double)N * (double)(H1 * W1);
+  $T* xp = pad_images_${SFX}(x, N, H, W, pH, pW, Wp + kW);
+  $I* start = window_starts_${SFX}(Wp, psH, psW, OH, OW);
+  $I step[256];
+  for (int64_t k = 0; k < pkH * pkW; k++) step[k] = ($I)((k / pkW) * Wp + k % pkW);
+  int failed = !xp || !start;
+  #pragma omp parallel num_threads(nthreads) if(nthreads > 1 && !failed)
+  {
+    $T* y = failed ? 0 : ($T*)malloc(sizeof($T) * 2 * len);
+    if (!y) failed = 1;
+    $T* gz = y + len;
+    double acc[65];  /* the channel's kH * kW weight gradients and its bias gradient, summed over planes */
+    #pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+      if (!y) continue;
+      const $T* k = cw + c * kH * kW;
+      const $T b = cb ? cb[c] : ($T)0;
+      const $T m = mean[c];
+      double sum = 0.0, dot = 0.0;
+      for (int64_t n = 0; n < N; n++) {
+        const int64_t p = n * C + c;
+        const $T *g = go + p * OHW, *o = out + p * OHW;
+        const uint8_t* f = off + p * OHW;
+        conv_plane_${SFX}(xp + n * Hp * Wp, k, b, y, len, Wp, kH, kW);
+        #pragma omp simd reduction(+:sum, dot)
+        for (int64_t q = 0; q < OHW; q++) {
+          const $T gq = o[q] > 0 ? g[q] : ($T)0;
+          sum += (double)gq;
+          dot += (double)gq * ((double)y[start[q] + step[f[q]]] - (double)m);
+        }
+      }
+      const double s = (double)invstd[c];
+      gb[c] = ($T)sum;
+      gw[c] = ($T)(dot * s);
+      const $T w = weight ? weight[c] : ($T)1;
+      const $T gmean = ($T)(sum / count), proj = ($T)(dot * s * s / count), mu = m, scale = ($T)s * w;
+      for (int64_t t = 0; t <= kH * kW; t++) acc[t] = 0.0;
+      for (int64_t n = 0; n < N; n++) {
+        const int64_t p = n * C + c;
+        const $T *g = go + p * OHW, *o = out + p * OHW, *xn = xp + n * Hp * Wp;
+        const uint8_t* f = off + p * OHW;
+        conv_plane_${SFX}(xn, k, b, y, len, Wp, kH, kW);
+        memset(gz, 0, sizeof($T) * len);
+        for (int64_t q = 0; q < OHW; q++) gz[start[q] + step[f[q]]] += o[q] > 0 ? g[q] : ($T)0;
+        for (int64_t h = 0; h < H1; h++) {  /* gz becomes the conv output's gradient (0 off the image) */
+          $T* r = gz + h * Wp;
+          const $T* yr = y + h * Wp;
+          #pragma omp simd
+          for (int64_t i = 0; i < W1; i++) r[i] = (r[i] - gmean - (yr[i] - mu) * proj) * scale;
+          for (int64_t i = W1; i < Wp; i++) r[i] = 0;
+        }
+        $T bsum = 0;
+        if (kH == 3 && kW == 3) {  /* the nine weight gradients and the bias's in one pass */
+          const $T *r0 = xn, *r1 = xn + Wp, *r2 = xn + 2 * Wp;
+          $T d0 = 0, d1 = 0, d2 = 0, d3 = 0, d4 = 0, d5 = 0, d6 = 0, d7 = 0, d8 = 0;
+          #pragma omp simd reduction(+:bsum, d0, d1, d2, d3, d4, d5, d6, d7, d8)
+          for (int64_t i = 0; i < len; i++) {
+            const $T v = gz[i];
+            bsum += v;
+            d0 += v * r0[i]; d1 += v * r0[i + 1]; d2 += v * r0[i + 2];
+            d3 += v * r1[i]; d4 += v * r1[i + 1]; d5 += v * r1[i + 2];
+            d6 += v * r2[i]; d7 += v * r2[i + 1]; d8 += v * r2[i + 2];
+          }
+          acc[0] += d0; acc[1] += d1; acc[2] += d2; acc[3] += d3; acc[4] += d4;
+          acc[5] += d5; acc[6] += d6; acc[7] += d7; acc[8] += d8; acc[9] += bsum;
+          continue;
+        }
+        #pragma omp simd reduction(+:bsum)
+        for (int64_t i = 0; i < len; i++) bsum += gz[i];
+        acc[kH * kW] += (double)bsum;
+        for (int64_t a = 0; a < kH; a++)
+          for (int64_t cc = 0; cc < kW; cc++) {
+            const $T* src = xn + a * Wp + cc;
+            $T d = 0;
+            #pragma omp simd reduction(+:d)
+            for (int64_t i = 0; i < len; i++) d += gz[i] * src[i];
+            acc[a * kW + cc] += (double)d;
+          }
+      }
+      for (int64_t t = 0; t < kH * kW; t++) gcw[c * kH * kW + t] = ($T)acc[t];
+      if (gcb) gcb[c] = ($T)acc[kH * kW];
+    }
+    free(y);
+  }
+  free(xp);
+  free(start);
+  return failed;
+}
 """)
 _SOURCE = "#include <math.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\n" + "".join(
     _TEMPLATE.substitute(T=t, I=i, SFX=sfx)
@@ -335,6 +546,10 @@ def _build() -> ctypes.CDLL | None:
             getattr(handle, f"batchnorm_backward_{sfx}").argtypes = [_PTR] * 8 + [_I64] * 3 + [_INT]
             getattr(handle, f"bnrelupool_{sfx}").argtypes = [_PTR] * 7 + [_I64] * 10 + [_INT]
             getattr(handle, f"bnrelupool_backward_{sfx}").argtypes = [_PTR] * 10 + [_I64] * 10 + [_INT]
+            getattr(handle, f"convbnrelupool_{sfx}").restype = _INT
+            getattr(handle, f"convbnrelupool_backward_{sfx}").restype = _INT
+            getattr(handle, f"convbnrelupool_{sfx}").argtypes = [_PTR] * 11 + [_I64] * 14 + [_DBL, _DBL, _INT]
+            getattr(handle, f"convbnrelupool_backward_{sfx}").argtypes = [_PTR] * 13 + [_I64] * 14 + [_INT]
         return handle
     except (OSError, subprocess.SubprocessError) as err:
         log.info("mamlkit: fast CPU kernels unavailable (%s); using torch's", err)
@@ -476,6 +691,108 @@ def batch_norm_relu_max_pool(y: Tensor, weight: Tensor | None, bias: Tensor | No
     return _BatchNormReLUMaxPool.apply(y, weight, bias, mean, invstd, eps, kernel, stride)
 
 
+class _ConvBatchNormReLUMaxPool(torch.autograd.Function):
+    """``max_pool2d(relu(batch_norm(conv2d(x))))`` for a one-channel ``x`` (stride 1, zero padding): the
+    convolution is recomputed per plane wherever it is needed (9 multiply-adds per element for 3×3), so
+    the ``[N, C, H, W]`` conv output is neither stored nor read. Batch statistics and the running-stat
+    update as ``F.batch_norm`` in training mode. ``x`` takes no gradient (the caller checks)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cw: Tensor, cb: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float,
+                padding: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]):
+        n, _, h, w = x.shape
+        c, kh, kw = cw.shape[0], cw.shape[2], cw.shape[3]
+        h1, w1 = h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1
+        oh, ow = (h1 - kernel[0]) // stride[0] + 1, (w1 - kernel[1]) // stride[1] + 1
+        mean, invstd = x.new_empty(c), x.new_empty(c)
+        off = torch.empty((n, c, oh, ow), dtype=torch.uint8)
+        out = x.new_empty((n, c, oh, ow))
+        cw = cw.contiguous()
+        if _kernel("convbnrelupool", x.dtype)(
+                x.data_ptr(), cw.data_ptr(), _ptr(cb), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
+                _ptr(running_mean), _ptr(running_var), out.data_ptr(), off.data_ptr(), n, c, h, w, kh, kw,
+                *padding, *kernel, *stride, oh, ow, float(eps), float(momentum), _threads()):
+            raise MemoryError("mamlkit.kernels: out of memory in the fused conv block")
+        ctx.save_for_backward(x, cw, cb, weight, mean, invstd, out, off)
+        ctx.eps, ctx.padding, ctx.kernel, ctx.stride = eps, padding, kernel, stride
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, cw, cb, weight, mean, invstd, out, off = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph: torch's own differentiable ops, on the conv output recomputed by torch
+            y = F.conv2d(x, cw, cb, padding=ctx.padding)
+            idx = _plane_index(off, ctx.kernel, ctx.stride, y.shape[3])
+            gz = torch.ops.aten.max_pool2d_with_indices_backward(
+                grad * (out > 0), y, list(ctx.kernel), list(ctx.stride), [0, 0], [1, 1], False, idx)
+            gy, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                gz, y, weight, None, None, mean, invstd, True, ctx.eps, [True, weight is not None and need[3], need[4]])
+            _, gcw, gcb = torch.ops.aten.convolution_backward(
+                gy, x, cw, None if cb is None else [cw.shape[0]], [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
+                [False, need[1], cb is not None and need[2]])
+            return None, gcw, gcb, gw, gb, None, None, None, None, None, None, None
+        grad = grad.contiguous()
+        n, _, h, w = x.shape
+        c = cw.shape[0]
+        gcw, gw, gb = torch.empty_like(cw), x.new_empty(c), x.new_empty(c)
+        gcb = x.new_empty(c) if cb is not None else None
+        if _kernel("convbnrelupool_backward", x.dtype)(
+                grad.data_ptr(), x.data_ptr(), cw.data_ptr(), _ptr(cb), out.data_ptr(), off.data_ptr(), _ptr(weight),
+                mean.data_ptr(), invstd.data_ptr(), gcw.data_ptr(), _ptr(gcb), gw.data_ptr(), gb.data_ptr(), n, c, h,
+                w, cw.shape[2], cw.shape[3], *ctx.padding, *ctx.kernel, *ctx.stride, out.shape[2], out.shape[3],
+                _threads()):
+            raise MemoryError("mamlkit.kernels: out of memory in the fused conv block's backward")
+        return (None, gcw if need[1] else None, gcb if need[2] else None, gw if weight is not None and need[3] else None,
+                gb if need[4] else None, None, None, None, None, None, None, None)
+
+
+def conv_fusable(x: Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Whether :func:`conv_batch_norm_relu_max_pool` covers ``conv`` on ``x``: one input channel, stride 1,
+    zero padding given as numbers, no dilation or groups, a kernel of at most 64 taps, an input that
+    takes no gradient, and an output of :data:`MIN_ELEMENTS` or more."""
+    w = conv.weight
+    if not (type(conv) is torch.nn.Conv2d and conv.in_channels == 1 and conv.groups == 1 and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and conv.kernel_size[0] * conv.kernel_size[1] <= 64 and type(x) is torch.Tensor
+            and x.device.type == "cpu" and x.dtype in _SUFFIX and x.dim() == 4 and x.shape[1] == 1
+            and x.is_contiguous() and not x.requires_grad and w.dtype == x.dtype and w.device == x.device
+            and (conv.bias is None or (conv.bias.dtype == x.dtype and conv.bias.is_contiguous()))
+            and _outside_transforms()):
+        return False
+    shape = conv_output_shape(x, conv)
+    return min(shape) > 0 and shape[0] * shape[1] * shape[2] * shape[3] >= MIN_ELEMENTS
+
+
+def conv_output_shape(x: Tensor, conv: torch.nn.Conv2d) -> tuple[int, int, int, int]:
+    """``conv(x)``'s shape for stride 1 and numeric padding."""
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    return x.shape[0], conv.out_channels, x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1
+
+
+def conv_batch_norm_relu_max_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, padding: tuple[int, int],
+                                  weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                                  running_var: Tensor | None, momentum: float, eps: float, kernel: tuple[int, int],
+                                  stride: tuple[int, int]) -> Tensor:
+    """``max_pool2d(relu(batch_norm(conv2d(x, conv_weight, conv_bias, padding=padding))))`` in training mode,
+    ``x`` ``[N, 1, H, W]`` -> ``[N, C, OH, OW]``, in one compiled kernel (see :func:`conv_fusable`)."""
+    return _ConvBatchNormReLUMaxPool.apply(x, conv_weight, conv_bias, weight, bias, running_mean, running_var,
+                                           momentum, eps, tuple(padding), kernel, stride)
+
+
+def batch_stats(y: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                eps: float) -> tuple[Tensor, Tensor]:
+    """Training-mode batch norm's statistics of ``y`` ``[N, C, H, W]``: ``(mean, invstd)`` ``[C]``, with the
+    running statistics updated as ``F.batch_norm`` does (``var`` unbiased there); no output written."""
+    mean, invstd = y.new_empty(y.shape[1]), y.new_empty(y.shape[1])
+    _kernel("batchnorm", y.dtype)(
+        y.data_ptr(), None, None, None, mean.data_ptr(), invstd.data_ptr(), _ptr(running_mean), _ptr(running_var),
+        *_ncl(y), float(eps), float(momentum), _threads())
+    return mean, invstd
+
+
 def _plane_index(off: Tensor, kernel: tuple[int, int], stride: tuple[int, int], width: int) -> Tensor:
     """torch's max-pool indices (row-major within each plane, int64) from window-local offsets."""
     oh, ow = off.shape[2:]
@@ -570,14 +887,6 @@ def _batch_norm(mode, input, running_mean, running_var, weight=None, bias=None, 
             and all(t.dtype == input.dtype and t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
                     and t.numel() == input.shape[1] for t in tensors)):
         return NotImplemented
-    if mode.stats_only:  # a fused block (mamlkit.fusion) needs the statistics and running-stat update only
-        mode.stats_only = False
-        mean, invstd = input.new_empty(input.shape[1]), input.new_empty(input.shape[1])
-        _kernel("batchnorm", input.dtype)(
-            input.data_ptr(), None, _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
-            _ptr(running_mean), _ptr(running_var), *_ncl(input), float(eps), float(momentum), _threads())
-        mode.stats = mean, invstd
-        return input.new_empty(0)  # not used: the block computes its own output
     out, mean, invstd = _BatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
     mode.norm = _Norm(weakref.ref(out), out._version, weakref.ref(input), input._version, weight, bias,
                       _versions(weight, bias), mean, invstd, float(eps))
@@ -606,8 +915,6 @@ class FastKernels(TorchFunctionMode):
         super().__init__()
         self.hits = 0
         self.norm: _Norm | None = None
-        self.stats_only = False  # set by mamlkit.fusion around a batch norm whose output it does not use
-        self.stats: tuple[Tensor, Tensor] | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

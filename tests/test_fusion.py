@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import flat
-from torch import fx, nn
+from torch import nn
 
 import mamlkit
 from mamlkit import functional, fusion, kernels
@@ -32,8 +32,9 @@ def enabled(monkeypatch):
 def fused_calls(monkeypatch):
     """How many times the fused kernel ran."""
     calls = []
-    real = kernels.batch_norm_relu_max_pool
-    monkeypatch.setattr(kernels, "batch_norm_relu_max_pool", lambda *a: calls.append(1) or real(*a))
+    for name in ("batch_norm_relu_max_pool", "conv_batch_norm_relu_max_pool"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     return calls
 
 
@@ -47,9 +48,9 @@ def same(a, b, tol=1e-12):
     return torch.equal(a, b) or close([a], [b]) < tol
 
 
-def block(affine=True, kernel=2, stride=None):
+def block(affine=True, kernel=2, stride=None, channels=2):
     torch.manual_seed(0)
-    layers = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.BatchNorm2d(5, affine=affine), nn.ReLU(),
+    layers = nn.Sequential(nn.Conv2d(channels, 5, 3, padding=1), nn.BatchNorm2d(5, affine=affine), nn.ReLU(),
                            nn.MaxPool2d(kernel, stride)).double()
     if affine:
         with torch.no_grad():  # a negative scale flips which element of a window is the maximum
@@ -73,24 +74,35 @@ def by_ops(model, x):  # the functional calls: the kernels' mode fuses them as i
     return F.max_pool2d(F.relu(h), pool.kernel_size, pool.stride)
 
 
-def by_trace(model, x):  # the module, through functional.call: mamlkit.fusion's traced copy
+def by_trace(model, x):  # the module, through functional.call: mamlkit.fusion's fused layer list
     return functional.call(model, dict(model.named_parameters()), dict(model.named_buffers()), x)
 
 
-@pytest.mark.parametrize("run", [by_ops, by_trace])
+@pytest.mark.parametrize("run, channels", [(by_ops, 2), (by_trace, 2), (by_trace, 1)])
 @pytest.mark.parametrize("affine, kernel, stride", [(True, 2, None), (False, 2, None), (True, 3, 2), (True, 2, 1)])
-def test_fused_block_has_torchs_values_and_derivatives(run, affine, kernel, stride, fused_calls):
-    model = block(affine, kernel, stride)
-    x = torch.randn(4, 2, 11, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+def test_fused_block_has_torchs_values_and_derivatives(run, channels, affine, kernel, stride, fused_calls):
+    """Op by op (the mode), and the module with a 2-channel conv (batch norm → ReLU → pool fused) and a
+    1-channel one (the convolution fused too)."""
+    model = block(affine, kernel, stride, channels)
+    x = torch.randn(4, channels, 11, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref = derivatives(run, model, x)
     with kernels.fast():
         got = derivatives(run, model, x)
-    assert len(fused_calls) == 1
+    assert fused_calls == ["conv_batch_norm_relu_max_pool" if channels == 1 else "batch_norm_relu_max_pool"]
     n = len(list(model.parameters()))
     assert close(got[:1 + n], ref[:1 + n]) < 1e-13  # output and first derivatives
     # second: the batch-norm statistics differ from torch's in the last bits (sums in double, another
     # order), which second derivatives through batch norm amplify; the unfused kernels differ as much
     assert close(got, ref) < 1e-11
+
+
+def test_an_input_that_takes_a_gradient_is_not_fused_into_the_convolution(fused_calls):
+    model = block(channels=1)
+    x = torch.randn(4, 1, 12, 12, dtype=torch.float64, requires_grad=True)
+    ref = torch.autograd.grad(by_trace(model, x).square().sum(), [x, *model.parameters()])
+    with kernels.fast():
+        got = torch.autograd.grad(by_trace(model, x).square().sum(), [x, *model.parameters()])
+    assert fused_calls == ["batch_norm_relu_max_pool"] and close(got, ref) < 1e-13
 
 
 def test_float32_output_matches_the_unfused_kernels():
@@ -125,18 +137,20 @@ def test_an_intermediate_with_another_use_keeps_its_gradient(fused_calls):
     assert fused_calls and close(got, ref) < 1e-12
 
 
-def test_tracing_keeps_names_and_objects_and_only_covers_built_in_modules():
+def test_fused_model_keeps_names_and_objects_and_only_covers_sequential_built_ins():
     model = conv4(1, 3, 6, 16, pool=True)
     assert fusion.fused(model) is model  # outside a fast() block
     with kernels.fast():
-        traced = fusion.fused(model)
-        assert isinstance(traced, fx.GraphModule)
-        assert sum(isinstance(m, fusion.FusedBlock) for m in traced.modules()) == 4
-        assert dict(traced.named_parameters()).keys() == dict(model.named_parameters()).keys()
-        assert all(a is b for a, b in zip(traced.parameters(), model.parameters()))
-        assert fusion.fused(model) is traced  # cached
+        runner = fusion.fused(model)
+        assert isinstance(runner, fusion.FusedSequential)
+        assert [type(s).__name__ for s in runner.steps] == ["FusedBlock"] * 4 + ["Flatten", "Linear"]
+        assert runner.steps[0].parts[0] is model.body[0][0]  # the first block's convolution: fused too
+        assert dict(runner.named_parameters()).keys() == dict(model.named_parameters()).keys()
+        assert all(a is b for a, b in zip(runner.parameters(), model.parameters()))
+        assert dict(runner.named_buffers()).keys() == dict(model.named_buffers()).keys()
+        assert fusion.fused(model) is runner  # cached
 
-        class Custom(nn.Module):  # a forward of its own: its Python control flow must not be frozen
+        class Custom(nn.Module):  # a forward of its own: only running it follows its control flow
             def __init__(self):
                 super().__init__()
                 self.body = conv4(1, 3, 6, 16, pool=True)
@@ -146,9 +160,20 @@ def test_tracing_keeps_names_and_objects_and_only_covers_built_in_modules():
 
         custom = Custom()
         assert fusion.fused(custom) is custom
-        assert fusion.fused(conv4(1, 3, 6, 16)) is not None  # stride-2 Conv4: nothing to fuse, itself
-        plain = conv4(1, 3, 6, 16)
+        plain = conv4(1, 3, 6, 16)  # stride-2 Conv4: nothing to fuse
         assert fusion.fused(plain) is plain
+
+
+def test_a_hook_on_a_container_runs_the_model_itself(fused_calls):
+    model = conv4(1, 3, 6, 16, pool=True).double()
+    x = torch.rand(5, 1, 16, 16, dtype=torch.float64)
+    handle = model.body.register_forward_hook(lambda m, i, o: o + 1)
+    ref = by_trace(model, x)
+    with kernels.fast():
+        got = by_trace(model, x)
+    handle.remove()
+    assert close([got], [ref]) < 1e-13
+    assert "conv_batch_norm_relu_max_pool" not in fused_calls  # the layer list did not run
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
