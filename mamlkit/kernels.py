@@ -374,7 +374,8 @@ int convbnrelupool_${SFX}(const $T* x, const $T* cw, const $T* cb, const $T* wei
       save_mean[c] = ($T)mean;
       save_invstd[c] = invstd;
       if (running_mean) running_mean[c] = ($T)((1.0 - momentum) * running_mean[c] + momentum * mean);
-      if (running_var) running_var[c] = ($T)((1.0 - momentum) * running_var[c] + momentum * var * count / (count - 1.0));
+      if (running_var)
+        running_var[c] = ($T)((1.0 - momentum) * running_var[c] + momentum * var * count / (count - 1.0));
       const $T alpha = weight ? invstd * weight[c] : invstd;
       const $T beta = (bias ? bias[c] : ($T)0) - ($T)mean * alpha;
       for (int64_t n = 0; n < N; n++) {
@@ -745,8 +746,9 @@ class _ConvBatchNormReLUMaxPool(torch.autograd.Function):
                 w, cw.shape[2], cw.shape[3], *ctx.padding, *ctx.kernel, *ctx.stride, out.shape[2], out.shape[3],
                 _threads()):
             raise MemoryError("mamlkit.kernels: out of memory in the fused conv block's backward")
-        return (None, gcw if need[1] else None, gcb if need[2] else None, gw if weight is not None and need[3] else None,
-                gb if need[4] else None, None, None, None, None, None, None, None)
+        return (None, gcw if need[1] else None, gcb if need[2] else None,
+                gw if weight is not None and need[3] else None, gb if need[4] else None,
+                None, None, None, None, None, None, None)
 
 
 def conv_fusable(x: Tensor, conv: torch.nn.Conv2d) -> bool:
