@@ -50,7 +50,7 @@ def call(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
         fast = learner.adapt(support_x, support_y)
         y = mamlkit.functional.call(learner.model, fast, learner.buffers(), query_x)
     """
-    # fusion.fused: the model itself, or under mamlkit.kernels.fast its traced copy with fused blocks
+    # fusion.fused: the model itself, or under mamlkit.kernels.fast its layer list with fused blocks
     return torch.func.functional_call(fusion.fused(_local(model)), (dict(params), dict(buffers)), (x,),
                                       strict=False)
 

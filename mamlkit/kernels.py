@@ -12,7 +12,8 @@ under a second) and routes ``F.max_pool2d`` and ``F.batch_norm`` to them while t
 
 Max-pool of ReLU of batch norm (Conv4's block) also runs as one fused kernel from batch norm's input
 (:class:`_BatchNormReLUMaxPool`): the mode fuses the backward when it sees the three calls in turn, and
-:mod:`mamlkit.fusion` the forward too, on a traced copy of the model. Its saved state is batch norm's
+:mod:`mamlkit.fusion` the forward too, running the model's layers as a list (and a one-channel
+convolution before the block as well). Its saved state is batch norm's
 input, the pooled output and a byte per window, instead of three full-size tensors and int64 indices,
 so a task's graph takes less memory as well.
 

@@ -21,14 +21,24 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 
-class _PeakTracker(TorchDispatchMode):
-    """Live bytes of the storages created inside the mode; a storage counts until it is freed."""
+class ProbeStopped(Exception):
+    """A probe passed its byte limit: what it measured needs more than ``nbytes``."""
 
-    def __init__(self) -> None:
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(f"over {nbytes} bytes of tensors")
+        self.nbytes = nbytes
+
+
+class _PeakTracker(TorchDispatchMode):
+    """Live bytes of the storages created inside the mode; a storage counts until it is freed. With a
+    ``limit``, raises :class:`ProbeStopped` as soon as the live bytes pass it."""
+
+    def __init__(self, limit: int | None = None) -> None:
         super().__init__()
         self.live: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.current = 0
         self.peak = 0
+        self.limit = limit
 
     def _freed(self, nbytes: int) -> None:
         self.current -= nbytes
@@ -44,23 +54,28 @@ class _PeakTracker(TorchDispatchMode):
                     self.current += nbytes
                     self.peak = max(self.peak, self.current)
                     weakref.finalize(storage, self._freed, nbytes)
+        if self.limit is not None and self.current > self.limit:
+            raise ProbeStopped(self.current)
         return out
 
 
-def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
+def peak_tensor_bytes(fn: Callable[[], Any], limit: int | None = None) -> int:
     """Run ``fn()`` and return the peak bytes of tensor storage it held alive at once.
 
-    Tensors that existed before the call (parameters, the data) are not counted.
+    Tensors that existed before the call (parameters, the data) are not counted. With ``limit``, ``fn``
+    is stopped (:class:`ProbeStopped`) once it holds more, so that a probe of a strategy already known to
+    be too big does not itself raise the process's peak memory.
     """
-    tracker = _PeakTracker()
+    tracker = _PeakTracker(limit)
     with tracker:
         fn()
     return tracker.peak
 
 
-def meta_backward_peak(learner: Any, batch, strategy) -> int:
+def meta_backward_peak(learner: Any, batch, strategy, limit: int | None = None) -> int:
     """Peak tensor bytes of one ``learner.meta_backward(batch)`` under ``strategy``; the gradients
-    it accumulates are removed again, so the learner's state is unchanged."""
+    it accumulates are removed again, so the learner's state is unchanged. ``limit``: as in
+    :func:`peak_tensor_bytes`."""
     saved, learner.strategy = learner.strategy, strategy
     params = list(learner.meta_parameters().values())
     grads = [p.grad for p in params]
@@ -68,7 +83,7 @@ def meta_backward_peak(learner: Any, batch, strategy) -> int:
         for p in params:
             p.grad = None
         with torch.random.fork_rng(devices=[]):  # dropout draws must not shift the run's RNG
-            return peak_tensor_bytes(lambda: learner.meta_backward(batch))
+            return peak_tensor_bytes(lambda: learner.meta_backward(batch), limit)
     finally:
         learner.strategy = saved
         for p, g in zip(params, grads):

@@ -29,7 +29,7 @@ from torch import nn
 
 from mamlkit.engine import Strategy, _has_conv, has_dropout
 from mamlkit.errors import UserError
-from mamlkit.memory import mb, meta_backward_peak
+from mamlkit.memory import ProbeStopped, mb, meta_backward_peak
 from mamlkit.tasks.base import TaskBatch
 
 # A compiled meta-gradient costs tens of seconds to build on a CPU; below this many iterations it
@@ -50,26 +50,35 @@ TRIAL_ROUNDS = 3
 MEMORY_SKIP_RATIO, MEMORY_SKIP_FLOOR = 4, 32 * 2**20
 
 
-def estimate(learner: Any, batch: TaskBatch, strategy: Strategy, enough: int | None = None) -> tuple[int, int]:
-    """``(fixed, per_task)`` bytes: the peak tensor memory of one meta-iteration is about
-    ``fixed + per_task × (tasks run together)``. Measured on one and two tasks of ``batch``.
+def estimate(learner: Any, batch: TaskBatch, strategy: Strategy,
+             enough: int | None = None) -> tuple[int, int, bool]:
+    """``(fixed, per_task, exact)``: the peak tensor memory of one meta-iteration is about
+    ``fixed + per_task × (tasks run together)`` bytes. Measured on one and two tasks of ``batch``;
+    ``exact`` is False where the measurement was stopped early and ``per_task`` is a lower bound.
 
     With ``enough``, a vectorised strategy whose one-task peak times the batch's tasks exceeds it stops
-    at one task and returns ``(0, one)``: two tasks under vmap take twice a task's memory (1.65 GB of
+    at one task (as soon as that task's tensors pass ``enough / tasks``) and returns ``(0, one)``, a
+    lower bound: two tasks under vmap take twice a task's memory (1.65 GB of
     tensors on mini-ImageNet 5w1s, where a whole meta-iteration of the loop needs 420 MB). That is
     exact for one task at a time and an estimate beyond (on mini-ImageNet 24% below the two-task one).
     """
     probe = strategy.replace(compiled=False, chunk_size=None, workers=0)
-    one = meta_backward_peak(learner, batch[:1], probe)
+    limit = None
+    if enough is not None and probe.vectorize and batch.num_tasks > 1:
+        limit = enough // batch.num_tasks  # past this, one task already proves the candidate too big
+    try:
+        one = meta_backward_peak(learner, batch[:1], probe, limit)
+    except ProbeStopped as stop:  # stopped early: a lower bound, and the process's peak stays low
+        return 0, stop.nbytes, False
     if strategy.threaded:
-        return 0, one  # each worker holds one task's graph and gradients (the tracker sees one thread only)
+        return 0, one, True  # each worker holds one task's graph and gradients (the tracker sees one thread)
     if not probe.vectorize or batch.num_tasks < 2:
-        return one, 0  # the loop frees each task's graph before the next
+        return one, 0, True  # the loop frees each task's graph before the next
     if enough is not None and one * batch.num_tasks > enough:
-        return 0, one
+        return 0, one, True
     two = meta_backward_peak(learner, batch[:2], probe)
     per_task = max(two - one, 0)
-    return one - per_task, per_task
+    return one - per_task, per_task, True
 
 
 def _skip_above(leanest: int) -> int:
@@ -240,11 +249,12 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
             enough = budget * batch.num_tasks
         else:
             enough = _skip_above(min(needs.values())) if needs else None
-        fixed, per_task = estimate(learner, batch, cand, enough)
+        fixed, per_task, exact = estimate(learner, batch, cand, enough)
         _release_freed_memory()  # so that the next measurement does not sit on top of this one's leftovers
         need = fixed + per_task * _together(cand, batch.num_tasks)
         fitted = cand if budget is None else _fit_budget(cand, fixed, per_task, batch.num_tasks, budget)
-        note = f"~{mb(need)} of tensors per meta-iteration ({mb(per_task)} per task run together)"
+        note = (f"~{mb(need)} of tensors per meta-iteration ({mb(per_task)} per task run together)" if exact else
+                f"over {mb(need)} of tensors per meta-iteration (over {mb(per_task)} per task; probe stopped there)")
         if fitted is None:
             say(f"mamlkit: memory: {cand.name} needs {note}; over the budget of {mb(budget)}")
             continue
@@ -255,7 +265,8 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
         options.append(fitted)
         needs[fitted.name] = fixed + per_task * _together(fitted, batch.num_tasks)
         quarter = batch.num_tasks // 4
-        if cand.auto_chunk and fitted.vectorize and not fitted.compiled and not fitted.chunk_size and quarter >= 2:
+        if (cand.auto_chunk and fitted.vectorize and not fitted.compiled and not fitted.chunk_size and quarter >= 2
+                and exact):  # a stopped probe's lower bound says nothing about a quarter's memory
             # vmap in quarters often runs as fast with a fraction of the memory (benchmarks/RESULTS.md)
             chunked = fitted.replace(chunk_size=quarter)
             options.append(chunked)

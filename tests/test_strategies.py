@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 import mamlkit
 from mamlkit import engine, train, tuning
-from mamlkit.memory import meta_backward_peak
+from mamlkit.memory import ProbeStopped, meta_backward_peak, peak_tensor_bytes
 from mamlkit.models import conv4
 from mamlkit.presets import preset_config
 from mamlkit.tasks import TaskBatch
@@ -90,8 +90,8 @@ def test_checkpointed_inner_loop_memory_does_not_grow_with_steps():
 def test_memory_estimate_predicts_the_vmap_peak():
     model, batch = conv_model(), image_batch(tasks=6)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="vmap")
-    fixed, per_task = tuning.estimate(learner, batch, learner.strategy)
-    assert per_task > 0
+    fixed, per_task, exact = tuning.estimate(learner, batch, learner.strategy)
+    assert per_task > 0 and exact
     measured = meta_backward_peak(learner, batch, learner.strategy)
     assert abs(fixed + 6 * per_task - measured) < 0.15 * measured
 
@@ -100,7 +100,7 @@ def test_memory_budget_chunks_vmap_and_keeps_the_gradient():
     model, batch = conv_model(), image_batch(tasks=6)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="vmap")
     ref = meta_grad(learner, batch)
-    fixed, per_task = tuning.estimate(learner, batch, learner.strategy)
+    fixed, per_task, _ = tuning.estimate(learner, batch, learner.strategy)
     budget_mb = (fixed + 2.5 * per_task) / 2**20
     said = []
     chosen = tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=budget_mb, say=said.append)
@@ -248,7 +248,7 @@ def test_auto_does_not_time_a_candidate_far_above_the_leanest_in_memory(monkeypa
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy")
     needs = {}
     for cand in tuning._candidates(learner, 10):
-        fixed, per_task = tuning.estimate(learner, batch, cand)
+        fixed, per_task, _ = tuning.estimate(learner, batch, cand)
         needs[cand.name] = fixed + per_task * tuning._together(cand, batch.num_tasks)
     assert needs["vmap"] > 2 * needs["loop"]
     # a skip ratio below vmap's: its trial would set the run's peak, so it is not timed
@@ -328,23 +328,39 @@ def test_estimate_stops_at_one_task_when_that_already_rules_a_candidate_out(monk
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn="cross_entropy", strategy="vmap")
     sizes, real = [], tuning.meta_backward_peak
 
-    def spy(lrn, b, strategy):
+    def spy(lrn, b, strategy, limit=None):
         sizes.append(b.num_tasks)
-        return real(lrn, b, strategy)
+        return real(lrn, b, strategy, limit)
 
     monkeypatch.setattr(tuning, "meta_backward_peak", spy)
-    fixed, per_task = tuning.estimate(learner, batch, learner.strategy)
-    assert sizes == [1, 2] and fixed > 0
+    fixed, per_task, exact = tuning.estimate(learner, batch, learner.strategy)
+    assert sizes == [1, 2] and fixed > 0 and exact
     sizes.clear()
     one = fixed + per_task
-    # 8 tasks of one task's memory exceed the limit: two tasks are not measured; (0, one) is the estimate
-    assert tuning.estimate(learner, batch, learner.strategy, enough=4 * one) == (0, one)
+    # 8 tasks of one task's memory exceed the limit: the one-task probe stops once it holds more than
+    # limit / 8 (a lower bound, and no higher process peak), and two tasks are not measured
+    got_fixed, got_per_task, exact = tuning.estimate(learner, batch, learner.strategy, enough=4 * one)
+    assert got_fixed == 0 and not exact and one / 2 < got_per_task <= one
     assert sizes == [1]
     sizes.clear()
-    assert tuning.estimate(learner, batch, learner.strategy, enough=9 * one) == (fixed, per_task)
+    assert tuning.estimate(learner, batch, learner.strategy, enough=9 * one) == (fixed, per_task, True)
     assert sizes == [1, 2]
     sizes.clear()
     # a budget below one task: nothing fits, and finding that out takes one task's measurement only
     with pytest.raises(mamlkit.errors.UserError, match="no execution strategy fits"):
         tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=0.9 * one / 2**20, say=lambda m: None)
     assert sizes == [1]
+
+
+def test_a_probe_with_a_limit_stops_as_soon_as_it_holds_more():
+    held = []
+
+    def grow():
+        for _ in range(10):
+            held.append(torch.empty(1000))  # 4,000 bytes each
+
+    with pytest.raises(ProbeStopped) as stop:
+        peak_tensor_bytes(grow, limit=10_000)
+    assert stop.value.nbytes == 12_000 and len(held) == 2  # the third allocation is not returned to grow
+    held.clear()
+    assert peak_tensor_bytes(grow, limit=None) == 40_000
