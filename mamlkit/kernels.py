@@ -181,53 +181,56 @@ void batchnorm_backward_${SFX}(const $T* gy, const $T* x, const $T* weight, cons
    positive the first maximum of z is the first of relu(z), the only index the backward uses (relu's
    gradient is 0 elsewhere). Taking relu last keeps the loop vectorisable. off: the window-local index
    kh * kW + kw of each maximum. */
-void bnrelupool_${SFX}(const $T* y, const $T* weight, const $T* bias, const $T* mean, const $T* invstd,
+static void pool_plane_${SFX}(const $T* yp, const $I* start, $T alpha, $T beta, $T* op, uint8_t* fp, int64_t OHW,
+                           int64_t Wp, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OW) {
+  /* one plane of max_pool2d(relu(y * alpha + beta)), its rows Wp apart, windows starting at start[q] */
+  if (kH == 2 && kW == 2) {
+    const $I w0 = ($I)Wp, w1 = ($I)Wp + 1;
+    #pragma omp simd
+    for (int64_t q = 0; q < OHW; q++) {
+      const $I b = start[q];
+      $T m = yp[b] * alpha + beta, v;
+      $I k = 0, t;
+      v = yp[b + 1] * alpha + beta;  t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
+      v = yp[b + w0] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 2 : k;
+      v = yp[b + w1] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 3 : k;
+      op[q] = m < 0 ? ($T)0 : m;
+      fp[q] = (uint8_t)k;
+    }
+    return;
+  }
+  for (int64_t q = 0; q < OHW; q++) {
+    const $T* x0 = yp + start[q];
+    $T m = x0[0] * alpha + beta;
+    int64_t k = 0;
+    for (int64_t i = 0; i < kH; i++)
+      for (int64_t j = 0; j < kW; j++) {
+        $T v = x0[i * Wp + j] * alpha + beta;
+        if (v > m || v != v) { m = v; k = i * kW + j; }
+      }
+    op[q] = m < 0 ? ($T)0 : m;
+    fp[q] = (uint8_t)k;
+  }
+}
+int bnrelupool_${SFX}(const $T* y, const $T* weight, const $T* bias, const $T* mean, const $T* invstd,
                     $T* out, uint8_t* off, int64_t planes, int64_t C, int64_t H, int64_t W, int64_t kH,
                     int64_t kW, int64_t sH, int64_t sW, int64_t OH, int64_t OW, int nthreads) {
   const int64_t OHW = OH * OW;
-  $I* start = (kH == 2 && kW == 2) ? window_starts_${SFX}(W, sH, sW, OH, OW) : 0;
-  const $I w0 = ($I)W, w1 = ($I)W + 1;
+  $I* start = window_starts_${SFX}(W, sH, sW, OH, OW);
+  if (!start) return 1;  /* out of memory */
   #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
   for (int64_t p = 0; p < planes; p++) {
     const int64_t c = p % C;
     const $T alpha = weight ? invstd[c] * weight[c] : invstd[c];
     const $T beta = (bias ? bias[c] : ($T)0) - mean[c] * alpha;
-    const $T* yp = y + p * H * W;
-    $T* op = out + p * OHW;
-    uint8_t* fp = off + p * OHW;
-    if (start) {
-      #pragma omp simd
-      for (int64_t q = 0; q < OHW; q++) {
-        const $I b = start[q];
-        $T m = yp[b] * alpha + beta, v;
-        $I k = 0, t;
-        v = yp[b + 1] * alpha + beta;  t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
-        v = yp[b + w0] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 2 : k;
-        v = yp[b + w1] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 3 : k;
-        op[q] = m < 0 ? ($T)0 : m;
-        fp[q] = (uint8_t)k;
-      }
-      continue;
-    }
-    for (int64_t oh = 0; oh < OH; oh++)
-      for (int64_t ow = 0; ow < OW; ow++) {
-        const $T* x0 = yp + oh * sH * W + ow * sW;
-        $T m = x0[0] * alpha + beta;
-        int64_t k = 0;
-        for (int64_t i = 0; i < kH; i++)
-          for (int64_t j = 0; j < kW; j++) {
-            $T v = x0[i * W + j] * alpha + beta;
-            if (v > m || v != v) { m = v; k = i * kW + j; }
-          }
-        op[oh * OW + ow] = m < 0 ? ($T)0 : m;
-        fp[oh * OW + ow] = (uint8_t)k;
-      }
+    pool_plane_${SFX}(y + p * H * W, start, alpha, beta, out + p * OHW, off + p * OHW, OHW, W, kH, kW, sH, sW, OW);
   }
   free(start);
+  return 0;
 }
 /* Its first-order backward: the gradient reaches each window's maximum where it is positive (relu's
    result > 0), summed where windows overlap, then batch norm's backward as batchnorm_backward_. */
-void bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const uint8_t* off, const $T* weight,
+int bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const uint8_t* off, const $T* weight,
                              const $T* mean, const $T* invstd, $T* gy, $T* gw, $T* gb, int64_t N, int64_t C,
                              int64_t H, int64_t W, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OH,
                              int64_t OW, int nthreads) {
@@ -236,11 +239,14 @@ void bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const 
   $I step[256];  /* window-local index -> offset from the window's start */
   for (int64_t k = 0; k < kH * kW; k++) step[k] = ($I)((k / kW) * W + k % kW);
   $I* start = window_starts_${SFX}(W, sH, sW, OH, OW);
-  #pragma omp parallel num_threads(nthreads) if(nthreads > 1)
+  int failed = !start;
+  #pragma omp parallel num_threads(nthreads) if(nthreads > 1 && !failed)
   {
-    $T* gz = gy ? ($T*)malloc(sizeof($T) * HW) : 0;  /* one plane of relu's input gradient, in cache */
+    $T* gz = gy && !failed ? ($T*)malloc(sizeof($T) * HW) : 0;  /* one plane of relu's input gradient */
+    if (gy && !gz) failed = 1;
     #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; c++) {
+      if (!start || (gy && !gz)) continue;
       const $T m = mean[c];
       double sum = 0.0, dot = 0.0;
       for (int64_t n = 0; n < N; n++) {
@@ -274,6 +280,7 @@ void bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const 
     free(gz);
   }
   free(start);
+  return failed;
 }
 
 /* Conv (one input channel, stride 1, zero padding) -> batch norm -> relu -> max-pool, with the convolution
@@ -308,37 +315,6 @@ static void conv_plane_${SFX}(const $T* xp, const $T* k, $T b, $T* y, int64_t le
       #pragma omp simd
       for (int64_t i = 0; i < len; i++) y[i] += kv * src[i];
     }
-}
-static void pool_plane_${SFX}(const $T* yp, const $I* start, $T alpha, $T beta, $T* op, uint8_t* fp, int64_t OHW,
-                           int64_t Wp, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OW) {
-  /* as bnrelupool_ on one plane whose rows are Wp apart */
-  if (kH == 2 && kW == 2) {
-    const $I w0 = ($I)Wp, w1 = ($I)Wp + 1;
-    #pragma omp simd
-    for (int64_t q = 0; q < OHW; q++) {
-      const $I b = start[q];
-      $T m = yp[b] * alpha + beta, v;
-      $I k = 0, t;
-      v = yp[b + 1] * alpha + beta;  t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
-      v = yp[b + w0] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 2 : k;
-      v = yp[b + w1] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 3 : k;
-      op[q] = m < 0 ? ($T)0 : m;
-      fp[q] = (uint8_t)k;
-    }
-    return;
-  }
-  for (int64_t q = 0; q < OHW; q++) {
-    const $T* x0 = yp + start[q];
-    $T m = x0[0] * alpha + beta;
-    int64_t k = 0;
-    for (int64_t i = 0; i < kH; i++)
-      for (int64_t j = 0; j < kW; j++) {
-        $T v = x0[i * Wp + j] * alpha + beta;
-        if (v > m || v != v) { m = v; k = i * kW + j; }
-      }
-    op[q] = m < 0 ? ($T)0 : m;
-    fp[q] = (uint8_t)k;
-  }
 }
 int convbnrelupool_${SFX}(const $T* x, const $T* cw, const $T* cb, const $T* weight, const $T* bias,
                        $T* save_mean, $T* save_invstd, $T* running_mean, $T* running_var, $T* out, uint8_t* off,
@@ -548,6 +524,8 @@ def _build() -> ctypes.CDLL | None:
             getattr(handle, f"batchnorm_backward_{sfx}").argtypes = [_PTR] * 8 + [_I64] * 3 + [_INT]
             getattr(handle, f"bnrelupool_{sfx}").argtypes = [_PTR] * 7 + [_I64] * 10 + [_INT]
             getattr(handle, f"bnrelupool_backward_{sfx}").argtypes = [_PTR] * 10 + [_I64] * 10 + [_INT]
+            getattr(handle, f"bnrelupool_{sfx}").restype = _INT
+            getattr(handle, f"bnrelupool_backward_{sfx}").restype = _INT
             getattr(handle, f"convbnrelupool_{sfx}").restype = _INT
             getattr(handle, f"convbnrelupool_backward_{sfx}").restype = _INT
             getattr(handle, f"convbnrelupool_{sfx}").argtypes = [_PTR] * 11 + [_I64] * 14 + [_DBL, _DBL, _INT]
@@ -652,9 +630,10 @@ class _BatchNormReLUMaxPool(torch.autograd.Function):
         oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
         off = torch.empty((n, c, oh, ow), dtype=torch.uint8)  # window-local argmax: 1 byte, not torch's 8
         out = y.new_empty((n, c, oh, ow))
-        _kernel("bnrelupool", y.dtype)(
-            y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(), out.data_ptr(),
-            off.data_ptr(), n * c, c, h, w, *kernel, *stride, oh, ow, _threads())
+        if _kernel("bnrelupool", y.dtype)(
+                y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(), out.data_ptr(),
+                off.data_ptr(), n * c, c, h, w, *kernel, *stride, oh, ow, _threads()):
+            raise MemoryError("mamlkit.kernels: out of memory in the fused block")
         ctx.save_for_backward(y, weight, mean, invstd, out, off)
         ctx.eps, ctx.kernel, ctx.stride = eps, kernel, stride
         return out
@@ -678,10 +657,11 @@ class _BatchNormReLUMaxPool(torch.autograd.Function):
         n, c, h, w = y.shape
         gw, gb = y.new_empty(c), y.new_empty(c)
         gy = torch.empty_like(y) if need[0] else None
-        _kernel("bnrelupool_backward", y.dtype)(
-            grad.data_ptr(), y.data_ptr(), out.data_ptr(), off.data_ptr(), _ptr(weight), mean.data_ptr(),
-            invstd.data_ptr(), _ptr(gy), gw.data_ptr(), gb.data_ptr(), n, c, h, w, *ctx.kernel, *ctx.stride,
-            out.shape[2], out.shape[3], _threads())
+        if _kernel("bnrelupool_backward", y.dtype)(
+                grad.data_ptr(), y.data_ptr(), out.data_ptr(), off.data_ptr(), _ptr(weight), mean.data_ptr(),
+                invstd.data_ptr(), _ptr(gy), gw.data_ptr(), gb.data_ptr(), n, c, h, w, *ctx.kernel, *ctx.stride,
+                out.shape[2], out.shape[3], _threads()):
+            raise MemoryError("mamlkit.kernels: out of memory in the fused block's backward")
         return gy, gw if mask[1] else None, gb if need[2] else None, None, None, None, None, None
 
 
