@@ -228,16 +228,41 @@ int bnrelupool_${SFX}(const $T* y, const $T* weight, const $T* bias, const $T* m
   free(start);
   return 0;
 }
-/* Its first-order backward: the gradient reaches each window's maximum where it is positive (relu's
-   result > 0), summed where windows overlap, then batch norm's backward as batchnorm_backward_. */
+/* The backward's per-plane pieces, shared by both fused blocks. The gradient reaches each window's
+   maximum where the pooled output is positive (relu's result > 0). */
+static void window_steps_${SFX}($I* step, int64_t kH, int64_t kW, int64_t rowstride) {
+  /* window-local index -> offset from the window's start, so that no division runs per element */
+  for (int64_t k = 0; k < kH * kW; k++) step[k] = ($I)((k / kW) * rowstride + k % kW);
+}
+static void window_sums_${SFX}(const $T* g, const $T* o, const uint8_t* f, const $T* yp, const $I* start,
+                            const $I* step, int64_t OHW, double m, double* sum, double* dot) {
+  /* batch norm's two backward sums over one plane: sum of dz and of dz * (y - mean) */
+  double s = 0.0, d = 0.0;
+  #pragma omp simd reduction(+:s, d)
+  for (int64_t q = 0; q < OHW; q++) {
+    const $T gq = o[q] > 0 ? g[q] : ($T)0;
+    s += (double)gq;
+    d += (double)gq * ((double)yp[start[q] + step[f[q]]] - m);
+  }
+  *sum += s;
+  *dot += d;
+}
+static void window_grads_${SFX}($T* gz, int64_t len, const $T* g, const $T* o, const uint8_t* f, const $I* start,
+                             const $I* step, int64_t OHW) {
+  /* one plane of relu's input gradient dz: zero, plus each window's gradient at its maximum (summed
+     where windows overlap) */
+  memset(gz, 0, sizeof($T) * len);
+  for (int64_t q = 0; q < OHW; q++) gz[start[q] + step[f[q]]] += o[q] > 0 ? g[q] : ($T)0;
+}
+/* Its first-order backward: the window pieces above, then batch norm's backward as batchnorm_backward_. */
 int bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const uint8_t* off, const $T* weight,
                              const $T* mean, const $T* invstd, $T* gy, $T* gw, $T* gb, int64_t N, int64_t C,
                              int64_t H, int64_t W, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OH,
                              int64_t OW, int nthreads) {
   const int64_t HW = H * W, OHW = OH * OW;
   const double count = (double)N * (double)HW;
-  $I step[256];  /* window-local index -> offset from the window's start */
-  for (int64_t k = 0; k < kH * kW; k++) step[k] = ($I)((k / kW) * W + k % kW);
+  $I step[256];
+  window_steps_${SFX}(step, kH, kW, W);
   $I* start = window_starts_${SFX}(W, sH, sW, OH, OW);
   int failed = !start;
   #pragma omp parallel num_threads(nthreads) if(nthreads > 1 && !failed)
@@ -251,14 +276,7 @@ int bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const u
       double sum = 0.0, dot = 0.0;
       for (int64_t n = 0; n < N; n++) {
         const int64_t p = n * C + c;
-        const $T *g = go + p * OHW, *o = out + p * OHW, *yp = y + p * HW;
-        const uint8_t* f = off + p * OHW;
-        #pragma omp simd reduction(+:sum, dot)
-        for (int64_t q = 0; q < OHW; q++) {
-          const $T gq = o[q] > 0 ? g[q] : ($T)0;
-          sum += (double)gq;
-          dot += (double)gq * ((double)yp[start[q] + step[f[q]]] - (double)m);
-        }
+        window_sums_${SFX}(go + p * OHW, out + p * OHW, off + p * OHW, y + p * HW, start, step, OHW, m, &sum, &dot);
       }
       const double s = (double)invstd[c];
       gb[c] = ($T)sum;
@@ -268,11 +286,9 @@ int bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const u
       const $T gmean = ($T)(sum / count), proj = ($T)(dot * s * s / count), mu = m, scale = ($T)s * w;
       for (int64_t n = 0; n < N; n++) {
         const int64_t p = n * C + c;
-        const $T *g = go + p * OHW, *o = out + p * OHW, *yp = y + p * HW;
-        const uint8_t* f = off + p * OHW;
+        const $T* yp = y + p * HW;
         $T* gp = gy + p * HW;
-        memset(gz, 0, sizeof($T) * HW);
-        for (int64_t q = 0; q < OHW; q++) gz[start[q] + step[f[q]]] += o[q] > 0 ? g[q] : ($T)0;
+        window_grads_${SFX}(gz, HW, go + p * OHW, out + p * OHW, off + p * OHW, start, step, OHW);
         #pragma omp simd
         for (int64_t i = 0; i < HW; i++) gp[i] = (gz[i] - gmean - (yp[i] - mu) * proj) * scale;
       }
@@ -379,7 +395,7 @@ int convbnrelupool_backward_${SFX}(const $T* go, const $T* x, const $T* cw, cons
   $T* xp = pad_images_${SFX}(x, N, H, W, pH, pW, Wp + kW);
   $I* start = window_starts_${SFX}(Wp, psH, psW, OH, OW);
   $I step[256];
-  for (int64_t k = 0; k < pkH * pkW; k++) step[k] = ($I)((k / pkW) * Wp + k % pkW);
+  window_steps_${SFX}(step, pkH, pkW, Wp);
   int failed = !xp || !start;
   #pragma omp parallel num_threads(nthreads) if(nthreads > 1 && !failed)
   {
@@ -396,15 +412,8 @@ int convbnrelupool_backward_${SFX}(const $T* go, const $T* x, const $T* cw, cons
       double sum = 0.0, dot = 0.0;
       for (int64_t n = 0; n < N; n++) {
         const int64_t p = n * C + c;
-        const $T *g = go + p * OHW, *o = out + p * OHW;
-        const uint8_t* f = off + p * OHW;
         conv_plane_${SFX}(xp + n * Hp * Wp, k, b, y, len, Wp, kH, kW);
-        #pragma omp simd reduction(+:sum, dot)
-        for (int64_t q = 0; q < OHW; q++) {
-          const $T gq = o[q] > 0 ? g[q] : ($T)0;
-          sum += (double)gq;
-          dot += (double)gq * ((double)y[start[q] + step[f[q]]] - (double)m);
-        }
+        window_sums_${SFX}(go + p * OHW, out + p * OHW, off + p * OHW, y, start, step, OHW, m, &sum, &dot);
       }
       const double s = (double)invstd[c];
       gb[c] = ($T)sum;
@@ -414,11 +423,9 @@ int convbnrelupool_backward_${SFX}(const $T* go, const $T* x, const $T* cw, cons
       for (int64_t t = 0; t <= kH * kW; t++) acc[t] = 0.0;
       for (int64_t n = 0; n < N; n++) {
         const int64_t p = n * C + c;
-        const $T *g = go + p * OHW, *o = out + p * OHW, *xn = xp + n * Hp * Wp;
-        const uint8_t* f = off + p * OHW;
+        const $T* xn = xp + n * Hp * Wp;
         conv_plane_${SFX}(xn, k, b, y, len, Wp, kH, kW);
-        memset(gz, 0, sizeof($T) * len);
-        for (int64_t q = 0; q < OHW; q++) gz[start[q] + step[f[q]]] += o[q] > 0 ? g[q] : ($T)0;
+        window_grads_${SFX}(gz, len, go + p * OHW, out + p * OHW, off + p * OHW, start, step, OHW);
         for (int64_t h = 0; h < H1; h++) {  /* gz becomes the conv output's gradient (0 off the image) */
           $T* r = gz + h * Wp;
           const $T* yr = y + h * Wp;
