@@ -651,14 +651,7 @@ class _BatchNormReLUMaxPool(torch.autograd.Function):
         need = ctx.needs_input_grad
         mask = [need[0], weight is not None and need[1], need[2]]
         if torch.is_grad_enabled():
-            # create_graph: torch's own differentiable backwards of the three ops. Masking the pooled
-            # gradient by out > 0 is relu's backward (threshold_backward on its result), as the gradient
-            # reaches only the window maxima, where relu's result is out.
-            idx = _plane_index(off, ctx.kernel, ctx.stride, y.shape[3])
-            gz = torch.ops.aten.max_pool2d_with_indices_backward(
-                grad * (out > 0), y, list(ctx.kernel), list(ctx.stride), [0, 0], [1, 1], False, idx)
-            gy, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                gz, y, weight, None, None, mean, invstd, True, ctx.eps, mask)
+            gy, gw, gb = _block_backward_by_torch(grad, y, weight, mean, invstd, out, off, ctx, mask)
             return gy, gw, gb, None, None, None, None, None
         grad = grad.contiguous()
         n, c, h, w = y.shape
@@ -714,11 +707,8 @@ class _ConvBatchNormReLUMaxPool(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph: torch's own differentiable ops, on the conv output recomputed by torch
             y = F.conv2d(x, cw, cb, padding=ctx.padding)
-            idx = _plane_index(off, ctx.kernel, ctx.stride, y.shape[3])
-            gz = torch.ops.aten.max_pool2d_with_indices_backward(
-                grad * (out > 0), y, list(ctx.kernel), list(ctx.stride), [0, 0], [1, 1], False, idx)
-            gy, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                gz, y, weight, None, None, mean, invstd, True, ctx.eps, [True, weight is not None and need[3], need[4]])
+            gy, gw, gb = _block_backward_by_torch(grad, y, weight, mean, invstd, out, off, ctx,
+                                                  [True, weight is not None and need[3], need[4]])
             _, gcw, gcb = torch.ops.aten.convolution_backward(
                 gy, x, cw, None if cb is None else [cw.shape[0]], [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
                 [False, need[1], cb is not None and need[2]])
@@ -781,6 +771,18 @@ def batch_stats(y: Tensor, running_mean: Tensor | None, running_var: Tensor | No
         y.data_ptr(), None, None, None, mean.data_ptr(), invstd.data_ptr(), _ptr(running_mean), _ptr(running_var),
         *_ncl(y), float(eps), float(momentum), _threads())
     return mean, invstd
+
+
+def _block_backward_by_torch(grad: Tensor, y: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+                             out: Tensor, off: Tensor, ctx, mask: list[bool]) -> tuple[Tensor, ...]:
+    """The fused block's backward under create_graph: torch's own differentiable backwards of max-pool and
+    batch norm (``ctx`` holds kernel, stride and eps). Masking the pooled gradient by ``out > 0`` is
+    ReLU's backward (threshold_backward on its result), as the gradient reaches only the window maxima,
+    where ReLU's result is ``out``. Returns batch norm's ``(d y, d weight, d bias)``."""
+    idx = _plane_index(off, ctx.kernel, ctx.stride, y.shape[3])
+    gz = torch.ops.aten.max_pool2d_with_indices_backward(
+        grad * (out > 0), y, list(ctx.kernel), list(ctx.stride), [0, 0], [1, 1], False, idx)
+    return torch.ops.aten.native_batch_norm_backward(gz, y, weight, None, None, mean, invstd, True, ctx.eps, mask)
 
 
 def _plane_index(off: Tensor, kernel: tuple[int, int], stride: tuple[int, int], width: int) -> Tensor:
