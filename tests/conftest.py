@@ -25,6 +25,18 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def kernels_on(monkeypatch):
+    """mamlkit.kernels on, for tensors of any size (the tests' are small), and no remembered decisions."""
+    from mamlkit import kernels
+
+    kernels.set_enabled(True)
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(kernels, "_USEFUL", {})
+    yield
+    kernels.set_enabled(True)
+
+
+@pytest.fixture
 def cli(tmp_path, capsys):
     """Run the CLI in-process: returns (exit_code, stdout, stderr)."""
     from mamlkit.cli import main

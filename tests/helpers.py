@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
+import pytest
 import torch
+
+# The compiled kernels' tests (without a C compiler, mamlkit.kernels falls back to torch; tested too).
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler: mamlkit.kernels falls back to torch")
 
 
 def flat(tensors) -> torch.Tensor:

@@ -2,12 +2,11 @@
 models, issue 8): the same values, derivatives of every order, running statistics and meta-gradients as
 the three ops run by torch, and a fall-back wherever fusing would change what the user's code sees."""
 
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import flat
+from helpers import flat, needs_compiler
 from torch import nn
 
 import mamlkit
@@ -15,17 +14,7 @@ from mamlkit import functional, fusion, kernels
 from mamlkit.models import conv4
 from mamlkit.tasks import TaskBatch
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                reason="no C compiler: mamlkit.kernels falls back to torch")
-
-
-@pytest.fixture(autouse=True)
-def enabled(monkeypatch):
-    kernels.set_enabled(True)
-    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
-    monkeypatch.setattr(kernels, "_USEFUL", {})
-    yield
-    kernels.set_enabled(True)
+pytestmark = [needs_compiler, pytest.mark.usefixtures("kernels_on")]
 
 
 @pytest.fixture

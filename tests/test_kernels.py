@@ -2,12 +2,11 @@
 norm to rounding, derivatives of every order from torch's own backward, and the meta-gradient unchanged."""
 
 import logging
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import flat
+from helpers import flat, needs_compiler
 from torch import nn
 
 import mamlkit
@@ -16,18 +15,7 @@ from mamlkit.models import conv4
 from mamlkit.presets import preset_config
 from mamlkit.tasks import TaskBatch
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                reason="no C compiler: mamlkit.kernels falls back to torch (tested below)")
-
-
-@pytest.fixture(autouse=True)
-def enabled(monkeypatch):
-    """Kernels on, for tensors of any size (the tests' are small), and no remembered decisions."""
-    kernels.set_enabled(True)
-    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
-    monkeypatch.setattr(kernels, "_USEFUL", {})
-    yield
-    kernels.set_enabled(True)
+pytestmark = [needs_compiler, pytest.mark.usefixtures("kernels_on")]
 
 
 def rel(a, b):
