@@ -12,10 +12,10 @@ import argparse
 
 import torch
 
-from mamlkit import api
-from mamlkit.evaluate import evaluate, fmt, test_tasks
-from mamlkit.reports import EVAL_SEED_OFFSET
+from mamlkit.eval.evaluate import evaluate, fmt, test_tasks
+from mamlkit.eval.reports import EVAL_SEED_OFFSET
 from mamlkit.tasks import get_family
+from mamlkit.use import api
 
 
 def main() -> None:

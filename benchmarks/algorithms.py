@@ -71,7 +71,7 @@ def _config(workload: str, algo: str, extra: dict):
 
 
 def _train_step(learner, opt, cfg, step, batch):
-    from mamlkit.schedules import meta_lr_at
+    from mamlkit.loop.schedules import meta_lr_at
 
     opt.zero_grad(set_to_none=True)
     if hasattr(learner, "set_step"):
@@ -87,10 +87,10 @@ def worker_train(workload: str, algo: str, budget: float, eval_tasks: int, threa
     """Meta-train ``algo`` for ``budget`` seconds, then evaluate on fixed test tasks."""
     import torch
 
-    from mamlkit import train
-    from mamlkit.evaluate import evaluate, test_tasks
-    from mamlkit.reports import EVAL_SEED_OFFSET
-    from mamlkit.schedules import meta_optimizer
+    from mamlkit.eval.evaluate import evaluate, test_tasks
+    from mamlkit.eval.reports import EVAL_SEED_OFFSET
+    from mamlkit.loop import train
+    from mamlkit.loop.schedules import meta_optimizer
     from mamlkit.tasks import Sinusoid, get_family, task_generator
 
     torch.set_num_threads(threads)
@@ -129,8 +129,8 @@ def worker_steptime(threads: int, reps: int) -> list[dict]:
     """ANIL vs MAML step time, interleaved, median of ``reps``."""
     import torch
 
-    from mamlkit import train
-    from mamlkit.schedules import meta_optimizer
+    from mamlkit.loop import train
+    from mamlkit.loop.schedules import meta_optimizer
     from mamlkit.tasks import get_family, task_generator
 
     torch.set_num_threads(threads)
@@ -163,8 +163,8 @@ def worker_memory(algo: str, steps: int, threads: int) -> dict:
     are alive together) with ``steps`` inner steps."""
     import torch
 
-    from mamlkit import train
-    from mamlkit.schedules import meta_optimizer
+    from mamlkit.loop import train
+    from mamlkit.loop.schedules import meta_optimizer
     from mamlkit.tasks import get_family, task_generator
 
     torch.set_num_threads(threads)

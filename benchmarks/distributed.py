@@ -6,7 +6,7 @@ Launch once per rank count, with the same flags; rank 0 prints one JSON line::
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 benchmarks/distributed.py --preset sinusoid
 
 It times the trainer's own step (the rank's share of the batch drawn, ``meta_backward`` weighted and
-all-reduced by :class:`mamlkit.distributed.World`, optimiser step), after ``--warmup`` steps, with a
+all-reduced by :class:`mamlkit.loop.distributed.World`, optimiser step), after ``--warmup`` steps, with a
 barrier before the clock starts and stops. Logging, validation and checkpoints are left out.
 """
 
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from mamlkit import distributed, train
+from mamlkit.loop import distributed, train
 from mamlkit.presets import preset_config
 from mamlkit.tasks import get_family
 

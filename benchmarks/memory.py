@@ -5,7 +5,7 @@ Each configuration runs in its own process (so peak RSS is its own) on the same 
 
     python benchmarks/memory.py --workload miniimagenet-5w1s --steps 1 5 10 20 --threads 1
 
-Columns: peak tensor memory of one meta-iteration (``mamlkit.memory``, the trainer's estimate for the
+Columns: peak tensor memory of one meta-iteration (``mamlkit.exec.memory``, the trainer's estimate for the
 whole meta-batch), the process's peak RSS, and seconds per meta-iteration. The strategy is the loop
 (one task's graph alive at a time), the only one the checkpointed inner loop runs in; ``--strategy
 vmap`` shows the vmap figures without checkpointing.
@@ -28,7 +28,7 @@ from throughput import WORKLOADS, peak_rss_mb, workload, workload_data, workload
 
 def run_one(name: str, steps: int, ckpt: bool, strategy: str, iters: int) -> dict:
     import mamlkit
-    from mamlkit.memory import meta_backward_peak
+    from mamlkit.exec.memory import meta_backward_peak
 
     w = workload(name)
     model = workload_model(name)

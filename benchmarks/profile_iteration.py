@@ -15,7 +15,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from mamlkit import train, tuning
+from mamlkit.exec import tuning
+from mamlkit.loop import train
 from mamlkit.presets import preset_config
 from mamlkit.tasks import get_family, task_generator
 

@@ -1,7 +1,7 @@
 """Episode sampler cost as a fraction of a MAML meta-iteration on Omniglot (issue: "< 5%").
 
 For each preset, times (a) drawing the meta-batch of tasks (``OmniglotTasks.sample`` with the
-training generator, as ``mamlkit.train.fit`` does) and (b) a whole meta-iteration (sampling,
+training generator, as ``mamlkit.loop.train.fit`` does) and (b) a whole meta-iteration (sampling,
 ``meta_backward``, Adam step), each the median over ``--iters`` repetitions after a warm-up.
 
     .venv/bin/python benchmarks/sampler.py --threads 1 --iters 10 --data-root ../shared/data/omniglot
@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from mamlkit import train
+    from mamlkit.loop import train
     from mamlkit.presets import preset_config
     from mamlkit.tasks import get_family, task_generator
 

@@ -1,7 +1,7 @@
 """CLINC150 finetune mode before any meta-training: query accuracy after adapting the pretrained last
 MiniLM layer and a fresh head, against the layer's inner rate (the head's stays at α=5), issue 9.
 
-Each task adapts every parameter with plain SGD, a rate per group (``mamlkit.rules.per_parameter_sgd``),
+Each task adapts every parameter with plain SGD, a rate per group (``mamlkit.engine.rules.per_parameter_sgd``),
 10 steps; accuracy after 1, 5 and 10 steps on the same fixed test episodes for every rate. It shows
 whether one α for the layer and the head can work at all. Needs the finetune cache (built on first use).
 
@@ -29,13 +29,13 @@ def main() -> None:
                                                    / "clinc150"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from mamlkit import train
-    from mamlkit.functional import call, named_params
-    from mamlkit.inner import adapt_path
+    from mamlkit.base.batch import TaskBatch
+    from mamlkit.engine.functional import call, named_params
+    from mamlkit.engine.inner import adapt_path
+    from mamlkit.engine.rules import per_parameter_sgd
+    from mamlkit.loop import train
     from mamlkit.presets import preset_config
-    from mamlkit.rules import per_parameter_sgd
     from mamlkit.tasks import task_generator, text
-    from mamlkit.tasks.base import TaskBatch
 
     cfg = preset_config(f"clinc-5w{args.shots}s", {"data_root": args.data_root, "encoder_mode": "finetune",
                                                    "text_per_intent": args.text_per_intent, "progress": False})

@@ -11,9 +11,9 @@ see benchmarks/RESULTS.md for how learn2learn was built here).
 Prints a table of meta-iterations/s, tasks/s, peak RSS, the ratio to mamlkit and the achieved
 GFLOP/s: the FLOPs of one meta-iteration are counted once (torch.utils.flop_counter on the plain
 loop, forward, backward and second-order terms included) and divided by each implementation's time.
-The mamlkit rows apply the trainer's glibc malloc settings (``mamlkit.tuning.tune_malloc``), as
+The mamlkit rows apply the trainer's glibc malloc settings (``mamlkit.exec.tuning.tune_malloc``), as
 ``mamlkit train`` does; ``--no-tune-malloc`` leaves them out, and ``GLIBC_TUNABLES`` gives them to every row.
-They also run mamlkit's compiled NCHW max-pool and batch-norm forward kernels (``mamlkit.kernels``, on by
+They also run mamlkit's compiled NCHW max-pool and batch-norm forward kernels (``mamlkit.exec.kernels``, on by
 default in the loop and threads strategies); ``--no-fast-kernels`` gives them torch's, as the peers have.
 ``--first-order`` runs every implementation first order (FOMAML) instead. ``--device cuda`` runs every
 implementation on the GPU (JAX stays on the CPU and is skipped there), synchronising around the timed
@@ -96,8 +96,8 @@ CHOSEN: dict[str, str] = {}  # what `auto` settled on in this process
 def make_mamlkit(strategy, fast_kernels=True, **kw):
     def setup(model, w):
         import mamlkit
-        from mamlkit import kernels
-        from mamlkit.tuning import tune_malloc
+        from mamlkit.exec import kernels
+        from mamlkit.exec.tuning import tune_malloc
 
         if not fast_kernels:
             kernels.set_enabled(False)  # torch's max-pool and batch-norm kernels, as the peers run
@@ -108,7 +108,7 @@ def make_mamlkit(strategy, fast_kernels=True, **kw):
                                kind="classification" if w["loss"] is F.cross_entropy else "regression",
                                strategy=strategy, first_order=w["first_order"], **kw)
         if strategy == "auto":  # settle it as the trainer does, on the first batch
-            from mamlkit.tuning import settle_strategy
+            from mamlkit.exec.tuning import settle_strategy
 
             p0 = next(model.parameters())
             first = w["first_batch"] if "first_batch" in w else workload_data(w["name"], 1, p0.dtype)[0].to(p0.device)
@@ -276,7 +276,7 @@ def setup_jax(model, w):
 IMPLS = {"mamlkit": make_mamlkit("auto"), "mamlkit-vmap": make_mamlkit("vmap"),
          "mamlkit-loop": make_mamlkit("loop"), "mamlkit-threads": make_mamlkit("threads"),
          "mamlkit-compile": make_mamlkit("compile"),
-         # "-tk": on torch's kernels (mamlkit.kernels off), to measure what the compiled kernels give in one run
+         # "-tk": on torch's kernels (mamlkit.exec.kernels off), to measure what the compiled kernels give in one run
          "mamlkit-loop-tk": make_mamlkit("loop", fast_kernels=False),
          "mamlkit-threads-tk": make_mamlkit("threads", fast_kernels=False),
          "mamlkit-loop-ckpt": make_mamlkit("loop", checkpoint_inner=True),
@@ -401,10 +401,10 @@ def main() -> None:
     ap.add_argument("--data-root", default="", help="dataset root for image workloads (sets MAMLKIT_BENCH_DATA)")
     ap.add_argument("--first-order", action="store_true", help="every implementation first order (FOMAML)")
     ap.add_argument("--no-tune-malloc", action="store_true",
-                    help="mamlkit rows without the trainer's glibc malloc settings (mamlkit.tuning.tune_malloc); "
+                    help="mamlkit rows without the trainer's glibc malloc settings (mamlkit.exec.tuning.tune_malloc); "
                          "give every row them instead with GLIBC_TUNABLES (see RESULTS.md)")
     ap.add_argument("--no-fast-kernels", action="store_true",
-                    help="mamlkit rows with torch's own max-pool and batch-norm kernels (mamlkit.kernels off)")
+                    help="mamlkit rows with torch's own max-pool and batch-norm kernels (mamlkit.exec.kernels off)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every implementation runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -415,7 +415,7 @@ def main() -> None:
     if args.no_tune_malloc:
         os.environ["MAMLKIT_BENCH_TUNE_MALLOC"] = "0"
     if args.no_fast_kernels:
-        os.environ["MAMLKIT_FAST_KERNELS"] = "0"  # read by mamlkit.kernels in each row's process
+        os.environ["MAMLKIT_FAST_KERNELS"] = "0"  # read by mamlkit.exec.kernels in each row's process
     if args.child:
         print(json.dumps(run_one(args.child, args.workload, args.iters, args.warmup, args.threads, args.device)))
         return

@@ -6,16 +6,54 @@
 >>> loss.backward()
 """
 
-from mamlkit import functional
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
 from mamlkit.algorithms import ALGORITHMS, MetaLearner, build_learner
 from mamlkit.algorithms.maml import MAML
-from mamlkit.api import load
+from mamlkit.base.errors import UserError
 from mamlkit.config import ConfigError, TrainConfig
-from mamlkit.errors import UserError
+from mamlkit.engine import functional
 from mamlkit.presets import PRESETS, preset_config
 from mamlkit.tasks import TaskBatch
+from mamlkit.use.api import load
 
 __version__ = "0.1.0"
+
+# Modules that lived at the top of the package before it was arranged in parts (engine/, exec/, eval/, ...).
+# ``import mamlkit.functional`` and ``from mamlkit.inner import adapt_path`` keep working: the old name is the
+# same module object as the new one (so state such as the kernels' switch is shared), imported on first use.
+_MOVED = {
+    "functional": "engine.functional", "inner": "engine.inner", "rules": "engine.rules", "norms": "engine.norms",
+    "tuning": "exec.tuning", "memory": "exec.memory", "kernels": "exec.kernels", "fusion": "exec.kernels.fusion",
+    "evaluate": "eval.evaluate", "reports": "eval.reports", "api": "use.api", "encoders": "data.encoders",
+    "train": "loop.train", "schedules": "loop.schedules", "distributed": "loop.distributed",
+    "errors": "base.errors", "metrics": "base.metrics",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    specs: dict = {}
+
+    def find_spec(self, fullname, path=None, target=None):
+        old = fullname.removeprefix(__name__ + ".")
+        if fullname.startswith(__name__ + ".") and old in _MOVED:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.rpartition('.')[2]]}")
+        self.specs[spec.name] = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        # the import system set the old name's spec on the module; give it back its own
+        module.__spec__ = self.specs.pop(module.__spec__.name)
+
+
+sys.meta_path.append(_MovedModules())
 
 __all__ = ["MAML", "load", "MetaLearner", "ALGORITHMS", "build_learner", "TaskBatch", "TrainConfig", "ConfigError",
            "UserError", "PRESETS", "preset_config", "functional", "__version__"]

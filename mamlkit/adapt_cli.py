@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
 
 
 def add_parser(sub) -> None:
@@ -48,7 +48,7 @@ def add_example_parser(sub) -> None:
 def run_example(args: argparse.Namespace) -> int:
     import shutil
 
-    from mamlkit.api import EXAMPLES
+    from mamlkit.use.api import EXAMPLES
 
     if args.name not in EXAMPLES:
         raise UserError(f"unknown example {args.name!r}; available: {', '.join(EXAMPLES)}")
@@ -71,8 +71,8 @@ EXAMPLE_FILES = {
 
 
 def run(args: argparse.Namespace) -> int:
-    from mamlkit import api
-    from mamlkit import io as mio
+    from mamlkit.use import api
+    from mamlkit.use import io as mio
 
     learner = api.load(args.checkpoint)
     if not isinstance(learner, api.Learner):
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _adapt_text(learner, args: argparse.Namespace) -> list[dict]:
     """Support CSV of (text, label) rows; query utterances from a text file or a CSV."""
-    from mamlkit import inputs
+    from mamlkit.use import inputs
 
     texts, labels = inputs.read_text_support(args.support, args.text_column, args.label_column)
     names = sorted(set(labels))
@@ -134,7 +134,7 @@ def _adapt_text(learner, args: argparse.Namespace) -> list[dict]:
 
 def _adapt_table(learner, args: argparse.Namespace) -> list[dict]:
     """Support CSV: the model's feature columns and its target; query CSV: the feature columns."""
-    from mamlkit import inputs
+    from mamlkit.use import inputs
 
     spec, pre = learner.input, learner.model_spec["preprocess"]
     if len(args.query) != 1:

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
 
 FORMAT = "mamlkit"
 FORMAT_VERSION = 1

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from mamlkit import config
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
 from mamlkit.presets import PRESETS, preset_config
 
 # Fields that may change when a run is resumed; everything else defines the run.
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mamlkit import reports, train
+    from mamlkit.eval import reports
+    from mamlkit.loop import train
 
     overrides = {k: v for k, v in vars(args).items() if k in config.field_types()}
     if args.resume:
@@ -125,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _baseline(trainer):
     """Train (or resume, or load) the paper's pretrained baseline in ``RUN/pretrained``."""
-    from mamlkit import train
+    from mamlkit.loop import train
 
     folder = trainer.run_dir / "pretrained"
     if (folder / "checkpoint.safetensors").exists():
@@ -139,7 +140,9 @@ def _baseline(trainer):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mamlkit import kernels, reports, train
+    from mamlkit.eval import reports
+    from mamlkit.exec import kernels
+    from mamlkit.loop import train
 
     main = train.load_trainer(args.run)
     kernels.set_enabled(main.cfg.fast_kernels)
@@ -223,7 +226,7 @@ def _torchrun_session(command: str):
     if command != "train" and os.environ["WORLD_SIZE"] != "1":
         raise UserError(f"only `mamlkit train` runs distributed; run `mamlkit {command}` without torchrun "
                         "(every rank would repeat the same work and write the same files)")
-    from mamlkit import distributed
+    from mamlkit.loop import distributed
 
     return distributed.session()
 

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
 
 
 class ConfigError(UserError, ValueError):

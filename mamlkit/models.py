@@ -108,7 +108,7 @@ def tabular_mlp(in_features: int, hidden: list[int] | tuple[int, ...] = (40, 40)
 def minilm_head(layers: int = 1, out_features: int = 5, pretrained: bool = True,
                 rate_scale: float = 1.0) -> nn.Module:
     """The top ``layers`` of all-MiniLM-L6-v2 (pretrained, from the ``text`` extra) + a linear head, over
-    cached hidden states ``[B, L, 385]`` (see :mod:`mamlkit.encoders`). The head is named ``head``."""
-    from mamlkit.encoders import minilm_head as build
+    cached hidden states ``[B, L, 385]`` (see :mod:`mamlkit.data.encoders`). The head is named ``head``."""
+    from mamlkit.data.encoders import minilm_head as build
 
     return build(layers, out_features, pretrained, rate_scale)

@@ -26,8 +26,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture
 def kernels_on(monkeypatch):
-    """mamlkit.kernels on, for tensors of any size (the tests' are small), and no remembered decisions."""
-    from mamlkit import kernels
+    """mamlkit.exec.kernels on, for tensors of any size (the tests' are small), and no remembered decisions."""
+    from mamlkit.exec import kernels
 
     kernels.set_enabled(True)
     monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)

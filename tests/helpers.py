@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-# The compiled kernels' tests (without a C compiler, mamlkit.kernels falls back to torch; tested too).
+# The compiled kernels' tests (without a C compiler, mamlkit.exec.kernels falls back to torch; tested too).
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                    reason="no C compiler: mamlkit.kernels falls back to torch")
+                                    reason="no C compiler: mamlkit.exec.kernels falls back to torch")
 
 
 def flat(tensors) -> torch.Tensor:

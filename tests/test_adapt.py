@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 import mamlkit
-from mamlkit import api, checkpoint, train
-from mamlkit.functional import call
+from mamlkit import checkpoint
+from mamlkit.engine.functional import call
+from mamlkit.loop import train
 from mamlkit.presets import preset_config
 from mamlkit.tasks import Sinusoid, task_generator
+from mamlkit.use import api
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "omniglot"
 SMALL = dict(iterations=12, log_every=4, val_every=6, val_tasks=4, checkpoint_every=100, progress=False,
@@ -199,7 +201,7 @@ def test_cli_adapt_rejects_foreign_and_future_checkpoints(cli, tmp_path):
 
 
 def test_images_any_format_become_the_trained_input(tmp_path):
-    from mamlkit.io import load_image
+    from mamlkit.use.io import load_image
 
     arr = np.full((40, 30), 255, dtype=np.uint8)
     arr[10:20, 10:20] = 0  # a dark stroke on white, as Omniglot drawings are

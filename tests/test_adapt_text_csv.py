@@ -6,7 +6,7 @@ inverse), adapted models beat unadapted ones on separable toy tasks, round trips
 
 Text checkpoints are written untrained (``new_trainer`` + ``save_checkpoint``: no CLINC150 data needed;
 the head adapts in the inner loop) plus the shipped, trained ``clinc-5w1s``; the encoder loads once
-per session (``mamlkit.encoders.load`` is cached). CSV checkpoints come from short CLI trainings on
+per session (``mamlkit.data.encoders.load`` is cached). CSV checkpoints come from short CLI trainings on
 synthetic tables whose training file is deleted afterwards, so adapting relies on the checkpoint alone.
 """
 
@@ -21,9 +21,11 @@ import torch
 from helpers import write_csv
 
 import mamlkit
-from mamlkit import api, encoders, train
-from mamlkit.functional import call
+from mamlkit.data import encoders
+from mamlkit.engine.functional import call
+from mamlkit.loop import train
 from mamlkit.presets import preset_config
+from mamlkit.use import api
 
 torch.set_num_threads(1)
 

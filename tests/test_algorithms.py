@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamlkit import schedules
 from mamlkit.algorithms import ALGORITHMS, MetaLearner, build_learner
 from mamlkit.algorithms.anil import ANIL
 from mamlkit.algorithms.imaml import IMAML
@@ -15,8 +14,9 @@ from mamlkit.algorithms.mamlpp import MAMLPlusPlus, msl_weights
 from mamlkit.algorithms.metasgd import MetaSGD
 from mamlkit.algorithms.reptile import Reptile
 from mamlkit.config import ConfigError, TrainConfig
-from mamlkit.inner import conjugate_gradient
-from mamlkit.rules import adam
+from mamlkit.engine.inner import conjugate_gradient
+from mamlkit.engine.rules import adam
+from mamlkit.loop import schedules
 from mamlkit.tasks import Sinusoid, TaskBatch, task_generator
 
 ATOL = 1e-11
@@ -393,7 +393,7 @@ def test_meta_lr_schedules():
 
 @pytest.mark.parametrize("algo,meta_optimizer", [("metasgd", "adam"), ("mamlpp", "adam"), ("reptile", "sgd")])
 def test_cli_smoke_and_learned_extras_round_trip_through_the_checkpoint(algo, meta_optimizer, cli, tmp_path):
-    from mamlkit import train
+    from mamlkit.loop import train
 
     args = ["train", "sinusoid", "--algo", algo, "--iterations", "3", "--eval-tasks", "4",
             "--eval-shots", "5", "--eval-steps", "0", "1", "--val-tasks", "4", "--no-compare-pretrained",
@@ -447,7 +447,7 @@ def test_support_bn_mode_carries_over_to_every_algorithm():
 def test_resume_equals_uninterrupted_with_step_hooks_and_schedules(algo, extra, tmp_path):
     """set_step-driven annealing and the meta-rate schedule are pure functions of the step: a run
     stopped and resumed from its checkpoint ends with the same meta-parameters, extras included."""
-    from mamlkit import train
+    from mamlkit.loop import train
     from mamlkit.presets import preset_config
 
     cfg = preset_config("sinusoid", dict(algo=algo, iterations=6, log_every=3, val_tasks=0, checkpoint_every=100,

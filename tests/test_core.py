@@ -147,7 +147,7 @@ def test_adapt_reduces_support_loss_and_matches_manual_sgd():
     for n in params:
         assert torch.allclose(fast[n], params[n], rtol=1e-12, atol=1e-14)
     before = F.mse_loss(model(sx), sy)
-    after = F.mse_loss(mamlkit.functional.call(model, fast, learner.buffers(), sx), sy)
+    after = F.mse_loss(mamlkit.engine.functional.call(model, fast, learner.buffers(), sx), sy)
     assert after < before
 
 

@@ -16,7 +16,7 @@ import torch
 from helpers import write_csv
 
 from mamlkit import checkpoint
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
 from mamlkit.presets import preset_config
 from mamlkit.tasks import task_generator
 from mamlkit.tasks.tabular import CSVTasks, load_csv, split_tasks

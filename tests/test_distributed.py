@@ -20,9 +20,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from mamlkit import config, distributed, train
+from mamlkit import config
 from mamlkit.algorithms import ALGORITHMS
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
+from mamlkit.loop import distributed, train
 from mamlkit.presets import preset_config
 from mamlkit.tasks import get_family
 

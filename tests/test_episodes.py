@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from mamlkit.tasks.base import task_generator
+from mamlkit.base.batch import task_generator
 from mamlkit.tasks.episodes import EpisodeSampler
 
 torch.set_num_threads(1)

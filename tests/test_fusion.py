@@ -1,6 +1,7 @@
-"""Batch norm → ReLU → max-pool as one compiled kernel (mamlkit.kernels' fused block, mamlkit.fusion's fused
-models, issue 8): the same values, derivatives of every order, running statistics and meta-gradients as
-the three ops run by torch, and a fall-back wherever fusing would change what the user's code sees."""
+"""Batch norm → ReLU → max-pool as one compiled kernel (the fused block of mamlkit.exec.kernels and the
+fused models of mamlkit.exec.kernels.fusion): the same values, derivatives of every order, running statistics
+and meta-gradients as the three ops run by torch, and a fall-back wherever fusing would change what the
+user's code sees."""
 
 
 import pytest
@@ -10,7 +11,9 @@ from helpers import flat, needs_compiler
 from torch import nn
 
 import mamlkit
-from mamlkit import functional, fusion, kernels
+from mamlkit.engine import functional
+from mamlkit.exec import kernels
+from mamlkit.exec.kernels import fusion
 from mamlkit.models import conv4
 from mamlkit.tasks import TaskBatch
 
@@ -63,7 +66,7 @@ def by_ops(model, x):  # the functional calls: the kernels' mode fuses them as i
     return F.max_pool2d(F.relu(h), pool.kernel_size, pool.stride)
 
 
-def by_trace(model, x):  # the module, through functional.call: mamlkit.fusion's fused layer list
+def by_trace(model, x):  # the module, through functional.call: mamlkit.exec.kernels.fusion's fused layer list
     return functional.call(model, dict(model.named_parameters()), dict(model.named_buffers()), x)
 
 

@@ -1,4 +1,4 @@
-"""The compiled CPU forward kernels (mamlkit.kernels, issue 8): max-pooling bit for bit as torch's, batch
+"""The compiled CPU forward kernels (mamlkit.exec.kernels, issue 8): max-pooling bit for bit as torch's, batch
 norm to rounding, derivatives of every order from torch's own backward, and the meta-gradient unchanged."""
 
 import logging
@@ -10,7 +10,8 @@ from helpers import flat, needs_compiler
 from torch import nn
 
 import mamlkit
-from mamlkit import engine, kernels, train
+from mamlkit.exec import kernels, strategies
+from mamlkit.loop import train
 from mamlkit.models import conv4
 from mamlkit.presets import preset_config
 from mamlkit.tasks import TaskBatch
@@ -181,7 +182,7 @@ def test_without_a_compiler_everything_runs_on_torch(monkeypatch, caplog):
         assert "_MaxPool2d" not in F.max_pool2d(x, 2).grad_fn.name()
     model, batch = pooled_conv_model(), image_batch(tasks=2)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn="cross_entropy", strategy="loop")
-    assert learner.strategy == engine.Strategy(False)
+    assert learner.strategy == strategies.Strategy(False)
     assert torch.isfinite(meta_grad(learner, batch)).all()
 
 

@@ -11,9 +11,9 @@ from helpers import finite_difference_grad, flat
 from torch import nn
 
 import mamlkit
-from mamlkit.engine import map_tasks
-from mamlkit.inner import make_task_fn
-from mamlkit.rules import sgd
+from mamlkit.engine.inner import make_task_fn
+from mamlkit.engine.rules import sgd
+from mamlkit.exec.strategies import map_tasks
 from mamlkit.tasks import TaskBatch
 
 
@@ -96,7 +96,7 @@ def test_native_vmap_batch_norm_is_inexact_without_the_fix():
     args = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     native = torch.vmap(fn)(*args)[0].mean()
     g_native = flat(torch.autograd.grad(native, list(params.values())))
-    g_exact = flat(torch.autograd.grad(map_tasks(fn, batch, mamlkit.engine.Strategy(False))[0].mean(),
+    g_exact = flat(torch.autograd.grad(map_tasks(fn, batch, mamlkit.exec.strategies.Strategy(False))[0].mean(),
                                        list(params.values())))
     rel = ((g_native - g_exact).norm() / g_exact.norm()).item()
     if rel < 1e-9:

@@ -17,10 +17,10 @@ import torch
 
 from mamlkit import MAML, cli, data
 from mamlkit.data import DataError, KnownFile, verify_file
-from mamlkit.inner import make_task_fn, query_objective
+from mamlkit.engine.inner import make_task_fn, query_objective
+from mamlkit.engine.norms import support_stats_objective
+from mamlkit.engine.rules import sgd
 from mamlkit.models import build_model, conv4
-from mamlkit.norms import support_stats_objective
-from mamlkit.rules import sgd
 from mamlkit.tasks import TaskBatch, get_family
 from mamlkit.tasks.omniglot import OmniglotTasks, rotated, split_indices
 
@@ -253,7 +253,7 @@ def test_rotation_modes(mode):
 def test_rotation_class_counts():
     images = torch.zeros(2, 20, 5, 5, dtype=torch.uint8)
     OmniglotTasks(images, 8, 1, 1, rotations="expand")      # 2 characters x 4 rotations = 8 classes
-    from mamlkit.errors import UserError
+    from mamlkit.base.errors import UserError
 
     with pytest.raises(UserError):
         OmniglotTasks(images, 3, 1, 1, rotations="per_task")

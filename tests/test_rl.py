@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mamlkit import checkpoint
+from mamlkit.base.batch import task_generator
 from mamlkit.cli import main
 from mamlkit.config import ConfigError
 from mamlkit.rl import sampling
@@ -23,7 +24,6 @@ from mamlkit.rl.envs import Nav2D, sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
 from mamlkit.rl.policy import build_policy, kl_divergence, log_prob
 from mamlkit.rl.trpo import conjugate_gradient, fisher_vector_product, flat, trpo_step
-from mamlkit.tasks.base import task_generator
 
 torch.set_num_threads(1)
 D = torch.float64

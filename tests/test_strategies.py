@@ -12,8 +12,9 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import mamlkit
-from mamlkit import engine, train, tuning
-from mamlkit.memory import ProbeStopped, meta_backward_peak, peak_tensor_bytes
+from mamlkit.exec import strategies, tuning
+from mamlkit.exec.memory import ProbeStopped, meta_backward_peak, peak_tensor_bytes
+from mamlkit.loop import train
 from mamlkit.models import conv4
 from mamlkit.presets import preset_config
 from mamlkit.tasks import TaskBatch
@@ -107,7 +108,7 @@ def test_memory_budget_chunks_vmap_and_keeps_the_gradient():
     assert chosen.vectorize and chosen.chunk_size == 2
     assert "chunked to 2 tasks" in " ".join(said)
     assert rel(meta_grad(learner, batch), ref) < 1e-10
-    with pytest.raises(mamlkit.errors.UserError, match="no execution strategy fits"):
+    with pytest.raises(mamlkit.base.errors.UserError, match="no execution strategy fits"):
         tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=fixed / 2**21)
 
 
@@ -142,9 +143,9 @@ def test_auto_times_only_exact_candidates_and_leaves_no_trace():
 
 
 def test_strategy_names_round_trip_and_bad_combinations_fail():
-    for s in (engine.Strategy(True), engine.Strategy(False, 4), engine.Strategy(True, 8, compiled=True),
-              engine.Strategy(False, workers=-1), engine.Strategy(False, workers=3)):
-        assert engine.Strategy.from_name(s.name) == s
+    for s in (strategies.Strategy(True), strategies.Strategy(False, 4), strategies.Strategy(True, 8, compiled=True),
+              strategies.Strategy(False, workers=-1), strategies.Strategy(False, workers=3)):
+        assert strategies.Strategy.from_name(s.name) == s
     with pytest.raises(ValueError, match="checkpoint_inner runs only with strategy loop"):
         mamlkit.MAML(conv_model(), strategy="vmap", checkpoint_inner=True)
 
@@ -195,7 +196,7 @@ def test_threads_equal_the_loop_bitwise(workers, first_order, checkpoint_inner):
               checkpoint_inner=checkpoint_inner)
     ref = meta_grad(mamlkit.MAML(model, strategy="loop", **kw), batch)
     learner = mamlkit.MAML(model, **kw)
-    learner.strategy = engine.Strategy(False, workers=workers)
+    learner.strategy = strategies.Strategy(False, workers=workers)
     assert learner.strategy.name == f"threads(workers={workers})"
     for _ in range(2):  # and deterministic
         assert torch.equal(meta_grad(learner, batch), ref)
@@ -298,7 +299,7 @@ def test_auto_times_candidates_interleaved_and_skips_one_that_fails(monkeypatch)
 def test_tune_malloc_keeps_freed_memory_for_reuse():
     # In a fresh process a freed 16 MB tensor goes back to the OS under glibc's defaults (mmapped, 128 kB
     # threshold) and stays resident for reuse after tune_malloc (heap, 32 MB threshold, 1 GB trim).
-    script = ("import os, sys, torch\nfrom mamlkit.tuning import tune_malloc\n"
+    script = ("import os, sys, torch\nfrom mamlkit.exec.tuning import tune_malloc\n"
               "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
               "tuned = sys.argv[1] == '1' and tune_malloc()\n"
               "before = rss(); x = torch.ones(4 * 2**20); del x\n"
@@ -347,7 +348,7 @@ def test_estimate_stops_at_one_task_when_that_already_rules_a_candidate_out(monk
     assert sizes == [1, 2]
     sizes.clear()
     # a budget below one task: nothing fits, and finding that out takes one task's measurement only
-    with pytest.raises(mamlkit.errors.UserError, match="no execution strategy fits"):
+    with pytest.raises(mamlkit.base.errors.UserError, match="no execution strategy fits"):
         tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=0.9 * one / 2**20, say=lambda m: None)
     assert sizes == [1]
 

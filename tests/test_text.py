@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamlkit import encoders
-from mamlkit.data import DataError
+from mamlkit.data import DataError, encoders
 from mamlkit.presets import preset_config
 from mamlkit.tasks import task_generator, text
 

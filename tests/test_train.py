@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mamlkit import checkpoint, config, train
+from mamlkit import checkpoint, config
+from mamlkit.loop import train
 from mamlkit.presets import preset_config
 
 SMALL = dict(iterations=12, log_every=4, val_every=6, val_tasks=8, checkpoint_every=100, progress=False,
@@ -160,7 +161,7 @@ def test_cli_refuses_to_overwrite_a_run(cli, tmp_path):
 
 
 def test_eval_report_counts_diverged_tasks_instead_of_printing_nan():
-    from mamlkit.evaluate import EvalResult
+    from mamlkit.eval.evaluate import EvalResult
 
     r = EvalResult(torch.tensor([[1.0, 0.5], [1.0, float("nan")], [1.0, 0.7]]), torch.zeros(3, 2))
     assert r.diverged(1) == 1 and r.diverged(0) == 0

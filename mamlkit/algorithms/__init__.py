@@ -11,7 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.base.batch import TaskBatch
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
 KIND_OF_LOSS = {"mse": "regression", "cross_entropy": "classification"}
@@ -70,7 +70,7 @@ def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
     learner = ALGORITHMS[name](model, cfg)
     mode = getattr(cfg, "bn_mode", "transductive")
     if getattr(learner, "bn_mode", "transductive") != mode:
-        from mamlkit.errors import UserError
+        from mamlkit.base.errors import UserError
 
         raise UserError(f"algorithm {name!r} does not support bn_mode={mode!r}; use --bn-mode transductive")
     return learner

@@ -19,13 +19,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mamlkit import engine
 from mamlkit.algorithms import register, resolve_loss
-from mamlkit.functional import call, named_buffers, named_params
-from mamlkit.inner import adapt_path, fresh, make_task_fn, path_objective, query_objective
-from mamlkit.norms import SupportStatsNorm
-from mamlkit.rules import sgd
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.base.batch import TaskBatch
+from mamlkit.engine.functional import call, named_buffers, named_params
+from mamlkit.engine.inner import adapt_path, fresh, make_task_fn, path_objective, query_objective
+from mamlkit.engine.norms import SupportStatsNorm
+from mamlkit.engine.rules import sgd
+from mamlkit.exec import strategies
 
 
 def split_head(model: nn.Module) -> tuple[str, nn.Module, nn.Module]:
@@ -53,10 +53,10 @@ class ANIL:
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.head_name, self.body, self.head = split_head(model)
-        self.bn_mode = bn_mode  # "support": query features use support-set BN statistics (mamlkit.norms)
+        self.bn_mode = bn_mode  # "support": query features use support-set BN statistics (mamlkit.engine.norms)
         self.prefix = self.head_name + "."
         device = next(model.parameters()).device
-        self.strategy = engine.choose_strategy(strategy, model, device, chunk_size)
+        self.strategy = strategies.choose_strategy(strategy, model, device, chunk_size)
 
     def adapt_filter(self, name: str) -> bool:
         return name.startswith(self.prefix)
@@ -94,14 +94,14 @@ class ANIL:
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         fn = self._task_fn(named_params(self.model), self.inner_steps, self.first_order)
-        losses, preds = engine.map_tasks(fn, batch, self.strategy)
-        return losses.mean(), engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        losses, preds = strategies.map_tasks(fn, batch, self.strategy)
+        return losses.mean(), strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         fn = self._task_fn(named_params(self.model), self.inner_steps, self.first_order)
-        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight,
+        losses, preds = strategies.backward_tasks(fn, batch, self.strategy, weight,
                                               self.meta_parameters().values())
-        return engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        return strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """Adapt the head to one task; returns every parameter (body shared, head adapted), detached."""
@@ -121,7 +121,7 @@ class ANIL:
     def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
         params = {k: v.detach() for k, v in named_params(self.model).items()}
         fn = self._task_fn(params, steps, first_order=True, objective=path_objective(self.kind))
-        losses, accs = engine.map_tasks(fn, batch, self.strategy)
+        losses, accs = strategies.map_tasks(fn, batch, self.strategy)
         return losses.detach(), accs.detach()
 
 

@@ -1,8 +1,8 @@
 """iMAML, implicit MAML (Rajeswaran, Finn, Kakade & Levine, NeurIPS 2019, arXiv:1909.04630).
 
 Pieces: every parameter adapts; the inner problem is proximal,
-φ*(θ) = argmin_φ L_s(φ) + λ/2 ‖φ − θ‖² (:func:`~mamlkit.inner.proximal`), solved approximately
-by ``inner_steps`` steps of SGD at α from φ = θ with no graph (:func:`~mamlkit.inner.adapt_final`);
+φ*(θ) = argmin_φ L_s(φ) + λ/2 ‖φ − θ‖² (:func:`~mamlkit.engine.inner.proximal`), solved approximately
+by ``inner_steps`` steps of SGD at α from φ = θ with no graph (:func:`~mamlkit.engine.inner.adapt_final`);
 the outer objective is the query loss at φ, differentiated implicitly: at a stationary point,
 dφ*/dθ = (I + ∇²L_s(φ)/λ)⁻¹, so the meta-gradient is g = (I + H/λ)⁻¹ ∇L_q(φ) (paper, Lemma 1),
 computed with ``cg_steps`` iterations of conjugate gradient on Hessian-vector products at φ.
@@ -20,10 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mamlkit import engine
 from mamlkit.algorithms import register, resolve_loss
-from mamlkit.functional import call, named_buffers, named_params
-from mamlkit.inner import (
+from mamlkit.base.batch import TaskBatch
+from mamlkit.engine.functional import call, named_buffers, named_params
+from mamlkit.engine.inner import (
     Params,
     adapt_final,
     adapt_path,
@@ -34,9 +34,9 @@ from mamlkit.inner import (
     query_objective,
     support_loss_fn,
 )
-from mamlkit.norms import with_bn_mode
-from mamlkit.rules import sgd
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.engine.norms import with_bn_mode
+from mamlkit.engine.rules import sgd
+from mamlkit.exec import strategies
 
 
 class IMAML:
@@ -59,9 +59,9 @@ class IMAML:
         self.model, self.name = model, name
         self.inner_lr, self.inner_steps, self.lam, self.cg_steps = inner_lr, inner_steps, lam, cg_steps
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
-        self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.norms)
+        self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.engine.norms)
         device = next(model.parameters()).device
-        self.strategy = engine.choose_strategy(strategy, model, device, chunk_size)
+        self.strategy = strategies.choose_strategy(strategy, model, device, chunk_size)
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
@@ -101,14 +101,14 @@ class IMAML:
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         """Mean query loss at φ; its ``.backward()`` writes the implicit meta-gradient into ``.grad``."""
         fn = self.implicit_task_fn(named_params(self.model))
-        losses, preds = engine.map_tasks(fn, batch, self.strategy)
-        return losses.mean(), engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        losses, preds = strategies.map_tasks(fn, batch, self.strategy)
+        return losses.mean(), strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         fn = self.implicit_task_fn(named_params(self.model))
-        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight,
+        losses, preds = strategies.backward_tasks(fn, batch, self.strategy, weight,
                                               self.meta_parameters().values())
-        return engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        return strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """φ for one task: SGD on the proximal objective from θ; every parameter, detached."""
@@ -126,7 +126,7 @@ class IMAML:
             path = adapt_path(loss, theta, sx, sy, rule=sgd(self.inner_lr), steps=steps, first_order=True)
             return objective(path, loss, sx, sy, qx, qy, predict=self._predict, loss_fn=self.loss_fn)
 
-        losses, accs = engine.map_tasks(fn, batch, self.strategy)
+        losses, accs = strategies.map_tasks(fn, batch, self.strategy)
         return losses.detach(), accs.detach()
 
 

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from mamlkit import engine
 from mamlkit.algorithms import register, resolve_loss
-from mamlkit.functional import named_buffers, named_params
-from mamlkit.inner import (
+from mamlkit.base.batch import TaskBatch
+from mamlkit.engine.functional import named_buffers, named_params
+from mamlkit.engine.inner import (
     Objective,
     adapt_path,
     make_task_fn,
@@ -23,9 +23,9 @@ from mamlkit.inner import (
     split_params,
     support_loss_fn,
 )
-from mamlkit.norms import BN_MODES, with_bn_mode
-from mamlkit.rules import sgd
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.engine.norms import BN_MODES, with_bn_mode
+from mamlkit.engine.rules import sgd
+from mamlkit.exec import strategies
 
 
 class MAML:
@@ -41,13 +41,13 @@ class MAML:
         adapt_filter: which parameters adapt, by name (default: all). ANIL adapts ``head.*``.
         test_inner_steps: K at evaluation and in :meth:`adapt` (default: ``inner_steps``).
         strategy: ``"auto" | "vmap" | "loop" | "threads" | "compile"``, how tasks are batched
-            (see :mod:`mamlkit.engine`).
+            (see :mod:`mamlkit.exec.strategies`).
         chunk_size: tasks per chunk in :meth:`meta_backward`; bounds memory.
         checkpoint_inner: recompute each inner step's graph during the meta-gradient instead of keeping
             it, so second-order memory does not grow with ``inner_steps`` (loop strategy; same numbers).
-        objective: the outer objective (default: query loss at θ_K; see :mod:`mamlkit.inner`).
+        objective: the outer objective (default: query loss at θ_K; see :mod:`mamlkit.engine.inner`).
         bn_mode: ``"transductive"`` (batch statistics of the query batch, the paper) or ``"support"``
-            (query predictions use support-set batch-norm statistics; see :mod:`mamlkit.norms`).
+            (query predictions use support-set batch-norm statistics; see :mod:`mamlkit.engine.norms`).
         name: the name logged and saved in checkpoints.
 
     Example::
@@ -57,7 +57,7 @@ class MAML:
         loss.backward()                            # .grad on model.parameters()
     """
 
-    compilable = True  # meta_backward runs through engine.meta_backward: strategy "compile" works
+    compilable = True  # meta_backward runs through strategies.meta_backward: strategy "compile" works
 
     def __init__(self, model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1,
                  first_order: bool = False, loss_fn: str | Callable[[Tensor, Tensor], Tensor] = "mse",
@@ -76,10 +76,11 @@ class MAML:
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.checkpoint_inner = checkpoint_inner
         device = next(model.parameters()).device
-        self.strategy = engine.choose_strategy(strategy, model, device, chunk_size, checkpoint_inner=checkpoint_inner)
+        self.strategy = strategies.choose_strategy(strategy, model, device, chunk_size,
+                                                   checkpoint_inner=checkpoint_inner)
         # one builder object for the training function, so a compiled meta-gradient is built once
         self._train_build = lambda params: self._task_fn(params, self.inner_steps, self.first_order)
-        engine.log.info("mamlkit: %s runs tasks with strategy %s", self.name, self.strategy.name)
+        strategies.log.info("mamlkit: %s runs tasks with strategy %s", self.name, self.strategy.name)
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
@@ -95,19 +96,19 @@ class MAML:
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         fn = self._task_fn(named_params(self.model), self.inner_steps, self.first_order)
-        losses, preds = engine.map_tasks(fn, batch, self.strategy)
-        return losses.mean(), engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        losses, preds = strategies.map_tasks(fn, batch, self.strategy)
+        return losses.mean(), strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
-        losses, preds = engine.meta_backward(self._train_build, self.meta_parameters(), batch, self.strategy,
+        losses, preds = strategies.meta_backward(self._train_build, self.meta_parameters(), batch, self.strategy,
                                              weight)
-        return engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        return strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """Adapt to one task; returns every parameter (adapted or shared), detached.
 
         ``support_x [N, *x_shape]``, ``support_y [N, *y_shape]``. Run the model with the result via
-        ``mamlkit.functional.call(learner.model, params, learner.buffers(), x)``.
+        ``mamlkit.engine.functional.call(learner.model, params, learner.buffers(), x)``.
         """
         steps = self.test_inner_steps if steps is None else steps
         params = {k: v.detach() for k, v in named_params(self.model).items()}
@@ -119,7 +120,7 @@ class MAML:
     def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
         params = {k: v.detach() for k, v in named_params(self.model).items()}
         fn = self._task_fn(params, steps, first_order=True, objective=path_objective(self.kind))
-        losses, accs = engine.map_tasks(fn, batch, self.strategy)
+        losses, accs = strategies.map_tasks(fn, batch, self.strategy)
         return losses.detach(), accs.detach()
 
 

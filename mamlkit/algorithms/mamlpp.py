@@ -2,11 +2,11 @@
 
 MAML with switchable fixes, each a piece of the engine:
 
-* ``msl``: multi-step loss, Σ_k w_k L_q(θ_k) (:func:`~mamlkit.inner.multi_step_objective`);
+* ``msl``: multi-step loss, Σ_k w_k L_q(θ_k) (:func:`~mamlkit.engine.inner.multi_step_objective`);
   the weights start uniform and anneal linearly over ``msl_epochs`` to the last step alone
   (non-final weights floored at 0.03/K while annealing), after which only L_q(θ_K) counts.
 * ``lslr``: a learned rate per parameter tensor ("layer") and per step, meta-parameters
-  ``inner_lr/<param>`` of shape ``[K]`` (:func:`~mamlkit.rules.per_step_sgd`).
+  ``inner_lr/<param>`` of shape ``[K]`` (:func:`~mamlkit.engine.rules.per_step_sgd`).
 * ``per_step_bn``: each norm layer's weight and bias has one copy per step, meta-parameters
   ``bn/<param>`` ``[K+1, C]``; the forward pass at step k uses copy k, which the rule *sets* (the
   inner loop does not adapt them, as in the paper). Simplification: no per-step running
@@ -27,10 +27,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mamlkit import engine
 from mamlkit.algorithms import register, resolve_loss
-from mamlkit.functional import named_buffers, named_params
-from mamlkit.inner import (
+from mamlkit.base.batch import TaskBatch
+from mamlkit.engine.functional import named_buffers, named_params
+from mamlkit.engine.inner import (
     adapt_path,
     make_task_fn,
     multi_step_objective,
@@ -38,9 +38,9 @@ from mamlkit.inner import (
     query_objective,
     support_loss_fn,
 )
-from mamlkit.norms import with_bn_mode
-from mamlkit.rules import InnerRule, per_step_sgd, sgd
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.engine.norms import with_bn_mode
+from mamlkit.engine.rules import InnerRule, per_step_sgd, sgd
+from mamlkit.exec import strategies
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -83,7 +83,7 @@ class MAMLPlusPlus:
         self.lrs = {k: nn.Parameter(torch.full((inner_steps,), inner_lr, dtype=p.dtype, device=p.device))
                     for k, p in params.items() if lslr and k not in self.bn}
         device = next(model.parameters()).device
-        self.strategy = engine.choose_strategy(strategy, model, device, chunk_size)
+        self.strategy = strategies.choose_strategy(strategy, model, device, chunk_size)
 
     def set_step(self, step: int) -> None:
         """Called by the trainer before each meta-iteration: drives MSL and derivative-order annealing."""
@@ -131,13 +131,13 @@ class MAMLPlusPlus:
         return self._task_fn(False, self.inner_steps, first_order, objective)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        losses, preds = engine.map_tasks(self._train_fn(), batch, self.strategy)
-        return losses.mean(), engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        losses, preds = strategies.map_tasks(self._train_fn(), batch, self.strategy)
+        return losses.mean(), strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
-        losses, preds = engine.backward_tasks(self._train_fn(), batch, self.strategy, weight,
+        losses, preds = strategies.backward_tasks(self._train_fn(), batch, self.strategy, weight,
                                               self.meta_parameters().values())
-        return engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        return strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """Adapt to one task with the learned rates; all parameters (norms: last step's copy), detached."""
@@ -149,7 +149,7 @@ class MAMLPlusPlus:
 
     def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
         fn = self._task_fn(True, steps, first_order=True, objective=path_objective(self.kind))
-        losses, accs = engine.map_tasks(fn, batch, self.strategy)
+        losses, accs = strategies.map_tasks(fn, batch, self.strategy)
         return losses.detach(), accs.detach()
 
 

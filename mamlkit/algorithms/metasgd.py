@@ -2,7 +2,7 @@
 parameter entry, α ∈ R^{|θ|}, meta-learned together with θ.
 
 Pieces: every parameter adapts (or those passing ``adapt_filter``); the inner rule is
-:func:`~mamlkit.rules.per_parameter_sgd` over the rate tensors, which are meta-parameters named
+:func:`~mamlkit.engine.rules.per_parameter_sgd` over the rate tensors, which are meta-parameters named
 ``inner_lr/<param>``; the outer objective is MAML's query loss, second order unless
 ``first_order``. The paper draws α's initial values at random; here every rate starts at
 ``inner_lr`` (deterministic, and exactly MAML at initialisation).
@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mamlkit import engine
 from mamlkit.algorithms import register, resolve_loss
-from mamlkit.functional import named_buffers, named_params
-from mamlkit.inner import (
+from mamlkit.base.batch import TaskBatch
+from mamlkit.engine.functional import named_buffers, named_params
+from mamlkit.engine.inner import (
     adapt_path,
     make_task_fn,
     path_objective,
@@ -26,9 +26,9 @@ from mamlkit.inner import (
     split_params,
     support_loss_fn,
 )
-from mamlkit.norms import with_bn_mode
-from mamlkit.rules import per_parameter_sgd
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.engine.norms import with_bn_mode
+from mamlkit.engine.rules import per_parameter_sgd
+from mamlkit.exec import strategies
 
 PREFIX = "inner_lr/"
 
@@ -44,13 +44,13 @@ class MetaSGD:
         self.loss_fn, self.kind = resolve_loss(loss_fn, kind)
         self.model, self.name = model, name
         self.inner_steps, self.first_order, self.adapt_filter = inner_steps, first_order, adapt_filter
-        self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.norms)
+        self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.engine.norms)
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         # One rate tensor per adapted parameter, same shape (the paper's vector α).
         self.inner_lrs = {k: nn.Parameter(torch.full_like(p.detach(), inner_lr))
                           for k, p in named_params(model, adapt_filter).items()}
         device = next(model.parameters()).device
-        self.strategy = engine.choose_strategy(strategy, model, device, chunk_size)
+        self.strategy = strategies.choose_strategy(strategy, model, device, chunk_size)
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         return {**dict(self.model.named_parameters()), **{PREFIX + k: v for k, v in self.inner_lrs.items()}}
@@ -66,14 +66,14 @@ class MetaSGD:
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         fn = self._task_fn(named_params(self.model), self.inner_lrs, self.inner_steps, self.first_order)
-        losses, preds = engine.map_tasks(fn, batch, self.strategy)
-        return losses.mean(), engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        losses, preds = strategies.map_tasks(fn, batch, self.strategy)
+        return losses.mean(), strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         fn = self._task_fn(named_params(self.model), self.inner_lrs, self.inner_steps, self.first_order)
-        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight,
+        losses, preds = strategies.backward_tasks(fn, batch, self.strategy, weight,
                                               self.meta_parameters().values())
-        return engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        return strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """Adapt to one task with the learned rates; returns every parameter, detached."""
@@ -90,7 +90,7 @@ class MetaSGD:
         params = {k: v.detach() for k, v in named_params(self.model).items()}
         lrs = {k: v.detach() for k, v in self.inner_lrs.items()}
         fn = self._task_fn(params, lrs, steps, first_order=True, objective=path_objective(self.kind))
-        losses, accs = engine.map_tasks(fn, batch, self.strategy)
+        losses, accs = strategies.map_tasks(fn, batch, self.strategy)
         return losses.detach(), accs.detach()
 
 

@@ -2,7 +2,7 @@
 
 Pieces: every parameter adapts; the inner rule is Reptile's own optimiser (SGD, or Adam with
 β1 = 0 as in the paper's §6) at its own rate and step count (``reptile_inner_*``); the inner loop
-is not differentiated (:func:`~mamlkit.inner.adapt_final` keeps no graph and only the current
+is not differentiated (:func:`~mamlkit.engine.inner.adapt_final` keeps no graph and only the current
 iterate, so memory does not grow with the number of steps); the outer "gradient" written into
 ``.grad`` is θ − mean_t φ_t, so an outer SGD step at rate ε is the paper's θ ← θ + ε(mean φ − θ).
 
@@ -18,13 +18,21 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from mamlkit import engine
 from mamlkit.algorithms import register, resolve_loss
-from mamlkit.functional import call, named_buffers, named_params
-from mamlkit.inner import Params, adapt_final, adapt_path, fresh, path_objective, query_objective, support_loss_fn
-from mamlkit.norms import with_bn_mode
-from mamlkit.rules import InnerRule, adam, sgd
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.base.batch import TaskBatch
+from mamlkit.engine.functional import call, named_buffers, named_params
+from mamlkit.engine.inner import (
+    Params,
+    adapt_final,
+    adapt_path,
+    fresh,
+    path_objective,
+    query_objective,
+    support_loss_fn,
+)
+from mamlkit.engine.norms import with_bn_mode
+from mamlkit.engine.rules import InnerRule, adam, sgd
+from mamlkit.exec import strategies
 
 
 class Reptile:
@@ -47,9 +55,9 @@ class Reptile:
         self.model, self.name = model, name
         self.inner_steps, self.inner_optimizer, self.inner_lr = inner_steps, inner_optimizer, inner_lr
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
-        self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.norms)
+        self.bn_mode = bn_mode  # "support": query predictions use support-set BN statistics (mamlkit.engine.norms)
         device = next(model.parameters()).device
-        self.strategy = engine.choose_strategy(strategy, model, device, chunk_size)
+        self.strategy = strategies.choose_strategy(strategy, model, device, chunk_size)
 
     @property
     def rule(self) -> InnerRule:
@@ -80,15 +88,15 @@ class Reptile:
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         """Mean query loss at φ; its ``.backward()`` writes mean_t (θ − φ_t) into ``.grad``."""
-        losses, preds = engine.map_tasks(self._task_fn(named_params(self.model)), batch, self.strategy)
-        return losses.mean(), engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        losses, preds = strategies.map_tasks(self._task_fn(named_params(self.model)), batch, self.strategy)
+        return losses.mean(), strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         """Accumulate ``weight × mean_t (θ − φ_t)`` into ``.grad``."""
         fn = self._task_fn(named_params(self.model))
-        losses, preds = engine.backward_tasks(fn, batch, self.strategy, weight,
+        losses, preds = strategies.backward_tasks(fn, batch, self.strategy, weight,
                                               self.meta_parameters().values())
-        return engine.task_metrics(losses, preds, batch.query_y, self.kind)
+        return strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """φ for one task with Reptile's inner optimiser; every parameter, detached."""
@@ -105,7 +113,7 @@ class Reptile:
             path = adapt_path(loss, params, sx, sy, rule=rule, steps=steps, first_order=True)
             return objective(path, loss, sx, sy, qx, qy, predict=self._predict, loss_fn=self.loss_fn)
 
-        losses, accs = engine.map_tasks(fn, batch, self.strategy)
+        losses, accs = strategies.map_tasks(fn, batch, self.strategy)
         return losses.detach(), accs.detach()
 
 

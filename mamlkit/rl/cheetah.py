@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
 
 CTRL_COST = 0.05
 log = logging.getLogger("mamlkit")

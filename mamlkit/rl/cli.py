@@ -12,9 +12,9 @@ import sys
 import threading
 from pathlib import Path
 
+from mamlkit.base.errors import UserError
 from mamlkit.cli import add_config_flags, resumed_config
 from mamlkit.config import load_yaml
-from mamlkit.errors import UserError
 from mamlkit.rl import config as rlconfig
 from mamlkit.rl.config import ENV_NAMES
 

@@ -7,7 +7,7 @@ terminated, truncated, info)`` follow Gymnasium's names and meanings, with a lea
 next ``reset``: meta-RL samples whole batches of fixed-horizon episodes, so no auto-reset.
 
 Tasks are drawn by ``sample_tasks(num_tasks, generator)``; with
-:func:`mamlkit.tasks.base.task_generator` they depend only on ``(seed, split, index)``.
+:func:`mamlkit.base.batch.task_generator` they depend only on ``(seed, split, index)``.
 
 * :class:`Nav2D`: the point-mass 2D navigation of Finn et al. 2017 §5.3 (pure torch).
 * :class:`HalfCheetahTasks`: HalfCheetah velocity / direction on ``gymnasium`` + ``mujoco``

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mamlkit.base.batch import task_generator
+from mamlkit.base.metrics import mean_ci
 from mamlkit.checkpoint import atomic_write_text
-from mamlkit.metrics import mean_ci
 from mamlkit.rl.config import RLConfig
 from mamlkit.rl.envs import sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
-from mamlkit.tasks.base import task_generator
 
 # Finn et al. 2017, MAML after 0..3 steps: Table 4 (2D navigation), Table 5 (half-cheetah forward/backward).
 PAPER = {"nav2d": (-40.41, -11.68, -3.33, -3.23), "cheetah-dir": (-50.69, 293.19, 313.48, 315.65)}

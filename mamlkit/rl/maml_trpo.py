@@ -1,9 +1,9 @@
-"""MAML-TRPO (Finn et al. 2017, §5.3): REINFORCE inner step, TRPO outer step, on the mamlkit engine.
+"""MAML-TRPO (Finn et al. 2017, §5.3): REINFORCE inner step, TRPO outer step, on the mamlkit strategies.
 
-The inner step is the engine's :func:`~mamlkit.inner.adapt_path` with the SGD rule on the
+The inner step is the engine's :func:`~mamlkit.engine.inner.adapt_path` with the SGD rule on the
 policy-gradient loss ``loss_fn(model(states), (actions, advantages, mask))``; the outer
-objective and KL come out of :func:`~mamlkit.inner.make_task_fn` run by
-:func:`mamlkit.engine.map_tasks` under vmap, so the meta-gradient and the Fisher-vector
+objective and KL come out of :func:`~mamlkit.engine.inner.make_task_fn` run by
+:func:`mamlkit.exec.strategies.map_tasks` under vmap, so the meta-gradient and the Fisher-vector
 products differentiate through the inner step exactly (or first-order with ``first_order``).
 With ``inner_steps=0`` the same code is TRPO on all tasks jointly (the pretrained baseline).
 """
@@ -15,19 +15,19 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from mamlkit import engine
-from mamlkit.functional import named_params
-from mamlkit.inner import adapt_path, make_task_fn, support_loss_fn
+from mamlkit.base.batch import TaskBatch
+from mamlkit.engine.functional import named_params
+from mamlkit.engine.inner import adapt_path, make_task_fn, support_loss_fn
+from mamlkit.engine.rules import sgd
+from mamlkit.exec import strategies
 from mamlkit.rl import sampling
 from mamlkit.rl.config import RLConfig
 from mamlkit.rl.envs import make_env
 from mamlkit.rl.policy import kl_divergence, log_prob
 from mamlkit.rl.trpo import trpo_step
-from mamlkit.rules import sgd
-from mamlkit.tasks.base import TaskBatch
 
 Params = dict[str, Tensor]
-VMAP = engine.Strategy(vectorize=True)
+VMAP = strategies.Strategy(vectorize=True)
 
 
 def pg_loss(act_dim: int):
@@ -103,7 +103,7 @@ class MAMLTRPO:
         fn = make_task_fn(self.model, named_params(self.model), {}, loss_fn=pg_loss(self.act_dim),
                           rule=sgd(cfg.inner_lr), steps=cfg.inner_steps, first_order=cfg.first_order,
                           objective=trpo_objective(self.act_dim))
-        surr, kl = engine.map_tasks(fn, batch, VMAP)
+        surr, kl = strategies.map_tasks(fn, batch, VMAP)
         return surr.mean(), kl.mean()
 
     def collect(self, tasks: Tensor, generator: torch.Generator) -> tuple[TaskBatch, dict[str, float]]:

@@ -2,7 +2,7 @@
 
 The module's output packs the distribution: ``forward(obs) -> [..., 2·act_dim]``, the mean
 followed by the log standard deviation (a learned, state-independent parameter broadcast to
-every state). Packing lets the policy run through :func:`mamlkit.functional.call` and the
+every state). Packing lets the policy run through :func:`mamlkit.engine.functional.call` and the
 engine's per-task functions exactly like a regression model: ``pred = model(x)``.
 """
 

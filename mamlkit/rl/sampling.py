@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mamlkit.functional import call
+from mamlkit.engine.functional import call
 from mamlkit.rl.advantages import baseline_features, discounted_returns, fit_linear_baseline, gae, normalize
 from mamlkit.rl.envs import TaskEnv
 from mamlkit.rl.policy import split_dist

@@ -15,14 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mamlkit import checkpoint
-from mamlkit.errors import UserError
-from mamlkit.metrics import MetricsLog
+from mamlkit.base.batch import task_generator
+from mamlkit.base.errors import UserError
+from mamlkit.base.metrics import MetricsLog
+from mamlkit.loop.train import _truncate_metrics
 from mamlkit.rl.config import RLConfig, from_dict
 from mamlkit.rl.envs import env_dims, sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
 from mamlkit.rl.policy import GaussianMLPPolicy, build_policy
-from mamlkit.tasks.base import task_generator
-from mamlkit.train import _truncate_metrics
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

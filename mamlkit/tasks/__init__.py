@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mamlkit.tasks.base import TaskBatch, TaskDistribution, task_generator
+from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
 from mamlkit.tasks.sinusoid import Sinusoid
 
 
@@ -30,7 +30,7 @@ def register_task_family(family: TaskFamily) -> TaskFamily:
 
 
 def get_family(name: str) -> TaskFamily:
-    from mamlkit.errors import UserError
+    from mamlkit.base.errors import UserError
 
     if name not in TASK_FAMILIES:
         raise UserError(f"unknown task family {name!r}; available: {', '.join(sorted(TASK_FAMILIES))}")

@@ -14,7 +14,7 @@ ops and one gather, whatever ``T``, ``N``, ``K`` and ``Q``:
 3. one advanced-indexing gather ``data[classes, examples]`` and a scale to float.
 
 All randomness comes from the ``torch.Generator`` passed to :meth:`EpisodeSampler.sample`
-(:func:`~mamlkit.tasks.base.task_generator` makes it from (seed, split, index)). Support and
+(:func:`~mamlkit.base.batch.task_generator` makes it from (seed, split, index)). Support and
 query examples are ordered by label: ``y = [0]*K + [1]*K + ...``.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.base.batch import TaskBatch
 
 
 def sample_classes(num_classes: int, num_tasks: int, n_way: int, generator: torch.Generator) -> Tensor:
@@ -62,7 +62,7 @@ def gather(data: Tensor, classes: Tensor, examples: Tensor, k_shot: int, scale: 
 
 @dataclass(frozen=True, eq=False)
 class EpisodeSampler:
-    """A :class:`~mamlkit.tasks.base.TaskDistribution` of N-way K-shot episodes over ``data``.
+    """A :class:`~mamlkit.base.batch.TaskDistribution` of N-way K-shot episodes over ``data``.
 
     Args:
         data: ``[C, M, *x_shape]``, class-indexed (any dtype; uint8 images are typical).

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mamlkit.base.errors import UserError
 from mamlkit.checkpoint import atomic_write
 from mamlkit.data import DataError, cache_root, dataset_dir
-from mamlkit.errors import UserError
 from mamlkit.tasks.episodes import EpisodeSampler
 
 CACHE_VERSION = 1

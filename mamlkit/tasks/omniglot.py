@@ -39,9 +39,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from mamlkit.base.batch import TaskBatch
+from mamlkit.base.errors import UserError
 from mamlkit.data import Omniglot, load_omniglot, resolve_root
-from mamlkit.errors import UserError
-from mamlkit.tasks.base import TaskBatch
 from mamlkit.tasks.episodes import gather, sample_classes, sample_examples
 
 SPLIT_SEED = 1

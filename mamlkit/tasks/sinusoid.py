@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.base.batch import TaskBatch
 
 
 @dataclass(frozen=True, kw_only=True)

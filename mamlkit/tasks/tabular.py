@@ -8,7 +8,7 @@ Procedure (all of it fixed and documented, so a run is reproducible from its con
 1. Read the CSV (header row first; ``,`` separated, quotes as Python's :mod:`csv`). Missing values
    are empty cells and ``NA``, ``N/A``, ``NaN``, ``nan``, ``null``, ``None``.
 2. Columns: ``--task-column`` and ``--target`` must exist; ``--features`` default to every other
-   column. A wrong name is a :class:`~mamlkit.errors.UserError` that lists the file's columns.
+   column. A wrong name is a :class:`~mamlkit.base.errors.UserError` that lists the file's columns.
 3. Split by task, never by row: every task value gets the key
    ``blake2b("mamlkit-csv-split/1/" + value)`` (8 bytes, little-endian); tasks sorted by key,
    the first ``round(f_train·n)`` are ``train``, the next ``round(f_val·n)`` ``val``, the rest
@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mamlkit.errors import UserError
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.base.batch import TaskBatch
+from mamlkit.base.errors import UserError
 
 log = logging.getLogger("mamlkit")
 
@@ -169,7 +169,7 @@ def load_csv(path: str | os.PathLike, task_column: str, target: str, features: t
              small_tasks: str = "skip") -> TabularData:
     """Read, check, split and encode a CSV (see the module docstring for every rule).
 
-    Raises :class:`~mamlkit.errors.UserError` naming the problem and the fix for every bad input.
+    Raises :class:`~mamlkit.base.errors.UserError` naming the problem and the fix for every bad input.
     """
     path = Path(path).expanduser()
     if kind not in KINDS:
@@ -424,12 +424,12 @@ def report(run_dir, learners: dict, cfg) -> str:
     target's own units."""
     import json
 
-    from mamlkit.baselines import scratch_losses
+    from mamlkit.base.metrics import mean_ci
     from mamlkit.checkpoint import atomic_write_text
-    from mamlkit.evaluate import evaluate, fmt, test_tasks
-    from mamlkit.metrics import mean_ci
+    from mamlkit.eval.baselines import scratch_losses
+    from mamlkit.eval.evaluate import evaluate, fmt, test_tasks
+    from mamlkit.eval.reports import EVAL_SEED_OFFSET
     from mamlkit.models import build_model
-    from mamlkit.reports import EVAL_SEED_OFFSET
 
     d = load_for(cfg)
     tasks = test_tasks(build(cfg, "test"), cfg.seed + EVAL_SEED_OFFSET, cfg.eval_tasks)

@@ -14,7 +14,7 @@ Meta-split by domain (fixed, :data:`DOMAIN_SPLIT`), so test intents come from do
 in meta-training: 6 train domains (90 intents), 2 val (30), 2 test (30). Within a split, intents are
 ordered as in ``domains.json`` (domains in the order of :data:`DOMAIN_SPLIT`).
 
-Encoder modes (``--encoder-mode``), see :mod:`mamlkit.encoders`:
+Encoder modes (``--encoder-mode``), see :mod:`mamlkit.data.encoders`:
 
 * ``frozen``: every utterance's all-MiniLM-L6-v2 embedding ``[384]`` is computed once and cached
   (``$MAMLKIT_CACHE/clinc150/``, safetensors; the file records the data's and the weights' sha256
@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mamlkit.base.errors import UserError
 from mamlkit.data import DataError, cache_root, dataset_dir, download
-from mamlkit.errors import UserError
 from mamlkit.tasks.episodes import EpisodeSampler
 
 URL = "https://raw.githubusercontent.com/clinc/oos-eval/master/data/"
@@ -164,7 +164,7 @@ def encoded(cfg_or_root, *, per_intent: int = PER_INTENT, mode: str = "frozen", 
     ``domains.json`` (``frozen``: embeddings ``[384]`` float32; ``finetune``: hidden states entering the
     last ``layers`` layers with the mask channel, ``[max_tokens, 385]`` float16). Built once, cached
     and verified (module docstring)."""
-    from mamlkit import encoders
+    from mamlkit.data import encoders
 
     data = load_clinc(str(cfg_or_root), trust_checksum)
     intents = [i for d in data.domains.values() for i in d]
@@ -253,12 +253,12 @@ def report(run_dir, learners: dict, cfg) -> str:
     """The meta-learner(s) and two baselines on the same ``cfg.eval_tasks`` test episodes: nearest
     centroid on the frozen embeddings, and a fresh linear head trained on the support embeddings alone.
     Query accuracy (%), mean ± 95% CI; writes ``eval.md`` and ``eval.json``."""
-    from mamlkit.baselines import prototype_accuracy, scratch_losses
+    from mamlkit.base.batch import TaskBatch, task_generator
+    from mamlkit.base.metrics import mean_ci
     from mamlkit.checkpoint import atomic_write_text
-    from mamlkit.evaluate import evaluate, fmt, test_tasks
-    from mamlkit.metrics import mean_ci
-    from mamlkit.reports import EVAL_SEED_OFFSET
-    from mamlkit.tasks.base import TaskBatch, task_generator
+    from mamlkit.eval.baselines import prototype_accuracy, scratch_losses
+    from mamlkit.eval.evaluate import evaluate, fmt, test_tasks
+    from mamlkit.eval.reports import EVAL_SEED_OFFSET
 
     seed = cfg.seed + EVAL_SEED_OFFSET
     # The baselines see the same episodes (same classes and utterances: the sampler's draws depend only on

@@ -1,14 +1,14 @@
 """Raw inputs of text and CSV-task checkpoints as model inputs, and the files `mamlkit adapt` reads for them.
 
 * Text (task ``clinc``): utterances are encoded with the checkpoint's own encoder recipe
-  (:mod:`mamlkit.encoders`): ``frozen`` gives the sentence embedding ``[384]``; ``finetune`` the hidden
+  (:mod:`mamlkit.data.encoders`): ``frozen`` gives the sentence embedding ``[384]``; ``finetune`` the hidden
   states entering the adapted layers, ``[max_tokens, 385]``, rounded through float16 exactly as the
   training cache stores them, so an utterance meets the model as it did in meta-training.
 * CSV tasks (task ``csv``): rows are encoded with the meta-train encoding stored in the checkpoint's
   model spec (``preprocess``: feature names, one-hot categories, classes, target mean and std); the
   feature standardisation itself is a layer of the model.
 
-Every problem with the input is a :class:`~mamlkit.errors.UserError` naming the file, the lines or
+Every problem with the input is a :class:`~mamlkit.base.errors.UserError` naming the file, the lines or
 columns, and the fix (the CLI exits with code 2).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
 from mamlkit.tasks.tabular import (
     MISSING,  # the same missing-value spellings as in training
     read_csv_table,
@@ -30,7 +30,7 @@ from mamlkit.tasks.tabular import (
 
 def text_spec(cfg) -> dict[str, Any]:
     """The input spec of a text checkpoint: which encoder and what the model sees (no encoder load)."""
-    from mamlkit.encoders import LAYERS, PACKAGE
+    from mamlkit.data.encoders import LAYERS, PACKAGE
 
     spec = {"type": "text", "encoder": "all-MiniLM-L6-v2", "package": PACKAGE, "mode": cfg.encoder_mode}
     if cfg.encoder_mode == "finetune":
@@ -40,7 +40,7 @@ def text_spec(cfg) -> dict[str, Any]:
 
 def encode_texts(texts: list[str], spec: dict[str, Any]) -> Tensor:
     """Utterances as the text model's inputs: ``[n, 384]`` (frozen) or ``[n, max_tokens, 385]`` (finetune)."""
-    from mamlkit import encoders
+    from mamlkit.data import encoders
 
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:

@@ -12,7 +12,7 @@ under a second) and routes ``F.max_pool2d`` and ``F.batch_norm`` to them while t
 
 Max-pool of ReLU of batch norm (Conv4's block) also runs as one fused kernel from batch norm's input
 (:class:`_BatchNormReLUMaxPool`): the mode fuses the backward when it sees the three calls in turn, and
-:mod:`mamlkit.fusion` the forward too, running the model's layers as a list (and a one-channel
+:mod:`mamlkit.exec.kernels.fusion` the forward too, running the model's layers as a list (and a one-channel
 convolution before the block as well). Its saved state is batch norm's
 input, the pooled output and a byte per window, instead of three full-size tensors and int64 indices,
 so a task's graph takes less memory as well.
@@ -133,7 +133,7 @@ void batchnorm_${SFX}(const $T* x, $T* y, const $T* weight, const $T* bias, $T* 
     /* as torch: y = x * alpha + beta with alpha = invstd * weight, beta = bias - mean * alpha */
     const $T alpha = weight ? invstd * weight[c] : invstd;
     const $T beta = (bias ? bias[c] : ($T)0) - ($T)mean * alpha;
-    for (int64_t n = 0; n < N && y; n++) {  /* y == NULL: statistics only (mamlkit.fusion) */
+    for (int64_t n = 0; n < N && y; n++) {  /* y == NULL: statistics only (mamlkit.exec.kernels.fusion) */
       const $T* r = x + (n * C + c) * HW;
       $T* o = y + (n * C + c) * HW;
       #pragma omp simd
@@ -640,7 +640,7 @@ class _BatchNormReLUMaxPool(torch.autograd.Function):
         if _kernel("bnrelupool", y.dtype)(
                 y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(), out.data_ptr(),
                 off.data_ptr(), n * c, c, h, w, *kernel, *stride, oh, ow, _threads()):
-            raise MemoryError("mamlkit.kernels: out of memory in the fused block")
+            raise MemoryError("mamlkit.exec.kernels: out of memory in the fused block")
         ctx.save_for_backward(y, weight, mean, invstd, out, off)
         ctx.eps, ctx.kernel, ctx.stride = eps, kernel, stride
         return out
@@ -661,7 +661,7 @@ class _BatchNormReLUMaxPool(torch.autograd.Function):
                 grad.data_ptr(), y.data_ptr(), out.data_ptr(), off.data_ptr(), _ptr(weight), mean.data_ptr(),
                 invstd.data_ptr(), _ptr(gy), gw.data_ptr(), gb.data_ptr(), n, c, h, w, *ctx.kernel, *ctx.stride,
                 out.shape[2], out.shape[3], _threads()):
-            raise MemoryError("mamlkit.kernels: out of memory in the fused block's backward")
+            raise MemoryError("mamlkit.exec.kernels: out of memory in the fused block's backward")
         return gy, gw if mask[1] else None, gb if need[2] else None, None, None, None, None, None
 
 
@@ -695,7 +695,7 @@ class _ConvBatchNormReLUMaxPool(torch.autograd.Function):
                 x.data_ptr(), cw.data_ptr(), _ptr(cb), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
                 _ptr(running_mean), _ptr(running_var), out.data_ptr(), off.data_ptr(), n, c, h, w, kh, kw,
                 *padding, *kernel, *stride, oh, ow, float(eps), float(momentum), _threads()):
-            raise MemoryError("mamlkit.kernels: out of memory in the fused conv block")
+            raise MemoryError("mamlkit.exec.kernels: out of memory in the fused conv block")
         ctx.save_for_backward(x, cw, cb, weight, mean, invstd, out, off)
         ctx.eps, ctx.padding, ctx.kernel, ctx.stride = eps, padding, kernel, stride
         return out
@@ -723,7 +723,7 @@ class _ConvBatchNormReLUMaxPool(torch.autograd.Function):
                 mean.data_ptr(), invstd.data_ptr(), gcw.data_ptr(), _ptr(gcb), gw.data_ptr(), gb.data_ptr(), n, c, h,
                 w, cw.shape[2], cw.shape[3], *ctx.padding, *ctx.kernel, *ctx.stride, out.shape[2], out.shape[3],
                 _threads()):
-            raise MemoryError("mamlkit.kernels: out of memory in the fused conv block's backward")
+            raise MemoryError("mamlkit.exec.kernels: out of memory in the fused conv block's backward")
         return (None, gcw if need[1] else None, gcb if need[2] else None,
                 gw if weight is not None and need[3] else None, gb if need[4] else None,
                 None, None, None, None, None, None, None)
@@ -941,7 +941,7 @@ _ACTIVE = threading.local()
 
 
 def active_mode() -> FastKernels | None:
-    """This thread's innermost :func:`fast` mode, if it is routing (for :mod:`mamlkit.fusion`)."""
+    """This thread's innermost :func:`fast` mode, if it is routing (for :mod:`mamlkit.exec.kernels.fusion`)."""
     return getattr(_ACTIVE, "mode", None)
 
 

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mamlkit.base.errors import UserError
 from mamlkit.checkpoint import atomic_write
-from mamlkit.errors import UserError
 
 ENV_VAR = "MAMLKIT_DATA"
 CACHE_ENV_VAR = "MAMLKIT_CACHE"

@@ -1,11 +1,11 @@
 """Choose the execution strategy by measuring it, and say how much memory it will take.
 
-No single strategy wins everywhere (see :mod:`mamlkit.engine` and benchmarks/RESULTS.md): vmap
+No single strategy wins everywhere (see :mod:`mamlkit.exec.strategies` and benchmarks/RESULTS.md): vmap
 wins for small models, the loop for Conv nets with many query images on the CPU, tasks on threads
 for Conv nets with little work per task on several CPU cores, a compiled
 meta-gradient for dispatch-bound MLPs in long runs. Before training, :func:`settle_strategy`
 
-1. measures the peak tensor memory of each candidate on the first batch (:mod:`mamlkit.memory`)
+1. measures the peak tensor memory of each candidate on the first batch (:mod:`mamlkit.exec.memory`)
    and prints the estimate for the whole meta-batch;
 2. under ``--memory-budget``, chunks vmap (or drops a candidate) so the estimate fits;
 3. with ``--strategy auto``, times the candidates on that batch and keeps the fastest.
@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mamlkit.engine import Strategy, _has_conv, has_dropout
-from mamlkit.errors import UserError
-from mamlkit.memory import ProbeStopped, mb, meta_backward_peak
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.base.batch import TaskBatch
+from mamlkit.base.errors import UserError
+from mamlkit.exec.memory import ProbeStopped, mb, meta_backward_peak
+from mamlkit.exec.strategies import Strategy, _has_conv, has_dropout
 
 # A compiled meta-gradient costs tens of seconds to build on a CPU; below this many iterations it
 # cannot pay that back, so ``auto`` does not try it.

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from mamlkit.algorithms import MetaLearner
-from mamlkit.metrics import mean_ci
-from mamlkit.tasks.base import TaskBatch, TaskDistribution, task_generator
+from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
+from mamlkit.base.metrics import mean_ci
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ its share, but costs the sinusoid ~30% more per step (one ``sample`` call per ta
 
 Every rank holds the meta-parameters and its own optimiser; rank 0 broadcasts the initial
 parameters and, since every rank then applies the same summed gradient, they stay equal.
-Only rank 0 logs, validates, evaluates and writes checkpoints (see :func:`mamlkit.train.fit`).
+Only rank 0 logs, validates, evaluates and writes checkpoints (see :func:`mamlkit.loop.train.fit`).
 
 Usage (one machine, 2 processes)::
 
@@ -41,8 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mamlkit.errors import UserError
-from mamlkit.tasks.base import TaskBatch, TaskDistribution, task_generator
+from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
+from mamlkit.base.errors import UserError
 
 # Set by torchrun (and torch.distributed.launch) for every worker.
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from mamlkit import plots
 from mamlkit.algorithms import MetaLearner
 from mamlkit.checkpoint import atomic_write_text
 from mamlkit.config import TrainConfig
-from mamlkit.evaluate import EvalResult, evaluate, fmt, test_tasks
+from mamlkit.eval import plots
+from mamlkit.eval.evaluate import EvalResult, evaluate, fmt, test_tasks
 from mamlkit.presets import PRESETS
 from mamlkit.tasks import get_family
 from mamlkit.tasks.sinusoid import Sinusoid

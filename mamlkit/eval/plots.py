@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from mamlkit.functional import call
-from mamlkit.tasks.base import task_generator
+from mamlkit.base.batch import task_generator
+from mamlkit.engine.functional import call
 from mamlkit.tasks.sinusoid import Sinusoid
 
 

@@ -26,9 +26,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from mamlkit import fusion
-
 Params = dict[str, Tensor]
+
+# What :func:`call` runs for a module: the module itself, unless the executor installed a view (under
+# its compiled-kernel mode, a layer list with fused blocks; see mamlkit.exec.kernels.fusion). The math
+# here does not know that a fast path exists; the executor plugs it in with :func:`set_module_view`.
+_module_view: Callable[[nn.Module], nn.Module] = lambda model: model  # noqa: E731 - replaced by set_module_view
+
+
+def set_module_view(view: Callable[[nn.Module], nn.Module]) -> None:
+    """Make :func:`call` run ``view(model)`` instead of ``model`` (same parameter and buffer names)."""
+    global _module_view
+    _module_view = view
 
 
 def named_params(model: nn.Module, adapt_filter: Callable[[str], bool] | None = None) -> Params:
@@ -48,10 +57,9 @@ def call(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
     This is the documented way to run a model with adapted parameters::
 
         fast = learner.adapt(support_x, support_y)
-        y = mamlkit.functional.call(learner.model, fast, learner.buffers(), query_x)
+        y = mamlkit.engine.functional.call(learner.model, fast, learner.buffers(), query_x)
     """
-    # fusion.fused: the model itself, or under mamlkit.kernels.fast its layer list with fused blocks
-    return torch.func.functional_call(fusion.fused(_local(model)), (dict(params), dict(buffers)), (x,),
+    return torch.func.functional_call(_module_view(_local(model)), (dict(params), dict(buffers)), (x,),
                                       strict=False)
 
 

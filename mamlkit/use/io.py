@@ -1,6 +1,6 @@
 """Reading a user's own task from disk: image folders (ImageFolder layout) and CSV files.
 
-Every problem with the input is a :class:`~mamlkit.errors.UserError` that names the file and
+Every problem with the input is a :class:`~mamlkit.base.errors.UserError` that names the file and
 the fix; the CLI turns it into exit code 2.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 

@@ -4,7 +4,7 @@ Every algorithm writes a single per-task function ``fn(sx, sy, qx, qy) -> (loss,
 This module runs it over the tasks of a batch in one of two ways, which give the same
 numbers (a test checks this to 1e-10 in float64):
 
-* ``vmap``: ``torch.vmap`` over tasks, under :class:`~mamlkit.functional.ExactNorms` so that
+* ``vmap``: ``torch.vmap`` over tasks, under :class:`~mamlkit.engine.functional.ExactNorms` so that
   normalisation layers stay exact at second order. Fastest for small models (the sinusoid
   MLP runs ~10× a Python loop on 2 CPU cores), where time goes to dispatch overhead.
 * ``loop``: a Python loop over tasks calling the same function. Often fastest for
@@ -19,9 +19,9 @@ numbers (a test checks this to 1e-10 in float64):
   meta-loss, compiled by ``torch.compile``, so no double backward is left to the eager
   autograd engine at run time. ~6× vmap on the sinusoid MLP on the CPU (dispatch-bound), at a
   one-off compile cost of tens of seconds; not a win for Conv nets on the CPU.
-* The loop and threads strategies run NCHW max-pooling and batch norm through :mod:`mamlkit.kernels`
+* The loop and threads strategies run NCHW max-pooling and batch norm through :mod:`mamlkit.exec.kernels`
   (compiled kernels; every differentiated backward is torch's; same numbers to rounding), entered per
-  thread, and a batch norm → ReLU → max-pool block as one fused kernel (:mod:`mamlkit.fusion`).
+  thread, and a batch norm → ReLU → max-pool block as one fused kernel (:mod:`mamlkit.exec.kernels.fusion`).
 * ``auto``: measured, not guessed (:func:`autotune`): the candidates run the first batch of
   training and the fastest is kept. Every candidate is exact.
 
@@ -42,11 +42,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mamlkit import functional, kernels
-from mamlkit.functional import ExactNorms
-from mamlkit.tasks.base import TaskBatch
+from mamlkit.base.batch import TaskBatch
+from mamlkit.engine import functional
+from mamlkit.engine.functional import ExactNorms
+from mamlkit.exec import kernels
+from mamlkit.exec.kernels import fusion
 
 log = logging.getLogger("mamlkit")
+
+# functional.call runs a Sequential of built-in layers as its fused layer list while a kernels mode is active
+functional.set_module_view(fusion.fused)
 
 TaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 STRATEGIES = ("auto", "vmap", "loop", "threads", "compile")
@@ -66,7 +71,7 @@ class Strategy:
     compiled: bool = False
     workers: int = 0
     auto: bool = False
-    auto_chunk: bool = field(default=False, compare=False)  # tuning: also try it in chunks (mamlkit.tuning)
+    auto_chunk: bool = field(default=False, compare=False)  # tuning: also try it in chunks (mamlkit.exec.tuning)
     # compiled meta-gradient functions, one per per-task builder (kept across iterations)
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -149,7 +154,7 @@ def _run(fn: TaskFn, batch: TaskBatch, vectorize: bool) -> tuple[Tensor, Tensor]
 
 
 def _kernel_key(fn: Callable, batch: TaskBatch) -> tuple:
-    """What decides whether :mod:`mamlkit.kernels` pays: the per-task code and the shapes it runs on."""
+    """What decides whether :mod:`mamlkit.exec.kernels` pays: the per-task code and the shapes it runs on."""
     return (getattr(fn, "__code__", None) or fn, batch.support_x.dtype, tuple(batch.support_x.shape[1:]),
             tuple(batch.query_x.shape[1:]))
 
@@ -261,7 +266,7 @@ def _map_threaded(task: Callable, batch: TaskBatch, workers: int, grad_enabled: 
                   ) -> Iterator:
     """``task(sx, sy, qx, qy)`` on every task of ``batch`` on ``workers`` threads, yielded in task order
     (so that whatever the threads' timing, results are combined in the loop's order). ``kernel_key``:
-    the per-task code and shapes, for :func:`mamlkit.kernels.fast`."""
+    the per-task code and shapes, for :func:`mamlkit.exec.kernels.fast`."""
     job = _in_worker(lambda t: task(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0]), grad_enabled,
                      kernel_key)
     with _single_threaded_caller():

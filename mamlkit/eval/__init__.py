@@ -1,0 +1,1 @@
+"""Eval: fixed test tasks, means with 95% confidence intervals, baselines, reports and figures."""

@@ -1,0 +1,160 @@
+"""The house: which part each module belongs to, the imports between parts that must never exist, and no
+import cycles (docs/DEVELOPING.md). Read from the source with ``ast``, so imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mamlkit"
+
+# module prefix -> part (the longest matching prefix wins)
+PARTS = {
+    "mamlkit.cli": "Face", "mamlkit.__main__": "Face", "mamlkit.adapt_cli": "Face",
+    "mamlkit.use": "Use",
+    "mamlkit.config": "Config", "mamlkit.presets": "Config",
+    "mamlkit.loop": "Loop", "mamlkit.loop.distributed": "Dist",
+    "mamlkit.eval": "Eval",
+    "mamlkit.algorithms": "Algorithms",
+    "mamlkit.exec": "Exec", "mamlkit.exec.kernels": "Kernels",
+    "mamlkit.engine": "Engine",
+    "mamlkit.tasks": "Tasks",
+    "mamlkit.data": "Data",
+    "mamlkit.models": "Models",
+    "mamlkit.checkpoint": "Store",
+    "mamlkit.base": "Base",
+    "mamlkit.rl": "RL",
+}
+
+# (from, to): why (../shared/design/architecture.md, as kept in docs/DEVELOPING.md)
+NEVER = {
+    ("Engine", "Exec"): "the math does not know how it is batched",
+    ("Engine", "Tasks"): "the math sees tensors, not datasets",
+    ("Engine", "Algorithms"): "pieces do not know the recipes built from them",
+    ("Engine", "Kernels"): "the executor installs the fast path, not functional.call",
+    ("Kernels", "Engine"): "kernels are a leaf: tensors in, tensors out",
+    ("Exec", "Algorithms"): "the executor runs per-task fns; it knows no algorithm",
+    ("Exec", "Tasks"): "the executor sees TaskBatch (Base), not families",
+    ("Exec", "Loop"): "the executor is driven, it does not drive",
+    ("Algorithms", "Loop"): "an algorithm does not know how it is trained",
+    ("Algorithms", "Eval"): "an algorithm does not know how it is reported",
+    ("Algorithms", "Face"): "no printing from algorithms",
+    ("Algorithms", "Tasks"): "an algorithm sees TaskBatch (Base), not families",
+    ("Tasks", "Algorithms"): "data knows no learning rule",
+    ("Tasks", "Engine"): "data knows no learning rule",
+    ("Tasks", "Eval"): "a family declares its report; Eval writes it",
+    ("Tasks", "Loop"): "data knows no trainer",
+    ("Models", "Engine"): "models stay plain nn.Modules",
+    ("Models", "Tasks"): "models stay plain nn.Modules",
+    ("Data", "Tasks"): "files on disk know no episodes",
+    ("Loop", "Face"): "the loop reports through logs, not the CLI",
+    ("Loop", "Eval"): "training does not write the final report",
+    ("Eval", "Loop"): "evaluation does not train",
+    ("Use", "Loop"): "loading for inference does not go through the trainer",
+    ("Use", "Face"): "the library API knows no argparse",
+    ("Dist", "Loop"): "collectives are driven by the loop",
+    ("RL", "Face"): "rl plugs into the CLI; flag helpers live in Config",
+    ("RL", "Loop"): "RL has its own trainer; shared helpers live below",
+    ("Config", "Loop"): "configs are data",
+    ("Face", "Kernels"): "switches travel in TrainConfig to Exec",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def part_of(module: str) -> str | None:
+    best = max((p for p in PARTS if module == p or module.startswith(p + ".")), key=len, default=None)
+    return PARTS[best] if best else None
+
+
+def imports_of(path: Path) -> set[str]:
+    """The mamlkit modules ``path`` imports (``from mamlkit import x`` names the module mamlkit.x)."""
+    out: set[str] = set()
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "mamlkit"}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import: resolve against the importing package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] != "mamlkit":
+                continue
+            for alias in node.names:  # `from pkg import module` imports the module, not only the package
+                candidate = f"{base}.{alias.name}"
+                out.add(candidate if _is_module(candidate) else base)
+    return out
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PACKAGE / rel).with_suffix(".py").exists() or (PACKAGE / rel / "__init__.py").exists()
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_has_a_part():
+    unplaced = [m for m in graph() if m != "mamlkit" and part_of(m) is None]
+    assert not unplaced, f"modules outside every part (add them to PARTS and docs/DEVELOPING.md): {unplaced}"
+
+
+def test_no_forbidden_import():
+    bad = []
+    for module, targets in graph().items():
+        src = part_of(module)
+        for target in sorted(targets):
+            dst = part_of(target)
+            if src == "Base" and dst not in (None, "Base"):
+                bad.append(f"{module} -> {target}: Base imports nothing of the house")
+            elif (src, dst) in NEVER:
+                bad.append(f"{module} -> {target}: {src} -> {dst} ({NEVER[src, dst]})")
+    assert not bad, "imports the design forbids:\n" + "\n".join(bad)
+
+
+def test_no_import_cycle():
+    """No module reaches itself through imports. A package's ``__init__`` importing its own modules to
+    register them is not an edge (they import the package's registry back by design)."""
+    g = {m: {t for t in ts if t != m and not (t.startswith(m + ".") and _is_package(m))} for m, ts in graph().items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(g.get(m, ())):
+            if state.get(t) == 1:
+                cycles.append(stack[stack.index(t):] + [t])
+            elif t in g and not state.get(t):
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(g):
+        if not state.get(m):
+            visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def _is_package(name: str) -> bool:
+    return (PACKAGE / Path(*name.split(".")[1:]) / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("module,target,expected", [
+    ("mamlkit.engine.functional", "mamlkit.exec.kernels", True),
+    ("mamlkit.exec.strategies", "mamlkit.engine.functional", False),
+    ("mamlkit.base.batch", "mamlkit.tasks", True),
+])
+def test_the_check_itself(module, target, expected):
+    """The rules catch what they are meant to (so that the tests above cannot pass vacuously)."""
+    src, dst = part_of(module), part_of(target)
+    forbidden = (src == "Base" and dst != "Base") or (src, dst) in NEVER
+    assert forbidden is expected
