@@ -118,7 +118,7 @@ def test_missing_data_exit_2_with_download_hint(cli, tmp_path):
                        "--no-tensorboard", "--no-progress")
     assert code == 2 and "CLINC150 is not in" in err and text.URL + "data_full.json" in err
     assert "--data-root" in err and "MAMLKIT_DATA" in err and "`mamlkit data clinc150" in err
-    assert "shared" not in err
+    assert "../shared" not in err
 
 
 # --------------------------------------------------------------------------------------
