@@ -6,21 +6,51 @@
 >>> loss.backward()
 """
 
+from __future__ import annotations
+
 import importlib
 import importlib.abc
 import importlib.util
 import sys
-
-from mamlkit.algorithms import ALGORITHMS, MetaLearner, build_learner
-from mamlkit.algorithms.maml import MAML
-from mamlkit.base.errors import UserError
-from mamlkit.config import ConfigError, TrainConfig
-from mamlkit.engine import functional
-from mamlkit.presets import PRESETS, preset_config
-from mamlkit.tasks import TaskBatch
-from mamlkit.use.api import load
+import typing
 
 __version__ = "0.1.0"
+
+# The public names and the modules that define them. They are imported on first use, so that the
+# command line (`mamlkit --help`, `mamlkit presets`) answers without importing torch.
+_PUBLIC = {"MAML": "mamlkit.algorithms.maml", "load": "mamlkit.use.api", "MetaLearner": "mamlkit.algorithms",
+           "ALGORITHMS": "mamlkit.algorithms", "build_learner": "mamlkit.algorithms", "TaskBatch": "mamlkit.tasks",
+           "TrainConfig": "mamlkit.config", "ConfigError": "mamlkit.config", "UserError": "mamlkit.base.errors",
+           "PRESETS": "mamlkit.presets", "preset_config": "mamlkit.presets"}
+
+if typing.TYPE_CHECKING:
+    from mamlkit.algorithms import ALGORITHMS, MetaLearner, build_learner
+    from mamlkit.algorithms.maml import MAML
+    from mamlkit.base.errors import UserError
+    from mamlkit.config import ConfigError, TrainConfig
+    from mamlkit.engine import functional
+    from mamlkit.presets import PRESETS, preset_config
+    from mamlkit.tasks import TaskBatch
+    from mamlkit.use.api import load
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif name == "functional":
+        value = importlib.import_module("mamlkit.engine.functional")
+    else:
+        raise AttributeError(f"module 'mamlkit' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = ["MAML", "load", "MetaLearner", "ALGORITHMS", "build_learner", "TaskBatch", "TrainConfig", "ConfigError",
+           "UserError", "PRESETS", "preset_config", "functional", "__version__"]
 
 # Modules that lived at the top of the package before it was arranged in parts (engine/, exec/, eval/, ...).
 # ``import mamlkit.functional`` and ``from mamlkit.inner import adapt_path`` keep working: the old name is the
@@ -54,6 +84,3 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 sys.meta_path.append(_MovedModules())
-
-__all__ = ["MAML", "load", "MetaLearner", "ALGORITHMS", "build_learner", "TaskBatch", "TrainConfig", "ConfigError",
-           "UserError", "PRESETS", "preset_config", "functional", "__version__"]

@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"mamlkit: note: {len(names)} classes, the model's head has {learner.n_way} outputs; "
                   f"using the first {len(names)}", file=sys.stderr)
         task_model = learner.adapt(sx, sy, args.steps, reset_head=args.reset_head, class_names=names)
+        _summary(learner, args, f"{len(sy)} support images", names, len(files))
         pred = task_model.predict(qx)
         rows = [{"file": str(f), "prediction": names[int(label)],
                  **{f"p[{n}]": round(float(p), 6) for n, p in zip(names, probs)}}
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         sx, sy = mio.load_regression_csv(args.support, in_features, with_target=True)
         qx, _ = mio.load_regression_csv(args.query[0], in_features, with_target=False)
         task_model = learner.adapt(sx, sy, args.steps)
+        _summary(learner, args, f"{len(sy)} support points", None, len(qx))
         values = task_model.predict(qx).values
         rows = [{**{f"x{i}": float(v) for i, v in enumerate(x)}, "prediction": float(y.reshape(-1)[0])}
                 for x, y in zip(qx, values)]
@@ -125,6 +127,7 @@ def _adapt_text(learner, args: argparse.Namespace) -> list[dict]:
         raise UserError("a text checkpoint takes one query file (a text file, one utterance per line, or a CSV)")
     qtexts, qrows = inputs.read_text_query(args.query[0], args.text_column)
     task_model = learner.adapt(texts, labels, args.steps, reset_head=args.reset_head, class_names=names)
+    _summary(learner, args, f"{len(texts)} support utterances", names, len(qtexts))
     pred = task_model.predict(qtexts)
     ids = _ids(args, qrows)
     return [{"row": i, **ids[i], "text": t, "prediction": names[int(label)],
@@ -151,6 +154,8 @@ def _adapt_table(learner, args: argparse.Namespace) -> list[dict]:
     _, qrows, qlines = inputs.read_csv_rows(args.query[0])
     qx = inputs.encode_rows(qrows, learner.model_spec, fill=fill, where=str(args.query[0]), lines=qlines)
     task_model = learner.adapt(sx, targets, args.steps, reset_head=args.reset_head)  # targets in their units
+    classes = sorted({str(t) for t in targets}) if pre["kind"] == "classification" else None
+    _summary(learner, args, f"{len(targets)} support rows", classes, len(qrows))
     pred = task_model.predict(qx)
     ids = _ids(args, qrows)
     if pre["kind"] == "classification":
@@ -158,6 +163,27 @@ def _adapt_table(learner, args: argparse.Namespace) -> list[dict]:
                  **{f"p[{n}]": round(float(p), 6) for n, p in zip(pre["classes"], probs)}}
                 for i, (label, probs) in enumerate(zip(pred.labels, pred.probs))]
     return [{"row": i, **ids[i], "prediction": float(v.reshape(-1)[0])} for i, v in enumerate(pred.values)]
+
+
+def _summary(learner, args: argparse.Namespace, support: str, classes: list[str] | None, queries: int) -> None:
+    """One line on stderr saying what the adaptation did: steps, rate, support size and classes."""
+    cfg = learner.cfg
+    steps = args.steps if args.steps is not None else getattr(learner.meta, "test_inner_steps", cfg.eval_inner_steps)
+    if cfg.algo == "metasgd":
+        rate = "learned per-parameter rates"
+    elif cfg.algo == "mamlpp" and cfg.lslr:
+        rate = "learned per-layer, per-step rates"
+    elif cfg.algo == "reptile":
+        rate = f"{cfg.reptile_inner_optimizer} rate {cfg.reptile_inner_lr:g}"
+    else:
+        rate = f"rate {cfg.inner_lr:g}"
+    shown = "" if classes is None else f" of {len(classes)} classes ({_listed(classes)})"
+    print(f"mamlkit: adapted {args.checkpoint} ({cfg.algo}): {steps} step{'s' * (steps != 1)} at {rate} on "
+          f"{support}{shown}; predicting {queries} quer{'ies' if queries != 1 else 'y'}", file=sys.stderr)
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
 
 
 def _ids(args: argparse.Namespace, rows: list[dict]) -> list[dict]:

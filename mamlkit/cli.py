@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -34,12 +35,20 @@ def _optional_int(text: str) -> int | None:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainConfig,
-                     title: str = "config fields (override the preset and --config)", skip: tuple[str, ...] = ()
-                     ) -> None:
+                     title: str = "config fields (override the preset and --config)", skip: tuple[str, ...] = (),
+                     values: object | None = None, values_from: str = "default") -> None:
     """One flag per field of the config dataclass ``cls`` (but ``skip``); unset flags stay out of the
-    namespace, so only what the user typed overrides the preset or YAML file."""
-    group = parser.add_argument_group(title)
-    defaults = cls()
+    namespace, so only what the user typed overrides the preset or YAML file.
+
+    Fields with ``group``/``help`` metadata (:func:`mamlkit.config.flag`) get their line of help under
+    their group, in :data:`mamlkit.config.GROUPS` order. Each help ends with the field's value in
+    ``values`` (default: ``cls()``), labelled ``values_from`` (a preset's name shows the preset's values).
+    """
+    values = cls() if values is None else values
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    groups = {g: parser.add_argument_group(g) for g in config.GROUPS
+              if any(m.get("group") == g for m in meta.values())}
+    fallback = None
     for name, typ in typing.get_type_hints(cls).items():
         if name in skip:
             continue
@@ -49,30 +58,61 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainCo
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
-            kw |= {"nargs": "+", "type": args[0]}
+            kw |= {"nargs": "+", "type": args[0], "metavar": METAVARS.get(args[0], "V")}
         elif type(None) in args:
-            kw |= {"type": _optional_int, "metavar": "INT|none"}
+            kw |= {"type": _optional_int, "metavar": "N|none"}
         else:
-            kw["type"] = typ
-        group.add_argument(flag, help=f"default {getattr(defaults, name)!r}", **kw)
+            kw |= {"type": typ, "metavar": METAVARS.get(typ, "V")}
+        value = getattr(values, name)
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+        if meta[name].get("group") in groups:
+            group = groups[meta[name]["group"]]
+            text = f"{meta[name]['help']} [{values_from}: {shown}]"
+        else:
+            fallback = fallback or parser.add_argument_group(title)
+            group, text = fallback, f"{values_from} {shown}"
+        group.add_argument(flag, help=text.replace("%", "%%"), **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+METAVARS = {int: "N", float: "X", str: "S"}
+
+
+def _help_preset(argv: list[str]) -> str | None:
+    """The preset named in ``mamlkit train PRESET --help``, whose values the help then shows."""
+    if len(argv) < 2 or argv[0] != "train" or not {"-h", "--help"} & set(argv):
+        return None
+    return next((a for a in argv[1:] if a in PRESETS), None)
+
+
+def build_parser(help_preset: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``help_preset`` makes `train --help` show that preset's values instead of the defaults."""
     parser = argparse.ArgumentParser(prog="mamlkit", description="Exact, fast gradient-based meta-learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the engine's choices")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="meta-train from a preset", description="Meta-train from a preset. "
-                           "Presets: " + ", ".join(sorted(PRESETS)))
+    shown = f"The values in brackets are preset {help_preset}'s." if help_preset else (
+        "The values in brackets are the defaults; `mamlkit train PRESET --help` shows a preset's.")
+    train = sub.add_parser("train", help="meta-train from a preset",
+                           usage="mamlkit train [PRESET] [--config FILE] [--resume RUN] [--FIELD VALUE ...]",
+                           formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30),
+                           description="Meta-train from a preset. "
+                           "Presets: " + ", ".join(sorted(PRESETS)) + ". Every config field is a flag, and a key "
+                           "of the --config file. " + shown)
     train.add_argument("preset_name", nargs="?", metavar="PRESET", help="preset name (see `mamlkit presets`)")
     train.add_argument("--config", help="YAML file of config overrides")
     train.add_argument("--resume", metavar="RUN", help="continue the run in this folder or checkpoint")
-    add_config_flags(train)
+    if help_preset:
+        add_config_flags(train, values=preset_config(help_preset), values_from=help_preset)
+    else:
+        add_config_flags(train)
 
     ev = sub.add_parser("eval", help="evaluate a run or checkpoint on fixed test tasks")
     ev.add_argument("run", help="run folder or checkpoint file")
     ev.add_argument("--baseline", help="run folder of a baseline to compare (default: RUN/pretrained if present)")
     ev.add_argument("--eval-tasks", type=int, help="number of test tasks (default: the run's, 600)")
+    ev.add_argument("--out", metavar="DIR", help="write eval.md, eval.json and figures into DIR (default: RUN's "
+                    "folder)")
+    ev.add_argument("--overwrite", action="store_true", help="replace the report files already there")
 
     from mamlkit import adapt_cli
 
@@ -120,8 +160,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # under torchrun every rank trains; rank 0 alone evaluates and reports
     print()
     print(reports.report(trainer.run_dir, learners, cfg))
-    print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, config.json, metrics.jsonl, eval.md, figures)")
+    print(f"run folder: {trainer.run_dir} ({_written(trainer.run_dir)})")
     return 0
+
+
+def _written(folder: Path) -> str:
+    """The run's main files that exist, in a fixed order (only what was written is named)."""
+    from mamlkit.eval.reports import REPORT_FILES
+
+    names = ("checkpoint.safetensors", "config.json", "metrics.jsonl", "metrics.csv", "tensorboard", *REPORT_FILES)
+    return ", ".join(n + "/" * (folder / n).is_dir() for n in names if (folder / n).exists())
 
 
 def _baseline(trainer):
@@ -145,13 +193,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mamlkit.loop import train
 
     main = train.load_trainer(args.run)
+    out = Path(args.out) if args.out else main.run_dir
+    existing = [n for n in reports.REPORT_FILES if (out / n).exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them, or "
+                        "--out DIR to write this evaluation elsewhere")
     kernels.set_enabled(main.cfg.fast_kernels)
     cfg = main.cfg if args.eval_tasks is None else main.cfg.replace(eval_tasks=args.eval_tasks)
     learners = {main.learner.name: main.learner}
     baseline = Path(args.baseline) if args.baseline else main.run_dir / "pretrained"
     if args.baseline or (baseline / "checkpoint.safetensors").exists():
         learners["pretrain"] = train.load_trainer(baseline).learner
-    print(reports.report(main.run_dir, learners, cfg))
+    print(reports.report(out, learners, cfg))
+    print(f"report: {out} ({', '.join(n for n in reports.REPORT_FILES if (out / n).exists())})")
     return 0
 
 
@@ -232,7 +286,8 @@ def _torchrun_session(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_help_preset(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

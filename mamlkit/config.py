@@ -19,101 +19,123 @@ class ConfigError(UserError, ValueError):
     """A user's configuration mistake; the CLI prints it and exits with code 2."""
 
 
+# The groups of `mamlkit train --help`, in order. Each field carries its group and its one line of help
+# (dataclass field metadata), so the flags, their help and the config are one list.
+TASK, MODEL, INNER, OUTER, EXECUTION, LOGGING = GROUPS = (
+    "task and data", "model", "inner loop", "outer loop", "execution", "logging, checkpoints and evaluation")
+
+
+def flag(default: Any, group: str, help: str) -> Any:
+    """A config field with its CLI group and help line (``dataclasses.field`` metadata)."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown help group {group!r}; the groups are {', '.join(GROUPS)}")
+    return dataclasses.field(default=default, metadata={"group": group, "help": help})
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything that defines a run. Defaults are the paper's sinusoid setting (Finn et al. 2017)."""
 
     # what to learn
-    task: str = "sinusoid"            # task family: sinusoid, omniglot, ...
-    algo: str = "maml"                # algorithm, see `mamlkit algos`
-    loss: str = "mse"                 # mse | cross_entropy
-    model: str = "mlp"                # model architecture from mamlkit.models
-    hidden_sizes: tuple[int, ...] = (40, 40)  # MLP hidden widths
-    filters: int = 64                 # Conv4 channels per layer (paper: 64 Omniglot, 32 mini-ImageNet)
-    pool: bool = False                # Conv4: stride-1 convs + 2x2 max-pool (mini-ImageNet) vs stride-2 convs
-    image_size: int = 28              # image side after preprocessing (Omniglot 28, mini-ImageNet 84)
-    bn_mode: str = "transductive"     # transductive: query batch stats (paper) | support: support set's only
+    task: str = flag("sinusoid", TASK, "task family: sinusoid, omniglot, miniimagenet, clinc, csv")
+    algo: str = flag("maml", OUTER, "meta-learning algorithm: maml, fomaml, anil, metasgd, mamlpp, reptile, imaml, "
+                     "pretrain (`mamlkit algos`)")
+    loss: str = flag("mse", TASK, "task loss: mse (regression) | cross_entropy (classification)")
+    model: str = flag("mlp", MODEL, "architecture: mlp | conv4 | tabular_mlp | minilm_head (mamlkit.models)")
+    hidden_sizes: tuple[int, ...] = flag((40, 40), MODEL, "MLP hidden layer widths")
+    filters: int = flag(64, MODEL, "Conv4 channels per layer (paper: 64 Omniglot, 32 mini-ImageNet)")
+    pool: bool = flag(False, MODEL, "Conv4 with stride-1 convs and 2x2 max-pool (mini-ImageNet) instead of "
+                      "stride-2 convs")
+    image_size: int = flag(28, MODEL, "image side after preprocessing (Omniglot 28, mini-ImageNet 84)")
+    bn_mode: str = flag("transductive", MODEL, "batch norm statistics: transductive (query batch, the paper's) | "
+                        "support (support set only)")
     # episodes
-    n_way: int = 5                    # classes per task (classification)
-    k_shot: int = 10                  # support examples per class (per task for regression)
-    k_query: int = 10                 # query examples per class (per task for regression)
+    n_way: int = flag(5, TASK, "classes per task (classification)")
+    k_shot: int = flag(10, TASK, "support examples per class (per task for regression)")
+    k_query: int = flag(10, TASK, "query examples per class (per task for regression)")
     # inner loop
-    inner_lr: float = 0.01            # α
-    inner_steps: int = 1              # K during meta-training
-    test_inner_steps: int | None = None  # K at evaluation/adapt (None: inner_steps)
-    first_order: bool = False         # FOMAML
+    inner_lr: float = flag(0.01, INNER, "α, the inner SGD step size")
+    inner_steps: int = flag(1, INNER, "K, inner steps per task during meta-training")
+    test_inner_steps: int | None = flag(None, INNER, "inner steps at evaluation and adapt (none: inner_steps)")
+    first_order: bool = flag(False, INNER, "drop second-order terms of the meta-gradient (FOMAML)")
     # outer loop
-    meta_batch: int = 25              # tasks per meta-iteration
-    meta_lr: float = 1e-3             # β (Adam)
-    iterations: int = 70_000
+    meta_batch: int = flag(25, OUTER, "tasks per meta-iteration")
+    meta_lr: float = flag(1e-3, OUTER, "β, the meta step size (Adam by default)")
+    iterations: int = flag(70_000, OUTER, "meta-iterations (outer steps) to train for")
     # execution
-    strategy: str = "auto"            # auto (measured on the first batch) | vmap | loop | threads | compile
-    chunk_size: int = 0               # tasks per backward chunk (0: whole batch for vmap)
-    memory_budget: float = 0.0        # MB of tensors a meta-iteration may hold; chunks vmap to fit (0: no limit)
-    checkpoint_inner: bool = False    # recompute inner steps in the meta-gradient: memory flat in inner_steps
-    device: str = "cpu"
-    dtype: str = "float32"            # float32 | float64
-    threads: int = 0                  # torch threads (0: torch's default)
-    tune_malloc: bool = True          # glibc keeps freed memory for reuse: fewer page faults, ~+10% RSS
-    fast_kernels: bool = True         # compiled CPU forward kernels for NCHW max-pool and batch norm (kernels.py)
-    backend: str = "auto"             # torchrun backend: auto (nccl on CUDA, else gloo) | gloo | nccl
-    dist_timeout: int = 600           # seconds a collective waits for the other ranks before the job fails
-    seed: int = 0
+    strategy: str = flag("auto", EXECUTION, "how tasks are batched: auto (measured on the first batch) | vmap | loop | "
+                         "threads | compile")
+    chunk_size: int = flag(0, EXECUTION, "tasks per backward chunk (0: the whole batch for vmap)")
+    memory_budget: float = flag(0.0, EXECUTION, "MB of tensors a meta-iteration may hold; vmap runs in chunks that "
+                                "fit (0: no limit)")
+    checkpoint_inner: bool = flag(False, EXECUTION, "recompute inner steps in the backward: memory flat in "
+                                  "inner_steps, more time")
+    device: str = flag("cpu", EXECUTION, "torch device: cpu, cuda, cuda:1, ...")
+    dtype: str = flag("float32", EXECUTION, "float32 | float64")
+    threads: int = flag(0, EXECUTION, "torch threads (0: torch's default)")
+    tune_malloc: bool = flag(True, EXECUTION, "let glibc keep freed memory for reuse: fewer page faults, ~+10% RSS")
+    fast_kernels: bool = flag(True, EXECUTION, "compiled CPU kernels for NCHW max-pool and batch norm")
+    backend: str = flag("auto", EXECUTION, "torchrun backend: auto (nccl on CUDA, else gloo) | gloo | nccl")
+    dist_timeout: int = flag(600, EXECUTION, "seconds a collective waits for the other ranks before the job fails")
+    seed: int = flag(0, TASK, "seed of every random choice: task k depends only on (seed, split, k)")
     # data
-    data_root: str = ""               # dataset folder ('' : --data-root, $MAMLKIT_DATA, or the cache)
-    trust_checksum: bool = False      # use data files whose checksum matches no known version
-    split: str = "paper"              # Omniglot characters: paper (1100/100/423) | background (official)
-    rotations: str = "per_task"       # Omniglot rotation classes: per_task | expand | none
-    # tasks from a CSV (task csv, issue 9): a task per distinct value of task_column
-    path: str = ""                    # the CSV file
-    task_column: str = ""             # column whose values name the tasks (patient, asset, site)
-    target: str = ""                  # column to predict
-    features: tuple[str, ...] = ()    # feature columns (empty: every other column)
-    kind: str = "regression"          # csv: regression (mse) | classification (cross_entropy); sets the loss
-    fill: str = "none"                # missing values: none (error naming rows) | drop | mean (meta-train mean)
-    max_categories: int = 20          # one-hot cap for a categorical column (more: an error naming it)
-    task_split: tuple[float, ...] = (0.7, 0.15, 0.15)  # fractions of tasks for train / val / test
-    small_tasks: str = "skip"         # tasks with < k_shot + k_query rows: skip (counted) | error
-    # few-shot text (task clinc, issue 9)
-    encoder_mode: str = "frozen"      # frozen: cached sentence embeddings + adapted head | finetune: last layers too
-    finetune_layers: int = 1          # encoder_mode finetune: how many of the last encoder layers adapt
-    finetune_rate_scale: float = 1.0  # encoder_mode finetune: layers held as W/c: inner rate α·c², meta rate ~c·β
-    text_max_tokens: int = 24         # encoder_mode finetune: tokens kept per utterance (CLINC: 99% have <= 21)
-    text_per_intent: int = 100        # CLINC utterances per intent: the first N of its 100 train utterances
+    data_root: str = flag("", TASK, "data folder (empty: $MAMLKIT_DATA, else ~/.cache/mamlkit)")
+    trust_checksum: bool = flag(False, TASK, "use data files whose checksum matches no known version")
+    split: str = flag("paper", TASK, "Omniglot characters: paper (1100/100/423) | background (official)")
+    rotations: str = flag("per_task", TASK, "Omniglot rotation classes: per_task | expand | none")
+    # tasks from a CSV: a task per distinct value of task_column
+    path: str = flag("", TASK, "csv: the CSV file")
+    task_column: str = flag("", TASK, "csv: column whose values name the tasks (patient, asset, site)")
+    target: str = flag("", TASK, "csv: column to predict")
+    features: tuple[str, ...] = flag((), TASK, "csv: feature columns (none given: every other column)")
+    kind: str = flag("regression", TASK, "csv: regression (mse) | classification (cross_entropy); sets the loss")
+    fill: str = flag("none", TASK, "csv: missing values: none (error naming rows) | drop | mean (meta-train mean)")
+    max_categories: int = flag(20, TASK, "csv: one-hot cap for a categorical column (more: an error naming it)")
+    task_split: tuple[float, ...] = flag((0.7, 0.15, 0.15), TASK, "csv: fractions of tasks for train val test")
+    small_tasks: str = flag("skip", TASK, "csv: tasks with < k_shot + k_query rows: skip (counted) | error")
+    # few-shot text (task clinc)
+    encoder_mode: str = flag("frozen", MODEL, "clinc: frozen (cached sentence embeddings, adapted head) | finetune "
+                             "(the last encoder layers adapt too)")
+    finetune_layers: int = flag(1, MODEL, "clinc finetune: how many of the last encoder layers adapt")
+    finetune_rate_scale: float = flag(1.0, MODEL, "clinc finetune: layers held as W/c, so inner rate α·c² and meta "
+                                      "rate ~c·β")
+    text_max_tokens: int = flag(24, MODEL, "clinc finetune: tokens kept per utterance (CLINC: 99% have <= 21)")
+    text_per_intent: int = flag(100, TASK, "clinc: the first N of each intent's 100 train utterances")
     # logging, validation, checkpoints
-    out_dir: str = "runs"
-    run_name: str = ""                # '' : <preset or task>-<algo>
-    log_every: int = 100
-    val_every: int = 2_000
-    val_tasks: int = 100
-    checkpoint_every: int = 5_000
-    progress: bool = True
-    tensorboard: bool = True
+    out_dir: str = flag("runs", LOGGING, "folder that receives the run folder")
+    run_name: str = flag("", LOGGING, "the run folder's name (empty: <preset or task>-<algo>)")
+    log_every: int = flag(100, LOGGING, "log the training loss every N iterations")
+    val_every: int = flag(2_000, LOGGING, "validate on val_tasks held-out tasks every N iterations")
+    val_tasks: int = flag(100, LOGGING, "tasks per validation (0: no validation)")
+    checkpoint_every: int = flag(5_000, LOGGING, "write a checkpoint every N iterations (and at the end)")
+    progress: bool = flag(True, LOGGING, "show a progress bar with the live loss")
+    tensorboard: bool = flag(True, LOGGING, "also write TensorBoard logs (needs `pip install tensorboard`)")
     # final evaluation
-    eval_tasks: int = 600
-    eval_steps: tuple[int, ...] = (0, 1, 5, 10)
-    eval_shots: tuple[int, ...] = (5, 10, 20)   # regression: K values evaluated
-    eval_query: int = 100             # regression: query points per evaluation task
-    compare_pretrained: bool = True   # also train the pretrained baseline and compare
-    preset: str = ""                  # the preset this config started from (informational)
-    # MAML family (issue 5). Outer meta-rate schedule, applied by the trainer every iteration:
-    meta_optimizer: str = "adam"      # adam | sgd (Reptile's outer step θ ← θ + ε(φ̄ − θ) is SGD at ε)
-    meta_lr_schedule: str = "constant"  # constant | cosine (MAML++) | linear (Reptile), to min_meta_lr
-    min_meta_lr: float = 0.0          # the schedule's final meta rate
+    eval_tasks: int = flag(600, LOGGING, "fixed test tasks of the final evaluation")
+    eval_steps: tuple[int, ...] = flag((0, 1, 5, 10), LOGGING, "inner steps at which the evaluation reports")
+    eval_shots: tuple[int, ...] = flag((5, 10, 20), LOGGING, "regression: support sizes K evaluated")
+    eval_query: int = flag(100, LOGGING, "regression: query points per evaluation task")
+    compare_pretrained: bool = flag(True, LOGGING, "also train the pretrained baseline and compare it")
+    preset: str = flag("", TASK, "the preset this config started from (informational)")
+    # MAML family. Outer meta-rate schedule, applied by the trainer every iteration:
+    meta_optimizer: str = flag("adam", OUTER, "adam | sgd (Reptile's outer step θ ← θ + ε(φ̄ − θ) is SGD at ε)")
+    meta_lr_schedule: str = flag("constant", OUTER, "meta rate schedule to min_meta_lr: constant | cosine (MAML++) | "
+                                 "linear (Reptile)")
+    min_meta_lr: float = flag(0.0, OUTER, "the schedule's final meta rate")
     # MAML++ (--algo mamlpp, Antoniou et al. 2019); each part can be switched off
-    msl: bool = True                  # multi-step loss with annealed per-step weights
-    msl_epochs: int = 10              # epochs over which the MSL weights anneal to the last step
-    lslr: bool = True                 # learned per-layer, per-step inner rates
-    per_step_bn: bool = True          # per-step batch-norm weights and biases
-    first_order_epochs: int = 0       # derivative-order annealing: first order for these epochs
-    epoch_iterations: int = 500       # iterations per "epoch" of the MAML++ schedules (paper: 500)
+    msl: bool = flag(True, OUTER, "mamlpp: multi-step loss with annealed per-step weights")
+    msl_epochs: int = flag(10, OUTER, "mamlpp: epochs over which the MSL weights anneal to the last step")
+    lslr: bool = flag(True, INNER, "mamlpp: learned per-layer, per-step inner rates")
+    per_step_bn: bool = flag(True, INNER, "mamlpp: per-step batch-norm weights and biases")
+    first_order_epochs: int = flag(0, OUTER, "mamlpp: first-order meta-gradient for these first epochs")
+    epoch_iterations: int = flag(500, OUTER, "mamlpp: iterations per epoch of its schedules (paper: 500)")
     # Reptile (--algo reptile, Nichol et al. 2018): its own inner optimiser
-    reptile_inner_optimizer: str = "sgd"  # sgd | adam (paper: Adam with beta1 = 0)
-    reptile_inner_lr: float = 0.02
-    reptile_inner_steps: int = 5
+    reptile_inner_optimizer: str = flag("sgd", INNER, "reptile: inner optimiser sgd | adam (paper: Adam, beta1 = 0)")
+    reptile_inner_lr: float = flag(0.02, INNER, "reptile: inner step size")
+    reptile_inner_steps: int = flag(5, INNER, "reptile: inner steps per task")
     # iMAML (--algo imaml, Rajeswaran et al. 2019); inner SGD uses inner_lr and inner_steps
-    imaml_lambda: float = 1.0         # λ, strength of the proximal term
-    cg_steps: int = 5                 # conjugate-gradient iterations for the implicit gradient
+    imaml_lambda: float = flag(1.0, INNER, "imaml: λ, strength of the proximal term")
+    cg_steps: int = flag(5, OUTER, "imaml: conjugate-gradient iterations for the implicit meta-gradient")
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -270,4 +292,4 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["TrainConfig", "ConfigError", "from_dict", "load_yaml"]
+__all__ = ["TrainConfig", "ConfigError", "from_dict", "load_yaml", "flag", "GROUPS"]

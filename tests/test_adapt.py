@@ -2,7 +2,6 @@
 
 import csv
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from mamlkit.presets import preset_config
 from mamlkit.tasks import Sinusoid, task_generator
 from mamlkit.use import api
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "omniglot"
 SMALL = dict(iterations=12, log_every=4, val_every=6, val_tasks=4, checkpoint_every=100, progress=False,
              tensorboard=False, hidden_sizes=(16, 16), meta_batch=4, test_inner_steps=3)
 
@@ -78,21 +76,30 @@ def test_cli_adapt_regression_csv(sinusoid_run, cli, tmp_path):
     assert code == 2 and "target column" in err
 
 
+def drawing(c: int, i: int, size=(105, 105)) -> Image.Image:
+    """A drawing of class ``c`` in Omniglot's style (dark strokes on white, mode "1"): the class fixes
+    the strokes, ``i`` shifts them by a pixel or two."""
+    rng = np.random.default_rng(c)
+    h, w = 105, 105
+    arr = np.ones((h, w), dtype=bool)
+    for _ in range(3):  # three strokes, each a thick segment between two random points
+        (y0, x0), (y1, x1) = rng.integers(15, 90, (2, 2))
+        for t in np.linspace(0, 1, 80):
+            y, x = int(y0 + t * (y1 - y0)) + i % 3, int(x0 + t * (x1 - x0)) + i // 3
+            arr[max(y - 3, 0):y + 3, max(x - 3, 0):x + 3] = False
+    return Image.fromarray(arr).resize(size)
+
+
 def write_support(root: Path, classes: int, per_class: int = 1, size=(105, 105), mode="L") -> Path:
-    """Class folders filled with real Omniglot evaluation drawings (any size and mode)."""
-    with zipfile.ZipFile(DATA / "images_evaluation.zip") as zf:
-        pngs = sorted(n for n in zf.namelist() if n.endswith(".png"))
-        chars = sorted({n.rsplit("/", 1)[0] for n in pngs})[:classes]
-        for c, char in enumerate(chars):
-            folder = root / f"class_{c}"
-            folder.mkdir(parents=True)
-            drawings = [n for n in pngs if n.startswith(char + "/")][:per_class + 1]
-            for i, name in enumerate(drawings):
-                with zf.open(name) as f:
-                    im = Image.open(f).convert(mode).resize(size)
-                target = folder if i < per_class else root.parent / "query"
-                target.mkdir(exist_ok=True)
-                im.save(target / f"{c}_{i}.png")
+    """Class folders of generated drawings (any size and mode), and one query drawing per class in
+    ``root/../query``."""
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class + 1):
+            target = folder if i < per_class else root.parent / "query"
+            target.mkdir(exist_ok=True)
+            drawing(c, i).convert(mode).resize(size).save(target / f"{c}_{i}.png")
     return root
 
 

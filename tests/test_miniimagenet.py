@@ -84,8 +84,14 @@ def test_cli_train_miniimagenet_fixture(fixture_root, tmp_path, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "48.70 ± 1.84" in out and "transductive" in out
-    result = json.loads((tmp_path / "runs" / "miniimagenet-5w1s-maml" / "eval.json").read_text())
+    run = tmp_path / "runs" / "miniimagenet-5w1s-maml"
+    result = json.loads((run / "eval.json").read_text())
     assert sorted(result["accuracy"]["maml"]) == ["0", "1", "2"] and result["num_tasks"] == 6
+    # The last line names the files the run wrote, and no others: the accuracy curve, no TensorBoard.
+    assert (run / "accuracy_curve.png").stat().st_size > 1000
+    last = out.strip().splitlines()[-1]
+    assert last == (f"run folder: {run} (checkpoint.safetensors, config.json, metrics.jsonl, metrics.csv, eval.md, "
+                    "eval.json, accuracy_curve.png)"), last
     # 16 query images per class exceed the 4 images per class of the fixture: a clear error, exit 2.
     assert cli.main(args[:-2] + ["--k-query", "16", "--run-name", "x"]) == 2
     assert "exceed" in capsys.readouterr().err

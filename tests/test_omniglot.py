@@ -1,8 +1,10 @@
 """Omniglot: loader on the real data, checksums and cache, splits, rotations, Conv4 and batch-norm
 modes (vmap == loop, finite differences), and a short end-to-end CLI run.
 
-Reads ``../shared/data/omniglot`` (relative to the repository root); never downloads. Preprocessed
-caches go to a temporary ``$MAMLKIT_CACHE``.
+Tests of what only the real zips can show (pixels, pinned splits, the paper's run) read them where
+mamlkit looks (``$MAMLKIT_DATA``, else the default data root) and skip when they are absent; the
+rest run on generated stand-ins. Never downloads. Preprocessed caches go to a temporary
+``$MAMLKIT_CACHE``.
 """
 
 from __future__ import annotations
@@ -26,25 +28,38 @@ from mamlkit.tasks.omniglot import OmniglotTasks, rotated, split_indices
 
 torch.set_num_threads(1)
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "omniglot"
 
 
 @pytest.fixture(scope="session")
-def omniglot(cache_dir):
-    return data.load_omniglot(DATA, progress=False)
+def omniglot(cache_dir, omniglot_dir):
+    return data.load_omniglot(omniglot_dir, progress=False)
 
 
-def linked_copy(tmp_path: Path, modify: str | None = None) -> Path:
-    """A data folder with symlinks to the shared zips; ``modify`` names a zip to copy and corrupt."""
+def linked_copy(tmp_path: Path, source: Path) -> Path:
+    """A data root whose ``omniglot/`` holds symlinks to the zips in ``source``."""
     folder = tmp_path / "omniglot"
     folder.mkdir()
     for k in data.OMNIGLOT_FILES:
-        if k.name == modify:
-            raw = (DATA / k.name).read_bytes()
-            (folder / k.name).write_bytes(raw[: len(raw) // 2])  # truncated download
-        else:
-            (folder / k.name).symlink_to((DATA / k.name).resolve())
+        (folder / k.name).symlink_to((source / k.name).resolve())
     return tmp_path
+
+
+def fake_zips(root: Path) -> Path:
+    """A data root whose ``omniglot/`` holds two files named as the zips, neither a zip nor a known checksum."""
+    folder = root / "omniglot"
+    folder.mkdir(parents=True)
+    for k in data.OMNIGLOT_FILES:
+        (folder / k.name).write_bytes(b"PK\x03\x04 truncated " + k.name.encode())
+    return root
+
+
+def fake_omniglot() -> data.Omniglot:
+    """Random drawings with Omniglot's shape and names (what the cache stores)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (1623, 20, 28, 28), dtype=torch.uint8, generator=g)
+    names = tuple(f"images_background/A/character{i:04d}" for i in range(964)) + \
+        tuple(f"images_evaluation/B/character{i:04d}" for i in range(659))
+    return data.Omniglot(images, names)
 
 
 # --------------------------------------------------------------------------------------
@@ -66,10 +81,12 @@ def test_loader_on_real_data(omniglot):
     assert not torch.equal(imgs[braille, 2], imgs[braille, 3])
 
 
-def test_cache_is_reused_and_corruption_rebuilt(omniglot, monkeypatch):
-    sources = [verify_file(DATA / k.name, k) for k in data.OMNIGLOT_FILES]
+def test_cache_is_reused_and_corruption_rebuilt(tmp_path, monkeypatch):
+    root = fake_zips(tmp_path / "data")
+    monkeypatch.setenv("MAMLKIT_CACHE", str(tmp_path / "cache"))
+    omniglot = fake_omniglot()
+    sources = [verify_file(root / "omniglot" / k.name, k, trust_checksum=True) for k in data.OMNIGLOT_FILES]
     path = data.cache_path(sources, 28)
-    assert path.is_file() and path.parent.parent == data.cache_root()
     calls = []
 
     def fake_preprocess(folder, size=28, progress=True):
@@ -77,28 +94,40 @@ def test_cache_is_reused_and_corruption_rebuilt(omniglot, monkeypatch):
         return omniglot
 
     monkeypatch.setattr(data, "preprocess_omniglot", fake_preprocess)
-    assert torch.equal(data.load_omniglot(DATA, progress=False).images, omniglot.images)
-    assert calls == []  # served from the cache
+
+    def load():
+        return data.load_omniglot(root, trust_checksum=True, progress=False)
+
+    assert torch.equal(load().images, omniglot.images)
+    assert len(calls) == 1 and path.is_file() and path.parent.parent == data.cache_root()
+    assert torch.equal(load().images, omniglot.images) and load().names == omniglot.names
+    assert len(calls) == 1  # served from the cache
     raw = bytearray(path.read_bytes())
     raw[-5000] ^= 0xFF  # flip pixel bits: the file still parses, the pixel digest does not match
     path.write_bytes(bytes(raw))
     assert data.load_cache(path, sources, 28) is None
-    assert torch.equal(data.load_omniglot(DATA, progress=False).images, omniglot.images)
-    assert len(calls) == 1 and data.load_cache(path, sources, 28) is not None  # rebuilt and rewritten
+    assert torch.equal(load().images, omniglot.images)
+    assert len(calls) == 2 and data.load_cache(path, sources, 28) is not None  # rebuilt and rewritten
     path.write_bytes(b"garbage")  # not a safetensors file at all
-    data.load_omniglot(DATA, progress=False)
-    assert len(calls) == 2 and data.load_cache(path, sources, 28) is not None
+    load()
+    assert len(calls) == 3 and data.load_cache(path, sources, 28) is not None
+    assert not list((root / "omniglot").glob("*.safetensors"))  # nothing written into the data folder
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(DataError) as e:
         data.load_omniglot(tmp_path)
     msg = str(e.value)
-    assert str(tmp_path / "omniglot") in msg and data.OMNIGLOT_FILES[0].url in msg and "--data-root" in msg
+    assert str(tmp_path / "omniglot") in msg and data.OMNIGLOT_FILES[0].url in msg
+    assert "--data-root" in msg and "MAMLKIT_DATA" in msg and "`mamlkit data omniglot" in msg
     assert cli.main(["data", "omniglot", "--data-root", str(tmp_path), "--no-download"]) == 2
     assert "images_evaluation.zip" in capsys.readouterr().err
+    # A --data-root that names the dataset's own folder is that folder, not DIR/omniglot/omniglot.
+    with pytest.raises(DataError) as e:
+        data.load_omniglot(tmp_path / "omniglot")
+    assert f"Omniglot is not in {tmp_path / 'omniglot'}." in str(e.value) and "omniglot/omniglot" not in str(e.value)
     # Half a dataset: the folder that holds one zip is named, with only the other one to download.
-    (tmp_path / "images_evaluation.zip").symlink_to((DATA / "images_evaluation.zip").resolve())
+    (tmp_path / "images_evaluation.zip").write_bytes(b"only its name matters here")
     with pytest.raises(DataError) as e:
         data.load_omniglot(tmp_path)
     assert f"Omniglot is not in {tmp_path}." in str(e.value)
@@ -117,7 +146,7 @@ def test_offline_download_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_wrong_checksum_is_refused_unless_trusted(tmp_path, cache_dir, capsys):
-    root = linked_copy(tmp_path, modify="images_background.zip")
+    root = fake_zips(tmp_path)
     with pytest.raises(DataError, match="unknown checksum.*--trust-checksum"):
         data.load_omniglot(root, progress=False)
     assert cli.main(["data", "omniglot", "--data-root", str(root), "--no-download"]) == 2
@@ -148,7 +177,10 @@ def test_data_root_resolution(tmp_path, monkeypatch):
     assert data.resolve_root(None) == tmp_path / "xdg" / "mamlkit"
     marker = "images_background.zip"
     assert data.dataset_dir("omniglot", tmp_path / "flag", marker) == tmp_path / "flag" / "omniglot"
-    assert data.dataset_dir("omniglot", DATA, "images_background.zip") == DATA  # the folder itself
+    (tmp_path / "zips").mkdir()
+    (tmp_path / "zips" / marker).write_bytes(b"")
+    assert data.dataset_dir("omniglot", tmp_path / "zips", marker) == tmp_path / "zips"  # the folder itself
+    assert data.dataset_dir("omniglot", tmp_path / "x" / "omniglot", marker) == tmp_path / "x" / "omniglot"
 
 
 # --------------------------------------------------------------------------------------
@@ -192,10 +224,10 @@ def test_background_split(omniglot):
     assert not set(s["train"].tolist()) & set(s["val"].tolist())
 
 
-def test_family_splits_hold_disjoint_characters(omniglot, cache_dir):
+def test_family_splits_hold_disjoint_characters(omniglot, omniglot_dir, cache_dir):
     from mamlkit.presets import preset_config
 
-    cfg = preset_config("omniglot-5w1s", {"data_root": str(DATA)})
+    cfg = preset_config("omniglot-5w1s", {"data_root": str(omniglot_dir)})
     family = get_family("omniglot")
     imgs = {split: family.build(cfg, split).images for split in ("train", "val", "test")}
     assert [v.shape[0] for v in imgs.values()] == [1100, 100, 423]
@@ -364,8 +396,8 @@ def test_support_mode_is_not_transductive():
 # End to end
 
 
-def test_cli_train_omniglot_end_to_end(tmp_path, cache_dir, capsys):
-    args = ["train", "omniglot-5w1s", "--iterations", "3", "--meta-batch", "4", "--data-root", str(DATA),
+def test_cli_train_omniglot_end_to_end(tmp_path, cache_dir, omniglot_dir, capsys):
+    args = ["train", "omniglot-5w1s", "--iterations", "3", "--meta-batch", "4", "--data-root", str(omniglot_dir),
             "--out-dir", str(tmp_path), "--eval-tasks", "30", "--val-tasks", "5", "--threads", "1",
             "--no-progress", "--no-tensorboard"]
     assert cli.main(args) == 0
@@ -390,8 +422,8 @@ def test_cli_rejects_bad_omniglot_options(tmp_path, capsys):
     assert cli.main(["train", "omniglot-5w1s", "--bn-mode", "eval", "--out-dir", str(tmp_path)]) == 2
 
 
-def test_symlinked_folder_with_cache_elsewhere(tmp_path, omniglot, cache_dir):
-    root = linked_copy(tmp_path)
+def test_symlinked_folder_with_cache_elsewhere(tmp_path, omniglot, omniglot_dir, cache_dir):
+    root = linked_copy(tmp_path, omniglot_dir)
     assert torch.equal(data.load_omniglot(root, progress=False).images, omniglot.images)
     assert not list((root / "omniglot").glob("*.safetensors"))  # nothing written into the data folder
     shutil.rmtree(root)

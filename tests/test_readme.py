@@ -21,6 +21,20 @@ def test_readme_test_command_is_what_ci_runs():
     assert "mamlkit train sinusoid" in commands[0] and "torch==2.13.0" in commands[0]
 
 
+def test_ci_runs_every_real_data_test_and_the_readme_says_how():
+    """CI points MAMLKIT_DATA at the data beside the clone and turns missing-data skips into failures;
+    the README tells a contributor how to get the same."""
+    from conftest import REQUIRE_DATA_ENV
+
+    ci = (ROOT / ".ci" / "run").read_text()
+    exports = [line for line in ci.splitlines() if line.startswith("export ")]
+    assert any('MAMLKIT_DATA="$PWD/../shared/data"' in e and f"{REQUIRE_DATA_ENV}=1" in e for e in exports), exports
+    assert ci.index("export MAMLKIT_DATA") < ci.index("pytest -q")
+    for words in ("mamlkit data omniglot", "mamlkit data clinc150", "MAMLKIT_DATA=DIR", "--require-data",
+                  REQUIRE_DATA_ENV):
+        assert words in README, words
+
+
 def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for code in blocks("python"):

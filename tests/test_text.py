@@ -2,7 +2,9 @@
 split, text episodes, the embedding cache against the encoder, the top-layer re-implementation
 against the full encoder, and short end-to-end CLI runs in both encoder modes.
 
-Reads ``../shared/data/clinc150`` (relative to the repository root); never downloads. The encoder
+Tests that need the real CLINC150 files read them where mamlkit looks (``$MAMLKIT_DATA``, else the
+default data root) and skip when they are absent; the checksum test runs on a generated stand-in.
+Never downloads. The encoder
 (extra ``text``) is loaded once per session; embeddings go to a temporary ``$MAMLKIT_CACHE`` and
 cover only the first 6 utterances per intent (``--text-per-intent 6``) to keep CI fast.
 """
@@ -21,7 +23,6 @@ from mamlkit.tasks import task_generator, text
 
 torch.set_num_threads(1)
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "clinc150"
 PER_INTENT = 6
 
 
@@ -34,12 +35,17 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def clinc():
+def DATA(clinc_dir) -> Path:
+    return clinc_dir
+
+
+@pytest.fixture(scope="session")
+def clinc(DATA):
     return text.load_clinc(str(DATA))
 
 
 @pytest.fixture(scope="session")
-def frozen(cache_dir, clinc):
+def frozen(cache_dir, clinc, DATA):
     """The frozen-mode embeddings of the first 6 utterances per intent. One encoder pass per session:
     the finetune-mode cache (top layer's inputs) is built first and writes the frozen cache too."""
     torch.set_num_threads(1)
@@ -47,16 +53,27 @@ def frozen(cache_dir, clinc):
     return text.encoded(str(DATA), per_intent=PER_INTENT)[1]
 
 
-def cfg(**kw):
-    return preset_config("clinc-5w1s", {"data_root": str(DATA), "text_per_intent": PER_INTENT, "k_query": 5,
+def cfg(data, **kw):
+    return preset_config("clinc-5w1s", {"data_root": str(data), "text_per_intent": PER_INTENT, "k_query": 5,
                                         **kw})
+
+
+def fake_clinc(folder: Path) -> dict:
+    """A stand-in with CLINC150's layout: 10 domains of 15 intents, 100 train utterances each."""
+    domains = {d: [f"{d}_{i}" for i in range(15)] for ds in text.DOMAIN_SPLIT.values() for d in ds}
+    raw = {"train": [[f"utterance {j} of {i}", i] for ds in domains.values() for i in ds for j in range(100)],
+           "val": [], "test": []}
+    folder.mkdir(parents=True)
+    (folder / "domains.json").write_text(json.dumps(domains))
+    (folder / "data_full.json").write_text(json.dumps(raw))
+    return raw
 
 
 # --------------------------------------------------------------------------------------
 # Loader, checksums, split
 
 
-def test_loader_counts_and_domains(clinc, cli):
+def test_loader_counts_and_domains(clinc, cli, DATA):
     code, out, _ = cli("data", "clinc150", "--data-root", DATA, "--no-download")
     assert code == 0 and "150 intents in 10 domains, 15000 train utterances" in out
     assert len(clinc.texts) == 150 and all(len(t) == 100 for t in clinc.texts.values())
@@ -83,9 +100,7 @@ def test_domain_split_is_disjoint_and_fixed(clinc):
 
 def test_checksum_mismatch_is_refused(tmp_path):
     folder = tmp_path / "clinc150"
-    folder.mkdir()
-    (folder / "domains.json").symlink_to((DATA / "domains.json").resolve())
-    raw = json.loads((DATA / "data_full.json").read_text())
+    raw = fake_clinc(folder)
     raw["train"][0][0] = raw["train"][0][0] + " (edited)"
     (folder / "data_full.json").write_text(json.dumps(raw))
     with pytest.raises(DataError, match=r"data_full.json has sha256 [0-9a-f]{64}, expected 36923c37"):
@@ -101,14 +116,16 @@ def test_missing_data_exit_2_with_download_hint(cli, tmp_path):
     code, _, err = cli("train", "clinc-5w1s", "--data-root", tmp_path / "nothing", "--out-dir", tmp_path,
                        "--no-tensorboard", "--no-progress")
     assert code == 2 and "CLINC150 is not in" in err and text.URL + "data_full.json" in err
+    assert "--data-root" in err and "MAMLKIT_DATA" in err and "`mamlkit data clinc150" in err
+    assert "../shared" not in err
 
 
 # --------------------------------------------------------------------------------------
 # Episodes and the embedding cache
 
 
-def test_text_episodes_deterministic_labels_and_domains(frozen, clinc):
-    c = cfg(k_shot=2, k_query=3)
+def test_text_episodes_deterministic_labels_and_domains(frozen, clinc, DATA):
+    c = cfg(DATA, k_shot=2, k_query=3)
     tasks = text.build(c, "test")
     assert tasks.data.shape == (30, PER_INTENT, 384)
     b = tasks.sample(40, task_generator(0, "test", 0))
@@ -134,7 +151,7 @@ def test_text_episodes_deterministic_labels_and_domains(frozen, clinc):
         assert len(set(hit[t].tolist())) == 5
 
 
-def test_cache_equals_encoder_and_is_verified(frozen, clinc, cache_dir):
+def test_cache_equals_encoder_and_is_verified(frozen, clinc, cache_dir, DATA):
     order = [i for d in clinc.domains.values() for i in d]
     picks = [(0, 0), (17, 3), (149, 5)]
     sentences = [clinc.texts[order[i]][j] for i, j in picks]
@@ -211,7 +228,7 @@ def test_rate_scale_keeps_the_function_and_scales_the_layer_step():
 # End to end
 
 
-def test_cli_frozen_end_to_end_with_baselines(cli, frozen, tmp_path):
+def test_cli_frozen_end_to_end_with_baselines(cli, frozen, tmp_path, DATA):
     code, out, err = cli("train", "clinc-5w1s", "--data-root", DATA, "--text-per-intent", PER_INTENT,
                          "--k-query", "5", "--iterations", "20", "--val-every", "10", "--val-tasks", "10",
                          "--eval-tasks", "60", "--out-dir", tmp_path, "--run-name", "t", "--no-progress",
@@ -225,7 +242,7 @@ def test_cli_frozen_end_to_end_with_baselines(cli, frozen, tmp_path):
     assert result["maml"]["0"]["mean"] < 0.4 and result["maml"]["10"]["mean"] > 0.5  # adaptation does the work
 
 
-def test_cli_finetune_end_to_end(cli, frozen, tmp_path):
+def test_cli_finetune_end_to_end(cli, frozen, tmp_path, DATA):
     code, out, err = cli("train", "clinc-5w1s", "--data-root", DATA, "--text-per-intent", PER_INTENT,
                          "--encoder-mode", "finetune", "--algo", "maml", "--k-query", "2", "--inner-steps", "1",
                          "--test-inner-steps", "1", "--meta-batch", "2", "--iterations", "2", "--val-tasks", "0",

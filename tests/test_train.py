@@ -119,7 +119,7 @@ def test_cli_train_eval_smoke(cli, tmp_path):
     assert set(result["mse"]) == {"maml", "pretrain"}
     table = (run / "eval.md").read_text()
     (run / "eval.md").unlink()
-    code, out2, err = cli("eval", run, "--eval-tasks", "10")
+    code, out2, err = cli("eval", run, "--eval-tasks", "10", "--overwrite")  # eval.json and figures are there
     assert code == 0, err
     assert (run / "eval.md").read_text() == table  # the same fixed test tasks give the same table
     assert table in out2

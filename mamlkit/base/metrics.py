@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:  # the optional extra `tensorboard` is not installed
                 self.writer = None
+                _note_no_tensorboard()
 
     def log(self, step: int, split: str, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -66,6 +68,21 @@ class MetricsLog:
         self.csv_file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+_NOTED: list[bool] = []
+
+
+def _note_no_tensorboard() -> None:
+    """Say once per process that TensorBoard logs are skipped, and how to get them.
+
+    tensorboard stays an extra, not a dependency: it brings grpcio, protobuf and a web server for logs
+    that metrics.jsonl and metrics.csv already hold in full."""
+    if not _NOTED:
+        _NOTED.append(True)
+        print("mamlkit: note: no TensorBoard logs: the tensorboard package is not installed "
+              "(`pip install tensorboard` adds them; --no-tensorboard silences this). metrics.jsonl and "
+              "metrics.csv hold every record.", file=sys.stderr)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

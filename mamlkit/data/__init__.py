@@ -7,14 +7,14 @@ Where the data lives (first that applies):
 3. the default cache folder ``$XDG_CACHE_HOME/mamlkit`` (``~/.cache/mamlkit`` when unset).
 
 A dataset's folder is ``DIR/<dataset>`` (``DIR/omniglot``); ``DIR`` itself is accepted when it
-directly holds the dataset's files, so ``--data-root ../shared/data/omniglot`` works too.
+directly holds the dataset's files or is named after it, so ``--data-root DIR/omniglot`` works too.
 Preprocessed caches never go into the data folder (it may be shared or read-only) but into
 ``$MAMLKIT_CACHE`` (default: the default cache folder above), under ``<dataset>/``.
 
 Omniglot (Lake, Salakhutdinov & Tenenbaum, Science 2015) is read from the two official zips,
 ``images_background.zip`` and ``images_evaluation.zip``. Each zip must match a known checksum:
-the md5 of the official files, or the sha256/md5 of the rebuilt copies in ``shared/data/omniglot``
-(same PNGs, rebuilt containers; see that folder's README). A file matching neither is refused
+the md5 of the official files, or the sha256/md5 of known rebuilt copies (same PNGs in rebuilt
+zip containers). A file matching neither is refused
 unless the user passes ``--trust-checksum``.
 
 Preprocessing happens once: every drawing is converted to grey levels, resized to 28×28 with an
@@ -75,10 +75,13 @@ def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
 
 
 def dataset_dir(name: str, data_root: str | os.PathLike | None, marker: str | tuple[str, ...]) -> Path:
-    """The folder of dataset ``name``: ``ROOT/name``, or ``ROOT`` itself when it holds a ``marker`` file."""
+    """The folder of dataset ``name``: ``ROOT/name``, or ``ROOT`` itself when it holds a ``marker`` file
+    or is itself called ``name`` (``--data-root DIR/omniglot`` before the files are there)."""
     root = resolve_root(data_root)
     markers = (marker,) if isinstance(marker, str) else marker
     if any((root / m).exists() for m in markers) and not any((root / name / m).exists() for m in markers):
+        return root
+    if root.name == name and not (root / name).exists():
         return root
     return root / name
 
@@ -157,8 +160,10 @@ def _missing_message(folder: Path, missing: list[KnownFile], reason: str = "") -
     lines += [f"  {k.url}" for k in missing]
     names = ", ".join(k.name for k in missing)
     lines += [f"and put them in {folder}/ (keep the names {names}; do not unzip).",
-              f"Or point mamlkit at a folder that holds them with --data-root DIR or ${ENV_VAR}=DIR.",
-              "Online, `mamlkit data omniglot` downloads and checks them for you."]
+              f"Or point mamlkit at the folder that holds them (or holds omniglot/) with --data-root DIR or "
+              f"{ENV_VAR}=DIR.",
+              "Online, `mamlkit data omniglot` (or `mamlkit data omniglot --data-root DIR`) downloads and checks "
+              "them for you."]
     return "\n".join(lines)
 
 

@@ -71,3 +71,23 @@ def sinusoid_figures(run_dir: Path, learners: dict, results: dict, cfg) -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "figure3_learning_curve.png", dpi=110)
     plt.close(fig)
+
+
+def accuracy_curve(path: Path, table: dict, title: str) -> None:
+    """Query accuracy against inner steps, mean ± 95% CI per model (``table[model][step] = {"mean", "ci95"}``,
+    as in ``eval.json``): the classification counterpart of Finn et al.'s Fig. 3."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, per_step in table.items():
+        steps = [int(k) for k in per_step]
+        mean = torch.tensor([100 * per_step[k]["mean"] for k in per_step])
+        ci = torch.tensor([100 * per_step[k]["ci95"] for k in per_step]).nan_to_num(0.0)
+        ax.plot(steps, mean, marker="o", markersize=3, label=name)
+        ax.fill_between(steps, mean - ci, mean + ci, alpha=0.25)
+    ax.set_xlabel("number of gradient steps")
+    ax.set_ylabel("query accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -24,6 +24,8 @@ from mamlkit.tasks.sinusoid import Sinusoid
 BN_MODE_TEXT = {"transductive": "transductive (batch statistics of each query batch, as the paper)",
                 "support": "non-transductive (support-set statistics only)"}
 EVAL_SEED_OFFSET = 10_000  # evaluation tasks never share a stream with training or validation
+# Every file a report may write into its folder (`mamlkit eval` refuses to replace them unless asked).
+REPORT_FILES = ("eval.md", "eval.json", "figure2_fits.png", "figure3_learning_curve.png", "accuracy_curve.png")
 
 
 def _paper(cfg: TrainConfig) -> dict:
@@ -93,6 +95,8 @@ def classification_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: 
                                                          "num_tasks": cfg.eval_tasks, "bn_mode": cfg.bn_mode,
                                                          "paper": paper}, indent=2))
     atomic_write_text(run_dir / "eval.md", text)
+    plots.accuracy_curve(run_dir / "accuracy_curve.png", table, f"{cfg.preset or cfg.task}: {cfg.n_way}-way "
+                         f"{cfg.k_shot}-shot, {cfg.eval_tasks} test tasks")
     return text
 
 

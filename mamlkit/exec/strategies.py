@@ -46,12 +46,8 @@ from mamlkit.base.batch import TaskBatch
 from mamlkit.engine import functional
 from mamlkit.engine.functional import ExactNorms
 from mamlkit.exec import kernels
-from mamlkit.exec.kernels import fusion
 
 log = logging.getLogger("mamlkit")
-
-# functional.call runs a Sequential of built-in layers as its fused layer list while a kernels mode is active
-functional.set_module_view(fusion.fused)
 
 TaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 STRATEGIES = ("auto", "vmap", "loop", "threads", "compile")

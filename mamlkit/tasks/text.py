@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from mamlkit.base.errors import UserError
-from mamlkit.data import DataError, cache_root, dataset_dir, download
+from mamlkit.data import ENV_VAR, DataError, cache_root, dataset_dir, download
 from mamlkit.tasks.episodes import EpisodeSampler
 
 URL = "https://raw.githubusercontent.com/clinc/oos-eval/master/data/"
@@ -92,9 +92,10 @@ def ensure_clinc(data_root: str | os.PathLike | None = None, *, download_missing
             raise DataError(f"downloading CLINC150 into {folder} failed ({e})") from None
     if missing:
         raise DataError(f"CLINC150 is not in {folder} (missing {', '.join(missing)}). Download "
-                        + " and ".join(URL + n for n in missing) + f" into {folder}/, or point mamlkit at a "
-                        "folder that holds them with --data-root DIR (e.g. ../shared/data/clinc150). Online, "
-                        "`mamlkit data clinc150` does this for you.")
+                        + " and ".join(URL + n for n in missing) + f" into {folder}/, or point mamlkit at the "
+                        f"folder that holds them (or holds clinc150/) with --data-root DIR or {ENV_VAR}=DIR. "
+                        "Online, `mamlkit data clinc150` (or `mamlkit data clinc150 --data-root DIR`) does this "
+                        "for you.")
     return folder
 
 

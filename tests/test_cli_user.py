@@ -1,0 +1,140 @@
+"""The command line as a user reads it: grouped help with one line of meaning per flag, a preset's values
+in its help, a light start-up, TensorBoard's absence said once, reports never replaced silently, and the
+one-line summary of `mamlkit adapt`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from mamlkit import cli, config
+from mamlkit.base import metrics
+from mamlkit.config import GROUPS, TrainConfig
+
+TINY = ["--iterations", "4", "--log-every", "2", "--val-every", "2", "--val-tasks", "2", "--eval-tasks", "10",
+        "--eval-query", "10", "--eval-steps", "0", "1", "--eval-shots", "5", "--hidden-sizes", "8",
+        "--no-progress", "--no-tensorboard", "--no-compare-pretrained", "--threads", "1"]
+
+
+def help_text(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # whitespace as one space: argparse wraps lines
+
+
+def test_every_config_field_has_a_group_and_a_line_of_meaning():
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("group") in GROUPS, f.name
+        assert len(f.metadata.get("help", "")) >= 10 and "\n" not in f.metadata["help"], f.name
+
+
+def test_train_help_groups_every_flag_with_its_meaning_and_default(capsys):
+    text = help_text(capsys, "train", "--help")
+    positions = [text.index(f" {g}: ") for g in GROUPS]
+    assert positions == sorted(positions)  # task, model, inner loop, outer loop, execution, logging
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    default = TrainConfig()
+    for name, f in fields.items():
+        flag = "--" + name.replace("_", "-")
+        group_start = text.index(f" {f.metadata['group']}: ")
+        at = re.compile(rf" {re.escape(flag)}[ ,]").search(text, group_start).start()  # in its own group...
+        nxt = [p for p in positions if p > group_start]
+        assert not nxt or at < nxt[0], name
+        assert " ".join(f.metadata["help"].split()) in text[at:at + 400], name  # ...with its line of meaning
+    assert f"α, the inner SGD step size [default: {default.inner_lr}]" in text
+    assert "default 0.01" not in text  # no bare "default X" lines any more
+
+
+def test_preset_help_shows_the_preset_values(capsys):
+    text = help_text(capsys, "train", "omniglot-5w1s", "--help")
+    assert "α, the inner SGD step size [omniglot-5w1s: 0.4]" in text
+    assert "[omniglot-5w1s: 'conv4']" in text and "[default:" not in text
+    assert "α, the inner SGD step size [default: 0.01]" in help_text(capsys, "train", "--help")
+
+
+HEAVY = ("torch", "numpy", "matplotlib", "safetensors", "transformers", "sentence_transformers", "gymnasium",
+         "mujoco", "PIL", "tensorboard")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["presets"], ["train", "--help"], ["train", "omniglot-5w1s", "--help"],
+                                  ["algos", "--help"], ["rl", "--help"]])
+def test_help_and_presets_import_no_heavy_module(argv):
+    """`mamlkit --help` and `mamlkit presets` answer without importing torch or any optional stack
+    (benchmarks/startup.py measures the time)."""
+    code = ("import sys\nfrom mamlkit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "LOADED []", proc.stdout[-300:]
+
+
+def test_missing_tensorboard_is_said_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    monkeypatch.setattr(metrics, "_NOTED", [])
+    metrics.MetricsLog(tmp_path / "a", tensorboard=False).close()
+    assert capsys.readouterr().err == ""  # asked for none: nothing to say
+    for run in ("b", "c"):
+        log = metrics.MetricsLog(tmp_path / run, tensorboard=True)
+        assert log.writer is None
+        log.close()
+    err = capsys.readouterr().err
+    assert err.count("no TensorBoard logs") == 1 and "pip install tensorboard" in err
+    assert not (tmp_path / "b" / "tensorboard").exists()
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert cli.main(["train", "sinusoid", *TINY, "--out-dir", str(root), "--run-name", "r"]) == 0
+    return root / "r"
+
+
+def test_train_names_the_files_it_wrote(sinusoid_run):
+    for name in ("eval.md", "eval.json", "figure2_fits.png", "figure3_learning_curve.png"):
+        assert (sinusoid_run / name).is_file()
+    assert not (sinusoid_run / "tensorboard").exists()
+    assert cli._written(sinusoid_run) == ("checkpoint.safetensors, config.json, metrics.jsonl, metrics.csv, eval.md, "
+                                          "eval.json, figure2_fits.png, figure3_learning_curve.png")
+
+
+def test_eval_never_replaces_a_report_silently(sinusoid_run, cli, tmp_path):
+    before = {n: (sinusoid_run / n).read_bytes() for n in ("eval.md", "eval.json", "figure2_fits.png")}
+    code, out, err = cli("eval", sinusoid_run, "--eval-tasks", "12")
+    assert code == 2 and "already holds eval.md, eval.json, figure2_fits.png" in err and "--overwrite" in err
+    assert "--out DIR" in err and "Traceback" not in err
+    assert all((sinusoid_run / n).read_bytes() == b for n, b in before.items())  # untouched
+    code, out, err = cli("eval", sinusoid_run, "--eval-tasks", "12", "--out", tmp_path / "again")
+    assert code == 0, err
+    assert json.loads((tmp_path / "again" / "eval.json").read_text())["num_tasks"] == 12
+    assert (tmp_path / "again" / "figure3_learning_curve.png").is_file()
+    assert f"report: {tmp_path / 'again'} (eval.md, eval.json" in out
+    assert cli("eval", sinusoid_run, "--eval-tasks", "12", "--out", tmp_path / "again")[0] == 2  # same rule there
+    code, out, err = cli("eval", sinusoid_run, "--eval-tasks", "12", "--overwrite")
+    assert code == 0, err
+    assert json.loads((sinusoid_run / "eval.json").read_text())["num_tasks"] == 12
+
+
+def test_adapt_prints_one_summary_line(cli, tmp_path):
+    assert cli("example", "omniglot", tmp_path / "task")[0] == 0
+    code, out, err = cli("adapt", "omniglot-5w1s", "--support", tmp_path / "task" / "support",
+                         "--query", tmp_path / "task" / "query", "--steps", "2")
+    assert code == 0, err
+    lines = [x for x in err.splitlines() if x.startswith("mamlkit: adapted")]
+    assert len(lines) == 1
+    classes = sorted(p.name for p in (tmp_path / "task" / "support").iterdir())
+    assert re.fullmatch(rf"mamlkit: adapted omniglot-5w1s \(maml\): 2 steps at rate 0\.4 on 5 support images "
+                        rf"of 5 classes \({re.escape(', '.join(classes))}\); predicting 15 queries", lines[0])
+    assert out.count("\n") == 16  # the CSV alone on stdout: a header and one row per query
+
+
+def test_config_flag_rejects_unknown_groups():
+    with pytest.raises(ValueError, match="misc"):
+        config.flag(1, "misc", "not a group of the help")
