@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +45,17 @@ def write_csv(path, header, rows):
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def copy_repository(dest: Path) -> Path:
+    """The files a clone of the current tree holds (tracked, or new and not ignored), copied to ``dest``:
+    what a user gets, without build outputs, virtual environments or data lying beside the checkout."""
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src = root / name
+        if src.is_file():  # a deleted but still tracked file is not in a clone
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest

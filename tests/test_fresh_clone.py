@@ -17,21 +17,10 @@ from pathlib import Path
 
 import pytest
 from conftest import DATASETS, REQUIRE_DATA_ENV, ROOT
+from helpers import copy_repository
 
 # Neither reads data: running them again in the copy would only add minutes.
 NOT_AGAIN = ("tests/test_fresh_clone.py", "tests/test_wheel.py")
-
-
-def clone_files(dest: Path) -> Path:
-    """The files a clone of the current tree holds (tracked, or new and not ignored), copied to ``dest``."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        src = ROOT / name
-        if src.is_file():  # a deleted but still tracked file is not in a clone
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def test_no_test_reads_data_beside_the_repository():
@@ -46,7 +35,7 @@ def test_no_test_reads_data_beside_the_repository():
 def test_fresh_clone_passes_the_readme_test_command(tmp_path):
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: there is no clone to imitate")
-    clone = clone_files(tmp_path / "mamlkit")
+    clone = copy_repository(tmp_path / "mamlkit")
     assert not (clone.parent / "shared").exists()
     env = {k: v for k, v in os.environ.items() if k not in ("MAMLKIT_DATA", REQUIRE_DATA_ENV, "MAMLKIT_CACHE")}
     env.update(PYTHONPATH=str(clone), XDG_CACHE_HOME=str(tmp_path / "home-cache"), PYTHONDONTWRITEBYTECODE="1")
