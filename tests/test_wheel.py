@@ -91,7 +91,7 @@ def test_the_wheel_holds_the_package_its_data_and_its_metadata(installed):
 
 def test_installed_package_is_the_wheel_not_the_repository(installed):
     bin_dir = installed[0]
-    where = run(installed, "python", "-c", "import mamlkit, mamlkit.api as a; print(mamlkit.__file__); "
+    where = run(installed, "python", "-c", "import mamlkit, mamlkit.use.api as a; print(mamlkit.__file__); "
                 "print(a.ASSETS)").stdout.split()
     venv = bin_dir.parent.resolve()
     assert all(Path(p).resolve().is_relative_to(venv) for p in where), where
