@@ -127,7 +127,7 @@ def _compile(cc: str, directory: str, arch: tuple[str, ...] = (), warnings: tupl
 
 def _unavailable(reason: str, *args: object) -> None:
     """Say, once per process (the build runs once), that the kernels fell back to torch's. A warning, not
-    info: a silent fallback is a slowdown nobody sees (the CLI shows warnings and hides info)."""
+    info: an unannounced fallback is a slowdown nobody sees (the CLI shows warnings and hides info)."""
     log.warning("mamlkit: " + reason + "; max-pooling and batch norm use torch's slower NCHW CPU kernels "
                 "(install a C compiler such as gcc, or point CC at one, for the fast ones; "
                 "MAMLKIT_FAST_KERNELS=0 turns them off)", *args)
