@@ -1,4 +1,4 @@
-"""The MAML family on one engine, compared at an equal wall-clock budget (issue 5).
+"""The MAML family on one engine, compared at an equal wall-clock budget.
 
 For each algorithm and workload, a fresh process meta-trains for ``--budget`` seconds with the
 library's own pieces (``train.build``, the meta-optimiser and schedule, ``set_step``), then
@@ -7,11 +7,12 @@ excluded), peak memory (growth of the process's peak RSS over its size before tr
 final query MSE or accuracy ± 95% CI. Two extra tables: the ANIL/MAML training-step time ratio
 (interleaved runs, median), and peak memory against the number of inner steps (MAML, FOMAML, iMAML).
 
-    .venv/bin/python benchmarks/algorithms.py --budget 40 --append
+    .venv/bin/python benchmarks/algorithms.py --budget 40
 
 Workloads: ``sinusoid`` (Finn et al. 2017's regression setting, every algorithm with 1 inner step
 except Reptile and iMAML, which use their own inner solvers) and ``omniglot`` 5-way 1-shot with each
 paper's preset (``mamlkit presets``). Timings are for the machine they ran on; compare rows of one run.
+The tables are printed in Markdown, with the command, machine and date, for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -198,7 +199,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=15, help="timed repetitions for the ANIL/MAML ratio")
     ap.add_argument("--skip-extras", action="store_true", help="only the equal-budget table")
-    ap.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -216,8 +216,8 @@ def main() -> None:
 
     lines = [f"## MAML family at equal wall-clock budget ({datetime.date.today().isoformat()})", "",
              f"Command: `.venv/bin/python benchmarks/{Path(__file__).name} " + " ".join(sys.argv[1:]) + "`",
-             f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores shared with other engineers' jobs "
-             "running at the same time (timings are noisy; compare rows of one run), "
+             f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (compare rows of one run: other "
+             "processes on the machine move the timings), "
              f"torch {torch.__version__}, {args.threads} thread(s) per process, float32.", ""]
     for workload in args.workloads:
         algos = [a for a in args.algos if a in WORKLOADS[workload]]
@@ -262,11 +262,6 @@ def main() -> None:
         lines.append("")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.append:
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        head = "" if path.exists() else "# Benchmark results\n\n"
-        with open(path, "a") as f:
-            f.write(head + text)
 
 
 if __name__ == "__main__":

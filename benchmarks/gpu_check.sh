@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU check, prepared to run in one go on a lent GPU machine (about 8 minutes on an H100):
+# The GPU throughput checks in one go, on a machine with a CUDA GPU (about 8 minutes on an H100):
 #   bash benchmarks/gpu_check.sh            (results go to $OUT, or benchmarks/gpu-results)
 # It needs a CUDA build of torch already installed; the peers (higher, learn2learn) run when installed.
 # Every implementation runs on the GPU in its own process; ratios are from the same run.

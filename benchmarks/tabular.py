@@ -1,4 +1,4 @@
-"""Tasks from a CSV on a real public data set: World Bank fertility rates, a task per country (issue 9).
+"""Tasks from a CSV on a real public data set: World Bank fertility rates, a task per country.
 
 The data ship inside the statsmodels wheel (``statsmodels/datasets/fertility/fertility.csv``, World
 Bank indicator SP.DYN.TFRT.IN, total births per woman, 1960-2013, 219 countries and regional

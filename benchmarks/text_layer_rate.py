@@ -1,5 +1,5 @@
 """CLINC150 finetune mode before any meta-training: query accuracy after adapting the pretrained last
-MiniLM layer and a fresh head, against the layer's inner rate (the head's stays at α=5), issue 9.
+MiniLM layer and a fresh head, against the layer's inner rate (the head's stays at α=5).
 
 Each task adapts every parameter with plain SGD, a rate per group (``mamlkit.engine.rules.per_parameter_sgd``),
 10 steps; accuracy after 1, 5 and 10 steps on the same fixed test episodes for every rate. It shows

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 WORKLOADS = {
     "sinusoid": ("sinusoid", {}),                # MLP 1-40-40-1, K=10, α=0.01, 1 step, meta-batch 25
     "omniglot-5w1s": ("omniglot-5w1s", {}),      # Conv4 stride 2, 28×28, α=0.4, 1 step, meta-batch 32, 1 query/class
-    # the setting of issue 8's table: Conv4 with max-pool, 15 queries per class
+    # Conv4 with max-pool and 15 queries per class, where the pooling and batch-norm passes are a third of the time
     "omniglot-5w1s-q15": ("omniglot-5w1s", dict(pool=True, k_query=15)),
     "omniglot-20w1s": ("omniglot-20w1s", {}),    # Conv4 stride 2, 28×28, α=0.1, 5 steps, meta-batch 16
     # Conv4-32 max-pool on 84×84, 5 steps, 15 queries/class, meta-batch 4; random pixels (speed does not

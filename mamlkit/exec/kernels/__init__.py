@@ -4,10 +4,9 @@ Why: on the CPU, torch's kernels for ``max_pool2d_with_indices`` and training-mo
 contiguous (NCHW) tensors are scalar loops. On the first block of Conv4 with 15 queries per class
 (a ``[75, 64, 28, 28]`` tensor, 1 thread) they take 20-25 ms and 8-11 ms, against ~1.5 and ~2.5 ms
 for the same ops on a channels-last copy; with batch norm's backward they are about a quarter of a
-second-order MAML iteration (benchmarks/RESULTS.md, issue 8 session 5). The peers (learn2learn,
-higher, a plain loop) all run them. Converting to channels-last costs as much as it saves, so this
-module compiles a few small C loops instead (with the system C compiler, once per process, in well
-under a second) and routes ``F.max_pool2d`` and ``F.batch_norm`` to them while the per-task loop runs
+second-order MAML iteration (docs/performance-notes.md). The peers (learn2learn, higher, a plain loop)
+all run them. Converting to channels-last costs as much as it saves, so this module compiles a few small
+C loops instead and routes ``F.max_pool2d`` and ``F.batch_norm`` to them while the per-task loop runs
 (:func:`fast`): 6.4 and 4.7 ms on that tensor.
 
 Max-pool of ReLU of batch norm (Conv4's block) also runs as one fused kernel from batch norm's input
@@ -33,8 +32,26 @@ second and higher derivatives are torch's too.
 
 Anything else (channels-last or non-contiguous tensors, padding, dilation, ceil mode, other dtypes,
 tensors under :data:`MIN_ELEMENTS`, evaluation-mode batch norm, torch.func transforms,
-``torch.compile``, autocast) goes to torch unchanged, and so does everything when no C compiler is
-found (logged once).
+``torch.compile``, autocast) goes to torch unchanged.
+
+Building: the C source is ``kernels.c`` (with ``kernels_typed.h``, once per element type), shipped as
+package data. The first use in a process compiles it with the system C compiler (``$CC``, else ``cc`` or
+``gcc``; ``-O3 -march=native -fopenmp``, else without ``-march=native``) in a temporary folder, loads it
+and removes the folder: 1.2 s of CPU time, once per process, never cached on disk. The tests build it with
+``-Wall -Wextra -Werror``. Without a compiler, or when the build fails, everything runs on torch and a
+warning says so, once per process.
+
+Calls: each kernel is an operator of the ``mamlkit`` namespace (``torch.ops.mamlkit.max_pool2d``, ...,
+defined with ``torch.library``), whose CPU implementation allocates the outputs and calls the compiled
+function through ctypes, so the dispatcher, the profiler and tracing tools see each call by name. It costs
+nothing measurable against calling the implementation directly (benchmarks/kernel_dispatch.py, 1 thread,
+min of 11 interleaved rounds, on a 2-core machine shared with other jobs): 2.9-4.5 us more per call
+(6.0-7.3 us direct, 8.6-11.8 us through the dispatcher, on a [1, 1, 2, 2] tensor), against 4.7-34 ms per
+op on [75, 64, 28, 28] (max-pool 4.66 -> 4.89 ms, fused block forward 5.64 -> 6.27 ms, its backward
+33.7 -> 35.2 ms: within the run's noise) and 0.06-1.4 ms at :data:`MIN_ELEMENTS`. A meta-iteration makes
+few calls: 20 per iteration for Omniglot 5-way with max-pool and 15 queries (4 tasks), 78 for
+mini-ImageNet (2 tasks, 5 steps), which is < 0.01% of its time at 4 us a call.
+``torch.library.custom_op`` costs 10-30 us a call instead, so the plain ``Library`` registration is used.
 """
 
 from __future__ import annotations
@@ -42,10 +59,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import importlib.resources
 import logging
 import os
 import shutil
-import string
 import subprocess
 import tempfile
 import threading
@@ -59,422 +76,12 @@ from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger("mamlkit")
 
-_TEMPLATE = string.Template(r"""
-/* Where each output's window starts in its plane: one table for all planes, so that the window loops run
-   over a whole plane's outputs (OH * OW of them, not rows of OW = 14 that are too short for a vector),
-   vectorised with gathers and branch-free (data-dependent branches mispredict on real activations). */
-static $I* window_starts_${SFX}(int64_t W, int64_t sH, int64_t sW, int64_t OH, int64_t OW) {
-  $I* start = ($I*)malloc(sizeof($I) * OH * OW);
-  if (start)
-    for (int64_t q = 0; q < OH * OW; q++) start[q] = ($I)((q / OW) * sH * W + (q % OW) * sW);
-  return start;
-}
-
-void maxpool2d_${SFX}(const $T* x, $T* y, int64_t* idx, int64_t planes, int64_t H, int64_t W,
-                   int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OH, int64_t OW, int nthreads) {
-  const int64_t OHW = OH * OW;
-  $I* start = (kH == 2 && kW == 2) ? window_starts_${SFX}(W, sH, sW, OH, OW) : 0;
-  const $I w0 = ($I)W, w1 = ($I)W + 1;
-  #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
-  for (int64_t p = 0; p < planes; p++) {
-    const $T* xp = x + p * H * W;
-    $T* yp = y + p * OHW;
-    int64_t* ip = idx + p * OHW;
-    if (start) {
-      /* the common 2x2 window; the same rule as below */
-      #pragma omp simd
-      for (int64_t q = 0; q < OHW; q++) {
-        const $I b = start[q];
-        $T m = xp[b], v;
-        $I k = 0, t;
-        v = xp[b + 1];  t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
-        v = xp[b + w0]; t = (v > m) | (v != v); m = t ? v : m; k = t ? w0 : k;
-        v = xp[b + w1]; t = (v > m) | (v != v); m = t ? v : m; k = t ? w1 : k;
-        yp[q] = m;
-        ip[q] = (int64_t)(b + k);
-      }
-      continue;
-    }
-    for (int64_t oh = 0; oh < OH; oh++) {
-      for (int64_t ow = 0; ow < OW; ow++) {
-        /* torch's rule: scan the window row-major, take a value that is greater or NaN */
-        int64_t h0 = oh * sH, w0 = ow * sW, best = h0 * W + w0;
-        $T m = xp[best];
-        for (int64_t h = h0; h < h0 + kH; h++)
-          for (int64_t w = w0; w < w0 + kW; w++) {
-            $T v = xp[h * W + w];
-            if (v > m || v != v) { m = v; best = h * W + w; }
-          }
-        yp[oh * OW + ow] = m;
-        ip[oh * OW + ow] = best;
-      }
-    }
-  }
-  free(start);
-}
-
-void batchnorm_${SFX}(const $T* x, $T* y, const $T* weight, const $T* bias, $T* save_mean, $T* save_invstd,
-                   $T* running_mean, $T* running_var, int64_t N, int64_t C, int64_t HW, double eps,
-                   double momentum, int nthreads) {
-  const double count = (double)N * (double)HW;
-  #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
-  for (int64_t c = 0; c < C; c++) {
-    /* one pass, shifted by the channel's first value so that var = E[d^2] - E[d]^2 does not cancel */
-    const double shift = (double)x[c * HW];
-    double sum = 0.0, sq = 0.0;
-    for (int64_t n = 0; n < N; n++) {
-      const $T* r = x + (n * C + c) * HW;
-      #pragma omp simd reduction(+:sum, sq)
-      for (int64_t i = 0; i < HW; i++) { double d = (double)r[i] - shift; sum += d; sq += d * d; }
-    }
-    const double dmean = sum / count, mean = shift + dmean;
-    const double var = sq / count - dmean * dmean > 0.0 ? sq / count - dmean * dmean : 0.0;
-    const $T invstd = ($T)(1.0 / sqrt(var + eps));
-    /* as torch: y = x * alpha + beta with alpha = invstd * weight, beta = bias - mean * alpha */
-    const $T alpha = weight ? invstd * weight[c] : invstd;
-    const $T beta = (bias ? bias[c] : ($T)0) - ($T)mean * alpha;
-    for (int64_t n = 0; n < N && y; n++) {  /* y == NULL: statistics only (mamlkit.exec.kernels.fusion) */
-      const $T* r = x + (n * C + c) * HW;
-      $T* o = y + (n * C + c) * HW;
-      #pragma omp simd
-      for (int64_t i = 0; i < HW; i++) o[i] = r[i] * alpha + beta;
-    }
-    save_mean[c] = ($T)mean;
-    save_invstd[c] = invstd;
-    if (running_mean) running_mean[c] = ($T)((1.0 - momentum) * running_mean[c] + momentum * mean);
-    if (running_var) running_var[c] = ($T)((1.0 - momentum) * running_var[c] + momentum * var * count / (count - 1.0));
-  }
-}
-void batchnorm_backward_${SFX}(const $T* gy, const $T* x, const $T* weight, const $T* mean, const $T* invstd,
-                            $T* gx, $T* gw, $T* gb, int64_t N, int64_t C, int64_t HW, int nthreads) {
-  const double count = (double)N * (double)HW;
-  #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
-  for (int64_t c = 0; c < C; c++) {
-    const double m = (double)mean[c];
-    double sum = 0.0, dot = 0.0;
-    for (int64_t n = 0; n < N; n++) {
-      const $T* g = gy + (n * C + c) * HW;
-      const $T* r = x + (n * C + c) * HW;
-      #pragma omp simd reduction(+:sum, dot)
-      for (int64_t i = 0; i < HW; i++) { sum += (double)g[i]; dot += (double)g[i] * ((double)r[i] - m); }
-    }
-    const double s = (double)invstd[c];
-    gb[c] = ($T)sum;
-    gw[c] = ($T)(dot * s);
-    if (!gx) continue;
-    /* as torch: gx = (gy - mean(gy) - (x - mean) * dot * invstd^2 / count) * invstd * weight */
-    const $T w = weight ? weight[c] : ($T)1;
-    const $T gmean = ($T)(sum / count), proj = ($T)(dot * s * s / count), mu = mean[c], scale = ($T)s * w;
-    for (int64_t n = 0; n < N; n++) {
-      const $T* g = gy + (n * C + c) * HW;
-      const $T* r = x + (n * C + c) * HW;
-      $T* o = gx + (n * C + c) * HW;
-      #pragma omp simd
-      for (int64_t i = 0; i < HW; i++) o[i] = (g[i] - gmean - (r[i] - mu) * proj) * scale;
-    }
-  }
-}
-
-/* out = max_pool2d(relu(batch_norm(y))) from batch norm's input and batch statistics, in one pass over y.
-   Per element the same float operations as batchnorm_ above, the window rule of maxpool2d_ on them, then
-   relu (torch's clamp_min, which keeps NaN) of the maximum: relu(max z) = max relu(z), and where it is
-   positive the first maximum of z is the first of relu(z), the only index the backward uses (relu's
-   gradient is 0 elsewhere). Taking relu last keeps the loop vectorisable. off: the window-local index
-   kh * kW + kw of each maximum. */
-static void pool_plane_${SFX}(const $T* yp, const $I* start, $T alpha, $T beta, $T* op, uint8_t* fp, int64_t OHW,
-                           int64_t Wp, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OW) {
-  /* one plane of max_pool2d(relu(y * alpha + beta)), its rows Wp apart, windows starting at start[q] */
-  if (kH == 2 && kW == 2) {
-    const $I w0 = ($I)Wp, w1 = ($I)Wp + 1;
-    #pragma omp simd
-    for (int64_t q = 0; q < OHW; q++) {
-      const $I b = start[q];
-      $T m = yp[b] * alpha + beta, v;
-      $I k = 0, t;
-      v = yp[b + 1] * alpha + beta;  t = (v > m) | (v != v); m = t ? v : m; k = t ? 1 : k;
-      v = yp[b + w0] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 2 : k;
-      v = yp[b + w1] * alpha + beta; t = (v > m) | (v != v); m = t ? v : m; k = t ? 3 : k;
-      op[q] = m < 0 ? ($T)0 : m;
-      fp[q] = (uint8_t)k;
-    }
-    return;
-  }
-  for (int64_t q = 0; q < OHW; q++) {
-    const $T* x0 = yp + start[q];
-    $T m = x0[0] * alpha + beta;
-    int64_t k = 0;
-    for (int64_t i = 0; i < kH; i++)
-      for (int64_t j = 0; j < kW; j++) {
-        $T v = x0[i * Wp + j] * alpha + beta;
-        if (v > m || v != v) { m = v; k = i * kW + j; }
-      }
-    op[q] = m < 0 ? ($T)0 : m;
-    fp[q] = (uint8_t)k;
-  }
-}
-int bnrelupool_${SFX}(const $T* y, const $T* weight, const $T* bias, const $T* mean, const $T* invstd,
-                    $T* out, uint8_t* off, int64_t planes, int64_t C, int64_t H, int64_t W, int64_t kH,
-                    int64_t kW, int64_t sH, int64_t sW, int64_t OH, int64_t OW, int nthreads) {
-  const int64_t OHW = OH * OW;
-  $I* start = window_starts_${SFX}(W, sH, sW, OH, OW);
-  if (!start) return 1;  /* out of memory */
-  #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
-  for (int64_t p = 0; p < planes; p++) {
-    const int64_t c = p % C;
-    const $T alpha = weight ? invstd[c] * weight[c] : invstd[c];
-    const $T beta = (bias ? bias[c] : ($T)0) - mean[c] * alpha;
-    pool_plane_${SFX}(y + p * H * W, start, alpha, beta, out + p * OHW, off + p * OHW, OHW, W, kH, kW, sH, sW, OW);
-  }
-  free(start);
-  return 0;
-}
-/* The backward's per-plane pieces, shared by both fused blocks. The gradient reaches each window's
-   maximum where the pooled output is positive (relu's result > 0). */
-static void window_steps_${SFX}($I* step, int64_t kH, int64_t kW, int64_t rowstride) {
-  /* window-local index -> offset from the window's start, so that no division runs per element */
-  for (int64_t k = 0; k < kH * kW; k++) step[k] = ($I)((k / kW) * rowstride + k % kW);
-}
-static void window_sums_${SFX}(const $T* g, const $T* o, const uint8_t* f, const $T* yp, const $I* start,
-                            const $I* step, int64_t OHW, double m, double* sum, double* dot) {
-  /* batch norm's two backward sums over one plane: sum of dz and of dz * (y - mean) */
-  double s = 0.0, d = 0.0;
-  #pragma omp simd reduction(+:s, d)
-  for (int64_t q = 0; q < OHW; q++) {
-    const $T gq = o[q] > 0 ? g[q] : ($T)0;
-    s += (double)gq;
-    d += (double)gq * ((double)yp[start[q] + step[f[q]]] - m);
-  }
-  *sum += s;
-  *dot += d;
-}
-static void window_grads_${SFX}($T* gz, int64_t len, const $T* g, const $T* o, const uint8_t* f, const $I* start,
-                             const $I* step, int64_t OHW) {
-  /* one plane of relu's input gradient dz: zero, plus each window's gradient at its maximum (summed
-     where windows overlap) */
-  memset(gz, 0, sizeof($T) * len);
-  for (int64_t q = 0; q < OHW; q++) gz[start[q] + step[f[q]]] += o[q] > 0 ? g[q] : ($T)0;
-}
-/* Its first-order backward: the window pieces above, then batch norm's backward as batchnorm_backward_. */
-int bnrelupool_backward_${SFX}(const $T* go, const $T* y, const $T* out, const uint8_t* off, const $T* weight,
-                             const $T* mean, const $T* invstd, $T* gy, $T* gw, $T* gb, int64_t N, int64_t C,
-                             int64_t H, int64_t W, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t OH,
-                             int64_t OW, int nthreads) {
-  const int64_t HW = H * W, OHW = OH * OW;
-  const double count = (double)N * (double)HW;
-  $I step[256];
-  window_steps_${SFX}(step, kH, kW, W);
-  $I* start = window_starts_${SFX}(W, sH, sW, OH, OW);
-  int failed = !start;
-  #pragma omp parallel num_threads(nthreads) if(nthreads > 1 && !failed)
-  {
-    $T* gz = gy && !failed ? ($T*)malloc(sizeof($T) * HW) : 0;  /* one plane of relu's input gradient */
-    if (gy && !gz) failed = 1;
-    #pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; c++) {
-      if (!start || (gy && !gz)) continue;
-      const $T m = mean[c];
-      double sum = 0.0, dot = 0.0;
-      for (int64_t n = 0; n < N; n++) {
-        const int64_t p = n * C + c;
-        window_sums_${SFX}(go + p * OHW, out + p * OHW, off + p * OHW, y + p * HW, start, step, OHW, m, &sum, &dot);
-      }
-      const double s = (double)invstd[c];
-      gb[c] = ($T)sum;
-      gw[c] = ($T)(dot * s);
-      if (!gy) continue;
-      const $T w = weight ? weight[c] : ($T)1;
-      const $T gmean = ($T)(sum / count), proj = ($T)(dot * s * s / count), mu = m, scale = ($T)s * w;
-      for (int64_t n = 0; n < N; n++) {
-        const int64_t p = n * C + c;
-        const $T* yp = y + p * HW;
-        $T* gp = gy + p * HW;
-        window_grads_${SFX}(gz, HW, go + p * OHW, out + p * OHW, off + p * OHW, start, step, OHW);
-        #pragma omp simd
-        for (int64_t i = 0; i < HW; i++) gp[i] = (gz[i] - gmean - (yp[i] - mu) * proj) * scale;
-      }
-    }
-    free(gz);
-  }
-  free(start);
-  return failed;
-}
-
-/* Conv (one input channel, stride 1, zero padding) -> batch norm -> relu -> max-pool, with the convolution
-   recomputed per plane from the small input instead of stored. Conv outputs live in a per-thread plane
-   buffer in "padded width" layout: row h at h * Wp, with Wp = W + 2 pW, so that one flat loop over
-   H1 * Wp positions computes them all (the columns from W1 on are not used). */
-static $T* pad_images_${SFX}(const $T* x, int64_t N, int64_t H, int64_t W, int64_t pH, int64_t pW, int64_t slack) {
-  const int64_t Hp = H + 2 * pH, Wp = W + 2 * pW;
-  $T* xp = ($T*)calloc(N * Hp * Wp + slack, sizeof($T));
-  if (xp)
-    for (int64_t n = 0; n < N; n++)
-      for (int64_t h = 0; h < H; h++)
-        memcpy(xp + n * Hp * Wp + (h + pH) * Wp + pW, x + (n * H + h) * W, sizeof($T) * W);
-  return xp;
-}
-static void conv_plane_${SFX}(const $T* xp, const $T* k, $T b, $T* y, int64_t len, int64_t Wp, int64_t kH, int64_t kW) {
-  if (kH == 3 && kW == 3) {  /* Conv4's 3x3: the nine taps in registers, one pass */
-    const $T k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6], k7 = k[7], k8 = k[8];
-    const $T *r0 = xp, *r1 = xp + Wp, *r2 = xp + 2 * Wp;
-    #pragma omp simd
-    for (int64_t i = 0; i < len; i++)
-      y[i] = b + k0 * r0[i] + k1 * r0[i + 1] + k2 * r0[i + 2] + k3 * r1[i] + k4 * r1[i + 1] + k5 * r1[i + 2]
-               + k6 * r2[i] + k7 * r2[i + 1] + k8 * r2[i + 2];
-    return;
-  }
-  #pragma omp simd
-  for (int64_t i = 0; i < len; i++) y[i] = b;
-  for (int64_t a = 0; a < kH; a++)
-    for (int64_t c = 0; c < kW; c++) {
-      const $T kv = k[a * kW + c];
-      const $T* src = xp + a * Wp + c;
-      #pragma omp simd
-      for (int64_t i = 0; i < len; i++) y[i] += kv * src[i];
-    }
-}
-int convbnrelupool_${SFX}(const $T* x, const $T* cw, const $T* cb, const $T* weight, const $T* bias,
-                       $T* save_mean, $T* save_invstd, $T* running_mean, $T* running_var, $T* out, uint8_t* off,
-                       int64_t N, int64_t C, int64_t H, int64_t W, int64_t kH, int64_t kW, int64_t pH, int64_t pW,
-                       int64_t pkH, int64_t pkW, int64_t psH, int64_t psW, int64_t OH, int64_t OW, double eps,
-                       double momentum, int nthreads) {
-  const int64_t Hp = H + 2 * pH, Wp = W + 2 * pW, H1 = Hp - kH + 1, W1 = Wp - kW + 1, len = H1 * Wp, OHW = OH * OW;
-  const double count = (double)N * (double)(H1 * W1);
-  $T* xp = pad_images_${SFX}(x, N, H, W, pH, pW, Wp + kW);
-  $I* start = window_starts_${SFX}(Wp, psH, psW, OH, OW);
-  int failed = !xp || !start;
-  #pragma omp parallel num_threads(nthreads) if(nthreads > 1 && !failed)
-  {
-    $T* y = failed ? 0 : ($T*)malloc(sizeof($T) * len);
-    if (!y) failed = 1;
-    #pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; c++) {
-      if (!y) continue;
-      const $T* k = cw + c * kH * kW;
-      const $T b = cb ? cb[c] : ($T)0;
-      double shift = 0.0, sum = 0.0, sq = 0.0;
-      for (int64_t n = 0; n < N; n++) {
-        conv_plane_${SFX}(xp + n * Hp * Wp, k, b, y, len, Wp, kH, kW);
-        if (n == 0) shift = (double)y[0];  /* as batchnorm_: shifted sums */
-        for (int64_t h = 0; h < H1; h++) {
-          const $T* r = y + h * Wp;
-          #pragma omp simd reduction(+:sum, sq)
-          for (int64_t i = 0; i < W1; i++) { double d = (double)r[i] - shift; sum += d; sq += d * d; }
-        }
-      }
-      const double dmean = sum / count, mean = shift + dmean;
-      const double var = sq / count - dmean * dmean > 0.0 ? sq / count - dmean * dmean : 0.0;
-      const $T invstd = ($T)(1.0 / sqrt(var + eps));
-      save_mean[c] = ($T)mean;
-      save_invstd[c] = invstd;
-      if (running_mean) running_mean[c] = ($T)((1.0 - momentum) * running_mean[c] + momentum * mean);
-      if (running_var)
-        running_var[c] = ($T)((1.0 - momentum) * running_var[c] + momentum * var * count / (count - 1.0));
-      const $T alpha = weight ? invstd * weight[c] : invstd;
-      const $T beta = (bias ? bias[c] : ($T)0) - ($T)mean * alpha;
-      for (int64_t n = 0; n < N; n++) {
-        conv_plane_${SFX}(xp + n * Hp * Wp, k, b, y, len, Wp, kH, kW);
-        pool_plane_${SFX}(y, start, alpha, beta, out + (n * C + c) * OHW, off + (n * C + c) * OHW, OHW, Wp,
-                          pkH, pkW, psH, psW, OW);
-      }
-    }
-    free(y);
-  }
-  free(xp);
-  free(start);
-  return failed;
-}
-/* Its first-order backward: batch norm's and the convolution's weight and bias gradients; the gradient
-   with respect to the conv output is formed one plane at a time and never stored. */
-int convbnrelupool_backward_${SFX}(const $T* go, const $T* x, const $T* cw, const $T* cb, const $T* out,
-                                const uint8_t* off, const $T* weight, const $T* mean, const $T* invstd, $T* gcw,
-                                $T* gcb, $T* gw, $T* gb, int64_t N, int64_t C, int64_t H, int64_t W, int64_t kH,
-                                int64_t kW, int64_t pH, int64_t pW, int64_t pkH, int64_t pkW, int64_t psH,
-                                int64_t psW, int64_t OH, int64_t OW, int nthreads) {
-  const int64_t Hp = H + 2 * pH, Wp = W + 2 * pW, H1 = Hp - kH + 1, W1 = Wp - kW + 1, len = H1 * Wp, OHW = OH * OW;
-  const double count = (double)N * (double)(H1 * W1);
-  $T* xp = pad_images_${SFX}(x, N, H, W, pH, pW, Wp + kW);
-  $I* start = window_starts_${SFX}(Wp, psH, psW, OH, OW);
-  $I step[256];
-  window_steps_${SFX}(step, pkH, pkW, Wp);
-  int failed = !xp || !start;
-  #pragma omp parallel num_threads(nthreads) if(nthreads > 1 && !failed)
-  {
-    $T* y = failed ? 0 : ($T*)malloc(sizeof($T) * 2 * len);
-    if (!y) failed = 1;
-    $T* gz = y + len;
-    double acc[65];  /* the channel's kH * kW weight gradients and its bias gradient, summed over planes */
-    #pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; c++) {
-      if (!y) continue;
-      const $T* k = cw + c * kH * kW;
-      const $T b = cb ? cb[c] : ($T)0;
-      const $T m = mean[c];
-      double sum = 0.0, dot = 0.0;
-      for (int64_t n = 0; n < N; n++) {
-        const int64_t p = n * C + c;
-        conv_plane_${SFX}(xp + n * Hp * Wp, k, b, y, len, Wp, kH, kW);
-        window_sums_${SFX}(go + p * OHW, out + p * OHW, off + p * OHW, y, start, step, OHW, m, &sum, &dot);
-      }
-      const double s = (double)invstd[c];
-      gb[c] = ($T)sum;
-      gw[c] = ($T)(dot * s);
-      const $T w = weight ? weight[c] : ($T)1;
-      const $T gmean = ($T)(sum / count), proj = ($T)(dot * s * s / count), mu = m, scale = ($T)s * w;
-      for (int64_t t = 0; t <= kH * kW; t++) acc[t] = 0.0;
-      for (int64_t n = 0; n < N; n++) {
-        const int64_t p = n * C + c;
-        const $T* xn = xp + n * Hp * Wp;
-        conv_plane_${SFX}(xn, k, b, y, len, Wp, kH, kW);
-        window_grads_${SFX}(gz, len, go + p * OHW, out + p * OHW, off + p * OHW, start, step, OHW);
-        for (int64_t h = 0; h < H1; h++) {  /* gz becomes the conv output's gradient (0 off the image) */
-          $T* r = gz + h * Wp;
-          const $T* yr = y + h * Wp;
-          #pragma omp simd
-          for (int64_t i = 0; i < W1; i++) r[i] = (r[i] - gmean - (yr[i] - mu) * proj) * scale;
-          for (int64_t i = W1; i < Wp; i++) r[i] = 0;
-        }
-        $T bsum = 0;
-        if (kH == 3 && kW == 3) {  /* the nine weight gradients and the bias's in one pass */
-          const $T *r0 = xn, *r1 = xn + Wp, *r2 = xn + 2 * Wp;
-          $T d0 = 0, d1 = 0, d2 = 0, d3 = 0, d4 = 0, d5 = 0, d6 = 0, d7 = 0, d8 = 0;
-          #pragma omp simd reduction(+:bsum, d0, d1, d2, d3, d4, d5, d6, d7, d8)
-          for (int64_t i = 0; i < len; i++) {
-            const $T v = gz[i];
-            bsum += v;
-            d0 += v * r0[i]; d1 += v * r0[i + 1]; d2 += v * r0[i + 2];
-            d3 += v * r1[i]; d4 += v * r1[i + 1]; d5 += v * r1[i + 2];
-            d6 += v * r2[i]; d7 += v * r2[i + 1]; d8 += v * r2[i + 2];
-          }
-          acc[0] += d0; acc[1] += d1; acc[2] += d2; acc[3] += d3; acc[4] += d4;
-          acc[5] += d5; acc[6] += d6; acc[7] += d7; acc[8] += d8; acc[9] += bsum;
-          continue;
-        }
-        #pragma omp simd reduction(+:bsum)
-        for (int64_t i = 0; i < len; i++) bsum += gz[i];
-        acc[kH * kW] += (double)bsum;
-        for (int64_t a = 0; a < kH; a++)
-          for (int64_t cc = 0; cc < kW; cc++) {
-            const $T* src = xn + a * Wp + cc;
-            $T d = 0;
-            #pragma omp simd reduction(+:d)
-            for (int64_t i = 0; i < len; i++) d += gz[i] * src[i];
-            acc[a * kW + cc] += (double)d;
-          }
-      }
-      for (int64_t t = 0; t < kH * kW; t++) gcw[c * kH * kW + t] = ($T)acc[t];
-      if (gcb) gcb[c] = ($T)acc[kH * kW];
-    }
-    free(y);
-  }
-  free(xp);
-  free(start);
-  return failed;
-}
-""")
-_SOURCE = "#include <math.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\n" + "".join(
-    _TEMPLATE.substitute(T=t, I=i, SFX=sfx)
-    # $I: the window-offset type, as wide as $T so that one vector holds both (gathers need that)
-    for t, i, sfx in (("float", "int32_t", "f32"), ("double", "int64_t", "f64")))
+# The C source: kernels.c includes kernels_typed.h once per element type (package data, next to this file).
+_SOURCES = ("kernels.c", "kernels_typed.h")
+# -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: one thread pool.
+_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+# -march=native: built on the machine it runs on, in this process. Falls back to a portable build.
+_ARCHES = (("-march=native",), ())
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _I64, _INT, _DBL, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
 
@@ -503,26 +110,46 @@ def _library() -> ctypes.CDLL | None:
     return _lib  # type: ignore[return-value]
 
 
+def _compile(cc: str, directory: str, arch: tuple[str, ...] = (), warnings: tuple[str, ...] = ()
+             ) -> tuple[str, subprocess.CompletedProcess]:
+    """Copy the C source into ``directory`` and compile it there with ``cc`` into a shared library; returns
+    its path and the compiler's result. The source is read through importlib.resources, so that it is found
+    wherever the package is installed."""
+    files = importlib.resources.files(__name__)
+    for name in _SOURCES:
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(files.joinpath(name).read_text())
+    src, lib = os.path.join(directory, _SOURCES[0]), os.path.join(directory, "kernels.so")
+    proc = subprocess.run([cc, *_FLAGS, *arch, *warnings, src, "-o", lib], capture_output=True, text=True,
+                          timeout=120)
+    return lib, proc
+
+
+def _unavailable(reason: str, *args: object) -> None:
+    """Say, once per process (the build runs once), that the kernels fell back to torch's. A warning, not
+    info: an unannounced fallback is a slowdown nobody sees (the CLI shows warnings and hides info)."""
+    log.warning("mamlkit: " + reason + "; max-pooling and batch norm use torch's slower NCHW CPU kernels "
+                "(install a C compiler such as gcc, or point CC at one, for the fast ones; "
+                "MAMLKIT_FAST_KERNELS=0 turns them off)", *args)
+
+
 def _build() -> ctypes.CDLL | None:
+    """Compile and load the kernels, in a temporary folder that is removed once the library is loaded: they
+    are built once per process (1.2 s of CPU time) and never cached on disk, so a changed compiler or
+    CPU never meets a stale library."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.info("mamlkit: no C compiler found; max-pool and batch norm use torch's slower NCHW CPU kernels")
+        _unavailable("no C compiler found (CC is unset and neither cc nor gcc is on PATH)")
         return None
     tmp = tempfile.mkdtemp(prefix="mamlkit-kernels-")
     try:
-        src, lib = os.path.join(tmp, "kernels.c"), os.path.join(tmp, "kernels.so")
-        with open(src, "w") as f:
-            f.write(_SOURCE)
-        # -march=native: built on the machine it runs on, in this process. Falls back to a portable build.
-        # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: one thread pool.
-        for arch in (["-march=native"], []):
-            proc = subprocess.run([cc, "-O3", *arch, "-fopenmp", "-shared", "-fPIC", src, "-o", lib],
-                                  capture_output=True, text=True, timeout=120)
+        for arch in _ARCHES:
+            lib, proc = _compile(cc, tmp, arch)
             if proc.returncode == 0:
                 break
         else:
-            log.info("mamlkit: building the fast CPU kernels failed (%s); using torch's",
-                     proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else proc.returncode)
+            _unavailable("building the fast CPU kernels failed (%s)",
+                         proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else proc.returncode)
             return None
         handle = ctypes.CDLL(lib)
         for sfx in _SUFFIX.values():
@@ -539,7 +166,7 @@ def _build() -> ctypes.CDLL | None:
             getattr(handle, f"convbnrelupool_backward_{sfx}").argtypes = [_PTR] * 13 + [_I64] * 14 + [_INT]
         return handle
     except (OSError, subprocess.SubprocessError) as err:
-        log.info("mamlkit: fast CPU kernels unavailable (%s); using torch's", err)
+        _unavailable("the fast CPU kernels are unavailable (%s)", err)
         return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the loaded library stays mapped
@@ -564,15 +191,152 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+# The kernels as operators of the ``mamlkit`` namespace (``torch.ops.mamlkit.*``, see the module docstring for
+# what that costs): each is a CPU implementation that allocates the outputs and calls the compiled function;
+# the autograd.Functions below call the operators. Optional outputs the caller does not want come back
+# empty (numel 0), as an operator returns tensors, not None.
+_OPS = torch.library.Library("mamlkit", "DEF")
+# name -> (schema, CPU implementation), for benchmarks/kernel_dispatch.py
+_IMPLS: dict[str, tuple[str, object]] = {}
+
+
+def _op(schema: str):
+    """Define ``torch.ops.mamlkit.<name>`` by ``schema`` with the decorated function as its CPU kernel."""
+    def register(fn):
+        name = schema.split("(", 1)[0]
+        _IMPLS[name] = schema[len(name):], fn
+        _OPS.define(schema)
+        _OPS.impl(name, fn, "CPU")
+        # not differentiable themselves: the autograd.Functions below differentiate them, so autograd
+        # passes through (outputs take no gradient, as tensors a ctypes call wrote)
+        _OPS.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        return getattr(torch.ops.mamlkit, name)
+    return register
+
+
+def _none_if_empty(t: Tensor) -> Tensor | None:
+    return None if t.numel() == 0 else t
+
+
+@_op("max_pool2d(Tensor x, int[2] kernel, int[2] stride) -> (Tensor, Tensor)")
+def _max_pool2d_op(x: Tensor, kernel: list[int], stride: list[int]) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
+    y = x.new_empty((n, c, oh, ow))
+    idx = torch.empty((n, c, oh, ow), dtype=torch.int64)
+    _kernel("maxpool2d", x.dtype)(
+        x.data_ptr(), y.data_ptr(), idx.data_ptr(), n * c, h, w, *kernel, *stride, oh, ow, _threads())
+    return y, idx
+
+
+@_op("batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+     "float momentum, float eps, bool output) -> (Tensor, Tensor, Tensor)")
+def _batch_norm_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                   running_var: Tensor | None, momentum: float, eps: float, output: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, invstd)``; ``y`` empty when not ``output`` (statistics and running statistics only)."""
+    n, c, hw = _ncl(x)
+    mean, invstd = x.new_empty(c), x.new_empty(c)  # small ones first, as torch does (less fragmentation)
+    y = torch.empty_like(x) if output else x.new_empty(0)
+    _kernel("batchnorm", x.dtype)(
+        x.data_ptr(), _ptr(_none_if_empty(y)), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
+        _ptr(running_mean), _ptr(running_var), n, c, hw, float(eps), float(momentum), _threads())
+    return y, mean, invstd
+
+
+@_op("batch_norm_backward(Tensor grad, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, bool input_grad) "
+     "-> (Tensor, Tensor, Tensor)")
+def _batch_norm_backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+                            input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d x, d weight, d bias)``, ``d x`` empty when not ``input_grad``."""
+    n, c, hw = _ncl(x)
+    gw, gb = x.new_empty(c), x.new_empty(c)
+    gx = torch.empty_like(x) if input_grad else x.new_empty(0)
+    _kernel("batchnorm_backward", x.dtype)(
+        grad.data_ptr(), x.data_ptr(), _ptr(weight), mean.data_ptr(), invstd.data_ptr(), _ptr(_none_if_empty(gx)),
+        gw.data_ptr(), gb.data_ptr(), n, c, hw, _threads())
+    return gx, gw, gb
+
+
+@_op("batch_norm_relu_max_pool(Tensor y, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, int[2] kernel, "
+     "int[2] stride) -> (Tensor, Tensor)")
+def _block_op(y: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
+              kernel: list[int], stride: list[int]) -> tuple[Tensor, Tensor]:
+    """``(out, off)``: the pooled output and each window's argmax as a window-local byte."""
+    n, c, h, w = y.shape
+    oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
+    off = torch.empty((n, c, oh, ow), dtype=torch.uint8)  # window-local argmax: 1 byte, not torch's 8
+    out = y.new_empty((n, c, oh, ow))
+    if _kernel("bnrelupool", y.dtype)(
+            y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(), out.data_ptr(),
+            off.data_ptr(), n * c, c, h, w, *kernel, *stride, oh, ow, _threads()):
+        raise MemoryError("mamlkit.exec.kernels: out of memory in the fused block")
+    return out, off
+
+
+@_op("batch_norm_relu_max_pool_backward(Tensor grad, Tensor y, Tensor out, Tensor off, Tensor? weight, Tensor mean, "
+     "Tensor invstd, int[2] kernel, int[2] stride, bool input_grad) -> (Tensor, Tensor, Tensor)")
+def _block_backward_op(grad: Tensor, y: Tensor, out: Tensor, off: Tensor, weight: Tensor | None, mean: Tensor,
+                       invstd: Tensor, kernel: list[int], stride: list[int], input_grad: bool
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d y, d weight, d bias)``, ``d y`` empty when not ``input_grad``."""
+    n, c, h, w = y.shape
+    gw, gb = y.new_empty(c), y.new_empty(c)
+    gy = torch.empty_like(y) if input_grad else y.new_empty(0)
+    if _kernel("bnrelupool_backward", y.dtype)(
+            grad.data_ptr(), y.data_ptr(), out.data_ptr(), off.data_ptr(), _ptr(weight), mean.data_ptr(),
+            invstd.data_ptr(), _ptr(_none_if_empty(gy)), gw.data_ptr(), gb.data_ptr(), n, c, h, w, *kernel, *stride,
+            out.shape[2], out.shape[3], _threads()):
+        raise MemoryError("mamlkit.exec.kernels: out of memory in the fused block's backward")
+    return gy, gw, gb
+
+
+@_op("conv_batch_norm_relu_max_pool(Tensor x, Tensor cw, Tensor? cb, Tensor? weight, Tensor? bias, "
+     "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, int[2] padding, int[2] kernel, "
+     "int[2] stride) -> (Tensor, Tensor, Tensor, Tensor)")
+def _conv_block_op(x: Tensor, cw: Tensor, cb: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                   running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float,
+                   padding: list[int], kernel: list[int], stride: list[int]) -> tuple[Tensor, ...]:
+    """``(out, off, mean, invstd)`` of the conv block (``cw`` contiguous)."""
+    n, _, h, w = x.shape
+    c, kh, kw = cw.shape[0], cw.shape[2], cw.shape[3]
+    h1, w1 = h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1
+    oh, ow = (h1 - kernel[0]) // stride[0] + 1, (w1 - kernel[1]) // stride[1] + 1
+    mean, invstd = x.new_empty(c), x.new_empty(c)
+    off = torch.empty((n, c, oh, ow), dtype=torch.uint8)
+    out = x.new_empty((n, c, oh, ow))
+    if _kernel("convbnrelupool", x.dtype)(
+            x.data_ptr(), cw.data_ptr(), _ptr(cb), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
+            _ptr(running_mean), _ptr(running_var), out.data_ptr(), off.data_ptr(), n, c, h, w, kh, kw,
+            *padding, *kernel, *stride, oh, ow, float(eps), float(momentum), _threads()):
+        raise MemoryError("mamlkit.exec.kernels: out of memory in the fused conv block")
+    return out, off, mean, invstd
+
+
+@_op("conv_batch_norm_relu_max_pool_backward(Tensor grad, Tensor x, Tensor cw, Tensor? cb, Tensor out, Tensor off, "
+     "Tensor? weight, Tensor mean, Tensor invstd, int[2] padding, int[2] kernel, int[2] stride) "
+     "-> (Tensor, Tensor, Tensor, Tensor)")
+def _conv_block_backward_op(grad: Tensor, x: Tensor, cw: Tensor, cb: Tensor | None, out: Tensor, off: Tensor,
+                            weight: Tensor | None, mean: Tensor, invstd: Tensor, padding: list[int],
+                            kernel: list[int], stride: list[int]) -> tuple[Tensor, ...]:
+    """``(d cw, d cb, d weight, d bias)``, ``d cb`` empty without ``cb``."""
+    n, _, h, w = x.shape
+    c = cw.shape[0]
+    gcw, gw, gb = torch.empty_like(cw), x.new_empty(c), x.new_empty(c)
+    gcb = x.new_empty(c) if cb is not None else x.new_empty(0)
+    if _kernel("convbnrelupool_backward", x.dtype)(
+            grad.data_ptr(), x.data_ptr(), cw.data_ptr(), _ptr(cb), out.data_ptr(), off.data_ptr(), _ptr(weight),
+            mean.data_ptr(), invstd.data_ptr(), gcw.data_ptr(), _ptr(_none_if_empty(gcb)), gw.data_ptr(),
+            gb.data_ptr(), n, c, h, w, cw.shape[2], cw.shape[3], *padding, *kernel, *stride, out.shape[2],
+            out.shape[3], _threads()):
+        raise MemoryError("mamlkit.exec.kernels: out of memory in the fused conv block's backward")
+    return gcw, gcb, gw, gb
+
+
 class _MaxPool2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, kernel: tuple[int, int], stride: tuple[int, int]):
-        n, c, h, w = x.shape
-        oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
-        y = x.new_empty((n, c, oh, ow))
-        idx = torch.empty((n, c, oh, ow), dtype=torch.int64)
-        _kernel("maxpool2d", x.dtype)(
-            x.data_ptr(), y.data_ptr(), idx.data_ptr(), n * c, h, w, *kernel, *stride, oh, ow, _threads())
+        y, idx = torch.ops.mamlkit.max_pool2d(x, kernel, stride)
         ctx.save_for_backward(x, idx)
         ctx.kernel, ctx.stride = kernel, stride
         ctx.mark_non_differentiable(idx)
@@ -591,12 +355,8 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                 running_var: Tensor | None, momentum: float, eps: float):
-        n, c, hw = _ncl(x)
-        mean, invstd = x.new_empty(c), x.new_empty(c)  # small ones first, as torch does (less fragmentation)
-        y = torch.empty_like(x)
-        _kernel("batchnorm", x.dtype)(
-            x.data_ptr(), y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
-            _ptr(running_mean), _ptr(running_var), n, c, hw, float(eps), float(momentum), _threads())
+        y, mean, invstd = torch.ops.mamlkit.batch_norm(x, weight, bias, running_mean, running_var, momentum, eps,
+                                                       True)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, invstd)
@@ -614,14 +374,8 @@ class _BatchNorm(torch.autograd.Function):
                 [need[0], weight is not None and need[1], need[2]])
             return gx, gw, gb, None, None, None, None
         # a first-order backward (the outer one): the same formula, compiled
-        grad = grad.contiguous()
-        n, c, hw = _ncl(x)
-        gw, gb = x.new_empty(c), x.new_empty(c)
-        gx = torch.empty_like(x) if need[0] else None
-        _kernel("batchnorm_backward", x.dtype)(
-            grad.data_ptr(), x.data_ptr(), _ptr(weight), mean.data_ptr(), invstd.data_ptr(), _ptr(gx),
-            gw.data_ptr(), gb.data_ptr(), n, c, hw, _threads())
-        return (gx, gw if weight is not None and need[1] else None, gb if need[2] else None,
+        gx, gw, gb = torch.ops.mamlkit.batch_norm_backward(grad.contiguous(), x, weight, mean, invstd, need[0])
+        return (_none_if_empty(gx), gw if weight is not None and need[1] else None, gb if need[2] else None,
                 None, None, None, None)
 
 
@@ -633,14 +387,7 @@ class _BatchNormReLUMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
                 eps: float, kernel: tuple[int, int], stride: tuple[int, int]):
-        n, c, h, w = y.shape
-        oh, ow = (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
-        off = torch.empty((n, c, oh, ow), dtype=torch.uint8)  # window-local argmax: 1 byte, not torch's 8
-        out = y.new_empty((n, c, oh, ow))
-        if _kernel("bnrelupool", y.dtype)(
-                y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(), out.data_ptr(),
-                off.data_ptr(), n * c, c, h, w, *kernel, *stride, oh, ow, _threads()):
-            raise MemoryError("mamlkit.exec.kernels: out of memory in the fused block")
+        out, off = torch.ops.mamlkit.batch_norm_relu_max_pool(y, weight, bias, mean, invstd, kernel, stride)
         ctx.save_for_backward(y, weight, mean, invstd, out, off)
         ctx.eps, ctx.kernel, ctx.stride = eps, kernel, stride
         return out
@@ -653,16 +400,9 @@ class _BatchNormReLUMaxPool(torch.autograd.Function):
         if torch.is_grad_enabled():
             gy, gw, gb = _block_backward_by_torch(grad, y, weight, mean, invstd, out, off, ctx, mask)
             return gy, gw, gb, None, None, None, None, None
-        grad = grad.contiguous()
-        n, c, h, w = y.shape
-        gw, gb = y.new_empty(c), y.new_empty(c)
-        gy = torch.empty_like(y) if need[0] else None
-        if _kernel("bnrelupool_backward", y.dtype)(
-                grad.data_ptr(), y.data_ptr(), out.data_ptr(), off.data_ptr(), _ptr(weight), mean.data_ptr(),
-                invstd.data_ptr(), _ptr(gy), gw.data_ptr(), gb.data_ptr(), n, c, h, w, *ctx.kernel, *ctx.stride,
-                out.shape[2], out.shape[3], _threads()):
-            raise MemoryError("mamlkit.exec.kernels: out of memory in the fused block's backward")
-        return gy, gw if mask[1] else None, gb if need[2] else None, None, None, None, None, None
+        gy, gw, gb = torch.ops.mamlkit.batch_norm_relu_max_pool_backward(
+            grad.contiguous(), y, out, off, weight, mean, invstd, ctx.kernel, ctx.stride, need[0])
+        return _none_if_empty(gy), gw if mask[1] else None, gb if need[2] else None, None, None, None, None, None
 
 
 def batch_norm_relu_max_pool(y: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
@@ -683,19 +423,9 @@ class _ConvBatchNormReLUMaxPool(torch.autograd.Function):
     def forward(ctx, x: Tensor, cw: Tensor, cb: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float,
                 padding: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]):
-        n, _, h, w = x.shape
-        c, kh, kw = cw.shape[0], cw.shape[2], cw.shape[3]
-        h1, w1 = h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1
-        oh, ow = (h1 - kernel[0]) // stride[0] + 1, (w1 - kernel[1]) // stride[1] + 1
-        mean, invstd = x.new_empty(c), x.new_empty(c)
-        off = torch.empty((n, c, oh, ow), dtype=torch.uint8)
-        out = x.new_empty((n, c, oh, ow))
         cw = cw.contiguous()
-        if _kernel("convbnrelupool", x.dtype)(
-                x.data_ptr(), cw.data_ptr(), _ptr(cb), _ptr(weight), _ptr(bias), mean.data_ptr(), invstd.data_ptr(),
-                _ptr(running_mean), _ptr(running_var), out.data_ptr(), off.data_ptr(), n, c, h, w, kh, kw,
-                *padding, *kernel, *stride, oh, ow, float(eps), float(momentum), _threads()):
-            raise MemoryError("mamlkit.exec.kernels: out of memory in the fused conv block")
+        out, off, mean, invstd = torch.ops.mamlkit.conv_batch_norm_relu_max_pool(
+            x, cw, cb, weight, bias, running_mean, running_var, momentum, eps, padding, kernel, stride)
         ctx.save_for_backward(x, cw, cb, weight, mean, invstd, out, off)
         ctx.eps, ctx.padding, ctx.kernel, ctx.stride = eps, padding, kernel, stride
         return out
@@ -713,18 +443,9 @@ class _ConvBatchNormReLUMaxPool(torch.autograd.Function):
                 gy, x, cw, None if cb is None else [cw.shape[0]], [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
                 [False, need[1], cb is not None and need[2]])
             return None, gcw, gcb, gw, gb, None, None, None, None, None, None, None
-        grad = grad.contiguous()
-        n, _, h, w = x.shape
-        c = cw.shape[0]
-        gcw, gw, gb = torch.empty_like(cw), x.new_empty(c), x.new_empty(c)
-        gcb = x.new_empty(c) if cb is not None else None
-        if _kernel("convbnrelupool_backward", x.dtype)(
-                grad.data_ptr(), x.data_ptr(), cw.data_ptr(), _ptr(cb), out.data_ptr(), off.data_ptr(), _ptr(weight),
-                mean.data_ptr(), invstd.data_ptr(), gcw.data_ptr(), _ptr(gcb), gw.data_ptr(), gb.data_ptr(), n, c, h,
-                w, cw.shape[2], cw.shape[3], *ctx.padding, *ctx.kernel, *ctx.stride, out.shape[2], out.shape[3],
-                _threads()):
-            raise MemoryError("mamlkit.exec.kernels: out of memory in the fused conv block's backward")
-        return (None, gcw if need[1] else None, gcb if need[2] else None,
+        gcw, gcb, gw, gb = torch.ops.mamlkit.conv_batch_norm_relu_max_pool_backward(
+            grad.contiguous(), x, cw, cb, out, off, weight, mean, invstd, ctx.padding, ctx.kernel, ctx.stride)
+        return (None, gcw if need[1] else None, _none_if_empty(gcb) if need[2] else None,
                 gw if weight is not None and need[3] else None, gb if need[4] else None,
                 None, None, None, None, None, None, None)
 
@@ -766,10 +487,7 @@ def batch_stats(y: Tensor, running_mean: Tensor | None, running_var: Tensor | No
                 eps: float) -> tuple[Tensor, Tensor]:
     """Training-mode batch norm's statistics of ``y`` ``[N, C, H, W]``: ``(mean, invstd)`` ``[C]``, with the
     running statistics updated as ``F.batch_norm`` does (``var`` unbiased there); no output written."""
-    mean, invstd = y.new_empty(y.shape[1]), y.new_empty(y.shape[1])
-    _kernel("batchnorm", y.dtype)(
-        y.data_ptr(), None, None, None, mean.data_ptr(), invstd.data_ptr(), _ptr(running_mean), _ptr(running_var),
-        *_ncl(y), float(eps), float(momentum), _threads())
+    _, mean, invstd = torch.ops.mamlkit.batch_norm(y, None, None, running_mean, running_var, momentum, eps, False)
     return mean, invstd
 
 
@@ -807,7 +525,7 @@ def _pair(v, default) -> tuple[int, int] | None:
 # Below this many elements torch's kernels take tens of microseconds, about what the autograd.Function
 # around a compiled kernel costs in Python, and under the threads strategy that Python time holds the GIL:
 # on Omniglot 5w1s (stride-2 Conv4, [5, 64, 14, 14] activations) routing every batch norm slowed threads
-# to 0.75× (benchmarks/RESULTS.md, issue 8 session 5).
+# to 0.75× (docs/performance-notes.md).
 MIN_ELEMENTS = 2**18
 
 
@@ -933,7 +651,7 @@ def _outside_transforms() -> bool:
 
 # Whether code run under ``fast(key)`` used a kernel the first time. A mode costs a Python call on every
 # torch function, which slowed threads on Omniglot 5w1s by 11% where no tensor was large enough
-# (benchmarks/RESULTS.md, issue 8 session 5), so code that did not use them runs without the mode after.
+# (docs/performance-notes.md), so code that did not use them runs without the mode after.
 _USEFUL: dict[Hashable, bool] = {}
 
 

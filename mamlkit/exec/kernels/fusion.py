@@ -1,4 +1,4 @@
-"""[Conv →] batch norm → ReLU → max-pool blocks run as one compiled kernel in the per-task loop (issue 8).
+"""[Conv →] batch norm → ReLU → max-pool blocks run as one compiled kernel in the per-task loop.
 
 Why: in Conv4 with max-pooling (the mini-ImageNet network, and Omniglot with ``pool=True``) the first
 block's ``[N, 64, 28, 28]`` tensors make each op memory-bound. Run one by one, batch norm writes its
