@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from mamlkit import config
-from mamlkit.errors import UserError
+from mamlkit.errors import DiskFull, UserError
 from mamlkit.presets import PRESETS, preset_config
 
 # Fields that may change when a run is resumed; everything else defines the run.
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("preset_name", nargs="?", metavar="PRESET", help="preset name (see `mamlkit presets`)")
     train.add_argument("--config", help="YAML file of config overrides")
     train.add_argument("--resume", metavar="RUN", help="continue the run in this folder or checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in the run folder (its checkpoints, logs and reports)")
     add_config_flags(train)
 
     ev = sub.add_parser("eval", help="evaluate a run or checkpoint on fixed test tasks")
@@ -97,28 +99,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mamlkit import reports, train
+    from mamlkit import runfolder
 
-    overrides = {k: v for k, v in vars(args).items() if k in config.field_types()}
+    run: list[Path] = []  # the run folder, once known: named in the message after a stop signal
+    try:
+        with runfolder.stop_on_signals():
+            return _train(args, run)
+    except runfolder.Stopped as e:
+        where = f"; resume with `mamlkit train --resume {run[0]}`" if run else " before training began"
+        print(f"mamlkit: stopped by {e.args[0]}{where}", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun, rank 0 alone owns the run folder (locks, clears, reports); elsewhere always."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _lock(run_dir: Path):
+    from mamlkit import runfolder
+
+    return runfolder.lock(run_dir) if _is_main_rank() else contextlib.nullcontext()
+
+
+def _train(args: argparse.Namespace, run: list[Path]) -> int:
+    from mamlkit import reports, runfolder, train
+    from mamlkit.tasks import check_fields
+
+    given = {k: v for k, v in vars(args).items() if k in config.field_types()}
+    file_values = config.load_yaml(args.config) if args.config else {}
     if args.resume:
+        if args.preset_name:
+            raise UserError(f"pass either a preset or --resume RUN, not both: a resumed run keeps its own config, "
+                            f"so preset {args.preset_name!r} would be ignored")
+        if args.overwrite:
+            raise UserError("--overwrite starts a fresh run; it cannot be combined with --resume")
         trainer = train.load_trainer(args.resume)
+        overrides = {**file_values, **given}  # --config with --resume may hold only what may change
+        check_fields(trainer.cfg.task, set(overrides))
         trainer.cfg = resumed_config(trainer.cfg, overrides, RESUMABLE)
     else:
         if not args.preset_name:
             raise UserError("name a preset (`mamlkit train sinusoid`) or pass --resume RUN; presets: "
                             + ", ".join(sorted(PRESETS)))
-        file_values = config.load_yaml(args.config) if args.config else {}
-        cfg = preset_config(args.preset_name, {**file_values, **overrides})
-        trainer = train.new_trainer(cfg, train.run_dir_for(cfg))
-    train.fit(trainer)
-    cfg = trainer.cfg
-    learners = {trainer.learner.name: trainer.learner}
-    if cfg.compare_pretrained and cfg.algo != "pretrain":
-        learners["pretrain"] = _baseline(trainer).learner
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun every rank trains; rank 0 alone evaluates and reports
-    print()
-    print(reports.report(trainer.run_dir, learners, cfg))
+        cfg = preset_config(args.preset_name, {**file_values, **given})
+        check_fields(cfg.task, set(file_values) | set(given))
+        run_dir = train.run_dir_for(cfg, overwrite=args.overwrite or not _is_main_rank())
+    run.append(trainer.run_dir if args.resume else run_dir)
+    with _lock(run[0]):  # held for training, the baseline and the report alike
+        if not args.resume:
+            if args.overwrite and _is_main_rank():
+                runfolder.clear(run_dir)
+            trainer = train.new_trainer(cfg, run_dir)
+        train.fit(trainer)
+        cfg = trainer.cfg
+        learners = {trainer.learner.name: trainer.learner}
+        if cfg.compare_pretrained and cfg.algo != "pretrain":
+            learners["pretrain"] = _baseline(trainer).learner
+        if not _is_main_rank():
+            return 0  # under torchrun every rank trains; rank 0 alone evaluates and reports
+        print()
+        print(reports.report(trainer.run_dir, learners, cfg))
     print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, config.json, metrics.jsonl, eval.md, figures)")
     return 0
 
@@ -238,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mamlkit: error: {e}", file=sys.stderr)
         return 2
+    except DiskFull as e:
+        print(f"mamlkit: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -201,6 +201,15 @@ class TrainConfig:
         return from_dict({**self.to_dict(), **changes})
 
 
+# Fields that only some task families read; each family declares those it uses (``USES`` in its own module,
+# ``TaskFamily.uses``), and a run refuses the others when given, instead of ignoring them.
+TASK_FIELDS = frozenset({
+    "model", "hidden_sizes", "filters", "pool", "image_size", "bn_mode", "n_way", "data_root", "trust_checksum",
+    "split", "rotations", "path", "task_column", "target", "features", "kind", "fill", "max_categories",
+    "task_split", "small_tasks", "encoder_mode", "finetune_layers", "finetune_rate_scale", "text_max_tokens",
+    "text_per_intent", "eval_shots", "eval_query"})
+
+
 def field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 

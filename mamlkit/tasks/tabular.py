@@ -49,6 +49,10 @@ from torch import Tensor
 from mamlkit.errors import UserError
 from mamlkit.tasks.base import TaskBatch
 
+# The family-dependent config fields (config.TASK_FIELDS) this family reads.
+USES = frozenset({"hidden_sizes", "path", "task_column", "target", "features", "kind", "fill", "max_categories",
+                  "task_split", "small_tasks"})
+
 log = logging.getLogger("mamlkit")
 
 SPLIT_SEED = 1
