@@ -182,13 +182,13 @@ def _baseline(trainer):
 def cmd_eval(args: argparse.Namespace) -> int:
     from mamlkit import kernels, reports, train
 
-    main = train.load_trainer(args.run)
+    main = train.load_trainer(args.run, resume=False)  # evaluation needs no optimiser, step or RNG state
     kernels.set_enabled(main.cfg.fast_kernels)
     cfg = main.cfg if args.eval_tasks is None else main.cfg.replace(eval_tasks=args.eval_tasks)
     learners = {main.learner.name: main.learner}
     baseline = Path(args.baseline) if args.baseline else main.run_dir / "pretrained"
     if args.baseline or (baseline / "checkpoint.safetensors").exists():
-        learners["pretrain"] = train.load_trainer(baseline).learner
+        learners["pretrain"] = train.load_trainer(baseline, resume=False).learner
     print(reports.report(main.run_dir, learners, cfg))
     return 0
 

@@ -73,6 +73,21 @@ def _number(value: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _not_finite(value: str) -> bool:
+    """A number that is not finite (``inf``, ``-Infinity``, ``1e309``); NaN spellings count as missing."""
+    try:
+        return not math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _check_finite(path: Path, rows: list[list[str]], j: int, column: str) -> None:
+    bad = next((r for r in rows if not _is_missing(r[j]) and _not_finite(r[j])), None)
+    if bad is not None:
+        raise UserError(f"{path} line {bad[-1]} column {column!r} is {bad[j]!r}: not a finite number (values "
+                        "beyond ±1.8e308 overflow). Fix the value, or leave the cell empty to mark it missing")
+
+
 def _split_key(value: str) -> int:
     digest = hashlib.blake2b(f"mamlkit-csv-split/{SPLIT_SEED}/{value}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
@@ -232,6 +247,7 @@ def load_csv(path: str | os.PathLike, task_column: str, target: str, features: t
 
     # Target.
     if kind == "regression":
+        _check_finite(path, rows, yi, target)
         ys = []
         for r in rows:
             v = _number(r[yi])
@@ -256,6 +272,7 @@ def load_csv(path: str | os.PathLike, task_column: str, target: str, features: t
     columns, names, categories = [], [], {}
     for c in feats:
         j = idx[c]
+        _check_finite(path, rows, j, c)  # else "inf" would make a numeric column look categorical
         present = [r[j] for r in rows if not _is_missing(r[j])]
         if all(_number(v) is not None for v in present):
             vals = [math.nan if _is_missing(r[j]) else _number(r[j]) for r in rows]
@@ -318,6 +335,18 @@ def load_csv(path: str | os.PathLike, task_column: str, target: str, features: t
         target_mean, target_std = yt.mean().item(), yt.std(unbiased=False).item() or 1.0
     else:
         target_mean, target_std = 0.0, 1.0
+    # Training runs in float32 on standardised values: every statistic must be finite and every value
+    # representable there, or the run would train to "inf ± nan".
+    big = torch.finfo(torch.float32).max
+    too_big = [(n, x[:, k]) for k, n in enumerate(names)
+               if not (mean[k].isfinite() and std[k].isfinite() and x[:, k].abs().max() <= big)]
+    if kind == "regression" and not (math.isfinite(target_mean) and math.isfinite(target_std)
+                                     and y.abs().max() <= big):
+        too_big.insert(0, (target, y))
+    if too_big:
+        n, col = too_big[0]
+        raise UserError(f"{path}: column {n!r} holds values up to {col.abs().max().item():.3g}, too large to "
+                        f"standardise in float32 (max {big:.3g}); rescale it (e.g. divide by a power of 10)")
     return TabularData(x, y, task, tuple(values), tuple(names), categories, classes, kind, splits,
                        split_values, skipped, dropped, mean, std, target_mean, target_std, tuple(header))
 
