@@ -201,7 +201,7 @@ def _read_columnar(path: Path) -> tuple[list[str], dict, None] | None:
     names = [f"c{k}" for k in range(len(header))]  # positional: spaces or a BOM in names do not matter
     try:
         table = pacsv.read_csv(
-            path, read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+            path, read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, use_threads=False),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False,
                                                  null_values=[]))
@@ -255,6 +255,14 @@ def _numbers(col, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         parsed = np.array([v is not None for v in uniq], dtype=bool)[idx] & ~missing
     values[~parsed] = math.nan
     return values, parsed
+
+
+def _release() -> None:
+    """Hand the memory of dropped Arrow arrays back to the system now (the allocator keeps it otherwise), so
+    the encoded arrays take its place instead of adding to it."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _float(value: str) -> float | None:
@@ -418,7 +426,9 @@ def _encode(header: list[str], cols: dict, lines: np.ndarray | None, path: Path,
             encoded.append(np.array([pos.get(v, -1) for v in seen], dtype=np.int32)[idx])
             names += [f"{c}={v}" for v in cats]
         del col
+        _release()
     cols.clear()
+    _release()
     x = torch.zeros(len(task_np), len(names), dtype=torch.float64)
     j = 0
     for c in feats:
@@ -513,8 +523,10 @@ class CSVTasks:
         slot[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
         mine = slot[owner] >= 0
         order, pos, owner = order[mine], pos[mine], slot[owner[mine]]
-        rows[owner, pos] = d.x[order].float()
-        ys[owner, pos] = y[order]
+        for a in range(0, len(order), 1 << 16):  # in blocks: no float64 copy of the whole split at once
+            b = slice(a, a + (1 << 16))
+            rows[owner[b], pos[b]] = d.x[order[b]].float()
+            ys[owner[b], pos[b]] = y[order[b]]
         object.__setattr__(self, "rows", rows)
         object.__setattr__(self, "targets", ys if d.kind == "classification" else ys.float())
         object.__setattr__(self, "counts", counts)
