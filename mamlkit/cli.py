@@ -124,7 +124,6 @@ def _lock(run_dir: Path):
 
 def _train(args: argparse.Namespace, run: list[Path]) -> int:
     from mamlkit import reports, runfolder, train
-    from mamlkit.tasks import check_fields
 
     given = {k: v for k, v in vars(args).items() if k in config.field_types()}
     file_values = config.load_yaml(args.config) if args.config else {}
@@ -136,14 +135,14 @@ def _train(args: argparse.Namespace, run: list[Path]) -> int:
             raise UserError("--overwrite starts a fresh run; it cannot be combined with --resume")
         trainer = train.load_trainer(args.resume)
         overrides = {**file_values, **given}  # --config with --resume may hold only what may change
-        check_fields(trainer.cfg.task, set(overrides))
+        check_used(trainer.cfg, set(overrides))
         trainer.cfg = resumed_config(trainer.cfg, overrides, RESUMABLE)
     else:
         if not args.preset_name:
             raise UserError("name a preset (`mamlkit train sinusoid`) or pass --resume RUN; presets: "
                             + ", ".join(sorted(PRESETS)))
         cfg = preset_config(args.preset_name, {**file_values, **given})
-        check_fields(cfg.task, set(file_values) | set(given))
+        check_used(cfg, set(file_values) | set(given))
         run_dir = train.run_dir_for(cfg, overwrite=args.overwrite or not _is_main_rank())
     run.append(trainer.run_dir if args.resume else run_dir)
     with _lock(run[0]):  # held for training, the baseline and the report alike
@@ -162,6 +161,17 @@ def _train(args: argparse.Namespace, run: list[Path]) -> int:
         print(reports.report(trainer.run_dir, learners, cfg))
     print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, config.json, metrics.jsonl, eval.md, figures)")
     return 0
+
+
+def check_used(cfg: config.TrainConfig, given: set[str]) -> None:
+    """Refuse the fields the user set that ``cfg``'s task family or algorithm does not read (each declares
+    what it reads: ``TaskFamily.uses``, ``algorithms.register(..., uses=)``), naming their flags."""
+    from mamlkit.algorithms import ALGORITHM_USES
+    from mamlkit.tasks import get_family
+
+    config.refuse_unused(given, config.TASK_FIELDS, get_family(cfg.task).fields(), f"the {cfg.task} task family")
+    if cfg.algo in ALGORITHM_USES:  # an unknown algorithm is refused by name when the learner is built
+        config.refuse_unused(given, config.ALGO_FIELDS, ALGORITHM_USES[cfg.algo], f"--algo {cfg.algo}")
 
 
 def _baseline(trainer):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import config_flags as flags
 from helpers import write_csv
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -29,17 +30,6 @@ SMALL = dict(iterations=12, log_every=2, val_every=6, val_tasks=4, checkpoint_ev
 
 def small_cfg(tmp_path, **kw):
     return preset_config("sinusoid", {**SMALL, "out_dir": str(tmp_path), **kw})
-
-
-def flags(values: dict) -> list[str]:
-    out = []
-    for k, v in values.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            out.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            out += [flag, *(map(str, v) if isinstance(v, tuple) else [str(v)])]
-    return out
 
 
 def params_of(trainer):
@@ -405,7 +395,8 @@ def test_every_config_field_is_generic_or_declared_by_the_families_that_use_it()
     from mamlkit.tasks import TASK_FAMILIES
 
     fields = set(config.field_types())
-    assert config.TASK_FIELDS <= fields
+    assert config.TASK_FIELDS <= fields and config.ALGO_FIELDS <= fields
+    assert not config.TASK_FIELDS & config.ALGO_FIELDS
     for family in TASK_FAMILIES.values():
         assert family.fields() <= config.TASK_FIELDS, family.name
     # a field no family reads, except the informational ones, would be silently ignored everywhere
@@ -425,12 +416,25 @@ def test_flags_a_family_ignores_are_refused(cli, tmp_path, task):
         value = {(): ("a",), "": "a"}.get(value, value) if isinstance(value, (tuple, str)) else value
         code, _, err = cli("train", _preset_of(task), "--out-dir", tmp_path, *flags({name: value}))
         flag = "--" + name.replace("_", "-")
-        assert code == 2 and flag in err and task in err and "Traceback" not in err, (name, err)
+        assert code == 2 and flag in err and f"the {task} task family" in err and "Traceback" not in err, (name, err)
     # also from a YAML file
     yaml = tmp_path / "c.yaml"
     yaml.write_text(f"{ignored[0]}: {json.dumps(config.as_dict(defaults)[ignored[0]])}\n")
     code, _, err = cli("train", _preset_of(task), "--config", yaml, "--out-dir", tmp_path)
     assert code == 2 and "--" + ignored[0].replace("_", "-") in err
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "mamlpp", "metasgd", "anil", "reptile", "imaml", "pretrain"])
+def test_flags_an_algorithm_ignores_are_refused(cli, tmp_path, algo):
+    from mamlkit.algorithms import ALGORITHM_USES
+
+    assert ALGORITHM_USES[algo] <= config.ALGO_FIELDS
+    defaults = config.TrainConfig()
+    for name in sorted(config.ALGO_FIELDS - ALGORITHM_USES[algo]):
+        code, _, err = cli("train", "sinusoid", "--algo", algo, "--out-dir", tmp_path,
+                           *flags({name: getattr(defaults, name)}))
+        flag = "--" + name.replace("_", "-")
+        assert code == 2 and flag in err and f"--algo {algo}" in err and "Traceback" not in err, (name, err)
 
 
 def test_sinusoid_flags_take_effect(cli, tmp_path):

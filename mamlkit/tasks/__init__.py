@@ -44,21 +44,6 @@ def get_family(name: str) -> TaskFamily:
     return TASK_FAMILIES[name]
 
 
-def check_fields(task: str, given: set[str]) -> None:
-    """Refuse config fields the user set (flags, YAML keys) that task family ``task`` does not read, naming
-    them: every flag takes effect or is refused, none is silently ignored."""
-    from mamlkit.config import TASK_FIELDS, ConfigError
-
-    family = get_family(task)
-    unused = sorted((set(given) & TASK_FIELDS) - family.fields())
-    if unused:
-        flags = ", ".join("--" + f.replace("_", "-") for f in unused)
-        used = ", ".join("--" + f.replace("_", "-") for f in sorted(family.fields())) or "none"
-        raise ConfigError(f"{flags} {'has' if len(unused) == 1 else 'have'} no effect on the {task} task family, "
-                          f"so {'it is' if len(unused) == 1 else 'they are'} refused; remove "
-                          f"{'it' if len(unused) == 1 else 'them'}. Its own settings: {used}")
-
-
 register_task_family(TaskFamily(
     name="sinusoid",
     build=lambda cfg, split: Sinusoid(k_support=cfg.k_shot, k_query=cfg.k_query),
@@ -90,4 +75,4 @@ register_task_family(_lazy_family("csv", "tabular"))
 register_task_family(_lazy_family("clinc", "text"))
 
 __all__ = ["TaskBatch", "TaskDistribution", "TaskFamily", "task_generator", "Sinusoid", "TASK_FAMILIES",
-           "register_task_family", "get_family", "check_fields"]
+           "register_task_family", "get_family"]
