@@ -50,10 +50,22 @@ def logged_steps(run: Path) -> tuple[list, list]:
     return jsonl, [(int(x.split(",")[0]), x.split(",")[1]) for x in lines[1:]]
 
 
-def spawn(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mamlkit", *map(str, args)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def spawn():
+    """Start ``python -m mamlkit ARGS`` in a subprocess; whatever is still running at the test's end is killed."""
+    procs = []
+
+    def start(*args: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "mamlkit", *map(str, args)], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -69,7 +81,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
 # locked meanwhile (a second run exits 2 naming the folder and PID), and resuming equals an uninterrupted run.
 
 
-def test_sigterm_checkpoints_locks_and_resume_equals_uninterrupted(cli, tmp_path):
+def test_sigterm_checkpoints_locks_and_resume_equals_uninterrupted(cli, tmp_path, spawn):
     long = {**SMALL, "iterations": 100_000, "checkpoint_every": 100_000, "val_every": 100_000}
     proc = spawn("train", "sinusoid", "--out-dir", tmp_path, "--run-name", "r", "--no-compare-pretrained",
                  *flags(long))
@@ -111,6 +123,14 @@ def test_stale_lock_of_a_killed_process_does_not_block(cli, tmp_path):
                                "with runfolder.lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
                                str(tmp_path / "r")], env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.PIPE, text=True)
+    try:
+        _stale_lock(cli, tmp_path, holder)
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+def _stale_lock(cli, tmp_path, holder):
     assert holder.stdout.readline().strip() == "locked"
     code, _, err = cli("train", "--resume", tmp_path / "r", "--iterations", "14")
     assert code == 2 and f"PID {holder.pid}" in err and str(tmp_path / "r") in err
@@ -121,7 +141,7 @@ def test_stale_lock_of_a_killed_process_does_not_block(cli, tmp_path):
 
 
 # 15. A double Ctrl-C: one clean stop, no traceback (not even from atexit handlers), exit 130.
-def test_double_ctrl_c_stops_cleanly(tmp_path):
+def test_double_ctrl_c_stops_cleanly(tmp_path, spawn):
     long = {**SMALL, "iterations": 100_000, "checkpoint_every": 100_000, "val_every": 100_000}
     proc = spawn("train", "sinusoid", "--out-dir", tmp_path, "--run-name", "r", "--no-compare-pretrained",
                  *flags(long))
