@@ -53,6 +53,8 @@ def run_example(args: argparse.Namespace) -> int:
     if args.name not in EXAMPLES:
         raise UserError(f"unknown example {args.name!r}; available: {', '.join(EXAMPLES)}")
     dest = Path(args.dest)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest} is a file; `mamlkit example` copies a folder of files: name a new folder")
     if dest.exists() and any(dest.iterdir()):
         raise UserError(f"{dest} exists and is not empty; choose a new folder")
     shutil.copytree(EXAMPLES[args.name], dest, dirs_exist_ok=True)
@@ -74,13 +76,12 @@ def run(args: argparse.Namespace) -> int:
     from mamlkit.use import api
     from mamlkit.use import io as mio
 
+    if args.steps is not None and args.steps < 0:
+        raise UserError("--steps must be >= 0")
+    _check_output(args.output)
     learner = api.load(args.checkpoint)
     if not isinstance(learner, api.Learner):
         raise UserError(f"{args.checkpoint} is an already adapted model; `mamlkit adapt` needs a training checkpoint")
-    if args.steps is not None and args.steps < 0:
-        raise UserError("--steps must be >= 0")
-    if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
-        raise UserError(f"--output must end in .csv or .json, got {args.output}")
     spec = learner.input
     if spec["type"] == "image":
         sx, sy, names, notes = mio.load_image_folder(args.support, spec)
@@ -113,6 +114,19 @@ def run(args: argparse.Namespace) -> int:
                 for x, y in zip(qx, values)]
     _write(rows, args.output)
     return 0
+
+
+def _check_output(output: str | None) -> None:
+    """Refuse an --output that could not be written, before any work is done."""
+    if not output:
+        return
+    path = Path(output)
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise UserError(f"--output must end in .csv or .json, got {output}")
+    if path.is_dir():
+        raise UserError(f"--output {output} is a folder; name a .csv or .json file")
+    if not path.parent.is_dir():
+        raise UserError(f"--output {output}: the folder {path.parent} does not exist; create it or name another")
 
 
 def _adapt_text(learner, args: argparse.Namespace) -> list[dict]:

@@ -103,11 +103,88 @@ def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a mamlkit checkpoint (no mamlkit "
                               "metadata); mamlkit loads only checkpoints written by `mamlkit train`.")
-    version = int(meta.get("format_version", "0"))
+    text = meta.get("format_version", "0")
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: its format_version is {text!r}, not a whole number; the file is damaged "
+                              "or was not written by mamlkit")
+    version = int(text)
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {version}, newer than this mamlkit "
                               f"understands ({FORMAT_VERSION}); upgrade mamlkit (pip install -U mamlkit).")
-    return tensors, json.loads(meta["state"])
+    if "state" not in meta:
+        raise CheckpointError(f"{path} has no 'state' record (the run's JSON description); the file is damaged "
+                              "or was not written by mamlkit")
+    try:
+        state = json.loads(meta["state"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its 'state' record is not JSON ({e}); the file is damaged") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: its 'state' record is a JSON {type(state).__name__}, not an object; the "
+                              "file is damaged or was not written by mamlkit")
+    return tensors, state
+
+
+def config_of(state: dict[str, Any], path: str | Path):
+    """The run config a checkpoint's ``state`` describes; a missing or malformed one is a CheckpointError."""
+    from mamlkit import config
+
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path} holds no run config (state['config']); it cannot be loaded as a run")
+    try:
+        return config.from_dict(state["config"])
+    except UserError as e:
+        raise CheckpointError(f"{path}: its run config is invalid: {e}") from None
+
+
+def check_tensors(tensors: dict[str, Tensor], prefix: str, expected: dict[str, Tensor], *,
+                  required: bool = True, where: str = "checkpoint") -> None:
+    """Check that ``tensors`` holds ``prefix + name`` for every ``expected`` tensor with exactly its shape and
+    a floating dtype (or exactly its dtype when it is not floating), and nothing else under ``prefix``.
+
+    A checkpoint tensor that would merely broadcast (``[40]`` for a ``[40, 40]`` weight) loads silently
+    with ``copy_``; this refuses it, naming every mismatch. ``required=False``: absent names are allowed.
+    """
+    problems = []
+    for name, ref in expected.items():
+        t = tensors.get(prefix + name)
+        if t is None:
+            if required:
+                problems.append(f"{prefix}{name} is missing")
+        elif tuple(t.shape) != tuple(ref.shape):
+            problems.append(f"{prefix}{name} has shape {list(t.shape)}, the model's is {list(ref.shape)}")
+        elif t.dtype != ref.dtype and not (t.dtype.is_floating_point and ref.dtype.is_floating_point):
+            problems.append(f"{prefix}{name} has dtype {t.dtype}, the model's is {ref.dtype}")
+    extra = sorted(k for k in tensors if k.startswith(prefix) and k[len(prefix):] not in expected)
+    problems += [f"{k} is not a tensor of this model" for k in extra[:3]]
+    if problems:
+        raise CheckpointError(f"the {where} does not fit the model it describes: {'; '.join(problems[:5])}"
+                              f"{' ...' if len(problems) > 5 else ''}. It was written for another model or "
+                              "algorithm, or it is damaged.")
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], state: dict[str, Any],
+                   path: str | Path) -> None:
+    """Load a checkpoint's optimiser state into ``optimizer`` after checking it fits the parameters."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    try:
+        opt = optimizer_state(tensors, state["optimizer"])
+        for idx, st in opt["state"].items():
+            for key, value in st.items():
+                if isinstance(value, Tensor) and value.dim() and value.shape != params[idx].shape:
+                    raise ValueError(f"optim/{idx}/{key} has shape {list(value.shape)}, its parameter's is "
+                                     f"{list(params[idx].shape)}")
+        optimizer.load_state_dict(opt)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: its optimiser state does not fit the model ({e}); the file is damaged or "
+                              "was written for another model") from None
+
+
+def check_rng(t: Tensor, path: str | Path) -> Tensor:
+    """A checkpoint's ``rng/torch`` tensor, checked to be a torch CPU generator state."""
+    if t.dtype != torch.uint8 or t.shape != torch.get_rng_state().shape:
+        raise CheckpointError(f"{path}: rng/torch is not a torch RNG state ({t.dtype}, {list(t.shape)}); the file "
+                              "is damaged")
+    return t
 
 
 def rng_tensor() -> Tensor:

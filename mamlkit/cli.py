@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import os
 import sys
-import typing
 from pathlib import Path
 
 from mamlkit import config
-from mamlkit.base.errors import UserError
+from mamlkit.base.errors import DiskFull, UserError
+from mamlkit.flags import add_config_flags, resumed_config
 from mamlkit.presets import PRESETS, preset_config
 
 # Fields that may change when a run is resumed; everything else defines the run.
@@ -21,60 +20,6 @@ RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progre
              "backend", "dist_timeout", "data_root", "trust_checksum"}  # data: verified by checksum
 
 
-def resumed_config(cfg, overrides: dict, allowed: set[str]):
-    """``cfg`` with ``overrides`` applied, refusing fields that define the run (only ``allowed`` may change)."""
-    bad = sorted(set(overrides) - allowed)
-    if bad:
-        raise UserError(f"cannot change {', '.join(bad)} when resuming; these may change: "
-                        f"{', '.join(sorted(allowed))}")
-    return cfg.replace(**overrides)
-
-
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "null") else int(text)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainConfig,
-                     title: str = "config fields (override the preset and --config)", skip: tuple[str, ...] = (),
-                     values: object | None = None, values_from: str = "default") -> None:
-    """One flag per field of the config dataclass ``cls`` (but ``skip``); unset flags stay out of the
-    namespace, so only what the user typed overrides the preset or YAML file.
-
-    Fields with ``group``/``help`` metadata (:func:`mamlkit.config.flag`) get their line of help under
-    their group, in :data:`mamlkit.config.GROUPS` order. Each help ends with the field's value in
-    ``values`` (default: ``cls()``), labelled ``values_from`` (a preset's name shows the preset's values).
-    """
-    values = cls() if values is None else values
-    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
-    groups = {g: parser.add_argument_group(g) for g in config.GROUPS
-              if any(m.get("group") == g for m in meta.values())}
-    fallback = None
-    for name, typ in typing.get_type_hints(cls).items():
-        if name in skip:
-            continue
-        flag = "--" + name.replace("_", "-")
-        kw: dict = {"dest": name, "default": argparse.SUPPRESS}
-        origin, args = typing.get_origin(typ), typing.get_args(typ)
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif origin is tuple:
-            kw |= {"nargs": "+", "type": args[0], "metavar": METAVARS.get(args[0], "V")}
-        elif type(None) in args:
-            kw |= {"type": _optional_int, "metavar": "N|none"}
-        else:
-            kw |= {"type": typ, "metavar": METAVARS.get(typ, "V")}
-        value = getattr(values, name)
-        shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value)
-        if meta[name].get("group") in groups:
-            group = groups[meta[name]["group"]]
-            text = f"{meta[name]['help']} [{values_from}: {shown}]"
-        else:
-            fallback = fallback or parser.add_argument_group(title)
-            group, text = fallback, f"{values_from} {shown}"
-        group.add_argument(flag, help=text.replace("%", "%%"), **kw)
-
-
-METAVARS = {int: "N", float: "X", str: "S"}
 
 
 def _help_preset(argv: list[str]) -> str | None:
@@ -101,6 +46,8 @@ def build_parser(help_preset: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("preset_name", nargs="?", metavar="PRESET", help="preset name (see `mamlkit presets`)")
     train.add_argument("--config", help="YAML file of config overrides")
     train.add_argument("--resume", metavar="RUN", help="continue the run in this folder or checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in the run folder (its checkpoints, logs and reports)")
     if help_preset:
         add_config_flags(train, values=preset_config(help_preset), values_from=help_preset)
     else:
@@ -137,29 +84,68 @@ def build_parser(help_preset: str | None = None) -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mamlkit import runfolder
+
+    run: list[Path] = []  # the run folder, once known: named in the message after a stop signal
+    try:
+        with runfolder.stop_on_signals():
+            return _train(args, run)
+    except runfolder.Stopped as e:
+        where = f"; resume with `mamlkit train --resume {run[0]}`" if run else " before training began"
+        print(f"mamlkit: stopped by {e.args[0]}{where}", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun, rank 0 alone owns the run folder (locks, clears, reports); elsewhere always."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _lock(run_dir: Path):
+    from mamlkit import runfolder
+
+    return runfolder.lock(run_dir) if _is_main_rank() else contextlib.nullcontext()
+
+
+def _train(args: argparse.Namespace, run: list[Path]) -> int:
+    from mamlkit import runfolder
     from mamlkit.eval import reports
     from mamlkit.loop import train
 
-    overrides = {k: v for k, v in vars(args).items() if k in config.field_types()}
+    given = {k: v for k, v in vars(args).items() if k in config.field_types()}
+    file_values = config.load_yaml(args.config) if args.config else {}
     if args.resume:
+        if args.preset_name:
+            raise UserError(f"pass either a preset or --resume RUN, not both: a resumed run keeps its own config, "
+                            f"so preset {args.preset_name!r} would be ignored")
+        if args.overwrite:
+            raise UserError("--overwrite starts a fresh run; it cannot be combined with --resume")
         trainer = train.load_trainer(args.resume)
+        overrides = {**file_values, **given}  # --config with --resume may hold only what may change
+        check_used(trainer.cfg, set(overrides))
         trainer.cfg = resumed_config(trainer.cfg, overrides, RESUMABLE)
     else:
         if not args.preset_name:
             raise UserError("name a preset (`mamlkit train sinusoid`) or pass --resume RUN; presets: "
                             + ", ".join(sorted(PRESETS)))
-        file_values = config.load_yaml(args.config) if args.config else {}
-        cfg = preset_config(args.preset_name, {**file_values, **overrides})
-        trainer = train.new_trainer(cfg, train.run_dir_for(cfg))
-    train.fit(trainer)
-    cfg = trainer.cfg
-    learners = {trainer.learner.name: trainer.learner}
-    if cfg.compare_pretrained and cfg.algo != "pretrain":
-        learners["pretrain"] = _baseline(trainer).learner
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun every rank trains; rank 0 alone evaluates and reports
-    print()
-    print(reports.report(trainer.run_dir, learners, cfg))
+        cfg = preset_config(args.preset_name, {**file_values, **given})
+        check_used(cfg, set(file_values) | set(given))
+        run_dir = train.run_dir_for(cfg, overwrite=args.overwrite or not _is_main_rank())
+    run.append(trainer.run_dir if args.resume else run_dir)
+    with _lock(run[0]):  # held for training, the baseline and the report alike
+        if not args.resume:
+            if args.overwrite and _is_main_rank():
+                runfolder.clear(run_dir)
+            trainer = train.new_trainer(cfg, run_dir)
+        train.fit(trainer)
+        cfg = trainer.cfg
+        learners = {trainer.learner.name: trainer.learner}
+        if cfg.compare_pretrained and cfg.algo != "pretrain":
+            learners["pretrain"] = _baseline(trainer).learner
+        if not _is_main_rank():
+            return 0  # under torchrun every rank trains; rank 0 alone evaluates and reports
+        print()
+        print(reports.report(trainer.run_dir, learners, cfg))
     print(f"run folder: {trainer.run_dir} ({_written(trainer.run_dir)})")
     return 0
 
@@ -170,6 +156,17 @@ def _written(folder: Path) -> str:
 
     names = ("checkpoint.safetensors", "config.json", "metrics.jsonl", "metrics.csv", "tensorboard", *REPORT_FILES)
     return ", ".join(n + "/" * (folder / n).is_dir() for n in names if (folder / n).exists())
+
+
+def check_used(cfg: config.TrainConfig, given: set[str]) -> None:
+    """Refuse the fields the user set that ``cfg``'s task family or algorithm does not read (each declares
+    what it reads: ``TaskFamily.uses``, ``algorithms.register(..., uses=)``), naming their flags."""
+    from mamlkit.algorithms import ALGORITHM_USES
+    from mamlkit.tasks import get_family
+
+    config.refuse_unused(given, config.TASK_FIELDS, get_family(cfg.task).fields(), f"the {cfg.task} task family")
+    if cfg.algo in ALGORITHM_USES:  # an unknown algorithm is refused by name when the learner is built
+        config.refuse_unused(given, config.ALGO_FIELDS, ALGORITHM_USES[cfg.algo], f"--algo {cfg.algo}")
 
 
 def _baseline(trainer):
@@ -192,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mamlkit.exec import kernels
     from mamlkit.loop import train
 
-    main = train.load_trainer(args.run)
+    main = train.load_trainer(args.run, resume=False)  # evaluation needs no optimiser, step or RNG state
     out = Path(args.out) if args.out else main.run_dir
     existing = [n for n in reports.REPORT_FILES if (out / n).exists()]
     if existing and not args.overwrite:
@@ -203,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     learners = {main.learner.name: main.learner}
     baseline = Path(args.baseline) if args.baseline else main.run_dir / "pretrained"
     if args.baseline or (baseline / "checkpoint.safetensors").exists():
-        learners["pretrain"] = train.load_trainer(baseline).learner
+        learners["pretrain"] = train.load_trainer(baseline, resume=False).learner
     print(reports.report(out, learners, cfg))
     print(f"report: {out} ({', '.join(n for n in reports.REPORT_FILES if (out / n).exists())})")
     return 0
@@ -296,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mamlkit: error: {e}", file=sys.stderr)
         return 2
+    except DiskFull as e:
+        print(f"mamlkit: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -223,6 +223,33 @@ class TrainConfig:
         return from_dict({**self.to_dict(), **changes})
 
 
+# Fields that only some task families read; each family declares those it uses (``USES`` in its own module,
+# ``TaskFamily.uses``), and a run refuses the others when given, instead of ignoring them.
+TASK_FIELDS = frozenset({
+    "model", "hidden_sizes", "filters", "pool", "image_size", "bn_mode", "n_way", "data_root", "trust_checksum",
+    "split", "rotations", "path", "task_column", "target", "features", "kind", "fill", "max_categories",
+    "task_split", "small_tasks", "encoder_mode", "finetune_layers", "finetune_rate_scale", "text_max_tokens",
+    "text_per_intent", "eval_shots", "eval_query"})
+# Fields that only some algorithms read; each declares those it uses where it registers (``algorithms.register``).
+ALGO_FIELDS = frozenset({
+    "first_order", "msl", "msl_epochs", "lslr", "per_step_bn", "first_order_epochs", "epoch_iterations",
+    "reptile_inner_optimizer", "reptile_inner_lr", "reptile_inner_steps", "imaml_lambda", "cg_steps"})
+
+
+def refuse_unused(given: set[str], dependent: frozenset[str], used: frozenset[str], owner: str) -> None:
+    """Refuse the fields in ``given`` (set by the user: flags, YAML keys) that depend on a task family or an
+    algorithm (``dependent``) but that ``owner`` does not read (``used``), naming the flags: every flag takes
+    effect or is refused, none is silently ignored."""
+    unused = sorted((set(given) & dependent) - used)
+    if unused:
+        one = len(unused) == 1
+        flags = ", ".join("--" + f.replace("_", "-") for f in unused)
+        own = ", ".join("--" + f.replace("_", "-") for f in sorted(used)) or "none"
+        raise ConfigError(f"{flags} {'has' if one else 'have'} no effect on {owner}, so "
+                          f"{'it is' if one else 'they are'} refused; remove {'it' if one else 'them'}. Its own "
+                          f"settings of this kind: {own}")
+
+
 def field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 

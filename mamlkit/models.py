@@ -10,7 +10,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
+
+from mamlkit.base.errors import UserError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -22,13 +25,57 @@ def register_model(name: str):
     return deco
 
 
+class ModelSpecError(UserError, ValueError):
+    """A model spec (from a config or a checkpoint) that names no registered model or does not fit it."""
+
+
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """Build a registered model from ``{"name": ..., **kwargs}``."""
+    if not isinstance(spec, dict):
+        raise ModelSpecError(f"a model spec is a JSON object, got {type(spec).__name__}")
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](**spec)
+        raise ModelSpecError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}")
+    try:
+        return MODELS[name](**spec)
+    except TypeError as e:  # a key the model does not take, or a value of the wrong kind
+        raise ModelSpecError(f"model spec {name!r} does not fit the model: {e}") from None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# Parameters, their gradients and Adam's two moments: the least a meta-training run holds per parameter.
+COPIES_PER_PARAMETER = 4
+
+
+def check_model_memory(spec: dict[str, Any], dtype: torch.dtype) -> None:
+    """Refuse a model whose parameters alone (with gradients and optimiser moments) exceed the available
+    memory, before anything is allocated: the model is first built on the ``meta`` device (shapes only)."""
+    available = available_memory()
+    if available is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+    except Exception:  # a model that cannot be built shape-only (it loads files): nothing to estimate
+        return
+    n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    need = n * torch.finfo(dtype).bits // 8 * COPIES_PER_PARAMETER
+    if need > available:
+        raise ModelSpecError(f"the model {spec.get('name')!r} has {n:,} parameters: about {need / 2**30:.1f} GiB "
+                             f"with gradients and optimiser state, more than the {available / 2**30:.1f} GiB of "
+                             "memory available. Use a smaller model (--hidden-sizes, --filters, --image-size).")
 
 
 @register_model("mlp")

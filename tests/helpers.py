@@ -59,3 +59,15 @@ def copy_repository(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     return dest
+
+
+def config_flags(values: dict) -> list[str]:
+    """Config values as the command-line flags that set them (``--no-x`` for a false bool, tuples spread)."""
+    out = []
+    for k, v in values.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [flag, *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+    return out

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mamlkit"
 PARTS = {
     "mamlkit.cli": "Face", "mamlkit.__main__": "Face", "mamlkit.adapt_cli": "Face",
     "mamlkit.use": "Use",
-    "mamlkit.config": "Config", "mamlkit.presets": "Config",
+    "mamlkit.config": "Config", "mamlkit.presets": "Config", "mamlkit.flags": "Config",
     "mamlkit.loop": "Loop", "mamlkit.loop.distributed": "Dist",
     "mamlkit.eval": "Eval",
     "mamlkit.algorithms": "Algorithms",
@@ -23,7 +23,7 @@ PARTS = {
     "mamlkit.tasks": "Tasks",
     "mamlkit.data": "Data",
     "mamlkit.models": "Models",
-    "mamlkit.checkpoint": "Store",
+    "mamlkit.checkpoint": "Store", "mamlkit.runfolder": "Store",
     "mamlkit.base": "Base",
     "mamlkit.rl": "RL",
 }

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import config_flags
 from safetensors.torch import save_file
 
 from mamlkit import checkpoint, config
@@ -101,14 +102,7 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 
 def test_cli_train_eval_smoke(cli, tmp_path):
-    args = ["train", "sinusoid", "--out-dir", tmp_path, "--run-name", "smoke"]
-    for k, v in SMALL.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            args.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            args += [flag, *(map(str, v) if isinstance(v, tuple) else [str(v)])]
-    code, out, err = cli(*args)
+    code, out, err = cli("train", "sinusoid", "--out-dir", tmp_path, "--run-name", "smoke", *config_flags(SMALL))
     assert code == 0, err
     run = tmp_path / "smoke"
     for name in ("checkpoint.safetensors", "config.json", "metrics.jsonl", "metrics.csv", "eval.md", "eval.json",

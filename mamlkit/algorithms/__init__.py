@@ -53,12 +53,16 @@ class MetaLearner(Protocol):
 
 
 ALGORITHMS: dict[str, Callable[..., MetaLearner]] = {}
+# which of the algorithm-dependent config fields (``config.ALGO_FIELDS``) each algorithm reads
+ALGORITHM_USES: dict[str, frozenset[str]] = {}
 
 
-def register(name: str):
-    """Register ``builder(model, cfg) -> MetaLearner`` under ``name``."""
+def register(name: str, uses: frozenset[str] = frozenset()):
+    """Register ``builder(model, cfg) -> MetaLearner`` under ``name``; ``uses``: the algorithm-dependent config
+    fields it reads (the CLI refuses the others)."""
     def deco(builder):
         ALGORITHMS[name] = builder
+        ALGORITHM_USES[name] = frozenset(uses)
         return builder
     return deco
 

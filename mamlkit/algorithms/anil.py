@@ -125,7 +125,7 @@ class ANIL:
         return losses.detach(), accs.detach()
 
 
-@register("anil")
+@register("anil", uses=frozenset({"first_order"}))
 def build(model: nn.Module, cfg) -> ANIL:
     """ANIL (Raghu et al. 2020): only the head adapts; body features computed once per task."""
     return ANIL(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,

@@ -130,7 +130,7 @@ class IMAML:
         return losses.detach(), accs.detach()
 
 
-@register("imaml")
+@register("imaml", uses=frozenset({"imaml_lambda", "cg_steps"}))
 def build(model: nn.Module, cfg) -> IMAML:
     """iMAML (Rajeswaran et al. 2019): implicit meta-gradient by conjugate gradient, proximal inner loop."""
     return IMAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, lam=cfg.imaml_lambda,

@@ -124,7 +124,7 @@ class MAML:
         return losses.detach(), accs.detach()
 
 
-@register("maml")
+@register("maml", uses=frozenset({"first_order"}))
 def build(model: nn.Module, cfg) -> MAML:
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
                 loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,

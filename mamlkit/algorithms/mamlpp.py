@@ -153,7 +153,8 @@ class MAMLPlusPlus:
         return losses.detach(), accs.detach()
 
 
-@register("mamlpp")
+@register("mamlpp", uses=frozenset({"first_order", "msl", "msl_epochs", "lslr", "per_step_bn", "first_order_epochs",
+                          "epoch_iterations"}))
 def build(model: nn.Module, cfg) -> MAMLPlusPlus:
     """MAML++ (Antoniou et al. 2019): MSL, LSLR, per-step BN, derivative-order and meta-rate annealing."""
     return MAMLPlusPlus(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,

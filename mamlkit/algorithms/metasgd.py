@@ -94,7 +94,7 @@ class MetaSGD:
         return losses.detach(), accs.detach()
 
 
-@register("metasgd")
+@register("metasgd", uses=frozenset({"first_order"}))
 def build(model: nn.Module, cfg) -> MetaSGD:
     """Meta-SGD (Li et al. 2017): learned per-parameter inner rates, initialised at --inner-lr."""
     return MetaSGD(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,

@@ -117,7 +117,7 @@ class Reptile:
         return losses.detach(), accs.detach()
 
 
-@register("reptile")
+@register("reptile", uses=frozenset({"reptile_inner_optimizer", "reptile_inner_lr", "reptile_inner_steps"}))
 def build(model: nn.Module, cfg) -> Reptile:
     """Reptile (Nichol et al. 2018): outer gradient θ − mean(φ), own inner optimiser, no unrolling."""
     test_steps = cfg.test_inner_steps if cfg.test_inner_steps is not None else cfg.reptile_inner_steps

@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """A mistake in the user's input: the message names the problem and the fix."""
+
+
+class DiskFull(Exception):
+    """A write failed for lack of space. The message says what was kept and how to resume; the CLI prints
+    it and exits with code 1 (the input was fine: the machine ran out of room)."""

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+from mamlkit.base.errors import UserError
+
 CSV_COLUMNS = ["step", "split", "loss", "acc", "tasks_per_s", "elapsed_s"]
 
 
@@ -86,8 +88,20 @@ def _note_no_tensorboard() -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSONL log. A torn last line (the write cut short by a kill or a full disk) is
+    dropped; a bad line before it is a :class:`UserError` naming the line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # the torn tail of an interrupted append
+            raise UserError(f"{path} line {n} is not a JSON record: the log is damaged. Remove that line, or "
+                            "start a new run") from None
+    return records
 
 
 __all__ = ["MetricsLog", "mean_ci", "read_jsonl"]

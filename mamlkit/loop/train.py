@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -11,14 +12,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mamlkit import checkpoint, config
+from mamlkit import checkpoint, config, runfolder
 from mamlkit.algorithms import MetaLearner, build_learner
 from mamlkit.base.errors import UserError
-from mamlkit.base.metrics import MetricsLog, mean_ci, read_jsonl
+from mamlkit.base.metrics import MetricsLog, mean_ci
 from mamlkit.exec import kernels, strategies, tuning
 from mamlkit.loop import distributed
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
-from mamlkit.models import build_model
+from mamlkit.models import build_model, check_model_memory
 from mamlkit.tasks import get_family, task_generator
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -33,6 +34,9 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     run_dir: Path
     step: int = 0
+    # The training's own torch RNG stream (dropout in a user's model): seeded from cfg.seed at step 0,
+    # carried in checkpoints, so a resumed run draws exactly what an uninterrupted one would.
+    rng_state: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -45,6 +49,7 @@ def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None)
     The initial weights come from ``cfg.seed`` in a forked RNG, so the global RNG is untouched.
     """
     spec = get_family(cfg.task).model_spec(cfg)
+    check_model_memory(spec, DTYPES[cfg.dtype])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(spec)
@@ -58,12 +63,11 @@ def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None)
 
 
 def restore(learner: MetaLearner, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy a checkpoint's ``meta/*`` parameters and ``buffer/*`` buffers into ``learner``."""
+    """Copy a checkpoint's ``meta/*`` parameters and ``buffer/*`` buffers into ``learner``, after checking
+    every tensor's name, shape and dtype against the model (a tensor that would merely broadcast is refused)."""
     params = learner.meta_parameters()
-    missing = [k for k in params if f"meta/{k}" not in tensors]
-    if missing:
-        raise checkpoint.CheckpointError(f"checkpoint lacks meta-parameters {missing[:5]}; it was written "
-                                         "for another model or algorithm")
+    checkpoint.check_tensors(tensors, "meta/", params)
+    checkpoint.check_tensors(tensors, "buffer/", dict(learner.model.named_buffers()), required=False)
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(tensors[f"meta/{k}"])
@@ -79,27 +83,41 @@ def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None =
     tensors |= {f"buffer/{k}": v for k, v in learner.model.named_buffers()}
     opt_tensors, opt_meta = checkpoint.optimizer_tensors(trainer.optimizer.state_dict())
     tensors |= opt_tensors
-    tensors["rng/torch"] = checkpoint.rng_tensor()
+    tensors["rng/torch"] = trainer.rng_state if trainer.rng_state is not None else checkpoint.rng_tensor()
     state = {"config": trainer.cfg.to_dict(), "model_spec": get_family(trainer.cfg.task).model_spec(trainer.cfg),
              "algo": learner.name, "kind": learner.kind, "step": trainer.step, "optimizer": opt_meta,
              "strategy": learner.strategy.name, **(extra or {})}
     checkpoint.save(path, tensors, state)
 
 
-def load_trainer(path: str | Path, run_dir: Path | None = None) -> Trainer:
-    """Rebuild a :class:`Trainer` from a checkpoint, ready to continue exactly where it stopped."""
+def load_trainer(path: str | Path, run_dir: Path | None = None, resume: bool = True) -> Trainer:
+    """Rebuild a :class:`Trainer` from a checkpoint, ready to continue exactly where it stopped.
+
+    With ``resume=False`` (evaluation) the optimiser, step and RNG state are not needed: a shipped
+    model (``mamlkit/assets``), which holds none of them, loads too.
+    """
     tensors, state = checkpoint.load(path)
-    cfg = config.from_dict(state["config"])
+    cfg = checkpoint.config_of(state, path)
     learner, _ = build(cfg, tensors)
     optimizer = meta_optimizer(cfg, learner.meta_parameters().values())
-    optimizer.load_state_dict(checkpoint.optimizer_state(tensors, state["optimizer"]))
-    torch.set_rng_state(tensors["rng/torch"])
+    rng = None
+    if resume:
+        lacking = [k for k in ("optimizer", "step") if k not in state] + \
+            (["rng/torch"] if "rng/torch" not in tensors else [])
+        if lacking:
+            raise checkpoint.CheckpointError(f"{path} holds no {', '.join(lacking)}: it is a model to evaluate or "
+                                             "adapt (`mamlkit eval`, `mamlkit adapt`), not a run to resume")
+        checkpoint.load_optimizer(optimizer, tensors, state, path)
+        rng = checkpoint.check_rng(tensors["rng/torch"], path)
     if learner.strategy.auto and state.get("strategy"):
         # keep what the run measured and used, so the resumed run computes exactly the same numbers
         learner.strategy = strategies.Strategy.from_name(state["strategy"])
     ckpt = Path(path)
     run_dir = run_dir or (ckpt if ckpt.is_dir() else ckpt.parent)
-    return Trainer(cfg, learner, optimizer, run_dir, step=state["step"])
+    step = state.get("step", 0)
+    if not isinstance(step, int) or step < 0:
+        raise checkpoint.CheckpointError(f"{path}: its step is {step!r}, not a count of iterations")
+    return Trainer(cfg, learner, optimizer, run_dir, step=step, rng_state=rng)
 
 
 def new_trainer(cfg: config.TrainConfig, run_dir: Path) -> Trainer:
@@ -133,35 +151,50 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     if trainer.cfg.tune_malloc:
         tuning.tune_malloc()
     kernels.set_enabled(trainer.cfg.fast_kernels)
-    with distributed.session(trainer.cfg) as world:
+    with distributed.session(trainer.cfg) as world, \
+            (runfolder.lock(trainer.run_dir) if world.is_main else contextlib.nullcontext()), \
+            torch.random.fork_rng(devices=[]):
+        # the training's RNG stream is its own: seeded from cfg.seed, or the checkpoint's, and the caller's
+        # global RNG is left as it was
+        if trainer.rng_state is None:
+            torch.manual_seed(trainer.cfg.seed)
+        else:
+            torch.set_rng_state(trainer.rng_state)
         world.broadcast_(trainer.learner)  # every rank starts from rank 0's meta-parameters
-        _fit_loop(trainer, stop_at, world)
+        try:
+            _fit_loop(trainer, stop_at, world)
+        finally:
+            trainer.rng_state = torch.get_rng_state()
         world.barrier()
     return trainer
 
 
 def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -> None:
     cfg, learner, opt, main = trainer.cfg, trainer.learner, trainer.optimizer, world.is_main
+    saved = [trainer.step if (trainer.run_dir / "checkpoint.safetensors").exists() else None]
     if main:
-        trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_text(trainer.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        _truncate_metrics(trainer.run_dir, trainer.step)
+        with _stop_if_disk_full(trainer, saved):
+            runfolder.prepare(trainer.run_dir, trainer.step)
+            checkpoint.atomic_write_text(trainer.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     metrics = MetricsLog(trainer.run_dir, tensorboard=cfg.tensorboard, enabled=main)
+    signals = runfolder.current()
     tasks = get_family(cfg.task).build(cfg, "train")
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
                desc=f"{cfg.run_name or cfg.task}", dynamic_ncols=True, unit="it")
     if learner.strategy.auto or trainer.step == 0:  # measure memory (and, with auto, speed) before launching
         first = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch).to(cfg.device, trainer.dtype)
-        tuning.settle_strategy(learner, first, iterations=end - trainer.step, memory_budget_mb=cfg.memory_budget,
-                               say=bar.write if main else lambda msg: None)
+        with torch.random.fork_rng(devices=[]):  # measuring draws no numbers from the training's stream
+            tuning.settle_strategy(learner, first, iterations=end - trainer.step, memory_budget_mb=cfg.memory_budget,
+                                   say=bar.write if main else lambda msg: None)
     if main:
         bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.strategy.name}, {world.size} rank(s), "
                   f"run folder {trainer.run_dir}")
-    start_time, window = time.perf_counter(), []
+    start_time, window, begun = time.perf_counter(), [], (None, None)
     window_start = start_time
     try:
         while trainer.step < end:
+            begun = (trainer.step, torch.get_rng_state())  # to roll the RNG back if this iteration is abandoned
             batch = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch)  # this rank's share
             opt.zero_grad(set_to_none=True)
             if hasattr(learner, "set_step"):  # step-dependent algorithms (MAML++ annealing)
@@ -169,49 +202,76 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
             for group in opt.param_groups:  # a pure function of the step: resume-exact
                 group["lr"] = meta_lr_at(cfg, trainer.step)
             stats = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch)
-            opt.step()
-            trainer.step += 1
-            window.append(stats)
-            if main and (trainer.step % cfg.log_every == 0 or trainer.step == end):
-                now = time.perf_counter()
-                elapsed, window_time, window_start = now - start_time, now - window_start, now
-                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                row |= {"tasks_per_s": len(window) * cfg.meta_batch / window_time,
-                        "elapsed_s": elapsed}
-                metrics.log(trainer.step, "train", row)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc")})
-                window = []
-            if main and cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end):
-                val = validate(trainer)
-                metrics.log(trainer.step, "val", val)
-                bar.write(f"step {trainer.step}: val " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
-            if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
-                save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
+            # A stop signal before here abandons the iteration (only gradients were touched); from the
+            # update on, the iteration is finished, logged and checkpointed before the signal takes effect.
+            with signals.deferred(), _stop_if_disk_full(trainer, saved):
+                opt.step()
+                trainer.step += 1
+                window.append(stats)
+                if main and (trainer.step % cfg.log_every == 0 or trainer.step == end):
+                    now = time.perf_counter()
+                    elapsed, window_time, window_start = now - start_time, now - window_start, now
+                    row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                    row |= {"tasks_per_s": len(window) * cfg.meta_batch / window_time,
+                            "elapsed_s": elapsed}
+                    metrics.log(trainer.step, "train", row)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc")})
+                    window = []
+                if main and cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end):
+                    with torch.random.fork_rng(devices=[]):  # validating leaves the training's stream alone
+                        val = validate(trainer)
+                    metrics.log(trainer.step, "val", val)
+                    bar.write(f"step {trainer.step}: val " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+                if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
+                    _save(trainer, saved)
             bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if begun[0] == trainer.step:  # stopped before the update: the iteration is abandoned, its draws undone
+            torch.set_rng_state(begun[1])
         if main:
-            save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
-            bar.write(f"interrupted at step {trainer.step}; checkpoint saved. Resume with "
+            with _stop_if_disk_full(trainer, saved):
+                _save(trainer, saved)
+            name = e.args[0] if isinstance(e, runfolder.Stopped) else "Ctrl-C"
+            bar.write(f"mamlkit: stopped by {name} at step {trainer.step}; checkpoint saved "
+                      f"to {trainer.run_dir / 'checkpoint.safetensors'}. Resume with "
                       f"`mamlkit train --resume {trainer.run_dir}`")
         raise
     finally:
         bar.close()
-        metrics.close()
+        with contextlib.suppress(OSError):  # a full disk is reported by the write that hit it
+            metrics.close()
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop records logged after the checkpoint so the logs match an uninterrupted run."""
-    path = run_dir / "metrics.jsonl"
-    if step == 0 or not path.exists():
-        return
-    records = [r for r in read_jsonl(path) if r["step"] <= step]
-    checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+def _save(trainer: Trainer, saved: list) -> None:
+    trainer.rng_state = torch.get_rng_state()  # the training's stream, as it stands after this step
+    save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
+    saved[0] = trainer.step
 
 
-def run_dir_for(cfg: config.TrainConfig) -> Path:
+@contextlib.contextmanager
+def _stop_if_disk_full(trainer: Trainer, saved: list):
+    """Turn an out-of-space write into :class:`~mamlkit.runfolder.DiskFull`, naming the last good checkpoint."""
+    try:
+        yield
+    except OSError as e:
+        if not runfolder.no_space(e):
+            raise
+        run = trainer.run_dir
+        kept = (f"The checkpoint of step {saved[0]} in {run} is intact: free some space, then resume with "
+                f"`mamlkit train --resume {run}`." if saved[0] is not None else
+                "No checkpoint had been written yet: free some space and start the run again (with --overwrite).")
+        raise runfolder.DiskFull(f"no space left on the device while writing the run in {run} at step "
+                                 f"{trainer.step} ({e.strerror}: {e.filename or 'a log'}); training stopped. "
+                                 + kept) from None
+
+
+def run_dir_for(cfg: config.TrainConfig, overwrite: bool = False) -> Path:
+    """The run folder of a fresh run; one that already holds a run (even a killed one, with only logs) is
+    refused unless ``overwrite``, so two runs never mix their metrics."""
     name = cfg.run_name or f"{cfg.preset or cfg.task}-{cfg.algo}"
     path = Path(cfg.out_dir) / name
-    if (path / "checkpoint.safetensors").exists():
-        raise UserError(f"run folder {path} already holds a checkpoint. Resume it with `mamlkit train --resume "
-                        f"{path}`, or pick another folder with --run-name or --out-dir.")
+    if runfolder.holds_run(path) and not overwrite:
+        raise UserError(f"run folder {path} already holds a run. Resume it with `mamlkit train --resume "
+                        f"{path}`, pick another folder with --run-name or --out-dir, or pass --overwrite to "
+                        "replace it.")
     return path

@@ -6,17 +6,16 @@ Every :class:`~mamlkit.rl.config.RLConfig` field is a flag; mistakes raise ``Use
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from mamlkit.base.errors import UserError
-from mamlkit.cli import add_config_flags, resumed_config
 from mamlkit.config import load_yaml
+from mamlkit.flags import add_config_flags, resumed_config
 from mamlkit.rl import config as rlconfig
 from mamlkit.rl.config import ENV_NAMES
+from mamlkit.runfolder import Stopped, stop_on_signals
 
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
@@ -40,42 +39,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--no-baselines", action="store_true", help="skip the pretrained and random baselines")
     ev.add_argument("--last", action="store_true",
                     help="evaluate the run's last checkpoint, not its best validated one (RUN/best.safetensors)")
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; ``signum`` says which (the exit status is 128 + signum)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Turn SIGINT (Ctrl-C) and SIGTERM into :class:`Stopped`, so training stops at the next Python
-    bytecode (between MuJoCo steps, torch ops), rolls back the unfinished iteration and checkpoints.
-
-    Installed explicitly because a process started in the background by a non-interactive shell
-    (``mamlkit rl train ... &`` in a script) inherits SIGINT *ignored*, and Python then never raises
-    KeyboardInterrupt: ``kill -INT`` did nothing. Further signals while the checkpoint is written
-    are ignored, so a second Ctrl-C cannot abort the (atomic) save halfway.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def handler(signum, frame):
-        if not received:
-            received.append(signum)
-            raise Stopped(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _best_or_last(trainer):

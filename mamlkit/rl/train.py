@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mamlkit import checkpoint
+from mamlkit import checkpoint, runfolder
 from mamlkit.base.batch import task_generator
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog
-from mamlkit.loop.train import _truncate_metrics
 from mamlkit.rl.config import RLConfig, from_dict
 from mamlkit.rl.envs import env_dims, sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
@@ -128,9 +127,14 @@ def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = trainer.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-    _truncate_metrics(run_dir, trainer.step)
+    with runfolder.lock(run_dir):
+        runfolder.prepare(run_dir, trainer.step)
+        checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        return _fit(trainer, stop_at)
+
+
+def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
+    cfg, run_dir = trainer.cfg, trainer.run_dir
     metrics = MetricsLog(run_dir, tensorboard=False)
     algo = trainer.algo
     end = min(stop_at or cfg.iterations, cfg.iterations)

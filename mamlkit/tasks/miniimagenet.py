@@ -33,6 +33,9 @@ from mamlkit.checkpoint import atomic_write
 from mamlkit.data import DataError, cache_root, dataset_dir
 from mamlkit.tasks.episodes import EpisodeSampler
 
+# The family-dependent config fields (config.TASK_FIELDS) this family reads.
+USES = frozenset({"filters", "pool", "image_size", "bn_mode", "n_way", "data_root"})
+
 CACHE_VERSION = 1
 SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
 

@@ -44,6 +44,10 @@ from mamlkit.base.errors import UserError
 from mamlkit.data import Omniglot, load_omniglot, resolve_root
 from mamlkit.tasks.episodes import gather, sample_classes, sample_examples
 
+# The family-dependent config fields (config.TASK_FIELDS) this family reads.
+USES = frozenset({"filters", "pool", "image_size", "bn_mode", "n_way", "data_root", "trust_checksum", "split",
+                  "rotations"})
+
 SPLIT_SEED = 1
 SPLITS = ("paper", "background")
 ROTATIONS = ("per_task", "expand", "none")

@@ -43,11 +43,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
+
+# The family-dependent config fields (config.TASK_FIELDS) this family reads.
+USES = frozenset({"hidden_sizes", "path", "task_column", "target", "features", "kind", "fill", "max_categories",
+                  "task_split", "small_tasks"})
 
 log = logging.getLogger("mamlkit")
 
@@ -158,9 +163,127 @@ def read_csv_table(path: Path, hint: str = " Pass the file with --path FILE.") -
     return header, body
 
 
-def _lines(rows: list[list[str]], limit: int = 10) -> str:
-    lines = [r[-1] for r in rows]
+def _lines(lines, limit: int = 10) -> str:
+    lines = [str(n) for n in lines]
     return ", ".join(lines[:limit]) + (f" and {len(lines) - limit} more" if len(lines) > limit else "")
+
+
+class _Reread(Exception):
+    """An error must name file lines, which the columnar reader does not track: read again, row by row."""
+
+
+def _need(lines: np.ndarray | None) -> np.ndarray:
+    if lines is None:
+        raise _Reread
+    return lines
+
+
+def _read_columnar(path: Path) -> tuple[list[str], dict, None] | None:
+    """``(header, stripped string columns, None)`` read by pyarrow's columnar CSV reader: a few bytes per
+    value instead of a Python string each (a 200 MB file in a few hundred MB, not gigabytes). None when
+    pyarrow is missing or the file has a problem, which the row reader then names with its line."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.csv as pacsv
+    except ImportError:
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = next(csv.reader(f), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if not first or not any(c.strip() for c in first):
+        return None
+    header = [c.strip() for c in first]
+    if len(set(header)) != len(header):
+        return None
+    names = [f"c{k}" for k in range(len(header))]  # positional: spaces or a BOM in names do not matter
+    try:
+        table = pacsv.read_csv(
+            path, read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, use_threads=False),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False,
+                                                 null_values=[]))
+    except (pa.ArrowInvalid, OSError, UnicodeError):
+        return None
+    raw = {n: table.column(n) for n in names}
+    del table
+    cols = {c: pc.utf8_trim_whitespace(raw.pop(n)).combine_chunks() for c, n in zip(header, names)}  # one at a time
+    blank = np.logical_and.reduce([pc.equal(v, "").to_numpy(zero_copy_only=False) for v in cols.values()])
+    if blank.any():  # lines of empty fields only: skipped, as the row reader does
+        keep = pa.array(~blank)
+        cols = {c: v.filter(keep) for c, v in cols.items()}
+    if not len(next(iter(cols.values()))):
+        return None
+    return header, cols, None
+
+
+def _read_rows(path: Path) -> tuple[list[str], dict, np.ndarray]:
+    """The row reader: every problem a UserError naming its line; the same columns as :func:`_read_columnar`
+    and each row's line in the file."""
+    import pyarrow as pa
+
+    header, rows = read_csv_table(path)
+    cols = {c: pa.array([r[j].strip() for r in rows], pa.string()) for j, c in enumerate(header)}
+    return header, cols, np.array([int(r[-1]) for r in rows])
+
+
+def _missing(col) -> np.ndarray:
+    """Rows whose value is a missing-value spelling (``MISSING``, any case)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.is_in(pc.utf8_lower(col), value_set=pa.array(sorted(MISSING))).to_numpy(zero_copy_only=False)
+
+
+def _numbers(col, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, parsed)``: float64 values (NaN where missing or not a number) and where a present value
+    parsed as a number (as Python's ``float``; the distinct values are parsed when pyarrow's cast refuses)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    filled = pc.if_else(pa.array(missing), "0", col)
+    try:
+        values = pc.cast(filled, pa.float64()).to_numpy(zero_copy_only=False).copy()
+        parsed = ~missing
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        enc = filled.dictionary_encode()
+        uniq = [_float(v) for v in enc.dictionary.to_pylist()]
+        idx = enc.indices.to_numpy(zero_copy_only=False)
+        values = np.array([math.nan if v is None else v for v in uniq], dtype=np.float64)[idx]
+        parsed = np.array([v is not None for v in uniq], dtype=bool)[idx] & ~missing
+    values[~parsed] = math.nan
+    return values, parsed
+
+
+def _release() -> None:
+    """Hand the memory of dropped Arrow arrays back to the system now (the allocator keeps it otherwise), so
+    the encoded arrays take its place instead of adding to it."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
+def _float(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _codes(col) -> tuple[list[str], np.ndarray]:
+    """``(distinct values, each row's index into them)``."""
+    enc = col.dictionary_encode()
+    return enc.dictionary.to_pylist(), enc.indices.to_numpy(zero_copy_only=False)
+
+
+def _check_finite(path: Path, col, values: np.ndarray, parsed: np.ndarray, lines, column: str) -> None:
+    bad = np.flatnonzero(parsed & ~np.isfinite(values))
+    if bad.size:
+        raise UserError(f"{path} line {_need(lines)[bad[0]]} column {column!r} is {col[int(bad[0])].as_py()!r}: "
+                        "not a finite number (values beyond ±1.8e308 overflow). Fix the value, or leave the cell "
+                        "empty to mark it missing")
 
 
 def load_csv(path: str | os.PathLike, task_column: str, target: str, features: tuple[str, ...] = (), *,
@@ -169,23 +292,42 @@ def load_csv(path: str | os.PathLike, task_column: str, target: str, features: t
              small_tasks: str = "skip") -> TabularData:
     """Read, check, split and encode a CSV (see the module docstring for every rule).
 
-    Raises :class:`~mamlkit.base.errors.UserError` naming the problem and the fix for every bad input.
+    The file is read column by column (pyarrow) and encoded as arrays; when an error must name file
+    lines, it is read again row by row to name them. Raises :class:`~mamlkit.base.errors.UserError` naming
+    the problem and the fix for every bad input.
     """
     path = Path(path).expanduser()
     if kind not in KINDS:
         raise UserError(f"kind must be regression or classification, got {kind!r}")
     if fill not in FILLS:
         raise UserError(f"fill must be none, drop or mean, got {fill!r}")
-    header, rows = read_csv_table(path)
-    cols = ", ".join(header)
+    if not path.is_file():
+        raise UserError(f"CSV file not found: {path}. Pass the file with --path FILE.")
+    args = (path, task_column, target, tuple(features), kind, fill, max_categories, tuple(task_split), min_rows,
+            small_tasks)
+    columnar = _read_columnar(path)
+    if columnar is not None:
+        try:
+            return _encode(*columnar, *args)
+        except _Reread:
+            pass
+    return _encode(*_read_rows(path), *args)
+
+
+def _encode(header: list[str], cols: dict, lines: np.ndarray | None, path: Path, task_column: str, target: str,
+            features: tuple[str, ...], kind: str, fill: str, max_categories: int, task_split: tuple[float, ...],
+            min_rows: int, small_tasks: str) -> TabularData:
+    import pyarrow as pa
+
+    names_txt = ", ".join(header)
     if not task_column:
-        raise UserError(f"name the task column with --task-column; {path} has columns: {cols}")
+        raise UserError(f"name the task column with --task-column; {path} has columns: {names_txt}")
     if not target:
-        raise UserError(f"name the target column with --target; {path} has columns: {cols}")
+        raise UserError(f"name the target column with --target; {path} has columns: {names_txt}")
     for flag, name in [("--task-column", task_column), ("--target", target)] + \
             [("--features", f) for f in features]:
         if name not in header:
-            raise UserError(f"{flag}: column {name!r} is not in {path}; its columns are: {cols}")
+            raise UserError(f"{flag}: column {name!r} is not in {path}; its columns are: {names_txt}")
     if target == task_column:
         raise UserError(f"--target and --task-column are both {target!r}; they must differ")
     feats = list(features) or [c for c in header if c not in (task_column, target)]
@@ -194,51 +336,59 @@ def load_csv(path: str | os.PathLike, task_column: str, target: str, features: t
             raise UserError(f"--features lists the {what} {bad!r}; leave it out of the features")
     if not feats:
         raise UserError(f"{path} has no feature columns besides {task_column!r} and {target!r}")
-    idx = {c: header.index(c) for c in header}
-    ti, yi = idx[task_column], idx[target]
 
     # Missing values.
     used = [task_column, target, *feats]
-    missing = [r for r in rows if any(_is_missing(r[idx[c]]) for c in used)]
+    cols = {c: cols[c] for c in dict.fromkeys(used)}
+    miss = {c: _missing(cols[c]) for c in cols}
+    missing = np.logical_or.reduce([miss[c] for c in used])
     dropped = 0
-    if missing:
-        where = sorted({c for r in missing for c in used if _is_missing(r[idx[c]])})
+    if missing.any():
+        rows_missing = np.flatnonzero(missing)
+        where = sorted(c for c in cols if miss[c].any())
         if fill == "none":
-            raise UserError(f"{path}: {len(missing)} row(s) have missing values (lines {_lines(missing)}; "
-                            f"columns {', '.join(where)}). Fix the file, or pass --fill drop (drop those "
-                            "rows) or --fill mean (fill numeric features with their meta-train mean)")
-        key_missing = [r for r in missing if _is_missing(r[ti]) or _is_missing(r[yi])]
-        if fill == "mean" and key_missing:
+            raise UserError(f"{path}: {len(rows_missing)} row(s) have missing values (lines "
+                            f"{_lines(_need(lines)[rows_missing])}; columns {', '.join(where)}). Fix the file, or "
+                            "pass --fill drop (drop those rows) or --fill mean (fill numeric features with their "
+                            "meta-train mean)")
+        key_missing = np.flatnonzero(miss[task_column] | miss[target])
+        if fill == "mean" and key_missing.size:
             raise UserError(f"{path}: {len(key_missing)} row(s) miss the task or target value (lines "
-                            f"{_lines(key_missing)}); these cannot be filled: pass --fill drop")
+                            f"{_lines(_need(lines)[key_missing])}); these cannot be filled: pass --fill drop")
         if fill == "drop":
-            drop = {id(r) for r in missing}
-            rows = [r for r in rows if id(r) not in drop]
-            dropped = len(missing)
-            if not rows:
+            keep = ~missing
+            if not keep.any():
                 raise UserError(f"{path}: every row has a missing value; --fill drop leaves nothing")
+            mask = pa.array(keep)
+            cols = {c: v.filter(mask) for c, v in cols.items()}
+            miss = {c: m[keep] for c, m in miss.items()}
+            lines = lines[keep] if lines is not None else None
+            dropped = len(rows_missing)
 
     # Task split (by task value, never by row).
-    values = sorted({r[ti].strip() for r in rows})
+    task_values, task_idx = _codes(cols[task_column])
+    values = sorted(task_values)
     if len(task_split) != 3 or any(f < 0 for f in task_split) or abs(sum(task_split) - 1) > 1e-6:
         raise UserError(f"task_split must be three fractions (train val test) summing to 1, got {task_split}")
     split_values = split_tasks(values, task_split)
-    split_of = {v: s for s, vs in split_values.items() for v in vs}
-    train_rows = [r for r in rows if split_of[r[ti].strip()] == "train"]
+    tid = {v: i for i, v in enumerate(values)}
+    task_np = np.array([tid[v] for v in task_values], dtype=np.int64)[task_idx]
+    train_mask = np.isin(task_np, [tid[v] for v in split_values["train"]])
 
     # Target.
     if kind == "regression":
-        ys = []
-        for r in rows:
-            v = _number(r[yi])
-            if v is None:
-                raise UserError(f"{path} line {r[-1]}: target {target!r} is {r[yi]!r}, not a number; a "
-                                "regression target must be numeric (use --kind classification for labels)")
-            ys.append(v)
-        y = torch.tensor(ys, dtype=torch.float64)
+        ys, parsed = _numbers(cols[target], miss[target])
+        _check_finite(path, cols[target], ys, parsed, lines, target)
+        bad = np.flatnonzero(~parsed)
+        if bad.size:
+            raise UserError(f"{path} line {_need(lines)[bad[0]]}: target {target!r} is "
+                            f"{cols[target][int(bad[0])].as_py()!r}, not a number; a regression target must be "
+                            "numeric (use --kind classification for labels)")
+        y = torch.from_numpy(ys)
         classes: tuple[str, ...] = ()
     else:
-        classes = tuple(sorted({r[yi].strip() for r in rows}))
+        labels, label_idx = _codes(cols[target])
+        classes = tuple(sorted(set(labels)))
         if len(classes) < 2:
             raise UserError(f"classification needs at least 2 distinct values in {target!r}; it has "
                             f"{len(classes)}. Use --kind regression for a numeric target")
@@ -246,43 +396,54 @@ def load_csv(path: str | os.PathLike, task_column: str, target: str, features: t
             raise UserError(f"target {target!r} has {len(classes)} distinct numeric values; that looks like "
                             "a regression target: pass --kind regression (or raise --max-categories)")
         cid = {c: i for i, c in enumerate(classes)}
-        y = torch.tensor([cid[r[yi].strip()] for r in rows], dtype=torch.long)
+        y = torch.from_numpy(np.array([cid[v] for v in labels], dtype=np.int64)[label_idx])
 
-    # Features: numeric as they are, categorical one-hot over meta-train categories.
-    columns, names, categories = [], [], {}
+    # Features: numeric as they are, categorical one-hot over meta-train categories. Each column's strings
+    # are dropped once it is encoded, and x is filled in place, so the file is never held twice.
+    encoded, names, categories = [], [], {}
     for c in feats:
-        j = idx[c]
-        present = [r[j] for r in rows if not _is_missing(r[j])]
-        if all(_number(v) is not None for v in present):
-            vals = [math.nan if _is_missing(r[j]) else _number(r[j]) for r in rows]
-            col = torch.tensor(vals, dtype=torch.float64)
-            if fill == "mean" and col.isnan().any():
-                tr = torch.tensor([math.nan if _is_missing(r[j]) else _number(r[j]) for r in train_rows],
-                                  dtype=torch.float64)
-                fillv = tr.nanmean().item() if (~tr.isnan()).any() else 0.0
-                col = torch.where(col.isnan(), torch.full_like(col, fillv), col)
-            columns.append(col[:, None])
+        col, absent = cols.pop(c) if c not in (task_column, target) else cols[c], miss[c]
+        num, parsed = _numbers(col, absent)
+        _check_finite(path, col, num, parsed, lines, c)  # else "inf" would make a numeric column look categorical
+        if (parsed | absent).all():
+            if fill == "mean" and absent.any():
+                tr = num[train_mask & ~absent]
+                num[absent] = tr.mean() if tr.size else 0.0
+            encoded.append(num)
             names.append(c)
         else:
-            cats = sorted({r[j].strip() for r in train_rows if not _is_missing(r[j])})
+            del num
+            seen, idx = _codes(col)
+            in_train = np.zeros(len(seen), dtype=bool)
+            in_train[np.unique(idx[train_mask & ~absent])] = True
+            cats = sorted(v for v, t in zip(seen, in_train) if t)
             if len(cats) > max_categories:
                 raise UserError(f"column {c!r} is categorical with {len(cats)} categories in the meta-train "
                                 f"tasks, over the cap of {max_categories}; raise --max-categories, or leave it "
                                 "out with --features (or encode it as numbers yourself)")
             categories[c] = cats
             pos = {v: i for i, v in enumerate(cats)}
-            onehot = torch.zeros(len(rows), len(cats), dtype=torch.float64)
-            for i, r in enumerate(rows):
-                k = pos.get(r[j].strip())
-                if k is not None:
-                    onehot[i, k] = 1.0
-            columns.append(onehot)
+            encoded.append(np.array([pos.get(v, -1) for v in seen], dtype=np.int32)[idx])
             names += [f"{c}={v}" for v in cats]
-    x = torch.cat(columns, dim=1)
+        del col
+        _release()
+    cols.clear()
+    _release()
+    x = torch.zeros(len(task_np), len(names), dtype=torch.float64)
+    j = 0
+    for c in feats:
+        part = encoded.pop(0)
+        if c in categories:
+            known = np.flatnonzero(part >= 0)
+            x[torch.from_numpy(known), j + torch.from_numpy(part[known].astype(np.int64))] = 1.0
+            j += len(categories[c])
+        else:
+            x[:, j] = torch.from_numpy(part)
+            j += 1
+        del part
 
     # Tasks and their splits; small tasks skipped (or refused).
-    tid = {v: i for i, v in enumerate(values)}
-    task = torch.tensor([tid[r[ti].strip()] for r in rows], dtype=torch.long)
+    task = torch.from_numpy(task_np)
     counts = torch.bincount(task, minlength=len(values))
     if small_tasks not in ("skip", "error"):
         raise UserError(f"small_tasks must be skip or error, got {small_tasks!r}")
@@ -305,15 +466,27 @@ def load_csv(path: str | os.PathLike, task_column: str, target: str, features: t
 
     # Standardisation from meta-train rows only.
     tr_mask = torch.isin(task, torch.tensor(splits["train"]))
-    xt = x[tr_mask]
-    mean = xt.mean(0)
-    std = xt.std(0, unbiased=False)
+    mean, std = torch.empty(x.shape[1], dtype=x.dtype), torch.empty(x.shape[1], dtype=x.dtype)
+    for k in range(x.shape[1]):  # column by column: no copy of the whole meta-train block
+        mean[k], std[k] = x[:, k][tr_mask].mean(), x[:, k][tr_mask].std(unbiased=False)
     std = torch.where(std > 1e-12, std, torch.ones_like(std))
     if kind == "regression":
         yt = y[tr_mask]
         target_mean, target_std = yt.mean().item(), yt.std(unbiased=False).item() or 1.0
     else:
         target_mean, target_std = 0.0, 1.0
+    # Training runs in float32 on standardised values: every statistic must be finite and every value
+    # representable there, or the run would train to "inf ± nan".
+    big = torch.finfo(torch.float32).max
+    too_big = [(n, x[:, k]) for k, n in enumerate(names)
+               if not (mean[k].isfinite() and std[k].isfinite() and x[:, k].abs().max() <= big)]
+    if kind == "regression" and not (math.isfinite(target_mean) and math.isfinite(target_std)
+                                     and y.abs().max() <= big):
+        too_big.insert(0, (target, y))
+    if too_big:
+        n, col = too_big[0]
+        raise UserError(f"{path}: column {n!r} holds values up to {col.abs().max().item():.3g}, too large to "
+                        f"standardise in float32 (max {big:.3g}); rescale it (e.g. divide by a power of 10)")
     return TabularData(x, y, task, tuple(values), tuple(names), categories, classes, kind, splits,
                        split_values, skipped, dropped, mean, std, target_mean, target_std, tuple(header))
 
@@ -341,10 +514,19 @@ class CSVTasks:
         rows = torch.zeros(len(ids), M, d.num_features, dtype=torch.float32)
         ys = torch.zeros(len(ids), M, dtype=d.y.dtype)
         y = d.y if d.kind == "classification" else (d.y - d.target_mean) / d.target_std
-        for s, t in enumerate(ids):
-            sel = (d.task == t).nonzero().squeeze(1)
-            rows[s, :len(sel)] = d.x[sel].float()
-            ys[s, :len(sel)] = y[sel]
+        # rows grouped by task with one stable sort (file order within a task), not one scan per task
+        order = torch.argsort(d.task, stable=True)
+        per_task = torch.bincount(d.task, minlength=len(d.tasks))
+        owner = d.task[order]
+        pos = torch.arange(len(order)) - (torch.cumsum(per_task, 0) - per_task)[owner]  # place within its task
+        slot = torch.full((len(d.tasks),), -1, dtype=torch.long)
+        slot[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
+        mine = slot[owner] >= 0
+        order, pos, owner = order[mine], pos[mine], slot[owner[mine]]
+        for a in range(0, len(order), 1 << 16):  # in blocks: no float64 copy of the whole split at once
+            b = slice(a, a + (1 << 16))
+            rows[owner[b], pos[b]] = d.x[order[b]].float()
+            ys[owner[b], pos[b]] = y[order[b]]
         object.__setattr__(self, "rows", rows)
         object.__setattr__(self, "targets", ys if d.kind == "classification" else ys.float())
         object.__setattr__(self, "counts", counts)

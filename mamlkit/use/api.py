@@ -242,22 +242,28 @@ def load(path: str | Path) -> Learner | TaskModel:
 
     ``path`` may also name a model that ships with mamlkit (see ``PRETRAINED``), e.g. ``"omniglot-5w1s"``.
     """
-    from mamlkit import config
     from mamlkit.loop.train import build
 
     if str(path) in PRETRAINED and not Path(path).exists():
         path = PRETRAINED[str(path)]
     tensors, state = checkpoint.load(path)
     if state.get("type") == TASK_MODEL_FORMAT:
+        lacking = [k for k in ("model_spec", "kind", "input", "num_classes", "class_names") if k not in state]
+        if lacking:
+            raise checkpoint.CheckpointError(f"{path} is an adapted model without {', '.join(lacking)}; the file is "
+                                             "damaged or was not written by TaskModel.save")
         model = build_model(state["model_spec"])
         params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+        checkpoint.check_tensors(tensors, "param/", dict(model.named_parameters()), where="adapted model")
+        checkpoint.check_tensors(tensors, "buffer/", dict(model.named_buffers()), required=False,
+                                 where="adapted model")
         model = model.to(next(iter(params.values())).dtype)
         _load_buffers(model, tensors)
         return TaskModel(model, params, state["model_spec"], state["kind"], state["input"], state["num_classes"],
                          state["class_names"])
     if "config" not in state:
         raise checkpoint.CheckpointError(f"{path} is a mamlkit file without a run config; it cannot be adapted")
-    cfg = config.from_dict(state["config"])
+    cfg = checkpoint.config_of(state, path)
     spec = state.get("model_spec") or get_family(cfg.task).model_spec(cfg)
     meta = _build(cfg, tensors, spec) if cfg.task == "csv" else build(cfg, tensors)[0]
     return Learner(meta, cfg, tensors, state.get("input") or input_spec(cfg), spec)

@@ -7,6 +7,7 @@ the fix; the CLI turns it into exit code 2.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ def load_image(path: Path, spec: dict[str, Any], notes: set[str]) -> Tensor:
             size = int(spec["size"])
             im = im.resize((size, size), Image.LANCZOS)
             arr = np.asarray(im, dtype=np.float32)
+    except Image.DecompressionBombError as e:  # Pillow refuses to decode it: far too many pixels
+        raise UserError(f"cannot read image {path}: {e} Resize it (mamlkit resizes to {spec['size']}x"
+                        f"{spec['size']} anyway) and try again.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {e}. Remove the file or replace it with a valid image.") from None
     if spec.get("invert"):
@@ -96,21 +100,34 @@ def load_query_images(paths: list[str], spec: dict[str, Any]) -> tuple[Tensor, l
 
 
 def read_csv_table(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """A numeric CSV with a header row: ``(columns, values [rows, columns])``."""
+    """A numeric CSV with a header row: ``(columns, values [rows, columns])``, every value a finite number.
+
+    Anything else (not UTF-8, a ragged line, text, NaN, inf, or a number too large for float64 such as
+    1e309) is a :class:`UserError` naming the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"CSV file not found: {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if r]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"cannot read {path} as a UTF-8 CSV file ({e}); save it as UTF-8") from None
     if len(rows) < 2:
         raise UserError(f"{path} needs a header row and at least one data row")
-    header, body = rows[0], rows[1:]
-    try:
-        values = np.array([[float(v) for v in r] for r in body], dtype=np.float64)
-    except ValueError as e:
-        raise UserError(f"{path} must hold numbers only (after the header): {e}") from None
-    if values.shape[1] != len(header):
-        raise UserError(f"{path}: rows have {values.shape[1]} values but the header names {len(header)} columns")
+    header, body = rows[0][1], rows[1:]
+    values = np.empty((len(body), len(header)), dtype=np.float64)
+    for i, (line, r) in enumerate(body):
+        if len(r) != len(header):
+            raise UserError(f"{path} line {line} has {len(r)} values but the header names {len(header)} columns")
+        for j, v in enumerate(r):
+            try:
+                x = float(v)
+            except ValueError:
+                x = None
+            if x is None or not math.isfinite(x):
+                raise UserError(f"{path} line {line} column {header[j]!r} is {v!r}: not a finite number. Every "
+                                "value after the header must be a number (no NaN, inf, or magnitudes beyond 1e308)")
+            values[i, j] = x
     return header, values
 
 

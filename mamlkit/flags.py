@@ -1,0 +1,68 @@
+"""Config fields as command-line flags: one flag per field of a config dataclass, with its line of help
+under its group, and the rule for what may change when a run is resumed. Shared by ``mamlkit train`` and
+``mamlkit rl train``; it lives beside the configs (not in the CLI) so that both command groups can use it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from mamlkit import config
+from mamlkit.base.errors import UserError
+
+
+def resumed_config(cfg, overrides: dict, allowed: set[str]):
+    """``cfg`` with ``overrides`` applied, refusing fields that define the run (only ``allowed`` may change)."""
+    bad = sorted(set(overrides) - allowed)
+    if bad:
+        raise UserError(f"cannot change {', '.join(bad)} when resuming; these may change: "
+                        f"{', '.join(sorted(allowed))}")
+    return cfg.replace(**overrides)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null") else int(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainConfig,
+                     title: str = "config fields (override the preset and --config)", skip: tuple[str, ...] = (),
+                     values: object | None = None, values_from: str = "default") -> None:
+    """One flag per field of the config dataclass ``cls`` (but ``skip``); unset flags stay out of the
+    namespace, so only what the user typed overrides the preset or YAML file.
+
+    Fields with ``group``/``help`` metadata (:func:`mamlkit.config.flag`) get their line of help under
+    their group, in :data:`mamlkit.config.GROUPS` order. Each help ends with the field's value in
+    ``values`` (default: ``cls()``), labelled ``values_from`` (a preset's name shows the preset's values).
+    """
+    values = cls() if values is None else values
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    groups = {g: parser.add_argument_group(g) for g in config.GROUPS
+              if any(m.get("group") == g for m in meta.values())}
+    fallback = None
+    for name, typ in typing.get_type_hints(cls).items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS}
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple:
+            kw |= {"nargs": "+", "type": args[0], "metavar": METAVARS.get(args[0], "V")}
+        elif type(None) in args:
+            kw |= {"type": _optional_int, "metavar": "N|none"}
+        else:
+            kw |= {"type": typ, "metavar": METAVARS.get(typ, "V")}
+        value = getattr(values, name)
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+        if meta[name].get("group") in groups:
+            group = groups[meta[name]["group"]]
+            text = f"{meta[name]['help']} [{values_from}: {shown}]"
+        else:
+            fallback = fallback or parser.add_argument_group(title)
+            group, text = fallback, f"{values_from} {shown}"
+        group.add_argument(flag, help=text.replace("%", "%%"), **kw)
+
+
+METAVARS = {int: "N", float: "X", str: "S"}

@@ -1,0 +1,219 @@
+"""A run folder's safety, shared by the supervised and the meta-RL trainers.
+
+* One writer at a time: :func:`lock` takes an OS lock (``fcntl.flock``) on ``RUN/.lock`` holding the
+  owner's PID. The kernel drops it when the process dies, however it dies, so a killed run never
+  leaves a lock that blocks its resume.
+* Leftovers of a killed run: :func:`clean` removes the temporary files of atomic writes cut short.
+* Logs that match the checkpoint: :func:`truncate_metrics` cuts ``metrics.jsonl`` back to the
+  checkpoint's step (dropping a torn last line) and rebuilds ``metrics.csv`` from it, header first.
+* Stop signals: :func:`stop_on_signals` turns SIGINT and SIGTERM into :class:`Stopped`, raised at
+  once or, inside :meth:`Signals.deferred`, when the block ends, so an update is never half applied.
+* A full disk: :func:`no_space` tells an out-of-space ``OSError`` apart, so the trainers can stop
+  with a message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mamlkit.base.errors import DiskFull, UserError
+from mamlkit.base.metrics import CSV_COLUMNS, read_jsonl
+from mamlkit.checkpoint import atomic_write_text
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not locked there
+    fcntl = None
+
+LOCK_NAME = ".lock"
+# What a run writes into its folder; --overwrite removes these (and nothing else) before a fresh run.
+RUN_FILES = ("checkpoint.safetensors", "best.safetensors", "config.json", "metrics.jsonl", "metrics.csv",
+             "eval.md", "eval.json")
+RUN_FOLDERS = ("pretrained",)
+
+
+class RunFolderBusy(UserError):
+    """Another live process holds the run folder's lock."""
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether ``e`` is the operating system saying the disk (or the user's quota) is full."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+_held: dict[str, list] = {}  # resolved folder -> [fd, depth]: the lock is re-entrant within a process
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block; raises :class:`RunFolderBusy` (naming the folder and the
+    holder's PID) at once if another process holds it. Re-entrant within one process."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if fcntl is None or key in _held:
+        if key in _held:
+            _held[key][1] += 1
+        try:
+            yield
+        finally:
+            if key in _held:
+                _held[key][1] -= 1
+        return
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunFolderBusy(f"run folder {run_dir} is in use by another mamlkit process (PID {holder}); wait for "
+                            "it to finish or stop it, or pick another folder with --run-name or --out-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _held[key][1] -= 1
+        if _held[key][1] == 0:
+            del _held[key]
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def clean(run_dir: Path) -> list[Path]:
+    """Remove the temporary files that atomic writes cut short by a kill left in ``run_dir``; call it
+    holding the lock (no other writer can be mid-write then). Returns what was removed."""
+    removed = []
+    for p in Path(run_dir).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds (part of) a run: a checkpoint, a config or logs."""
+    return any((Path(run_dir) / name).exists() for name in ("checkpoint.safetensors", "config.json",
+                                                             "metrics.jsonl", "metrics.csv"))
+
+
+def clear(run_dir: Path) -> None:
+    """Remove a previous run's files from ``run_dir`` (``--overwrite``); other files stay."""
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Make the logs hold exactly the records of steps ``1..step`` (those of the checkpoint being
+    continued; none for a fresh run): a torn last line and records logged after the checkpoint are
+    dropped, and ``metrics.csv`` is rebuilt from ``metrics.jsonl``, header first, so a resumed run
+    logs every step exactly once in both."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    records = [r for r in read_jsonl(path) if r["step"] <= step] if path.exists() and step else []
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+def prepare(run_dir: Path, step: int) -> None:
+    """Ready a locked run folder to continue from ``step``: leftovers removed, logs cut back to ``step``."""
+    clean(run_dir)
+    truncate_metrics(run_dir, step)
+
+
+# --------------------------------------------------------------------------------------
+# Stop signals
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; ``signum`` says which (the exit status is 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """The state of :func:`stop_on_signals`: the signal received (if any) and the deferral depth."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.depth = 0
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            return  # one stop is enough: a second Ctrl-C must not abort the checkpoint being written
+        self.received = signum
+        if self.depth == 0:
+            raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A block a stop signal must not cut in two (an optimiser update and its bookkeeping): a signal
+        received inside it raises :class:`Stopped` when it ends."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.received is not None:
+            raise Stopped(self.received)
+
+
+_NO_SIGNALS = Signals()  # outside stop_on_signals (or off the main thread): deferral is a plain block
+
+
+def current() -> Signals:
+    """The active :class:`Signals` (a no-op one outside :func:`stop_on_signals`)."""
+    return _active[-1] if _active else _NO_SIGNALS
+
+
+_active: list[Signals] = []
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Signals]:
+    """Turn SIGINT (Ctrl-C) and SIGTERM (a scheduler's time limit, torchrun stopping its workers) into
+    :class:`Stopped`, raised at the next Python bytecode, or at the end of a :meth:`Signals.deferred` block.
+
+    Installed explicitly because a process started in the background by a non-interactive shell
+    (``mamlkit train ... &`` in a script) inherits SIGINT *ignored*, and Python then never raises
+    KeyboardInterrupt. Signals after the first are ignored, and stay ignored after the block if one
+    arrived, so neither a second Ctrl-C during the checkpoint write nor one during interpreter shutdown
+    (``atexit`` handlers) prints a traceback.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield _NO_SIGNALS
+        return
+    state = Signals()
+    previous = {s: signal.signal(s, state.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _active.append(state)
+    try:
+        yield state
+    finally:
+        _active.remove(state)
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_IGN if state.received is not None else h)
+
+
+__all__ = ["lock", "clean", "holds_run", "clear", "truncate_metrics", "prepare", "Stopped", "Signals",
+           "stop_on_signals", "current", "no_space", "DiskFull", "RunFolderBusy"]
