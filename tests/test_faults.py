@@ -19,6 +19,7 @@ from helpers import write_csv
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import mamlkit
 from mamlkit import checkpoint, config
 from mamlkit.loop import train
 from mamlkit.presets import PRESETS, preset_config
@@ -342,7 +343,7 @@ def test_eval_of_a_checkpoint_without_optimizer_step_or_rng(cli, run_dir, tmp_pa
     code, _, err = cli("train", "--resume", slim)  # resuming does need them: refused, with the reason
     assert code == 2 and "not a run to resume" in err
     # the shipped model loads for evaluation (no data needed to build it)
-    shipped = train.load_trainer(Path(train.__file__).parent / "assets" / "omniglot-5w1s.safetensors", resume=False)
+    shipped = train.load_trainer(Path(mamlkit.__file__).parent / "assets" / "omniglot-5w1s.safetensors", resume=False)
     assert shipped.cfg.task == "omniglot"
 
 

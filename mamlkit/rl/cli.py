@@ -15,7 +15,6 @@ from mamlkit.config import load_yaml
 from mamlkit.flags import add_config_flags, resumed_config
 from mamlkit.rl import config as rlconfig
 from mamlkit.rl.config import ENV_NAMES
-from mamlkit.runfolder import Stopped, stop_on_signals
 
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
@@ -81,6 +80,7 @@ def _report(trainer, baselines: bool, train_baseline: bool) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mamlkit.rl import train
+    from mamlkit.runfolder import Stopped, stop_on_signals
 
     overrides = {k: v for k, v in vars(args).items() if k in rlconfig.field_types() and k != "env"}
     if args.resume:
