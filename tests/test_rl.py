@@ -20,7 +20,7 @@ from mamlkit.config import ConfigError
 from mamlkit.rl import sampling
 from mamlkit.rl.advantages import baseline_features, discounted_returns, fit_linear_baseline, gae, normalize
 from mamlkit.rl.config import RLConfig, from_dict
-from mamlkit.rl.envs import Nav2D, sample_tasks
+from mamlkit.rl.envs import Nav2D, make_env, sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
 from mamlkit.rl.policy import build_policy, kl_divergence, log_prob
 from mamlkit.rl.trpo import conjugate_gradient, fisher_vector_product, flat, trpo_step
@@ -61,8 +61,36 @@ def test_nav2d_action_scale():
     obs, r, *_ = env.step(torch.tensor([[[0.5, 5.0]]], dtype=D))
     assert obs[0, 0].tolist() == pytest.approx([0.05, 0.1])
     assert r.item() == pytest.approx(-math.hypot(0.25, 0.2))
-    assert RLConfig().env_action_scale == 1.0 and RLConfig(env="cheetah-vel").env_action_scale == 10.0
     assert RLConfig(env="cheetah-vel", action_scale=1).env_action_scale == 1.0
+
+
+def test_nav2d_default_action_scale_is_rllab_normalize():
+    # The paper's code runs the point env under rllab's ``normalize``: a policy action a in [-1, 1] moves
+    # lb + (a + 1)/2 (ub − lb) = 0.1 a, clipped to ±0.1. With the old default (1) a σ = 1 policy was clipped
+    # almost always and its mean could drift past the clip, where an inner step no longer moves the agent.
+    cfg = RLConfig()
+    assert cfg.env_action_scale == 10.0 and RLConfig(env="cheetah-dir").env_action_scale == 10.0
+    env = make_env("nav2d", torch.zeros(1, 2, dtype=D), 1, 1, cfg.env_action_scale)
+    for a in (-1.0, -0.3, 0.0, 0.7, 1.0, 2.5):
+        env.reset()
+        obs, *_ = env.step(torch.tensor([[[a, -a]]], dtype=D))
+        lb, ub = -0.1, 0.1
+        want = min(max(lb + (a + 1) * 0.5 * (ub - lb), lb), ub)
+        assert obs[0, 0].tolist() == pytest.approx([want, -want])
+
+
+def test_new_runs_store_the_resolved_action_scale_and_old_defaults_load(tmp_path):
+    from mamlkit.rl import train
+
+    trainer = train.new_trainer(RLConfig(**TINY, iterations=1, progress=False), tmp_path)
+    assert trainer.cfg.action_scale == 10.0  # explicit in the checkpoint, not "the default"
+    train.save_checkpoint(trainer, tmp_path / "new.safetensors")
+    assert train.load_trainer(tmp_path / "new.safetensors").cfg.env_action_scale == 10.0
+    # a checkpoint that stored 0 (the default) was written when nav2d's default was 1
+    tensors = {f"meta/{k}": v for k, v in trainer.policy.named_parameters()}
+    cfg = trainer.cfg.to_dict() | {"action_scale": 0.0}
+    checkpoint.save(tmp_path / "old0.safetensors", tensors, {"kind": "rl", "config": cfg, "step": 3})
+    assert train.load_trainer(tmp_path / "old0.safetensors").cfg.env_action_scale == 1.0
 
 
 def test_nav2d_truncation_at_horizon():

@@ -14,10 +14,17 @@ from mamlkit.config import ConfigError, as_dict, build_config
 
 ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
 DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
-# Policy actions are divided by this before the environment clips them to its range. Half-cheetah: 10,
-# as pytorch-maml-rl's HalfCheetahVel/Dir (``normalization_scale``): a policy with σ = 1 then explores
-# with torque noise 0.1 instead of flailing at the ±1 torque limits (see docs/rl.md).
-DEFAULT_ACTION_SCALE = {"nav2d": 1.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
+# Policy actions are divided by this before the environment clips them to its range. 2D navigation: 10,
+# as the paper's code (cbfinn/maml_rl, maml_examples/maml_trpo_point.py) wraps the point environment in
+# rllab's ``normalize``, which maps policy actions in [-1, 1] affinely onto the action box [-0.1, 0.1] and
+# clips: a policy with σ = 1 then explores with steps of ±0.1 instead of being clipped almost always (with
+# scale 1 the mean drifts far past the clip, where an inner gradient step no longer moves the agent).
+# Half-cheetah: 10, as pytorch-maml-rl's HalfCheetahVel/Dir (``normalization_scale``): torque noise 0.1
+# instead of flailing at the ±1 torque limits (see docs/rl.md).
+DEFAULT_ACTION_SCALE = {"nav2d": 10.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
+# What 0 ("the env's default") meant in checkpoints written before the defaults above were resolved and
+# stored explicitly (nav2d was then 1).
+LEGACY_ACTION_SCALE = {"nav2d": 1.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +38,7 @@ class RLConfig:
     init_std: float = 1.0
     # sampling
     horizon: int = 0                   # episode length (0: the env's paper value, 100 nav2d / 200 cheetah)
-    action_scale: float = 0.0          # env action = policy action / scale (0: env default, 1 nav2d, 10 cheetah)
+    action_scale: float = 0.0          # env action = policy action / scale (0: env default, 10 for all envs)
     meta_batch: int = 20               # tasks per meta-iteration (paper: 20 nav2d, 40 cheetah)
     traj_per_task: int = 20            # trajectories per task and per inner step (paper: 20)
     gamma: float = 0.99                # discount

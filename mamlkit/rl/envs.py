@@ -48,7 +48,8 @@ class Nav2D:
         goals: ``[T, 2]`` task goals (from :meth:`sample_tasks`).
         num_envs: N, trajectories per task.
         horizon: episode length (paper: 100).
-        action_scale: the policy's action is divided by this before clipping (1: the paper's).
+        action_scale: the policy's action is divided by this before clipping (``mamlkit rl``'s default 10 is
+            the paper's code: rllab's ``normalize`` maps [-1, 1] onto [-0.1, 0.1]).
     """
 
     obs_dim = 2
