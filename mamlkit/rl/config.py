@@ -47,6 +47,7 @@ class RLConfig:
     inner_lr: float = 0.1              # α (paper: 0.1)
     inner_steps: int = 1               # 1 (MAML); 0 only with algo=pretrain
     first_order: bool = False          # drop second-order terms (meta-gradient and Fisher)
+    estimator: str = "reinforce"       # inner loss in the meta-gradient: reinforce (paper) | lvc (ProMP) | dice
     # outer loop: TRPO
     max_kl: float = 0.01               # trust region δ
     cg_iters: int = 10                 # conjugate-gradient iterations
@@ -54,6 +55,7 @@ class RLConfig:
     ls_steps: int = 15                 # backtracking line-search steps
     ls_ratio: float = 0.8              # step shrink factor per backtrack
     fisher_tasks: int = 0              # tasks whose KL gives the Fisher (0: all; fewer: faster, approximate)
+    fisher_fraction: float = 1.0       # fraction of post-update states in the Fisher's KL (1: all; 0.1-0.2: faster)
     iterations: int = 200              # meta-iterations
     # execution
     dtype: str = "float32"             # float32 | float64
@@ -82,6 +84,8 @@ class RLConfig:
 
         need(self.env in ENV_NAMES, f"env must be one of {', '.join(ENV_NAMES)}, got {self.env!r}")
         need(self.algo in ("maml-trpo", "pretrain"), f"algo must be maml-trpo or pretrain, got {self.algo!r}")
+        need(self.estimator in ("reinforce", "lvc", "dice"),
+             f"estimator must be reinforce, lvc or dice, got {self.estimator!r}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
         for name in ("meta_batch", "traj_per_task", "cg_iters", "ls_steps", "iterations", "log_every",
                      "checkpoint_every", "eval_tasks", "eval_traj", "val_tasks"):
@@ -100,6 +104,7 @@ class RLConfig:
              "gamma must be in (0, 1] and gae_lambda in [0, 1]")
         need(self.inner_lr >= 0 and all(a >= 0 for a in self.eval_lrs), "inner_lr and eval_lrs must be >= 0")
         need(self.max_kl > 0 and self.cg_damping >= 0, "max_kl must be > 0 and cg_damping >= 0")
+        need(0 < self.fisher_fraction <= 1, f"fisher_fraction must be in (0, 1], got {self.fisher_fraction}")
         need(0 < self.ls_ratio < 1, f"ls_ratio must be in (0, 1), got {self.ls_ratio}")
 
     @property
