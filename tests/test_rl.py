@@ -371,6 +371,119 @@ def test_fisher_fraction_subsamples_query_states_only():
     assert stats["backtracks"] < 15
 
 
+# ------------------------------------- MAML-TRPO against the paper's code and pytorch-maml-rl, point by point
+
+def _perturbed(policy, scale=0.05, seed=5):
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=D))
+
+
+def test_importance_ratio_uses_the_sampling_policy_and_kl_is_old_to_new_over_post_update_states():
+    # The paper's code (maml_npo.py) and pytorch-maml-rl both divide by the post-update policy that
+    # sampled the query episodes (the old θ'), fixed during the line search, and constrain the mean
+    # KL(π_old ‖ π_new) (rllab's kl_sym(old, new); pytorch-maml-rl uses KL(new ‖ old), the same to
+    # second order) over the valid post-update states. Hand computation per task, then mean over tasks.
+    cfg, policy, algo, batch = _tiny_batch(False)
+    a = 2
+    old = batch.query_y[..., a + 2:]
+    with torch.no_grad():  # the recorded sampling distribution is the one θ' gives now: ratio 1, KL 0
+        loss0, kl0 = algo.losses(batch)
+        mask = batch.query_y[..., a + 1]
+        adv = batch.query_y[..., a]
+        assert loss0.item() == pytest.approx(-((adv * mask).sum(1) / mask.sum(1)).mean().item(), abs=1e-12)
+        assert abs(kl0.item()) < 1e-12
+    _perturbed(policy)
+    params = {k: v.detach() for k, v in policy.named_parameters()}
+    with torch.no_grad():
+        loss1, kl1 = algo.losses(batch)
+        sx, sy = batch.support_x, batch.support_y
+        from mamlkit.rl.maml_trpo import adapt_tasks
+        fast = adapt_tasks(policy, params, sx, sy, cfg.inner_lr, per_task=False)
+        new = torch.vmap(lambda p, x: torch.func.functional_call(policy, p, (x,)))(fast, batch.query_x)
+        ratio = torch.exp(log_prob(new, batch.query_y[..., :a]) - log_prob(old, batch.query_y[..., :a]))
+        want_loss = -((ratio * adv * mask).sum(1) / mask.sum(1)).mean()
+        want_kl = ((kl_divergence(old, new) * mask).sum(1) / mask.sum(1)).mean()
+        reverse = ((kl_divergence(new, old) * mask).sum(1) / mask.sum(1)).mean()
+    assert loss1.item() == pytest.approx(want_loss.item(), rel=1e-9)
+    assert kl1.item() == pytest.approx(want_kl.item(), rel=1e-9)
+    assert abs(kl1.item() - reverse.item()) > 1e-6 * kl1.item()  # the direction is pinned, not incidental
+    assert 0.5 < kl1.item() / reverse.item() < 2  # and it agrees with the other to leading order
+
+
+def test_baseline_is_refit_on_each_batch_and_advantages_normalised_per_task():
+    # Both references fit the linear feature baseline on the very episodes whose advantages it gives
+    # (rllab's process_samples in the paper's code fits, then predicts; pytorch-maml-rl's sampler
+    # calls baseline.fit(episodes) before compute_advantages), per task, and then normalise the
+    # advantages per task over the valid steps (rllab center_adv, pytorch-maml-rl normalize=True).
+    cfg = RLConfig(**TINY)
+    algo = MAMLTRPO(build_policy(2, 2, (5,), 1.0, 0, D), cfg)
+    gen = task_generator(0, "train", 0)
+    tasks = sample_tasks("nav2d", 3, gen)
+    ep1 = algo.sample(tasks, dict(algo.model.named_parameters()), False, gen)
+    ep2 = algo.sample(tasks, dict(algo.model.named_parameters()), False, gen)
+    adv_alone = sampling.advantages(ep2, cfg.gamma, cfg.gae_lambda)
+    sampling.advantages(ep1, cfg.gamma, cfg.gae_lambda)  # a previous batch leaves no state behind
+    adv = sampling.advantages(ep2, cfg.gamma, cfg.gae_lambda)
+    assert torch.equal(adv, adv_alone)
+    feats = baseline_features(ep2.obs)
+    coef = fit_linear_baseline(feats, discounted_returns(ep2.rewards, ep2.mask, cfg.gamma), ep2.mask)
+    values = torch.einsum("tnhf,tf->tnh", feats, coef)
+    raw = gae(ep2.rewards, values, ep2.mask, cfg.gamma, cfg.gae_lambda)
+    m = ep2.mask.to(D)
+    n = m.sum((1, 2))
+    for t in range(3):
+        valid = raw[t][ep2.mask[t]]
+        want = (valid - valid.mean()) / (valid.var(unbiased=False).sqrt() + 1e-8)
+        assert torch.allclose(adv[t][ep2.mask[t]], want, atol=1e-10)
+        assert (adv[t][~ep2.mask[t]] == 0).all()
+    assert torch.allclose((adv * m).sum((1, 2)) / n, torch.zeros(3, dtype=D), atol=1e-10)
+
+
+def test_line_search_needs_improvement_and_kl_within_the_bound():
+    # rllab's ConjugateGradientOptimizer (the paper's code) and pytorch-maml-rl accept a backtracked step
+    # only if the surrogate improves AND the mean KL is within δ, and restore θ_old if none qualifies.
+    g = torch.tensor([1.0, -2.0], dtype=D)
+
+    def run(loss_fn, kl_fn):
+        p = torch.zeros(2, dtype=D, requires_grad=True)
+        stats = trpo_step([p], lambda: (loss_fn(p), kl_fn(p)), max_kl=0.01, damping=0.0)
+        return p.detach(), stats
+
+    quad_kl = lambda p: 0.5 * (p * p).sum()  # noqa: E731  (Fisher I)
+    # the KL grows faster than its quadratic model: the full step (KL 0.01 predicted) is too far
+    p, stats = run(lambda p: -(g * p).sum(), lambda p: quad_kl(p) + 50 * (p * p).sum() ** 2)
+    assert stats["backtracks"] > 0 and 0 < stats["kl"] <= 0.01 and p.norm() > 0
+    # every trial step makes the loss worse: rejected, θ restored, although every KL is within δ
+    p, stats = run(lambda p: -(g * p).sum() + 1e4 * (p * p).sum(), quad_kl)
+    assert stats["backtracks"] == 15 and torch.equal(p, torch.zeros(2, dtype=D)) and stats["kl"] == 0.0
+    # the loss improves everywhere but the KL exceeds δ at every trial step: rejected as well
+    p, stats = run(lambda p: -(g * p).sum(), lambda p: quad_kl(p) + 1e9 * (p * p).sum() ** 2)
+    assert stats["backtracks"] == 15 and torch.equal(p, torch.zeros(2, dtype=D))
+
+
+def test_evaluation_steps_use_0_1_then_0_05():
+    # Finn et al. 2017, App. A.2: trained with one step of α = 0.1, evaluated "halving the learning rate
+    # after the first gradient step" (the paper's test_maml_point.py: init_learning_rate α, then 0.5 α).
+    cfg = RLConfig(**TINY)
+    assert cfg.eval_lrs == (0.1, 0.05, 0.05) and cfg.inner_lr == 0.1
+    from mamlkit.rl.maml_trpo import adapt_tasks
+
+    policy = build_policy(2, 2, (5,), 1.0, 0, D)
+    algo = MAMLTRPO(policy, cfg)
+    tasks = sample_tasks("nav2d", 2, task_generator(0, "test", 0))
+    curve, path = algo.adapt_curve(tasks, cfg.eval_lrs, torch.Generator().manual_seed(3), 4)
+    gen = torch.Generator().manual_seed(3)  # redo by hand with the same noise
+    theta = {k: v.detach() for k, v in policy.named_parameters()}
+    ep = algo.sample(tasks, theta, False, gen, 4)
+    p1 = adapt_tasks(policy, theta, *algo.pack(ep, False), 0.1, per_task=False)
+    ep = algo.sample(tasks, p1, True, gen, 4)
+    p2 = adapt_tasks(policy, p1, *algo.pack(ep, False), 0.05, per_task=True)
+    assert curve.shape == (2, 4)
+    for k in p2:
+        assert torch.allclose(path[2][k], p2[k], atol=1e-12)
+
+
 def test_trpo_step_respects_trust_region():
     cfg, policy, algo, batch = _tiny_batch(False, seed=2)
     params = list(policy.parameters())
