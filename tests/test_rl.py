@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext as _nullcontext
 
 import pytest
 import torch
@@ -549,6 +550,51 @@ def test_cli_train_eval_and_resume(tmp_path, capsys):
     half, state = checkpoint.load(tmp_path / "half")
     assert state["step"] == 2
     assert all(torch.equal(full[k], half[k]) for k in full)
+
+
+def test_cli_eval_steps_and_adapt_to_a_goal(tmp_path, capsys):
+    flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines"] + TINY_FLAGS
+    assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 0
+    run = tmp_path / "r"
+    capsys.readouterr()
+    assert main(["rl", "eval", str(run), "--steps", "1", "2", "3", "--no-baselines"]) == 0
+    out = capsys.readouterr().out
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["eval_lrs"] == [0.1, 0.05, 0.05] and list(ev["returns"]["maml-trpo"]) == ["0", "1", "2", "3"]
+    assert "| 3 |" in out and "-3.23" in out and "rates [0.1, 0.05, 0.05]" in out
+    # 5 steps: the rate after the first stays halved; only the rows asked for are listed
+    assert main(["rl", "eval", str(run), "--steps", "5", "2", "--no-baselines"]) == 0
+    out = capsys.readouterr().out
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["eval_lrs"] == [0.1, 0.05, 0.05, 0.05, 0.05] and list(ev["returns"]["maml-trpo"]) == ["0", "2", "5"]
+    assert "| 5 |" in out and "| 3 |" not in out and "| 1 |" not in out
+    assert main(["rl", "eval", str(run), "--steps", "0"]) == 2
+    assert "--steps takes step counts from 1" in capsys.readouterr().err
+
+    fig = tmp_path / "adapt.png"
+    assert main(["rl", "adapt", str(run), "--goal", "0.3", "-0.2", "--steps", "2", "--traj", "3",
+                 "--out", str(fig)]) == 0
+    out = capsys.readouterr().out
+    assert fig.stat().st_size > 1000 and "goal (0.3, -0.2)" in out and "2 steps:" in out
+    assert "rates 0.1, 0.05" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--goal", "0.7", "0"], "outside the arena"),
+    (["--goal", "0", "-0.51"], "outside the arena"),
+    (["--goal", "nan", "0"], "outside the arena"),
+    (["--goal", "0.1", "north"], "invalid float value"),
+    (["--goal", "0.1"], "expected 2 arguments"),
+    (["--goal", "0.1", "0.1", "--steps", "4"], "--steps must be 1, 2 or 3"),
+    (["--goal", "0.1", "0.1", "--out", "fig.txt"], "must end in .png"),
+])
+def test_cli_adapt_bad_goals_exit_2(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) if "float" in message or "arguments" in message else _nullcontext() as e:
+        rc = main(["rl", "adapt", str(tmp_path / "missing")] + argv)
+    rc = e.value.code if e is not None and hasattr(e, "value") else rc
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv, message", [
