@@ -78,6 +78,14 @@ def test_nav2d_default_action_scale_is_rllab_normalize():
         lb, ub = -0.1, 0.1
         want = min(max(lb + (a + 1) * 0.5 * (ub - lb), lb), ub)
         assert obs[0, 0].tolist() == pytest.approx([want, -want])
+    # the initial policy (σ = 1, mean ≈ 0) is clipped on P(|N(0, 1)| > 1) ≈ 32% of coordinates, not on
+    # P(|N(0, 1)| > 0.1) ≈ 92% as with scale 1: its samples carry information about the goal
+    policy = build_policy(2, 2, (8,), 1.0, 0, D)
+    for scale, lo, hi in ((10.0, 0.40, 0.60), (1.0, 0.97, 1.0)):  # any of 2 coordinates: 1 − 0.68², 1 − 0.08²
+        algo = MAMLTRPO(policy, cfg.replace(action_scale=scale, dtype="float64", traj_per_task=50))
+        ep = algo.sample(torch.zeros(4, 2, dtype=D), dict(policy.named_parameters()), False,
+                         torch.Generator().manual_seed(0))
+        assert lo < algo.clip_fraction(ep) < hi
 
 
 def test_new_runs_store_the_resolved_action_scale_and_old_defaults_load(tmp_path):

@@ -113,6 +113,11 @@ def sample_tasks(name: str, num_tasks: int, generator: torch.Generator) -> Tenso
     raise ValueError(f"unknown environment {name!r}; choose one of {', '.join(ENV_NAMES)}")
 
 
+def action_limit(name: str) -> float:
+    """The bound the environment clips its (scaled) actions to: ±0.1 moves (nav2d), ±1 torques (cheetah)."""
+    return 0.1 if name == "nav2d" else 1.0
+
+
 def env_dims(name: str) -> tuple[int, int]:
     """``(obs_dim, act_dim)`` of environment ``name`` without building it."""
     if name == "nav2d":

@@ -24,7 +24,7 @@ from mamlkit.engine.rules import sgd
 from mamlkit.exec import strategies
 from mamlkit.rl import sampling
 from mamlkit.rl.config import RLConfig
-from mamlkit.rl.envs import make_env
+from mamlkit.rl.envs import action_limit, make_env
 from mamlkit.rl.policy import kl_divergence, log_prob
 from mamlkit.rl.trpo import trpo_step
 
@@ -154,7 +154,7 @@ class MAMLTRPO:
         clock = time.perf_counter()
         theta = {k: v.detach() for k, v in named_params(self.model).items()}
         pre = self.sample(tasks, theta, False, generator)
-        stats = {"return_pre": pre.returns().mean().item()}
+        stats = {"return_pre": pre.returns().mean().item(), "clip_frac_pre": self.clip_fraction(pre)}
         if cfg.inner_steps == 0:
             qx, qy = self.pack(pre, with_dist=True)
             return TaskBatch(qx, qy, qx, qy), stats | {"time_sample_s": time.perf_counter() - clock,
@@ -168,6 +168,13 @@ class MAMLTRPO:
         stats["return_post"] = post.returns().mean().item()
         stats |= {"time_sample_s": time.perf_counter() - clock - t_inner, "time_inner_s": t_inner}
         return TaskBatch(sx, sy, qx, qy), stats
+
+    def clip_fraction(self, ep: sampling.Episodes) -> float:
+        """Fraction of valid steps whose action the environment clipped (in any coordinate). Near 1 the
+        return hardly depends on the sampled noise, so a policy-gradient step learns little."""
+        limit = action_limit(self.cfg.env) * self.cfg.env_action_scale
+        clipped = (ep.actions.abs() > limit).any(-1) & ep.mask.bool()
+        return (clipped.sum() / ep.mask.sum().clamp_min(1)).item()
 
     def fisher_batch(self, batch: TaskBatch, generator: torch.Generator) -> TaskBatch | None:
         """The part of ``batch`` whose KL gives the Fisher, or None for all of it.
