@@ -118,17 +118,17 @@ def curve_figure(path: Path, curves: dict[str, Tensor], paper) -> None:
 
 def trajectory_figure(path: Path, policies: dict[str, nn.Module], cfg: RLConfig, num_goals: int = 4,
                       tasks: Tensor | None = None, shown_steps: tuple[int, ...] | None = None) -> list[Tensor]:
-    """Finn et al. Fig. 4: mean-action trajectories before and after 1 and K steps, per goal and policy.
+    """Finn et al. Fig. 4: mean-action trajectories before and after each of the K steps, per goal and policy.
 
     ``tasks [G, 2]``: the goals (default: the first ``num_goals`` test tasks); ``shown_steps``: the step
-    counts drawn (default 0, 1 and K = ``len(cfg.eval_lrs)``). Returns, per policy, the adaptation curve
+    counts drawn (default 0..K, K = ``len(cfg.eval_lrs)``). Returns, per policy, the adaptation curve
     ``[G, K+1]`` (mean return of the sampled episodes after 0..K steps) that the trajectories come from.
     """
     plt = _plt()
     tasks = test_tasks(cfg, num_goals) if tasks is None else tasks
     num_goals = tasks.shape[0]
     K = len(cfg.eval_lrs)
-    shown_steps = tuple(dict.fromkeys(shown_steps if shown_steps is not None else (0, 1, K)))
+    shown_steps = tuple(dict.fromkeys(shown_steps if shown_steps is not None else range(K + 1)))
     names = list(policies)
     fig, axes = plt.subplots(len(names), num_goals, figsize=(3.2 * num_goals, 3.2 * len(names)),
                              squeeze=False)
@@ -139,7 +139,7 @@ def trajectory_figure(path: Path, policies: dict[str, nn.Module], cfg: RLConfig,
         curve, path_params = algo.adapt_curve(tasks, cfg.eval_lrs, gen, cfg.eval_traj)
         curves.append(curve)
         for k in (k for k in shown_steps if 0 <= k < len(path_params)):
-            style = ":" if k == 0 else "--" if k == 1 else "-"
+            style = ":" if k == 0 else "--" if k == 1 else "-" if k == K else "-."
             label = "pre-update" if k == 0 else f"{k} grad step{'s' * (k > 1)}"
             ep = algo.sample(tasks, path_params[k], k > 0, gen, num_traj=1, deterministic=True)
             for g in range(num_goals):
