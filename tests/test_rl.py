@@ -587,6 +587,24 @@ def test_cli_eval_steps_and_adapt_to_a_goal(tmp_path, capsys):
     assert "rates 0.1, 0.05" in out
 
 
+def test_shipped_nav2d_policy_is_small_valid_and_adapts(tmp_path, capsys):
+    from mamlkit.rl import train
+    from mamlkit.rl.cli import shipped_policy
+
+    path = shipped_policy("nav2d")
+    assert path.stat().st_size < 100_000
+    trainer = train.load_trainer(path)  # validated: names, shapes, dtypes, schema
+    assert trainer.cfg.env == "nav2d" and trainer.cfg.env_action_scale == 10.0
+    assert sum(p.numel() for p in trainer.policy.parameters()) == 2 * 100 + 100 + 100 * 100 + 100 + 100 * 2 + 2 + 2
+    fig = tmp_path / "goal.png"
+    assert main(["rl", "adapt", "nav2d", "--goal", "0.3", "-0.2", "--steps", "1", "--traj", "10",
+                 "--out", str(fig)]) == 0
+    out = capsys.readouterr().out
+    before, after = (float(line.split(":")[1]) for line in out.splitlines() if "step" in line and ":" in line
+                     and line.strip()[0].isdigit())
+    assert fig.exists() and after > before + 10  # one step towards the goal helps a lot
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--goal", "0.7", "0"], "outside the arena"),
     (["--goal", "0", "-0.51"], "outside the arena"),

@@ -51,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          description="Adapt a meta-trained 2D-navigation policy to the goal (X, Y) with 1-3 "
                                      "policy-gradient steps (rates 0.1, then 0.05) and write the figure of its "
                                      "mean-action trajectories before and after each step.")
-    ad.add_argument("checkpoint", help="nav2d run folder (its best validated policy) or checkpoint file")
+    ad.add_argument("checkpoint", help="`nav2d` (the meta-trained policy shipped with mamlkit), or a nav2d run "
+                                       "folder (its best validated policy) or checkpoint file")
     ad.add_argument("--goal", type=float, nargs=2, metavar=("X", "Y"), required=True,
                     help=f"goal position, each coordinate in [{ARENA[0]}, {ARENA[1]}] (the training goals' range)")
     ad.add_argument("--steps", type=int, default=3, help="adaptation steps, 1 to 3 (default 3)")
@@ -61,6 +62,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 ARENA = (-0.5, 0.5)  # nav2d goals are drawn from U[-0.5, 0.5]² (paper §5.3); a policy knows no others
+SHIPPED = {"nav2d": "nav2d-maml-trpo.safetensors"}  # policies in mamlkit/assets/ (see docs/rl.md)
+
+
+def shipped_policy(name: str) -> Path:
+    """The path of the meta-trained policy ``name`` that ships with the package."""
+    import mamlkit
+
+    path = Path(mamlkit.__file__).parent / "assets" / SHIPPED[name]
+    if not path.exists():
+        raise UserError(f"the shipped {name} policy is missing from this installation ({path}); "
+                        "pass a run folder or checkpoint of `mamlkit rl train nav2d` instead")
+    return path
 
 
 class Stopped(KeyboardInterrupt):
@@ -215,9 +228,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} must end in .png, .pdf or .svg")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
-    trainer = train.load_trainer(args.checkpoint)
-    what = f"the policy of iteration {trainer.step} from {args.checkpoint}"
-    if Path(args.checkpoint).is_dir():
+    source = shipped_policy(args.checkpoint) if args.checkpoint in SHIPPED else Path(args.checkpoint)
+    trainer = train.load_trainer(source)
+    what = f"the policy of iteration {trainer.step} from {source}"
+    if source.is_dir():
         trainer, what = _best_or_last(trainer)
     if trainer.cfg.env != "nav2d":
         raise UserError(f"{args.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes nav2d ones")
