@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext as _nullcontext
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from mamlkit.config import ConfigError
 from mamlkit.rl import sampling
 from mamlkit.rl.advantages import baseline_features, discounted_returns, fit_linear_baseline, gae, normalize
 from mamlkit.rl.config import RLConfig, from_dict
-from mamlkit.rl.envs import Nav2D, sample_tasks
+from mamlkit.rl.envs import Nav2D, make_env, sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
 from mamlkit.rl.policy import build_policy, kl_divergence, log_prob
 from mamlkit.rl.trpo import conjugate_gradient, fisher_vector_product, flat, trpo_step
@@ -61,8 +62,44 @@ def test_nav2d_action_scale():
     obs, r, *_ = env.step(torch.tensor([[[0.5, 5.0]]], dtype=D))
     assert obs[0, 0].tolist() == pytest.approx([0.05, 0.1])
     assert r.item() == pytest.approx(-math.hypot(0.25, 0.2))
-    assert RLConfig().env_action_scale == 1.0 and RLConfig(env="cheetah-vel").env_action_scale == 10.0
     assert RLConfig(env="cheetah-vel", action_scale=1).env_action_scale == 1.0
+
+
+def test_nav2d_default_action_scale_is_rllab_normalize():
+    # The paper's code runs the point env under rllab's ``normalize``: a policy action a in [-1, 1] moves
+    # lb + (a + 1)/2 (ub − lb) = 0.1 a, clipped to ±0.1. With the old default (1) a σ = 1 policy was clipped
+    # almost always and its mean could drift past the clip, where an inner step no longer moves the agent.
+    cfg = RLConfig()
+    assert cfg.env_action_scale == 10.0 and RLConfig(env="cheetah-dir").env_action_scale == 10.0
+    env = make_env("nav2d", torch.zeros(1, 2, dtype=D), 1, 1, cfg.env_action_scale)
+    for a in (-1.0, -0.3, 0.0, 0.7, 1.0, 2.5):
+        env.reset()
+        obs, *_ = env.step(torch.tensor([[[a, -a]]], dtype=D))
+        lb, ub = -0.1, 0.1
+        want = min(max(lb + (a + 1) * 0.5 * (ub - lb), lb), ub)
+        assert obs[0, 0].tolist() == pytest.approx([want, -want])
+    # the initial policy (σ = 1, mean ≈ 0) is clipped on P(|N(0, 1)| > 1) ≈ 32% of coordinates, not on
+    # P(|N(0, 1)| > 0.1) ≈ 92% as with scale 1: its samples carry information about the goal
+    policy = build_policy(2, 2, (8,), 1.0, 0, D)
+    for scale, lo, hi in ((10.0, 0.40, 0.60), (1.0, 0.97, 1.0)):  # any of 2 coordinates: 1 − 0.68², 1 − 0.08²
+        algo = MAMLTRPO(policy, cfg.replace(action_scale=scale, dtype="float64", traj_per_task=50))
+        ep = algo.sample(torch.zeros(4, 2, dtype=D), dict(policy.named_parameters()), False,
+                         torch.Generator().manual_seed(0))
+        assert lo < algo.clip_fraction(ep) < hi
+
+
+def test_new_runs_store_the_resolved_action_scale_and_old_defaults_load(tmp_path):
+    from mamlkit.rl import train
+
+    trainer = train.new_trainer(RLConfig(**TINY, iterations=1, progress=False), tmp_path)
+    assert trainer.cfg.action_scale == 10.0  # explicit in the checkpoint, not "the default"
+    train.save_checkpoint(trainer, tmp_path / "new.safetensors")
+    assert train.load_trainer(tmp_path / "new.safetensors").cfg.env_action_scale == 10.0
+    # a checkpoint that stored 0 (the default) was written when nav2d's default was 1
+    tensors = {f"meta/{k}": v for k, v in trainer.policy.named_parameters()}
+    cfg = trainer.cfg.to_dict() | {"action_scale": 0.0}
+    checkpoint.save(tmp_path / "old0.safetensors", tensors, {"kind": "rl", "config": cfg, "step": 3})
+    assert train.load_trainer(tmp_path / "old0.safetensors").cfg.env_action_scale == 1.0
 
 
 def test_nav2d_truncation_at_horizon():
@@ -232,6 +269,230 @@ def test_meta_gradient_matches_finite_differences():
     assert (vals[0] - vals[1]) / (2 * eps) == pytest.approx((g @ direction).item(), rel=1e-6)
 
 
+# ---------------------------------------------------------------- meta-gradient estimators (--estimator)
+
+def _linear_gaussian_meta_gradients(estimators, horizon: int, num_traj: int, batches: int):
+    """Expected meta-gradient of each inner-loss estimator on a linear-Gaussian problem, and the truth.
+
+    Policy a_t ~ N(θ, 1) (scalar θ, the "pred" [θ, log σ = 0] of every step), goal g = 1, γ = 1,
+    rewards r_1 = −(a_1 − g)² and, with horizon 2, r_2 = −(a_1 + a_2 − 2g)² (depends on both actions, so
+    the cross-time terms of the Hessian matter). Post-update objective in closed form,
+    J(θ) = E[Σ r] = −(θ − g)² − 1 (H = 1) or −5(θ − g)² − 3 (H = 2); advantages: rewards to go.
+    Each estimate: θ' = θ − α∇L_inner over ``num_traj`` episodes, meta-gradient dJ(θ')/dθ by autograd,
+    averaged over ``batches`` independent batches. The truth is the central finite difference of
+    J(θ + α ĝ(θ)) with the inner gradient ĝ from 200,000 episodes under common random numbers.
+    """
+    from mamlkit.rl.maml_trpo import pg_loss
+
+    g, alpha, theta0, H = 1.0, 0.1, 0.0, horizon
+
+    def rewards(a):
+        r = [-(a[..., 0] - g) ** 2] + ([-(a[..., 0] + a[..., 1] - 2 * g) ** 2] if H == 2 else [])
+        return torch.stack(r, -1)
+
+    def to_go(a):
+        return rewards(a).flip(-1).cumsum(-1).flip(-1)
+
+    def J(th):
+        return -(th - g) ** 2 - 1 if H == 1 else -5 * (th - g) ** 2 - 3
+
+    eps = torch.randn(200_000, H, generator=torch.Generator().manual_seed(0), dtype=D)
+
+    def at_expected_step(th):  # the loss's inner step: mean over all N·H steps of ∇log π·A
+        return J(th + alpha * ((eps) * to_go(th + eps)).sum(-1).mean() / H)
+
+    h = 1e-4
+    truth = ((at_expected_step(torch.tensor(theta0 + h, dtype=D))
+              - at_expected_step(torch.tensor(theta0 - h, dtype=D))) / (2 * h)).item()
+    eps = torch.randn(batches, num_traj, H, generator=torch.Generator().manual_seed(1), dtype=D)
+    M = num_traj * H
+    y = torch.cat([(theta0 + eps).reshape(batches, M, 1), to_go(theta0 + eps).reshape(batches, M, 1),
+                   torch.ones(batches, M, 1, dtype=D)], -1)
+    out, inner = {}, {}
+    for est in estimators:
+        th = torch.full((batches,), theta0, dtype=D, requires_grad=True)
+        pred = torch.stack([th[:, None].expand(batches, M), torch.zeros(batches, M, dtype=D)], -1)
+        grad, = torch.autograd.grad(torch.vmap(pg_loss(1, est, H))(pred, y).sum(), th, create_graph=True)
+        meta, = torch.autograd.grad(J(th - alpha * grad).sum(), th)
+        out[est] = (meta.mean().item(), 1.96 * meta.std().item() / batches ** 0.5)
+        inner[est] = grad.detach()
+    return truth, out, inner
+
+
+def test_estimators_have_the_same_inner_gradient_and_lvc_dice_match_the_meta_gradient():
+    # One step (a bandit): LVC and DiCE coincide and their expected meta-gradient is close to the truth
+    # J'(θ + α∇J)(1 + α∇²J) = 1.6 · 0.8 = 1.28 at θ = 0; REINFORCE's Hessian E[A ∇²log π] = −E[A] = +2
+    # has the wrong sign (the true one is −2), and its meta-gradient is far off.
+    truth, est, inner = _linear_gaussian_meta_gradients(("reinforce", "lvc", "dice"), 1, 100, 2000)
+    assert truth == pytest.approx(1.6 * 0.8, rel=5e-3)
+    assert torch.allclose(inner["lvc"], inner["reinforce"], rtol=1e-12)
+    assert torch.allclose(inner["dice"], inner["reinforce"], rtol=1e-12)
+    assert est["lvc"][0] == pytest.approx(est["dice"][0], rel=1e-12)
+    err = {k: abs(m - truth) for k, (m, _) in est.items()}
+    assert err["lvc"] < 0.1 * err["reinforce"] and err["lvc"] < 0.05
+    # Two steps whose second reward depends on both actions: only DiCE has the cross-time Hessian terms.
+    # Measured (200 episodes x 2000 batches): truth 2.503, reinforce 8.47 ± 0.05, lvc 3.62 ± 0.05,
+    # dice 2.68 ± 0.06 (the rest of DiCE's gap is the O(1/N) covariance of θ' and the Hessian estimate).
+    # One step, 100 episodes: truth 1.278, reinforce 1.920 ± 0.004, lvc = dice 1.296 ± 0.011.
+    truth, est, inner = _linear_gaussian_meta_gradients(("reinforce", "lvc", "dice"), 2, 200, 2000)
+    assert truth == pytest.approx(5 * 0.5, rel=1e-2)  # J'(0.5)·(1 − α·5) with J = −5(θ − 1)² − 3, /H in ĝ
+    assert torch.allclose(inner["dice"], inner["reinforce"], rtol=1e-10)
+    err = {k: abs(m - truth) for k, (m, _) in est.items()}
+    assert err["dice"] + est["dice"][1] < err["lvc"] - est["lvc"][1]
+    assert err["lvc"] + est["lvc"][1] < err["reinforce"] - est["reinforce"][1]
+    assert err["dice"] < 0.1 * err["reinforce"]
+
+
+@pytest.mark.parametrize("estimator", ["lvc", "dice"])
+def test_estimator_in_maml_trpo_changes_only_the_second_order(estimator):
+    # same surrogate value and KL at θ_old (same inner step), a different meta-gradient; the
+    # meta-gradient of each estimator is the finite difference of its own objective
+    _, policy, algo, batch = _tiny_batch(False)
+    params = list(policy.parameters())
+    loss_r, _ = algo.losses(batch)
+    g_r = flat(torch.autograd.grad(loss_r, params))
+    other = MAMLTRPO(policy, algo.cfg.replace(estimator=estimator))
+    loss_e, kl_e = other.losses(batch)
+    assert loss_e.item() == pytest.approx(loss_r.item(), rel=1e-10) and abs(kl_e.item()) < 1e-12
+    g_e = flat(torch.autograd.grad(loss_e, params))
+    assert (g_e - g_r).norm() > 1e-3 * g_r.norm()
+    fo = MAMLTRPO(policy, algo.cfg.replace(estimator=estimator, first_order=True)).losses(batch)[0]
+    g_fo = flat(torch.autograd.grad(fo, params))
+    assert torch.allclose(g_fo, flat(torch.autograd.grad(
+        MAMLTRPO(policy, algo.cfg.replace(first_order=True)).losses(batch)[0], params)), atol=1e-12)
+
+
+def test_fisher_fraction_subsamples_query_states_only():
+    cfg, policy, algo, batch = _tiny_batch(False)
+    assert algo.fisher_batch(batch, torch.Generator().manual_seed(0)) is None  # fraction 1: the whole batch
+    sub_algo = MAMLTRPO(policy, cfg.replace(fisher_fraction=0.2))
+    sub = sub_algo.fisher_batch(batch, torch.Generator().manual_seed(0))
+    m = batch.query_x.shape[1]
+    assert sub.query_x.shape[1] == math.ceil(0.2 * m) and torch.equal(sub.support_x, batch.support_x)
+    # the chosen states are the same for every task, and the KL still vanishes at θ_old
+    keep = torch.randperm(m, generator=torch.Generator().manual_seed(0))[:sub.query_x.shape[1]]
+    assert torch.equal(sub.query_y, batch.query_y[:, keep])
+    assert abs(sub_algo.losses(sub)[1].item()) < 1e-12
+    params = list(policy.parameters())
+    stats = trpo_step(params, lambda: algo.losses(batch), max_kl=1e-3, fisher_kl=lambda: sub_algo.losses(sub)[1])
+    with torch.no_grad():
+        assert algo.losses(batch)[1].item() <= 1e-3  # the line search checks the full KL
+    assert stats["backtracks"] < 15
+
+
+# ------------------------------------- MAML-TRPO against the paper's code and pytorch-maml-rl, point by point
+
+def _perturbed(policy, scale=0.05, seed=5):
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=D))
+
+
+def test_importance_ratio_uses_the_sampling_policy_and_kl_is_old_to_new_over_post_update_states():
+    # The paper's code (maml_npo.py) and pytorch-maml-rl both divide by the post-update policy that
+    # sampled the query episodes (the old θ'), fixed during the line search, and constrain the mean
+    # KL(π_old ‖ π_new) (rllab's kl_sym(old, new); pytorch-maml-rl uses KL(new ‖ old), the same to
+    # second order) over the valid post-update states. Hand computation per task, then mean over tasks.
+    cfg, policy, algo, batch = _tiny_batch(False)
+    a = 2
+    old = batch.query_y[..., a + 2:]
+    with torch.no_grad():  # the recorded sampling distribution is the one θ' gives now: ratio 1, KL 0
+        loss0, kl0 = algo.losses(batch)
+        mask = batch.query_y[..., a + 1]
+        adv = batch.query_y[..., a]
+        assert loss0.item() == pytest.approx(-((adv * mask).sum(1) / mask.sum(1)).mean().item(), abs=1e-12)
+        assert abs(kl0.item()) < 1e-12
+    _perturbed(policy)
+    params = {k: v.detach() for k, v in policy.named_parameters()}
+    with torch.no_grad():
+        loss1, kl1 = algo.losses(batch)
+        sx, sy = batch.support_x, batch.support_y
+        from mamlkit.rl.maml_trpo import adapt_tasks
+        fast = adapt_tasks(policy, params, sx, sy, cfg.inner_lr, per_task=False)
+        new = torch.vmap(lambda p, x: torch.func.functional_call(policy, p, (x,)))(fast, batch.query_x)
+        ratio = torch.exp(log_prob(new, batch.query_y[..., :a]) - log_prob(old, batch.query_y[..., :a]))
+        want_loss = -((ratio * adv * mask).sum(1) / mask.sum(1)).mean()
+        want_kl = ((kl_divergence(old, new) * mask).sum(1) / mask.sum(1)).mean()
+        reverse = ((kl_divergence(new, old) * mask).sum(1) / mask.sum(1)).mean()
+    assert loss1.item() == pytest.approx(want_loss.item(), rel=1e-9)
+    assert kl1.item() == pytest.approx(want_kl.item(), rel=1e-9)
+    assert abs(kl1.item() - reverse.item()) > 1e-6 * kl1.item()  # the direction is pinned, not incidental
+    assert 0.5 < kl1.item() / reverse.item() < 2  # and it agrees with the other to leading order
+
+
+def test_baseline_is_refit_on_each_batch_and_advantages_normalised_per_task():
+    # Both references fit the linear feature baseline on the very episodes whose advantages it gives
+    # (rllab's process_samples in the paper's code fits, then predicts; pytorch-maml-rl's sampler
+    # calls baseline.fit(episodes) before compute_advantages), per task, and then normalise the
+    # advantages per task over the valid steps (rllab center_adv, pytorch-maml-rl normalize=True).
+    cfg = RLConfig(**TINY)
+    algo = MAMLTRPO(build_policy(2, 2, (5,), 1.0, 0, D), cfg)
+    gen = task_generator(0, "train", 0)
+    tasks = sample_tasks("nav2d", 3, gen)
+    ep1 = algo.sample(tasks, dict(algo.model.named_parameters()), False, gen)
+    ep2 = algo.sample(tasks, dict(algo.model.named_parameters()), False, gen)
+    adv_alone = sampling.advantages(ep2, cfg.gamma, cfg.gae_lambda)
+    sampling.advantages(ep1, cfg.gamma, cfg.gae_lambda)  # a previous batch leaves no state behind
+    adv = sampling.advantages(ep2, cfg.gamma, cfg.gae_lambda)
+    assert torch.equal(adv, adv_alone)
+    feats = baseline_features(ep2.obs)
+    coef = fit_linear_baseline(feats, discounted_returns(ep2.rewards, ep2.mask, cfg.gamma), ep2.mask)
+    values = torch.einsum("tnhf,tf->tnh", feats, coef)
+    raw = gae(ep2.rewards, values, ep2.mask, cfg.gamma, cfg.gae_lambda)
+    m = ep2.mask.to(D)
+    n = m.sum((1, 2))
+    for t in range(3):
+        valid = raw[t][ep2.mask[t]]
+        want = (valid - valid.mean()) / (valid.var(unbiased=False).sqrt() + 1e-8)
+        assert torch.allclose(adv[t][ep2.mask[t]], want, atol=1e-10)
+        assert (adv[t][~ep2.mask[t]] == 0).all()
+    assert torch.allclose((adv * m).sum((1, 2)) / n, torch.zeros(3, dtype=D), atol=1e-10)
+
+
+def test_line_search_needs_improvement_and_kl_within_the_bound():
+    # rllab's ConjugateGradientOptimizer (the paper's code) and pytorch-maml-rl accept a backtracked step
+    # only if the surrogate improves AND the mean KL is within δ, and restore θ_old if none qualifies.
+    g = torch.tensor([1.0, -2.0], dtype=D)
+
+    def run(loss_fn, kl_fn):
+        p = torch.zeros(2, dtype=D, requires_grad=True)
+        stats = trpo_step([p], lambda: (loss_fn(p), kl_fn(p)), max_kl=0.01, damping=0.0)
+        return p.detach(), stats
+
+    quad_kl = lambda p: 0.5 * (p * p).sum()  # noqa: E731  (Fisher I)
+    # the KL grows faster than its quadratic model: the full step (KL 0.01 predicted) is too far
+    p, stats = run(lambda p: -(g * p).sum(), lambda p: quad_kl(p) + 50 * (p * p).sum() ** 2)
+    assert stats["backtracks"] > 0 and 0 < stats["kl"] <= 0.01 and p.norm() > 0
+    # every trial step makes the loss worse: rejected, θ restored, although every KL is within δ
+    p, stats = run(lambda p: -(g * p).sum() + 1e4 * (p * p).sum(), quad_kl)
+    assert stats["backtracks"] == 15 and torch.equal(p, torch.zeros(2, dtype=D)) and stats["kl"] == 0.0
+    # the loss improves everywhere but the KL exceeds δ at every trial step: rejected as well
+    p, stats = run(lambda p: -(g * p).sum(), lambda p: quad_kl(p) + 1e9 * (p * p).sum() ** 2)
+    assert stats["backtracks"] == 15 and torch.equal(p, torch.zeros(2, dtype=D))
+
+
+def test_evaluation_steps_use_0_1_then_0_05():
+    # Finn et al. 2017, App. A.2: trained with one step of α = 0.1, evaluated "halving the learning rate
+    # after the first gradient step" (the paper's test_maml_point.py: init_learning_rate α, then 0.5 α).
+    cfg = RLConfig(**TINY)
+    assert cfg.eval_lrs == (0.1, 0.05, 0.05) and cfg.inner_lr == 0.1
+    from mamlkit.rl.maml_trpo import adapt_tasks
+
+    policy = build_policy(2, 2, (5,), 1.0, 0, D)
+    algo = MAMLTRPO(policy, cfg)
+    tasks = sample_tasks("nav2d", 2, task_generator(0, "test", 0))
+    curve, path = algo.adapt_curve(tasks, cfg.eval_lrs, torch.Generator().manual_seed(3), 4)
+    gen = torch.Generator().manual_seed(3)  # redo by hand with the same noise
+    theta = {k: v.detach() for k, v in policy.named_parameters()}
+    ep = algo.sample(tasks, theta, False, gen, 4)
+    p1 = adapt_tasks(policy, theta, *algo.pack(ep, False), 0.1, per_task=False)
+    ep = algo.sample(tasks, p1, True, gen, 4)
+    p2 = adapt_tasks(policy, p1, *algo.pack(ep, False), 0.05, per_task=True)
+    assert curve.shape == (2, 4)
+    for k in p2:
+        assert torch.allclose(path[2][k], p2[k], atol=1e-12)
+
+
 def test_trpo_step_respects_trust_region():
     cfg, policy, algo, batch = _tiny_batch(False, seed=2)
     params = list(policy.parameters())
@@ -297,6 +558,69 @@ def test_cli_train_eval_and_resume(tmp_path, capsys):
     half, state = checkpoint.load(tmp_path / "half")
     assert state["step"] == 2
     assert all(torch.equal(full[k], half[k]) for k in full)
+
+
+def test_cli_eval_steps_and_adapt_to_a_goal(tmp_path, capsys):
+    flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines"] + TINY_FLAGS
+    assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 0
+    run = tmp_path / "r"
+    capsys.readouterr()
+    assert main(["rl", "eval", str(run), "--steps", "1", "2", "3", "--no-baselines"]) == 0
+    out = capsys.readouterr().out
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["eval_lrs"] == [0.1, 0.05, 0.05] and list(ev["returns"]["maml-trpo"]) == ["0", "1", "2", "3"]
+    assert "| 3 |" in out and "-3.23" in out and "rates [0.1, 0.05, 0.05]" in out
+    # 5 steps: the rate after the first stays halved; only the rows asked for are listed
+    assert main(["rl", "eval", str(run), "--steps", "5", "2", "--no-baselines"]) == 0
+    out = capsys.readouterr().out
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["eval_lrs"] == [0.1, 0.05, 0.05, 0.05, 0.05] and list(ev["returns"]["maml-trpo"]) == ["0", "2", "5"]
+    assert "| 5 |" in out and "| 3 |" not in out and "| 1 |" not in out
+    assert main(["rl", "eval", str(run), "--steps", "0"]) == 2
+    assert "--steps takes step counts from 1" in capsys.readouterr().err
+
+    fig = tmp_path / "adapt.png"
+    assert main(["rl", "adapt", str(run), "--goal", "0.3", "-0.2", "--steps", "2", "--traj", "3",
+                 "--out", str(fig)]) == 0
+    out = capsys.readouterr().out
+    assert fig.stat().st_size > 1000 and "goal (0.3, -0.2)" in out and "2 steps:" in out
+    assert "rates 0.1, 0.05" in out
+
+
+def test_shipped_nav2d_policy_is_small_valid_and_adapts(tmp_path, capsys):
+    from mamlkit.rl import train
+    from mamlkit.rl.cli import shipped_policy
+
+    path = shipped_policy("nav2d")
+    assert path.stat().st_size < 100_000
+    trainer = train.load_trainer(path)  # validated: names, shapes, dtypes, schema
+    assert trainer.cfg.env == "nav2d" and trainer.cfg.env_action_scale == 10.0
+    assert sum(p.numel() for p in trainer.policy.parameters()) == 2 * 100 + 100 + 100 * 100 + 100 + 100 * 2 + 2 + 2
+    fig = tmp_path / "goal.png"
+    assert main(["rl", "adapt", "nav2d", "--goal", "0.3", "-0.2", "--steps", "1", "--traj", "10",
+                 "--out", str(fig)]) == 0
+    out = capsys.readouterr().out
+    before, after = (float(line.split(":")[1]) for line in out.splitlines() if "step" in line and ":" in line
+                     and line.strip()[0].isdigit())
+    assert fig.exists() and after > before + 10  # one step towards the goal helps a lot
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--goal", "0.7", "0"], "outside the arena"),
+    (["--goal", "0", "-0.51"], "outside the arena"),
+    (["--goal", "nan", "0"], "outside the arena"),
+    (["--goal", "0.1", "north"], "invalid float value"),
+    (["--goal", "0.1"], "expected 2 arguments"),
+    (["--goal", "0.1", "0.1", "--steps", "4"], "--steps must be 1, 2 or 3"),
+    (["--goal", "0.1", "0.1", "--out", "fig.txt"], "must end in .png"),
+])
+def test_cli_adapt_bad_goals_exit_2(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) if "float" in message or "arguments" in message else _nullcontext() as e:
+        rc = main(["rl", "adapt", str(tmp_path / "missing")] + argv)
+    rc = e.value.code if e is not None and hasattr(e, "value") else rc
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,4 +1,5 @@
-"""``mamlkit rl train ENV`` and ``mamlkit rl eval CHECKPOINT``: meta-RL from the command line.
+"""``mamlkit rl train ENV``, ``mamlkit rl eval RUN`` and ``mamlkit rl adapt RUN --goal X Y``: meta-RL
+from the command line.
 
 Every :class:`~mamlkit.rl.config.RLConfig` field is a flag; mistakes raise ``UserError`` (exit 2).
 """
@@ -16,6 +17,7 @@ from mamlkit.flags import add_config_flags, resumed_config
 from mamlkit.rl import config as rlconfig
 from mamlkit.rl.config import ENV_NAMES
 
+MAX_EVAL_STEPS = 10
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
              "eval_lrs", "baselines", "pretrain_iterations", "val_every"}
@@ -23,7 +25,7 @@ RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add the ``rl`` command group to the top-level subparsers."""
-    rl = sub.add_parser("rl", help="meta-reinforcement learning (MAML-TRPO): train, eval",
+    rl = sub.add_parser("rl", help="meta-reinforcement learning (MAML-TRPO): train, eval, adapt",
                         description="Meta-RL with MAML-TRPO (Finn et al. 2017, §5.3).")
     rsub = rl.add_subparsers(dest="rl_command", required=True)
     train = rsub.add_parser("train", help="meta-train a policy on nav2d, cheetah-vel or cheetah-dir")
@@ -35,9 +37,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("checkpoint", help="run folder or checkpoint file written by `mamlkit rl train`")
     ev.add_argument("--eval-tasks", type=int, help="number of test tasks (default: the run's, 40)")
     ev.add_argument("--eval-traj", type=int, help="episodes per test task and step (default: the run's, 20)")
+    ev.add_argument("--steps", type=int, nargs="+", metavar="K",
+                    help="report the return after these numbers of test steps (e.g. 1 2 3; rates 0.1 for the "
+                         "first, 0.05 after, as the paper's App. A.2; default: the run's --eval-lrs)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the pretrained and random baselines")
     ev.add_argument("--last", action="store_true",
                     help="evaluate the run's last checkpoint, not its best validated one (RUN/best.safetensors)")
+
+
+    ad = rsub.add_parser("adapt", help="adapt a meta-trained nav2d policy to a goal and draw its trajectories",
+                         description="Adapt a meta-trained 2D-navigation policy to the goal (X, Y) with 1-3 "
+                                     "policy-gradient steps (rates 0.1, then 0.05) and write the figure of its "
+                                     "mean-action trajectories before and after each step.")
+    ad.add_argument("checkpoint", help="`nav2d` (the meta-trained policy shipped with mamlkit), or a nav2d run "
+                                       "folder (its best validated policy) or checkpoint file")
+    ad.add_argument("--goal", type=float, nargs=2, metavar=("X", "Y"), required=True,
+                    help=f"goal position, each coordinate in [{ARENA[0]}, {ARENA[1]}] (the training goals' range)")
+    ad.add_argument("--steps", type=int, default=3, help="adaptation steps, 1 to 3 (default 3)")
+    ad.add_argument("--traj", type=int, default=20, help="episodes sampled per step (default 20, the paper's)")
+    ad.add_argument("--out", default="nav2d_adapt.png", help="figure to write (default nav2d_adapt.png)")
+    ad.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+
+
+ARENA = (-0.5, 0.5)  # nav2d goals are drawn from U[-0.5, 0.5]² (paper §5.3); a policy knows no others
+SHIPPED = {"nav2d": "nav2d-maml-trpo.safetensors"}  # policies in mamlkit/assets/ (see docs/rl.md)
+
+
+def shipped_policy(name: str) -> Path:
+    """The path of the meta-trained policy ``name`` that ships with the package."""
+    import mamlkit
+
+    path = Path(mamlkit.__file__).parent / "assets" / SHIPPED[name]
+    if not path.exists():
+        raise UserError(f"the shipped {name} policy is missing from this installation ({path}); "
+                        "pass a run folder or checkpoint of `mamlkit rl train nav2d` instead")
+    return path
 
 
 def _best_or_last(trainer):
@@ -57,7 +91,7 @@ def _best_or_last(trainer):
                     "tasks); `mamlkit rl eval --last RUN` evaluates the last iteration")
 
 
-def _report(trainer, baselines: bool, train_baseline: bool) -> str:
+def _report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, ...] | None = None) -> str:
     """Evaluate the run's policy, and with ``baselines`` the pretrained one (trained first when
     ``train_baseline``, else loaded from RUN/pretrained if there) and a randomly initialised one."""
     import torch
@@ -75,7 +109,7 @@ def _report(trainer, baselines: bool, train_baseline: bool) -> str:
         elif train_baseline and cfg.pretrain_iterations > 0:
             policies["pretrained"] = train.pretrained_baseline(trainer).policy
         policies["random init"] = train.make_policy(cfg.replace(seed=cfg.seed + 1))
-    return evaluate.report(trainer.run_dir, policies, cfg)
+    return evaluate.report(trainer.run_dir, policies, cfg, show)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -117,15 +151,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trainer = train.load_trainer(args.checkpoint)
     changes = {k: v for k, v in (("eval_tasks", args.eval_tasks), ("eval_traj", args.eval_traj))
                if v is not None}
+    if args.steps is not None:
+        if not all(1 <= k <= MAX_EVAL_STEPS for k in args.steps):
+            raise UserError(f"--steps takes step counts from 1 to {MAX_EVAL_STEPS} (e.g. --steps 1 2 3), "
+                            f"got {' '.join(map(str, args.steps))}")
+        from mamlkit.rl.evaluate import step_rates
+
+        changes["eval_lrs"] = step_rates(trainer.cfg.eval_lrs, max(args.steps))
+    for name, v in (("--eval-tasks", args.eval_tasks), ("--eval-traj", args.eval_traj)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} must be >= 1, got {v}")
     trainer.cfg = trainer.cfg.replace(**changes)
     what = f"evaluating the policy of iteration {trainer.step} from {args.checkpoint}"
     if Path(args.checkpoint).is_dir() and not args.last:
         trainer, what = _best_or_last(trainer)
     print(what)
-    print(_report(trainer, trainer.cfg.baselines and not args.no_baselines, train_baseline=False))
+    print(_report(trainer, trainer.cfg.baselines and not args.no_baselines, train_baseline=False,
+                  show=tuple(args.steps) if args.steps else None))
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from mamlkit.rl import evaluate, train
+
+    x, y = args.goal
+    if not all(math.isfinite(v) and ARENA[0] <= v <= ARENA[1] for v in (x, y)):
+        raise UserError(f"--goal {x:g} {y:g} is outside the arena: each coordinate must be in "
+                        f"[{ARENA[0]}, {ARENA[1]}], the range of the goals the policy was meta-trained on")
+    if not 1 <= args.steps <= 3:
+        raise UserError(f"--steps must be 1, 2 or 3 (the paper's test protocol), got {args.steps}")
+    if args.traj < 1:
+        raise UserError(f"--traj must be >= 1, got {args.traj}")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out {out} must end in .png, .pdf or .svg")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    source = shipped_policy(args.checkpoint) if args.checkpoint in SHIPPED else Path(args.checkpoint)
+    trainer = train.load_trainer(source)
+    what = f"the policy of iteration {trainer.step} from {source}"
+    if source.is_dir():
+        trainer, what = _best_or_last(trainer)
+    if trainer.cfg.env != "nav2d":
+        raise UserError(f"{args.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes nav2d ones")
+    cfg = trainer.cfg.replace(eval_lrs=evaluate.step_rates(trainer.cfg.eval_lrs, args.steps),
+                              eval_traj=args.traj, seed=args.seed)
+    goal = torch.tensor([[x, y]], dtype=torch.float64)
+    curve = evaluate.trajectory_figure(out, {cfg.algo: trainer.policy}, cfg, tasks=goal,
+                                       shown_steps=tuple(range(args.steps + 1)))[0][0]
+    print(what.replace("evaluating ", "adapting "))
+    rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
+    print(f"goal ({x:g}, {y:g}): mean return of {args.traj} episodes after 0..{args.steps} steps (rates {rates}):")
+    for k, r in enumerate(curve.tolist()):
+        print(f"  {k} step{'s' * (k != 1)}: {r:.2f}")
+    print(f"figure: {out}")
     return 0
 
 
 def main(args: argparse.Namespace) -> int:
     """Dispatch ``mamlkit rl ...``; called by :func:`mamlkit.cli.main`."""
-    return {"train": cmd_train, "eval": cmd_eval}[args.rl_command](args)
+    return {"train": cmd_train, "eval": cmd_eval, "adapt": cmd_adapt}[args.rl_command](args)

@@ -14,10 +14,17 @@ from mamlkit.config import ConfigError, as_dict, build_config
 
 ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
 DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
-# Policy actions are divided by this before the environment clips them to its range. Half-cheetah: 10,
-# as pytorch-maml-rl's HalfCheetahVel/Dir (``normalization_scale``): a policy with σ = 1 then explores
-# with torque noise 0.1 instead of flailing at the ±1 torque limits (see docs/rl.md).
-DEFAULT_ACTION_SCALE = {"nav2d": 1.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
+# Policy actions are divided by this before the environment clips them to its range. 2D navigation: 10,
+# as the paper's code (cbfinn/maml_rl, maml_examples/maml_trpo_point.py) wraps the point environment in
+# rllab's ``normalize``, which maps policy actions in [-1, 1] affinely onto the action box [-0.1, 0.1] and
+# clips: a policy with σ = 1 then explores with steps of ±0.1 instead of being clipped almost always (with
+# scale 1 the mean drifts far past the clip, where an inner gradient step no longer moves the agent).
+# Half-cheetah: 10, as pytorch-maml-rl's HalfCheetahVel/Dir (``normalization_scale``): torque noise 0.1
+# instead of flailing at the ±1 torque limits (see docs/rl.md).
+DEFAULT_ACTION_SCALE = {"nav2d": 10.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
+# What 0 ("the env's default") meant in checkpoints written before the defaults above were resolved and
+# stored explicitly (nav2d was then 1).
+LEGACY_ACTION_SCALE = {"nav2d": 1.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +38,7 @@ class RLConfig:
     init_std: float = 1.0
     # sampling
     horizon: int = 0                   # episode length (0: the env's paper value, 100 nav2d / 200 cheetah)
-    action_scale: float = 0.0          # env action = policy action / scale (0: env default, 1 nav2d, 10 cheetah)
+    action_scale: float = 0.0          # env action = policy action / scale (0: env default, 10 for all envs)
     meta_batch: int = 20               # tasks per meta-iteration (paper: 20 nav2d, 40 cheetah)
     traj_per_task: int = 20            # trajectories per task and per inner step (paper: 20)
     gamma: float = 0.99                # discount
@@ -40,6 +47,7 @@ class RLConfig:
     inner_lr: float = 0.1              # α (paper: 0.1)
     inner_steps: int = 1               # 1 (MAML); 0 only with algo=pretrain
     first_order: bool = False          # drop second-order terms (meta-gradient and Fisher)
+    estimator: str = "reinforce"       # inner loss in the meta-gradient: reinforce (paper) | lvc (ProMP) | dice
     # outer loop: TRPO
     max_kl: float = 0.01               # trust region δ
     cg_iters: int = 10                 # conjugate-gradient iterations
@@ -47,6 +55,7 @@ class RLConfig:
     ls_steps: int = 15                 # backtracking line-search steps
     ls_ratio: float = 0.8              # step shrink factor per backtrack
     fisher_tasks: int = 0              # tasks whose KL gives the Fisher (0: all; fewer: faster, approximate)
+    fisher_fraction: float = 1.0       # fraction of post-update states in the Fisher's KL (1: all; 0.1-0.2: faster)
     iterations: int = 200              # meta-iterations
     # execution
     dtype: str = "float32"             # float32 | float64
@@ -75,6 +84,8 @@ class RLConfig:
 
         need(self.env in ENV_NAMES, f"env must be one of {', '.join(ENV_NAMES)}, got {self.env!r}")
         need(self.algo in ("maml-trpo", "pretrain"), f"algo must be maml-trpo or pretrain, got {self.algo!r}")
+        need(self.estimator in ("reinforce", "lvc", "dice"),
+             f"estimator must be reinforce, lvc or dice, got {self.estimator!r}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
         for name in ("meta_batch", "traj_per_task", "cg_iters", "ls_steps", "iterations", "log_every",
                      "checkpoint_every", "eval_tasks", "eval_traj", "val_tasks"):
@@ -93,6 +104,7 @@ class RLConfig:
              "gamma must be in (0, 1] and gae_lambda in [0, 1]")
         need(self.inner_lr >= 0 and all(a >= 0 for a in self.eval_lrs), "inner_lr and eval_lrs must be >= 0")
         need(self.max_kl > 0 and self.cg_damping >= 0, "max_kl must be > 0 and cg_damping >= 0")
+        need(0 < self.fisher_fraction <= 1, f"fisher_fraction must be in (0, 1], got {self.fisher_fraction}")
         need(0 < self.ls_ratio < 1, f"ls_ratio must be in (0, 1), got {self.ls_ratio}")
 
     @property

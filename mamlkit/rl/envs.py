@@ -48,7 +48,8 @@ class Nav2D:
         goals: ``[T, 2]`` task goals (from :meth:`sample_tasks`).
         num_envs: N, trajectories per task.
         horizon: episode length (paper: 100).
-        action_scale: the policy's action is divided by this before clipping (1: the paper's).
+        action_scale: the policy's action is divided by this before clipping (``mamlkit rl``'s default 10 is
+            the paper's code: rllab's ``normalize`` maps [-1, 1] onto [-0.1, 0.1]).
     """
 
     obs_dim = 2
@@ -110,6 +111,11 @@ def sample_tasks(name: str, num_tasks: int, generator: torch.Generator) -> Tenso
     if name == "cheetah-dir":  # forward (+1) or backward (-1), equally likely
         return torch.randint(0, 2, (num_tasks, 1), generator=generator).double() * 2 - 1
     raise ValueError(f"unknown environment {name!r}; choose one of {', '.join(ENV_NAMES)}")
+
+
+def action_limit(name: str) -> float:
+    """The bound the environment clips its (scaled) actions to: ±0.1 moves (nav2d), ±1 torques (cheetah)."""
+    return 0.1 if name == "nav2d" else 1.0
 
 
 def env_dims(name: str) -> tuple[int, int]:

@@ -40,11 +40,23 @@ def _fmt(mean: float, ci: float) -> str:
     return f"{mean:.2f} ± {ci:.2f}"
 
 
-def report(run_dir: Path, policies: dict[str, nn.Module], cfg: RLConfig) -> str:
-    """Evaluate ``policies`` (name -> policy); write ``eval.json``, ``eval.md``, figures; return the table."""
+def step_rates(lrs: tuple[float, ...], num_steps: int) -> tuple[float, ...]:
+    """The rates of test steps 1..``num_steps``: ``lrs`` (paper: 0.1, 0.05, 0.05), its last rate repeated
+    beyond its length. Finn et al. 2017, App. A.2: "During evaluation, we found that halving the learning
+    rate after the first gradient step produced superior performance" (their test_maml_point.py:
+    ``init_learning_rate`` α, then 0.5 α)."""
+    return tuple(lrs[:num_steps]) + (lrs[-1],) * max(0, num_steps - len(lrs))
+
+
+def report(run_dir: Path, policies: dict[str, nn.Module], cfg: RLConfig,
+           show: tuple[int, ...] | None = None) -> str:
+    """Evaluate ``policies`` (name -> policy); write ``eval.json``, ``eval.md``, figures; return the table.
+
+    ``show``: the step counts whose rows the table lists (0 always; default: every step of ``cfg.eval_lrs``).
+    """
     tasks = test_tasks(cfg)
     curves = {name: adaptation_curve(p, cfg, tasks) for name, p in policies.items()}
-    steps = range(len(cfg.eval_lrs) + 1)
+    steps = [0, *sorted(set(show))] if show else range(len(cfg.eval_lrs) + 1)
     paper = PAPER.get(cfg.env)
     names = list(policies)
     lines = [f"{cfg.env}: average return per episode after k policy-gradient steps (rates "
@@ -104,20 +116,31 @@ def curve_figure(path: Path, curves: dict[str, Tensor], paper) -> None:
     plt.close(fig)
 
 
-def trajectory_figure(path: Path, policies: dict[str, nn.Module], cfg: RLConfig, num_goals: int = 4) -> None:
-    """Finn et al. Fig. 4: mean-action trajectories before and after 1 and 3 steps, per goal and policy."""
+def trajectory_figure(path: Path, policies: dict[str, nn.Module], cfg: RLConfig, num_goals: int = 4,
+                      tasks: Tensor | None = None, shown_steps: tuple[int, ...] | None = None) -> list[Tensor]:
+    """Finn et al. Fig. 4: mean-action trajectories before and after each of the K steps, per goal and policy.
+
+    ``tasks [G, 2]``: the goals (default: the first ``num_goals`` test tasks); ``shown_steps``: the step
+    counts drawn (default 0..K, K = ``len(cfg.eval_lrs)``). Returns, per policy, the adaptation curve
+    ``[G, K+1]`` (mean return of the sampled episodes after 0..K steps) that the trajectories come from.
+    """
     plt = _plt()
-    tasks = test_tasks(cfg, num_goals)
+    tasks = test_tasks(cfg, num_goals) if tasks is None else tasks
+    num_goals = tasks.shape[0]
+    K = len(cfg.eval_lrs)
+    shown_steps = tuple(dict.fromkeys(shown_steps if shown_steps is not None else range(K + 1)))
     names = list(policies)
     fig, axes = plt.subplots(len(names), num_goals, figsize=(3.2 * num_goals, 3.2 * len(names)),
                              squeeze=False)
+    curves = []
     for row, name in enumerate(names):
         algo = MAMLTRPO(policies[name], cfg)
         gen = task_generator(cfg.seed, "figure", 0)
-        _, path_params = algo.adapt_curve(tasks, cfg.eval_lrs, gen, cfg.eval_traj)
-        shown = [(0, ":", "pre-update")] + [(k, "-" if k > 1 else "--", f"{k} grad step{'s' * (k > 1)}")
-                                           for k in (1, len(cfg.eval_lrs)) if 0 < k < len(path_params)]
-        for k, style, label in dict.fromkeys(shown):
+        curve, path_params = algo.adapt_curve(tasks, cfg.eval_lrs, gen, cfg.eval_traj)
+        curves.append(curve)
+        for k in (k for k in shown_steps if 0 <= k < len(path_params)):
+            style = ":" if k == 0 else "--" if k == 1 else "-" if k == K else "-."
+            label = "pre-update" if k == 0 else f"{k} grad step{'s' * (k > 1)}"
             ep = algo.sample(tasks, path_params[k], k > 0, gen, num_traj=1, deterministic=True)
             for g in range(num_goals):
                 m = ep.mask[g, 0].bool()
@@ -131,8 +154,10 @@ def trajectory_figure(path: Path, policies: dict[str, nn.Module], cfg: RLConfig,
             ax.set_xlim(-0.6, 0.6)
             ax.set_ylim(-0.6, 0.6)
             ax.set_aspect("equal")
-            ax.set_title(f"{name}, goal {g}", fontsize=9)
+            ax.set_title(f"{name}, goal {g}" if num_goals > 1 or len(names) > 1 else
+                         f"goal ({tasks[g, 0].item():.2f}, {tasks[g, 1].item():.2f})", fontsize=9)
         axes[row][0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return curves

@@ -10,6 +10,8 @@ With ``inner_steps=0`` the same code is TRPO on all tasks jointly (the pretraine
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 
 import torch
@@ -22,7 +24,7 @@ from mamlkit.engine.rules import sgd
 from mamlkit.exec import strategies
 from mamlkit.rl import sampling
 from mamlkit.rl.config import RLConfig
-from mamlkit.rl.envs import make_env
+from mamlkit.rl.envs import action_limit, make_env
 from mamlkit.rl.policy import kl_divergence, log_prob
 from mamlkit.rl.trpo import trpo_step
 
@@ -30,12 +32,48 @@ Params = dict[str, Tensor]
 VMAP = strategies.Strategy(vectorize=True)
 
 
-def pg_loss(act_dim: int):
-    """REINFORCE loss ``loss(pred [M, 2a], y [M, a+2]) -> scalar``: −Σ mask·A·log π(a|s) / Σ mask."""
+ESTIMATORS = ("reinforce", "lvc", "dice")
+
+
+def magic_box(x: Tensor) -> Tensor:
+    """DiCE's operator (Foerster et al. 2018): value 1, derivative ``magic_box(x) · ∇x``."""
+    return torch.exp(x - x.detach())
+
+
+def pg_loss(act_dim: int, estimator: str = "reinforce", horizon: int = 0):
+    """The inner policy-gradient loss ``loss(pred [M, 2a], y [M, a+2]) -> scalar``, M = N·H steps.
+
+    All three estimators have the same gradient, −Σ mask·A·∇log π(a|s) / Σ mask, so the inner step
+    (and the post-update sampling policy) is the same; they differ in the second derivative, which
+    the meta-gradient uses through the Jacobian of the inner step:
+
+    * ``reinforce``: −Σ A·log π. Its Hessian E[A ∇²log π] leaves out E[A ∇log π ∇log πᵀ], the
+      dependence of the inner step's *sampling distribution* on θ (Finn et al. 2017, as in their code).
+    * ``lvc``: −Σ A·π/⊥π, ProMP's low-variance curvature (Rothfuss et al. 2019, eq. 7): per-step
+      Hessian A (∇²log π + ∇log π ∇log πᵀ); it leaves out the cross terms between time steps.
+    * ``dice``: −Σ_t □(Σ_{t'≤t} log π_t')·(A_t − A_{t+1}) with □ the magic box (DiCE, Foerster et al.
+      2018, with the advantages as the baseline-corrected rewards, the λ = 1 case of Loaded DiCE,
+      Farquhar et al. 2019). Since Σ_{t≥t'} (A_t − A_{t+1}) = A_t', its gradient is REINFORCE's; its
+      Hessian adds the cross terms ∇log π_t' ∇log π_t''ᵀ A_max(t', t''). Needs ``horizon`` H.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if estimator == "dice" and horizon < 1:
+        raise ValueError("the dice estimator needs the episode length (horizon >= 1)")
 
     def loss(pred: Tensor, y: Tensor) -> Tensor:
         actions, adv, mask = y[..., :act_dim], y[..., act_dim], y[..., act_dim + 1]
-        return -(log_prob(pred, actions) * adv * mask).sum() / mask.sum().clamp_min(1)
+        logp = log_prob(pred, actions) * mask
+        if estimator == "reinforce":
+            weighted = logp * adv
+        elif estimator == "lvc":
+            weighted = magic_box(logp) * adv
+        else:  # episodes are the consecutive runs of H steps of the packed [N·H] axis
+            shape = (*logp.shape[:-1], -1, horizon)
+            a = (adv * mask).reshape(shape)
+            diff = a - torch.cat([a[..., 1:], torch.zeros_like(a[..., :1])], dim=-1)
+            weighted = magic_box(logp.reshape(shape).cumsum(-1)) * diff
+        return -weighted.sum() / mask.sum().clamp_min(1)
 
     return loss
 
@@ -100,37 +138,73 @@ class MAMLTRPO:
     def losses(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Mean surrogate loss and mean KL over tasks, with the graph to the meta-parameters."""
         cfg = self.cfg
-        fn = make_task_fn(self.model, named_params(self.model), {}, loss_fn=pg_loss(self.act_dim),
+        loss_fn = pg_loss(self.act_dim, cfg.estimator, cfg.episode_len)
+        fn = make_task_fn(self.model, named_params(self.model), {}, loss_fn=loss_fn,
                           rule=sgd(cfg.inner_lr), steps=cfg.inner_steps, first_order=cfg.first_order,
                           objective=trpo_objective(self.act_dim))
         surr, kl = strategies.map_tasks(fn, batch, VMAP)
         return surr.mean(), kl.mean()
 
     def collect(self, tasks: Tensor, generator: torch.Generator) -> tuple[TaskBatch, dict[str, float]]:
-        """Sample the support (pre-update) and query (post-update) episodes of one meta-batch."""
+        """Sample the support (pre-update) and query (post-update) episodes of one meta-batch.
+
+        The stats include ``time_sample_s`` (both samplings, with advantage computation) and
+        ``time_inner_s`` (the inner policy-gradient step that gives the post-update sampling policy)."""
         cfg = self.cfg
+        clock = time.perf_counter()
         theta = {k: v.detach() for k, v in named_params(self.model).items()}
         pre = self.sample(tasks, theta, False, generator)
-        stats = {"return_pre": pre.returns().mean().item()}
+        stats = {"return_pre": pre.returns().mean().item(), "clip_frac_pre": self.clip_fraction(pre)}
         if cfg.inner_steps == 0:
             qx, qy = self.pack(pre, with_dist=True)
-            return TaskBatch(qx, qy, qx, qy), stats
+            return TaskBatch(qx, qy, qx, qy), stats | {"time_sample_s": time.perf_counter() - clock,
+                                                       "time_inner_s": 0.0}
         sx, sy = self.pack(pre, with_dist=False)
+        t_inner = time.perf_counter()
         fast = adapt_tasks(self.model, theta, sx, sy, cfg.inner_lr, per_task=False)
+        t_inner = time.perf_counter() - t_inner
         post = self.sample(tasks, fast, True, generator)
         qx, qy = self.pack(post, with_dist=True)
         stats["return_post"] = post.returns().mean().item()
+        stats |= {"time_sample_s": time.perf_counter() - clock - t_inner, "time_inner_s": t_inner}
         return TaskBatch(sx, sy, qx, qy), stats
 
+    def clip_fraction(self, ep: sampling.Episodes) -> float:
+        """Fraction of valid steps whose action the environment clipped (in any coordinate). Near 1 the
+        return hardly depends on the sampled noise, so a policy-gradient step learns little."""
+        limit = action_limit(self.cfg.env) * self.cfg.env_action_scale
+        clipped = (ep.actions.abs() > limit).any(-1) & ep.mask.bool()
+        return (clipped.sum() / ep.mask.sum().clamp_min(1)).item()
+
+    def fisher_batch(self, batch: TaskBatch, generator: torch.Generator) -> TaskBatch | None:
+        """The part of ``batch`` whose KL gives the Fisher, or None for all of it.
+
+        ``fisher_tasks`` keeps the first K tasks; ``fisher_fraction`` keeps that fraction of the query
+        (post-update) states of every task, the same random positions for all tasks (so the tasks still
+        stack under vmap; invalid steps stay masked). The support episodes are kept whole: the inner step
+        must give the same θ' as in the objective, or the KL would not vanish at θ_old. Common TRPO code
+        subsamples the Fisher the same way (rllab's ``subsample_factor``)."""
+        cfg = self.cfg
+        sub = batch[:cfg.fisher_tasks] if 0 < cfg.fisher_tasks < batch.num_tasks else None
+        if cfg.fisher_fraction < 1:
+            sub = batch if sub is None else sub
+            m = sub.query_x.shape[1]
+            keep = torch.randperm(m, generator=generator)[:max(1, math.ceil(cfg.fisher_fraction * m))]
+            sub = TaskBatch(sub.support_x, sub.support_y, sub.query_x[:, keep], sub.query_y[:, keep])
+        return sub
+
     def meta_step(self, tasks: Tensor, generator: torch.Generator) -> dict[str, float]:
-        """One meta-iteration on ``tasks [T, d]``; returns returns before/after adaptation and TRPO stats."""
+        """One meta-iteration on ``tasks [T, d]``; returns returns before/after adaptation, TRPO stats and
+        the seconds spent sampling, in the inner step and in the TRPO step (``time_*_s``)."""
         cfg = self.cfg
         batch, stats = self.collect(tasks, generator)
-        sub = batch[:cfg.fisher_tasks] if 0 < cfg.fisher_tasks < batch.num_tasks else None
+        clock = time.perf_counter()
+        sub = self.fisher_batch(batch, generator)
         fisher_kl = None if sub is None else lambda: self.losses(sub)[1]
         stats |= trpo_step(list(self.model.parameters()), lambda: self.losses(batch), max_kl=cfg.max_kl,
                            damping=cfg.cg_damping, cg_iters=cfg.cg_iters, ls_steps=cfg.ls_steps,
                            ls_ratio=cfg.ls_ratio, fisher_kl=fisher_kl)
+        stats["time_trpo_s"] = time.perf_counter() - clock
         stats["policy_std"] = self.model.log_std.detach().exp().mean().item()  # mean σ after the step
         return stats
 

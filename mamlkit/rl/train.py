@@ -18,7 +18,7 @@ from mamlkit import checkpoint, runfolder
 from mamlkit.base.batch import task_generator
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog
-from mamlkit.rl.config import RLConfig, from_dict
+from mamlkit.rl.config import LEGACY_ACTION_SCALE, RLConfig, from_dict
 from mamlkit.rl.envs import env_dims, sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
 from mamlkit.rl.policy import GaussianMLPPolicy, build_policy
@@ -45,6 +45,9 @@ def make_policy(cfg: RLConfig) -> GaussianMLPPolicy:
 
 
 def new_trainer(cfg: RLConfig, run_dir: Path) -> RLTrainer:
+    # the checkpoint stores the action scale itself, not "the default", so a later change of the
+    # default cannot change what a saved policy does
+    cfg = cfg.replace(action_scale=cfg.env_action_scale)
     return RLTrainer(cfg, make_policy(cfg), Path(run_dir))
 
 
@@ -92,8 +95,12 @@ def load_trainer(path: str | Path) -> RLTrainer:
     if state.get("kind") != "rl":
         raise checkpoint.CheckpointError(f"{path} is a supervised mamlkit checkpoint; evaluate it with "
                                          "`mamlkit eval`, not `mamlkit rl eval`")
-    # runs written before action_scale existed applied the policy's actions unscaled
-    cfg = from_dict({"action_scale": 1.0} | state["config"])
+    # runs written before action_scale existed applied the policy's actions unscaled; those written
+    # before the scale was stored explicitly (0) used the defaults of that time
+    raw = {"action_scale": 1.0} | state["config"]
+    if not raw["action_scale"]:
+        raw["action_scale"] = LEGACY_ACTION_SCALE[raw.get("env", "nav2d")]
+    cfg = from_dict(raw)
     policy = make_policy(cfg)
     with torch.no_grad():
         for k, p in policy.named_parameters():

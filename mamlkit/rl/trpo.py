@@ -9,6 +9,7 @@ post-adaptation KL with respect to the *pre-adaptation* parameters (Finn et al. 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -82,13 +83,15 @@ def trpo_step(params: Sequence[Tensor], objective: Callable[[], tuple[Tensor, Te
     loss/KL before and after and the number of backtracks (``ls_steps`` when rejected).
     """
     params = list(params)
+    clock = time.perf_counter()
     loss, kl = objective()
     g = flat(torch.autograd.grad(loss, params, retain_graph=True)).detach()
     fvp = fisher_vector_product(kl if fisher_kl is None else fisher_kl(), params, damping)
     s = conjugate_gradient(fvp, -g, iters=cg_iters)
     shs = s @ fvp(s)
     old = flat([p.detach() for p in params]).clone()
-    stats = {"loss_before": loss.item(), "grad_norm": g.norm().item()}
+    stats = {"loss_before": loss.item(), "grad_norm": g.norm().item(),
+             "time_cg_s": time.perf_counter() - clock}  # gradient, Fisher graph, CG products
     if not torch.isfinite(shs) or shs <= 0:
         return stats | {"loss": loss.item(), "kl": 0.0, "backtracks": ls_steps}
     full = math.sqrt(2 * max_kl / shs.item()) * s
