@@ -12,16 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mamlkit import checkpoint, config
-from mamlkit.algorithms import MetaLearner, build_learner
+from mamlkit.algorithms import MetaLearner
+from mamlkit.assemble import DTYPES, assemble
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, mean_ci, read_jsonl
 from mamlkit.exec import kernels, strategies, tuning
 from mamlkit.loop import distributed
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
-from mamlkit.models import build_model
 from mamlkit.tasks import get_family, task_generator
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -40,36 +38,10 @@ class Trainer:
 
 
 def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MetaLearner, dict]:
-    """Build the model and learner of ``cfg``; load meta-parameters from ``state`` if given.
-
-    The initial weights come from ``cfg.seed`` in a forked RNG, so the global RNG is untouched.
-    """
+    """Build the model and learner of ``cfg`` (its family's model spec); load meta-parameters from ``state``
+    if given. Returns ``(learner, spec)``; see :func:`mamlkit.assemble.assemble`."""
     spec = get_family(cfg.task).model_spec(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_model(spec)
-    model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
-    learner = build_learner(cfg.algo, model, cfg)
-    if learner.strategy.compiled and not getattr(learner, "compilable", False):
-        raise config.ConfigError(f"--strategy compile is not available for --algo {cfg.algo}; use auto, vmap or loop")
-    if state is not None:
-        restore(learner, state)
-    return learner, spec
-
-
-def restore(learner: MetaLearner, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy a checkpoint's ``meta/*`` parameters and ``buffer/*`` buffers into ``learner``."""
-    params = learner.meta_parameters()
-    missing = [k for k in params if f"meta/{k}" not in tensors]
-    if missing:
-        raise checkpoint.CheckpointError(f"checkpoint lacks meta-parameters {missing[:5]}; it was written "
-                                         "for another model or algorithm")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[f"meta/{k}"])
-        for k, b in learner.model.named_buffers():
-            if f"buffer/{k}" in tensors:
-                b.copy_(tensors[f"buffer/{k}"])
+    return assemble(cfg, spec, state), spec
 
 
 def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None = None) -> None:

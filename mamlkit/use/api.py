@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from mamlkit import checkpoint
 from mamlkit.algorithms import MetaLearner
+from mamlkit.assemble import assemble
 from mamlkit.base.errors import UserError
 from mamlkit.engine.functional import call, named_buffers
 from mamlkit.models import build_model
@@ -205,10 +206,9 @@ class Learner:
                          list(pre["classes"]) if classes else None)
 
     def _with_new_head(self, classes: int) -> MetaLearner:
-        from mamlkit.loop.train import build
-
         head = _head_name(self.meta.model, self.n_way)
-        meta, _ = build(meta_cfg(self.cfg, classes, True))
+        cfg = meta_cfg(self.cfg, classes, True)
+        meta = assemble(cfg, get_family(cfg.task).model_spec(cfg))
         with torch.no_grad():
             for name, p in meta.meta_parameters().items():
                 key = f"meta/{name}"
@@ -243,7 +243,6 @@ def load(path: str | Path) -> Learner | TaskModel:
     ``path`` may also name a model that ships with mamlkit (see ``PRETRAINED``), e.g. ``"omniglot-5w1s"``.
     """
     from mamlkit import config
-    from mamlkit.loop.train import build
 
     if str(path) in PRETRAINED and not Path(path).exists():
         path = PRETRAINED[str(path)]
@@ -258,23 +257,9 @@ def load(path: str | Path) -> Learner | TaskModel:
     if "config" not in state:
         raise checkpoint.CheckpointError(f"{path} is a mamlkit file without a run config; it cannot be adapted")
     cfg = config.from_dict(state["config"])
+    # The stored spec: a CSV task's comes from its training file, which need not exist where it is adapted.
     spec = state.get("model_spec") or get_family(cfg.task).model_spec(cfg)
-    meta = _build(cfg, tensors, spec) if cfg.task == "csv" else build(cfg, tensors)[0]
-    return Learner(meta, cfg, tensors, state.get("input") or input_spec(cfg), spec)
-
-
-def _build(cfg, tensors: dict[str, Tensor], spec: dict[str, Any]) -> MetaLearner:
-    """``train.build`` from the checkpoint's stored model spec: a CSV-task checkpoint's spec comes from its
-    training file, which need not exist where the checkpoint is adapted."""
-    from mamlkit.algorithms import build_learner
-    from mamlkit.loop.train import DTYPES, restore
-
-    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten; keep the global RNG untouched
-        model = build_model(spec)
-    model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
-    meta = build_learner(cfg.algo, model, cfg)
-    restore(meta, tensors)
-    return meta
+    return Learner(assemble(cfg, spec, tensors), cfg, tensors, state.get("input") or input_spec(cfg), spec)
 
 
 def _load_buffers(model: nn.Module, tensors: dict[str, Tensor]) -> None:
