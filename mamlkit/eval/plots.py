@@ -71,3 +71,7 @@ def sinusoid_figures(run_dir: Path, learners: dict, results: dict, cfg) -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "figure3_learning_curve.png", dpi=110)
     plt.close(fig)
+
+
+# The figures a family's report may declare (``Report.figures``): name -> draw(run_dir, learners, results, cfg).
+FIGURES = {"sinusoid": sinusoid_figures}

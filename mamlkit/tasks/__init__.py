@@ -1,25 +1,19 @@
 """Task distributions and the task-family registry.
 
-A task family turns a :class:`~mamlkit.config.TrainConfig` into task distributions per split
-(``"train" | "val" | "test"``) and names the model that fits them.
+A task family (:class:`~mamlkit.tasks.family.TaskFamily`) turns a :class:`~mamlkit.config.TrainConfig`
+into task distributions per split (``"train" | "val" | "test"``), names the model that fits them, says
+how raw inputs become model inputs, what ``mamlkit data`` does for it and what its evaluation report
+contains. One registry line per family below; the hooks of image and text families load on first use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
+from mamlkit.tasks.family import INPUT_TYPES, Baseline, Column, DataCommand, Report, TaskFamily
 from mamlkit.tasks.sinusoid import Sinusoid
-
-
-@dataclass(frozen=True)
-class TaskFamily:
-    name: str
-    build: Callable[[Any, str], TaskDistribution]   # (cfg, split) -> distribution
-    model_spec: Callable[[Any], dict[str, Any]]      # cfg -> spec for mamlkit.models.build_model
-
 
 TASK_FAMILIES: dict[str, TaskFamily] = {}
 
@@ -37,12 +31,16 @@ def get_family(name: str) -> TaskFamily:
     return TASK_FAMILIES[name]
 
 
-register_task_family(TaskFamily(
-    name="sinusoid",
-    build=lambda cfg, split: Sinusoid(k_support=cfg.k_shot, k_query=cfg.k_query),
-    model_spec=lambda cfg: {"name": "mlp", "in_features": 1,
-                            "hidden": list(cfg.hidden_sizes), "out_features": 1},
-))
+def derived_fields(cfg: Any) -> dict[str, Any]:
+    """The config fields ``cfg``'s family sets from its other fields (e.g. a CSV task's loss from its kind);
+    nothing for a family not (yet) registered."""
+    family = TASK_FAMILIES.get(cfg.task)
+    return family.derived(cfg) if family and family.derived else {}
+
+
+def data_commands() -> dict[str, DataCommand]:
+    """``mamlkit data NAME`` for every family that declares a dataset: name -> command."""
+    return {f.data.name: f.data for f in TASK_FAMILIES.values() if f.data is not None}
 
 
 def _lazy(module: str, attr: str) -> Callable:
@@ -54,14 +52,26 @@ def _lazy(module: str, attr: str) -> Callable:
     return hook
 
 
-register_task_family(TaskFamily(name="omniglot", build=_lazy("omniglot", "build"),
-                                model_spec=_lazy("omniglot", "model_spec")))
-register_task_family(TaskFamily(name="miniimagenet", build=_lazy("miniimagenet", "build"),
-                                model_spec=_lazy("miniimagenet", "model_spec")))
-register_task_family(TaskFamily(name="csv", build=_lazy("tabular", "build"),
-                                model_spec=_lazy("tabular", "model_spec")))
-register_task_family(TaskFamily(name="clinc", build=_lazy("text", "build"),
-                                model_spec=_lazy("text", "model_spec")))
+def _family(name: str, module: str, *, data: str = "", **hooks: bool) -> TaskFamily:
+    """The registry line of a family whose hooks live in ``mamlkit.tasks.<module>`` under their own names."""
+    return TaskFamily(name=name, build=_lazy(module, "build"), model_spec=_lazy(module, "model_spec"),
+                      data=DataCommand(data, _lazy(module, "prepare_data")) if data else None,
+                      **{hook: _lazy(module, hook) for hook, on in hooks.items() if on})
+
+
+register_task_family(TaskFamily(
+    name="sinusoid",
+    build=lambda cfg, split: Sinusoid(k_support=cfg.k_shot, k_query=cfg.k_query),
+    model_spec=lambda cfg: {"name": "mlp", "in_features": 1,
+                            "hidden": list(cfg.hidden_sizes), "out_features": 1},
+    input_spec=lambda cfg: {"type": "vector"},
+    report=lambda cfg: Report(table="shots", title="Sinusoid regression", figures=("sinusoid",)),
+))
+register_task_family(_family("omniglot", "omniglot", data="omniglot", input_spec=True, report=True))
+register_task_family(_family("miniimagenet", "miniimagenet", data="miniimagenet", input_spec=True))
+register_task_family(_family("csv", "tabular", input_spec=True, report=True, derived=True))
+register_task_family(_family("clinc", "text", data="clinc150", input_spec=True, report=True))
 
 __all__ = ["TaskBatch", "TaskDistribution", "TaskFamily", "task_generator", "Sinusoid", "TASK_FAMILIES",
-           "register_task_family", "get_family"]
+           "register_task_family", "get_family", "derived_fields", "data_commands", "INPUT_TYPES", "Baseline",
+           "Column", "DataCommand", "Report"]

@@ -43,30 +43,24 @@ EXAMPLES = {"omniglot": ASSETS / "examples" / "omniglot", "clinc": ASSETS / "exa
             "csv": ASSETS / "examples" / "csv"}
 
 
-def input_spec(cfg) -> dict[str, Any]:
-    """How raw inputs become model inputs, stored in every checkpoint (see ``mamlkit.use.io``)."""
-    if cfg.task in ("omniglot",):
-        # as mamlkit.data preprocesses Omniglot: grey levels, Lanczos resize, strokes bright, scaled to [0, 1]
-        return {"type": "image", "mode": "L", "size": getattr(cfg, "image_size", 28), "invert": True,
-                "scale": 1 / 255}
-    if cfg.task in ("miniimagenet",):
-        return {"type": "image", "mode": "RGB", "size": getattr(cfg, "image_size", 84), "invert": False,
-                "scale": 1 / 255}
-    if cfg.task == "clinc":
-        return raw.text_spec(cfg)
-    if cfg.task == "csv":  # the encoding itself (features, categories, classes) is in the model spec
-        return {"type": "table", "target": cfg.target, "task_column": cfg.task_column, "fill": cfg.fill}
-    return {"type": "vector"}
+def input_spec(cfg) -> dict[str, Any] | None:
+    """How raw inputs become model inputs, as ``cfg``'s task family declares it (see ``mamlkit.use.io``);
+    ``None`` when the family takes tensors only."""
+    family = get_family(cfg.task)
+    return family.input_spec(cfg) if family.input_spec is not None else None
 
 
 Inputs = Tensor | list[str] | list[dict[str, Any]]
 
 
-def model_input(spec: dict[str, Any], model_spec: dict[str, Any], x: Inputs) -> Tensor:
+def model_input(spec: dict[str, Any] | None, model_spec: dict[str, Any], x: Inputs) -> Tensor:
     """``x`` as the model's input tensor: utterances (text checkpoints) and row dicts (CSV-task checkpoints)
     are encoded; a tensor is taken as already encoded."""
     if isinstance(x, Tensor):
         return x
+    if spec is None:
+        raise UserError(f"this checkpoint's task family declares no raw input format: pass tensors, not a "
+                        f"{type(x).__name__}")
     kind = spec.get("type")
     accepted = {"text": "a tensor or a list of strings", "table": "a tensor or a list of row dicts"}
     if kind not in accepted or isinstance(x, str) or not isinstance(x, (list, tuple)):
@@ -101,7 +95,7 @@ class TaskModel:
     params: dict[str, Tensor]
     model_spec: dict[str, Any]
     kind: str
-    input: dict[str, Any]
+    input: dict[str, Any] | None
     num_classes: int | None = None   # classes in use (the first ``num_classes`` logits)
     class_names: list[str] | None = None
 
@@ -132,7 +126,7 @@ class Learner:
     meta: MetaLearner
     cfg: Any
     tensors: dict[str, Tensor]
-    input: dict[str, Any]
+    input: dict[str, Any] | None
     model_spec: dict[str, Any]
 
     @property
@@ -223,8 +217,8 @@ def meta_cfg(cfg, classes: int | None, reset: bool):
     return cfg.replace(n_way=classes) if reset else cfg
 
 
-def _table(spec: dict[str, Any]) -> bool:
-    return spec.get("type") == "table"
+def _table(spec: dict[str, Any] | None) -> bool:
+    return spec is not None and spec.get("type") == "table"
 
 
 def _label_ids(labels: list, names: list[str] | None) -> tuple[Tensor, list[str]]:
