@@ -32,8 +32,12 @@ EVAL_SEED_OFFSET = 10_000  # evaluation tasks never share a stream with training
 
 
 def _paper(cfg: TrainConfig) -> dict:
+    """The preset's paper numbers, when the run is on the preset's own task (a new family trained from
+    another family's preset settings has none)."""
     preset = PRESETS.get(cfg.preset)
-    return preset.paper if preset else {}
+    if preset is None or preset.overrides.get("task", TrainConfig().task) != cfg.task:
+        return {}
+    return preset.paper
 
 
 def shots_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig, decl: Report) -> str:
