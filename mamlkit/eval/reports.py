@@ -116,6 +116,7 @@ def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainCo
         if b.tasks is not None and b.tasks not in episodes:
             episodes[b.tasks] = test_tasks(b.tasks(cfg, "test"), seed, n)
     chunk = decl.chunk or n
+    steps = decl.steps or tuple(sorted({0, K}))
     losses: dict[str, list[Tensor]] = {name: [] for name in learners}
     accs: dict[str, list[Tensor]] = {name: [] for name in learners}
     for start in range(0, n, chunk):
@@ -124,7 +125,7 @@ def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainCo
         if decl.chunk is None:
             episodes.setdefault(None, tasks)
         for name, learner in learners.items():
-            res = evaluate(learner, tasks, max(decl.steps), batch_size=decl.batch_size or 100, device=cfg.device,
+            res = evaluate(learner, tasks, max(*steps, K), batch_size=decl.batch_size or 100, device=cfg.device,
                            dtype=dtype)
             losses[name].append(res.losses)
             accs[name].append(res.accs)
@@ -136,7 +137,7 @@ def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainCo
     for name, learner in learners.items():
         res = EvalResult(torch.cat(losses[name]), torch.cat(accs[name]))
         final[name] = (res.accs if by_acc else res.losses)[:, K]
-        for s in decl.steps:
+        for s in steps:
             cells = _cells(decl.columns, res.losses[:, s], res.accs[:, s])
             lines.append(f"| {decl.learner_labels.get(name, name)} | {decl.adaptation.format(steps=s)} | {cells} |")
             table.setdefault(name, {})[str(s)] = _entry(decl, res.losses[:, s], res.accs[:, s],
@@ -152,8 +153,8 @@ def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainCo
         table[b.name] = entry if by_acc else {str(b.steps): entry}
     lines.append("")
     names = list(final)
-    pairs = ([(a, o) for i, a in enumerate(names[:-1]) for o in names[i + 1:]] if decl.compare == "all_pairs"
-             else [(a, b.name) for a in learners for b in decl.baselines])
+    pairs = {"all_pairs": [(a, o) for i, a in enumerate(names[:-1]) for o in names[i + 1:]],
+             "baselines": [(a, b.name) for a in learners for b in decl.baselines], "": []}[decl.compare]
     for a, o in pairs:
         m, c = mean_ci(final[a] - final[o])
         if by_acc:  # a gain in accuracy

@@ -80,10 +80,11 @@ class Report:
     * ``"shots"`` (regression): query loss per (K shots in ``cfg.eval_shots``, steps in
       ``cfg.eval_steps``), a column per learner and its paper number; the test tasks of K shots are
       ``build(cfg.replace(k_shot=K, k_query=cfg.eval_query), "test")``;
-    * ``"methods"``: a row per (learner, steps in ``steps``) and one per baseline, with ``columns``,
-      then paired comparisons on the same episodes after the test-time steps (``compare``:
-      ``"all_pairs"`` or ``"baselines"``, each learner against each baseline) of the query loss
-      (``metric="loss"``: "lower than") or accuracy (``metric="accuracy"``: "beats").
+    * ``"methods"``: a row per (learner, steps in ``steps``, default 0 and the test-time steps) and one
+      per baseline, with ``columns``, then paired comparisons on the same episodes after the test-time
+      steps (``compare``: ``"all_pairs"``, ``"baselines"``: each learner against each baseline, or
+      ``""``: none) of the query loss (``metric="loss"``: "lower than") or accuracy
+      (``metric="accuracy"``: "beats").
 
     ``title`` names the tasks in the opening line of ``steps`` and ``shots`` (default: the preset or the
     task name); ``describe`` lines follow the layout's opening lines (``methods`` has none of its own).
