@@ -83,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(learner, api.Learner):
         raise UserError(f"{args.checkpoint} is an already adapted model; `mamlkit adapt` needs a training checkpoint")
     spec = learner.input
+    if spec is None:
+        raise UserError(f"{args.checkpoint} is a {learner.cfg.task!r} checkpoint, and that task family declares no "
+                        "raw input format, so `mamlkit adapt` cannot read files for it. Adapt it from Python with "
+                        "tensors: mamlkit.load(CHECKPOINT).adapt(support_x, support_y)")
     if spec["type"] == "image":
         sx, sy, names, notes = mio.load_image_folder(args.support, spec)
         qx, files, qnotes = mio.load_query_images(args.query, spec)
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         rows = _adapt_text(learner, args)
     elif spec["type"] == "table":
         rows = _adapt_table(learner, args)
-    else:
+    elif spec["type"] == "vector":
         in_features = _in_features(learner)
         if len(args.query) != 1:
             raise UserError("a regression checkpoint takes one query CSV")
@@ -112,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         values = task_model.predict(qx).values
         rows = [{**{f"x{i}": float(v) for i, v in enumerate(x)}, "prediction": float(y.reshape(-1)[0])}
                 for x, y in zip(qx, values)]
+    else:
+        raise UserError(f"{args.checkpoint} takes inputs of type {spec['type']!r}, which this version of "
+                        "`mamlkit adapt` cannot read; adapt it from Python with tensors")
     _write(rows, args.output)
     return 0
 

@@ -75,7 +75,9 @@ def build_parser(help_preset: str | None = None) -> argparse.ArgumentParser:
                           description="Download (when online and missing), verify the checksums and build "
                           "the preprocessed cache of a dataset. Data root: --data-root, else $MAMLKIT_DATA, "
                           "else ~/.cache/mamlkit; cache: $MAMLKIT_CACHE, else ~/.cache/mamlkit.")
-    data.add_argument("dataset", choices=["omniglot", "miniimagenet", "clinc150"])
+    from mamlkit.tasks import data_commands
+
+    data.add_argument("dataset", choices=sorted(data_commands()))
     data.add_argument("--data-root", default="", help="folder holding (or to receive) the dataset's files")
     data.add_argument("--trust-checksum", action="store_true",
                       help="use files whose checksum matches no known version")
@@ -222,29 +224,9 @@ def cmd_algos(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from mamlkit import data
+    from mamlkit.tasks import data_commands
 
-    if args.dataset == "clinc150":  # issue 9: download (online, when missing) and verify
-        from mamlkit.tasks import text
-
-        folder = text.ensure_clinc(args.data_root, download_missing=not args.no_download)
-        ds = text.load_clinc(str(folder), args.trust_checksum)
-        print(f"clinc150: {folder} verified; {len(ds.texts)} intents in {len(ds.domains)} domains, "
-              f"{sum(map(len, ds.texts.values()))} train utterances")
-        return 0
-    if args.dataset == "omniglot":
-        folder = data.ensure_omniglot(args.data_root, download_missing=not args.no_download)
-        ds = data.load_omniglot(folder, trust_checksum=args.trust_checksum)
-        bg = int(ds.background.sum())
-        print(f"omniglot: {folder} verified; {bg} background + {len(ds.names) - bg} evaluation characters, "
-              f"images {tuple(ds.images.shape)} uint8, cache {data.cache_root() / 'omniglot'}")
-    else:
-        from mamlkit.tasks import miniimagenet
-
-        folder = data.dataset_dir("miniimagenet", args.data_root, "train.csv")
-        for split in miniimagenet.SPLIT_FILES:
-            images, labels = miniimagenet.load_split(folder, split)
-            print(f"miniimagenet {split}: {len(labels)} classes, images {tuple(images.shape)} uint8")
+    print(data_commands()[args.dataset].prepare(args.data_root, args.trust_checksum, not args.no_download))
     return 0
 
 

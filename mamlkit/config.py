@@ -209,8 +209,10 @@ class TrainConfig:
         need(self.finetune_rate_scale > 0, f"finetune_rate_scale must be > 0, got {self.finetune_rate_scale}")
         need(self.text_max_tokens >= 4, f"text_max_tokens must be >= 4, got {self.text_max_tokens}")
         need(1 <= self.text_per_intent <= 100, f"text_per_intent must be in 1..100, got {self.text_per_intent}")
-        if self.task == "csv":  # the kind of a CSV task picks its loss, so `--kind classification` suffices
-            object.__setattr__(self, "loss", "mse" if self.kind == "regression" else "cross_entropy")
+        from mamlkit.tasks import derived_fields  # a family may set fields from others (a CSV task's loss)
+
+        for name, value in derived_fields(self).items():
+            object.__setattr__(self, name, value)
 
     @property
     def eval_inner_steps(self) -> int:

@@ -23,6 +23,7 @@ PARTS = {
     "mamlkit.tasks": "Tasks",
     "mamlkit.data": "Data",
     "mamlkit.models": "Models",
+    "mamlkit.assemble": "Assemble",
     "mamlkit.checkpoint": "Store", "mamlkit.runfolder": "Store",
     "mamlkit.base": "Base",
     "mamlkit.rl": "RL",
@@ -59,6 +60,9 @@ NEVER = {
     ("RL", "Loop"): "RL has its own trainer; shared helpers live below",
     ("Config", "Loop"): "configs are data",
     ("Face", "Kernels"): "switches travel in TrainConfig to Exec",
+    ("Assemble", "Loop"): "the trainer and inference loading build through it; it knows neither",
+    ("Assemble", "Use"): "the trainer and inference loading build through it; it knows neither",
+    ("Assemble", "Tasks"): "the caller passes the model spec: the family's, or the checkpoint's",
 }
 
 

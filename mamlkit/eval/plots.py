@@ -91,3 +91,7 @@ def accuracy_curve(path: Path, table: dict, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# The figures a family's report may declare (``Report.figures``): name -> draw(run_dir, learners, results, cfg).
+FIGURES = {"sinusoid": sinusoid_figures}

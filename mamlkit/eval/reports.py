@@ -7,19 +7,24 @@ family's figures into ``run_dir``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from mamlkit.algorithms import MetaLearner
+from mamlkit.base.batch import TaskBatch, task_generator
+from mamlkit.base.metrics import mean_ci
 from mamlkit.checkpoint import atomic_write_text
 from mamlkit.config import TrainConfig
-from mamlkit.eval import plots
+from mamlkit.eval import baselines, plots
 from mamlkit.eval.evaluate import EvalResult, evaluate, fmt, test_tasks
+from mamlkit.models import build_model
 from mamlkit.presets import PRESETS
-from mamlkit.tasks import get_family
-from mamlkit.tasks.sinusoid import Sinusoid
+from mamlkit.tasks import Baseline, Column, Report, get_family
 
 BN_MODE_TEXT = {"transductive": "transductive (batch statistics of each query batch, as the paper)",
                 "support": "non-transductive (support-set statistics only)"}
@@ -29,26 +34,32 @@ REPORT_FILES = ("eval.md", "eval.json", "figure2_fits.png", "figure3_learning_cu
 
 
 def _paper(cfg: TrainConfig) -> dict:
+    """The preset's paper numbers, when the run is on the preset's own task (a new family trained from
+    another family's preset settings has none)."""
     preset = PRESETS.get(cfg.preset)
-    return preset.paper if preset else {}
+    if preset is None or preset.overrides.get("task", TrainConfig().task) != cfg.task:
+        return {}
+    return preset.paper
 
 
-def sinusoid_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
+def shots_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig, decl: Report) -> str:
     """Query MSE after ``cfg.eval_steps`` inner steps for every K in ``cfg.eval_shots`` (Finn et al. Fig. 3)."""
     dtype = getattr(torch, cfg.dtype)
     max_steps = max(cfg.eval_steps)
     paper = _paper(cfg)
+    family = get_family(cfg.task)
     results: dict[str, dict[int, EvalResult]] = {name: {} for name in learners}
     for k in cfg.eval_shots:
-        tasks = test_tasks(Sinusoid(k_support=k, k_query=cfg.eval_query), cfg.seed + EVAL_SEED_OFFSET,
-                           cfg.eval_tasks)
+        dist = family.build(cfg.replace(k_shot=k, k_query=cfg.eval_query), "test")
+        tasks = test_tasks(dist, cfg.seed + EVAL_SEED_OFFSET, cfg.eval_tasks)
         for name, learner in learners.items():
-            results[name][k] = evaluate(learner, tasks, max_steps, device=cfg.device, dtype=dtype)
+            results[name][k] = evaluate(learner, tasks, max_steps, batch_size=decl.batch_size or 100,
+                                        device=cfg.device, dtype=dtype)
     names = list(learners)
     head = "| K | steps | " + " | ".join(f"{n} MSE (ours)" for n in names) + " | " + \
         " | ".join(f"{n} (paper)" for n in names) + " |"
-    lines = [f"Sinusoid regression: query MSE, mean ± 95% CI over {cfg.eval_tasks} fixed test tasks "
-             f"({cfg.eval_query} query points each), inner SGD α={cfg.inner_lr}.", "", head,
+    lines = [f"{decl.title or cfg.preset or cfg.task}: query MSE, mean ± 95% CI over {cfg.eval_tasks} fixed test "
+             f"tasks ({cfg.eval_query} query points each), inner SGD α={cfg.inner_lr}.", *decl.describe, "", head,
              "|" + "---|" * (2 + 2 * len(names))]
     table = {}
     for k in cfg.eval_shots:
@@ -60,56 +71,172 @@ def sinusoid_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainC
             for n, o in zip(names, ours):
                 table.setdefault(n, {}).setdefault(str(k), {})[str(s)] = {"mean": o[0], "ci95": o[1]}
     text = "\n".join(lines) + "\n"
-    atomic_write_text(run_dir / "eval.json", json.dumps({"task": "sinusoid", "mse": table,
-                                                         "num_tasks": cfg.eval_tasks}, indent=2))
-    atomic_write_text(run_dir / "eval.md", text)
-    plots.sinusoid_figures(run_dir, learners, results, cfg)
+    _write(run_dir, text, cfg, decl, "mse", table)
+    for figure in decl.figures:
+        plots.FIGURES[figure](run_dir, learners, results, cfg)
     return text
 
 
-def classification_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
+def steps_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig, decl: Report) -> str:
     """Query accuracy after each inner step on ``cfg.eval_tasks`` fixed test tasks (± 95% CI)."""
     dist = get_family(cfg.task).build(cfg, "test")
     tasks = test_tasks(dist, cfg.seed + EVAL_SEED_OFFSET, cfg.eval_tasks)
     steps = cfg.eval_inner_steps
     paper = _paper(cfg)
-    lines = [f"{cfg.preset or cfg.task}: query accuracy (%), mean ± 95% CI over {cfg.eval_tasks} test tasks, "
-             f"{cfg.n_way}-way {cfg.k_shot}-shot, {cfg.k_query} query images per class, α={cfg.inner_lr}.",
-             f"Batch norm: {BN_MODE_TEXT.get(cfg.bn_mode, cfg.bn_mode)}.",
-             *([f"Omniglot split {cfg.split!r}, rotations {cfg.rotations!r}."]
-               if cfg.task == "omniglot" else []),
+    lines = [f"{decl.title or cfg.preset or cfg.task}: query accuracy (%), mean ± 95% CI over {cfg.eval_tasks} "
+             f"test tasks, {cfg.n_way}-way {cfg.k_shot}-shot, {cfg.k_query} query images per class, "
+             f"α={cfg.inner_lr}.",
+             f"Batch norm: {BN_MODE_TEXT.get(cfg.bn_mode, cfg.bn_mode)}.", *decl.describe,
              *([f"Paper ({PRESETS[cfg.preset].citation}): " + ", ".join(f"{k} {v}" for k, v in paper.items())]
                if paper else []), "",
              "| model | " + " | ".join(f"{s} steps" for s in range(steps + 1)) + " | paper |",
              "|" + "---|" * (steps + 3)]
     table = {}
     for name, learner in learners.items():
-        res = evaluate(learner, tasks, steps, batch_size=50, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+        res = evaluate(learner, tasks, steps, batch_size=decl.batch_size or 50, device=cfg.device,
+                       dtype=getattr(torch, cfg.dtype))
         accs = [res.acc(s) for s in range(steps + 1)]
         ref = paper.get(name)
         lines.append(f"| {name} | " + " | ".join(fmt(100 * m, 100 * c, 2) for m, c in accs) +
                      f" | {ref if ref is not None else '—'} |")
         table[name] = {str(s): {"mean": m, "ci95": c} for s, (m, c) in enumerate(accs)}
     text = "\n".join(lines) + "\n"
-    atomic_write_text(run_dir / "eval.json", json.dumps({"task": cfg.task, "accuracy": table,
-                                                         "num_tasks": cfg.eval_tasks, "bn_mode": cfg.bn_mode,
-                                                         "paper": paper}, indent=2))
-    atomic_write_text(run_dir / "eval.md", text)
+    _write(run_dir, text, cfg, dataclasses.replace(decl, facts={"bn_mode": cfg.bn_mode, "paper": paper, **decl.facts}),
+           "accuracy", table)
     plots.accuracy_curve(run_dir / "accuracy_curve.png", table, f"{cfg.preset or cfg.task}: {cfg.n_way}-way "
                          f"{cfg.k_shot}-shot, {cfg.eval_tasks} test tasks")
     return text
 
 
-def report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    kind = next(iter(learners.values())).kind
-    if cfg.task == "sinusoid":
-        return sinusoid_report(run_dir, learners, cfg)
-    if cfg.task in ("csv", "clinc"):  # issue 9: reports with the baselines run in the same evaluation
-        import importlib
+def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig, decl: Report) -> str:
+    """The learners at ``decl.steps`` and the declared baselines on the same fixed test episodes, then
+    paired comparisons after the test-time steps: a difference counts only when its 95% CI excludes 0."""
+    family = get_family(cfg.task)
+    seed, n, K = cfg.seed + EVAL_SEED_OFFSET, cfg.eval_tasks, cfg.eval_inner_steps
+    dtype = getattr(torch, cfg.dtype)
+    dist = family.build(cfg, "test")
+    episodes: dict[Any, TaskBatch] = {}  # the baselines' episodes, one set per distinct builder
+    for b in decl.baselines:
+        if b.tasks is not None and b.tasks not in episodes:
+            episodes[b.tasks] = test_tasks(b.tasks(cfg, "test"), seed, n)
+    chunk = decl.chunk or n
+    steps = decl.steps or tuple(sorted({0, K}))
+    losses: dict[str, list[Tensor]] = {name: [] for name in learners}
+    accs: dict[str, list[Tensor]] = {name: [] for name in learners}
+    for start in range(0, n, chunk):
+        tasks = TaskBatch.cat([dist.sample(1, task_generator(seed, "test", k))
+                               for k in range(start, min(n, start + chunk))])
+        if decl.chunk is None:
+            episodes.setdefault(None, tasks)
+        for name, learner in learners.items():
+            res = evaluate(learner, tasks, max(*steps, K), batch_size=decl.batch_size or 100, device=cfg.device,
+                           dtype=dtype)
+            losses[name].append(res.losses)
+            accs[name].append(res.accs)
+    by_acc = decl.metric == "accuracy"
+    lines = [*decl.describe, "", "| method | adaptation | " + " | ".join(c.heading for c in decl.columns) + " |",
+             "|" + "---|" * (2 + len(decl.columns))]
+    table: dict = {}
+    final: dict[str, Tensor] = {}  # per task, after the test-time steps: what the comparisons pair
+    for name, learner in learners.items():
+        res = EvalResult(torch.cat(losses[name]), torch.cat(accs[name]))
+        final[name] = (res.accs if by_acc else res.losses)[:, K]
+        for s in steps:
+            cells = _cells(decl.columns, res.losses[:, s], res.accs[:, s])
+            lines.append(f"| {decl.learner_labels.get(name, name)} | {decl.adaptation.format(steps=s)} | {cells} |")
+            table.setdefault(name, {})[str(s)] = _entry(decl, res.losses[:, s], res.accs[:, s],
+                                                        learner.kind == "classification")
+    for b in decl.baselines:
+        if b.tasks not in episodes:  # the family's own episodes, drawn in chunks above: all of them now
+            episodes[b.tasks] = test_tasks(dist, seed, n)
+        loss, acc = _baseline(b, episodes[b.tasks].to(cfg.device, dtype), cfg, family, dtype)
+        final[b.name] = acc if by_acc else loss
+        how = f"{b.steps} Adam steps, lr {b.lr}" if b.method == "scratch" else "none"
+        lines.append(f"| {b.label} | {how} | {_cells(decl.columns, loss, acc)} |")
+        entry = _entry(decl, loss, acc, cfg.loss == "cross_entropy")
+        table[b.name] = entry if by_acc else {str(b.steps): entry}
+    lines.append("")
+    names = list(final)
+    pairs = {"all_pairs": [(a, o) for i, a in enumerate(names[:-1]) for o in names[i + 1:]],
+             "baselines": [(a, b.name) for a in learners for b in decl.baselines], "": []}[decl.compare]
+    for a, o in pairs:
+        m, c = mean_ci(final[a] - final[o])
+        if by_acc:  # a gain in accuracy
+            verdict = "beats" if m - c > 0 else ("loses to" if m + c < 0 else "ties with (CI of the gain spans 0)")
+            lines.append(f"{a} after {K} steps {verdict} {o}: paired gain {fmt(100 * m, 100 * c, 2)} points.")
+            table[a][f"gain_vs_{o}"] = {"mean": m, "ci95": c}
+        else:  # a difference in loss
+            verdict = "lower than" if m + c < 0 else ("higher than" if m - c > 0 else "not different from")
+            lines.append(f"{a} after {K} steps: query loss {verdict} {o}'s (paired difference {fmt(m, c)}).")
+            table[a][f"diff_vs_{o}"] = {"mean": m, "ci95": c}
+    text = "\n".join(lines) + "\n"
+    _write(run_dir, text, cfg, decl, "accuracy" if by_acc else "loss", table)
+    return text
 
-        module = {"csv": "tabular", "clinc": "text"}[cfg.task]
-        return importlib.import_module(f"mamlkit.tasks.{module}").report(run_dir, learners, cfg)
-    if kind == "classification":
-        return classification_report(run_dir, learners, cfg)
-    raise NotImplementedError(f"no report for task family {cfg.task!r}")
+
+def _cells(columns: tuple[Column, ...], loss: Tensor | None, acc: Tensor) -> str:
+    out = []
+    for col in columns:
+        if col.metric == "acc":
+            m, c = mean_ci(acc)
+            out.append(fmt(100 * m, 100 * c, 2))
+        else:
+            if loss is None:
+                raise ValueError(f"column {col.heading!r} shows a loss; this method has none (prototypes)")
+            m, c = mean_ci(loss)
+            out.append(fmt(m * col.scale, c * col.scale))
+    return " | ".join(out)
+
+
+def _entry(decl: Report, loss: Tensor | None, acc: Tensor, classification: bool) -> dict:
+    """A method's eval.json entry: accuracy mean and CI, or loss and CI (with the accuracy for classification)."""
+    if decl.metric == "accuracy":
+        m, c = mean_ci(acc)
+        return {"mean": m, "ci95": c}
+    m, c = mean_ci(loss)
+    return {"loss": m, "ci95": c, **({"acc": mean_ci(acc)[0]} if classification else {})}
+
+
+def _baseline(b: Baseline, tasks: TaskBatch, cfg: TrainConfig, family, dtype: torch.dtype
+              ) -> tuple[Tensor | None, Tensor]:
+    """Per-task query ``(loss or None, accuracy)`` ``[T]`` of a declared baseline."""
+    if b.method == "prototypes":
+        return None, baselines.prototype_accuracy(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y,
+                                                  cfg.n_way)
+    if b.method != "scratch":
+        raise ValueError(f"unknown baseline method {b.method!r}; mamlkit.eval runs scratch and prototypes")
+    model = (b.model() if b.model is not None else build_model(family.model_spec(cfg))).to(dtype)
+    return baselines.scratch_losses(model, cfg.loss, tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y,
+                                    steps=b.steps, lr=b.lr, seed=cfg.seed + 1)
+
+
+def _write(run_dir: Path, text: str, cfg: TrainConfig, decl: Report, key: str, table: dict) -> None:
+    """``eval.json`` (the task, the facts named first, the results, the number of tasks, the other facts) and
+    ``eval.md``, atomically."""
+    first = {k: decl.facts[k] for k in decl.facts_first}
+    rest = {k: v for k, v in decl.facts.items() if k not in first}
+    atomic_write_text(run_dir / "eval.json", json.dumps({"task": cfg.task, **first, key: table,
+                                                         "num_tasks": cfg.eval_tasks, **rest}, indent=2))
+    atomic_write_text(run_dir / "eval.md", text)
+
+
+LAYOUTS = {"shots": shots_report, "steps": steps_report, "methods": methods_report}
+
+
+def declared(cfg: TrainConfig, kind: str) -> Report:
+    """The report ``cfg``'s family declares, or the default for the learners' kind: accuracy per step
+    (classification), loss per shot and step (regression)."""
+    family = get_family(cfg.task)
+    if family.report is not None:
+        return family.report(cfg)
+    return Report(table="steps" if kind == "classification" else "shots")
+
+
+def report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
+    """Evaluate every learner on the family's fixed test tasks and write its declared report into ``run_dir``
+    (``eval.md``, ``eval.json``, figures). Returns the text of ``eval.md``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    decl = declared(cfg, next(iter(learners.values())).kind)
+    if decl.table not in LAYOUTS:
+        raise ValueError(f"task family {cfg.task!r} declares a {decl.table!r} report; layouts: {', '.join(LAYOUTS)}")
+    return LAYOUTS[decl.table](run_dir, learners, cfg, decl)

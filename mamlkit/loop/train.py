@@ -13,16 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 from mamlkit import checkpoint, config, runfolder
-from mamlkit.algorithms import MetaLearner, build_learner
+from mamlkit.algorithms import MetaLearner
+from mamlkit.assemble import DTYPES, assemble
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, mean_ci
 from mamlkit.exec import kernels, strategies, tuning
 from mamlkit.loop import distributed
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
-from mamlkit.models import build_model, check_model_memory
+from mamlkit.models import check_model_memory
 from mamlkit.tasks import get_family, task_generator
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -44,36 +43,11 @@ class Trainer:
 
 
 def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MetaLearner, dict]:
-    """Build the model and learner of ``cfg``; load meta-parameters from ``state`` if given.
-
-    The initial weights come from ``cfg.seed`` in a forked RNG, so the global RNG is untouched.
-    """
+    """Build the model and learner of ``cfg`` (its family's model spec); load meta-parameters from ``state``
+    if given. Returns ``(learner, spec)``; see :func:`mamlkit.assemble.assemble`."""
     spec = get_family(cfg.task).model_spec(cfg)
     check_model_memory(spec, DTYPES[cfg.dtype])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_model(spec)
-    model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
-    learner = build_learner(cfg.algo, model, cfg)
-    if learner.strategy.compiled and not getattr(learner, "compilable", False):
-        raise config.ConfigError(f"--strategy compile is not available for --algo {cfg.algo}; use auto, vmap or loop")
-    if state is not None:
-        restore(learner, state)
-    return learner, spec
-
-
-def restore(learner: MetaLearner, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy a checkpoint's ``meta/*`` parameters and ``buffer/*`` buffers into ``learner``, after checking
-    every tensor's name, shape and dtype against the model (a tensor that would merely broadcast is refused)."""
-    params = learner.meta_parameters()
-    checkpoint.check_tensors(tensors, "meta/", params)
-    checkpoint.check_tensors(tensors, "buffer/", dict(learner.model.named_buffers()), required=False)
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[f"meta/{k}"])
-        for k, b in learner.model.named_buffers():
-            if f"buffer/{k}" in tensors:
-                b.copy_(tensors[f"buffer/{k}"])
+    return assemble(cfg, spec, state), spec
 
 
 def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None = None) -> None:

@@ -1,32 +1,20 @@
 """Task distributions and the task-family registry.
 
-A task family turns a :class:`~mamlkit.config.TrainConfig` into task distributions per split
-(``"train" | "val" | "test"``) and names the model that fits them.
+A task family (:class:`~mamlkit.tasks.family.TaskFamily`) turns a :class:`~mamlkit.config.TrainConfig`
+into task distributions per split (``"train" | "val" | "test"``), names the model that fits them, says
+how raw inputs become model inputs, what ``mamlkit data`` does for it and what its evaluation report
+contains. One registry line per family below; the hooks of image and text families load on first use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
+from mamlkit.tasks.family import INPUT_TYPES, Baseline, Column, DataCommand, Report, TaskFamily
 from mamlkit.tasks.sinusoid import USES as SINUSOID_USES
 from mamlkit.tasks.sinusoid import Sinusoid
-
-
-@dataclass(frozen=True)
-class TaskFamily:
-    name: str
-    build: Callable[[Any, str], TaskDistribution]   # (cfg, split) -> distribution
-    model_spec: Callable[[Any], dict[str, Any]]      # cfg -> spec for mamlkit.models.build_model
-    # which of the family-dependent config fields (``config.TASK_FIELDS``) the family reads: a set, or a
-    # function giving it (so that a lazily imported family's module is loaded only when asked)
-    uses: frozenset[str] | Callable[[], frozenset[str]] = frozenset()
-
-    def fields(self) -> frozenset[str]:
-        return self.uses() if callable(self.uses) else self.uses
-
 
 TASK_FAMILIES: dict[str, TaskFamily] = {}
 
@@ -44,13 +32,16 @@ def get_family(name: str) -> TaskFamily:
     return TASK_FAMILIES[name]
 
 
-register_task_family(TaskFamily(
-    name="sinusoid",
-    build=lambda cfg, split: Sinusoid(k_support=cfg.k_shot, k_query=cfg.k_query),
-    model_spec=lambda cfg: {"name": "mlp", "in_features": 1,
-                            "hidden": list(cfg.hidden_sizes), "out_features": 1},
-    uses=SINUSOID_USES,
-))
+def derived_fields(cfg: Any) -> dict[str, Any]:
+    """The config fields ``cfg``'s family sets from its other fields (e.g. a CSV task's loss from its kind);
+    nothing for a family not (yet) registered."""
+    family = TASK_FAMILIES.get(cfg.task)
+    return family.derived(cfg) if family and family.derived else {}
+
+
+def data_commands() -> dict[str, DataCommand]:
+    """``mamlkit data NAME`` for every family that declares a dataset: name -> command."""
+    return {f.data.name: f.data for f in TASK_FAMILIES.values() if f.data is not None}
 
 
 def _lazy(module: str, attr: str, call: bool = True) -> Callable:
@@ -64,15 +55,28 @@ def _lazy(module: str, attr: str, call: bool = True) -> Callable:
     return hook
 
 
-def _lazy_family(name: str, module: str) -> TaskFamily:
+def _family(name: str, module: str, *, data: str = "", **hooks: bool) -> TaskFamily:
+    """The registry line of a family whose hooks live in ``mamlkit.tasks.<module>`` under their own names."""
     return TaskFamily(name=name, build=_lazy(module, "build"), model_spec=_lazy(module, "model_spec"),
-                      uses=_lazy(module, "USES", call=False))
+                      data=DataCommand(data, _lazy(module, "prepare_data")) if data else None,
+                      uses=_lazy(module, "USES", call=False),
+                      **{hook: _lazy(module, hook) for hook, on in hooks.items() if on})
 
 
-register_task_family(_lazy_family("omniglot", "omniglot"))
-register_task_family(_lazy_family("miniimagenet", "miniimagenet"))
-register_task_family(_lazy_family("csv", "tabular"))
-register_task_family(_lazy_family("clinc", "text"))
+register_task_family(TaskFamily(
+    name="sinusoid",
+    build=lambda cfg, split: Sinusoid(k_support=cfg.k_shot, k_query=cfg.k_query),
+    model_spec=lambda cfg: {"name": "mlp", "in_features": 1,
+                            "hidden": list(cfg.hidden_sizes), "out_features": 1},
+    input_spec=lambda cfg: {"type": "vector"},
+    report=lambda cfg: Report(table="shots", title="Sinusoid regression", figures=("sinusoid",)),
+    uses=SINUSOID_USES,
+))
+register_task_family(_family("omniglot", "omniglot", data="omniglot", input_spec=True, report=True))
+register_task_family(_family("miniimagenet", "miniimagenet", data="miniimagenet", input_spec=True))
+register_task_family(_family("csv", "tabular", input_spec=True, report=True, derived=True))
+register_task_family(_family("clinc", "text", data="clinc150", input_spec=True, report=True))
 
 __all__ = ["TaskBatch", "TaskDistribution", "TaskFamily", "task_generator", "Sinusoid", "TASK_FAMILIES",
-           "register_task_family", "get_family"]
+           "register_task_family", "get_family", "derived_fields", "data_commands", "INPUT_TYPES", "Baseline",
+           "Column", "DataCommand", "Report"]

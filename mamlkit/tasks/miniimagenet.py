@@ -137,4 +137,20 @@ def model_spec(cfg) -> dict:
             "image_size": cfg.image_size, "pool": cfg.pool}
 
 
-__all__ = ["read_split_csv", "load_split", "build", "model_spec"]
+def input_spec(cfg) -> dict:
+    """Raw inputs are image files: RGB, Lanczos resize to ``image_size``, scaled to [0, 1]."""
+    return {"type": "image", "mode": "RGB", "size": getattr(cfg, "image_size", 84), "invert": False,
+            "scale": 1 / 255}
+
+
+def prepare_data(data_root: str, trust_checksum: bool, download_missing: bool) -> str:
+    """``mamlkit data miniimagenet``: preprocess the user's copy into the cache (it is never downloaded)."""
+    folder = dataset_dir("miniimagenet", data_root, "train.csv")
+    lines = []
+    for split in SPLIT_FILES:
+        images, labels = load_split(folder, split)
+        lines.append(f"miniimagenet {split}: {len(labels)} classes, images {tuple(images.shape)} uint8")
+    return "\n".join(lines)
+
+
+__all__ = ["read_split_csv", "load_split", "build", "model_spec", "input_spec", "prepare_data"]

@@ -41,8 +41,9 @@ from torch import Tensor
 
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
-from mamlkit.data import Omniglot, load_omniglot, resolve_root
+from mamlkit.data import Omniglot, cache_root, ensure_omniglot, load_omniglot, resolve_root
 from mamlkit.tasks.episodes import gather, sample_classes, sample_examples
+from mamlkit.tasks.family import Report
 
 # The family-dependent config fields (config.TASK_FIELDS) this family reads.
 USES = frozenset({"filters", "pool", "image_size", "bn_mode", "n_way", "data_root", "trust_checksum", "split",
@@ -161,5 +162,25 @@ def model_spec(cfg) -> dict:
             "image_size": cfg.image_size, "pool": cfg.pool, "global_pool": True}
 
 
-__all__ = ["OmniglotTasks", "split_indices", "rotated", "omniglot_split", "build", "model_spec", "SPLITS",
-           "ROTATIONS", "SPLIT_SEED"]
+def input_spec(cfg) -> dict:
+    """Raw inputs are image files, read as mamlkit.data preprocesses Omniglot: grey levels, Lanczos resize,
+    strokes bright, scaled to [0, 1]."""
+    return {"type": "image", "mode": "L", "size": getattr(cfg, "image_size", 28), "invert": True, "scale": 1 / 255}
+
+
+def prepare_data(data_root: str, trust_checksum: bool, download_missing: bool) -> str:
+    """``mamlkit data omniglot``: download (when missing and allowed), verify and build the cache."""
+    folder = ensure_omniglot(data_root, download_missing=download_missing)
+    ds = load_omniglot(folder, trust_checksum=trust_checksum)
+    bg = int(ds.background.sum())
+    return (f"omniglot: {folder} verified; {bg} background + {len(ds.names) - bg} evaluation characters, "
+            f"images {tuple(ds.images.shape)} uint8, cache {cache_root() / 'omniglot'}")
+
+
+def report(cfg) -> Report:
+    """Accuracy after each test-time step; the report names the character split and the rotations."""
+    return Report(table="steps", describe=(f"Omniglot split {cfg.split!r}, rotations {cfg.rotations!r}.",))
+
+
+__all__ = ["OmniglotTasks", "split_indices", "rotated", "omniglot_split", "build", "model_spec", "input_spec",
+           "prepare_data", "report", "SPLITS", "ROTATIONS", "SPLIT_SEED"]

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
+from mamlkit.tasks.family import Baseline, Column, Report
 
 # The family-dependent config fields (config.TASK_FIELDS) this family reads.
 USES = frozenset({"hidden_sizes", "path", "task_column", "target", "features", "kind", "fill", "max_categories",
@@ -593,82 +594,46 @@ def model_spec(cfg) -> dict:
             "mean": d.mean.tolist(), "std": d.std.tolist(), "preprocess": d.preprocess()}
 
 
-__all__ = ["TabularData", "CSVTasks", "load_csv", "split_tasks", "load_for", "build", "model_spec"]
+def input_spec(cfg) -> dict:
+    """Raw inputs are rows (column -> value); the encoding itself (features, categories, classes) is in the
+    model spec's ``preprocess``."""
+    return {"type": "table", "target": cfg.target, "task_column": cfg.task_column, "fill": cfg.fill}
+
+
+def derived(cfg) -> dict:
+    """The kind of a CSV task picks its loss, so ``--kind classification`` suffices."""
+    return {"loss": "mse" if cfg.kind == "regression" else "cross_entropy"}
 
 
 SCRATCH_STEPS, SCRATCH_LR = 100, 1e-2  # the per-task-from-scratch baseline: full-batch Adam on the support rows
 
 
-def report(run_dir, learners: dict, cfg) -> str:
+def report(cfg) -> Report:
     """MAML (and the pooled model, ``pretrain``, when trained) against a per-task model from scratch, on
-    ``cfg.eval_tasks`` fixed test tasks: query loss (and accuracy), mean ± 95% CI, written to
-    ``eval.md``/``eval.json``. Regression losses are MSE on the standardised target and, ×σ², in the
-    target's own units."""
-    import json
-
-    from mamlkit.base.metrics import mean_ci
-    from mamlkit.checkpoint import atomic_write_text
-    from mamlkit.eval.baselines import scratch_losses
-    from mamlkit.eval.evaluate import evaluate, fmt, test_tasks
-    from mamlkit.eval.reports import EVAL_SEED_OFFSET
-    from mamlkit.models import build_model
-
+    ``cfg.eval_tasks`` fixed test tasks: query loss (and accuracy), mean ± 95% CI, every pair compared on
+    the same episodes. Regression losses are MSE on the standardised target and, ×σ², in the target's units."""
     d = load_for(cfg)
-    tasks = test_tasks(build(cfg, "test"), cfg.seed + EVAL_SEED_OFFSET, cfg.eval_tasks)
-    steps = sorted(set(cfg.eval_steps) | {cfg.eval_inner_steps})
     reg = d.kind == "regression"
     var = d.target_std ** 2
-    names = {"pretrain": "pooled (one model on all meta-train rows, fine-tuned like MAML)"}
-    lines = [f"CSV tasks {cfg.path} (task column {cfg.task_column!r}, target {cfg.target!r}, {d.kind}): "
-             f"{len(d.splits['train'])}/{len(d.splits['val'])}/{len(d.splits['test'])} train/val/test tasks "
-             f"(skipped as too small: {d.skipped}; rows dropped for missing values: {d.dropped_rows}).",
-             f"{cfg.eval_tasks} fixed test episodes, {cfg.k_shot} support / {cfg.k_query} query rows each, "
-             f"inner SGD α={cfg.inner_lr}; mean ± 95% CI. "
-             + (f"MSE on the standardised target (meta-train σ = {d.target_std:.4g}; × σ² for the target's "
-                "units)." if reg else "Query accuracy (%)."), "",
-             "| method | adaptation | " + ("query MSE (standardised) | query MSE (target units) |" if reg
-                                           else "query accuracy (%) | query loss |"),
-             "|---|---|---|---|"]
-    table: dict = {}
-    dtype = getattr(torch, cfg.dtype)
-    final: dict = {}  # per-task query loss after the test-time steps, for paired comparisons
-    for name, learner in learners.items():
-        res = evaluate(learner, tasks, max(steps), batch_size=100, device=cfg.device, dtype=dtype)
-        final[name] = res.losses[:, cfg.eval_inner_steps]
-        for s in steps:
-            m, c = res.loss(s)
-            if reg:
-                cells = f"{fmt(m, c)} | {fmt(m * var, c * var)}"
-            else:
-                am, ac = res.acc(s)
-                cells = f"{fmt(100 * am, 100 * ac, 2)} | {fmt(m, c)}"
-            lines.append(f"| {names.get(name, name)} | {s} SGD steps | {cells} |")
-            table.setdefault(name, {})[str(s)] = {"loss": m, "ci95": c, **({} if reg else {"acc": res.acc(s)[0]})}
-    fresh = build_model(model_spec(cfg)).to(dtype)
-    b = tasks.to(cfg.device, dtype)
-    losses, accs = scratch_losses(fresh, cfg.loss, b.support_x, b.support_y, b.query_x, b.query_y,
-                                  steps=SCRATCH_STEPS, lr=SCRATCH_LR, seed=cfg.seed + 1)
-    m, c = mean_ci(losses)
-    am, ac = mean_ci(accs)
-    cells = f"{fmt(m, c)} | {fmt(m * var, c * var)}" if reg else f"{fmt(100 * am, 100 * ac, 2)} | {fmt(m, c)}"
-    lines.append(f"| per-task from scratch (fresh MLP, support rows only) | {SCRATCH_STEPS} Adam steps, "
-                 f"lr {SCRATCH_LR} | {cells} |")
-    table["scratch"] = {str(SCRATCH_STEPS): {"loss": m, "ci95": c, **({} if reg else {"acc": am})}}
-    final["scratch"] = losses
-    # Paired on the same episodes: "lower" only when the 95% CI of the loss difference excludes 0.
-    lines.append("")
-    order = list(final)
-    for i, name in enumerate(order[:-1]):        # every pair once: each learner against those after it
-        for other in order[i + 1:]:
-            m, c = mean_ci(final[name] - final[other])
-            verdict = "lower than" if m + c < 0 else ("higher than" if m - c > 0 else "not different from")
-            lines.append(f"{name} after {cfg.eval_inner_steps} steps: query loss {verdict} {other}'s "
-                         f"(paired difference {fmt(m, c)}).")
-            table[name][f"diff_vs_{other}"] = {"mean": m, "ci95": c}
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(run_dir / "eval.json", json.dumps({"task": "csv", "kind": d.kind, "loss": table,
-                                                         "num_tasks": cfg.eval_tasks, "target_std": d.target_std,
-                                                         "splits": {k: len(v) for k, v in d.splits.items()},
-                                                         "skipped": d.skipped}, indent=2))
-    atomic_write_text(run_dir / "eval.md", text)
-    return text
+    describe = (f"CSV tasks {cfg.path} (task column {cfg.task_column!r}, target {cfg.target!r}, {d.kind}): "
+                f"{len(d.splits['train'])}/{len(d.splits['val'])}/{len(d.splits['test'])} train/val/test tasks "
+                f"(skipped as too small: {d.skipped}; rows dropped for missing values: {d.dropped_rows}).",
+                f"{cfg.eval_tasks} fixed test episodes, {cfg.k_shot} support / {cfg.k_query} query rows each, "
+                f"inner SGD α={cfg.inner_lr}; mean ± 95% CI. "
+                + (f"MSE on the standardised target (meta-train σ = {d.target_std:.4g}; × σ² for the target's "
+                   "units)." if reg else "Query accuracy (%)."))
+    columns = ((Column("loss", "query MSE (standardised)"), Column("loss", "query MSE (target units)", var))
+               if reg else (Column("acc", "query accuracy (%)"), Column("loss", "query loss")))
+    scratch = Baseline("scratch", "per-task from scratch (fresh MLP, support rows only)", "scratch",
+                       steps=SCRATCH_STEPS, lr=SCRATCH_LR)
+    return Report(table="methods", describe=describe, metric="loss", columns=columns,
+                  steps=tuple(sorted(set(cfg.eval_steps) | {cfg.eval_inner_steps})),
+                  learner_labels={"pretrain": "pooled (one model on all meta-train rows, fine-tuned like MAML)"},
+                  baselines=(scratch,), compare="all_pairs",
+                  facts={"kind": d.kind, "target_std": d.target_std,
+                         "splits": {k: len(v) for k, v in d.splits.items()}, "skipped": d.skipped},
+                  facts_first=("kind",), batch_size=100)
+
+
+__all__ = ["TabularData", "CSVTasks", "load_csv", "split_tasks", "load_for", "build", "model_spec", "input_spec",
+           "derived", "report"]

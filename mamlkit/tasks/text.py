@@ -34,7 +34,7 @@ import json
 import os
 import urllib.error
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from torch import Tensor
 from mamlkit.base.errors import UserError
 from mamlkit.data import ENV_VAR, DataError, cache_root, dataset_dir, download
 from mamlkit.tasks.episodes import EpisodeSampler
+from mamlkit.tasks.family import Baseline, Column, Report
 
 # The family-dependent config fields (config.TASK_FIELDS) this family reads.
 USES = frozenset({"hidden_sizes", "n_way", "data_root", "trust_checksum", "encoder_mode", "finetune_layers",
@@ -247,86 +248,62 @@ def model_spec(cfg) -> dict:
     return spec | ({"rate_scale": cfg.finetune_rate_scale} if cfg.finetune_rate_scale != 1 else {})
 
 
+def input_spec(cfg) -> dict:
+    """Raw inputs are utterances, encoded with the checkpoint's encoder recipe (:mod:`mamlkit.use.inputs`);
+    no encoder is loaded here."""
+    from mamlkit.data.encoders import LAYERS, PACKAGE
+
+    spec = {"type": "text", "encoder": "all-MiniLM-L6-v2", "package": PACKAGE, "mode": cfg.encoder_mode}
+    if cfg.encoder_mode == "finetune":
+        spec |= {"hidden_layer": LAYERS - cfg.finetune_layers, "max_tokens": cfg.text_max_tokens}
+    return spec
+
+
+def prepare_data(data_root: str, trust_checksum: bool, download_missing: bool) -> str:
+    """``mamlkit data clinc150``: download (when missing and allowed) and verify."""
+    folder = ensure_clinc(data_root, download_missing=download_missing)
+    ds = load_clinc(str(folder), trust_checksum)
+    return (f"clinc150: {folder} verified; {len(ds.texts)} intents in {len(ds.domains)} domains, "
+            f"{sum(map(len, ds.texts.values()))} train utterances")
+
+
 # --------------------------------------------------------------------------------------
-# Report with the baselines
+# The report: the meta-learner(s) against two baselines on the same test episodes
 
 
 FRESH_STEPS, FRESH_LR = 100, 0.1  # the fresh-head baseline: full-batch Adam on the support embeddings
 
 
-def report(run_dir, learners: dict, cfg) -> str:
-    """The meta-learner(s) and two baselines on the same ``cfg.eval_tasks`` test episodes: nearest
-    centroid on the frozen embeddings, and a fresh linear head trained on the support embeddings alone.
-    Query accuracy (%), mean ± 95% CI; writes ``eval.md`` and ``eval.json``."""
-    from mamlkit.base.batch import TaskBatch, task_generator
-    from mamlkit.base.metrics import mean_ci
-    from mamlkit.checkpoint import atomic_write_text
-    from mamlkit.eval.baselines import prototype_accuracy, scratch_losses
-    from mamlkit.eval.evaluate import evaluate, fmt, test_tasks
-    from mamlkit.eval.reports import EVAL_SEED_OFFSET
+def frozen_episodes(cfg, split: str) -> EpisodeSampler:
+    """The episodes of ``split`` over the frozen embeddings: the same classes and utterances as
+    ``build(cfg, split)`` in either encoder mode (the sampler's draws depend only on the shapes and the seed)."""
+    return build(cfg, split, "frozen")
 
-    seed = cfg.seed + EVAL_SEED_OFFSET
-    # The baselines see the same episodes (same classes and utterances: the sampler's draws depend only on
-    # the shapes and the seed) over frozen embeddings. In finetune mode the episodes of hidden states are
-    # drawn in chunks of 20: all 600 at once would take gigabytes.
-    dist = build(cfg, "test")
-    emb = test_tasks(build(cfg, "test", "frozen"), seed, cfg.eval_tasks)
-    chunk = cfg.eval_tasks if cfg.encoder_mode == "frozen" else 20
+
+def report(cfg) -> Report:
+    """Query accuracy (%) of the meta-learner(s) after 0, 1 and the test-time steps, beside nearest centroid
+    on the frozen embeddings and a fresh linear head trained on the support embeddings alone; paired gains."""
+    frozen = cfg.encoder_mode == "frozen"
     steps = cfg.eval_inner_steps
-    lines = [f"{cfg.preset or 'clinc'}: CLINC150 intents, {cfg.n_way}-way {cfg.k_shot}-shot, {cfg.k_query} "
-             f"queries per class, {cfg.eval_tasks} test episodes from the test domains "
-             f"({', '.join(DOMAIN_SPLIT['test'])}; never seen in meta-training). Query accuracy (%), "
-             "mean ± 95% CI.",
-             f"Encoder all-MiniLM-L6-v2, mode {cfg.encoder_mode!r}"
-             + (f" (last {cfg.finetune_layers} layer(s) adapted, {cfg.text_max_tokens} tokens)"
-                if cfg.encoder_mode == "finetune" else " (embeddings cached)")
-             + f"; {cfg.text_per_intent} utterances per intent.", "",
-             "| method | adaptation | accuracy (%) |", "|---|---|---|"]
-    table: dict = {}
-    per_task: dict[str, Tensor] = {}
-    dtype = getattr(torch, cfg.dtype)
-    accs: dict[str, list[Tensor]] = {name: [] for name in learners}
-    for start in range(0, cfg.eval_tasks, chunk):
-        tasks = TaskBatch.cat([dist.sample(1, task_generator(seed, "test", k))
-                               for k in range(start, min(cfg.eval_tasks, start + chunk))])
-        for name, learner in learners.items():
-            res = evaluate(learner, tasks, steps, batch_size=50 if cfg.encoder_mode == "frozen" else 10,
-                           device=cfg.device, dtype=dtype)
-            accs[name].append(res.accs)
-    for name in learners:
-        res_accs = torch.cat(accs[name])
-        per_task[name] = res_accs[:, steps]
-        for s in sorted({0, 1, steps}):
-            m, c = mean_ci(res_accs[:, s])
-            lines.append(f"| {name} | {s} SGD steps (α={cfg.inner_lr}) | {fmt(100 * m, 100 * c, 2)} |")
-            table.setdefault(name, {})[str(s)] = {"mean": m, "ci95": c}
-    per_task["prototypes"] = prototype_accuracy(emb.support_x, emb.support_y, emb.query_x, emb.query_y,
-                                                cfg.n_way)
-    _, per_task["fresh_head"] = scratch_losses(torch.nn.Linear(384, cfg.n_way), "cross_entropy", emb.support_x,
-                                               emb.support_y, emb.query_x, emb.query_y, steps=FRESH_STEPS,
-                                               lr=FRESH_LR, seed=cfg.seed + 1)
-    for name, label, how in (("prototypes", "prototypes (nearest centroid, frozen embeddings)", "none"),
-                             ("fresh_head", "fresh linear head on the support set (frozen embeddings)",
-                              f"{FRESH_STEPS} Adam steps, lr {FRESH_LR}")):
-        m, c = mean_ci(per_task[name])
-        lines.append(f"| {label} | {how} | {fmt(100 * m, 100 * c, 2)} |")
-        table[name] = {"mean": m, "ci95": c}
-    # Paired differences on the same episodes: "beats" only when the 95% CI of the gain excludes 0.
-    lines.append("")
-    for name in learners:
-        for base in ("prototypes", "fresh_head"):
-            m, c = mean_ci(per_task[name] - per_task[base])
-            verdict = "beats" if m - c > 0 else ("loses to" if m + c < 0 else "ties with (CI of the gain spans 0)")
-            lines.append(f"{name} after {steps} steps {verdict} {base}: paired gain {fmt(100 * m, 100 * c, 2)} "
-                         "points.")
-            table[name][f"gain_vs_{base}"] = {"mean": m, "ci95": c}
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(run_dir / "eval.json", json.dumps({"task": "clinc", "accuracy": table,
-                                                         "num_tasks": cfg.eval_tasks,
-                                                         "encoder_mode": cfg.encoder_mode}, indent=2))
-    atomic_write_text(run_dir / "eval.md", text)
-    return text
+    describe = (f"{cfg.preset or 'clinc'}: CLINC150 intents, {cfg.n_way}-way {cfg.k_shot}-shot, {cfg.k_query} "
+                f"queries per class, {cfg.eval_tasks} test episodes from the test domains "
+                f"({', '.join(DOMAIN_SPLIT['test'])}; never seen in meta-training). Query accuracy (%), "
+                "mean ± 95% CI.",
+                f"Encoder all-MiniLM-L6-v2, mode {cfg.encoder_mode!r}"
+                + (" (embeddings cached)" if frozen else
+                   f" (last {cfg.finetune_layers} layer(s) adapted, {cfg.text_max_tokens} tokens)")
+                + f"; {cfg.text_per_intent} utterances per intent.")
+    baselines = (Baseline("prototypes", "prototypes (nearest centroid, frozen embeddings)", "prototypes",
+                          tasks=frozen_episodes),
+                 Baseline("fresh_head", "fresh linear head on the support set (frozen embeddings)", "scratch",
+                          steps=FRESH_STEPS, lr=FRESH_LR, model=partial(torch.nn.Linear, 384, cfg.n_way),
+                          tasks=frozen_episodes))
+    # In finetune mode the episodes of hidden states are drawn 20 at a time: all 600 at once take gigabytes.
+    return Report(table="methods", describe=describe, metric="accuracy", columns=(Column("acc", "accuracy (%)"),),
+                  steps=tuple(sorted({0, 1, steps})), adaptation=f"{{steps}} SGD steps (α={cfg.inner_lr})",
+                  baselines=baselines, compare="baselines", facts={"encoder_mode": cfg.encoder_mode},
+                  chunk=None if frozen else 20, batch_size=50 if frozen else 10)
 
 
-__all__ = ["Clinc", "load_clinc", "ensure_clinc", "encoded", "split_values", "build", "model_spec", "report",
-           "DOMAIN_SPLIT", "SHA256"]
+__all__ = ["Clinc", "load_clinc", "ensure_clinc", "encoded", "split_values", "build", "model_spec", "input_spec",
+           "prepare_data", "report", "DOMAIN_SPLIT", "SHA256"]

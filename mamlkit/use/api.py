@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from mamlkit import checkpoint
 from mamlkit.algorithms import MetaLearner
+from mamlkit.assemble import assemble
 from mamlkit.base.errors import UserError
 from mamlkit.engine.functional import call, named_buffers
 from mamlkit.models import build_model
@@ -42,30 +43,24 @@ EXAMPLES = {"omniglot": ASSETS / "examples" / "omniglot", "clinc": ASSETS / "exa
             "csv": ASSETS / "examples" / "csv"}
 
 
-def input_spec(cfg) -> dict[str, Any]:
-    """How raw inputs become model inputs, stored in every checkpoint (see ``mamlkit.use.io``)."""
-    if cfg.task in ("omniglot",):
-        # as mamlkit.data preprocesses Omniglot: grey levels, Lanczos resize, strokes bright, scaled to [0, 1]
-        return {"type": "image", "mode": "L", "size": getattr(cfg, "image_size", 28), "invert": True,
-                "scale": 1 / 255}
-    if cfg.task in ("miniimagenet",):
-        return {"type": "image", "mode": "RGB", "size": getattr(cfg, "image_size", 84), "invert": False,
-                "scale": 1 / 255}
-    if cfg.task == "clinc":
-        return raw.text_spec(cfg)
-    if cfg.task == "csv":  # the encoding itself (features, categories, classes) is in the model spec
-        return {"type": "table", "target": cfg.target, "task_column": cfg.task_column, "fill": cfg.fill}
-    return {"type": "vector"}
+def input_spec(cfg) -> dict[str, Any] | None:
+    """How raw inputs become model inputs, as ``cfg``'s task family declares it (see ``mamlkit.use.io``);
+    ``None`` when the family takes tensors only."""
+    family = get_family(cfg.task)
+    return family.input_spec(cfg) if family.input_spec is not None else None
 
 
 Inputs = Tensor | list[str] | list[dict[str, Any]]
 
 
-def model_input(spec: dict[str, Any], model_spec: dict[str, Any], x: Inputs) -> Tensor:
+def model_input(spec: dict[str, Any] | None, model_spec: dict[str, Any], x: Inputs) -> Tensor:
     """``x`` as the model's input tensor: utterances (text checkpoints) and row dicts (CSV-task checkpoints)
     are encoded; a tensor is taken as already encoded."""
     if isinstance(x, Tensor):
         return x
+    if spec is None:
+        raise UserError(f"this checkpoint's task family declares no raw input format: pass tensors, not a "
+                        f"{type(x).__name__}")
     kind = spec.get("type")
     accepted = {"text": "a tensor or a list of strings", "table": "a tensor or a list of row dicts"}
     if kind not in accepted or isinstance(x, str) or not isinstance(x, (list, tuple)):
@@ -100,7 +95,7 @@ class TaskModel:
     params: dict[str, Tensor]
     model_spec: dict[str, Any]
     kind: str
-    input: dict[str, Any]
+    input: dict[str, Any] | None
     num_classes: int | None = None   # classes in use (the first ``num_classes`` logits)
     class_names: list[str] | None = None
 
@@ -131,7 +126,7 @@ class Learner:
     meta: MetaLearner
     cfg: Any
     tensors: dict[str, Tensor]
-    input: dict[str, Any]
+    input: dict[str, Any] | None
     model_spec: dict[str, Any]
 
     @property
@@ -205,10 +200,9 @@ class Learner:
                          list(pre["classes"]) if classes else None)
 
     def _with_new_head(self, classes: int) -> MetaLearner:
-        from mamlkit.loop.train import build
-
         head = _head_name(self.meta.model, self.n_way)
-        meta, _ = build(meta_cfg(self.cfg, classes, True))
+        cfg = meta_cfg(self.cfg, classes, True)
+        meta = assemble(cfg, get_family(cfg.task).model_spec(cfg))
         with torch.no_grad():
             for name, p in meta.meta_parameters().items():
                 key = f"meta/{name}"
@@ -223,8 +217,8 @@ def meta_cfg(cfg, classes: int | None, reset: bool):
     return cfg.replace(n_way=classes) if reset else cfg
 
 
-def _table(spec: dict[str, Any]) -> bool:
-    return spec.get("type") == "table"
+def _table(spec: dict[str, Any] | None) -> bool:
+    return spec is not None and spec.get("type") == "table"
 
 
 def _label_ids(labels: list, names: list[str] | None) -> tuple[Tensor, list[str]]:
@@ -242,7 +236,6 @@ def load(path: str | Path) -> Learner | TaskModel:
 
     ``path`` may also name a model that ships with mamlkit (see ``PRETRAINED``), e.g. ``"omniglot-5w1s"``.
     """
-    from mamlkit.loop.train import build
 
     if str(path) in PRETRAINED and not Path(path).exists():
         path = PRETRAINED[str(path)]
@@ -264,23 +257,9 @@ def load(path: str | Path) -> Learner | TaskModel:
     if "config" not in state:
         raise checkpoint.CheckpointError(f"{path} is a mamlkit file without a run config; it cannot be adapted")
     cfg = checkpoint.config_of(state, path)
+    # The stored spec: a CSV task's comes from its training file, which need not exist where it is adapted.
     spec = state.get("model_spec") or get_family(cfg.task).model_spec(cfg)
-    meta = _build(cfg, tensors, spec) if cfg.task == "csv" else build(cfg, tensors)[0]
-    return Learner(meta, cfg, tensors, state.get("input") or input_spec(cfg), spec)
-
-
-def _build(cfg, tensors: dict[str, Tensor], spec: dict[str, Any]) -> MetaLearner:
-    """``train.build`` from the checkpoint's stored model spec: a CSV-task checkpoint's spec comes from its
-    training file, which need not exist where the checkpoint is adapted."""
-    from mamlkit.algorithms import build_learner
-    from mamlkit.loop.train import DTYPES, restore
-
-    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten; keep the global RNG untouched
-        model = build_model(spec)
-    model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
-    meta = build_learner(cfg.algo, model, cfg)
-    restore(meta, tensors)
-    return meta
+    return Learner(assemble(cfg, spec, tensors), cfg, tensors, state.get("input") or input_spec(cfg), spec)
 
 
 def _load_buffers(model: nn.Module, tensors: dict[str, Tensor]) -> None:

@@ -28,16 +28,6 @@ from mamlkit.tasks.tabular import (
 )
 
 
-def text_spec(cfg) -> dict[str, Any]:
-    """The input spec of a text checkpoint: which encoder and what the model sees (no encoder load)."""
-    from mamlkit.data.encoders import LAYERS, PACKAGE
-
-    spec = {"type": "text", "encoder": "all-MiniLM-L6-v2", "package": PACKAGE, "mode": cfg.encoder_mode}
-    if cfg.encoder_mode == "finetune":
-        spec |= {"hidden_layer": LAYERS - cfg.finetune_layers, "max_tokens": cfg.text_max_tokens}
-    return spec
-
-
 def encode_texts(texts: list[str], spec: dict[str, Any]) -> Tensor:
     """Utterances as the text model's inputs: ``[n, 384]`` (frozen) or ``[n, max_tokens, 385]`` (finetune)."""
     from mamlkit.data import encoders
@@ -236,5 +226,5 @@ def read_text_query(path: str | Path, text_column: str = "text") -> tuple[list[s
     return texts, [{} for _ in texts]
 
 
-__all__ = ["text_spec", "encode_texts", "feature_columns", "encode_rows", "encode_targets", "destandardise",
+__all__ = ["encode_texts", "feature_columns", "encode_rows", "encode_targets", "destandardise",
            "read_csv_rows", "read_text_support", "read_text_query"]
