@@ -93,8 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         with runfolder.stop_on_signals():
             return _train(args, run)
     except runfolder.Stopped as e:
-        where = f"; resume with `mamlkit train --resume {run[0]}`" if run else " before training began"
-        print(f"mamlkit: stopped by {e.args[0]}{where}", file=sys.stderr)
+        if _is_main_rank():  # under torchrun every rank is stopped; one says so
+            where = f"; resume with `mamlkit train --resume {run[0]}`" if run else " before training began"
+            print(f"mamlkit: stopped by {e.args[0]}{where}", file=sys.stderr)
         return 128 + e.signum
 
 

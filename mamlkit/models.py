@@ -65,6 +65,8 @@ def check_model_memory(spec: dict[str, Any], dtype: torch.dtype) -> None:
     available = available_memory()
     if available is None:
         return
+    if spec.get("pretrained"):
+        spec = {**spec, "pretrained": False}  # the shapes without reading the pretrained weights
     try:
         with torch.device("meta"):
             model = build_model(spec)

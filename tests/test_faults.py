@@ -119,6 +119,29 @@ def test_sigterm_checkpoints_locks_and_resume_equals_uninterrupted(cli, tmp_path
     assert [s for s, split in jsonl if split == "train"] == list(range(2, end + 1, 2)) + ([end] if end % 2 else [])
 
 
+def test_sigterm_under_torchrun_checkpoints_on_rank_0(tmp_path):
+    long = {**SMALL, "iterations": 100_000, "checkpoint_every": 100_000, "val_every": 100_000}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "mamlkit", "train", "sinusoid", "--out-dir", str(tmp_path), "--run-name", "r",
+                             "--no-compare-pretrained", *flags(long)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "r"
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 300, proc)
+        proc.send_signal(signal.SIGTERM)  # the agent passes it on to every worker
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stopped = checkpoint.load(run)[1]["step"]
+    assert stopped > 0 and f"stopped by SIGTERM at step {stopped}" in out + err
+    assert err.count(f"mamlkit train --resume {run}") >= 1
+    jsonl, rows = logged_steps(run)
+    assert jsonl == rows and [s for s, _ in jsonl] == list(range(2, stopped + 1, 2))
+
+
 def test_stale_lock_of_a_killed_process_does_not_block(cli, tmp_path):
     train.fit(train.new_trainer(small_cfg(tmp_path), tmp_path / "r"))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mamlkit import runfolder\n"
