@@ -498,8 +498,9 @@ class CSVTasks:
     not standardised: the model standardises), ``y [T, K]`` (regression: float, standardised with the
     meta-train statistics; classification: int64 class ids) and query ``[T, Q, ...]``.
 
-    Rows are held padded per task, ``rows [S, M, F]`` with ``counts [S]``; row choice is the episode
-    sampler's argsort of uniform noise, with padded slots pushed last.
+    Each task's rows are held as ids into ``data.x``, padded, ``index [S, M]`` with ``counts [S]`` (a few
+    bytes per row, not a second copy of the features); row choice is the episode sampler's argsort of
+    uniform noise, with padded slots pushed last.
     """
 
     data: TabularData
@@ -510,26 +511,20 @@ class CSVTasks:
     def __post_init__(self) -> None:
         d = self.data
         ids = d.splits[self.split]
-        counts = torch.bincount(d.task, minlength=len(d.tasks))[ids]
-        M = int(counts.max())
-        rows = torch.zeros(len(ids), M, d.num_features, dtype=torch.float32)
-        ys = torch.zeros(len(ids), M, dtype=d.y.dtype)
-        y = d.y if d.kind == "classification" else (d.y - d.target_mean) / d.target_std
+        per_task = torch.bincount(d.task, minlength=len(d.tasks))
+        counts = per_task[ids]
+        index = torch.zeros(len(ids), int(counts.max()), dtype=torch.long)  # padding: never drawn (see above)
         # rows grouped by task with one stable sort (file order within a task), not one scan per task
         order = torch.argsort(d.task, stable=True)
-        per_task = torch.bincount(d.task, minlength=len(d.tasks))
         owner = d.task[order]
         pos = torch.arange(len(order)) - (torch.cumsum(per_task, 0) - per_task)[owner]  # place within its task
         slot = torch.full((len(d.tasks),), -1, dtype=torch.long)
         slot[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
         mine = slot[owner] >= 0
-        order, pos, owner = order[mine], pos[mine], slot[owner[mine]]
-        for a in range(0, len(order), 1 << 16):  # in blocks: no float64 copy of the whole split at once
-            b = slice(a, a + (1 << 16))
-            rows[owner[b], pos[b]] = d.x[order[b]].float()
-            ys[owner[b], pos[b]] = y[order[b]]
-        object.__setattr__(self, "rows", rows)
-        object.__setattr__(self, "targets", ys if d.kind == "classification" else ys.float())
+        index[slot[owner[mine]], pos[mine]] = order[mine]
+        y = d.y if d.kind == "classification" else ((d.y - d.target_mean) / d.target_std).float()
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "targets", y)
         object.__setattr__(self, "counts", counts)
 
     @property
@@ -538,19 +533,20 @@ class CSVTasks:
 
     @property
     def num_tasks(self) -> int:
-        return self.rows.shape[0]
+        return self.index.shape[0]
 
     def sample_indices(self, num_tasks: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``(tasks [T], rows [T, K+Q])``: row ids within each task, distinct."""
         tasks = torch.randint(self.num_tasks, (num_tasks,), generator=generator)
-        noise = torch.rand(num_tasks, self.rows.shape[1], generator=generator)
-        noise = noise.masked_fill(torch.arange(self.rows.shape[1]) >= self.counts[tasks][:, None], 2.0)
+        noise = torch.rand(num_tasks, self.index.shape[1], generator=generator)
+        noise = noise.masked_fill(torch.arange(self.index.shape[1]) >= self.counts[tasks][:, None], 2.0)
         return tasks, noise.argsort(dim=-1)[:, :self.k_shot + self.k_query]
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         tasks, rows = self.sample_indices(num_tasks, generator)
-        x = self.rows[tasks[:, None], rows]
-        y = self.targets[tasks[:, None], rows]
+        chosen = self.index[tasks[:, None], rows]
+        x = self.data.x[chosen].float()
+        y = self.targets[chosen]
         if self.kind == "regression":
             y = y[..., None]  # [T, n, 1]: the model's output shape
         K = self.k_shot
