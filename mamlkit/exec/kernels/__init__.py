@@ -130,8 +130,8 @@ def _unavailable(reason: str, *args: object) -> None:
     """Say, once per process (the build runs once), that the kernels fell back to torch's. A warning, not
     info: an unannounced fallback is a slowdown nobody sees (the CLI shows warnings and hides info)."""
     log.warning("mamlkit: " + reason + "; max-pooling and batch norm use torch's slower NCHW CPU kernels "
-                "(install a C compiler such as gcc, or point CC at one, for the fast ones; "
-                "MAMLKIT_FAST_KERNELS=0 turns them off)", *args)
+                "(install a C compiler such as gcc, or point CC at one, for the fast ones; --no-fast-kernels, "
+                "or MAMLKIT_FAST_KERNELS=0 outside the trainer, turns them off)", *args)
 
 
 def _build() -> ctypes.CDLL | None:
