@@ -60,11 +60,17 @@ def test_without_a_compiler_the_fallback_is_a_warning_given_once(unbuilt, monkey
     assert "slower" in records[0].getMessage() and "C compiler" in records[0].getMessage()
 
 
-def test_the_fallback_warning_reaches_a_user_who_configured_no_logging(tmp_path):
-    """The Python API with logging left as it is: the warning is on stderr, once."""
-    code = "from mamlkit.exec import kernels; kernels.available(); kernels.available()"
+@pytest.mark.parametrize("caller", ["python", "cli"])
+def test_the_fallback_warning_is_on_stderr_once(tmp_path, caller):
+    """The Python API with logging left as it is, and `mamlkit train` (which shows warnings, not info)."""
+    if caller == "python":
+        args = ["-c", "from mamlkit.exec import kernels; kernels.available(); kernels.available()"]
+    else:
+        args = ["-m", "mamlkit", "train", "sinusoid", "--strategy", "loop", "--iterations", "2", "--out-dir",
+                str(tmp_path), "--no-progress", "--no-tensorboard", "--no-compare-pretrained", "--eval-tasks", "2",
+                "--val-tasks", "2"]
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "PYTHONPATH": str(ROOT), "MAMLKIT_FAST_KERNELS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("slower NCHW CPU kernels") == 1, proc.stderr
 

@@ -11,10 +11,10 @@ C loops instead and routes ``F.max_pool2d`` and ``F.batch_norm`` to them while t
 
 Max-pool of ReLU of batch norm (Conv4's block) also runs as one fused kernel from batch norm's input
 (:class:`_BatchNormReLUMaxPool`): the mode fuses the backward when it sees the three calls in turn, and
-:mod:`mamlkit.exec.kernels.fusion` the forward too, running the model's layers as a list (and a one-channel
-convolution before the block as well). Its saved state is batch norm's
-input, the pooled output and a byte per window, instead of three full-size tensors and int64 indices,
-so a task's graph takes less memory as well.
+:mod:`mamlkit.exec.kernels.fusion` the forward too, running the model's layers as a list (and a
+one-channel convolution before the block as well). Its saved state is batch norm's input, the pooled
+output and a byte per window, instead of three full-size tensors and int64 indices, so a task's graph
+takes less memory as well.
 
 The window loops run over a whole plane's outputs through a table of window starts, so that they
 vectorise (gathers) with no data-dependent branch: row by row (14 outputs) they did not, and branches
@@ -45,7 +45,8 @@ Calls: each kernel is an operator of the ``mamlkit`` namespace (``torch.ops.maml
 defined with ``torch.library``), whose CPU implementation allocates the outputs and calls the compiled
 function through ctypes, so the dispatcher, the profiler and tracing tools see each call by name. It costs
 nothing measurable against calling the implementation directly (benchmarks/kernel_dispatch.py, 1 thread,
-min of 11 interleaved rounds, on a 2-core machine shared with other jobs): 2.9-4.5 us more per call
+min of 11 interleaved rounds, on a 2-core machine shared with other jobs; 2 threads gave the same
+overhead): 2.9-4.5 us more per call
 (6.0-7.3 us direct, 8.6-11.8 us through the dispatcher, on a [1, 1, 2, 2] tensor), against 4.7-34 ms per
 op on [75, 64, 28, 28] (max-pool 4.66 -> 4.89 ms, fused block forward 5.64 -> 6.27 ms, its backward
 33.7 -> 35.2 ms: within the run's noise) and 0.06-1.4 ms at :data:`MIN_ELEMENTS`. A meta-iteration makes
@@ -129,8 +130,8 @@ def _unavailable(reason: str, *args: object) -> None:
     """Say, once per process (the build runs once), that the kernels fell back to torch's. A warning, not
     info: an unannounced fallback is a slowdown nobody sees (the CLI shows warnings and hides info)."""
     log.warning("mamlkit: " + reason + "; max-pooling and batch norm use torch's slower NCHW CPU kernels "
-                "(install a C compiler such as gcc, or point CC at one, for the fast ones; "
-                "MAMLKIT_FAST_KERNELS=0 turns them off)", *args)
+                "(install a C compiler such as gcc, or point CC at one, for the fast ones; --no-fast-kernels, "
+                "or MAMLKIT_FAST_KERNELS=0 outside the trainer, turns them off)", *args)
 
 
 def _build() -> ctypes.CDLL | None:
