@@ -79,7 +79,7 @@ for _shots, _batch, _paper, _fo in ((1, 4, "48.70 ± 1.84", "48.07 ± 1.75"),
     ))
 
 
-# The MAML family (issue 5): each paper's own few-shot setting on top of MAML's data pipeline
+# The MAML family: each paper's own few-shot setting on top of MAML's data pipeline
 # (task, network, split). Numbers are the papers' printed test accuracies (%). Where a paper
 # leaves a value unstated, MAML's is kept and the summary says so.
 def _family_preset(name: str, base: str, overrides: dict[str, Any], citation: str, summary: str,
@@ -131,7 +131,7 @@ _family_preset("omniglot-5w1s-imaml", "omniglot-5w1s",
                "MAML's", {"imaml": "99.16 ± 0.35"})
 
 
-# Issue 9: your own tasks. No paper prints these exact settings, so `paper` is empty and the reports
+# Your own tasks. No paper prints these exact settings, so `paper` is empty and the reports
 # compare against baselines run in the same evaluation instead.
 register_preset(Preset(
     name="csv",

@@ -1,4 +1,4 @@
-"""Build the CLINC150 text model and the text and CSV example tasks that ship inside the package (issue 9).
+"""Build the CLINC150 text model and the text and CSV example tasks that ship inside the package.
 
     python scripts/ship_text_csv.py [CLINC_RUN_DIR]
 

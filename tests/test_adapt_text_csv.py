@@ -1,5 +1,5 @@
 
-"""`mamlkit adapt` and the Python API on text (clinc) and CSV-task (csv) checkpoints (issue 9): the CLI
+"""`mamlkit adapt` and the Python API on text (clinc) and CSV-task (csv) checkpoints: the CLI
 equals the API equals a hand computation (embeddings, one-hot encoding, target standardisation and its
 inverse), adapted models beat unadapted ones on separable toy tasks, round trips through
 ``TaskModel.save``/``mamlkit.load``, and every bad input exits with code 2 and a message.

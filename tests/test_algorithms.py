@@ -1,5 +1,5 @@
 """The MAML family on one engine: each algorithm's defining identity, in float64, plus generic
-checks over the whole algorithm registry (issue 5)."""
+checks over the whole algorithm registry."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 
-"""Tasks from a CSV (issue 9): task-level splits, meta-train-only standardisation (stored in the
+"""Tasks from a CSV: task-level splits, meta-train-only standardisation (stored in the
 checkpoint), episodes within a task, every bad input with exit 2, and a short end-to-end CLI run.
 
 All data are small synthetic CSVs written to a temporary folder, so every number is known.

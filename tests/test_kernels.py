@@ -1,4 +1,4 @@
-"""The compiled CPU forward kernels (mamlkit.exec.kernels, issue 8): max-pooling bit for bit as torch's, batch
+"""The compiled CPU forward kernels (mamlkit.exec.kernels): max-pooling bit for bit as torch's, batch
 norm to rounding, derivatives of every order from torch's own backward, and the meta-gradient unchanged."""
 
 import logging

@@ -1,4 +1,4 @@
-"""Execution strategies (issue 8): compile, checkpointed inner loop, the measured ``auto`` choice and
+"""Execution strategies: compile, checkpointed inner loop, the measured ``auto`` choice and
 the memory estimate. Every strategy must give the reference loop's meta-gradient (float64, 1e-10)."""
 
 import re

@@ -1,4 +1,4 @@
-"""Few-shot text classification on CLINC150 (issue 9): the loader (counts, checksums), the domain
+"""Few-shot text classification on CLINC150: the loader (counts, checksums), the domain
 split, text episodes, the embedding cache against the encoder, the top-layer re-implementation
 against the full encoder, and short end-to-end CLI runs in both encoder modes.
 

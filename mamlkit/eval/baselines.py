@@ -1,4 +1,4 @@
-"""Non-meta-learned baselines, evaluated on the same fixed test tasks as the meta-learner (issue 9).
+"""Non-meta-learned baselines, evaluated on the same fixed test tasks as the meta-learner.
 
 * :func:`prototype_accuracy`: nearest class centroid (prototypes, Snell et al. 2017) in the input
   space, e.g. the frozen sentence embeddings; squared Euclidean distance.

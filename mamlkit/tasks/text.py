@@ -1,4 +1,4 @@
-"""Few-shot intent classification on CLINC150 (Larson et al., EMNLP-IJCNLP 2019), issue 9.
+"""Few-shot intent classification on CLINC150 (Larson et al., EMNLP-IJCNLP 2019).
 
 Data: ``data_full.json`` and ``domains.json`` of the ``clinc/oos-eval`` repository (150 intents in
 10 domains, 15 intents each; 100 train / 20 val / 30 test utterances per intent). Both files are
