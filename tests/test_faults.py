@@ -582,7 +582,7 @@ def test_dropout_model_resumes_bit_identically(tmp_path, dropout_family):
 # (torch and pyarrow imported) is bounded by a multiple of the file's size; reading it as rows of Python
 # strings took ~26x.
 
-MEMORY_FACTOR = 10  # measured ~7.5x on a 50 MB file (x in float64 with one-hot columns, plus the task rows)
+MEMORY_FACTOR = 10  # measured ~8x on a 50 MB file: the Arrow columns while reading, then x in float64 (one-hot)
 
 
 def _large_csv(path: Path, mb: float) -> Path:
