@@ -75,14 +75,29 @@ def build_parser(help_preset: str | None = None) -> argparse.ArgumentParser:
                           description="Download (when online and missing), verify the checksums and build "
                           "the preprocessed cache of a dataset. Data root: --data-root, else $MAMLKIT_DATA, "
                           "else ~/.cache/mamlkit; cache: $MAMLKIT_CACHE, else ~/.cache/mamlkit.")
-    from mamlkit.tasks import data_commands
-
-    data.add_argument("dataset", choices=sorted(data_commands()))
+    data.add_argument("dataset", choices=_DataChoices(), metavar="DATASET",
+                      help="a dataset a task family declares (mamlkit's own: omniglot, miniimagenet, clinc150)")
     data.add_argument("--data-root", default="", help="folder holding (or to receive) the dataset's files")
     data.add_argument("--trust-checksum", action="store_true",
                       help="use files whose checksum matches no known version")
     data.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
     return parser
+
+
+class _DataChoices:
+    """The datasets task families declare, read when argparse checks a name, so that building the parser
+    (``mamlkit --help``) does not import the families and torch."""
+
+    def _names(self) -> list[str]:
+        from mamlkit.tasks import data_commands
+
+        return sorted(data_commands())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -9,12 +9,28 @@ contains. One registry line per family below; the hooks of image and text famili
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
 from mamlkit.tasks.family import INPUT_TYPES, Baseline, Column, DataCommand, Report, TaskFamily
-from mamlkit.tasks.sinusoid import USES as SINUSOID_USES
-from mamlkit.tasks.sinusoid import Sinusoid
+
+if TYPE_CHECKING:
+    from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
+    from mamlkit.tasks.sinusoid import Sinusoid
+
+# Imported on first use: the registry itself needs no torch, so that configs (which ask a family for the
+# fields it derives) and the command line's --help do not import it.
+_LAZY = {"TaskBatch": "mamlkit.base.batch", "TaskDistribution": "mamlkit.base.batch",
+         "task_generator": "mamlkit.base.batch", "Sinusoid": "mamlkit.tasks.sinusoid"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
 
 TASK_FAMILIES: dict[str, TaskFamily] = {}
 
@@ -65,12 +81,12 @@ def _family(name: str, module: str, *, data: str = "", **hooks: bool) -> TaskFam
 
 register_task_family(TaskFamily(
     name="sinusoid",
-    build=lambda cfg, split: Sinusoid(k_support=cfg.k_shot, k_query=cfg.k_query),
+    build=lambda cfg, split: __getattr__("Sinusoid")(k_support=cfg.k_shot, k_query=cfg.k_query),
     model_spec=lambda cfg: {"name": "mlp", "in_features": 1,
                             "hidden": list(cfg.hidden_sizes), "out_features": 1},
     input_spec=lambda cfg: {"type": "vector"},
     report=lambda cfg: Report(table="shots", title="Sinusoid regression", figures=("sinusoid",)),
-    uses=SINUSOID_USES,
+    uses=_lazy("sinusoid", "USES", call=False),
 ))
 register_task_family(_family("omniglot", "omniglot", data="omniglot", input_spec=True, report=True))
 register_task_family(_family("miniimagenet", "miniimagenet", data="miniimagenet", input_spec=True))
