@@ -6,7 +6,7 @@ import shlex
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-FAST = ["--eval-tasks", "20", "--eval-query", "20", "--val-tasks", "5", "--no-progress", "--no-tensorboard"]
+FAST = ["--eval-tasks", "20", "--val-tasks", "5", "--no-progress", "--no-tensorboard"]
 
 
 def blocks(lang: str) -> list[str]:
