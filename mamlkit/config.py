@@ -53,7 +53,7 @@ class TrainConfig:
     checkpoint_inner: bool = False    # recompute inner steps in the meta-gradient: memory flat in inner_steps
     device: str = "cpu"
     dtype: str = "float32"            # float32 | float64
-    threads: int = 0                  # torch threads (0: torch's default)
+    threads: int = 0                  # torch threads (0: the trainer's choice, mamlkit.exec.threads)
     tune_malloc: bool = True          # glibc keeps freed memory for reuse: fewer page faults, ~+10% RSS
     fast_kernels: bool = True         # compiled CPU forward kernels for NCHW max-pool and batch norm (kernels.py)
     backend: str = "auto"             # torchrun backend: auto (nccl on CUDA, else gloo) | gloo | nccl

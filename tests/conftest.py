@@ -11,7 +11,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     # One thread: the tests are small, and more threads oversubscribe a 2-core CI machine.
+    from mamlkit.exec import threads
+
     torch.set_num_threads(1)
+    threads.reset()  # a trainer run earlier in this process chose its own
     yield
 
 

@@ -15,7 +15,7 @@ from mamlkit import checkpoint, config
 from mamlkit.algorithms import MetaLearner, build_learner
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, mean_ci, read_jsonl
-from mamlkit.exec import kernels, strategies, tuning
+from mamlkit.exec import kernels, strategies, threads, tuning
 from mamlkit.loop import distributed
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
 from mamlkit.models import build_model
@@ -128,8 +128,9 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     the ranks and their gradients summed (:mod:`mamlkit.loop.distributed`); rank 0 alone logs, validates and
     writes checkpoints, and the last checkpoint is on disk when ``fit`` returns on any rank.
     """
-    if trainer.cfg.threads:
-        torch.set_num_threads(trainer.cfg.threads)
+    # --threads 0: one intra-op thread and whole tasks over the cores, which holds up when another
+    # process takes a core (mamlkit.exec.threads)
+    threads.apply(threads.choose(trainer.cfg.threads, trainer.cfg.device))
     if trainer.cfg.tune_malloc:
         tuning.tune_malloc()
     kernels.set_enabled(trainer.cfg.fast_kernels)
