@@ -93,7 +93,7 @@ class TrainConfig:
     eval_tasks: int = 600
     eval_steps: tuple[int, ...] = (0, 1, 5, 10)
     eval_shots: tuple[int, ...] = (5, 10, 20)   # regression: K values evaluated
-    eval_query: int = 100             # regression: query points per evaluation task
+    eval_query: int = 100             # regression: query points per evaluation task (0: K, as many as support)
     compare_pretrained: bool = True   # also train the pretrained baseline and compare
     preset: str = ""                  # the preset this config started from (informational)
     # MAML family (issue 5). Outer meta-rate schedule, applied by the trainer every iteration:
@@ -144,9 +144,9 @@ class TrainConfig:
              f"backend nccl needs --device cuda, got device {self.device!r}; use gloo (or auto) on the CPU")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         for name in ("n_way", "k_shot", "k_query", "meta_batch", "iterations", "log_every", "val_every",
-                     "checkpoint_every", "eval_tasks", "eval_query"):
+                     "checkpoint_every", "eval_tasks"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("inner_steps", "chunk_size", "threads", "val_tasks"):
+        for name in ("inner_steps", "chunk_size", "threads", "val_tasks", "eval_query"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.test_inner_steps is None or self.test_inner_steps >= 0, "test_inner_steps must be >= 0")
         need(self.inner_lr >= 0, f"inner_lr must be >= 0, got {self.inner_lr}")

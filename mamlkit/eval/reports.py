@@ -16,7 +16,7 @@ from mamlkit.algorithms import MetaLearner
 from mamlkit.checkpoint import atomic_write_text
 from mamlkit.config import TrainConfig
 from mamlkit.eval import plots
-from mamlkit.eval.evaluate import EvalResult, evaluate, fmt, test_tasks
+from mamlkit.eval.evaluate import EvalResult, evaluate, evaluate_descent, fmt, test_tasks
 from mamlkit.presets import PRESETS
 from mamlkit.tasks import get_family
 from mamlkit.tasks.sinusoid import Sinusoid
@@ -31,35 +31,56 @@ def _paper(cfg: TrainConfig) -> dict:
     return preset.paper if preset else {}
 
 
+def sinusoid_protocol(cfg: TrainConfig) -> str:
+    """The evaluation protocol of :func:`sinusoid_report`, in words."""
+    query = f"{cfg.eval_query} query points" if cfg.eval_query else "K query points (as many as support points)"
+    return (f"One model per learner, meta-trained with K={cfg.k_shot}, {cfg.inner_steps} inner step(s) at "
+            f"α={cfg.inner_lr}, then fine-tuned on each K below (the paper fine-tunes a single model on every "
+            f"K). {cfg.eval_tasks} fixed test tasks per K, {query} each; query MSE, mean ± 95% CI and the "
+            f"median. Test-time inner SGD at α={cfg.inner_lr} on the same K points at every step; a step that "
+            f"would raise a task's support loss is halved until it does not (plain SGD wherever it descends).")
+
+
 def sinusoid_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
-    """Query MSE after ``cfg.eval_steps`` inner steps for every K in ``cfg.eval_shots`` (Finn et al. Fig. 3)."""
+    """Query MSE after ``cfg.eval_steps`` inner steps for every K in ``cfg.eval_shots`` (Finn et al. Fig. 3).
+
+    Writes ``eval.md`` and ``eval.json`` (strict JSON: a number that is not finite is ``null`` and the
+    cell's ``flag`` says why) and the figures. Every cell is checked: a non-finite loss on any task, or
+    a 95% CI wider than the mean, flags it."""
     dtype = getattr(torch, cfg.dtype)
     max_steps = max(cfg.eval_steps)
     paper = _paper(cfg)
     results: dict[str, dict[int, EvalResult]] = {name: {} for name in learners}
     for k in cfg.eval_shots:
-        tasks = test_tasks(Sinusoid(k_support=k, k_query=cfg.eval_query), cfg.seed + EVAL_SEED_OFFSET,
+        tasks = test_tasks(Sinusoid(k_support=k, k_query=cfg.eval_query or k), cfg.seed + EVAL_SEED_OFFSET,
                            cfg.eval_tasks)
         for name, learner in learners.items():
-            results[name][k] = evaluate(learner, tasks, max_steps, device=cfg.device, dtype=dtype)
+            results[name][k] = evaluate_descent(learner, tasks, max_steps, device=cfg.device, dtype=dtype)
     names = list(learners)
     head = "| K | steps | " + " | ".join(f"{n} MSE (ours)" for n in names) + " | " + \
         " | ".join(f"{n} (paper)" for n in names) + " |"
-    lines = [f"Sinusoid regression: query MSE, mean ± 95% CI over {cfg.eval_tasks} fixed test tasks "
-             f"({cfg.eval_query} query points each), inner SGD α={cfg.inner_lr}.", "", head,
-             "|" + "---|" * (2 + 2 * len(names))]
-    table = {}
+    lines = [f"Sinusoid regression. {sinusoid_protocol(cfg)}", "", head, "|" + "---|" * (2 + 2 * len(names))]
+    table: dict = {}
     for k in cfg.eval_shots:
         for s in cfg.eval_steps:
-            ours = [results[n][k].loss(s) for n in names]
             theirs = [paper.get(n, {}).get(k, {}).get(s) for n in names]
             lines.append(f"| {k} | {s} | " + " | ".join(results[n][k].loss_text(s) for n in names) + " | " +
                          " | ".join("—" if t is None else f"{t:.2f}" for t in theirs) + " |")
-            for n, o in zip(names, ours):
-                table.setdefault(n, {}).setdefault(str(k), {})[str(s)] = {"mean": o[0], "ci95": o[1]}
+            for n, t in zip(names, theirs):
+                table.setdefault(n, {}).setdefault(str(k), {})[str(s)] = {**results[n][k].cell(s), "paper": t}
+    halved = {n: {str(k): int(results[n][k].halved.sum()) for k in cfg.eval_shots} for n in names}
+    lines += ["", "Tasks on which some test-time step was halved: " + "; ".join(
+        f"{n} " + ", ".join(f"K={k} {halved[n][str(k)]}/{cfg.eval_tasks}" for k in cfg.eval_shots)
+        for n in names) + "."]
+    flagged = [f"{n} K={k} after {s}" for n in names for k in cfg.eval_shots for s in cfg.eval_steps
+               if table[n][str(k)][str(s)]["flag"]]
+    if flagged:
+        lines.append("⚠ Flagged cells (their mean is not to be trusted): " + "; ".join(flagged) + ".")
     text = "\n".join(lines) + "\n"
-    atomic_write_text(run_dir / "eval.json", json.dumps({"task": "sinusoid", "mse": table,
-                                                         "num_tasks": cfg.eval_tasks}, indent=2))
+    record = {"task": "sinusoid", "protocol": sinusoid_protocol(cfg), "meta_train_k": cfg.k_shot,
+              "inner_lr": cfg.inner_lr, "num_tasks": cfg.eval_tasks, "query_points": cfg.eval_query or "K",
+              "mse": table, "halved_tasks": halved}
+    atomic_write_text(run_dir / "eval.json", json.dumps(record, indent=2, allow_nan=False))
     atomic_write_text(run_dir / "eval.md", text)
     plots.sinusoid_figures(run_dir, learners, results, cfg)
     return text

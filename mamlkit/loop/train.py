@@ -180,12 +180,16 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
                 row |= {"tasks_per_s": len(window) * cfg.meta_batch / window_time,
                         "elapsed_s": elapsed}
                 metrics.log(trainer.step, "train", row)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc")})
+                # the training batch's query metrics after the training's inner steps (not validation's)
+                inner = getattr(learner, "inner_steps", cfg.inner_steps)
+                bar.set_postfix({f"train {k} after {inner} step{'s' * (inner != 1)}": f"{v:.4g}"
+                                 for k, v in row.items() if k in ("loss", "acc")})
                 window = []
             if main and cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end):
                 val = validate(trainer)
                 metrics.log(trainer.step, "val", val)
-                bar.write(f"step {trainer.step}: val " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+                bar.write(f"step {trainer.step}: validation query {' and '.join(val)} after {cfg.eval_inner_steps} "
+                          f"inner steps, {cfg.val_tasks} tasks: " + ", ".join(f"{v:.4g}" for v in val.values()))
             if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
                 save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
             bar.update(1)
