@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from mamlkit.algorithms import MetaLearner
+from mamlkit.algorithms.maml import MAML
 from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
 from mamlkit.base.metrics import mean_ci
 from mamlkit.engine.functional import named_params
@@ -102,6 +103,12 @@ def evaluate(learner: MetaLearner, tasks: TaskBatch, max_steps: int, batch_size:
     return EvalResult(torch.cat(losses), torch.cat(accs))
 
 
+def safeguarded(learner: MetaLearner) -> bool:
+    """Whether :func:`descent_path` applies: plain SGD at one rate on every parameter (MAML, FOMAML and
+    the pretrained baseline). Other rules (learned rates, head-only, proximal) keep their own path."""
+    return type(learner) is MAML and learner.adapt_filter is None
+
+
 def descent_path(learner: MetaLearner, support_x: Tensor, support_y: Tensor, steps: int
                  ) -> tuple[list[dict[str, Tensor]], Tensor]:
     """Test-time inner SGD at ``learner.inner_lr`` on every task at once, with a descent safeguard.
@@ -152,7 +159,10 @@ def descent_path(learner: MetaLearner, support_x: Tensor, support_y: Tensor, ste
 def evaluate_descent(learner: MetaLearner, tasks: TaskBatch, max_steps: int, batch_size: int = 100,
                      device: str = "cpu", dtype: torch.dtype = torch.float32) -> EvalResult:
     """Query loss ``[T, max_steps+1]`` after 0..max_steps safeguarded steps (:func:`descent_path`) on
-    every task of ``tasks``, ``batch_size`` tasks at a time (regression: accuracies are zeros)."""
+    every task of ``tasks``, ``batch_size`` tasks at a time (regression: accuracies are zeros). A learner
+    with another inner rule (:func:`safeguarded` False) is evaluated on its own path (:func:`evaluate`)."""
+    if not safeguarded(learner):
+        return evaluate(learner, tasks, max_steps, batch_size, device, dtype)
     losses, halved = [], []
     for start in range(0, tasks.num_tasks, batch_size):
         chunk = tasks[start:start + batch_size].to(device, dtype)

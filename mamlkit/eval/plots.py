@@ -8,7 +8,7 @@ import torch
 
 from mamlkit.base.batch import task_generator
 from mamlkit.engine.functional import call
-from mamlkit.eval.evaluate import descent_path
+from mamlkit.eval.evaluate import descent_path, safeguarded
 from mamlkit.tasks.sinusoid import Sinusoid
 
 
@@ -42,7 +42,11 @@ def sinusoid_figures(run_dir: Path, learners: dict, results: dict, cfg) -> None:
     fig, axes = plt.subplots(len(names), 3, figsize=(13, 3.8 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         learner = learners[name]
-        path, _ = descent_path(learner, x.to(dtype), y.to(dtype), max(shown))
+        if safeguarded(learner):
+            path, _ = descent_path(learner, x.to(dtype), y.to(dtype), max(shown))
+        else:  # its own inner rule, one task at a time
+            fits = [[learner.adapt(x[c].to(dtype), y[c].to(dtype), steps=s) for c in range(3)] for s in range(11)]
+            path = [{key: torch.stack([f[key] for f in fit]) for key in fit[0]} for fit in fits]
         for col in range(3):
             ax = axes[row][col]
             ax.plot(grid, truth[col], color="red", label="ground truth")

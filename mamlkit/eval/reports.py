@@ -68,10 +68,13 @@ def sinusoid_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainC
                          " | ".join("—" if t is None else f"{t:.2f}" for t in theirs) + " |")
             for n, t in zip(names, theirs):
                 table.setdefault(n, {}).setdefault(str(k), {})[str(s)] = {**results[n][k].cell(s), "paper": t}
-    halved = {n: {str(k): int(results[n][k].halved.sum()) for k in cfg.eval_shots} for n in names}
-    lines += ["", "Tasks on which some test-time step was halved: " + "; ".join(
-        f"{n} " + ", ".join(f"K={k} {halved[n][str(k)]}/{cfg.eval_tasks}" for k in cfg.eval_shots)
-        for n in names) + "."]
+    halved = {n: {str(k): int(results[n][k].halved.sum()) for k in cfg.eval_shots} for n in names
+              if all(results[n][k].halved is not None for k in cfg.eval_shots)}
+    if halved:
+        lines += ["", "Tasks on which some test-time step was halved: " + "; ".join(
+            f"{n} " + ", ".join(f"K={k} {by_k[str(k)]}/{cfg.eval_tasks}" for k in cfg.eval_shots)
+            for n, by_k in halved.items()) + "."]
+    lines += [f"{n}: its own inner rule, no step halved." for n in names if n not in halved]
     flagged = [f"{n} K={k} after {s}" for n in names for k in cfg.eval_shots for s in cfg.eval_steps
                if table[n][str(k)][str(s)]["flag"]]
     if flagged:
