@@ -110,7 +110,7 @@ def worker_train(workload: str, algo: str, budget: float, eval_tasks: int, threa
         step += 1
     peak = _peak_growth_mb(rss0)
     if workload == "sinusoid":
-        sinusoid = Sinusoid(k_support=cfg.k_shot, k_query=cfg.eval_query)
+        sinusoid = Sinusoid(k_support=cfg.k_shot, k_query=cfg.eval_query or cfg.k_shot)
         tasks = test_tasks(sinusoid, cfg.seed + EVAL_SEED_OFFSET, eval_tasks)
         steps = 10
     else:

@@ -72,7 +72,8 @@ class TrainConfig:
                                   "inner_steps, more time")
     device: str = flag("cpu", EXECUTION, "torch device: cpu, cuda, cuda:1, ...")
     dtype: str = flag("float32", EXECUTION, "float32 | float64")
-    threads: int = flag(0, EXECUTION, "torch threads (0: torch's default)")
+    threads: int = flag(0, EXECUTION, "torch threads (0: the trainer chooses: one intra-op thread, the cores to "
+                       "whole tasks)")
     tune_malloc: bool = flag(True, EXECUTION, "let glibc keep freed memory for reuse: fewer page faults, ~+10% RSS")
     fast_kernels: bool = flag(True, EXECUTION, "compiled CPU kernels for NCHW max-pool and batch norm")
     backend: str = flag("auto", EXECUTION, "torchrun backend: auto (nccl on CUDA, else gloo) | gloo | nccl")
@@ -114,7 +115,8 @@ class TrainConfig:
     eval_tasks: int = flag(600, LOGGING, "fixed test tasks of the final evaluation")
     eval_steps: tuple[int, ...] = flag((0, 1, 5, 10), LOGGING, "inner steps at which the evaluation reports")
     eval_shots: tuple[int, ...] = flag((5, 10, 20), LOGGING, "regression: support sizes K evaluated")
-    eval_query: int = flag(100, LOGGING, "regression: query points per evaluation task")
+    eval_query: int = flag(100, LOGGING, "regression: query points per evaluation task (0: K, as many as "
+                          "support)")
     compare_pretrained: bool = flag(True, LOGGING, "also train the pretrained baseline and compare it")
     preset: str = flag("", TASK, "the preset this config started from (informational)")
     # MAML family. Outer meta-rate schedule, applied by the trainer every iteration:
@@ -166,9 +168,9 @@ class TrainConfig:
              f"backend nccl needs --device cuda, got device {self.device!r}; use gloo (or auto) on the CPU")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         for name in ("n_way", "k_shot", "k_query", "meta_batch", "iterations", "log_every", "val_every",
-                     "checkpoint_every", "eval_tasks", "eval_query"):
+                     "checkpoint_every", "eval_tasks"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("inner_steps", "chunk_size", "threads", "val_tasks"):
+        for name in ("inner_steps", "chunk_size", "threads", "val_tasks", "eval_query"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.test_inner_steps is None or self.test_inner_steps >= 0, "test_inner_steps must be >= 0")
         need(self.inner_lr >= 0, f"inner_lr must be >= 0, got {self.inner_lr}")

@@ -69,7 +69,10 @@ def clinc_dir(request) -> Path:
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     # One thread: the tests are small, and more threads oversubscribe a 2-core CI machine.
+    from mamlkit.exec import threads
+
     torch.set_num_threads(1)
+    threads.reset()  # a trainer run earlier in this process chose its own
     yield
 
 

@@ -159,5 +159,6 @@ def test_eval_report_counts_diverged_tasks_instead_of_printing_nan():
 
     r = EvalResult(torch.tensor([[1.0, 0.5], [1.0, float("nan")], [1.0, 0.7]]), torch.zeros(3, 2))
     assert r.diverged(1) == 1 and r.diverged(0) == 0
-    assert r.loss_text(0) == "1.000 ± 0.000"
-    assert r.loss_text(1).startswith("diverged on 1/3 (others 0.600 ± ")
+    assert r.loss_text(0) == "1.000 ± 0.000 (median 1.000)"
+    assert r.loss_text(1) == "— ± — (median —) ⚠ not finite on 1/3 tasks"
+    assert r.cell(1) == {"mean": None, "ci95": None, "median": None, "flag": "not finite on 1/3 tasks"}

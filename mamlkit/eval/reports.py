@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from mamlkit.base.metrics import mean_ci
 from mamlkit.checkpoint import atomic_write_text
 from mamlkit.config import TrainConfig
 from mamlkit.eval import baselines, plots
-from mamlkit.eval.evaluate import EvalResult, evaluate, fmt, test_tasks
+from mamlkit.eval.evaluate import EvalResult, evaluate, evaluate_descent, fmt, test_tasks
 from mamlkit.models import build_model
 from mamlkit.presets import PRESETS
 from mamlkit.tasks import Baseline, Column, Report, get_family
@@ -42,36 +43,61 @@ def _paper(cfg: TrainConfig) -> dict:
     return preset.paper
 
 
+def shots_protocol(cfg: TrainConfig) -> str:
+    """The evaluation protocol of :func:`shots_report`, in words."""
+    query = f"{cfg.eval_query} query points" if cfg.eval_query else "K query points (as many as support points)"
+    return (f"One model per learner, meta-trained with K={cfg.k_shot}, {cfg.inner_steps} inner step(s) at "
+            f"α={cfg.inner_lr}, then fine-tuned on each K below. {cfg.eval_tasks} fixed test tasks per K, {query} "
+            f"each; query MSE, mean ± 95% CI and the median. Test-time inner SGD at α={cfg.inner_lr} on the same "
+            f"K points at every step; a step that would raise a task's support loss is halved until it does not "
+            f"(plain SGD wherever it descends).")
+
+
 def shots_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig, decl: Report) -> str:
-    """Query MSE after ``cfg.eval_steps`` inner steps for every K in ``cfg.eval_shots`` (Finn et al. Fig. 3)."""
+    """Query MSE after ``cfg.eval_steps`` inner steps for every K in ``cfg.eval_shots`` (Finn et al. Fig. 3).
+
+    Every cell is checked: a non-finite loss on any task, or a 95% CI wider than the mean, flags it (in
+    eval.md and in the cell's ``flag`` in eval.json, where a number that is not finite is ``null``)."""
     dtype = getattr(torch, cfg.dtype)
     max_steps = max(cfg.eval_steps)
     paper = _paper(cfg)
     family = get_family(cfg.task)
     results: dict[str, dict[int, EvalResult]] = {name: {} for name in learners}
     for k in cfg.eval_shots:
-        dist = family.build(cfg.replace(k_shot=k, k_query=cfg.eval_query), "test")
+        dist = family.build(cfg.replace(k_shot=k, k_query=cfg.eval_query or k), "test")
         tasks = test_tasks(dist, cfg.seed + EVAL_SEED_OFFSET, cfg.eval_tasks)
         for name, learner in learners.items():
-            results[name][k] = evaluate(learner, tasks, max_steps, batch_size=decl.batch_size or 100,
-                                        device=cfg.device, dtype=dtype)
+            results[name][k] = evaluate_descent(learner, tasks, max_steps, device=cfg.device, dtype=dtype)
     names = list(learners)
     head = "| K | steps | " + " | ".join(f"{n} MSE (ours)" for n in names) + " | " + \
         " | ".join(f"{n} (paper)" for n in names) + " |"
-    lines = [f"{decl.title or cfg.preset or cfg.task}: query MSE, mean ± 95% CI over {cfg.eval_tasks} fixed test "
-             f"tasks ({cfg.eval_query} query points each), inner SGD α={cfg.inner_lr}.", *decl.describe, "", head,
+    lines = [f"{decl.title or cfg.preset or cfg.task}. {shots_protocol(cfg)}", *decl.describe, "", head,
              "|" + "---|" * (2 + 2 * len(names))]
-    table = {}
+    table: dict = {}
     for k in cfg.eval_shots:
         for s in cfg.eval_steps:
-            ours = [results[n][k].loss(s) for n in names]
             theirs = [paper.get(n, {}).get(k, {}).get(s) for n in names]
             lines.append(f"| {k} | {s} | " + " | ".join(results[n][k].loss_text(s) for n in names) + " | " +
                          " | ".join("—" if t is None else f"{t:.2f}" for t in theirs) + " |")
-            for n, o in zip(names, ours):
-                table.setdefault(n, {}).setdefault(str(k), {})[str(s)] = {"mean": o[0], "ci95": o[1]}
+            for n, t in zip(names, theirs):
+                table.setdefault(n, {}).setdefault(str(k), {})[str(s)] = {**results[n][k].cell(s), "paper": t}
+    halved = {n: {str(k): int(results[n][k].halved.sum()) for k in cfg.eval_shots} for n in names
+              if all(results[n][k].halved is not None for k in cfg.eval_shots)}
+    if halved:
+        lines += ["", "Tasks on which some test-time step was halved: " + "; ".join(
+            f"{n} " + ", ".join(f"K={k} {by_k[str(k)]}/{cfg.eval_tasks}" for k in cfg.eval_shots)
+            for n, by_k in halved.items()) + "."]
+    lines += [f"{n}: its own inner rule, no step halved." for n in names if n not in halved]
+    flagged = [f"{n} K={k} after {s}" for n in names for k in cfg.eval_shots for s in cfg.eval_steps
+               if table[n][str(k)][str(s)]["flag"]]
+    if flagged:
+        lines.append("⚠ Flagged cells (their mean is not to be trusted): " + "; ".join(flagged) + ".")
     text = "\n".join(lines) + "\n"
-    _write(run_dir, text, cfg, decl, "mse", table)
+    facts = {"protocol": shots_protocol(cfg), "meta_train_k": cfg.k_shot, "inner_lr": cfg.inner_lr,
+             "query_points": cfg.eval_query or "K", "halved_tasks": halved}
+    _write(run_dir, text, cfg, dataclasses.replace(decl, facts={**facts, **decl.facts},
+                                                   facts_first=("protocol", "meta_train_k", "inner_lr")),
+           "mse", table)
     for figure in decl.figures:
         plots.FIGURES[figure](run_dir, learners, results, cfg)
     return text
@@ -210,13 +236,25 @@ def _baseline(b: Baseline, tasks: TaskBatch, cfg: TrainConfig, family, dtype: to
                                     steps=b.steps, lr=b.lr, seed=cfg.seed + 1)
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite as ``None``: eval.json is strict JSON (a cell's ``flag``
+    says why a number is missing; a 95% CI over one task is undefined)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write(run_dir: Path, text: str, cfg: TrainConfig, decl: Report, key: str, table: dict) -> None:
     """``eval.json`` (the task, the facts named first, the results, the number of tasks, the other facts) and
     ``eval.md``, atomically."""
     first = {k: decl.facts[k] for k in decl.facts_first}
     rest = {k: v for k, v in decl.facts.items() if k not in first}
-    atomic_write_text(run_dir / "eval.json", json.dumps({"task": cfg.task, **first, key: table,
-                                                         "num_tasks": cfg.eval_tasks, **rest}, indent=2))
+    record = _finite({"task": cfg.task, **first, key: table, "num_tasks": cfg.eval_tasks, **rest})
+    atomic_write_text(run_dir / "eval.json", json.dumps(record, indent=2, allow_nan=False))
     atomic_write_text(run_dir / "eval.md", text)
 
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from mamlkit.base.batch import TaskBatch
 from mamlkit.engine import functional
 from mamlkit.engine.functional import ExactNorms
-from mamlkit.exec import kernels
+from mamlkit.exec import kernels, threads
 
 log = logging.getLogger("mamlkit")
 
@@ -59,7 +59,7 @@ class Strategy:
     (``None``: the whole meta-batch at once for vmap, one task at a time for backward in a loop).
     ``compiled``: the meta-gradient runs as one ``torch.compile``-d function (implies vmap).
     ``workers``: run the loop's tasks on this many threads (0 or 1: the plain loop; -1: as many as
-    ``torch.get_num_threads()`` when it runs).
+    :func:`mamlkit.exec.threads.task_workers` when it runs).
     ``auto``: chosen by :func:`autotune` on the first training batch (until then it runs as given)."""
 
     vectorize: bool
@@ -83,7 +83,7 @@ class Strategy:
         return not self.vectorize and (self.workers > 1 or self.workers == -1)
 
     def num_workers(self) -> int:
-        return torch.get_num_threads() if self.workers == -1 else max(self.workers, 1)
+        return threads.task_workers() if self.workers == -1 else max(self.workers, 1)
 
     @classmethod
     def from_name(cls, name: str) -> Strategy:

@@ -29,6 +29,7 @@ from torch import nn
 
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
+from mamlkit.exec import threads
 from mamlkit.exec.memory import ProbeStopped, mb, meta_backward_peak
 from mamlkit.exec.strategies import Strategy, _has_conv, has_dropout
 
@@ -163,9 +164,9 @@ def _candidates(learner: Any, iterations: int) -> list[Strategy]:
         # many, whole tasks on threads with several cores and little work per task (benchmarks/
         # RESULTS.md); compiling them takes minutes and lost to the loop when measured. On a GPU the
         # loop (large images, few tasks) and vmap (many small tasks) are both worth timing.
-        parallel = cpu and torch.get_num_threads() > 1 and not has_dropout(learner.model)
-        threads = [Strategy(False, workers=-1)] if parallel else []
-        return [loop, *threads, vmap]
+        parallel = cpu and threads.task_workers() > 1 and not has_dropout(learner.model)
+        on_threads = [Strategy(False, workers=-1)] if parallel else []
+        return [loop, *on_threads, vmap]
     # Models without convolutions are dispatch-bound: vmap always beat the loop, by 4-10× when measured,
     # and a compiled meta-gradient beats vmap by ~6× once its compile time is paid back.
     out = [vmap]

@@ -17,7 +17,7 @@ from mamlkit.algorithms import MetaLearner
 from mamlkit.assemble import DTYPES, assemble
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, mean_ci
-from mamlkit.exec import kernels, strategies, tuning
+from mamlkit.exec import kernels, strategies, threads, tuning
 from mamlkit.loop import distributed
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
 from mamlkit.models import check_model_memory
@@ -120,8 +120,9 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     the ranks and their gradients summed (:mod:`mamlkit.loop.distributed`); rank 0 alone logs, validates and
     writes checkpoints, and the last checkpoint is on disk when ``fit`` returns on any rank.
     """
-    if trainer.cfg.threads:
-        torch.set_num_threads(trainer.cfg.threads)
+    # --threads 0: one intra-op thread and whole tasks over the cores, which holds up when another
+    # process takes a core (mamlkit.exec.threads)
+    threads.apply(threads.choose(trainer.cfg.threads, trainer.cfg.device))
     if trainer.cfg.tune_malloc:
         tuning.tune_malloc()
     kernels.set_enabled(trainer.cfg.fast_kernels)
@@ -189,13 +190,18 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
                     row |= {"tasks_per_s": len(window) * cfg.meta_batch / window_time,
                             "elapsed_s": elapsed}
                     metrics.log(trainer.step, "train", row)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc")})
+                    # the training batch's query metrics after the training's inner steps (not validation's)
+                    inner = getattr(learner, "inner_steps", cfg.inner_steps)
+                    bar.set_postfix({f"train {k} after {inner} step{'s' * (inner != 1)}": f"{v:.4g}"
+                                     for k, v in row.items() if k in ("loss", "acc")})
                     window = []
                 if main and cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end):
                     with torch.random.fork_rng(devices=[]):  # validating leaves the training's stream alone
                         val = validate(trainer)
                     metrics.log(trainer.step, "val", val)
-                    bar.write(f"step {trainer.step}: val " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+                    bar.write(f"step {trainer.step}: validation query {' and '.join(val)} after "
+                              f"{cfg.eval_inner_steps} inner steps, {cfg.val_tasks} tasks: "
+                              + ", ".join(f"{v:.4g}" for v in val.values()))
                 if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
                     _save(trainer, saved)
             bar.update(1)
