@@ -144,7 +144,7 @@ def test_trainer_chooses_one_intra_op_thread_and_a_task_worker_per_core(tmp_path
 
 def _results_section() -> str:
     text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
-    start = text.index("## Sinusoid main job")
+    start = text.index("## Sinusoid: accuracy (the main job")
     end = text.find("\n## ", start + 1)
     return text[start:end if end > 0 else None]
 

@@ -71,7 +71,7 @@ def shots_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConf
     names = list(learners)
     head = "| K | steps | " + " | ".join(f"{n} MSE (ours)" for n in names) + " | " + \
         " | ".join(f"{n} (paper)" for n in names) + " |"
-    lines = [f"{decl.title or cfg.preset or cfg.task}. {shots_protocol(cfg)}", *decl.describe, "", head,
+    lines = [f"{decl.title or cfg.preset or cfg.task}: query MSE. {shots_protocol(cfg)}", *decl.describe, "", head,
              "|" + "---|" * (2 + 2 * len(names))]
     table: dict = {}
     for k in cfg.eval_shots:
