@@ -15,7 +15,7 @@ from mamlkit import checkpoint, config
 from mamlkit.algorithms import MetaLearner, build_learner
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, mean_ci, read_jsonl
-from mamlkit.exec import kernels, strategies, tuning
+from mamlkit.exec import tuning
 from mamlkit.loop import distributed
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
 from mamlkit.models import build_model
@@ -50,8 +50,6 @@ def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None)
         model = build_model(spec)
     model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
     learner = build_learner(cfg.algo, model, cfg)
-    if learner.strategy.compiled and not getattr(learner, "compilable", False):
-        raise config.ConfigError(f"--strategy compile is not available for --algo {cfg.algo}; use auto, vmap or loop")
     if state is not None:
         restore(learner, state)
     return learner, spec
@@ -82,7 +80,7 @@ def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None =
     tensors["rng/torch"] = checkpoint.rng_tensor()
     state = {"config": trainer.cfg.to_dict(), "model_spec": get_family(trainer.cfg.task).model_spec(trainer.cfg),
              "algo": learner.name, "kind": learner.kind, "step": trainer.step, "optimizer": opt_meta,
-             "strategy": learner.strategy.name, **(extra or {})}
+             "strategy": learner.executor.strategy.name, **(extra or {})}
     checkpoint.save(path, tensors, state)
 
 
@@ -94,9 +92,7 @@ def load_trainer(path: str | Path, run_dir: Path | None = None) -> Trainer:
     optimizer = meta_optimizer(cfg, learner.meta_parameters().values())
     optimizer.load_state_dict(checkpoint.optimizer_state(tensors, state["optimizer"]))
     torch.set_rng_state(tensors["rng/torch"])
-    if learner.strategy.auto and state.get("strategy"):
-        # keep what the run measured and used, so the resumed run computes exactly the same numbers
-        learner.strategy = strategies.Strategy.from_name(state["strategy"])
+    learner.executor.resume(state.get("strategy"))  # what an auto run measured and used: the same numbers
     ckpt = Path(path)
     run_dir = run_dir or (ckpt if ckpt.is_dir() else ckpt.parent)
     return Trainer(cfg, learner, optimizer, run_dir, step=state["step"])
@@ -132,7 +128,6 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
         torch.set_num_threads(trainer.cfg.threads)
     if trainer.cfg.tune_malloc:
         tuning.tune_malloc()
-    kernels.set_enabled(trainer.cfg.fast_kernels)
     with distributed.session(trainer.cfg) as world:
         world.broadcast_(trainer.learner)  # every rank starts from rank 0's meta-parameters
         _fit_loop(trainer, stop_at, world)
@@ -151,21 +146,20 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
                desc=f"{cfg.run_name or cfg.task}", dynamic_ncols=True, unit="it")
-    if learner.strategy.auto or trainer.step == 0:  # measure memory (and, with auto, speed) before launching
+    if not learner.executor.settled or trainer.step == 0:  # measure memory (and, with auto, speed) before launching
         first = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch).to(cfg.device, trainer.dtype)
-        tuning.settle_strategy(learner, first, iterations=end - trainer.step, memory_budget_mb=cfg.memory_budget,
-                               say=bar.write if main else lambda msg: None)
+        learner.executor.settle(learner, first, iterations=end - trainer.step,
+                                say=bar.write if main else lambda msg: None)
     if main:
-        bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.strategy.name}, {world.size} rank(s), "
-                  f"run folder {trainer.run_dir}")
+        bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.executor.strategy.name}, "
+                  f"{world.size} rank(s), run folder {trainer.run_dir}")
     start_time, window = time.perf_counter(), []
     window_start = start_time
     try:
         while trainer.step < end:
             batch = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch)  # this rank's share
             opt.zero_grad(set_to_none=True)
-            if hasattr(learner, "set_step"):  # step-dependent algorithms (MAML++ annealing)
-                learner.set_step(trainer.step)
+            learner.set_step(trainer.step)  # step-dependent pieces (MAML++ annealing)
             for group in opt.param_groups:  # a pure function of the step: resume-exact
                 group["lr"] = meta_lr_at(cfg, trainer.step)
             stats = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch)
