@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mamlkit.algorithms import register, resolve_loss
-from mamlkit.algorithms.driver import Driver, Pieces
+from mamlkit.algorithms import register
+from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
 from mamlkit.engine.functional import Params, call
 from mamlkit.engine.inner import adapt_path, fresh, make_task_fn
 from mamlkit.engine.norms import SupportStatsNorm
@@ -89,18 +89,15 @@ def ANIL(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, firs
          test_inner_steps: int | None = None, name: str = "anil", bn_mode: str = "transductive",
          executor: Executor | None = None, **execution) -> Driver:
     """ANIL over an ``nn.Sequential`` model. Arguments as :func:`~mamlkit.algorithms.maml.MAML`."""
-    loss_fn, kind = resolve_loss(loss_fn, kind)
     head_name, body, head = split_head(model)
     prefix = head_name + "."
     pieces = Pieces(name=name, inner_steps=inner_steps, test_inner_steps=test_inner_steps, inner_lr=inner_lr,
                     adapts=lambda k: k.startswith(prefix), first_order=lambda step: first_order,
                     task=_head_task, adapt=_head_adapt, info={"head_name": head_name, "body": body, "head": head})
-    return Driver(model, pieces, executor or Executor(model, **execution), loss_fn=loss_fn, kind=kind,
-                   bn_mode=bn_mode)
+    return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
 @register("anil")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """ANIL (Raghu et al. 2020): only the head adapts; body features computed once per task."""
-    return ANIL(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
-                loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, bn_mode=cfg.bn_mode, executor=executor)
+    return ANIL(model, **config_keywords(cfg, executor))

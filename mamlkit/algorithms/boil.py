@@ -13,7 +13,7 @@ from torch import nn
 
 from mamlkit.algorithms import register
 from mamlkit.algorithms.anil import split_head
-from mamlkit.algorithms.driver import Driver
+from mamlkit.algorithms.driver import Driver, config_keywords
 from mamlkit.algorithms.maml import MAML
 from mamlkit.exec.executor import Executor
 
@@ -27,5 +27,4 @@ def BOIL(model: nn.Module, *, name: str = "boil", **kwargs) -> Driver:
 @register("boil")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """BOIL (Oh et al. 2021): only the body adapts; the head is frozen in the inner loop."""
-    return BOIL(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
-                loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, bn_mode=cfg.bn_mode, executor=executor)
+    return BOIL(model, **config_keywords(cfg, executor))

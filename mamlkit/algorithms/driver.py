@@ -19,14 +19,16 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from mamlkit.algorithms import resolve_loss
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.choices import BN_MODES, check_choice
 from mamlkit.base.errors import UserError
-from mamlkit.engine.functional import Params, named_buffers, named_params
+from mamlkit.engine.functional import Params, call, named_buffers, named_params
 from mamlkit.engine.inner import (
     LossFn,
     Objective,
     adapt_path,
+    fresh,
     make_task_fn,
     path_objective,
     query_objective,
@@ -101,13 +103,21 @@ def unrolled(learner: Driver, theta: Params, rule: InnerRule, *, steps: int, fir
                         checkpoint=learner.executor.checkpoint_inner, inner=pieces.inner_loss)
 
 
+def config_keywords(cfg: Any, executor: Executor) -> dict[str, Any]:
+    """The keywords every algorithm of the MAML family takes from a :class:`~mamlkit.config.TrainConfig`."""
+    return dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order, loss_fn=cfg.loss,
+                test_inner_steps=cfg.test_inner_steps, bn_mode=cfg.bn_mode, executor=executor)
+
+
 class Driver:
     """A meta-learner built from an algorithm's :class:`Pieces`; satisfies
     :class:`~mamlkit.algorithms.MetaLearner`. Its tasks run on ``executor``."""
 
-    def __init__(self, model: nn.Module, pieces: Pieces, executor: Executor, *, loss_fn: LossFn, kind: str,
-                 bn_mode: str = "transductive"):
+    def __init__(self, model: nn.Module, pieces: Pieces, *, loss_fn: str | LossFn = "mse", kind: str | None = None,
+                 bn_mode: str = "transductive", executor: Executor | None = None, **execution):
         check_choice("bn_mode", bn_mode, BN_MODES)
+        loss_fn, kind = resolve_loss(loss_fn, kind)
+        executor = executor or Executor(model, **execution)
         if pieces.inner_steps < 0 or (pieces.test_inner_steps is not None and pieces.test_inner_steps < 0):
             raise ValueError("inner_steps and test_inner_steps must be >= 0")
         if executor.strategy.compiled and not pieces.compilable:
@@ -149,6 +159,14 @@ class Driver:
         return self.executor.strategy.name
 
     # --- building per-task functions -----------------------------------------------------------------
+
+    def support_loss(self) -> Callable[[Params, Tensor, Tensor], Tensor]:
+        """``L(params, x, y)``: the loss of the model run with ``params`` (all of them) on one task's data."""
+        return support_loss_fn(self.model, self.loss_fn, {}, self.buffers())
+
+    def predict(self, params: Params, x: Tensor) -> Tensor:
+        """The model's output on ``x`` with ``params`` (all of them); buffers copied (see ``fresh``)."""
+        return call(self.model, params, fresh(self.buffers()), x)
 
     def _start(self, meta: Mapping[str, Tensor] | None) -> tuple[Params, InnerRule]:
         """θ0 and the inner rule from ``meta`` (the meta-parameters, live or traced), or, with ``None``,

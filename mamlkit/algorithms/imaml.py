@@ -20,10 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mamlkit.algorithms import register, resolve_loss
+from mamlkit.algorithms import register
 from mamlkit.algorithms.driver import Driver, Pieces
-from mamlkit.engine.functional import Params, call
-from mamlkit.engine.inner import adapt_final, conjugate_gradient, fresh, proximal, support_loss_fn
+from mamlkit.engine.functional import Params
+from mamlkit.engine.inner import adapt_final, conjugate_gradient, proximal
 from mamlkit.engine.norms import with_bn_mode
 from mamlkit.engine.rules import InnerRule
 from mamlkit.exec.executor import Executor
@@ -34,19 +34,14 @@ def implicit_outer(lam: float, cg_steps: int):
     (I + H/λ)⁻¹ ∇L_q(φ) (see the module docstring)."""
 
     def build(learner: Driver, theta: Params, rule: InnerRule, *, steps: int, first_order: bool, objective):
-        buffers = learner.buffers()
-        loss = support_loss_fn(learner.model, learner.loss_fn, {}, buffers)
-        query = with_bn_mode(objective, learner.bn_mode)
-
-        def predict(fast: Params, x: Tensor) -> Tensor:
-            return call(learner.model, fast, fresh(buffers), x)
+        loss, query = learner.support_loss(), with_bn_mode(objective, learner.bn_mode)
 
         def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
             anchor = {k: v.detach() for k, v in theta.items()}
             phi = adapt_final(proximal(loss, anchor, lam), anchor, sx, sy, rule=rule, steps=steps)
 
             def query_loss(fast: Params):
-                return query([fast], loss, sx, sy, qx, qy, predict=predict, loss_fn=learner.loss_fn)
+                return query([fast], loss, sx, sy, qx, qy, predict=learner.predict, loss_fn=learner.loss_fn)
 
             grad_q, (q_loss, pred) = torch.func.grad_and_value(query_loss, has_aux=True)(phi)
             # Hessian-vector products of the support loss at φ (reverse over reverse; H is symmetric).
@@ -79,11 +74,9 @@ def IMAML(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 10, la
     """
     if lam <= 0 or cg_steps < 1:
         raise ValueError(f"iMAML needs lam > 0 and cg_steps >= 1, got {lam}, {cg_steps}")
-    loss_fn, kind = resolve_loss(loss_fn, kind)
     pieces = Pieces(name=name, inner_steps=inner_steps, test_inner_steps=test_inner_steps, inner_lr=inner_lr,
                     inner_loss=lambda loss, anchor: proximal(loss, anchor, lam), outer=implicit_outer(lam, cg_steps))
-    return Driver(model, pieces, executor or Executor(model, **execution), loss_fn=loss_fn, kind=kind,
-                   bn_mode=bn_mode)
+    return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
 @register("imaml")

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from mamlkit.algorithms import register, resolve_loss
-from mamlkit.algorithms.driver import Driver, Pieces
+from mamlkit.algorithms import register
+from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
 from mamlkit.engine.inner import Objective, query_objective
 from mamlkit.exec.executor import Executor
 
@@ -50,24 +50,20 @@ def MAML(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, firs
         loss, metrics = learner.meta_loss(batch)   # batch: TaskBatch with T tasks
         loss.backward()                            # .grad on model.parameters()
     """
-    loss_fn, kind = resolve_loss(loss_fn, kind)
-    executor = executor or Executor(model, strategy, chunk_size=chunk_size, checkpoint_inner=checkpoint_inner,
-                                    **execution)
     pieces = Pieces(name=name, inner_steps=inner_steps, test_inner_steps=test_inner_steps, adapts=adapt_filter,
                     inner_lr=inner_lr, objective=lambda step: objective, first_order=lambda step: first_order,
                     compilable=True)
-    return Driver(model, pieces, executor, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode)
+    return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, strategy=strategy,
+                  chunk_size=chunk_size, checkpoint_inner=checkpoint_inner, **execution)
 
 
 @register("maml")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """MAML (Finn et al. 2017): second-order meta-gradient through the inner SGD steps."""
-    return MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
-                loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, bn_mode=cfg.bn_mode, executor=executor)
+    return MAML(model, **config_keywords(cfg, executor))
 
 
 @register("fomaml")
 def build_fomaml(model: nn.Module, cfg, executor: Executor) -> Driver:
     """First-order MAML (Finn et al. 2017, §5.2): the meta-gradient is ∇L_q(θ')."""
-    return MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=True, loss_fn=cfg.loss,
-                test_inner_steps=cfg.test_inner_steps, name="fomaml", bn_mode=cfg.bn_mode, executor=executor)
+    return MAML(model, **config_keywords(cfg, executor) | {"first_order": True}, name="fomaml")

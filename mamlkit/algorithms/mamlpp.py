@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mamlkit.algorithms import register, resolve_loss
-from mamlkit.algorithms.driver import Driver, Pieces
+from mamlkit.algorithms import register
+from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
 from mamlkit.engine.functional import Params
 from mamlkit.engine.inner import multi_step_objective, query_objective
 from mamlkit.engine.rules import InnerRule, per_step_sgd, sgd
@@ -63,7 +63,6 @@ def MAMLPlusPlus(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int =
     """MAML++ over any ``nn.Module``; see the module docstring. Other arguments as ``MAML``."""
     if inner_steps < 1:
         raise ValueError("MAML++ needs inner_steps >= 1")
-    loss_fn, kind = resolve_loss(loss_fn, kind)
     params = dict(model.named_parameters())
     norm_names = {f"{m}.{p}" if m else p for m, mod in model.named_modules() if isinstance(mod, NORMS)
                   for p, _ in mod.named_parameters(recurse=False)}
@@ -100,15 +99,12 @@ def MAMLPlusPlus(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int =
                     objective=objective, first_order=lambda step: first_order or epoch(step) < first_order_epochs,
                     extras={**{LR + k: v for k, v in lrs.items()}, **{BN + k: v for k, v in bn.items()}},
                     replaces=frozenset(bn), info={"bn": bn, "lrs": lrs})
-    return Driver(model, pieces, executor or Executor(model, **execution), loss_fn=loss_fn, kind=kind,
-                   bn_mode=bn_mode)
+    return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
 @register("mamlpp")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """MAML++ (Antoniou et al. 2019): MSL, LSLR, per-step BN, derivative-order and meta-rate annealing."""
-    return MAMLPlusPlus(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                        first_order=cfg.first_order, loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps,
-                        msl=cfg.msl, msl_epochs=cfg.msl_epochs, lslr=cfg.lslr, per_step_bn=cfg.per_step_bn,
-                        first_order_epochs=cfg.first_order_epochs, epoch_iterations=cfg.epoch_iterations,
-                        bn_mode=cfg.bn_mode, executor=executor)
+    return MAMLPlusPlus(model, **config_keywords(cfg, executor), msl=cfg.msl, msl_epochs=cfg.msl_epochs, lslr=cfg.lslr,
+                        per_step_bn=cfg.per_step_bn, first_order_epochs=cfg.first_order_epochs,
+                        epoch_iterations=cfg.epoch_iterations)

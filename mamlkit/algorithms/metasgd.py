@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mamlkit.algorithms import register, resolve_loss
-from mamlkit.algorithms.driver import Driver, Pieces
+from mamlkit.algorithms import register
+from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
 from mamlkit.engine.functional import named_params
 from mamlkit.engine.rules import per_parameter_sgd
 from mamlkit.exec.executor import Executor
@@ -30,7 +30,6 @@ def MetaSGD(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, f
             name: str = "metasgd", bn_mode: str = "transductive", executor: Executor | None = None,
             **execution) -> Driver:
     """Meta-SGD over any ``nn.Module``; see the module docstring. Arguments as :func:`MAML`."""
-    loss_fn, kind = resolve_loss(loss_fn, kind)
     # One rate tensor per adapted parameter, same shape (the paper's vector α).
     rates = {PREFIX + k: nn.Parameter(torch.full_like(p.detach(), inner_lr))
              for k, p in named_params(model, adapt_filter).items()}
@@ -38,12 +37,10 @@ def MetaSGD(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, f
                     rule=lambda extras: per_parameter_sgd({k[len(PREFIX):]: v for k, v in extras.items()}),
                     first_order=lambda step: first_order, extras=rates,
                     info={"inner_lrs": {k[len(PREFIX):]: v for k, v in rates.items()}})
-    return Driver(model, pieces, executor or Executor(model, **execution), loss_fn=loss_fn, kind=kind,
-                   bn_mode=bn_mode)
+    return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
 @register("metasgd")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """Meta-SGD (Li et al. 2017): learned per-parameter inner rates, initialised at --inner-lr."""
-    return MetaSGD(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
-                   loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, bn_mode=cfg.bn_mode, executor=executor)
+    return MetaSGD(model, **config_keywords(cfg, executor))

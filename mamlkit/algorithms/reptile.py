@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from mamlkit.algorithms import register, resolve_loss
+from mamlkit.algorithms import register
 from mamlkit.algorithms.driver import Driver, Pieces
-from mamlkit.engine.functional import Params, call
-from mamlkit.engine.inner import adapt_final, fresh, query_objective, support_loss_fn
+from mamlkit.engine.functional import Params
+from mamlkit.engine.inner import adapt_final, query_objective
 from mamlkit.engine.norms import with_bn_mode
 from mamlkit.engine.rules import InnerRule, adam, sgd
 from mamlkit.exec.executor import Executor
@@ -29,16 +29,11 @@ from mamlkit.exec.executor import Executor
 
 def reptile_outer(learner: Driver, theta: Params, rule: InnerRule, *, steps: int, first_order: bool, objective):
     """Per task: φ after ``steps`` updates with no graph, and the surrogate whose gradient is θ − φ."""
-    buffers = learner.buffers()
-    loss = support_loss_fn(learner.model, learner.loss_fn, {}, buffers)
-    query = with_bn_mode(objective, learner.bn_mode)
-
-    def predict(fast: Params, x: Tensor) -> Tensor:
-        return call(learner.model, fast, fresh(buffers), x)
+    loss, query = learner.support_loss(), with_bn_mode(objective, learner.bn_mode)
 
     def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         phi = adapt_final(loss, theta, sx, sy, rule=rule, steps=steps)
-        q_loss, pred = query([phi], loss, sx, sy, qx, qy, predict=predict, loss_fn=learner.loss_fn)
+        q_loss, pred = query([phi], loss, sx, sy, qx, qy, predict=learner.predict, loss_fn=learner.loss_fn)
         surrogate = sum((theta[k] * (theta[k] - phi[k]).detach()).sum() for k in theta)
         # Value: the query loss at φ (logged); gradient w.r.t. θ: θ − φ.
         return q_loss.detach() + surrogate - surrogate.detach(), pred.detach()
@@ -60,12 +55,10 @@ def Reptile(model: nn.Module, *, inner_lr: float = 0.02, inner_steps: int = 5, i
     """
     if inner_optimizer not in ("sgd", "adam"):
         raise ValueError(f"Reptile's inner optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
-    loss_fn, kind = resolve_loss(loss_fn, kind)
     pieces = Pieces(name=name, inner_steps=inner_steps, test_inner_steps=test_inner_steps,
                     rule=lambda extras: adam(inner_lr) if inner_optimizer == "adam" else sgd(inner_lr),
                     objective=lambda step: query_objective, outer=reptile_outer)
-    return Driver(model, pieces, executor or Executor(model, **execution), loss_fn=loss_fn, kind=kind,
-                   bn_mode=bn_mode)
+    return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
 @register("reptile")
