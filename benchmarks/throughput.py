@@ -39,6 +39,7 @@ import torch.nn.functional as F
 WORKLOADS = {
     "sinusoid": ("sinusoid", {}),                # MLP 1-40-40-1, K=10, α=0.01, 1 step, meta-batch 25
     "omniglot-5w1s": ("omniglot-5w1s", {}),      # Conv4 stride 2, 28×28, α=0.4, 1 step, meta-batch 32, 1 query/class
+    "omniglot-5w1s-mb8": ("omniglot-5w1s", dict(meta_batch=8)),  # the same with 8 tasks per meta-iteration
     # the setting of issue 8's table: Conv4 with max-pool, 15 queries per class
     "omniglot-5w1s-q15": ("omniglot-5w1s", dict(pool=True, k_query=15)),
     "omniglot-20w1s": ("omniglot-20w1s", {}),    # Conv4 stride 2, 28×28, α=0.1, 5 steps, meta-batch 16

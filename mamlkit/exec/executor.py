@@ -24,6 +24,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mamlkit.base.batch import TaskBatch
@@ -111,8 +112,10 @@ class Executor:
         return not self.strategy.auto
 
     def ready(self, learner: Any, batch: TaskBatch) -> None:
-        """Before a learner's meta-loss or meta-gradient: run ``auto``'s trial on ``batch`` if it has not run."""
-        if self.strategy.auto and not self._settling:
+        """Before a learner's meta-loss or meta-gradient: run ``auto``'s trial on ``batch`` if it has not run.
+        Not under ``torch.no_grad()``: the trial times meta-gradients, and a call without one (finite
+        differences, a validation loss) runs as the strategy starts, with the same numbers."""
+        if self.strategy.auto and not self._settling and torch.is_grad_enabled():
             self.settle(learner, batch, say=log.info)
 
     def settle(self, learner: Any, batch: TaskBatch, *, iterations: int | None = None,
