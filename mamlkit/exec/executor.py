@@ -14,6 +14,10 @@ It holds everything about *how*, and nothing about *what*:
 * the compiled CPU kernels' switch (``fast_kernels``): the executor installs them, ``functional.call``
   only runs the module view the executor set.
 
+Every per-task run, whatever the strategy (vmap, loop, worker threads, compiled), is wrapped in the modes
+of :func:`mamlkit.exec.strategies.task_modes`: the one place where engine-level modes (exact norms under
+vmap, the kernels per task) are entered.
+
 Built once, from a :class:`~mamlkit.config.TrainConfig` (:meth:`Executor.from_config`) or from keyword
 arguments (``mamlkit.MAML(model, strategy="loop", chunk_size=4)`` forwards them here).
 """
