@@ -123,7 +123,7 @@ def worker_train(workload: str, algo: str, budget: float, eval_tasks: int, threa
             "tasks_per_s": step * cfg.meta_batch / compute, "step_ms": 1000 * compute / step,
             "peak_mb": peak, "metric": mean, "ci": ci, "eval_steps": steps,
             "metric1": mean1, "ci1": ci1,
-            "train_loss": stats["loss"], "strategy": learner.strategy.name}
+            "train_loss": stats["loss"], "strategy": learner.executor.strategy.name}
 
 
 def worker_steptime(threads: int, reps: int) -> list[dict]:

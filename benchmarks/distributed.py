@@ -62,7 +62,7 @@ def main() -> None:
             print(json.dumps({"preset": args.preset, "ranks": world.size, "threads_per_rank": args.threads,
                               "meta_batch": cfg.meta_batch, "iters": args.iters, "seconds": round(elapsed, 3),
                               "tasks_per_s": round(args.iters * cfg.meta_batch / elapsed, 2),
-                              "strategy": learner.strategy.name, "torch": torch.__version__,
+                              "strategy": learner.executor.strategy.name, "torch": torch.__version__,
                               "machine": platform.processor() or platform.machine()}))
 
 

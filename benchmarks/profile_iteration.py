@@ -15,7 +15,6 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from mamlkit.exec import tuning
 from mamlkit.loop import train
 from mamlkit.presets import preset_config
 from mamlkit.tasks import get_family, task_generator
@@ -40,7 +39,7 @@ def main() -> None:
     def batch(step):
         return tasks.sample(cfg.meta_batch, task_generator(cfg.seed, "train", step))
 
-    tuning.settle_strategy(learner, batch(0), iterations=cfg.iterations)
+    learner.executor.settle(learner, batch(0), iterations=cfg.iterations)
     for step in range(2):  # warm-up
         opt.zero_grad()
         learner.meta_backward(batch(step))
@@ -58,7 +57,7 @@ def main() -> None:
                 opt.step()
     totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key in PHASES}
     whole = sum(totals.values())
-    print(f"{args.preset}, strategy {learner.strategy.name}, {args.iters} meta-iterations, {args.threads} thread(s), "
+    print(f"{args.preset}, strategy {learner.executor.strategy.name}, {args.iters} meta-iterations, {args.threads} thread(s), "
           f"torch {torch.__version__}")
     print("| phase | ms per meta-iteration | share |")
     print("|---|---|---|")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 WORKLOADS = {
     "sinusoid": ("sinusoid", {}),                # MLP 1-40-40-1, K=10, α=0.01, 1 step, meta-batch 25
     "omniglot-5w1s": ("omniglot-5w1s", {}),      # Conv4 stride 2, 28×28, α=0.4, 1 step, meta-batch 32, 1 query/class
+    "omniglot-5w1s-mb8": ("omniglot-5w1s", dict(meta_batch=8)),  # the same with 8 tasks per meta-iteration
     # Conv4 with max-pool and 15 queries per class, where the pooling and batch-norm passes are a third of the time
     "omniglot-5w1s-q15": ("omniglot-5w1s", dict(pool=True, k_query=15)),
     "omniglot-20w1s": ("omniglot-20w1s", {}),    # Conv4 stride 2, 28×28, α=0.1, 5 steps, meta-batch 16
@@ -93,7 +94,7 @@ def workload_model(name: str, dtype=torch.float32):
 
 CHOSEN: dict[str, str] = {}  # what `auto` settled on in this process
 
-def make_mamlkit(strategy, fast_kernels=True, **kw):
+def make_mamlkit(strategy, fast_kernels=True, api=False, **kw):
     def setup(model, w):
         import mamlkit
         from mamlkit.exec import kernels
@@ -107,15 +108,14 @@ def make_mamlkit(strategy, fast_kernels=True, **kw):
         learner = mamlkit.MAML(model, inner_lr=w["inner_lr"], inner_steps=w["steps"], loss_fn=w["loss"],
                                kind="classification" if w["loss"] is F.cross_entropy else "regression",
                                strategy=strategy, first_order=w["first_order"], **kw)
-        if strategy == "auto":  # settle it as the trainer does, on the first batch
-            from mamlkit.exec.tuning import settle_strategy
-
+        if strategy == "auto" and not api:  # settle it as the trainer does, on the first batch
             p0 = next(model.parameters())
             first = w["first_batch"] if "first_batch" in w else workload_data(w["name"], 1, p0.dtype)[0].to(p0.device)
-            settle_strategy(learner, first, iterations=10**6, say=lambda m: print(m, file=sys.stderr))
+            learner.executor.settle(learner, first, iterations=10**6, say=lambda m: print(m, file=sys.stderr))
             if "strategy" not in CHOSEN:  # the float32 run's choice and the trial's own peak, for the table
-                CHOSEN.update(strategy=learner.strategy.name, trial_mb=f"{peak_rss_mb():.0f}")
+                CHOSEN.update(strategy=learner.executor.strategy.name, trial_mb=f"{peak_rss_mb():.0f}")
                 reset_peak_rss()  # so that the table's peak RSS is training's, after the one-off trial
+        # api: as a user of the Python API runs it; auto's trial runs on the first call (in the warm-up)
         return lambda batch: learner.meta_backward(batch)
     return setup
 
@@ -273,7 +273,8 @@ def setup_jax(model, w):
     return step
 
 
-IMPLS = {"mamlkit": make_mamlkit("auto"), "mamlkit-vmap": make_mamlkit("vmap"),
+IMPLS = {"mamlkit": make_mamlkit("auto"), "mamlkit-api": make_mamlkit("auto", api=True),
+         "mamlkit-vmap": make_mamlkit("vmap"),
          "mamlkit-loop": make_mamlkit("loop"), "mamlkit-threads": make_mamlkit("threads"),
          "mamlkit-compile": make_mamlkit("compile"),
          # "-tk": on torch's kernels (mamlkit.exec.kernels off), to measure what the compiled kernels give in one run

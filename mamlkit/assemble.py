@@ -31,8 +31,6 @@ def assemble(cfg: config.TrainConfig, spec: dict[str, Any], state: dict[str, tor
         model = build_model(spec)
     model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
     learner = build_learner(cfg.algo, model, cfg)
-    if learner.strategy.compiled and not getattr(learner, "compilable", False):
-        raise config.ConfigError(f"--strategy compile is not available for --algo {cfg.algo}; use auto, vmap or loop")
     if state is not None:
         restore(learner, state)
     return learner

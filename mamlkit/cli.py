@@ -195,16 +195,15 @@ def _baseline(trainer):
     if (folder / "checkpoint.safetensors").exists():
         baseline = train.load_trainer(folder)
     else:
+        # the run's execution settings; the baseline has no inner loop to checkpoint
         cfg = trainer.cfg.replace(algo="pretrain", compare_pretrained=False, run_name="pretrained",
-                                  checkpoint_inner=False,
-                                  strategy="vmap" if trainer.cfg.strategy == "compile" else trainer.cfg.strategy)
+                                  checkpoint_inner=False)
         baseline = train.new_trainer(cfg, folder)
     return train.fit(baseline)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from mamlkit.eval import reports
-    from mamlkit.exec import kernels
     from mamlkit.loop import train
 
     main = train.load_trainer(args.run, resume=False)  # evaluation needs no optimiser, step or RNG state
@@ -213,7 +212,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them, or "
                         "--out DIR to write this evaluation elsewhere")
-    kernels.set_enabled(main.cfg.fast_kernels)
     cfg = main.cfg if args.eval_tasks is None else main.cfg.replace(eval_tasks=args.eval_tasks)
     learners = {main.learner.name: main.learner}
     baseline = Path(args.baseline) if args.baseline else main.run_dir / "pretrained"

@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from mamlkit.base.choices import BN_MODES, STRATEGIES, bad_choice
 from mamlkit.base.errors import UserError
 
 
@@ -145,16 +146,15 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(self.loss in ("mse", "cross_entropy"), f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
-        need(self.strategy in ("auto", "vmap", "loop", "threads", "compile"),
-             f"strategy must be auto, vmap, loop, threads or compile, got {self.strategy!r}")
+        for field, options in (("strategy", STRATEGIES), ("bn_mode", BN_MODES)):
+            msg = bad_choice(field, getattr(self, field), options)
+            need(msg is None, msg or "")
         need(self.memory_budget >= 0, f"memory_budget must be >= 0 MB (0: no limit), got {self.memory_budget}")
         need(not self.checkpoint_inner
              or (self.algo in ("maml", "fomaml") and self.strategy in ("auto", "loop", "threads")),
              "checkpoint_inner works with --algo maml or fomaml and --strategy auto, loop or threads, got "
              f"--algo {self.algo} --strategy {self.strategy}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
-        need(self.bn_mode in ("transductive", "support"),
-             f"bn_mode must be transductive or support, got {self.bn_mode!r}")
         need(self.split in ("paper", "background"), f"split must be paper or background, got {self.split!r}"
              + (" (the official background/evaluation split is called 'background')"
                 if self.split == "vinyals" else ""))

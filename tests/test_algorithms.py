@@ -8,6 +8,7 @@ from torch import nn
 
 from mamlkit.algorithms import ALGORITHMS, MetaLearner, build_learner
 from mamlkit.algorithms.anil import ANIL
+from mamlkit.algorithms.boil import BOIL
 from mamlkit.algorithms.imaml import IMAML
 from mamlkit.algorithms.maml import MAML
 from mamlkit.algorithms.mamlpp import MAMLPlusPlus, msl_weights
@@ -90,6 +91,44 @@ def test_metasgd_with_all_rates_alpha_equals_maml(strategy):
     # The rates are meta-learned: each gets its own non-zero gradient, named inner_lr/<param>.
     assert set(msgd.meta_parameters()) - set(g1) == {f"inner_lr/{k}" for k in g1}
     assert all(g2[f"inner_lr/{k}"].abs().sum() > 0 for k in g1)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_boil_is_maml_with_the_heads_inner_rate_zero(strategy, first_order):
+    """BOIL (Oh et al. 2021) freezes the head in the inner loop: the paper's inner rate 0 for the head. So
+    it equals Meta-SGD whose head rates are all 0 and body rates α (loss, model gradients, evaluation),
+    its head leaves ``adapt`` unchanged, and it is not MAML (whose head adapts)."""
+    batch = sinusoid_batch()
+    boil = BOIL(mlp(), inner_lr=0.1, inner_steps=3, first_order=first_order, strategy=strategy)
+    msgd = MetaSGD(mlp(), inner_lr=0.1, inner_steps=3, first_order=first_order, strategy=strategy)
+    with torch.no_grad():
+        for k, rate in msgd.inner_lrs.items():
+            if k.startswith("4."):  # the MLP's last Linear is the head
+                rate.zero_()
+    (l1, g1), (l2, g2) = grads_of(boil, batch), grads_of(msgd, batch)
+    assert torch.allclose(l1, l2, atol=ATOL, rtol=0)
+    assert_same(g1, g2, keys=list(g1))
+    assert torch.allclose(boil.adapted_losses(batch, 2)[0], msgd.adapted_losses(batch, 2)[0], atol=ATOL)
+    fast = boil.adapt(batch.support_x[0], batch.support_y[0], 2)
+    params = dict(boil.model.named_parameters())
+    assert torch.equal(fast["4.weight"], params["4.weight"]) and torch.equal(fast["4.bias"], params["4.bias"])
+    assert not torch.equal(fast["0.weight"], params["0.weight"])  # the body adapted
+    l3, _ = grads_of(MAML(mlp(), inner_lr=0.1, inner_steps=3, first_order=first_order, strategy=strategy), batch)
+    assert abs(l3 - l1) > 1e-6
+
+
+def test_boil_on_conv4_freezes_the_head_and_is_registered():
+    batch = image_batch(tasks=2)
+    cfg = TrainConfig(dtype="float64", loss="cross_entropy", inner_lr=0.3, inner_steps=2, strategy="loop")
+    boil = build_learner("boil", tiny_conv4(), cfg)
+    maml = MAML(tiny_conv4(), inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="loop",
+                adapt_filter=lambda n: not n.startswith("head."))
+    assert boil.name == "boil" and isinstance(boil, MetaLearner)
+    (l1, g1), (l2, g2) = grads_of(boil, batch), grads_of(maml, batch)
+    assert torch.equal(l1, l2) and all(torch.equal(g1[k], g2[k]) for k in g1)
+    fast = boil.adapt(batch.support_x[0], batch.support_y[0])
+    assert torch.equal(fast["head.weight"], boil.model.head.weight)
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "loop"])

@@ -182,7 +182,7 @@ def test_without_a_compiler_everything_runs_on_torch(monkeypatch, caplog):
         assert "_MaxPool2d" not in F.max_pool2d(x, 2).grad_fn.name()
     model, batch = pooled_conv_model(), image_batch(tasks=2)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn="cross_entropy", strategy="loop")
-    assert learner.strategy == strategies.Strategy(False)
+    assert learner.executor.strategy == strategies.Strategy(False)
     assert torch.isfinite(meta_grad(learner, batch)).all()
 
 

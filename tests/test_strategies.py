@@ -1,6 +1,7 @@
 """Execution strategies: compile, checkpointed inner loop, the measured ``auto`` choice and
 the memory estimate. Every strategy must give the reference loop's meta-gradient (float64, 1e-10)."""
 
+import logging
 import re
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_compiled_meta_gradient_equals_the_loop_with_layer_norm():
     # one graph: a graph break inside the grad transform made the compiled step ~9× slower once
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert rel(meta_grad(compiled, batch), ref) < 1e-10  # the second call reuses the compiled function
-    assert len(compiled.strategy.cache) == 1
+    assert len(compiled.executor.strategy.cache) == 1
     # and the native (inexact under vmap) layer norm really is on the path being tested
     assert rel(meta_grad(mamlkit.MAML(model, strategy="vmap", **kw), batch), ref) < 1e-10
 
@@ -79,7 +80,7 @@ def test_checkpointed_inner_loop_memory_does_not_grow_with_steps():
     def peak(steps, ckpt):
         learner = mamlkit.MAML(model, inner_lr=0.1, inner_steps=steps, loss_fn="cross_entropy", strategy="loop",
                                checkpoint_inner=ckpt)
-        return meta_backward_peak(learner, batch, learner.strategy)
+        return meta_backward_peak(learner, batch, learner.executor.strategy)
 
     plain = [peak(s, False) for s in (1, 4, 8)]
     ckpt = [peak(s, True) for s in (1, 4, 8)]
@@ -91,9 +92,9 @@ def test_checkpointed_inner_loop_memory_does_not_grow_with_steps():
 def test_memory_estimate_predicts_the_vmap_peak():
     model, batch = conv_model(), image_batch(tasks=6)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="vmap")
-    fixed, per_task, exact = tuning.estimate(learner, batch, learner.strategy)
+    fixed, per_task, exact = tuning.estimate(learner, batch, learner.executor.strategy)
     assert per_task > 0 and exact
-    measured = meta_backward_peak(learner, batch, learner.strategy)
+    measured = meta_backward_peak(learner, batch, learner.executor.strategy)
     assert abs(fixed + 6 * per_task - measured) < 0.15 * measured
 
 
@@ -101,7 +102,7 @@ def test_memory_budget_chunks_vmap_and_keeps_the_gradient():
     model, batch = conv_model(), image_batch(tasks=6)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="vmap")
     ref = meta_grad(learner, batch)
-    fixed, per_task, _ = tuning.estimate(learner, batch, learner.strategy)
+    fixed, per_task, _ = tuning.estimate(learner, batch, learner.executor.strategy)
     budget_mb = (fixed + 2.5 * per_task) / 2**20
     said = []
     chosen = tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=budget_mb, say=said.append)
@@ -115,7 +116,7 @@ def test_memory_budget_chunks_vmap_and_keeps_the_gradient():
 def test_auto_times_only_exact_candidates_and_leaves_no_trace():
     model, batch = conv_model(), image_batch(tasks=8)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy")
-    assert learner.strategy.auto and not learner.strategy.vectorize  # conv on CPU starts as the loop
+    assert learner.executor.strategy.auto and not learner.executor.strategy.vectorize  # conv on CPU starts as the loop
     ref = meta_grad(mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="loop"), batch)
     for p in learner.meta_parameters().values():
         p.grad = None
@@ -155,10 +156,10 @@ def test_resume_keeps_the_measured_strategy(tmp_path):
                                          tensorboard=False, hidden_sizes=(8,), meta_batch=3, out_dir=str(tmp_path),
                                          checkpoint_every=2, compare_pretrained=False))
     trainer = train.fit(train.new_trainer(cfg, tmp_path / "r"), stop_at=2)
-    assert trainer.learner.strategy.name == "vmap"
+    assert trainer.learner.executor.strategy.name == "vmap"
     train.save_checkpoint(trainer, tmp_path / "r" / "checkpoint.safetensors")
     resumed = train.load_trainer(tmp_path / "r")
-    assert resumed.learner.strategy.name == "vmap" and not resumed.learner.strategy.auto
+    assert resumed.learner.executor.strategy.name == "vmap" and not resumed.learner.executor.strategy.auto
 
 
 @pytest.mark.parametrize("args, message", [
@@ -196,8 +197,8 @@ def test_threads_equal_the_loop_bitwise(workers, first_order, checkpoint_inner):
               checkpoint_inner=checkpoint_inner)
     ref = meta_grad(mamlkit.MAML(model, strategy="loop", **kw), batch)
     learner = mamlkit.MAML(model, **kw)
-    learner.strategy = strategies.Strategy(False, workers=workers)
-    assert learner.strategy.name == f"threads(workers={workers})"
+    learner.executor.strategy = strategies.Strategy(False, workers=workers)
+    assert learner.executor.strategy.name == f"threads(workers={workers})"
     for _ in range(2):  # and deterministic
         assert torch.equal(meta_grad(learner, batch), ref)
     # evaluation runs through the same threads, under the caller's no_grad
@@ -211,7 +212,7 @@ def test_threads_keep_the_callers_thread_count_and_refuse_dropout():
     model, batch = conv_model(), image_batch(tasks=4)
     before = torch.get_num_threads()
     learner = mamlkit.MAML(model, inner_lr=0.3, loss_fn="cross_entropy", strategy="threads")
-    assert learner.strategy.name == "threads" and learner.strategy.num_workers() == before
+    assert learner.executor.strategy.name == "threads" and learner.executor.strategy.num_workers() == before
     learner.meta_backward(batch)
     assert torch.get_num_threads() == before  # workers run one intra-op thread each, the caller keeps its own
     dropout = nn.Sequential(conv_model(), nn.Dropout(0.1))
@@ -235,10 +236,10 @@ def test_training_with_threads_equals_the_loop_and_resumes_as_threads(tmp_path):
 
     loop = train.fit(train.new_trainer(cfg("loop"), tmp_path / "loop"))
     first = train.fit(train.new_trainer(cfg("threads"), tmp_path / "t"), stop_at=2)
-    assert first.learner.strategy.name == "threads"
+    assert first.learner.executor.strategy.name == "threads"
     train.save_checkpoint(first, tmp_path / "t" / "checkpoint.safetensors")
     resumed = train.load_trainer(tmp_path / "t")
-    assert resumed.learner.strategy.name == "threads"
+    assert resumed.learner.executor.strategy.name == "threads"
     train.fit(resumed)
     for k, p in loop.learner.meta_parameters().items():
         assert torch.equal(p, resumed.learner.meta_parameters()[k]), k
@@ -270,8 +271,8 @@ def test_auto_times_candidates_interleaved_and_skips_one_that_fails(monkeypatch)
 
     def spy(self, b):
         if timing:  # the memory estimate runs meta_backward too: only the timed trial is watched
-            order.append(self.strategy.name)
-            if self.strategy.vectorize and not self.strategy.chunk_size:
+            order.append(self.executor.strategy.name)
+            if self.executor.strategy.vectorize and not self.executor.strategy.chunk_size:
                 raise RuntimeError("pretend vmap cannot batch an operation")
         return real(self, b)
 
@@ -334,17 +335,17 @@ def test_estimate_stops_at_one_task_when_that_already_rules_a_candidate_out(monk
         return real(lrn, b, strategy, limit)
 
     monkeypatch.setattr(tuning, "meta_backward_peak", spy)
-    fixed, per_task, exact = tuning.estimate(learner, batch, learner.strategy)
+    fixed, per_task, exact = tuning.estimate(learner, batch, learner.executor.strategy)
     assert sizes == [1, 2] and fixed > 0 and exact
     sizes.clear()
     one = fixed + per_task
     # 8 tasks of one task's memory exceed the limit: the one-task probe stops once it holds more than
     # limit / 8 (a lower bound, and no higher process peak), and two tasks are not measured
-    got_fixed, got_per_task, exact = tuning.estimate(learner, batch, learner.strategy, enough=4 * one)
+    got_fixed, got_per_task, exact = tuning.estimate(learner, batch, learner.executor.strategy, enough=4 * one)
     assert got_fixed == 0 and not exact and one / 2 < got_per_task <= one
     assert sizes == [1]
     sizes.clear()
-    assert tuning.estimate(learner, batch, learner.strategy, enough=9 * one) == (fixed, per_task, True)
+    assert tuning.estimate(learner, batch, learner.executor.strategy, enough=9 * one) == (fixed, per_task, True)
     assert sizes == [1, 2]
     sizes.clear()
     # a budget below one task: nothing fits, and finding that out takes one task's measurement only
@@ -365,3 +366,47 @@ def test_a_probe_with_a_limit_stops_as_soon_as_it_holds_more():
     assert stop.value.nbytes == 12_000 and len(held) == 2  # the third allocation is not returned to grow
     held.clear()
     assert peak_tensor_bytes(grow, limit=None) == 40_000
+
+
+# --- the executor: auto's trial in the Python API, candidates that cannot run ---------------------
+
+
+def test_auto_measures_on_the_first_call_of_the_python_api_and_stays_exact(caplog):
+    model, batch = conv_model(), image_batch(tasks=8)
+    kw = dict(inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy")
+    ref = meta_grad(mamlkit.MAML(model, strategy="loop", **kw), batch)
+    learner = mamlkit.MAML(model, **kw)
+    assert not learner.executor.settled
+    with caplog.at_level(logging.INFO, logger="mamlkit"):
+        got = meta_grad(learner, batch)  # the trial runs first, then this call's own meta-gradient
+    assert learner.executor.settled and "strategy timing" in caplog.text
+    assert rel(got, ref) < 1e-10  # the trial left no gradient behind
+    loss, _ = learner.meta_loss(batch)  # settled: no second trial
+    assert caplog.text.count("strategy timing") == 1
+    other = mamlkit.MAML(model, **kw)
+    assert other.tune(batch) == other.executor.strategy.name and other.executor.settled
+
+
+class _ItemScale(nn.Module):
+    """Reads a tensor's value in Python, which vmap cannot batch (the loop can)."""
+
+    def forward(self, x):
+        return x * (1.0 + 0.0 * x.detach().abs().max().item())
+
+
+def test_auto_drops_a_candidate_that_raises_and_an_explicit_one_fails_clearly(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), _ItemScale(), nn.Tanh(), nn.Linear(8, 1)).double()
+    g = torch.Generator().manual_seed(1)
+    batch = TaskBatch(*(torch.randn(3, 5, 1, generator=g, dtype=torch.float64) for _ in range(4)))
+    kw = dict(inner_lr=0.1, inner_steps=2, loss_fn="mse")
+    ref = meta_grad(mamlkit.MAML(model, strategy="loop", **kw), batch)
+    learner = mamlkit.MAML(model, **kw)  # auto: vmap for a model without convolutions, which raises here
+    with caplog.at_level(logging.INFO, logger="mamlkit"):
+        got = meta_grad(learner, batch)
+    assert "strategy vmap unavailable for this model" in caplog.text and ".item()" in caplog.text
+    assert learner.executor.strategy.name == "loop"
+    assert torch.equal(got, ref)
+    with pytest.raises(mamlkit.UserError, match="strategy vmap cannot run this model"):
+        explicit = mamlkit.MAML(model, strategy="vmap", **kw)
+        explicit.executor.settle(explicit, batch, iterations=10, say=lambda m: None)

@@ -1,6 +1,9 @@
-"""Meta-learning algorithms: one small file each, sharing the engine's pieces, no inheritance.
+"""Meta-learning algorithms: one small file each, supplying only its pieces; no inheritance.
 
-Every algorithm satisfies :class:`MetaLearner` and registers a builder under its ``--algo`` name.
+Each file builds a :class:`~mamlkit.algorithms.driver.Pieces` (which parameters adapt, the inner rule,
+the outer objective, first order or not, extra meta-parameters, a step hook) and hands it to the one
+driver, :class:`~mamlkit.algorithms.driver.Driver`, which satisfies :class:`MetaLearner`. It registers a
+builder ``(model, cfg, executor)`` under its ``--algo`` name.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamlkit.base.batch import TaskBatch
+from mamlkit.exec.executor import Executor
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
 KIND_OF_LOSS = {"mse": "regression", "cross_entropy": "classification"}
@@ -30,14 +34,24 @@ def resolve_loss(loss_fn: str | Callable[[Tensor, Tensor], Tensor], kind: str | 
 
 @runtime_checkable
 class MetaLearner(Protocol):
-    """What the trainer, the evaluator and checkpoints need from an algorithm."""
+    """What the trainer, the evaluator and checkpoints need from an algorithm. Every algorithm is a
+    :class:`~mamlkit.algorithms.driver.Driver` built from its pieces, which provides all of it."""
 
-    name: str
+    name: str  # logged and saved in checkpoints
     model: nn.Module
     kind: str  # "regression" | "classification"
+    bn_mode: str  # "transductive" | "support": the statistics query predictions use (mamlkit.engine.norms)
+    compilable: bool  # whether its per-task function runs under strategy "compile"
+    executor: Executor  # how its tasks run: strategy, chunks, auto's trial (checkpoints record the strategy's name)
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         """Everything the outer optimiser updates: the model's parameters and any learned extras."""
+
+    def buffers(self) -> dict[str, Tensor]:
+        """The model's buffers by name (saved in checkpoints, passed to ``functional.call``)."""
+
+    def set_step(self, step: int) -> None:
+        """The trainer's iteration, before each meta-iteration (step-dependent pieces, e.g. MAML++'s annealing)."""
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         """Mean over tasks of the outer objective, with its graph; ``loss.backward()`` fills ``.grad``."""
@@ -58,8 +72,8 @@ ALGORITHM_USES: dict[str, frozenset[str]] = {}
 
 
 def register(name: str, uses: frozenset[str] = frozenset()):
-    """Register ``builder(model, cfg) -> MetaLearner`` under ``name``; ``uses``: the algorithm-dependent config
-    fields it reads (the CLI refuses the others)."""
+    """Register ``builder(model, cfg, executor) -> MetaLearner`` under ``name``; ``uses``: the algorithm-dependent
+    config fields it reads (the CLI refuses the others)."""
     def deco(builder):
         ALGORITHMS[name] = builder
         ALGORITHM_USES[name] = frozenset(uses)
@@ -68,16 +82,11 @@ def register(name: str, uses: frozenset[str] = frozenset()):
 
 
 def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
-    """Build the algorithm ``name`` for ``model`` from a :class:`~mamlkit.config.TrainConfig`."""
+    """Build the algorithm ``name`` for ``model`` from a :class:`~mamlkit.config.TrainConfig`; its tasks run on
+    the executor the config asks for (:meth:`~mamlkit.exec.executor.Executor.from_config`)."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
-    learner = ALGORITHMS[name](model, cfg)
-    mode = getattr(cfg, "bn_mode", "transductive")
-    if getattr(learner, "bn_mode", "transductive") != mode:
-        from mamlkit.base.errors import UserError
-
-        raise UserError(f"algorithm {name!r} does not support bn_mode={mode!r}; use --bn-mode transductive")
-    return learner
+    return ALGORITHMS[name](model, cfg, Executor.from_config(cfg, model))
 
 
-from mamlkit.algorithms import anil, imaml, maml, mamlpp, metasgd, pretrain, reptile  # noqa: E402,F401  (registration)
+from mamlkit.algorithms import anil, boil, imaml, maml, mamlpp, metasgd, pretrain, reptile  # noqa: E402,F401  (registration)

@@ -19,13 +19,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mamlkit.algorithms import register, resolve_loss
-from mamlkit.base.batch import TaskBatch
-from mamlkit.engine.functional import call, named_buffers, named_params
-from mamlkit.engine.inner import adapt_path, fresh, make_task_fn, path_objective, query_objective
+from mamlkit.algorithms import register
+from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
+from mamlkit.engine.functional import Params, call
+from mamlkit.engine.inner import adapt_path, fresh, make_task_fn
 from mamlkit.engine.norms import SupportStatsNorm
-from mamlkit.engine.rules import sgd
-from mamlkit.exec import strategies
+from mamlkit.engine.rules import InnerRule
+from mamlkit.exec.executor import Executor
 
 
 def split_head(model: nn.Module) -> tuple[str, nn.Module, nn.Module]:
@@ -41,93 +41,63 @@ def split_head(model: nn.Module) -> tuple[str, nn.Module, nn.Module]:
     return name, nn.Sequential(OrderedDict(children[:-1])), head
 
 
-class ANIL:
-    """ANIL over an ``nn.Sequential`` model. Arguments as :class:`~mamlkit.algorithms.maml.MAML`."""
+def _split(prefix: str, tensors: Params) -> tuple[Params, Params]:
+    """``(body, head)``: the head's entries lose their ``prefix``."""
+    n = len(prefix)
+    head = {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k: v for k, v in tensors.items() if not k.startswith(prefix)}, head
 
-    def __init__(self, model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1,
-                 first_order: bool = False, loss_fn: str | Callable[[Tensor, Tensor], Tensor] = "mse",
-                 kind: str | None = None, test_inner_steps: int | None = None, strategy: str = "auto",
-                 chunk_size: int | None = None, name: str = "anil", bn_mode: str = "transductive"):
-        self.loss_fn, self.kind = resolve_loss(loss_fn, kind)
-        self.model, self.name = model, name
-        self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
-        self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
-        self.head_name, self.body, self.head = split_head(model)
-        self.bn_mode = bn_mode  # "support": query features use support-set BN statistics (mamlkit.engine.norms)
-        self.prefix = self.head_name + "."
-        device = next(model.parameters()).device
-        self.strategy = strategies.choose_strategy(strategy, model, device, chunk_size)
 
-    def adapt_filter(self, name: str) -> bool:
-        return name.startswith(self.prefix)
+def _head_task(learner: Driver, theta: Params, rule: InnerRule, *, steps: int, first_order: bool, objective):
+    """The head's inner loop and objective, run on the body's features, computed once per task."""
+    body, head, prefix = learner.body, learner.head, learner.head_name + "."
+    body_params, head_params = _split(prefix, theta)
+    body_buffers, head_buffers = _split(prefix, learner.buffers())
+    head_fn = make_task_fn(head, head_params, head_buffers, loss_fn=learner.loss_fn, rule=rule, steps=steps,
+                           first_order=first_order, objective=objective)
 
-    def meta_parameters(self) -> dict[str, nn.Parameter]:
-        return dict(self.model.named_parameters())
+    def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
+        # Once per task, with the graph to the body kept (exact second order through the body).
+        fs = call(body, body_params, fresh(body_buffers), sx)
+        if learner.bn_mode == "support":
+            with SupportStatsNorm(sx.shape[0]):
+                fq = call(body, body_params, fresh(body_buffers), torch.cat([sx, qx]))[sx.shape[0]:]
+        else:
+            fq = call(body, body_params, fresh(body_buffers), qx)
+        return head_fn(fs, sy, fq, qy)
 
-    def buffers(self) -> dict[str, Tensor]:
-        return named_buffers(self.model)
+    return task_fn
 
-    def _split(self, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        n = len(self.prefix)
-        head = {k[n:]: v for k, v in params.items() if k.startswith(self.prefix)}
-        return {k: v for k, v in params.items() if not k.startswith(self.prefix)}, head
 
-    def _task_fn(self, params, steps: int, first_order: bool, objective=query_objective):
-        body_params, head_params = self._split(params)
-        body_buffers, head_buffers = self._split(self.buffers())
-        # The head's own inner loop and objective, run on features instead of inputs.
-        head_fn = make_task_fn(self.head, head_params, head_buffers, loss_fn=self.loss_fn,
-                               rule=sgd(self.inner_lr), steps=steps, first_order=first_order,
-                               objective=objective)
+def _head_adapt(learner: Driver, theta: Params, rule: InnerRule, support_x: Tensor, support_y: Tensor,
+                steps: int) -> Params:
+    """Adapt the head to one task on the body's features; every parameter (body shared, head adapted)."""
+    prefix = learner.head_name + "."
+    body_params, head_params = _split(prefix, theta)
+    body_buffers, head_buffers = _split(prefix, learner.buffers())
+    feats = call(learner.body, body_params, fresh(body_buffers), support_x).detach()
 
-        def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
-            # Once per task, with the graph to the body kept (exact second order through the body).
-            fs = call(self.body, body_params, fresh(body_buffers), sx)
-            if self.bn_mode == "support":
-                with SupportStatsNorm(sx.shape[0]):
-                    fq = call(self.body, body_params, fresh(body_buffers), torch.cat([sx, qx]))[sx.shape[0]:]
-            else:
-                fq = call(self.body, body_params, fresh(body_buffers), qx)
-            return head_fn(fs, sy, fq, qy)
+    def loss(fast, x, y):
+        return learner.loss_fn(call(learner.head, fast, fresh(head_buffers), x), y)
 
-        return task_fn
+    path = adapt_path(loss, head_params, feats, support_y, rule=rule, steps=steps, first_order=True)
+    return {**body_params, **{prefix + k: v.detach() for k, v in path[-1].items()}}
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        fn = self._task_fn(named_params(self.model), self.inner_steps, self.first_order)
-        losses, preds = strategies.map_tasks(fn, batch, self.strategy)
-        return losses.mean(), strategies.task_metrics(losses, preds, batch.query_y, self.kind)
 
-    def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
-        fn = self._task_fn(named_params(self.model), self.inner_steps, self.first_order)
-        losses, preds = strategies.backward_tasks(fn, batch, self.strategy, weight,
-                                              self.meta_parameters().values())
-        return strategies.task_metrics(losses, preds, batch.query_y, self.kind)
-
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
-        """Adapt the head to one task; returns every parameter (body shared, head adapted), detached."""
-        steps = self.test_inner_steps if steps is None else steps
-        params = {k: v.detach() for k, v in named_params(self.model).items()}
-        body_params, head_params = self._split(params)
-        body_buffers, head_buffers = self._split(self.buffers())
-        feats = call(self.body, body_params, fresh(body_buffers), support_x).detach()
-
-        def loss(fast, x, y):
-            return self.loss_fn(call(self.head, fast, fresh(head_buffers), x), y)
-
-        path = adapt_path(loss, head_params, feats, support_y, rule=sgd(self.inner_lr), steps=steps,
-                          first_order=True)
-        return {**body_params, **{self.prefix + k: v.detach() for k, v in path[-1].items()}}
-
-    def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
-        params = {k: v.detach() for k, v in named_params(self.model).items()}
-        fn = self._task_fn(params, steps, first_order=True, objective=path_objective(self.kind))
-        losses, accs = strategies.map_tasks(fn, batch, self.strategy)
-        return losses.detach(), accs.detach()
+def ANIL(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
+         loss_fn: str | Callable[[Tensor, Tensor], Tensor] = "mse", kind: str | None = None,
+         test_inner_steps: int | None = None, name: str = "anil", bn_mode: str = "transductive",
+         executor: Executor | None = None, **execution) -> Driver:
+    """ANIL over an ``nn.Sequential`` model. Arguments as :func:`~mamlkit.algorithms.maml.MAML`."""
+    head_name, body, head = split_head(model)
+    prefix = head_name + "."
+    pieces = Pieces(name=name, inner_steps=inner_steps, test_inner_steps=test_inner_steps, inner_lr=inner_lr,
+                    adapts=lambda k: k.startswith(prefix), first_order=lambda step: first_order,
+                    task=_head_task, adapt=_head_adapt, info={"head_name": head_name, "body": body, "head": head})
+    return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
 @register("anil", uses=frozenset({"first_order"}))
-def build(model: nn.Module, cfg) -> ANIL:
+def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """ANIL (Raghu et al. 2020): only the head adapts; body features computed once per task."""
-    return ANIL(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
-                loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
-                chunk_size=cfg.chunk_size or None, bn_mode=cfg.bn_mode)
+    return ANIL(model, **config_keywords(cfg, executor))

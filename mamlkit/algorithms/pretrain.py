@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from mamlkit.algorithms import register
+from mamlkit.algorithms.driver import Driver
 from mamlkit.algorithms.maml import MAML
+from mamlkit.exec.executor import Executor
 
 
 def joint_objective(path, loss, sx, sy, qx, qy, predict, loss_fn):
@@ -22,8 +24,7 @@ def joint_objective(path, loss, sx, sy, qx, qy, predict, loss_fn):
 
 
 @register("pretrain")
-def build(model: nn.Module, cfg) -> MAML:
-    return MAML(model, inner_lr=cfg.inner_lr, inner_steps=0, loss_fn=cfg.loss,
-                test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
-                chunk_size=cfg.chunk_size or None, objective=joint_objective, name="pretrain",
-                bn_mode=cfg.bn_mode)
+def build(model: nn.Module, cfg, executor: Executor) -> Driver:
+    """The pretrained baseline (Finn et al. 2017): joint training on all tasks, MAML's fine-tuning at test."""
+    return MAML(model, inner_lr=cfg.inner_lr, inner_steps=0, loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps,
+                objective=joint_objective, name="pretrain", bn_mode=cfg.bn_mode, executor=executor)

@@ -146,20 +146,24 @@ def query_objective(path: list[Params], loss: Callable, sx: Tensor, sy: Tensor, 
 def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], *,
                  loss_fn: LossFn, rule: InnerRule, steps: int, first_order: bool,
                  adapt_filter: Callable[[str], bool] | None = None,
-                 objective: Objective = query_objective, checkpoint: bool = False) -> Callable:
+                 objective: Objective = query_objective, checkpoint: bool = False,
+                 inner: Callable[[Callable, Params], Callable] | None = None) -> Callable:
     """The per-task function ``fn(sx, sy, qx, qy) -> (loss, query_pred)`` that every strategy runs.
 
     Parameters whose name passes ``adapt_filter`` (all, by default) are adapted; the rest are
-    shared by all tasks and only meta-learned. ``checkpoint``: see :func:`adapt_path`.
+    shared by all tasks and only meta-learned. ``checkpoint``: see :func:`adapt_path`. ``inner(loss, θ0)``:
+    the inner objective made from the support loss (e.g. :func:`proximal`); default: the support loss.
+    The outer objective sees the support loss itself.
     """
     fast0, shared = split_params(params, adapt_filter)
     loss = support_loss_fn(model, loss_fn, shared, buffers)
+    inner_loss = loss if inner is None else inner(loss, fast0)
 
     def predict(fast: Params, x: Tensor) -> Tensor:
         return call(model, {**shared, **fast}, fresh(buffers), x)
 
     def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-        path = adapt_path(loss, fast0, sx, sy, rule=rule, steps=steps, first_order=first_order,
+        path = adapt_path(inner_loss, fast0, sx, sy, rule=rule, steps=steps, first_order=first_order,
                           checkpoint=checkpoint)
         return objective(path, loss, sx, sy, qx, qy, predict=predict, loss_fn=loss_fn)
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-BN_MODES = ("transductive", "support")
+from mamlkit.base.choices import BN_MODES
 
 
 def _support_batch_norm(n: int, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,

@@ -76,16 +76,15 @@ def meta_backward_peak(learner: Any, batch, strategy, limit: int | None = None) 
     """Peak tensor bytes of one ``learner.meta_backward(batch)`` under ``strategy``; the gradients
     it accumulates are removed again, so the learner's state is unchanged. ``limit``: as in
     :func:`peak_tensor_bytes`."""
-    saved, learner.strategy = learner.strategy, strategy
     params = list(learner.meta_parameters().values())
     grads = [p.grad for p in params]
     try:
         for p in params:
             p.grad = None
-        with torch.random.fork_rng(devices=[]):  # dropout draws must not shift the run's RNG
+        # dropout draws must not shift the run's RNG
+        with torch.random.fork_rng(devices=[]), learner.executor.using(strategy):
             return peak_tensor_bytes(lambda: learner.meta_backward(batch), limit)
     finally:
-        learner.strategy = saved
         for p, g in zip(params, grads):
             p.grad = g
 

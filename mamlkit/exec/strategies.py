@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlkit.base.batch import TaskBatch
+from mamlkit.base.choices import STRATEGIES, check_choice
 from mamlkit.engine import functional
 from mamlkit.engine.functional import ExactNorms
 from mamlkit.exec import kernels, threads
@@ -50,7 +51,6 @@ from mamlkit.exec import kernels, threads
 log = logging.getLogger("mamlkit")
 
 TaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-STRATEGIES = ("auto", "vmap", "loop", "threads", "compile")
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,7 @@ def choose_strategy(requested: str, model: nn.Module, device: torch.device | str
     ``checkpoint_inner``) and is settled by :func:`autotune` on the first training batch.
     Every strategy is exact. A checkpointed inner loop (``checkpoint_inner``) runs only in the loop.
     """
-    if requested not in STRATEGIES:
-        raise ValueError(f"unknown strategy {requested!r}; choose one of {', '.join(STRATEGIES)}")
+    check_choice("strategy", requested, STRATEGIES)
     if checkpoint_inner and requested in ("vmap", "compile"):
         raise ValueError(f"checkpoint_inner runs only with strategy loop, threads or auto, not {requested}: "
                          "torch.func transforms cannot recompute a checkpointed step")
@@ -138,13 +137,22 @@ def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
 
 
+def task_modes(vectorized: bool, kernel_key: Hashable = None) -> contextlib.AbstractContextManager:
+    """The modes every per-task run is wrapped in, whatever the strategy: the one place where the executor
+    enters them. Under vmap (eager or compiled), :class:`ExactNorms` (normalisation exact at second
+    order); per task (loop, threads), the compiled CPU kernels (:func:`mamlkit.exec.kernels.fast`), keyed by
+    the per-task code and shapes. Engine-level modes that must wrap every strategy's run go here. A plain
+    function returning the mode (no generator), so that torch.compile traces it inside the compiled strategy."""
+    return ExactNorms() if vectorized else kernels.fast(kernel_key)
+
+
 def _run(fn: TaskFn, batch: TaskBatch, vectorize: bool) -> tuple[Tensor, Tensor]:
     args = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     if vectorize:
         # randomness="different": a model with dropout gets independent masks per task, as in the loop.
-        with ExactNorms():
+        with task_modes(True):
             return torch.vmap(fn, randomness="different")(*args)
-    with kernels.fast(_kernel_key(fn, batch)):
+    with task_modes(False, _kernel_key(fn, batch)):
         outs = [fn(*(a[i] for a in args)) for i in range(batch.num_tasks)]
     return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
@@ -240,7 +248,7 @@ def _in_worker(job: Callable, grad_enabled: bool, kernel_key: tuple) -> Callable
     ``functional.call`` uses a per-thread replica of each module (``functional_call`` swaps a module's
     tensors while it runs, so two threads must not share one module)."""
     def run(*args):
-        with torch.set_grad_enabled(grad_enabled), functional.thread_replicas(), kernels.fast(kernel_key):
+        with torch.set_grad_enabled(grad_enabled), functional.thread_replicas(), task_modes(False, kernel_key):
             return job(*args)
     return run
 
@@ -295,7 +303,7 @@ def _threaded_backward(fn: TaskFn, batch: TaskBatch, workers: int, weight: float
 
 def _compiled_grad(build: Callable[[dict[str, Tensor]], TaskFn]) -> Callable:
     def meta(params, sx, sy, qx, qy):
-        with ExactNorms():  # exact second-order normalisation, as in eager vmap
+        with task_modes(True):  # exact second-order normalisation, as in eager vmap
             losses, preds = torch.vmap(build(params), randomness="different")(sx, sy, qx, qy)
         return losses.mean(), (losses.detach(), preds.detach())
 

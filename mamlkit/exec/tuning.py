@@ -119,8 +119,9 @@ def _time_all(learner: Any, batch: TaskBatch, strategies: list[Strategy], rounds
     every candidate's leftovers, each kept in its own malloc arena (mini-ImageNet 5w1s: 2.5 GB before,
     2.2 GB after, the threads candidate's own peak). A strategy that fails its
     warm-up gets ``inf`` (and a message through ``say``); with no ``say`` the error propagates."""
-    saved = learner.strategy
+    executor = learner.executor
     params = list(learner.meta_parameters().values())
+    grads = [p.grad for p in params]
     best = [math.inf] * len(strategies)
     ok = [True] * len(strategies)
     try:
@@ -129,32 +130,37 @@ def _time_all(learner: Any, batch: TaskBatch, strategies: list[Strategy], rounds
                 for i, strategy in enumerate(strategies):
                     if not ok[i]:
                         continue
-                    learner.strategy = strategy
-                    if len(strategies) > 1:
-                        _release_freed_memory()
-                        if r:
-                            learner.meta_backward(batch)
-                    start = time.perf_counter()
+                    start = None
                     try:
-                        learner.meta_backward(batch)
+                        with executor.using(strategy):
+                            if len(strategies) > 1:
+                                _release_freed_memory()
+                                if r:
+                                    learner.meta_backward(batch)
+                            start = time.perf_counter()
+                            learner.meta_backward(batch)
                     except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for torch.compile
-                        if say is None or r:
+                        if say is None:
                             raise
                         ok[i] = False
-                        say(f"mamlkit: strategy {strategy.name} unavailable here ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:120] if str(err) else ''}); skipped")
+                        say(f"mamlkit: strategy {strategy.name} unavailable here ({_reason(err)}); skipped")
                         continue
                     if r:  # round 0 is the warm-up
                         best[i] = min(best[i], time.perf_counter() - start)
         return best
     finally:
-        learner.strategy = saved
-        for p in params:
-            p.grad = None
+        for p, g in zip(params, grads):  # the trial's gradients go; the caller's stay
+            p.grad = g
+
+
+def _reason(err: BaseException) -> str:
+    """One line naming an exception, for the log."""
+    text = str(err).splitlines()[0][:160] if str(err) else ""
+    return f"{type(err).__name__}: {text}"
 
 
 def _candidates(learner: Any, iterations: int) -> list[Strategy]:
-    s = learner.strategy
+    s = learner.executor.strategy
     if not s.auto:
         return [s]
     vmap, loop = Strategy(True, s.chunk_size, auto_chunk=not s.chunk_size), Strategy(False, s.chunk_size)
@@ -174,6 +180,10 @@ def _candidates(learner: Any, iterations: int) -> list[Strategy]:
         out.append(Strategy(True, s.chunk_size, compiled=True))
     return out
 
+
+# Tried only when every candidate raised during its trial (an operation vmap cannot batch, say): the loop
+# runs any model that runs at all.
+_FALLBACKS = [Strategy(False)]
 
 _SIMPLE = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
 
@@ -236,21 +246,34 @@ def tune_malloc() -> bool:
 
 def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_budget_mb: float = 0.0,
                     say: Callable[[str], None] = print) -> Strategy:
-    """Fix ``learner.strategy`` for a run of ``iterations`` meta-iterations on batches like ``batch``.
+    """Fix ``learner.executor.strategy`` for a run of ``iterations`` meta-iterations on batches like ``batch``.
 
     Prints the memory estimate and, with ``auto``, the time per meta-iteration of each candidate.
     Raises :class:`UserError` when no strategy fits ``memory_budget_mb`` (0: no budget).
     """
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
-    options, needs = [], {}
-    for cand in _candidates(learner, iterations):
+    options, needs, failed = [], {}, []
+    candidates = _candidates(learner, iterations)
+    fallbacks = [c for c in _FALLBACKS if c not in candidates]
+    for i, cand in enumerate(candidates + fallbacks):
+        if i >= len(candidates) and (options or not failed):
+            break  # the plain loop only when every candidate raised: auto runs whatever some strategy can
         # one task can tell that a candidate will not be timed (far above the leanest so far) or cannot fit the
         # budget even one task at a time; then the two-task measurement, twice a task's memory, is not made
         if budget is not None:
             enough = budget * batch.num_tasks
         else:
             enough = _skip_above(min(needs.values())) if needs else None
-        fixed, per_task, exact = estimate(learner, batch, cand, enough)
+        try:
+            fixed, per_task, exact = estimate(learner, batch, cand, enough)
+        except Exception as err:  # noqa: BLE001 - a candidate that cannot run this model
+            _release_freed_memory()
+            if not learner.executor.strategy.auto:
+                raise UserError(f"strategy {cand.name} cannot run this model ({_reason(err)}). Use strategy "
+                                "auto, which runs the strategies that work, or loop") from err
+            failed.append(cand)
+            say(f"mamlkit: strategy {cand.name} unavailable for this model ({_reason(err)}); skipped")
+            continue
         _release_freed_memory()  # so that the next measurement does not sit on top of this one's leftovers
         need = fixed + per_task * _together(cand, batch.num_tasks)
         fitted = cand if budget is None else _fit_budget(cand, fixed, per_task, batch.num_tasks, budget)
@@ -272,6 +295,9 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
             chunked = fitted.replace(chunk_size=quarter)
             options.append(chunked)
             needs[chunked.name] = fixed + per_task * quarter
+    if not options and failed and all(c in failed for c in candidates):
+        raise UserError("no execution strategy could run this model: "
+                        + ", ".join(c.name for c in failed) + " raised (see the log)")
     if not options:
         raise UserError(f"no execution strategy fits --memory-budget {memory_budget_mb:g} MB. Raise the "
                         "budget, lower --meta-batch or --inner-steps, or use --checkpoint-inner (memory "
@@ -285,6 +311,9 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
     if len(options) > 1:
         seconds = _time_all(learner, batch, options, rounds=TRIAL_ROUNDS, say=say)
         timed = [(t, c) for t, c in zip(seconds, options) if t < math.inf]
+        if not timed:
+            raise UserError("no execution strategy could run this model: "
+                            + ", ".join(c.name for c in options) + " raised (see the log)")
         say("mamlkit: strategy timing (s per meta-iteration): "
             + ", ".join(f"{c.name} {t:.4f}" for t, c in timed))
         # the fastest, or a leaner one within NEAR_FASTEST of it
@@ -298,5 +327,5 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
             raise UserError(f"--strategy compile failed on this machine ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200] if str(err) else ''}). torch.compile needs a "
                             "working C++ compiler on the CPU; use --strategy vmap (same numbers)") from err
-    learner.strategy = options[0]
-    return learner.strategy
+    learner.executor.strategy = options[0]
+    return options[0]

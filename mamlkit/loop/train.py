@@ -17,7 +17,7 @@ from mamlkit.algorithms import MetaLearner
 from mamlkit.assemble import DTYPES, assemble
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, mean_ci
-from mamlkit.exec import kernels, strategies, threads, tuning
+from mamlkit.exec import threads, tuning
 from mamlkit.loop import distributed
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
 from mamlkit.models import check_model_memory
@@ -60,7 +60,7 @@ def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None =
     tensors["rng/torch"] = trainer.rng_state if trainer.rng_state is not None else checkpoint.rng_tensor()
     state = {"config": trainer.cfg.to_dict(), "model_spec": get_family(trainer.cfg.task).model_spec(trainer.cfg),
              "algo": learner.name, "kind": learner.kind, "step": trainer.step, "optimizer": opt_meta,
-             "strategy": learner.strategy.name, **(extra or {})}
+             "strategy": learner.executor.strategy.name, **(extra or {})}
     checkpoint.save(path, tensors, state)
 
 
@@ -83,9 +83,7 @@ def load_trainer(path: str | Path, run_dir: Path | None = None, resume: bool = T
                                              "adapt (`mamlkit eval`, `mamlkit adapt`), not a run to resume")
         checkpoint.load_optimizer(optimizer, tensors, state, path)
         rng = checkpoint.check_rng(tensors["rng/torch"], path)
-    if learner.strategy.auto and state.get("strategy"):
-        # keep what the run measured and used, so the resumed run computes exactly the same numbers
-        learner.strategy = strategies.Strategy.from_name(state["strategy"])
+    learner.executor.resume(state.get("strategy"))  # what an auto run measured and used: the same numbers
     ckpt = Path(path)
     run_dir = run_dir or (ckpt if ckpt.is_dir() else ckpt.parent)
     step = state.get("step", 0)
@@ -125,7 +123,6 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     threads.apply(threads.choose(trainer.cfg.threads, trainer.cfg.device))
     if trainer.cfg.tune_malloc:
         tuning.tune_malloc()
-    kernels.set_enabled(trainer.cfg.fast_kernels)
     with distributed.session(trainer.cfg) as world, \
             (runfolder.lock(trainer.run_dir) if world.is_main else contextlib.nullcontext()), \
             torch.random.fork_rng(devices=[]):
@@ -157,14 +154,14 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
                desc=f"{cfg.run_name or cfg.task}", dynamic_ncols=True, unit="it")
-    if learner.strategy.auto or trainer.step == 0:  # measure memory (and, with auto, speed) before launching
+    if not learner.executor.settled or trainer.step == 0:  # measure memory (and, with auto, speed) before launching
         first = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch).to(cfg.device, trainer.dtype)
         with torch.random.fork_rng(devices=[]):  # measuring draws no numbers from the training's stream
-            tuning.settle_strategy(learner, first, iterations=end - trainer.step, memory_budget_mb=cfg.memory_budget,
-                                   say=bar.write if main else lambda msg: None)
+            learner.executor.settle(learner, first, iterations=end - trainer.step,
+                                    say=bar.write if main else lambda msg: None)
     if main:
-        bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.strategy.name}, {world.size} rank(s), "
-                  f"run folder {trainer.run_dir}")
+        bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.executor.strategy.name}, "
+                  f"{world.size} rank(s), run folder {trainer.run_dir}")
     start_time, window, begun = time.perf_counter(), [], (None, None)
     window_start = start_time
     try:
@@ -172,8 +169,7 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
             begun = (trainer.step, torch.get_rng_state())  # to roll the RNG back if this iteration is abandoned
             batch = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch)  # this rank's share
             opt.zero_grad(set_to_none=True)
-            if hasattr(learner, "set_step"):  # step-dependent algorithms (MAML++ annealing)
-                learner.set_step(trainer.step)
+            learner.set_step(trainer.step)  # step-dependent pieces (MAML++ annealing)
             for group in opt.param_groups:  # a pure function of the step: resume-exact
                 group["lr"] = meta_lr_at(cfg, trainer.step)
             stats = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch)

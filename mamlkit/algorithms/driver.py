@@ -1,0 +1,226 @@
+"""The one driver that turns an algorithm's pieces into a meta-learner.
+
+An algorithm file supplies only what differs (:class:`Pieces`): which parameters adapt, the inner rule,
+the outer objective, first order or not, extra meta-parameters and a step hook; where its per-task
+function is not the unrolled inner loop (ANIL's features computed once, Reptile's and iMAML's outer
+directions), that builder. :class:`Driver` is not a base class: every algorithm is a ``Driver`` built
+from its pieces, and the per-task functions it builds run on the :class:`~mamlkit.exec.executor.Executor`.
+
+A builder is ``task(learner, theta, rule, *, steps, first_order, objective) -> fn(sx, sy, qx, qy)`` with
+``theta`` the starting parameters θ0 (with their graph to the meta-parameters in training, detached in
+evaluation) and ``rule`` the inner rule over the current extra meta-parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from mamlkit.algorithms import resolve_loss
+from mamlkit.base.batch import TaskBatch
+from mamlkit.base.choices import BN_MODES, check_choice
+from mamlkit.base.errors import UserError
+from mamlkit.engine.functional import Params, call, named_buffers, named_params
+from mamlkit.engine.inner import (
+    LossFn,
+    Objective,
+    adapt_path,
+    fresh,
+    make_task_fn,
+    path_objective,
+    query_objective,
+    split_params,
+    support_loss_fn,
+)
+from mamlkit.engine.norms import with_bn_mode
+from mamlkit.engine.rules import InnerRule, sgd
+from mamlkit.exec.executor import Executor
+from mamlkit.exec.strategies import TaskFn, log, task_metrics
+
+TaskBuilder = Callable[..., TaskFn]
+
+
+def _constant(value):
+    return lambda step: value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pieces:
+    """What one algorithm supplies; everything else is the driver's.
+
+    Args:
+        name: the name logged and saved in checkpoints.
+        inner_steps, test_inner_steps: K in training, and at evaluation and in ``adapt``.
+        adapts: which parameters adapt, by name (``None``: all).
+        rule: ``rule(extras) -> InnerRule`` from the extra meta-parameters (default: SGD at ``inner_lr``).
+        inner_lr: α of the default rule.
+        objective: ``objective(step) -> Objective``, the outer objective at a training step (default:
+            the query loss at θ_K).
+        first_order: ``first_order(step) -> bool`` (drop the Hessian terms at that step).
+        extras: extra meta-parameters by their checkpoint names (``inner_lr/<param>``).
+        replaces: model parameters an extra stands in for (no longer meta-parameters themselves).
+        start: ``start(params, extras) -> θ0`` (default: the model's parameters).
+        inner_loss: ``inner_loss(loss, θ0) -> loss``: the inner objective from the support loss (iMAML's
+            proximal term); default: the support loss itself.
+        task: the per-task builder, for training and evaluation (default: :func:`unrolled`).
+        outer: the per-task builder for training only, where the meta-gradient is not the unrolled path's
+            (Reptile's θ − φ, iMAML's implicit gradient); default: ``task``.
+        adapt: ``adapt(learner, theta, rule, sx, sy, steps) -> params`` (default: the inner loop from θ0).
+        compilable: whether ``task`` traces under ``torch.compile`` (strategy ``compile``).
+        info: algorithm-specific read-only attributes of the learner (ANIL's ``head_name``, MAML++'s ``bn``).
+    """
+
+    name: str
+    inner_steps: int
+    test_inner_steps: int | None = None
+    adapts: Callable[[str], bool] | None = None
+    inner_lr: float = 0.01
+    rule: Callable[[Params], InnerRule] | None = None
+    objective: Callable[[int], Objective] = _constant(query_objective)
+    first_order: Callable[[int], bool] = _constant(False)
+    extras: Mapping[str, nn.Parameter] = field(default_factory=dict)
+    replaces: frozenset[str] = frozenset()
+    start: Callable[[Params, Params], Params] | None = None
+    inner_loss: Callable[[Callable, Params], Callable] | None = None
+    task: TaskBuilder | None = None
+    outer: TaskBuilder | None = None
+    adapt: Callable[..., Params] | None = None
+    compilable: bool = False
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+def unrolled(learner: Driver, theta: Params, rule: InnerRule, *, steps: int, first_order: bool,
+             objective: Objective) -> TaskFn:
+    """The per-task function of the MAML family: ``steps`` inner updates of the parameters that adapt,
+    differentiated through (unless first order), then the outer objective under the batch-norm mode."""
+    pieces = learner.pieces
+    return make_task_fn(learner.model, theta, learner.buffers(), loss_fn=learner.loss_fn, rule=rule, steps=steps,
+                        first_order=first_order, adapt_filter=pieces.adapts,
+                        objective=with_bn_mode(objective, learner.bn_mode),
+                        checkpoint=learner.executor.checkpoint_inner, inner=pieces.inner_loss)
+
+
+def config_keywords(cfg: Any, executor: Executor) -> dict[str, Any]:
+    """The keywords every algorithm of the MAML family takes from a :class:`~mamlkit.config.TrainConfig`."""
+    return dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order, loss_fn=cfg.loss,
+                test_inner_steps=cfg.test_inner_steps, bn_mode=cfg.bn_mode, executor=executor)
+
+
+class Driver:
+    """A meta-learner built from an algorithm's :class:`Pieces`; satisfies
+    :class:`~mamlkit.algorithms.MetaLearner`. Its tasks run on ``executor``."""
+
+    def __init__(self, model: nn.Module, pieces: Pieces, *, loss_fn: str | LossFn = "mse", kind: str | None = None,
+                 bn_mode: str = "transductive", executor: Executor | None = None, **execution):
+        check_choice("bn_mode", bn_mode, BN_MODES)
+        loss_fn, kind = resolve_loss(loss_fn, kind)
+        executor = executor or Executor(model, **execution)
+        if pieces.inner_steps < 0 or (pieces.test_inner_steps is not None and pieces.test_inner_steps < 0):
+            raise ValueError("inner_steps and test_inner_steps must be >= 0")
+        if executor.strategy.compiled and not pieces.compilable:
+            raise UserError(f"--strategy compile is not available for --algo {pieces.name}; use auto, vmap or loop")
+        self.model, self.pieces, self.executor = model, pieces, executor
+        self.name, self.loss_fn, self.kind, self.bn_mode = pieces.name, loss_fn, kind, bn_mode
+        self.inner_steps = pieces.inner_steps
+        self.test_inner_steps = pieces.inner_steps if pieces.test_inner_steps is None else pieces.test_inner_steps
+        self.compilable = pieces.compilable
+        self.step = 0
+        self._task = pieces.task or unrolled
+        self._outer = pieces.outer or self._task
+        log.info("mamlkit: %s runs tasks with strategy %s", self.name, executor.strategy.name)
+
+    def __getattr__(self, name: str) -> Any:
+        info = self.__dict__.get("pieces")
+        if info is not None and name in info.info:
+            return info.info[name]
+        raise AttributeError(f"{type(self).__name__} {self.__dict__.get('name', '')!r} has no attribute {name!r}")
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        """Everything the outer optimiser updates: the model's parameters and the algorithm's extras."""
+        own = {k: v for k, v in self.model.named_parameters() if k not in self.pieces.replaces}
+        return own | dict(self.pieces.extras) if self.pieces.extras else own
+
+    def buffers(self) -> dict[str, Tensor]:
+        return named_buffers(self.model)
+
+    def set_step(self, step: int) -> None:
+        """Called by the trainer before each meta-iteration (step-dependent objectives, first order)."""
+        self.step = step
+
+    def tune(self, batch: TaskBatch) -> str:
+        """Run ``auto``'s trial on ``batch`` now (otherwise it runs on the first meta-loss); returns the
+        strategy kept."""
+        self.executor.ready(self, batch)
+        return self.executor.strategy.name
+
+    # --- building per-task functions -----------------------------------------------------------------
+
+    def support_loss(self) -> Callable[[Params, Tensor, Tensor], Tensor]:
+        """``L(params, x, y)``: the loss of the model run with ``params`` (all of them) on one task's data."""
+        return support_loss_fn(self.model, self.loss_fn, {}, self.buffers())
+
+    def predict(self, params: Params, x: Tensor) -> Tensor:
+        """The model's output on ``x`` with ``params`` (all of them); buffers copied (see ``fresh``)."""
+        return call(self.model, params, fresh(self.buffers()), x)
+
+    def _start(self, meta: Mapping[str, Tensor] | None) -> tuple[Params, InnerRule]:
+        """θ0 and the inner rule from ``meta`` (the meta-parameters, live or traced), or, with ``None``,
+        from detached copies (evaluation)."""
+        if meta is None:
+            params = {k: v.detach() for k, v in named_params(self.model).items()}
+            extras = {k: v.detach() for k, v in self.pieces.extras.items()}
+        else:
+            params = {k: meta.get(k, v) for k, v in named_params(self.model).items()}
+            extras = {k: meta[k] for k in self.pieces.extras}
+        pieces = self.pieces
+        theta = pieces.start(params, extras) if pieces.start else params
+        return theta, pieces.rule(extras) if pieces.rule else sgd(pieces.inner_lr)
+
+    def _train_fn(self, meta: Mapping[str, Tensor]) -> TaskFn:
+        theta, rule = self._start(meta)
+        return self._outer(self, theta, rule, steps=self.inner_steps, first_order=self.pieces.first_order(self.step),
+                           objective=self.pieces.objective(self.step))
+
+    # --- the MetaLearner protocol ---------------------------------------------------------------------
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        self.executor.ready(self, batch)
+        losses, preds = self.executor.map_tasks(self._train_fn(self.meta_parameters()), batch)
+        return losses.mean(), task_metrics(losses, preds, batch.query_y, self.kind)
+
+    def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
+        self.executor.ready(self, batch)
+        losses, preds = self.executor.meta_backward(self._train_fn, self.meta_parameters(), batch, weight)
+        return task_metrics(losses, preds, batch.query_y, self.kind)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
+        """Adapt to one task; returns every parameter (adapted or shared), detached.
+
+        ``support_x [N, *x_shape]``, ``support_y [N, *y_shape]``. Run the model with the result via
+        ``mamlkit.engine.functional.call(learner.model, params, learner.buffers(), x)``.
+        """
+        steps = self.test_inner_steps if steps is None else steps
+        theta, rule = self._start(None)
+        if self.pieces.adapt is not None:
+            return self.pieces.adapt(self, theta, rule, support_x, support_y, steps)
+        fast, shared = split_params(theta, self.pieces.adapts)
+        loss = support_loss_fn(self.model, self.loss_fn, shared, self.buffers())
+        if self.pieces.inner_loss is not None:
+            loss = self.pieces.inner_loss(loss, fast)
+        path = adapt_path(loss, fast, support_x, support_y, rule=rule, steps=steps, first_order=True)
+        return {**shared, **{k: v.detach() for k, v in path[-1].items()}}
+
+    def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
+        """Query loss and accuracy ``[T, steps+1]`` after 0..steps inner steps (evaluation)."""
+        theta, rule = self._start(None)
+        fn = self._task(self, theta, rule, steps=steps, first_order=True, objective=path_objective(self.kind))
+        losses, accs = self.executor.map_tasks(fn, batch)
+        return losses.detach(), accs.detach()
+
+    def __repr__(self) -> str:
+        return f"Driver({self.name}, {self.executor!r})"
