@@ -57,8 +57,8 @@ def main() -> None:
                 opt.step()
     totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key in PHASES}
     whole = sum(totals.values())
-    print(f"{args.preset}, strategy {learner.executor.strategy.name}, {args.iters} meta-iterations, {args.threads} thread(s), "
-          f"torch {torch.__version__}")
+    print(f"{args.preset}, strategy {learner.executor.strategy.name}, {args.iters} meta-iterations, "
+          f"{args.threads} thread(s), torch {torch.__version__}")
     print("| phase | ms per meta-iteration | share |")
     print("|---|---|---|")
     for phase in PHASES:

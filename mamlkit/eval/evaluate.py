@@ -10,7 +10,6 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from mamlkit.algorithms import MetaLearner
-from mamlkit.algorithms.maml import MAML
 from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
 from mamlkit.base.metrics import mean_ci
 from mamlkit.engine.functional import named_params
@@ -104,9 +103,11 @@ def evaluate(learner: MetaLearner, tasks: TaskBatch, max_steps: int, batch_size:
 
 
 def safeguarded(learner: MetaLearner) -> bool:
-    """Whether :func:`descent_path` applies: plain SGD at one rate on every parameter (MAML, FOMAML and
-    the pretrained baseline). Other rules (learned rates, head-only, proximal) keep their own path."""
-    return type(learner) is MAML and learner.adapt_filter is None
+    """Whether :func:`descent_path` applies: plain SGD at one rate on every parameter from θ itself (MAML,
+    FOMAML and the pretrained baseline). Other rules (learned rates, head-only, proximal) keep their own path."""
+    p = getattr(learner, "pieces", None)
+    return (p is not None and p.adapts is None and p.rule is None and not p.extras and p.start is None
+            and p.inner_loss is None and p.task is None and p.adapt is None)
 
 
 def descent_path(learner: MetaLearner, support_x: Tensor, support_y: Tensor, steps: int
@@ -123,8 +124,8 @@ def descent_path(learner: MetaLearner, support_x: Tensor, support_y: Tensor, ste
     Returns the parameters after 0..steps steps (each ``[T, *shape]``) and ``halved [T]``: tasks on
     which some step was halved. Every parameter adapts (the learner's ``adapt_filter`` must be None).
     """
-    if getattr(learner, "adapt_filter", None) is not None:
-        raise ValueError("descent_path adapts every parameter; this learner adapts only some")
+    if not safeguarded(learner):
+        raise ValueError("descent_path runs plain SGD on every parameter; this learner adapts otherwise")
     loss = support_loss_fn(learner.model, learner.loss_fn, {}, learner.buffers())
     losses, grads = vmap(loss), vmap(grad(loss))
     num_tasks = support_x.shape[0]
@@ -138,7 +139,7 @@ def descent_path(learner: MetaLearner, support_x: Tensor, support_y: Tensor, ste
         for _ in range(steps):
             current = losses(params, support_x, support_y)
             g = grads(params, support_x, support_y)
-            rate = torch.full_like(current, learner.inner_lr)
+            rate = torch.full_like(current, learner.pieces.inner_lr)
             new, done = params, torch.zeros_like(halved)
             for attempt in range(MAX_HALVINGS + 1):
                 trial = {k: p - per_task(rate, p) * g[k] for k, p in params.items()}
