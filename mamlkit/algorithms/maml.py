@@ -22,6 +22,7 @@ from mamlkit.engine.inner import (
     query_objective,
     split_params,
     support_loss_fn,
+    trainable_filter,
 )
 from mamlkit.engine.norms import BN_MODES, with_bn_mode
 from mamlkit.engine.rules import sgd
@@ -112,7 +113,7 @@ class MAML:
         """
         steps = self.test_inner_steps if steps is None else steps
         params = {k: v.detach() for k, v in named_params(self.model).items()}
-        fast, shared = split_params(params, self.adapt_filter)
+        fast, shared = split_params(params, trainable_filter(self.model, self.adapt_filter))
         loss = support_loss_fn(self.model, self.loss_fn, shared, self.buffers())
         path = adapt_path(loss, fast, support_x, support_y, rule=sgd(self.inner_lr), steps=steps, first_order=True)
         return {**shared, **{k: v.detach() for k, v in path[-1].items()}}

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from mamlkit.engine.exact import note_model
 from mamlkit.engine.functional import Params, call
 from mamlkit.engine.rules import InnerRule
 
@@ -36,6 +37,16 @@ def support_loss_fn(model: nn.Module, loss_fn: LossFn, shared: Mapping[str, Tens
         return loss_fn(call(model, {**shared, **fast}, fresh(buffers), x), y)
 
     return loss
+
+
+def trainable_filter(model: nn.Module, adapt_filter: Callable[[str], bool] | None = None
+                     ) -> Callable[[str], bool] | None:
+    """``adapt_filter`` that also leaves out the parameters the user froze (``requires_grad=False``): a frozen
+    pretrained part stays as it is, in the inner loop as in the outer one. ``None`` when nothing is filtered."""
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    if not frozen:
+        return adapt_filter
+    return lambda name: name not in frozen and (adapt_filter is None or adapt_filter(name))
 
 
 def split_params(params: Mapping[str, Tensor], adapt_filter: Callable[[str], bool] | None
@@ -84,8 +95,11 @@ def adapt_path(
             # is the same mathematics and up to 3× faster than torch.func.grad for Conv nets with
             # max-pooling (benchmarks/RESULTS.md).
             values = list(fast.values())
-            gs = torch.autograd.grad(loss(fast, support_x, support_y), values, create_graph=not first_order)
-            grads = dict(zip(fast, gs))
+            gs = torch.autograd.grad(loss(fast, support_x, support_y), values, create_graph=not first_order,
+                                     allow_unused=True)
+            # a parameter the forward does not reach (BERT's pooler under a head on the hidden states) has
+            # gradient zero, as torch.func.grad gives it: it adapts to itself
+            grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(fast.items(), gs)}
         else:
             grads = grad_fn(fast, support_x, support_y)
             if first_order:
@@ -149,10 +163,15 @@ def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
                  objective: Objective = query_objective, checkpoint: bool = False) -> Callable:
     """The per-task function ``fn(sx, sy, qx, qy) -> (loss, query_pred)`` that every strategy runs.
 
-    Parameters whose name passes ``adapt_filter`` (all, by default) are adapted; the rest are
-    shared by all tasks and only meta-learned. ``checkpoint``: see :func:`adapt_path`.
+    Parameters whose name passes ``adapt_filter`` (all, by default) and that are not frozen
+    (``requires_grad=False``) are adapted; the rest are shared by all tasks and only meta-learned (frozen
+    ones not even that). ``checkpoint``: see :func:`adapt_path`.
+
+    The function carries ``second_order``: whether its meta-gradient differentiates the inner gradient
+    again, which decides where the executor needs exact kernels (:func:`mamlkit.engine.exact.exact_ops`).
     """
-    fast0, shared = split_params(params, adapt_filter)
+    fast0, shared = split_params(params, trainable_filter(model, adapt_filter))
+    note_model(model)
     loss = support_loss_fn(model, loss_fn, shared, buffers)
 
     def predict(fast: Params, x: Tensor) -> Tensor:
@@ -163,6 +182,7 @@ def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
                           checkpoint=checkpoint)
         return objective(path, loss, sx, sy, qx, qy, predict=predict, loss_fn=loss_fn)
 
+    task_fn.second_order = not first_order and steps > 0
     return task_fn
 
 
