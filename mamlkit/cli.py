@@ -20,6 +20,10 @@ RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progre
              "backend", "dist_timeout", "data_root", "trust_checksum"}  # data: verified by checksum
 
 
+# Tuple fields whose flag may be given several times, each adding to the list.
+REPEATABLE = {"adapt"}
+
+
 def resumed_config(cfg, overrides: dict, allowed: set[str]):
     """``cfg`` with ``overrides`` applied, refusing fields that define the run (only ``allowed`` may change)."""
     bad = sorted(set(overrides) - allowed)
@@ -49,7 +53,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainCo
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
-            kw |= {"nargs": "+", "type": args[0]}
+            # --adapt is repeatable: `--adapt 'head.*' --adapt '*.layer.5.*'` adapts both
+            kw |= {"nargs": "+", "type": args[0], **({"action": "extend"} if name in REPEATABLE else {})}
         elif type(None) in args:
             kw |= {"type": _optional_int, "metavar": "INT|none"}
         else:

@@ -27,7 +27,9 @@ class TrainConfig:
     task: str = "sinusoid"            # task family: sinusoid, omniglot, ...
     algo: str = "maml"                # algorithm, see `mamlkit algos`
     loss: str = "mse"                 # mse | cross_entropy
-    model: str = "mlp"                # model architecture from mamlkit.models
+    model: str = ""                   # '': the task's own | package.module:factory | Hugging Face folder or hf:ID
+    model_args: str = ""              # JSON object: keyword arguments of --model's factory or Hugging Face wrapper
+    adapt: tuple[str, ...] = ()       # adapt only parameters whose name matches a glob or regex (repeatable)
     hidden_sizes: tuple[int, ...] = (40, 40)  # MLP hidden widths
     filters: int = 64                 # Conv4 channels per layer (paper: 64 Omniglot, 32 mini-ImageNet)
     pool: bool = False                # Conv4: stride-1 convs + 2x2 max-pool (mini-ImageNet) vs stride-2 convs
@@ -120,6 +122,12 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        need(_json_object(self.model_args) is not None,
+             f"model_args must be a JSON object such as '{{\"hidden\": 64}}', got {self.model_args!r}")
+        for pattern in self.adapt:
+            need(bool(pattern.strip()), "adapt patterns must not be empty")
+        need(not self.adapt or self.algo in ADAPT_ALGOS,
+             f"--adapt works with --algo {', '.join(ADAPT_ALGOS)}, not {self.algo} (ANIL adapts its head by design)")
         need(self.loss in ("mse", "cross_entropy"), f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
         need(self.strategy in ("auto", "vmap", "loop", "threads", "compile"),
              f"strategy must be auto, vmap, loop, threads or compile, got {self.strategy!r}")
@@ -191,6 +199,11 @@ class TrainConfig:
             object.__setattr__(self, "loss", "mse" if self.kind == "regression" else "cross_entropy")
 
     @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """``model_args`` parsed: the keyword arguments of a user's model factory."""
+        return _json_object(self.model_args) or {}
+
+    @property
     def eval_inner_steps(self) -> int:
         return self.inner_steps if self.test_inner_steps is None else self.test_inner_steps
 
@@ -199,6 +212,23 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return from_dict({**self.to_dict(), **changes})
+
+
+# The algorithms whose adapted set ``--adapt`` chooses (the others fix it: ANIL its head, Reptile all).
+ADAPT_ALGOS = ("maml", "fomaml", "metasgd")
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """``text`` as a JSON object (``{}`` for ''), or None when it is not one."""
+    import json
+
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def field_types() -> dict[str, Any]:

@@ -118,6 +118,46 @@ def minilm_head(layers: int = 1, out_features: int = 5, pretrained: bool = True,
 # A user's own model: a factory named by import path, or a Hugging Face model
 
 
+# Specs of models a user brings (checkpoints record them; rebuilding needs their code or files).
+USER_MODELS = ("factory", "hf")
+# The model every task family was recorded with before ``model`` chose anything: it means the family's own.
+_LEGACY_DEFAULT = "mlp"
+
+
+def resolve_spec(model: str, args: dict[str, Any], family_spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec a run builds: ``family_spec`` (the task's own model) unless ``model`` names the user's.
+
+    ``model``: ``""`` or the family's model name: the family's; ``package.module:function``: the user's factory
+    called with ``args``; ``hf:NAME`` or an existing folder: a Hugging Face model (a folder written by
+    ``save_pretrained``, or a model id in the local cache) wrapped as :class:`HFModel` with the family's number
+    of outputs and ``args`` (``pooling``, ``token_features``). A folder is recorded by its absolute path.
+    """
+    import os
+
+    from mamlkit.base.errors import UserError
+
+    if model in ("", family_spec["name"], _LEGACY_DEFAULT):
+        if args:
+            raise UserError("--model-args applies to --model package.module:factory or a Hugging Face model")
+        return family_spec
+    if model in MODELS:
+        raise UserError(f"--model {model}: this task builds mamlkit's {family_spec['name']!r}; bring another model "
+                        "as --model package.module:factory or a Hugging Face folder")
+    if model.startswith("hf:") or os.path.isdir(model):
+        path = model.removeprefix("hf:")
+        path = os.path.abspath(path) if os.path.isdir(path) else path
+        unknown = sorted(set(args) - {"pooling", "token_features", "out_features"})
+        if unknown:
+            raise UserError(f"--model-args for a Hugging Face model takes pooling, token_features and "
+                            f"out_features, not {', '.join(unknown)}")
+        return {"name": "hf", "path": path, "out_features": family_spec.get("out_features", 1), "pooling": "first",
+                "token_features": 1, **args}
+    if ":" in model:
+        return factory_spec(model, args)
+    raise UserError(f"--model {model!r} is neither a package.module:factory, a Hugging Face folder nor hf:MODEL_ID "
+                    f"(mamlkit's own for this task: {family_spec['name']})")
+
+
 def factory_spec(factory: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
     """The spec of ``package.module:function(**args)``, a user's ``nn.Module`` factory: JSON, so a checkpoint
     records how to rebuild the model, and rebuilding needs the same package importable."""

@@ -67,6 +67,15 @@ def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
     """Build the algorithm ``name`` for ``model`` from a :class:`~mamlkit.config.TrainConfig`."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
+    patterns = getattr(cfg, "adapt", ())
+    if patterns:
+        from mamlkit.base.errors import UserError
+        from mamlkit.engine.inner import check_patterns
+
+        try:
+            check_patterns([k for k, p in model.named_parameters() if p.requires_grad], patterns)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     learner = ALGORITHMS[name](model, cfg)
     mode = getattr(cfg, "bn_mode", "transductive")
     if getattr(learner, "bn_mode", "transductive") != mode:

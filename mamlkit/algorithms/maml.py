@@ -18,6 +18,7 @@ from mamlkit.engine.inner import (
     Objective,
     adapt_path,
     make_task_fn,
+    name_filter,
     path_objective,
     query_objective,
     split_params,
@@ -129,6 +130,7 @@ class MAML:
 def build(model: nn.Module, cfg) -> MAML:
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
                 loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
+                adapt_filter=name_filter(cfg.adapt),
                 chunk_size=cfg.chunk_size or None, bn_mode=cfg.bn_mode, checkpoint_inner=cfg.checkpoint_inner)
 
 
@@ -137,5 +139,6 @@ def build_fomaml(model: nn.Module, cfg) -> MAML:
     """First-order MAML (Finn et al. 2017, §5.2): the meta-gradient is ∇L_q(θ')."""
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=True,
                 loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
+                adapt_filter=name_filter(cfg.adapt),
                 chunk_size=cfg.chunk_size or None, name="fomaml", bn_mode=cfg.bn_mode,
                 checkpoint_inner=cfg.checkpoint_inner)

@@ -21,6 +21,7 @@ from mamlkit.engine.functional import named_buffers, named_params
 from mamlkit.engine.inner import (
     adapt_path,
     make_task_fn,
+    name_filter,
     path_objective,
     query_objective,
     split_params,
@@ -99,4 +100,4 @@ def build(model: nn.Module, cfg) -> MetaSGD:
     """Meta-SGD (Li et al. 2017): learned per-parameter inner rates, initialised at --inner-lr."""
     return MetaSGD(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order,
                    loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
-                   chunk_size=cfg.chunk_size or None, bn_mode=cfg.bn_mode)
+                   chunk_size=cfg.chunk_size or None, bn_mode=cfg.bn_mode, adapt_filter=name_filter(cfg.adapt))

@@ -7,7 +7,9 @@ adapted exactly as it was trained.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import fnmatch
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +49,34 @@ def trainable_filter(model: nn.Module, adapt_filter: Callable[[str], bool] | Non
     if not frozen:
         return adapt_filter
     return lambda name: name not in frozen and (adapt_filter is None or adapt_filter(name))
+
+
+def name_filter(patterns: Sequence[str]) -> Callable[[str], bool] | None:
+    """A parameter-name filter from glob patterns (``head.*``, ``*.layer.5.*``) or regular expressions
+    (``encoder\\.layer\\.[45]\\..*``), matched against the whole name: a name passes when any pattern
+    matches it either way. ``None`` (every parameter) for no patterns."""
+    if not patterns:
+        return None
+    regexes = []
+    for pattern in patterns:
+        try:
+            regexes.append(re.compile(pattern))
+        except re.error:  # '*.layer.5.*' is a glob, not a regex
+            regexes.append(None)
+
+    def passes(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) or (r is not None and r.fullmatch(name) is not None)
+                   for p, r in zip(patterns, regexes))
+
+    return passes
+
+
+def check_patterns(names: Sequence[str], patterns: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming a pattern that matches none of ``names`` (a typo would adapt nothing)."""
+    for pattern in patterns:
+        if not any(name_filter([pattern])(n) for n in names):
+            sample = ", ".join(list(names)[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"--adapt {pattern!r} matches no parameter of the model; its parameters are {sample}")
 
 
 def split_params(params: Mapping[str, Tensor], adapt_filter: Callable[[str], bool] | None

@@ -27,7 +27,7 @@ from mamlkit import checkpoint
 from mamlkit.algorithms import MetaLearner
 from mamlkit.base.errors import UserError
 from mamlkit.engine.functional import call, named_buffers
-from mamlkit.models import build_model
+from mamlkit.models import USER_MODELS, build_model
 from mamlkit.tasks import get_family
 from mamlkit.use import inputs as raw
 
@@ -259,7 +259,8 @@ def load(path: str | Path) -> Learner | TaskModel:
         raise checkpoint.CheckpointError(f"{path} is a mamlkit file without a run config; it cannot be adapted")
     cfg = config.from_dict(state["config"])
     spec = state.get("model_spec") or get_family(cfg.task).model_spec(cfg)
-    meta = _build(cfg, tensors, spec) if cfg.task == "csv" else build(cfg, tensors)[0]
+    user = spec if spec.get("name") in USER_MODELS else None  # a user's model is rebuilt as the checkpoint records
+    meta = _build(cfg, tensors, spec) if cfg.task == "csv" else build(cfg, tensors, user)[0]
     return Learner(meta, cfg, tensors, state.get("input") or input_spec(cfg), spec)
 
 
