@@ -378,3 +378,34 @@ def test_packed_sequences_are_refused_by_vmap_with_a_strategy_that_works():
     loop = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=1, loss_fn="mse", strategy="loop")
     loop.meta_backward(batch)
     assert all(math.isfinite(p.grad.abs().sum().item()) for p in model.parameters())
+
+
+def test_auto_drops_vmap_for_a_packed_sequence_and_runs_the_loop(caplog):
+    torch.manual_seed(0)
+    model = Packed().double()
+    batch = TaskBatch(*(torch.randn(2, 4, 5, 3, dtype=torch.float64) if i % 2 == 0
+                        else torch.randn(2, 4, 1, dtype=torch.float64) for i in range(4)))
+    said = []
+    learner = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=1, loss_fn="mse", strategy="auto")
+    tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    assert learner.strategy.name == "loop"
+    assert any("strategy vmap cannot run this model (ExactOpsError: nn.GRU" in s for s in said), said
+    learner.meta_backward(batch)
+    loop = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=1, loss_fn="mse", strategy="loop")
+    grads = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    loop.meta_backward(batch)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_attention_rerouting_is_logged_once(caplog):
+    from mamlkit.engine import exact
+
+    exact._ATTENTION_LOGGED = False
+    with caplog.at_level("INFO", logger="mamlkit"):
+        for _ in range(2):
+            model, batch, loss = make("transformer-encoder")
+            mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=1, loss_fn=loss, strategy="loop").meta_backward(batch)
+    notes = [r.getMessage() for r in caplog.records if "math kernel" in r.getMessage()]
+    assert len(notes) == 1 and "MultiheadAttention" in notes[0]

@@ -41,14 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from mamlkit.base.errors import UserError
 from mamlkit.engine.functional import _EXACT as _EXACT_NORMS
 
 log = logging.getLogger("mamlkit")
 
 
-class ExactOpsError(RuntimeError):
+class ExactOpsError(UserError, RuntimeError):
     """A model part that no exact rerouting covers under the current strategy; the message names a
-    strategy that runs it."""
+    strategy that runs it (the CLI prints it and exits with code 2)."""
 
 
 # --------------------------------------------------------------------------------------

@@ -242,14 +242,30 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
     """
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
     options, needs = [], {}
-    for cand in _candidates(learner, iterations):
+    candidates, failed = _candidates(learner, iterations), False
+    fallback = None
+    if learner.strategy.auto and all(c.vectorize or c.threaded for c in candidates):
+        # the loop runs every model (a PackedSequence defeats vmap); tried only when no candidate could run
+        fallback = Strategy(False, learner.strategy.chunk_size)
+    for cand in candidates + ([fallback] if fallback else []):
+        if cand is fallback and (options or not failed):
+            continue
+
         # one task can tell that a candidate will not be timed (far above the leanest so far) or cannot fit the
         # budget even one task at a time; then the two-task measurement, twice a task's memory, is not made
         if budget is not None:
             enough = budget * batch.num_tasks
         else:
             enough = _skip_above(min(needs.values())) if needs else None
-        fixed, per_task, exact = estimate(learner, batch, cand, enough)
+        try:
+            fixed, per_task, exact = estimate(learner, batch, cand, enough)
+        except Exception as err:  # noqa: BLE001 - a strategy that cannot run the model (vmap and a PackedSequence)
+            if not learner.strategy.auto:
+                raise
+            say(f"mamlkit: strategy {cand.name} cannot run this model ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else ''}); skipped")
+            failed = True
+            continue
         _release_freed_memory()  # so that the next measurement does not sit on top of this one's leftovers
         need = fixed + per_task * _together(cand, batch.num_tasks)
         fitted = cand if budget is None else _fit_budget(cand, fixed, per_task, batch.num_tasks, budget)
