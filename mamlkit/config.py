@@ -215,7 +215,7 @@ class TrainConfig:
 
 
 # The algorithms whose adapted set ``--adapt`` chooses (the others fix it: ANIL its head, Reptile all).
-ADAPT_ALGOS = ("maml", "fomaml", "metasgd")
+ADAPT_ALGOS = ("maml", "fomaml", "metasgd", "pretrain")
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

@@ -255,6 +255,7 @@ def hf(path: str, out_features: int, pooling: str = "first", token_features: int
     except ImportError:
         raise UserError(f"--model {path}: Hugging Face models need transformers: pip install 'mamlkit[text]'"
                         ) from None
+    transformers.utils.logging.disable_progress_bar()  # a bar per load would fill the run's log
     try:
         backbone = transformers.AutoModel.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:

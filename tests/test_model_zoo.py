@@ -225,27 +225,31 @@ def make(name: str, seed: int = 0) -> tuple[nn.Module, TaskBatch, str]:
 # --- the reference: a plain autograd loop ------------------------------------------------------------------
 
 
-def reference(model: nn.Module, batch: TaskBatch, loss_name: str, first_order: bool) -> dict[str, torch.Tensor]:
-    """Meta-gradient of the mean query loss after STEPS SGD steps, task by task, with torch.autograd."""
+def reference(model: nn.Module, batch: TaskBatch, loss_name: str, first_order: bool, adapt=None
+              ) -> dict[str, torch.Tensor]:
+    """Meta-gradient of the mean query loss after STEPS SGD steps (on the parameters ``adapt`` passes), task by
+    task, with torch.autograd."""
     loss_fn = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}[loss_name]
     meta = {k: p for k, p in model.named_parameters() if p.requires_grad}
     total = 0.0
     with sdpa_kernel([SDPBackend.MATH]):
         for t in range(batch.num_tasks):
-            fast = dict(meta)
+            fast = {k: p for k, p in meta.items() if adapt is None or adapt(k)}
             for _ in range(STEPS):
-                loss = loss_fn(torch.func.functional_call(model, fast, (batch.support_x[t],)), batch.support_y[t])
-                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order, allow_unused=True)
+                out = torch.func.functional_call(model, fast, (batch.support_x[t],), strict=False)
+                grads = torch.autograd.grad(loss_fn(out, batch.support_y[t]), list(fast.values()),
+                                            create_graph=not first_order, allow_unused=True)
                 fast = {k: v if g is None else v - INNER_LR * g for (k, v), g in zip(fast.items(), grads)}
-            total = total + loss_fn(torch.func.functional_call(model, fast, (batch.query_x[t],)), batch.query_y[t])
+            out = torch.func.functional_call(model, fast, (batch.query_x[t],), strict=False)
+            total = total + loss_fn(out, batch.query_y[t])
         grads = torch.autograd.grad(total / batch.num_tasks, list(meta.values()), allow_unused=True)
     return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(meta.items(), grads)}
 
 
-def meta_grad(model: nn.Module, batch: TaskBatch, loss: str, first_order: bool, strategy: str
+def meta_grad(model: nn.Module, batch: TaskBatch, loss: str, first_order: bool, strategy: str, adapt=None
               ) -> dict[str, torch.Tensor]:
     learner = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=STEPS, first_order=first_order, loss_fn=loss,
-                           strategy=strategy)
+                           strategy=strategy, adapt_filter=adapt)
     if strategy == "auto":  # as the trainer does: the candidates run the first batch, the fastest is kept
         tuning.settle_strategy(learner, batch, iterations=10, say=lambda _: None)
     for p in model.parameters():
@@ -274,6 +278,27 @@ def test_meta_gradient_matches_autograd_reference(name, strategy, order):
     assert torch.cat([w.reshape(-1) for w in want.values()]).abs().max() > 0
     got = meta_grad(model, batch, loss, order == "first", strategy)
     assert rel_error(got, want) < TOL
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_lora_adapters_on_a_frozen_bert(strategy):
+    """LoRA (Hu et al. 2022) through peft: the pretrained weights frozen, the adapters adapt (--adapt '*lora_*'),
+    the head is meta-learned only."""
+    peft = pytest.importorskip("peft")
+    from mamlkit.engine.inner import name_filter
+
+    model, batch, loss = make("bert")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["query", "value"],
+                             init_lora_weights=False)  # random A and B: both get a meta-gradient at once
+    model.backbone = peft.get_peft_model(model.backbone, config).double()
+    adapt = name_filter(["*lora_*"])
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in k or k.startswith("head.") for k in trainable)
+    want = reference(model, batch, loss, first_order=False, adapt=adapt)
+    got = meta_grad(model, batch, loss, False, strategy, adapt=adapt)
+    assert rel_error(got, want) < TOL
+    assert all(p.grad is None for k, p in model.named_parameters() if not p.requires_grad)
 
 
 def test_the_second_order_terms_are_there():

@@ -12,6 +12,7 @@ from torch import nn
 
 from mamlkit.algorithms import register
 from mamlkit.algorithms.maml import MAML
+from mamlkit.engine.inner import name_filter
 
 
 def joint_objective(path, loss, sx, sy, qx, qy, predict, loss_fn):
@@ -26,4 +27,4 @@ def build(model: nn.Module, cfg) -> MAML:
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=0, loss_fn=cfg.loss,
                 test_inner_steps=cfg.test_inner_steps, strategy=cfg.strategy,
                 chunk_size=cfg.chunk_size or None, objective=joint_objective, name="pretrain",
-                bn_mode=cfg.bn_mode)
+                bn_mode=cfg.bn_mode, adapt_filter=name_filter(cfg.adapt))  # fine-tunes what MAML adapts
