@@ -255,10 +255,17 @@ def hf(path: str, out_features: int, pooling: str = "first", token_features: int
     except ImportError:
         raise UserError(f"--model {path}: Hugging Face models need transformers: pip install 'mamlkit[text]'"
                         ) from None
+    import os
+
     transformers.utils.logging.disable_progress_bar()  # a bar per load would fill the run's log
     try:
-        backbone = transformers.AutoModel.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
+        folder = path
+        if not os.path.isdir(path):  # a model id: its snapshot in the local cache, found without asking the hub
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(path, local_files_only=True)
+        backbone = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - the hub's and transformers' errors for a missing model vary
         raise UserError(f"--model {path}: no Hugging Face model there or in the local cache "
                         f"({str(err).splitlines()[0]}). Give a folder written by save_pretrained, or download "
                         "the model first") from None

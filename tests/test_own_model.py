@@ -160,7 +160,8 @@ def test_missing_hugging_face_model_is_refused(cli, tmp_path):
     pytest.importorskip("transformers")
     code, _, err = cli("train", "sinusoid", "--model", "hf:nobody/no-such-model", "--out-dir", str(tmp_path), *FAST)
     assert code == 2  # a message, not a crash (the hub's client may log warnings of its own before it)
-    assert "--model hf:nobody/no-such-model: no Hugging Face model there or in the local cache" in err
+    assert "--model nobody/no-such-model: no Hugging Face model there or in the local cache" in err
+    assert "requesting" not in err  # found missing locally, without asking the hub
 
 
 def test_model_args_are_recorded_in_the_config(tmp_path):
