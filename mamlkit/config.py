@@ -42,7 +42,11 @@ class TrainConfig:
     algo: str = flag("maml", OUTER, "meta-learning algorithm: maml, fomaml, anil, metasgd, mamlpp, reptile, imaml, "
                      "pretrain (`mamlkit algos`)")
     loss: str = flag("mse", TASK, "task loss: mse (regression) | cross_entropy (classification)")
-    model: str = flag("mlp", MODEL, "architecture: mlp | conv4 | tabular_mlp | minilm_head (mamlkit.models)")
+    model: str = flag("", MODEL, "the model: '' the task's own | package.module:factory (your nn.Module) | a Hugging "
+                      "Face folder or hf:ID (offline)")
+    model_args: str = flag("", MODEL, "JSON object: keyword arguments of --model's factory or Hugging Face wrapper")
+    adapt: tuple[str, ...] = flag((), INNER, "adapt only parameters whose name matches this glob or regex "
+                                  "(repeatable; maml, fomaml, metasgd, pretrain)")
     hidden_sizes: tuple[int, ...] = flag((40, 40), MODEL, "MLP hidden layer widths")
     filters: int = flag(64, MODEL, "Conv4 channels per layer (paper: 64 Omniglot, 32 mini-ImageNet)")
     pool: bool = flag(False, MODEL, "Conv4 with stride-1 convs and 2x2 max-pool (mini-ImageNet) instead of "
@@ -145,6 +149,12 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        need(_json_object(self.model_args) is not None,
+             f"model_args must be a JSON object such as '{{\"hidden\": 64}}', got {self.model_args!r}")
+        for pattern in self.adapt:
+            need(bool(pattern.strip()), "adapt patterns must not be empty")
+        need(not self.adapt or self.algo in ADAPT_ALGOS,
+             f"--adapt works with --algo {', '.join(ADAPT_ALGOS)}, not {self.algo} (ANIL adapts its head by design)")
         need(self.loss in ("mse", "cross_entropy"), f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
         for field, options in (("strategy", STRATEGIES), ("bn_mode", BN_MODES)):
             msg = bad_choice(field, getattr(self, field), options)
@@ -217,6 +227,11 @@ class TrainConfig:
             object.__setattr__(self, name, value)
 
     @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """``model_args`` parsed: the keyword arguments of a user's model factory."""
+        return _json_object(self.model_args) or {}
+
+    @property
     def eval_inner_steps(self) -> int:
         return self.inner_steps if self.test_inner_steps is None else self.test_inner_steps
 
@@ -230,14 +245,14 @@ class TrainConfig:
 # Fields that only some task families read; each family declares those it uses (``USES`` in its own module,
 # ``TaskFamily.uses``), and a run refuses the others when given, instead of ignoring them.
 TASK_FIELDS = frozenset({
-    "model", "hidden_sizes", "filters", "pool", "image_size", "bn_mode", "n_way", "data_root", "trust_checksum",
+    "hidden_sizes", "filters", "pool", "image_size", "bn_mode", "n_way", "data_root", "trust_checksum",
     "split", "rotations", "path", "task_column", "target", "features", "kind", "fill", "max_categories",
     "task_split", "small_tasks", "encoder_mode", "finetune_layers", "finetune_rate_scale", "text_max_tokens",
     "text_per_intent", "eval_shots", "eval_query"})
 # Fields that only some algorithms read; each declares those it uses where it registers (``algorithms.register``).
 ALGO_FIELDS = frozenset({
     "first_order", "msl", "msl_epochs", "lslr", "per_step_bn", "first_order_epochs", "epoch_iterations",
-    "reptile_inner_optimizer", "reptile_inner_lr", "reptile_inner_steps", "imaml_lambda", "cg_steps"})
+    "reptile_inner_optimizer", "reptile_inner_lr", "reptile_inner_steps", "imaml_lambda", "cg_steps", "adapt"})
 
 
 def refuse_unused(given: set[str], dependent: frozenset[str], used: frozenset[str], owner: str) -> None:
@@ -252,6 +267,23 @@ def refuse_unused(given: set[str], dependent: frozenset[str], used: frozenset[st
         raise ConfigError(f"{flags} {'has' if one else 'have'} no effect on {owner}, so "
                           f"{'it is' if one else 'they are'} refused; remove {'it' if one else 'them'}. Its own "
                           f"settings of this kind: {own}")
+
+
+# The algorithms whose adapted set ``--adapt`` chooses (the others fix it: ANIL its head, Reptile all).
+ADAPT_ALGOS = ("maml", "fomaml", "metasgd", "pretrain")
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """``text`` as a JSON object (``{}`` for ''), or None when it is not one."""
+    import json
+
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def field_types() -> dict[str, Any]:

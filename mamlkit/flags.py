@@ -11,6 +11,9 @@ import typing
 from mamlkit import config
 from mamlkit.base.errors import UserError
 
+# Tuple fields whose flag may be given several times, each adding to the list.
+REPEATABLE = {"adapt"}
+
 
 def resumed_config(cfg, overrides: dict, allowed: set[str]):
     """``cfg`` with ``overrides`` applied, refusing fields that define the run (only ``allowed`` may change)."""
@@ -49,7 +52,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainCo
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
-            kw |= {"nargs": "+", "type": args[0], "metavar": METAVARS.get(args[0], "V")}
+            # --adapt is repeatable: `--adapt 'head.*' --adapt '*.layer.5.*'` adapts both
+            kw |= {"nargs": "+", "type": args[0], "metavar": METAVARS.get(args[0], "V"),
+                   **({"action": "extend"} if name in REPEATABLE else {})}
         elif type(None) in args:
             kw |= {"type": _optional_int, "metavar": "N|none"}
         else:

@@ -161,3 +161,161 @@ def minilm_head(layers: int = 1, out_features: int = 5, pretrained: bool = True,
     from mamlkit.data.encoders import minilm_head as build
 
     return build(layers, out_features, pretrained, rate_scale)
+
+
+# --------------------------------------------------------------------------------------
+# A user's own model: a factory named by import path, or a Hugging Face model
+
+
+# Specs of models a user brings (checkpoints record them; rebuilding needs their code or files).
+USER_MODELS = ("factory", "hf")
+# The model every task family was recorded with before ``model`` chose anything: it means the family's own.
+_LEGACY_DEFAULT = "mlp"
+
+
+def resolve_spec(model: str, args: dict[str, Any], family_spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec a run builds: ``family_spec`` (the task's own model) unless ``model`` names the user's.
+
+    ``model``: ``""`` or the family's model name: the family's; ``package.module:function``: the user's factory
+    called with ``args``; ``hf:NAME`` or an existing folder: a Hugging Face model (a folder written by
+    ``save_pretrained``, or a model id in the local cache) wrapped as :class:`HFModel` with the family's number
+    of outputs and ``args`` (``pooling``, ``token_features``). A folder is recorded by its absolute path.
+    """
+    import os
+
+    from mamlkit.base.errors import UserError
+
+    if model in ("", family_spec["name"], _LEGACY_DEFAULT):
+        if args:
+            raise UserError("--model-args applies to --model package.module:factory or a Hugging Face model")
+        return family_spec
+    if model in MODELS:
+        raise UserError(f"--model {model}: this task builds mamlkit's {family_spec['name']!r}; bring another model "
+                        "as --model package.module:factory or a Hugging Face folder")
+    if model.startswith("hf:") or os.path.isdir(model):
+        path = model.removeprefix("hf:")
+        path = os.path.abspath(path) if os.path.isdir(path) else path
+        unknown = sorted(set(args) - {"pooling", "token_features", "out_features"})
+        if unknown:
+            raise UserError(f"--model-args for a Hugging Face model takes pooling, token_features and "
+                            f"out_features, not {', '.join(unknown)}")
+        return {"name": "hf", "path": path, "out_features": family_spec.get("out_features", 1), "pooling": "first",
+                "token_features": 1, **args}
+    if ":" in model:
+        return factory_spec(model, args)
+    raise UserError(f"--model {model!r} is neither a package.module:factory, a Hugging Face folder nor hf:MODEL_ID "
+                    f"(mamlkit's own for this task: {family_spec['name']})")
+
+
+def factory_spec(factory: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The spec of ``package.module:function(**args)``, a user's ``nn.Module`` factory: JSON, so a checkpoint
+    records how to rebuild the model, and rebuilding needs the same package importable."""
+    return {"name": "factory", "factory": factory, "args": dict(args or {})}
+
+
+def _import_factory(factory: str) -> Callable[..., nn.Module]:
+    import importlib
+
+    from mamlkit.base.errors import UserError
+
+    module_name, _, attr = factory.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"--model {factory!r}: a factory is named package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"--model {factory}: cannot import {module_name!r} ({err}). Install the package that "
+                        "defines the model, or put its folder on PYTHONPATH") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UserError(f"--model {factory}: module {module_name!r} has no {attr!r}")
+    if not callable(fn):
+        raise UserError(f"--model {factory}: {attr!r} is not callable")
+    return fn
+
+
+@register_model("factory")
+def factory(factory: str, args: dict[str, Any] | None = None) -> nn.Module:
+    """``package.module:function(**args)``: it must return an ``nn.Module`` that maps a batch of the task's
+    inputs ``[B, *x_shape]`` to predictions (``[B, 1]`` for sinusoid, logits ``[B, n_way]`` for
+    classification). Its parameter names are what ``--adapt`` patterns match."""
+    from mamlkit.base.errors import UserError
+
+    try:
+        model = _import_factory(factory)(**(args or {}))
+    except TypeError as err:
+        raise UserError(f"--model {factory} with --model-args {args or {}}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model {factory} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+class HFModel(nn.Module):
+    """A Hugging Face transformer (encoder or decoder) as a task model: inputs → ``backbone`` → one pooled
+    hidden state → ``head`` (linear).
+
+    Inputs: integer token ids ``[B, L]`` go in as ``input_ids``; floating-point features go in as
+    ``inputs_embeds`` through a linear ``embed`` layer (``token_features`` → hidden size): ``[B, L,
+    token_features]``, or ``[B, F]`` read as ``F`` tokens of one feature each (``token_features=1``).
+    ``pooling``: ``"first"`` (BERT's [CLS] position), ``"last"`` (GPT-2's last token) or ``"mean"``.
+    Output ``[B, out_features]``. Parameter names: ``backbone.*`` (the Hugging Face model's own names),
+    ``embed.*``, ``head.*``: ``--adapt 'head.*'`` is ANIL on the pretrained backbone.
+    """
+
+    POOLING = ("first", "last", "mean")
+
+    def __init__(self, backbone: nn.Module, out_features: int, pooling: str = "first", token_features: int = 0):
+        super().__init__()
+        if pooling not in self.POOLING:
+            raise ValueError(f"pooling must be one of {', '.join(self.POOLING)}, got {pooling!r}")
+        hidden = backbone.config.hidden_size
+        self.backbone, self.pooling = backbone, pooling
+        self.embed = nn.Linear(token_features, hidden) if token_features else None
+        self.head = nn.Linear(hidden, out_features)
+
+    def forward(self, x):
+        if x.is_floating_point():
+            if self.embed is None:
+                raise ValueError("this model takes token ids; build it with token_features > 0 for features")
+            tokens = x.unsqueeze(-1) if x.dim() == 2 else x
+            hidden = self.backbone(inputs_embeds=self.embed(tokens)).last_hidden_state
+        else:
+            hidden = self.backbone(input_ids=x).last_hidden_state
+        if self.pooling == "mean":
+            return self.head(hidden.mean(1))
+        return self.head(hidden[:, 0] if self.pooling == "first" else hidden[:, -1])
+
+
+def hf_classifier(backbone: nn.Module, out_features: int, pooling: str = "first", token_features: int = 0) -> HFModel:
+    """:class:`HFModel` around an already built ``transformers`` model (e.g. one built from a config)."""
+    return HFModel(backbone, out_features, pooling, token_features)
+
+
+@register_model("hf")
+def hf(path: str, out_features: int, pooling: str = "first", token_features: int = 0) -> nn.Module:
+    """A Hugging Face model from a local folder or the local cache (``local_files_only=True``: nothing is
+    downloaded), wrapped as :class:`HFModel`. Needs the ``text`` extra (``transformers``)."""
+    from mamlkit.base.errors import UserError
+
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"--model {path}: Hugging Face models need transformers: pip install 'mamlkit[text]'"
+                        ) from None
+    import os
+
+    transformers.utils.logging.disable_progress_bar()  # a bar per load would fill the run's log
+    try:
+        folder = path
+        if not os.path.isdir(path):  # a model id: its snapshot in the local cache, found without asking the hub
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(path, local_files_only=True)
+        backbone = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - the hub's and transformers' errors for a missing model vary
+        raise UserError(f"--model {path}: no Hugging Face model there or in the local cache "
+                        f"({str(err).splitlines()[0]}). Give a folder written by save_pretrained, or download "
+                        "the model first") from None
+    return HFModel(backbone, out_features, pooling, token_features)

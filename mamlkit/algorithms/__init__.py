@@ -86,6 +86,15 @@ def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
     the executor the config asks for (:meth:`~mamlkit.exec.executor.Executor.from_config`)."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
+    patterns = getattr(cfg, "adapt", ())
+    if patterns:  # a pattern that matches no trainable parameter would adapt nothing: a typo, refused
+        from mamlkit.base.errors import UserError
+        from mamlkit.engine.inner import check_patterns
+
+        try:
+            check_patterns([k for k, p in model.named_parameters() if p.requires_grad], patterns)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     return ALGORITHMS[name](model, cfg, Executor.from_config(cfg, model))
 
 

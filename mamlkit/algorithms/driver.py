@@ -34,6 +34,7 @@ from mamlkit.engine.inner import (
     query_objective,
     split_params,
     support_loss_fn,
+    trainable_filter,
 )
 from mamlkit.engine.norms import with_bn_mode
 from mamlkit.engine.rules import InnerRule, sgd
@@ -208,7 +209,7 @@ class Driver:
         theta, rule = self._start(None)
         if self.pieces.adapt is not None:
             return self.pieces.adapt(self, theta, rule, support_x, support_y, steps)
-        fast, shared = split_params(theta, self.pieces.adapts)
+        fast, shared = split_params(theta, trainable_filter(self.model, self.pieces.adapts))
         loss = support_loss_fn(self.model, self.loss_fn, shared, self.buffers())
         if self.pieces.inner_loss is not None:
             loss = self.pieces.inner_loss(loss, fast)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mamlkit.algorithms import register
 from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
-from mamlkit.engine.inner import Objective, query_objective
+from mamlkit.engine.inner import Objective, name_filter, query_objective
 from mamlkit.exec.executor import Executor
 
 
@@ -57,13 +57,14 @@ def MAML(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, firs
                   chunk_size=chunk_size, checkpoint_inner=checkpoint_inner, **execution)
 
 
-@register("maml", uses=frozenset({"first_order"}))
+@register("maml", uses=frozenset({"first_order", "adapt"}))
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """MAML (Finn et al. 2017): second-order meta-gradient through the inner SGD steps."""
-    return MAML(model, **config_keywords(cfg, executor))
+    return MAML(model, **config_keywords(cfg, executor), adapt_filter=name_filter(cfg.adapt))
 
 
-@register("fomaml")
+@register("fomaml", uses=frozenset({"adapt"}))
 def build_fomaml(model: nn.Module, cfg, executor: Executor) -> Driver:
     """First-order MAML (Finn et al. 2017, §5.2): the meta-gradient is ∇L_q(θ')."""
-    return MAML(model, **config_keywords(cfg, executor) | {"first_order": True}, name="fomaml")
+    return MAML(model, **config_keywords(cfg, executor) | {"first_order": True}, name="fomaml",
+                adapt_filter=name_filter(cfg.adapt))

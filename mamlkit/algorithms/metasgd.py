@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mamlkit.algorithms import register
 from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
 from mamlkit.engine.functional import named_params
+from mamlkit.engine.inner import name_filter
 from mamlkit.engine.rules import per_parameter_sgd
 from mamlkit.exec.executor import Executor
 
@@ -40,7 +41,7 @@ def MetaSGD(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, f
     return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
-@register("metasgd", uses=frozenset({"first_order"}))
+@register("metasgd", uses=frozenset({"first_order", "adapt"}))
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """Meta-SGD (Li et al. 2017): learned per-parameter inner rates, initialised at --inner-lr."""
-    return MetaSGD(model, **config_keywords(cfg, executor))
+    return MetaSGD(model, **config_keywords(cfg, executor), adapt_filter=name_filter(cfg.adapt))

@@ -13,6 +13,7 @@ from torch import nn
 from mamlkit.algorithms import register
 from mamlkit.algorithms.driver import Driver
 from mamlkit.algorithms.maml import MAML
+from mamlkit.engine.inner import name_filter
 from mamlkit.exec.executor import Executor
 
 
@@ -23,8 +24,9 @@ def joint_objective(path, loss, sx, sy, qx, qy, predict, loss_fn):
     return loss_fn(pred, y), pred[sx.shape[0]:]
 
 
-@register("pretrain")
+@register("pretrain", uses=frozenset({"adapt"}))
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """The pretrained baseline (Finn et al. 2017): joint training on all tasks, MAML's fine-tuning at test."""
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=0, loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps,
-                objective=joint_objective, name="pretrain", bn_mode=cfg.bn_mode, executor=executor)
+                objective=joint_objective, name="pretrain", bn_mode=cfg.bn_mode, executor=executor,
+                adapt_filter=name_filter(cfg.adapt))  # fine-tunes what MAML adapts

@@ -7,11 +7,14 @@ adapted exactly as it was trained.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import fnmatch
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mamlkit.engine.exact import note_model
 from mamlkit.engine.functional import Params, call
 from mamlkit.engine.rules import InnerRule
 
@@ -36,6 +39,44 @@ def support_loss_fn(model: nn.Module, loss_fn: LossFn, shared: Mapping[str, Tens
         return loss_fn(call(model, {**shared, **fast}, fresh(buffers), x), y)
 
     return loss
+
+
+def trainable_filter(model: nn.Module, adapt_filter: Callable[[str], bool] | None = None
+                     ) -> Callable[[str], bool] | None:
+    """``adapt_filter`` that also leaves out the parameters the user froze (``requires_grad=False``): a frozen
+    pretrained part stays as it is, in the inner loop as in the outer one. ``None`` when nothing is filtered."""
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    if not frozen:
+        return adapt_filter
+    return lambda name: name not in frozen and (adapt_filter is None or adapt_filter(name))
+
+
+def name_filter(patterns: Sequence[str]) -> Callable[[str], bool] | None:
+    """A parameter-name filter from glob patterns (``head.*``, ``*.layer.5.*``) or regular expressions
+    (``encoder\\.layer\\.[45]\\..*``), matched against the whole name: a name passes when any pattern
+    matches it either way. ``None`` (every parameter) for no patterns."""
+    if not patterns:
+        return None
+    regexes = []
+    for pattern in patterns:
+        try:
+            regexes.append(re.compile(pattern))
+        except re.error:  # '*.layer.5.*' is a glob, not a regex
+            regexes.append(None)
+
+    def passes(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) or (r is not None and r.fullmatch(name) is not None)
+                   for p, r in zip(patterns, regexes))
+
+    return passes
+
+
+def check_patterns(names: Sequence[str], patterns: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming a pattern that matches none of ``names`` (a typo would adapt nothing)."""
+    for pattern in patterns:
+        if not any(name_filter([pattern])(n) for n in names):
+            sample = ", ".join(list(names)[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"--adapt {pattern!r} matches no parameter of the model; its parameters are {sample}")
 
 
 def split_params(params: Mapping[str, Tensor], adapt_filter: Callable[[str], bool] | None
@@ -84,8 +125,11 @@ def adapt_path(
             # is the same mathematics and up to 3× faster than torch.func.grad for Conv nets with
             # max-pooling (benchmarks/RESULTS.md).
             values = list(fast.values())
-            gs = torch.autograd.grad(loss(fast, support_x, support_y), values, create_graph=not first_order)
-            grads = dict(zip(fast, gs))
+            gs = torch.autograd.grad(loss(fast, support_x, support_y), values, create_graph=not first_order,
+                                     allow_unused=True)
+            # a parameter the forward does not reach (BERT's pooler under a head on the hidden states) has
+            # gradient zero, as torch.func.grad gives it: it adapts to itself
+            grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(fast.items(), gs)}
         else:
             grads = grad_fn(fast, support_x, support_y)
             if first_order:
@@ -150,12 +194,17 @@ def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
                  inner: Callable[[Callable, Params], Callable] | None = None) -> Callable:
     """The per-task function ``fn(sx, sy, qx, qy) -> (loss, query_pred)`` that every strategy runs.
 
-    Parameters whose name passes ``adapt_filter`` (all, by default) are adapted; the rest are
-    shared by all tasks and only meta-learned. ``checkpoint``: see :func:`adapt_path`. ``inner(loss, θ0)``:
-    the inner objective made from the support loss (e.g. :func:`proximal`); default: the support loss.
-    The outer objective sees the support loss itself.
+    Parameters whose name passes ``adapt_filter`` (all, by default) and that are not frozen
+    (``requires_grad=False``) are adapted; the rest are shared by all tasks and only meta-learned (frozen
+    ones not even that). ``checkpoint``: see :func:`adapt_path`. ``inner(loss, θ0)``: the inner objective
+    made from the support loss (e.g. :func:`proximal`); default: the support loss. The outer objective sees
+    the support loss itself.
+
+    The function carries ``second_order``: whether its meta-gradient differentiates the inner gradient
+    again, which decides where the executor needs exact kernels (:func:`mamlkit.engine.exact.exact_ops`).
     """
-    fast0, shared = split_params(params, adapt_filter)
+    fast0, shared = split_params(params, trainable_filter(model, adapt_filter))
+    note_model(model)
     loss = support_loss_fn(model, loss_fn, shared, buffers)
     inner_loss = loss if inner is None else inner(loss, fast0)
 
@@ -167,6 +216,7 @@ def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
                           checkpoint=checkpoint)
         return objective(path, loss, sx, sy, qx, qy, predict=predict, loss_fn=loss_fn)
 
+    task_fn.second_order = not first_order and steps > 0
     return task_fn
 
 

@@ -107,7 +107,8 @@ def safeguarded(learner: MetaLearner) -> bool:
     FOMAML and the pretrained baseline). Other rules (learned rates, head-only, proximal) keep their own path."""
     p = getattr(learner, "pieces", None)
     return (p is not None and p.adapts is None and p.rule is None and not p.extras and p.start is None
-            and p.inner_loss is None and p.task is None and p.adapt is None)
+            and p.inner_loss is None and p.task is None and p.adapt is None
+            and all(t.requires_grad for t in learner.model.parameters()))
 
 
 def descent_path(learner: MetaLearner, support_x: Tensor, support_y: Tensor, steps: int

@@ -4,8 +4,8 @@ Every algorithm writes a single per-task function ``fn(sx, sy, qx, qy) -> (loss,
 This module runs it over the tasks of a batch in one of two ways, which give the same
 numbers (a test checks this to 1e-10 in float64):
 
-* ``vmap``: ``torch.vmap`` over tasks, under :class:`~mamlkit.engine.functional.ExactNorms` so that
-  normalisation layers stay exact at second order. Fastest for small models (the sinusoid
+* ``vmap``: ``torch.vmap`` over tasks, under :func:`~mamlkit.engine.exact.exact_ops` so that
+  normalisation, recurrent layers and attention stay exact at second order. Fastest for small models (the sinusoid
   MLP runs ~10× a Python loop on 2 CPU cores), where time goes to dispatch overhead.
 * ``loop``: a Python loop over tasks calling the same function. Often fastest for
   convolutional nets on the CPU with many query images, where vmap's batched (grouped)
@@ -22,6 +22,8 @@ numbers (a test checks this to 1e-10 in float64):
 * The loop and threads strategies run NCHW max-pooling and batch norm through :mod:`mamlkit.exec.kernels`
   (compiled kernels; every differentiated backward is torch's; same numbers to rounding), entered per
   thread, and a batch norm → ReLU → max-pool block as one fused kernel (:mod:`mamlkit.exec.kernels.fusion`).
+* Every strategy enters :func:`~mamlkit.engine.exact.exact_ops` around its per-task runs: attention runs
+  its math kernel wherever the graph is differentiated twice (the fused kernels have no double backward).
 * ``auto``: measured, not guessed (:func:`autotune`): the candidates run the first batch of
   training and the fastest is kept. Every candidate is exact.
 
@@ -45,7 +47,7 @@ from torch import Tensor, nn
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.choices import STRATEGIES, check_choice
 from mamlkit.engine import functional
-from mamlkit.engine.functional import ExactNorms
+from mamlkit.engine.exact import ExactOps, exact_ops, math_attention
 from mamlkit.exec import kernels, threads
 
 log = logging.getLogger("mamlkit")
@@ -133,17 +135,28 @@ def _has_conv(model: nn.Module) -> bool:
 
 
 def has_dropout(model: nn.Module) -> bool:
-    """Whether ``model`` has a dropout layer (random draws that run in task order only in one thread)."""
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+    """Whether ``model`` has a dropout layer that draws (random draws run in task order only in one thread);
+    ``p = 0`` draws nothing (transformer layers built with ``dropout=0.0``)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
-def task_modes(vectorized: bool, kernel_key: Hashable = None) -> contextlib.AbstractContextManager:
-    """The modes every per-task run is wrapped in, whatever the strategy: the one place where the executor
-    enters them. Under vmap (eager or compiled), :class:`ExactNorms` (normalisation exact at second
-    order); per task (loop, threads), the compiled CPU kernels (:func:`mamlkit.exec.kernels.fast`), keyed by
-    the per-task code and shapes. Engine-level modes that must wrap every strategy's run go here. A plain
-    function returning the mode (no generator), so that torch.compile traces it inside the compiled strategy."""
-    return ExactNorms() if vectorized else kernels.fast(kernel_key)
+def task_modes(vectorized: bool, kernel_key: Hashable = None, second_order: bool = True
+               ) -> contextlib.AbstractContextManager:
+    """The modes every eager per-task run is wrapped in, whatever the strategy: the one place where the
+    executor enters them. :func:`~mamlkit.engine.exact.exact_ops` always (under vmap: norms and recurrent
+    layers as primitive ops, attention on its math kernel; per task: the math kernel where the graph is
+    differentiated twice); per task (loop, threads) also the compiled CPU kernels
+    (:func:`mamlkit.exec.kernels.fast`), keyed by the per-task code and shapes. The compiled strategy enters
+    :class:`~mamlkit.engine.exact.ExactOps` inside its trace."""
+    if vectorized:
+        return exact_ops(vectorized=True)
+    return _per_task_modes(kernel_key, second_order)
+
+
+@contextlib.contextmanager
+def _per_task_modes(kernel_key: Hashable, second_order: bool) -> Iterator[None]:
+    with exact_ops(vectorized=False, second_order=second_order), kernels.fast(kernel_key):
+        yield
 
 
 def _run(fn: TaskFn, batch: TaskBatch, vectorize: bool) -> tuple[Tensor, Tensor]:
@@ -152,9 +165,14 @@ def _run(fn: TaskFn, batch: TaskBatch, vectorize: bool) -> tuple[Tensor, Tensor]
         # randomness="different": a model with dropout gets independent masks per task, as in the loop.
         with task_modes(True):
             return torch.vmap(fn, randomness="different")(*args)
-    with task_modes(False, _kernel_key(fn, batch)):
+    with task_modes(False, _kernel_key(fn, batch), _second_order(fn)):
         outs = [fn(*(a[i] for a in args)) for i in range(batch.num_tasks)]
     return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+
+
+def _second_order(fn: Callable) -> bool:
+    """Whether ``fn``'s graph is differentiated twice (set by ``make_task_fn``; assumed when unknown)."""
+    return getattr(fn, "second_order", True)
 
 
 def _kernel_key(fn: Callable, batch: TaskBatch) -> tuple:
@@ -218,9 +236,12 @@ def meta_backward(build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str
     losses, preds = [], []
     detached = {k: p.detach() for k, p in params.items()}
     for c in chunks(batch, strategy):
-        grads, (loss, pred) = grad_fn(detached, c.support_x, c.support_y, c.query_x, c.query_y)
+        with math_attention():  # attention's math kernel, also for the trace (outside it: no graph break)
+            grads, (loss, pred) = grad_fn(detached, c.support_x, c.support_y, c.query_x, c.query_y)
         scale = weight * c.num_tasks / batch.num_tasks  # grad_fn differentiates the chunk's mean
         for k, p in params.items():
+            if not p.requires_grad:  # frozen: no meta-gradient, as in the eager strategies
+                continue
             g = grads[k] if scale == 1.0 else grads[k] * scale
             p.grad = g if p.grad is None else p.grad + g
         losses.append(loss)
@@ -248,7 +269,8 @@ def _in_worker(job: Callable, grad_enabled: bool, kernel_key: tuple) -> Callable
     ``functional.call`` uses a per-thread replica of each module (``functional_call`` swaps a module's
     tensors while it runs, so two threads must not share one module)."""
     def run(*args):
-        with torch.set_grad_enabled(grad_enabled), functional.thread_replicas(), task_modes(False, kernel_key):
+        # exact_ops' attention switch is process-wide: the caller enters it for its workers (_map_threaded)
+        with torch.set_grad_enabled(grad_enabled), functional.thread_replicas(), kernels.fast(kernel_key):
             return job(*args)
     return run
 
@@ -273,7 +295,8 @@ def _map_threaded(task: Callable, batch: TaskBatch, workers: int, grad_enabled: 
     the per-task code and shapes, for :func:`mamlkit.exec.kernels.fast`."""
     job = _in_worker(lambda t: task(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0]), grad_enabled,
                      kernel_key)
-    with _single_threaded_caller():
+    # the attention kernel switch is process-wide, so the caller sets it for its workers
+    with _single_threaded_caller(), exact_ops(vectorized=False, second_order=_second_order(task)):
         yield from _pool(workers).map(job, [batch[i:i + 1] for i in range(batch.num_tasks)])
 
 
@@ -291,6 +314,8 @@ def _threaded_backward(fn: TaskFn, batch: TaskBatch, workers: int, weight: float
         loss, pred = fn(*data)
         return torch.autograd.grad(loss * scale, wanted, allow_unused=True), loss.detach(), pred.detach()
 
+    task.second_order = _second_order(fn)
+
     losses, preds = [], []
     for grads, loss, pred in _map_threaded(task, batch, workers, True, _kernel_key(fn, batch)):
         for p, g in zip(wanted, grads):
@@ -303,7 +328,7 @@ def _threaded_backward(fn: TaskFn, batch: TaskBatch, workers: int, weight: float
 
 def _compiled_grad(build: Callable[[dict[str, Tensor]], TaskFn]) -> Callable:
     def meta(params, sx, sy, qx, qy):
-        with task_modes(True):  # exact second-order normalisation, as in eager vmap
+        with ExactOps():  # exact second-order norms and recurrent layers, as in eager vmap
             losses, preds = torch.vmap(build(params), randomness="different")(sx, sy, qx, qy)
         return losses.mean(), (losses.detach(), preds.detach())
 

@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 from mamlkit import checkpoint, config, runfolder
 from mamlkit.algorithms import MetaLearner
 from mamlkit.assemble import DTYPES, assemble
+from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, mean_ci
 from mamlkit.exec import threads, tuning
 from mamlkit.loop import distributed
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
-from mamlkit.models import check_model_memory
+from mamlkit.models import USER_MODELS, check_model_memory, resolve_spec
 from mamlkit.tasks import get_family, task_generator
 
 
@@ -42,10 +43,22 @@ class Trainer:
         return DTYPES[self.cfg.dtype]
 
 
-def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MetaLearner, dict]:
-    """Build the model and learner of ``cfg`` (its family's model spec); load meta-parameters from ``state``
-    if given. Returns ``(learner, spec)``; see :func:`mamlkit.assemble.assemble`."""
-    spec = get_family(cfg.task).model_spec(cfg)
+def model_spec(cfg: config.TrainConfig) -> dict[str, Any]:
+    """The spec of the model ``cfg`` trains: the task family's, or the user's ``--model``."""
+    return resolve_spec(cfg.model, cfg.model_kwargs, get_family(cfg.task).model_spec(cfg))
+
+
+def _user_spec(state: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's record of a user's model (rebuilt as recorded), or None for the family's own."""
+    spec = state.get("model_spec")
+    return spec if spec and spec.get("name") in USER_MODELS else None
+
+
+def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None,
+          spec: dict[str, Any] | None = None) -> tuple[MetaLearner, dict]:
+    """Build the model and learner of ``cfg`` (or of ``spec``, a checkpoint's record of its model); load
+    meta-parameters from ``state`` if given. Returns ``(learner, spec)``; see :func:`mamlkit.assemble.assemble`."""
+    spec = spec or model_spec(cfg)
     check_model_memory(spec, DTYPES[cfg.dtype])
     return assemble(cfg, spec, state), spec
 
@@ -58,7 +71,7 @@ def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None =
     opt_tensors, opt_meta = checkpoint.optimizer_tensors(trainer.optimizer.state_dict())
     tensors |= opt_tensors
     tensors["rng/torch"] = trainer.rng_state if trainer.rng_state is not None else checkpoint.rng_tensor()
-    state = {"config": trainer.cfg.to_dict(), "model_spec": get_family(trainer.cfg.task).model_spec(trainer.cfg),
+    state = {"config": trainer.cfg.to_dict(), "model_spec": model_spec(trainer.cfg),
              "algo": learner.name, "kind": learner.kind, "step": trainer.step, "optimizer": opt_meta,
              "strategy": learner.executor.strategy.name, **(extra or {})}
     checkpoint.save(path, tensors, state)
@@ -72,7 +85,7 @@ def load_trainer(path: str | Path, run_dir: Path | None = None, resume: bool = T
     """
     tensors, state = checkpoint.load(path)
     cfg = checkpoint.config_of(state, path)
-    learner, _ = build(cfg, tensors)
+    learner, _ = build(cfg, tensors, _user_spec(state))
     optimizer = meta_optimizer(cfg, learner.meta_parameters().values())
     rng = None
     if resume:
@@ -156,6 +169,8 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
                desc=f"{cfg.run_name or cfg.task}", dynamic_ncols=True, unit="it")
     if not learner.executor.settled or trainer.step == 0:  # measure memory (and, with auto, speed) before launching
         first = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch).to(cfg.device, trainer.dtype)
+        if model_spec(cfg)["name"] in USER_MODELS:
+            check_model_output(learner.model, first, learner.kind, cfg.model)
         with torch.random.fork_rng(devices=[]):  # measuring draws no numbers from the training's stream
             learner.executor.settle(learner, first, iterations=end - trainer.step,
                                     say=bar.write if main else lambda msg: None)
@@ -222,6 +237,28 @@ def _save(trainer: Trainer, saved: list) -> None:
     trainer.rng_state = torch.get_rng_state()  # the training's stream, as it stands after this step
     save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
     saved[0] = trainer.step
+
+
+def check_model_output(model: torch.nn.Module, batch: TaskBatch, kind: str, name: str) -> None:
+    """Refuse a user's model whose predictions do not fit the task's targets: ``[N, *y_shape]`` for
+    regression, logits ``[N, classes]`` for classification (on one task's support set)."""
+    x, y = batch.support_x[0], batch.support_y[0]
+    try:
+        with torch.no_grad():  # on copies of the buffers: a BatchNorm's running statistics stay as they are
+            buffers = {k: b.clone() for k, b in model.named_buffers()}
+            out = torch.func.functional_call(model, buffers, (x,), strict=False)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as the contract
+        raise UserError(f"--model {name} fails on this task's inputs of shape {list(x.shape)} "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"--model {name} returns a {type(out).__name__}; it must return a tensor of predictions")
+    if kind == "classification":
+        ok, want = out.dim() == 2 and out.shape[0] == len(y) and out.shape[1] > int(y.max()), \
+            f"logits [{len(y)}, >= {int(y.max()) + 1}]"
+    else:
+        ok, want = out.shape == y.shape, f"{list(y.shape)}"
+    if not ok:
+        raise UserError(f"--model {name} maps inputs {list(x.shape)} to {list(out.shape)}; this task needs {want}")
 
 
 @contextlib.contextmanager
