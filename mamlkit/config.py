@@ -154,7 +154,8 @@ class TrainConfig:
         for pattern in self.adapt:
             need(bool(pattern.strip()), "adapt patterns must not be empty")
         need(not self.adapt or self.algo in ADAPT_ALGOS,
-             f"--adapt works with --algo {', '.join(ADAPT_ALGOS)}, not {self.algo} (ANIL adapts its head by design)")
+             f"--adapt works with --algo {', '.join(ADAPT_ALGOS)}, not --algo {self.algo} (ANIL adapts its head "
+             "by design)")
         need(self.loss in ("mse", "cross_entropy"), f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
         for field, options in (("strategy", STRATEGIES), ("bn_mode", BN_MODES)):
             msg = bad_choice(field, getattr(self, field), options)

@@ -60,7 +60,7 @@ def test_factory_model_trains_and_the_checkpoint_records_it(cli, tmp_path, user_
     tensors, state = checkpoint.load(run / "checkpoint.safetensors")
     assert state["model_spec"] == {"name": "factory", "factory": "userpkg.nets:make", "args": {"width": 12}}
     assert tensors["meta/body.0.weight"].shape == (12, 1)  # the user's module, not the default MLP (40, 1)
-    code, out, err = cli("eval", str(run), "--eval-tasks", "4")
+    code, out, err = cli("eval", str(run), "--eval-tasks", "4", "--overwrite")
     assert code == 0, err
 
 
@@ -152,7 +152,7 @@ def test_hugging_face_folder_trains_offline_adapting_the_last_block(cli, tmp_pat
     key = next(k for k in saved if k.endswith("embeddings.word_embeddings.weight"))
     # the encoder starts from the saved weights: the word embeddings, which features never reach, keep them
     assert torch.equal(tensors["meta/backbone.embeddings.word_embeddings.weight"].float()[5:], saved[key][5:])
-    code, _, err = cli("eval", str(run), "--eval-tasks", "4")
+    code, _, err = cli("eval", str(run), "--eval-tasks", "4", "--overwrite")
     assert code == 0, err
 
 

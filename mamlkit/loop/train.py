@@ -171,7 +171,7 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
         first = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch).to(cfg.device, trainer.dtype)
         if model_spec(cfg)["name"] in USER_MODELS:
             check_model_output(learner.model, first, learner.kind, cfg.model)
-        with torch.random.fork_rng(devices=[]):  # measuring draws no numbers from the training's stream
+        with signals.deferred(), torch.random.fork_rng(devices=[]):  # no draws from the training's stream
             learner.executor.settle(learner, first, iterations=end - trainer.step,
                                     say=bar.write if main else lambda msg: None)
     if main:
@@ -187,7 +187,10 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
             learner.set_step(trainer.step)  # step-dependent pieces (MAML++ annealing)
             for group in opt.param_groups:  # a pure function of the step: resume-exact
                 group["lr"] = meta_lr_at(cfg, trainer.step)
-            stats = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch)
+            # A signal is never raised inside torch's own code (a torch function mode's bookkeeping cut in
+            # two leaves its stack broken): one during the meta-gradient takes effect after it.
+            with signals.deferred():
+                stats = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch)
             # A stop signal before here abandons the iteration (only gradients were touched); from the
             # update on, the iteration is finished, logged and checkpointed before the signal takes effect.
             with signals.deferred(), _stop_if_disk_full(trainer, saved):
