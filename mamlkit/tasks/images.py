@@ -325,6 +325,8 @@ def load_folder(root: str | os.PathLike, size: int = 84, channels: int = 3, prog
         except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
             pass
     pixels, counts, decode_notes = _preprocess(classes, size, channels, progress)
+    if not len(pixels):
+        raise UserError(f"no image in {root} decodes: {'; '.join(decode_notes)}. Replace the files with valid images")
     images = torch.from_numpy(pixels)
     meta = {"format": "mamlkit-images", "version": str(CACHE_VERSION), "listing": key, "names": json.dumps(names),
             "counts": json.dumps(counts), "notes": json.dumps(decode_notes), "pixels_sha256": _pixel_digest(pixels)}
@@ -340,10 +342,7 @@ def _kept(data: ImageFolder) -> ImageFolder:
     empty = [n for n, c in zip(data.names, data.counts) if c == 0]
     if not empty:
         return data
-    kept = [(n, c) for n, c in zip(data.names, data.counts) if c > 0]
-    if not kept:
-        raise UserError(f"no image in {data.root} decodes: {'; '.join(data.notes)}")
-    names, counts = zip(*kept)
+    names, counts = zip(*[(n, c) for n, c in zip(data.names, data.counts) if c > 0])
     note = f"left out {len(empty)} class(es) with no readable image: {_named(empty)}"
     return ImageFolder(data.root, data.layout, data.images, names, counts, (*data.notes, note))
 
