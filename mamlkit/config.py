@@ -38,7 +38,7 @@ class TrainConfig:
     """Everything that defines a run. Defaults are the paper's sinusoid setting (Finn et al. 2017)."""
 
     # what to learn
-    task: str = flag("sinusoid", TASK, "task family: sinusoid, omniglot, miniimagenet, clinc, csv")
+    task: str = flag("sinusoid", TASK, "task family: sinusoid, omniglot, miniimagenet, clinc, csv, images")
     algo: str = flag("maml", OUTER, "meta-learning algorithm: maml, fomaml, anil, metasgd, mamlpp, reptile, imaml, "
                      "pretrain (`mamlkit algos`)")
     loss: str = flag("mse", TASK, "task loss: mse (regression) | cross_entropy (classification)")
@@ -90,15 +90,19 @@ class TrainConfig:
     split: str = flag("paper", TASK, "Omniglot characters: paper (1100/100/423) | background (official)")
     rotations: str = flag("per_task", TASK, "Omniglot rotation classes: per_task | expand | none")
     # tasks from a CSV: a task per distinct value of task_column
-    path: str = flag("", TASK, "csv: the CSV file")
+    path: str = flag("", TASK, "csv: the CSV file; images: the folder of class folders")
     task_column: str = flag("", TASK, "csv: column whose values name the tasks (patient, asset, site)")
     target: str = flag("", TASK, "csv: column to predict")
     features: tuple[str, ...] = flag((), TASK, "csv: feature columns (none given: every other column)")
     kind: str = flag("regression", TASK, "csv: regression (mse) | classification (cross_entropy); sets the loss")
     fill: str = flag("none", TASK, "csv: missing values: none (error naming rows) | drop | mean (meta-train mean)")
     max_categories: int = flag(20, TASK, "csv: one-hot cap for a categorical column (more: an error naming it)")
-    task_split: tuple[float, ...] = flag((0.7, 0.15, 0.15), TASK, "csv: fractions of tasks for train val test")
+    task_split: tuple[float, ...] = flag((0.7, 0.15, 0.15), TASK, "csv: fractions of tasks (images: of classes) for "
+                                        "train val test")
     small_tasks: str = flag("skip", TASK, "csv: tasks with < k_shot + k_query rows: skip (counted) | error")
+    # labelled images (task images)
+    channels: int = flag(3, TASK, "images: 1 (grey) | 3 (RGB) input channels")
+    small_classes: str = flag("skip", TASK, "images: classes with < k_shot + k_query images: skip (counted) | error")
     # few-shot text (task clinc)
     encoder_mode: str = flag("frozen", MODEL, "clinc: frozen (cached sentence embeddings, adapted head) | finetune "
                              "(the last encoder layers adapt too)")
@@ -215,6 +219,9 @@ class TrainConfig:
              f"task_split must be three fractions (train val test) summing to 1, got {self.task_split}")
         need(self.small_tasks in ("skip", "error"),
              f"small_tasks must be skip or error, got {self.small_tasks!r}")
+        need(self.channels in (1, 3), f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
+        need(self.small_classes in ("skip", "error"),
+             f"small_classes must be skip or error, got {self.small_classes!r}")
         need(self.encoder_mode in ("frozen", "finetune"),
              f"encoder_mode must be frozen or finetune, got {self.encoder_mode!r}")
         need(1 <= self.finetune_layers <= 6,
@@ -249,7 +256,7 @@ TASK_FIELDS = frozenset({
     "hidden_sizes", "filters", "pool", "image_size", "bn_mode", "n_way", "data_root", "trust_checksum",
     "split", "rotations", "path", "task_column", "target", "features", "kind", "fill", "max_categories",
     "task_split", "small_tasks", "encoder_mode", "finetune_layers", "finetune_rate_scale", "text_max_tokens",
-    "text_per_intent", "eval_shots", "eval_query"})
+    "text_per_intent", "eval_shots", "eval_query", "channels", "small_classes"})
 # Fields that only some algorithms read; each declares those it uses where it registers (``algorithms.register``).
 ALGO_FIELDS = frozenset({
     "first_order", "msl", "msl_epochs", "lslr", "per_step_bn", "first_order_epochs", "epoch_iterations",

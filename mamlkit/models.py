@@ -124,6 +124,45 @@ def conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 64, image_s
     return nn.Sequential(OrderedDict(body=body, head=nn.Linear(hidden * size * size, out_features)))
 
 
+class ResidualBlock(nn.Module):
+    """ResNet-12's block: 3 × [3×3 conv, BatchNorm] with leaky ReLU (slope 0.1) between, a 1×1 conv + BatchNorm
+    shortcut, the sum through leaky ReLU, then 2×2 max-pool. ``[B, c_in, H, W] -> [B, c_out, H/2, W/2]``."""
+
+    def __init__(self, c_in: int, c_out: int, bn_track_running_stats: bool = False):
+        super().__init__()
+        def bn() -> nn.BatchNorm2d:
+            return nn.BatchNorm2d(c_out, track_running_stats=bn_track_running_stats)
+
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), bn()
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), bn()
+        self.conv3, self.bn3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), bn()
+        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), bn())
+        self.act = nn.LeakyReLU(0.1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.act(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.pool(self.act(out + self.shortcut(x)))
+
+
+@register_model("resnet12")
+def resnet12(in_channels: int = 3, out_features: int = 5, hidden: int = 64,
+             bn_track_running_stats: bool = False) -> nn.Module:
+    """ResNet-12 (Oreshkin et al., TADAM, NeurIPS 2018; Lee et al., MetaOptNet, CVPR 2019): four
+    :class:`ResidualBlock` s of widths ``hidden × (1, 2.5, 5, 10)`` (``hidden=64``: the usual 64-160-320-640),
+    global average pooling and a linear head named ``head``; no DropBlock. BatchNorm uses batch statistics, as
+    in :func:`conv4`. Input ``[B, C, H, W]`` (any H, W >= 16); output ``[B, out_features]``."""
+    widths = (hidden, round(2.5 * hidden), 5 * hidden, 10 * hidden)
+    blocks, c = [], in_channels
+    for w in widths:
+        blocks.append(ResidualBlock(c, w, bn_track_running_stats))
+        c = w
+    body = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return nn.Sequential(OrderedDict(body=body, head=nn.Linear(c, out_features)))
+
+
 class Standardize(nn.Module):
     """``(x - mean) / std`` with fixed statistics held as buffers, so checkpoints carry them (CSV tasks:
     fitted on meta-train tasks only, see :mod:`mamlkit.tasks.tabular`)."""

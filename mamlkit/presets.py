@@ -158,6 +158,18 @@ register_preset(Preset(
             "rows per task, α=0.01, 1 step train / 10 test, meta-batch 25, 5k its; vs pooled and scratch",
     paper={},
 ))
+register_preset(Preset(
+    name="images",
+    overrides=dict(task="images", algo="maml", loss="cross_entropy", model="conv4", filters=32, pool=True,
+                   image_size=84, channels=3, n_way=5, k_shot=1, k_query=5, inner_lr=0.01, inner_steps=5,
+                   test_inner_steps=10, meta_batch=4, meta_lr=1e-3, iterations=10_000, val_every=500,
+                   checkpoint_every=1_000, eval_tasks=600, compare_pretrained=False),
+    citation=_MAML_CITATION + " (mini-ImageNet setting), applied to your own folder of labelled images",
+    summary="your folder of class folders: --path DIR [--channels 1|3] [--image-size 84] [--model resnet12]; "
+            "classes split 70/15/15 by name, 5-way 1-shot, 5 queries/class, Conv4 (32 filters, max-pool), "
+            "α=0.01, 5 steps train / 10 test, meta-batch 4, Adam 1e-3, 10k its",
+    paper={},
+))
 _CLINC_CITATION = ("Larson et al., An Evaluation Dataset for Intent Classification and Out-of-Scope Prediction, "
                    "EMNLP-IJCNLP 2019 (data); Raghu et al., Rapid Learning or Feature Reuse? ICLR 2020 (ANIL); "
                    "Reimers & Gurevych, Sentence-BERT, EMNLP 2019 (all-MiniLM-L6-v2 encoder)")

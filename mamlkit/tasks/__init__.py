@@ -92,6 +92,7 @@ register_task_family(_family("omniglot", "omniglot", data="omniglot", input_spec
 register_task_family(_family("miniimagenet", "miniimagenet", data="miniimagenet", input_spec=True))
 register_task_family(_family("csv", "tabular", input_spec=True, report=True, derived=True))
 register_task_family(_family("clinc", "text", data="clinc150", input_spec=True, report=True))
+register_task_family(_family("images", "images", input_spec=True, report=True))
 
 __all__ = ["TaskBatch", "TaskDistribution", "TaskFamily", "task_generator", "Sinusoid", "TASK_FAMILIES",
            "register_task_family", "get_family", "derived_fields", "data_commands", "INPUT_TYPES", "Baseline",
