@@ -60,7 +60,7 @@ from mamlkit.tasks.episodes import gather, sample_classes
 from mamlkit.tasks.family import Report
 
 # The family-dependent config fields (config.TASK_FIELDS) this family reads.
-USES = frozenset({"model", "filters", "pool", "image_size", "bn_mode", "n_way", "path", "task_split", "channels",
+USES = frozenset({"filters", "pool", "image_size", "bn_mode", "n_way", "path", "task_split", "channels",
                   "small_classes"})
 
 log = logging.getLogger("mamlkit")
