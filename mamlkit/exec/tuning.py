@@ -37,8 +37,8 @@ from mamlkit.exec.strategies import Strategy, _has_conv, has_dropout
 # cannot pay that back, so ``auto`` does not try it.
 COMPILE_MIN_ITERATIONS = 2_000
 # ``auto`` takes the candidate with the least memory among those within 10% of the fastest: on a
-# 2-core VM, repeated trials of the same candidates differed by about 10% (benchmarks/RESULTS.md,
-# issue 8 session 3), so a tighter window chose by noise, often the hungrier candidate.
+# 2-core VM, repeated trials of the same candidates differed by about 10% (docs/performance-notes.md),
+# so a tighter window chose by noise, often the hungrier candidate.
 NEAR_FASTEST = 1.10
 # timed rounds of the interleaved trial (after one warm-up round); each timed call follows an untimed one
 TRIAL_ROUNDS = 3
@@ -46,7 +46,7 @@ TRIAL_ROUNDS = 3
 # 32 MB), nor measure it beyond one task: its trial would set the run's peak memory (unchunked vmap: 3.4 GB
 # on Omniglot 20w1s; on 5w1s, 179 MB of tensors took peak RSS from 483 to 784 MB, and vmap in chunks of
 # 8, 45 MB against the loop's 5 MB, from 401 to 460 MB for at most 1.13-1.29× the speed of threads). In
-# session 4's runs (benchmarks/RESULTS.md) no other candidate above 4× the leanest was the fastest: vmap in
+# the measured runs (docs/performance-notes.md) no other candidate above 4× the leanest was the fastest: vmap in
 # chunks of 4 on 20w1s (7×) was slower than threads (2×). ``--strategy vmap`` still asks for it.
 MEMORY_SKIP_RATIO, MEMORY_SKIP_FLOOR = 4, 32 * 2**20
 
@@ -214,7 +214,7 @@ def _glibc() -> Any:
 def _release_freed_memory() -> None:
     """Hand the memory the trial freed back to the OS (glibc's ``malloc_trim``). The hungrier candidates'
     trials leave freed pages in the allocator's heaps, which would otherwise stay in the training
-    run's resident memory (benchmarks/RESULTS.md, issue 8 session 3). A no-op without glibc."""
+    run's resident memory (docs/performance-notes.md). A no-op without glibc."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
@@ -235,7 +235,7 @@ def tune_malloc() -> bool:
     memory in again (zeroed by the kernel). Fixing the thresholds (``mallopt``; the same as
     ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824``)
     made the loop 1.27-1.41× faster on mini-ImageNet 5w1s at +8-13% peak RSS, and changed nothing
-    measurable on Omniglot 5w1s (benchmarks/RESULTS.md, issue 8 session 4). Process-wide and kept
+    measurable on Omniglot 5w1s (docs/performance-notes.md). Process-wide and kept
     until exit; the trainer calls it unless ``--no-tune-malloc``. Returns False where there is no
     glibc (macOS, musl) and nothing was changed.
     """
