@@ -39,6 +39,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
     elif name == "functional":
         value = importlib.import_module("mamlkit.engine.functional")
+    elif name in _MOVED or importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")  # a part, read as an attribute: mamlkit.models.mlp
     else:
         raise AttributeError(f"module 'mamlkit' has no attribute {name!r}")
     globals()[name] = value
