@@ -17,6 +17,7 @@ from mamlkit.presets import PRESETS, preset_config
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progress", "tensorboard", "threads",
              "tune_malloc", "eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained",
+             "baseline_lrs",
              "backend", "dist_timeout", "data_root", "trust_checksum"}  # data: verified by checksum
 
 
@@ -199,7 +200,12 @@ def _baseline(trainer):
         cfg = trainer.cfg.replace(algo="pretrain", compare_pretrained=False, run_name="pretrained",
                                   checkpoint_inner=False)
         baseline = train.new_trainer(cfg, folder)
-    return train.fit(baseline)
+    baseline, losses = train.tune_inner_lr(train.fit(baseline), baseline.cfg.baseline_lrs)
+    if losses:
+        tried = ", ".join(f"{r:g}: {v:.4f}" for r, v in losses.items())
+        print(f"pretrained baseline: fine-tuning step size {baseline.cfg.inner_lr:g}, the lowest validation query "
+              f"loss after {baseline.cfg.eval_inner_steps} steps on {baseline.cfg.val_tasks} tasks ({tried})")
+    return baseline
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ Every field is a CLI flag (``inner_lr`` → ``--inner-lr``) and a YAML key. Pres
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -127,6 +128,8 @@ class TrainConfig:
     eval_query: int = flag(100, LOGGING, "regression: query points per evaluation task (0: K, as many as "
                           "support)")
     compare_pretrained: bool = flag(True, LOGGING, "also train the pretrained baseline and compare it")
+    baseline_lrs: tuple[float, ...] = flag((), LOGGING, "step sizes tried for fine-tuning the pretrained baseline: "
+                                           "the one with the lowest validation loss is used (empty: inner_lr)")
     preset: str = flag("", TASK, "the preset this config started from (informational)")
     # MAML family. Outer meta-rate schedule, applied by the trainer every iteration:
     meta_optimizer: str = flag("adam", OUTER, "adam | sgd (Reptile's outer step θ ← θ + ε(φ̄ − θ) is SGD at ε)")
@@ -189,6 +192,8 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.test_inner_steps is None or self.test_inner_steps >= 0, "test_inner_steps must be >= 0")
         need(self.inner_lr >= 0, f"inner_lr must be >= 0, got {self.inner_lr}")
+        need(all(math.isfinite(r) and r > 0 for r in self.baseline_lrs),
+             f"baseline_lrs must be positive step sizes, got {self.baseline_lrs}")
         need(self.meta_lr > 0, f"meta_lr must be > 0, got {self.meta_lr}")
         need(self.meta_optimizer in ("adam", "sgd"),
              f"meta_optimizer must be adam or sgd, got {self.meta_optimizer!r}")

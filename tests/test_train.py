@@ -63,7 +63,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_checkpoint_holds_config_and_is_safetensors(tmp_path):
     trainer = train.fit(train.new_trainer(small_cfg(tmp_path), tmp_path / "run"))
     tensors, state = checkpoint.load(tmp_path / "run" / "checkpoint.safetensors")
-    assert state["config"]["inner_lr"] == 0.01 and state["step"] == 12 and state["algo"] == "maml"
+    assert state["config"]["inner_lr"] == 0.001 and state["step"] == 12 and state["algo"] == "maml"
     assert state["model_spec"] == {"name": "mlp", "in_features": 1, "hidden": [8, 8], "out_features": 1}
     assert torch.equal(tensors["meta/0.weight"], trainer.learner.model[0].weight.detach())
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -162,3 +162,26 @@ def test_eval_report_counts_diverged_tasks_instead_of_printing_nan():
     assert r.loss_text(0) == "1.000 ± 0.000 (median 1.000)"
     assert r.loss_text(1) == "— ± — (median —) ⚠ not finite on 1/3 tasks"
     assert r.cell(1) == {"mean": None, "ci95": None, "median": None, "flag": "not finite on 1/3 tasks"}
+
+
+def test_baseline_step_size_is_the_validation_argmin_and_is_kept(tmp_path):
+    cfg = small_cfg(tmp_path, algo="pretrain", run_name="pre", dtype="float64")
+    trainer = train.fit(train.new_trainer(cfg, tmp_path / "pre"))
+    rates = (1e-3, 0.05, 1e3)
+    expected = {}
+    for rate in rates:  # each rate on its own, from the checkpoint: what the tuner must have seen
+        alone = train.load_trainer(tmp_path / "pre", resume=False)
+        alone.learner = train.build(alone.cfg.replace(inner_lr=rate), checkpoint.load(tmp_path / "pre")[0])[0]
+        expected[rate] = train.validate(alone)["loss"]
+    tuned, losses = train.tune_inner_lr(trainer, rates)
+    finite = {r: v for r, v in expected.items() if v == v and v != float("inf")}
+    best = min(finite, key=finite.get)
+    assert best == 0.05 and tuned.cfg.inner_lr == 0.05  # 1e3 blows up; 1e-3 barely moves in 2 steps
+    for rate in finite:
+        assert losses[rate] == pytest.approx(expected[rate], rel=1e-12)
+    assert losses[1e3] == float("inf") or losses[1e3] > 10 * losses[0.05]
+    state = checkpoint.load(tmp_path / "pre")[1]
+    assert state["config"]["inner_lr"] == 0.05 and state["config"]["baseline_lrs"] == []
+    assert json.loads((tmp_path / "pre" / "config.json").read_text())["inner_lr"] == 0.05
+    again = train.load_trainer(tmp_path / "pre")
+    assert again.cfg.inner_lr == 0.05 and train.tune_inner_lr(again, again.cfg.baseline_lrs)[1] == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,40 @@ def validate(trainer: Trainer, split: str = "val", num_tasks: int | None = None)
     if trainer.learner.kind == "classification":
         out["acc"] = mean_ci(accs[:, -1])[0]
     return out
+
+
+TUNE_TASKS = 100  # validation tasks that pick a step size when the run validates on none
+
+
+def tune_inner_lr(trainer: Trainer, rates: tuple[float, ...]) -> tuple[Trainer, dict[float, float]]:
+    """Pick the test-time step size of a trained model: the rate of ``rates`` whose validation query loss
+    (:func:`validate`: ``val_tasks`` fixed ``val`` tasks, or TUNE_TASKS without validation, and
+    ``eval_inner_steps`` steps) is lowest, ties to the smaller rate.
+
+    The paper fine-tunes its pretrained baseline "with a tuned step size" (Finn et al. 2017, Fig. 2). The
+    chosen rate becomes the run's ``inner_lr`` and ``baseline_lrs`` is emptied, in the config and in the
+    checkpoint (rewritten atomically), so ``mamlkit eval`` uses that rate and a second call does nothing.
+    Returns the trainer and the validation loss of every rate (``inf`` where fine-tuning diverged).
+    """
+    if not rates:
+        return trainer, {}
+    state = {f"meta/{k}": v.detach() for k, v in trainer.learner.meta_parameters().items()}
+    state |= {f"buffer/{k}": v for k, v in trainer.learner.model.named_buffers()}
+    strategy = trainer.learner.executor.strategy.name
+    losses, learners = {}, {}
+    for rate in rates:
+        cfg = trainer.cfg.replace(inner_lr=rate, baseline_lrs=())
+        learners[rate] = assemble(cfg, model_spec(cfg), state)
+        learners[rate].executor.resume(strategy)
+        loss = validate(Trainer(cfg, learners[rate], trainer.optimizer, trainer.run_dir),
+                        num_tasks=cfg.val_tasks or TUNE_TASKS)["loss"]
+        losses[rate] = loss if math.isfinite(loss) else math.inf
+    best = min(rates, key=lambda r: (losses[r], r))
+    trainer.cfg, trainer.learner = trainer.cfg.replace(inner_lr=best, baseline_lrs=()), learners[best]
+    tried = {f"{r:g}": v if math.isfinite(v) else None for r, v in losses.items()}  # strict JSON
+    save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors", {"tuned_inner_lr": tried})
+    checkpoint.atomic_write_text(trainer.run_dir / "config.json", json.dumps(trainer.cfg.to_dict(), indent=2))
+    return trainer, losses
 
 
 def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
