@@ -184,6 +184,9 @@ def check_used(cfg: config.TrainConfig, given: set[str]) -> None:
     from mamlkit.tasks import get_family
 
     config.refuse_unused(given, config.TASK_FIELDS, get_family(cfg.task).fields(), f"the {cfg.task} task family")
+    if "baseline_lrs" in given and not (cfg.compare_pretrained and cfg.algo != "pretrain"):
+        raise UserError("--baseline-lrs tunes the pretrained baseline's step size; this run trains no baseline "
+                        "(--no-compare-pretrained or --algo pretrain): drop the flag")
     if cfg.algo in ALGORITHM_USES:  # an unknown algorithm is refused by name when the learner is built
         config.refuse_unused(given, config.ALGO_FIELDS, ALGORITHM_USES[cfg.algo], f"--algo {cfg.algo}")
 

@@ -185,3 +185,8 @@ def test_baseline_step_size_is_the_validation_argmin_and_is_kept(tmp_path):
     assert json.loads((tmp_path / "pre" / "config.json").read_text())["inner_lr"] == 0.05
     again = train.load_trainer(tmp_path / "pre")
     assert again.cfg.inner_lr == 0.05 and train.tune_inner_lr(again, again.cfg.baseline_lrs)[1] == {}
+
+
+def test_baseline_lrs_without_a_baseline_is_refused(cli, tmp_path):
+    code, _, err = cli("train", "sinusoid", "--out-dir", tmp_path, "--no-compare-pretrained", "--baseline-lrs", "0.01")
+    assert code == 2 and "--baseline-lrs" in err and "Traceback" not in err
