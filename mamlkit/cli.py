@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mamlkit import config
 from mamlkit.base.errors import DiskFull, UserError
-from mamlkit.flags import add_config_flags, resumed_config
+from mamlkit.flags import add_config_command, add_config_flags, resumed_config
 from mamlkit.presets import PRESETS, preset_config
 
 # Fields that may change when a run is resumed; everything else defines the run.
@@ -30,23 +30,19 @@ def _help_preset(argv: list[str]) -> str | None:
     return next((a for a in argv[1:] if a in PRESETS), None)
 
 
-def build_parser(help_preset: str | None = None) -> argparse.ArgumentParser:
-    """The parser; ``help_preset`` makes `train --help` show that preset's values instead of the defaults."""
+def build_parser(help_preset: str | None = None, help_env: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``help_preset`` makes `train --help` show that preset's values instead of the defaults,
+    ``help_env`` makes `rl train --help` show that environment's."""
     parser = argparse.ArgumentParser(prog="mamlkit", description="Exact, fast gradient-based meta-learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the engine's choices")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    shown = f"The values in brackets are preset {help_preset}'s." if help_preset else (
-        "The values in brackets are the defaults; `mamlkit train PRESET --help` shows a preset's.")
-    train = sub.add_parser("train", help="meta-train from a preset",
-                           usage="mamlkit train [PRESET] [--config FILE] [--resume RUN] [--FIELD VALUE ...]",
-                           formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30),
-                           description="Meta-train from a preset. "
-                           "Presets: " + ", ".join(sorted(PRESETS)) + ". Every config field is a flag, and a key "
-                           "of the --config file. " + shown)
+    train = add_config_command(
+        sub, "train", help="meta-train from a preset",
+        usage="mamlkit train [PRESET] [--config FILE] [--resume RUN] [--FIELD VALUE ...]",
+        about="Meta-train from a preset. Presets: " + ", ".join(sorted(PRESETS)) + ".",
+        values_from=help_preset and f"preset {help_preset}", hint="`mamlkit train PRESET --help` shows a preset's")
     train.add_argument("preset_name", nargs="?", metavar="PRESET", help="preset name (see `mamlkit presets`)")
-    train.add_argument("--config", help="YAML file of config overrides")
-    train.add_argument("--resume", metavar="RUN", help="continue the run in this folder or checkpoint")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run already in the run folder (its checkpoints, logs and reports)")
     if help_preset:
@@ -70,7 +66,7 @@ def build_parser(help_preset: str | None = None) -> argparse.ArgumentParser:
     sub.add_parser("algos", help="list the algorithms")
     from mamlkit.rl.cli import add_parser as add_rl_parser  # meta-RL command group: `mamlkit rl ...`
 
-    add_rl_parser(sub)
+    add_rl_parser(sub, help_env)
 
     data = sub.add_parser("data", help="download, verify and preprocess a dataset",
                           description="Download (when online and missing), verify the checksums and build "
@@ -289,7 +285,9 @@ def _torchrun_session(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(_help_preset(argv))
+    from mamlkit.rl.cli import help_env
+
+    parser = build_parser(_help_preset(argv), help_env(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -27,10 +27,11 @@ TASK, MODEL, INNER, OUTER, EXECUTION, LOGGING = GROUPS = (
     "task and data", "model", "inner loop", "outer loop", "execution", "logging, checkpoints and evaluation")
 
 
-def flag(default: Any, group: str, help: str) -> Any:
-    """A config field with its CLI group and help line (``dataclasses.field`` metadata)."""
-    if group not in GROUPS:
-        raise ValueError(f"unknown help group {group!r}; the groups are {', '.join(GROUPS)}")
+def flag(default: Any, group: str, help: str, groups: tuple[str, ...] = GROUPS) -> Any:
+    """A config field with its CLI group and help line (``dataclasses.field`` metadata); ``group`` is one
+    of ``groups``, the help groups of the config's command (``mamlkit rl train`` has its own)."""
+    if group not in groups:
+        raise ValueError(f"unknown help group {group!r}; the groups are {', '.join(groups)}")
     return dataclasses.field(default=default, metadata={"group": group, "help": help})
 
 

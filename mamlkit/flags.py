@@ -28,20 +28,38 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null") else int(text)
 
 
+def add_config_command(sub: argparse._SubParsersAction, name: str, *, help: str, usage: str, about: str,
+                       values_from: str | None, hint: str) -> argparse.ArgumentParser:
+    """The parser of a command whose flags are config fields (``mamlkit train``, ``mamlkit rl train``): a
+    wide help column, ``--config FILE`` and ``--resume RUN``, and a description that says whose values the
+    brackets show (``values_from``'s, else the defaults, with ``hint`` on how to see another's)."""
+    shown = (f"The values in brackets are {values_from}'s." if values_from
+             else f"The values in brackets are the defaults; {hint}.")
+    parser = sub.add_parser(name, help=help, usage=usage,
+                            formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30),
+                            description=f"{about} Every config field is a flag, and a key of the --config file. "
+                                        f"{shown}")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config overrides")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder or checkpoint")
+    return parser
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainConfig,
                      title: str = "config fields (override the preset and --config)", skip: tuple[str, ...] = (),
-                     values: object | None = None, values_from: str = "default") -> None:
+                     values: object | None = None, values_from: str = "default",
+                     groups: tuple[str, ...] = config.GROUPS) -> None:
     """One flag per field of the config dataclass ``cls`` (but ``skip``); unset flags stay out of the
     namespace, so only what the user typed overrides the preset or YAML file.
 
     Fields with ``group``/``help`` metadata (:func:`mamlkit.config.flag`) get their line of help under
-    their group, in :data:`mamlkit.config.GROUPS` order. Each help ends with the field's value in
-    ``values`` (default: ``cls()``), labelled ``values_from`` (a preset's name shows the preset's values).
+    their group, in ``groups`` order (``cls``'s groups: :data:`mamlkit.config.GROUPS` for TrainConfig).
+    Each help ends with the field's value in ``values`` (default: ``cls()``), labelled ``values_from``
+    (a preset's name shows the preset's values).
     """
     values = cls() if values is None else values
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
-    groups = {g: parser.add_argument_group(g) for g in config.GROUPS
-              if any(m.get("group") == g for m in meta.values())}
+    groups = {g: parser.add_argument_group(g) for g in groups
+              if any(m.get("group") == g and n not in skip for n, m in meta.items())}
     fallback = None
     for name, typ in typing.get_type_hints(cls).items():
         if name in skip:

@@ -4,6 +4,7 @@ one-line summary of `mamlkit adapt`."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -16,6 +17,8 @@ from conftest import ROOT
 from mamlkit import cli, config
 from mamlkit.base import metrics
 from mamlkit.config import GROUPS, TrainConfig
+from mamlkit.rl.config import GROUPS as RL_GROUPS
+from mamlkit.rl.config import RLConfig
 
 TINY = ["--iterations", "4", "--log-every", "2", "--val-every", "2", "--val-tasks", "2", "--eval-tasks", "10",
         "--eval-query", "10", "--eval-steps", "0", "1", "--eval-shots", "5", "--hidden-sizes", "8",
@@ -29,34 +32,60 @@ def help_text(capsys, *argv: str) -> str:
     return " ".join(capsys.readouterr().out.split())  # whitespace as one space: argparse wraps lines
 
 
-def test_every_config_field_has_a_group_and_a_line_of_meaning():
-    for f in dataclasses.fields(TrainConfig):
-        assert f.metadata.get("group") in GROUPS, f.name
+@pytest.mark.parametrize("cls,groups", [(TrainConfig, GROUPS), (RLConfig, RL_GROUPS)])
+def test_every_config_field_has_a_group_and_a_line_of_meaning(cls, groups):
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("group") in groups, f.name
         assert len(f.metadata.get("help", "")) >= 10 and "\n" not in f.metadata["help"], f.name
+
+
+def assert_grouped(text: str, cls: type, groups: tuple[str, ...], skip: tuple[str, ...] = ()) -> None:
+    """Every flag of ``cls`` (but ``skip``) is in ``text`` under its own group heading, with its line of meaning,
+    and the groups come in ``groups`` order."""
+    positions = [text.index(f" {g}: ") for g in groups]
+    assert positions == sorted(positions)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        group_start = text.index(f" {f.metadata['group']}: ")
+        at = re.compile(rf" {re.escape(flag)}[ ,]").search(text, group_start).start()  # in its own group...
+        nxt = [p for p in positions if p > group_start]
+        assert not nxt or at < nxt[0], f.name
+        assert " ".join(f.metadata["help"].split()) in text[at:at + 400], f.name  # ...with its line of meaning
 
 
 def test_train_help_groups_every_flag_with_its_meaning_and_default(capsys):
     text = help_text(capsys, "train", "--help")
-    positions = [text.index(f" {g}: ") for g in GROUPS]
-    assert positions == sorted(positions)  # task, model, inner loop, outer loop, execution, logging
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    default = TrainConfig()
-    for name, f in fields.items():
-        flag = "--" + name.replace("_", "-")
-        group_start = text.index(f" {f.metadata['group']}: ")
-        at = re.compile(rf" {re.escape(flag)}[ ,]").search(text, group_start).start()  # in its own group...
-        nxt = [p for p in positions if p > group_start]
-        assert not nxt or at < nxt[0], name
-        assert " ".join(f.metadata["help"].split()) in text[at:at + 400], name  # ...with its line of meaning
-    assert f"α, the inner SGD step size [default: {default.inner_lr}]" in text
+    assert_grouped(text, TrainConfig, GROUPS)  # task, model, inner loop, outer loop, execution, logging
+    assert f"α, the inner SGD step size [default: {TrainConfig().inner_lr}]" in text
     assert "default 0.01" not in text  # no bare "default X" lines any more
 
 
-def test_preset_help_shows_the_preset_values(capsys):
-    text = help_text(capsys, "train", "omniglot-5w1s", "--help")
-    assert "α, the inner SGD step size [omniglot-5w1s: 0.4]" in text
-    assert "[omniglot-5w1s: 'conv4']" in text and "[default:" not in text
-    assert "α, the inner SGD step size [default: 0.01]" in help_text(capsys, "train", "--help")
+def test_rl_train_help_groups_every_flag_with_its_meaning_and_default(capsys):
+    text = help_text(capsys, "rl", "train", "--help")
+    assert_grouped(text, RLConfig, RL_GROUPS, skip=("env",))  # env is the ENV argument
+    assert "config fields" not in text  # no flag left outside the groups
+    assert "δ, the trust region's bound on the mean KL [default: 0.01]" in text
+    assert "[default: 0.1 0.05 0.05]" in text and "default 0.1" not in text
+
+
+def test_rl_env_help_shows_the_values_a_run_on_it_uses(capsys):
+    text = help_text(capsys, "rl", "train", "cheetah-vel", "--help")
+    assert_grouped(text, RLConfig, RL_GROUPS, skip=("env",))
+    assert "nav2d, 200 cheetah) [cheetah-vel: 200]" in text  # horizon 0 resolved to the env's episode length
+    assert "[cheetah-vel: 10.0]" in text and "[default:" not in text
+    assert "nav2d, 200 cheetah) [nav2d: 100]" in help_text(capsys, "rl", "train", "nav2d", "--help")
+
+
+@pytest.mark.parametrize("command", ["eval", "adapt"])
+def test_rl_eval_and_adapt_give_every_flag_a_line_of_meaning(command):
+    parser = cli.build_parser()
+    for name in ("rl", command):
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    assert len(parser._actions) >= 5
+    for action in parser._actions:
+        assert action.help and len(action.help) >= 10 and "\n" not in action.help, action.dest
 
 
 HEAVY = ("torch", "numpy", "matplotlib", "safetensors", "transformers", "sentence_transformers", "gymnasium",
@@ -64,7 +93,7 @@ HEAVY = ("torch", "numpy", "matplotlib", "safetensors", "transformers", "sentenc
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["presets"], ["train", "--help"], ["train", "omniglot-5w1s", "--help"],
-                                  ["algos", "--help"], ["rl", "--help"]])
+                                  ["algos", "--help"], ["rl", "--help"], ["rl", "train", "cheetah-dir", "--help"]])
 def test_help_and_presets_import_no_heavy_module(argv):
     """`mamlkit --help` and `mamlkit presets` answer without importing torch or any optional stack
     (benchmarks/startup.py measures the time)."""

@@ -136,11 +136,54 @@ def test_auto_times_only_exact_candidates_and_leaves_no_trace():
     # a long run of a model without convolutions also tries the compiled meta-gradient; a short one does not
     mlp_learner = mamlkit.MAML(mamlkit.models.mlp(1, (8,), 1), inner_lr=0.1)
     names = [c.name for c in tuning._candidates(mlp_learner, tuning.COMPILE_MIN_ITERATIONS)]
-    assert names == ["vmap", "compile"]
+    assert names == ["vmap", "compile"]  # (one task worker in the tests: no threads)
     assert [c.name for c in tuning._candidates(mlp_learner, 10)] == ["vmap"]
     # models whose compile could take minutes (attention) are left to vmap
     attention = mamlkit.MAML(nn.Sequential(nn.TransformerEncoderLayer(8, 2), nn.Linear(8, 1)), inner_lr=0.1)
     assert [c.name for c in tuning._candidates(attention, 10**6)] == ["vmap"]
+
+
+def tiny_transformer():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+    return nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Flatten(), nn.Linear(24, 1))
+
+
+def test_auto_times_threads_for_a_transformer_and_keeps_the_fastest(monkeypatch):
+    """Whole tasks on threads are a candidate for any model on more than one core, not only for Conv
+    nets (they won on a small transformer, benchmarks/RESULTS.md); the choice is the fastest timed."""
+    model = tiny_transformer().double()
+    g = torch.Generator().manual_seed(0)
+    batch = TaskBatch(*(torch.randn(8, 5, *s, generator=g, dtype=torch.float64) for s in ((3, 8), (1,), (3, 8), (1,))))
+    learner = mamlkit.MAML(model, inner_lr=0.1, loss_fn="mse")
+    monkeypatch.setattr(tuning.threads, "cores", lambda: 2)
+    monkeypatch.setattr(tuning.threads, "_task_workers", 1)
+    assert "threads" not in [c.name for c in tuning._candidates(learner, 10)]  # one worker: nothing to share
+    monkeypatch.setattr(tuning.threads, "_task_workers", 2)
+    assert [c.name for c in tuning._candidates(learner, 10)] == ["threads", "vmap"]
+    monkeypatch.setattr(tuning.threads, "cores", lambda: 1)
+    assert "threads" not in [c.name for c in tuning._candidates(learner, 10)]  # two workers, one core
+    monkeypatch.setattr(tuning.threads, "cores", lambda: 2)
+    dropout = mamlkit.MAML(nn.Sequential(tiny_transformer(), nn.Dropout(0.1)), inner_lr=0.1)
+    assert "threads" not in [c.name for c in tuning._candidates(dropout, 10)]
+
+    ref = meta_grad(mamlkit.MAML(model, inner_lr=0.1, loss_fn="mse", strategy="loop"), batch)
+    for fastest in ("threads", "vmap(chunk=2)", "vmap"):
+        timed = []
+
+        def time_all(learner, batch, options, rounds, say, fastest=fastest, timed=timed):
+            timed.append([c.name for c in options])
+            return [0.01 if c.name == fastest else 0.05 for c in options]
+
+        monkeypatch.setattr(tuning, "_time_all", time_all)
+        monkeypatch.setattr(tuning, "MEMORY_SKIP_FLOOR", 10**12)  # time them all, whatever their memory
+        learner = mamlkit.MAML(model, inner_lr=0.1, loss_fn="mse")
+        said = []
+        chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+        assert timed == [["threads", "vmap", "vmap(chunk=2)"]]
+        assert chosen.name == fastest and learner.executor.strategy is chosen
+        assert f"{fastest} 0.0100" in said[-1]
+        assert rel(meta_grad(learner, batch), ref) < 1e-10
 
 
 def test_strategy_names_round_trip_and_bad_combinations_fail():
@@ -156,10 +199,11 @@ def test_resume_keeps_the_measured_strategy(tmp_path):
                                          tensorboard=False, hidden_sizes=(8,), meta_batch=3, out_dir=str(tmp_path),
                                          checkpoint_every=2, compare_pretrained=False))
     trainer = train.fit(train.new_trainer(cfg, tmp_path / "r"), stop_at=2)
-    assert trainer.learner.executor.strategy.name == "vmap"
+    measured = trainer.learner.executor.strategy.name
+    assert measured in ("threads", "vmap")
     train.save_checkpoint(trainer, tmp_path / "r" / "checkpoint.safetensors")
     resumed = train.load_trainer(tmp_path / "r")
-    assert resumed.learner.executor.strategy.name == "vmap" and not resumed.learner.executor.strategy.auto
+    assert resumed.learner.executor.strategy.name == measured and not resumed.learner.executor.strategy.auto
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,9 +11,11 @@ from mamlkit import checkpoint, config
 from mamlkit.loop import train
 from mamlkit.presets import preset_config
 
+# One strategy for every run: auto's timed choice (vmap or whole tasks on threads, equal up to rounding) would
+# make two runs' bitwise comparison depend on the machine's load.
 SMALL = dict(iterations=12, log_every=4, val_every=6, val_tasks=8, checkpoint_every=100, progress=False,
              tensorboard=False, hidden_sizes=(8, 8), meta_batch=4, eval_tasks=10, eval_query=10,
-             eval_steps=(0, 1, 2), eval_shots=(5,), test_inner_steps=2)
+             eval_steps=(0, 1, 2), eval_shots=(5,), test_inner_steps=2, strategy="vmap")
 
 
 def small_cfg(tmp_path, **kw):

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from mamlkit.base.errors import UserError
 from mamlkit.checkpoint import atomic_write
+from mamlkit.data.caches import read_cache, write_cache
 
 ENV_VAR = "MAMLKIT_DATA"
 CACHE_ENV_VAR = "MAMLKIT_CACHE"
@@ -271,36 +272,22 @@ def cache_path(sources: list[str], size: int) -> Path:
     return cache_root() / "omniglot" / f"omniglot{size}-v{CACHE_VERSION}-{key}.safetensors"
 
 
-def _pixel_digest(images: Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-
-
 def save_cache(path: Path, data: Omniglot, sources: list[str]) -> None:
-    from safetensors.torch import save_file
-
     meta = {"format": "mamlkit-omniglot", "version": str(CACHE_VERSION), "sources": json.dumps(sources),
-            "names": json.dumps(list(data.names)), "pixels_sha256": _pixel_digest(data.images)}
-    atomic_write(path, lambda tmp: save_file({"images": data.images.contiguous()}, tmp, metadata=meta))
+            "names": json.dumps(list(data.names))}
+    write_cache(path, "images", data.images.contiguous(), meta, digest_key="pixels_sha256")
 
 
 def load_cache(path: Path, sources: list[str], size: int) -> Omniglot | None:
     """The cached dataset, or ``None`` when the file is missing, unreadable, stale or corrupt."""
-    from safetensors import safe_open
+    def valid(meta: dict[str, str], images: Tensor) -> bool:
+        return (meta.get("format") == "mamlkit-omniglot" and meta.get("version") == str(CACHE_VERSION)
+                and json.loads(meta["sources"]) == sources and images.dtype == torch.uint8
+                and tuple(images.shape) == (sum(OMNIGLOT_COUNTS.values()), DRAWINGS, size, size)
+                and len(json.loads(meta["names"])) == images.shape[0])
 
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            images = f.get_tensor("images")
-        names = tuple(json.loads(meta["names"]))
-        ok = (meta.get("format") == "mamlkit-omniglot" and meta.get("version") == str(CACHE_VERSION)
-              and json.loads(meta["sources"]) == sources and images.dtype == torch.uint8
-              and tuple(images.shape) == (sum(OMNIGLOT_COUNTS.values()), DRAWINGS, size, size)
-              and len(names) == images.shape[0] and _pixel_digest(images) == meta["pixels_sha256"])
-    except Exception:  # noqa: BLE001 - any unreadable cache is simply rebuilt
-        return None
-    return Omniglot(images, names) if ok else None
+    found = read_cache(path, "images", digest_key="pixels_sha256", valid=valid)
+    return None if found is None else Omniglot(found[1], tuple(json.loads(found[0]["names"])))
 
 
 def load_omniglot(data_root: str | os.PathLike | None = None, *, trust_checksum: bool = False,

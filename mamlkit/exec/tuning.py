@@ -2,7 +2,7 @@
 
 No single strategy wins everywhere (see :mod:`mamlkit.exec.strategies` and benchmarks/RESULTS.md): vmap
 wins for small models, the loop for Conv nets with many query images on the CPU, tasks on threads
-for Conv nets with little work per task on several CPU cores, a compiled
+for Conv nets with little work per task and for a small transformer on several CPU cores, a compiled
 meta-gradient for dispatch-bound MLPs in long runs. Before training, :func:`settle_strategy`
 
 1. measures the peak tensor memory of each candidate on the first batch (:mod:`mamlkit.exec.memory`)
@@ -160,22 +160,25 @@ def _reason(err: BaseException) -> str:
 
 
 def _candidates(learner: Any, iterations: int) -> list[Strategy]:
+    """What ``auto`` times: the strategies that can win for this model here, leanest first (so that a
+    vectorised candidate's memory probe can stop as soon as it is far above a leaner one's, see
+    :func:`estimate`). Whole tasks on threads are one for every model wherever they can run in parallel
+    (:func:`_threads_usable`): they won for Conv nets with little work per task and, on a loaded machine,
+    for a small transformer (benchmarks/RESULTS.md)."""
     s = learner.executor.strategy
     if not s.auto:
         return [s]
     vmap, loop = Strategy(True, s.chunk_size, auto_chunk=not s.chunk_size), Strategy(False, s.chunk_size)
-    cpu = next(learner.model.parameters()).device.type == "cpu"
+    on_threads = [Strategy(False, workers=-1)] if _threads_usable(learner.model) else []
     if _has_conv(learner.model):
-        # Conv nets on the CPU: vmap's grouped convolutions win with few query images, the loop with
-        # many, whole tasks on threads with several cores and little work per task (benchmarks/
-        # RESULTS.md); compiling them takes minutes and lost to the loop when measured. On a GPU the
-        # loop (large images, few tasks) and vmap (many small tasks) are both worth timing.
-        parallel = cpu and threads.task_workers() > 1 and not has_dropout(learner.model)
-        on_threads = [Strategy(False, workers=-1)] if parallel else []
+        # Conv nets: vmap's grouped convolutions win with few query images, the loop with many (on a GPU
+        # too: large images, few tasks), threads with little work per task (benchmarks/RESULTS.md);
+        # compiling them takes minutes and lost to the loop when measured.
         return [loop, *on_threads, vmap]
-    # Models without convolutions are dispatch-bound: vmap always beat the loop, by 4-10× when measured,
-    # and a compiled meta-gradient beats vmap by ~6× once its compile time is paid back.
-    out = [vmap]
+    # Models without convolutions are dispatch-bound: vmap always beat the loop, by 4-10× when measured (the
+    # loop still runs a model vmap cannot, see _FALLBACKS; threads are the loop's tasks run in parallel, with
+    # the loop's numbers), and a compiled meta-gradient beats vmap by ~6× once its compile time is paid back.
+    out = [*on_threads, vmap]
     if getattr(learner, "compilable", False) and iterations >= COMPILE_MIN_ITERATIONS and _simple(learner.model):
         out.append(Strategy(True, s.chunk_size, compiled=True))
     return out
@@ -184,6 +187,17 @@ def _candidates(learner: Any, iterations: int) -> list[Strategy]:
 # Tried only when every candidate raised during its trial (an operation vmap cannot batch, say): the loop
 # runs any model that runs at all.
 _FALLBACKS = [Strategy(False)]
+
+
+def _threads_usable(model: nn.Module) -> bool:
+    """Whether ``auto`` times whole tasks on threads: on the CPU, with more than one task worker
+    (:func:`mamlkit.exec.threads.task_workers`) and more than one core to run them, and without dropout
+    (whose masks would depend on thread timing). Each worker runs one intra-op thread and the workers meet
+    once per meta-iteration, not once per op, so a busy machine does not make them wait on every op as
+    several intra-op threads would (:mod:`mamlkit.exec.threads`)."""
+    cpu = next(model.parameters()).device.type == "cpu"
+    return cpu and min(threads.task_workers(), threads.cores()) > 1 and not has_dropout(model)
+
 
 _SIMPLE = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
 

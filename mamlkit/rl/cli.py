@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mamlkit.base.errors import UserError
 from mamlkit.config import load_yaml
-from mamlkit.flags import add_config_flags, resumed_config
+from mamlkit.flags import add_config_command, add_config_flags, resumed_config
 from mamlkit.rl import config as rlconfig
 from mamlkit.rl.config import ENV_NAMES
 
@@ -23,27 +23,45 @@ RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads
              "eval_lrs", "baselines", "pretrain_iterations", "val_every"}
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Add the ``rl`` command group to the top-level subparsers."""
+def help_env(argv: list[str]) -> str | None:
+    """The environment named in ``mamlkit rl train ENV --help``, whose values the help then shows."""
+    if argv[:2] != ["rl", "train"] or not {"-h", "--help"} & set(argv):
+        return None
+    return next((a for a in argv[2:] if a in ENV_NAMES), None)
+
+
+def env_values(env: str) -> rlconfig.RLConfig:
+    """The config a run on ``env`` starts from, with the env's defaults (horizon 0, action_scale 0) resolved
+    to the values the run uses."""
+    cfg = rlconfig.RLConfig(env=env)
+    return cfg.replace(horizon=cfg.episode_len, action_scale=cfg.env_action_scale)
+
+
+def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> None:
+    """Add the ``rl`` command group to the top-level subparsers; ``help_env`` makes `rl train --help` show
+    that environment's values instead of the defaults."""
     rl = sub.add_parser("rl", help="meta-reinforcement learning (MAML-TRPO): train, eval, adapt",
                         description="Meta-RL with MAML-TRPO (Finn et al. 2017, §5.3).")
     rsub = rl.add_subparsers(dest="rl_command", required=True)
-    train = rsub.add_parser("train", help="meta-train a policy on nav2d, cheetah-vel or cheetah-dir")
-    train.add_argument("env", nargs="?", help=f"environment: {', '.join(ENV_NAMES)}")
-    train.add_argument("--config", help="YAML file of config overrides")
-    train.add_argument("--resume", metavar="RUN", help="continue the run in this folder or checkpoint")
-    add_config_flags(train, rlconfig.RLConfig, "config fields (override --config)", skip=("env",))
+    train = add_config_command(
+        rsub, "train", help="meta-train a policy on nav2d, cheetah-vel or cheetah-dir",
+        usage="mamlkit rl train [ENV] [--config FILE] [--resume RUN] [--FIELD VALUE ...]",
+        about="Meta-train a policy with MAML-TRPO.", values_from=help_env,
+        hint="`mamlkit rl train ENV --help` shows an environment's")
+    train.add_argument("env", nargs="?", metavar="ENV", help=f"environment: {', '.join(ENV_NAMES)}")
+    add_config_flags(train, rlconfig.RLConfig, skip=("env",), groups=rlconfig.GROUPS,
+                     **({"values": env_values(help_env), "values_from": help_env} if help_env else {}))
     ev = rsub.add_parser("eval", help="evaluate a meta-RL run or checkpoint on fixed test tasks")
     ev.add_argument("checkpoint", help="run folder or checkpoint file written by `mamlkit rl train`")
-    ev.add_argument("--eval-tasks", type=int, help="number of test tasks (default: the run's, 40)")
-    ev.add_argument("--eval-traj", type=int, help="episodes per test task and step (default: the run's, 20)")
+    ev.add_argument("--eval-tasks", type=int, metavar="N", help="number of test tasks (default: the run's, 40)")
+    ev.add_argument("--eval-traj", type=int, metavar="N",
+                    help="episodes per test task and step (default: the run's, 20)")
     ev.add_argument("--steps", type=int, nargs="+", metavar="K",
                     help="report the return after these numbers of test steps (e.g. 1 2 3; rates 0.1 for the "
                          "first, 0.05 after, as the paper's App. A.2; default: the run's --eval-lrs)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the pretrained and random baselines")
     ev.add_argument("--last", action="store_true",
                     help="evaluate the run's last checkpoint, not its best validated one (RUN/best.safetensors)")
-
 
     ad = rsub.add_parser("adapt", help="adapt a meta-trained nav2d policy to a goal and draw its trajectories",
                          description="Adapt a meta-trained 2D-navigation policy to the goal (X, Y) with 1-3 "
@@ -53,10 +71,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                        "folder (its best validated policy) or checkpoint file")
     ad.add_argument("--goal", type=float, nargs=2, metavar=("X", "Y"), required=True,
                     help=f"goal position, each coordinate in [{ARENA[0]}, {ARENA[1]}] (the training goals' range)")
-    ad.add_argument("--steps", type=int, default=3, help="adaptation steps, 1 to 3 (default 3)")
-    ad.add_argument("--traj", type=int, default=20, help="episodes sampled per step (default 20, the paper's)")
-    ad.add_argument("--out", default="nav2d_adapt.png", help="figure to write (default nav2d_adapt.png)")
-    ad.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    ad.add_argument("--steps", type=int, default=3, metavar="K", help="adaptation steps, 1 to 3 (default 3)")
+    ad.add_argument("--traj", type=int, default=20, metavar="N",
+                    help="episodes sampled per step (default 20, the paper's)")
+    ad.add_argument("--out", default="nav2d_adapt.png", metavar="FILE",
+                    help="figure to write (default nav2d_adapt.png)")
+    ad.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the sampling noise (default 0)")
 
 
 ARENA = (-0.5, 0.5)  # nav2d goals are drawn from U[-0.5, 0.5]² (paper §5.3); a policy knows no others

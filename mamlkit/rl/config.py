@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from mamlkit.config import ConfigError, as_dict, build_config
+from mamlkit.config import ConfigError, as_dict, build_config, flag
 
 ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
 DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
@@ -27,55 +27,73 @@ DEFAULT_ACTION_SCALE = {"nav2d": 10.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
 LEGACY_ACTION_SCALE = {"nav2d": 1.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
 
 
+# The groups of `mamlkit rl train --help`, in order. Each field carries its group and its one line of help.
+ENVIRONMENT, POLICY, INNER, OUTER, ESTIMATOR, EXECUTION, LOGGING = GROUPS = (
+    "environment and sampling", "policy", "inner loop", "outer loop (TRPO)", "returns and gradient estimator",
+    "execution", "logging, checkpoints and evaluation")
+
+
+def _flag(default: Any, group: str, help: str) -> Any:
+    return flag(default, group, help, GROUPS)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RLConfig:
     """Everything that defines a meta-RL run."""
 
-    env: str = "nav2d"                 # nav2d | cheetah-vel | cheetah-dir
-    algo: str = "maml-trpo"            # maml-trpo | pretrain (TRPO on all tasks jointly, no inner step)
+    env: str = _flag("nav2d", ENVIRONMENT, "environment: nav2d | cheetah-vel | cheetah-dir (the ENV argument)")
+    algo: str = _flag("maml-trpo", OUTER, "maml-trpo | pretrain (TRPO on all tasks jointly, no inner step; needs "
+                      "--inner-steps 0)")
     # policy: Gaussian MLP, learned state-independent log σ
-    hidden_sizes: tuple[int, ...] = (100, 100)
-    init_std: float = 1.0
+    hidden_sizes: tuple[int, ...] = _flag((100, 100), POLICY, "hidden layer widths of the Gaussian MLP policy")
+    init_std: float = _flag(1.0, POLICY, "initial σ of the policy's actions (log σ is learned, state-independent)")
     # sampling
-    horizon: int = 0                   # episode length (0: the env's paper value, 100 nav2d / 200 cheetah)
-    action_scale: float = 0.0          # env action = policy action / scale (0: env default, 10 for all envs)
-    meta_batch: int = 20               # tasks per meta-iteration (paper: 20 nav2d, 40 cheetah)
-    traj_per_task: int = 20            # trajectories per task and per inner step (paper: 20)
-    gamma: float = 0.99                # discount
-    gae_lambda: float = 1.0            # GAE λ (1: Monte-Carlo returns minus the baseline)
+    horizon: int = _flag(0, ENVIRONMENT, "episode length (0: the env's paper value, 100 nav2d, 200 cheetah)")
+    action_scale: float = _flag(0.0, ENVIRONMENT, "env action = policy action / scale, clipped to the env's range "
+                                "(0: the env's default, 10)")
+    traj_per_task: int = _flag(20, ENVIRONMENT, "episodes sampled per task and per inner step (paper: 20)")
+    seed: int = _flag(0, ENVIRONMENT, "seed of the tasks, the sampling noise and the initial policy")
+    gamma: float = _flag(0.99, ESTIMATOR, "discount factor of the returns")
+    gae_lambda: float = _flag(1.0, ESTIMATOR, "GAE λ (1: Monte-Carlo returns minus the linear baseline)")
+    estimator: str = _flag("reinforce", ESTIMATOR, "inner loss in the meta-gradient: reinforce (paper) | lvc (ProMP) "
+                           "| dice")
     # inner loop: REINFORCE with the linear feature baseline
-    inner_lr: float = 0.1              # α (paper: 0.1)
-    inner_steps: int = 1               # 1 (MAML); 0 only with algo=pretrain
-    first_order: bool = False          # drop second-order terms (meta-gradient and Fisher)
-    estimator: str = "reinforce"       # inner loss in the meta-gradient: reinforce (paper) | lvc (ProMP) | dice
+    inner_lr: float = _flag(0.1, INNER, "α, the inner policy-gradient step size (paper: 0.1)")
+    inner_steps: int = _flag(1, INNER, "inner steps per task during training: 1 (MAML) | 0 (only with --algo "
+                             "pretrain)")
+    first_order: bool = _flag(False, INNER, "drop second-order terms of the meta-gradient and the Fisher")
     # outer loop: TRPO
-    max_kl: float = 0.01               # trust region δ
-    cg_iters: int = 10                 # conjugate-gradient iterations
-    cg_damping: float = 1e-5           # added to the Fisher: (F + λI) v
-    ls_steps: int = 15                 # backtracking line-search steps
-    ls_ratio: float = 0.8              # step shrink factor per backtrack
-    fisher_tasks: int = 0              # tasks whose KL gives the Fisher (0: all; fewer: faster, approximate)
-    fisher_fraction: float = 1.0       # fraction of post-update states in the Fisher's KL (1: all; 0.1-0.2: faster)
-    iterations: int = 200              # meta-iterations
+    meta_batch: int = _flag(20, OUTER, "tasks per meta-iteration (paper: 20 nav2d, 40 cheetah)")
+    iterations: int = _flag(200, OUTER, "meta-iterations (TRPO steps) to train for")
+    max_kl: float = _flag(0.01, OUTER, "δ, the trust region's bound on the mean KL")
+    cg_iters: int = _flag(10, OUTER, "conjugate-gradient iterations solving F x = g")
+    cg_damping: float = _flag(1e-5, OUTER, "λ added to the Fisher: (F + λI) v")
+    ls_steps: int = _flag(15, OUTER, "backtracking line-search steps")
+    ls_ratio: float = _flag(0.8, OUTER, "step shrink factor per backtrack, in (0, 1)")
+    fisher_tasks: int = _flag(0, OUTER, "tasks whose KL gives the Fisher (0: all; fewer: faster, approximate)")
+    fisher_fraction: float = _flag(1.0, OUTER, "fraction of post-update states in the Fisher's KL (1: all; 0.1-0.2: "
+                                   "faster)")
     # execution
-    dtype: str = "float32"             # float32 | float64
-    threads: int = 1                   # torch threads (0: torch's default)
-    seed: int = 0
+    dtype: str = _flag("float32", EXECUTION, "float32 | float64")
+    threads: int = _flag(1, EXECUTION, "torch threads (0: torch's default, all cores)")
     # logging and checkpoints
-    out_dir: str = "runs"
-    run_name: str = ""                 # '' : rl-<env>-<algo>
-    log_every: int = 1
-    checkpoint_every: int = 10
-    progress: bool = True
+    out_dir: str = _flag("runs", LOGGING, "folder that receives the run folder")
+    run_name: str = _flag("", LOGGING, "the run folder's name (empty: rl-<env>-<algo>)")
+    log_every: int = _flag(1, LOGGING, "log the returns, averaged over the last N iterations, to "
+                           "metrics.jsonl every N iterations")
+    checkpoint_every: int = _flag(10, LOGGING, "write a checkpoint every N iterations (and at the end)")
+    progress: bool = _flag(True, LOGGING, "show a progress bar with the live returns")
     # validation: the 1-step return on held-out tasks; the best policy is kept as RUN/best.safetensors
-    val_every: int = 10                # meta-iterations between validations (0: never)
-    val_tasks: int = 20                # fixed validation tasks (split "val"), traj_per_task episodes each
+    val_every: int = _flag(10, LOGGING, "validate every N iterations, keeping the best policy as "
+                           "RUN/best.safetensors (0: never)")
+    val_tasks: int = _flag(20, LOGGING, "fixed held-out validation tasks, traj_per_task episodes each")
     # evaluation
-    eval_tasks: int = 40               # fixed test tasks (>= 40 for the report)
-    eval_traj: int = 20                # trajectories per test task and step
-    eval_lrs: tuple[float, ...] = (0.1, 0.05, 0.05)  # α of test steps 1, 2, 3 (paper: 0.1 then 0.05)
-    baselines: bool = True             # also evaluate a pretrained and a random policy
-    pretrain_iterations: int = 100     # TRPO iterations of the pretrained baseline
+    eval_tasks: int = _flag(40, LOGGING, "fixed test tasks of the final evaluation (>= 40 for the report)")
+    eval_traj: int = _flag(20, LOGGING, "episodes per test task and test step")
+    eval_lrs: tuple[float, ...] = _flag((0.1, 0.05, 0.05), LOGGING, "α of test steps 1, 2, 3, ... (paper: 0.1 then "
+                                        "0.05)")
+    baselines: bool = _flag(True, LOGGING, "also evaluate a pretrained and a randomly initialised policy")
+    pretrain_iterations: int = _flag(100, LOGGING, "TRPO iterations of the pretrained baseline")
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:

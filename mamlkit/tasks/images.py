@@ -54,8 +54,8 @@ from torch import Tensor
 
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
-from mamlkit.checkpoint import atomic_write
 from mamlkit.data import cache_root
+from mamlkit.data.caches import read_cache, write_cache
 from mamlkit.tasks.episodes import gather, sample_classes
 from mamlkit.tasks.family import Report
 
@@ -241,10 +241,6 @@ def _listing_key(root: Path, classes: dict[str, list[Path]]) -> str:
     return h.hexdigest()
 
 
-def _pixel_digest(array: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
-
-
 def _decode(path: Path, size: int, mode: str) -> tuple[np.ndarray, str, tuple[int, int]]:
     """``(pixels uint8 [C, size, size], the file's mode, its size)``, as ``mamlkit adapt`` reads it."""
     from PIL import Image
@@ -296,9 +292,6 @@ def load_folder(root: str | os.PathLike, size: int = 84, channels: int = 3, prog
     """The folder's classes preprocessed (module docstring), from the cache or built and cached once.
 
     Raises :class:`UserError` for a missing folder or one without labelled images."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     if channels not in (1, 3):
         raise UserError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     root = Path(root).expanduser()
@@ -312,26 +305,22 @@ def load_folder(root: str | os.PathLike, size: int = 84, channels: int = 3, prog
     key = _listing_key(root, classes)
     cache = cache_root() / "images" / f"images{size}c{channels}-v{CACHE_VERSION}-{key[:16]}.safetensors"
     names = list(classes)
-    if cache.is_file():
-        try:
-            with safe_open(str(cache), framework="pt") as f:
-                meta, images = f.metadata() or {}, f.get_tensor("images")
-            counts = json.loads(meta["counts"])
-            if (meta.get("listing") == key and json.loads(meta["names"]) == names and images.dtype == torch.uint8
-                    and tuple(images.shape) == (sum(counts), channels, size, size)
-                    and _pixel_digest(images.numpy()) == meta.get("pixels_sha256")):
-                return _kept(ImageFolder(str(root), layout, images, tuple(names), tuple(counts),
-                                         tuple(notes + json.loads(meta["notes"]))))
-        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
-            pass
+    found = read_cache(cache, "images", digest_key="pixels_sha256", valid=lambda meta, images: (
+        meta.get("listing") == key and json.loads(meta["names"]) == names and images.dtype == torch.uint8
+        and tuple(images.shape) == (sum(json.loads(meta["counts"])), channels, size, size)
+        and isinstance(json.loads(meta["notes"]), list)))
+    if found is not None:
+        meta, images = found
+        return _kept(ImageFolder(str(root), layout, images, tuple(names), tuple(json.loads(meta["counts"])),
+                                 tuple(notes + json.loads(meta["notes"]))))
     pixels, counts, decode_notes = _preprocess(classes, size, channels, progress)
     if not len(pixels):
         raise UserError(f"no image in {root} decodes: {'; '.join(decode_notes)}. Replace the files with valid images")
     images = torch.from_numpy(pixels)
     meta = {"format": "mamlkit-images", "version": str(CACHE_VERSION), "listing": key, "names": json.dumps(names),
-            "counts": json.dumps(counts), "notes": json.dumps(decode_notes), "pixels_sha256": _pixel_digest(pixels)}
+            "counts": json.dumps(counts), "notes": json.dumps(decode_notes)}
     try:
-        atomic_write(cache, lambda tmp: save_file({"images": images}, tmp, metadata=meta))
+        write_cache(cache, "images", images, meta, digest_key="pixels_sha256")
     except OSError as e:  # a read-only disk costs a rebuild next time, nothing else
         notes.append(f"could not write the cache {cache} ({e}); the folder is preprocessed again next time")
     return _kept(ImageFolder(str(root), layout, images, tuple(names), tuple(counts), tuple(notes + decode_notes)))

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from mamlkit.base.errors import UserError
-from mamlkit.checkpoint import atomic_write
 from mamlkit.data import DataError, cache_root, dataset_dir
+from mamlkit.data.caches import read_cache, write_cache
 from mamlkit.tasks.episodes import EpisodeSampler
 
 # The family-dependent config fields (config.TASK_FIELDS) this family reads.
@@ -58,15 +58,9 @@ def read_split_csv(path: Path) -> dict[str, list[str]]:
     return {label: sorted(files) for label, files in sorted(classes.items())}
 
 
-def _pixel_digest(images: Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-
-
 def load_split(folder: Path, split: str, size: int = 84, progress: bool = True) -> tuple[Tensor, list[str]]:
     """``(images uint8 [C, M, 3, size, size], labels)`` of ``split``, from the cache or built once."""
     from PIL import Image
-    from safetensors import safe_open
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     csv_path = folder / SPLIT_FILES[split]
@@ -80,16 +74,11 @@ def load_split(folder: Path, split: str, size: int = 84, progress: bool = True) 
     cache = cache_root() / "miniimagenet" / name
     labels = list(classes)
     M = counts.pop()
-    if cache.is_file():
-        try:
-            with safe_open(str(cache), framework="pt") as f:
-                meta, images = f.metadata() or {}, f.get_tensor("images")
-            if (meta.get("source") == source and json.loads(meta["labels"]) == labels
-                    and tuple(images.shape) == (len(labels), M, 3, size, size)
-                    and _pixel_digest(images) == meta.get("pixels_sha256")):
-                return images, labels
-        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
-            pass
+    found = read_cache(cache, "images", digest_key="pixels_sha256", valid=lambda meta, images: (
+        meta.get("source") == source and json.loads(meta["labels"]) == labels
+        and tuple(images.shape) == (len(labels), M, 3, size, size)))
+    if found is not None:
+        return found[1], labels
     out = np.empty((len(labels), M, size, size, 3), dtype=np.uint8)
     with tqdm(total=len(labels) * M, desc=f"preprocessing mini-ImageNet {split}", unit="img",
               disable=not progress) as bar:
@@ -106,9 +95,9 @@ def load_split(folder: Path, split: str, size: int = 84, progress: bool = True) 
                     raise DataError(f"cannot decode {path} ({e}); replace the file") from None
             bar.update(M)
     images = torch.from_numpy(out).permute(0, 1, 4, 2, 3).contiguous()
-    meta = {"source": source, "labels": json.dumps(labels), "pixels_sha256": _pixel_digest(images)}
     try:
-        atomic_write(cache, lambda tmp: save_file({"images": images}, tmp, metadata=meta))
+        write_cache(cache, "images", images, {"source": source, "labels": json.dumps(labels)},
+                    digest_key="pixels_sha256")
     except OSError:
         pass  # read-only everywhere: rebuilt next time
     return images, labels

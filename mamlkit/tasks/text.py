@@ -42,6 +42,7 @@ from torch import Tensor
 
 from mamlkit.base.errors import UserError
 from mamlkit.data import ENV_VAR, DataError, cache_root, dataset_dir, download
+from mamlkit.data.caches import read_cache, write_cache
 from mamlkit.tasks.episodes import EpisodeSampler
 from mamlkit.tasks.family import Baseline, Column, Report
 
@@ -145,23 +146,10 @@ def _cache_file(kind: str, key: dict) -> Path:
     return cache_root() / "clinc150" / f"{kind}-v{CACHE_VERSION}-{digest}.safetensors"
 
 
-def _values_sha(t: Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def _load_cache(path: Path, key: dict) -> Tensor | None:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            values = f.get_tensor("values")
-        ok = json.loads(meta["key"]) == key and meta.get("values_sha256") == _values_sha(values)
-    except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
-        return None
-    return values if ok else None
+    found = read_cache(path, "values", digest_key="values_sha256",
+                       valid=lambda meta, values: json.loads(meta["key"]) == key)
+    return None if found is None else found[1]
 
 
 def encoded(cfg_or_root, *, per_intent: int = PER_INTENT, mode: str = "frozen", layers: int = 1,
@@ -203,14 +191,9 @@ def encoded(cfg_or_root, *, per_intent: int = PER_INTENT, mode: str = "frozen", 
 
 
 def _save_cache(path: Path, values: Tensor, key: dict) -> None:
-    from safetensors.torch import save_file
-
-    from mamlkit.checkpoint import atomic_write
-
-    meta = {"format": "mamlkit-clinc150", "key": json.dumps(key), "values_sha256": _values_sha(values)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file({"values": values}, tmp, metadata=meta))
+        write_cache(path, "values", values, {"format": "mamlkit-clinc150", "key": json.dumps(key)},
+                    digest_key="values_sha256")
     except OSError as e:  # a read-only cache folder costs a recomputation next time, nothing else
         import warnings
 
