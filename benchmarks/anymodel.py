@@ -1,4 +1,5 @@
-"""Second-order MAML on a tiny transformer: mamlkit's strategies against higher and a plain autograd loop.
+"""Second-order MAML on a tiny transformer: mamlkit's strategies against learn2learn, higher and a plain
+autograd loop.
 
 The workload: a 2-layer pre-norm ``nn.TransformerEncoder`` (d=32, 4 heads, feed-forward 64, dropout 0) over
 sequences of 8 tokens of 4 features, mean-pooled into a linear regression head; tasks of 10 support and 10
@@ -9,8 +10,8 @@ mamlkit's meta-gradient (float64, first batch). The peers need torch's math atte
 
     python benchmarks/anymodel.py --iters 20 --threads 2
 
-Prints meta-iterations/s, tasks/s, peak RSS and each row's ratio to mamlkit's ``auto``. learn2learn is
-left out where it does not install (its C extension does not build on Python 3.11 with current Cython).
+Prints meta-iterations/s, tasks/s, peak RSS and each row's ratio to mamlkit's ``auto``. A peer that is not
+installed gives a failed row (benchmarks/RESULTS.md says how learn2learn was built here).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 TASKS, SHOTS, LEN, FEATURES, ALPHA, STEPS = 8, 10, 8, 4, 0.01, 1
-IMPLEMENTATIONS = ("mamlkit-auto", "mamlkit-vmap", "mamlkit-loop", "mamlkit-threads", "higher", "torch-loop")
+IMPLEMENTATIONS = ("mamlkit-auto", "mamlkit-vmap", "mamlkit-loop", "mamlkit-threads", "learn2learn", "higher",
+                   "torch-loop")
 
 
 class Encoder(nn.Module):
@@ -86,6 +88,21 @@ def higher_step(net: nn.Module, _first):
     return step
 
 
+def learn2learn_step(net: nn.Module, _first):
+    from throughput import _import_l2l_maml  # its MAML module alone: the package's __init__ needs torchvision
+
+    maml = _import_l2l_maml()(net, lr=ALPHA)
+
+    def step(batch):
+        with sdpa_kernel([SDPBackend.MATH]):
+            for t in range(batch.num_tasks):
+                learner = maml.clone()
+                for _ in range(STEPS):
+                    learner.adapt(F.mse_loss(learner(batch.support_x[t]), batch.support_y[t]))
+                (F.mse_loss(learner(batch.query_x[t]), batch.query_y[t]) / batch.num_tasks).backward()
+    return step
+
+
 def torch_step(net: nn.Module, _first):
     params = dict(net.named_parameters())
 
@@ -105,7 +122,8 @@ def torch_step(net: nn.Module, _first):
 def build(name: str, net: nn.Module, first):
     if name.startswith("mamlkit"):
         return mamlkit_step(name, net, first)
-    return higher_step(net, first) if name == "higher" else torch_step(net, first)
+    peers = {"learn2learn": learn2learn_step, "higher": higher_step, "torch-loop": torch_step}
+    return peers[name](net, first)
 
 
 def run_one(name: str, iters: int, warmup: int) -> dict:
@@ -148,12 +166,17 @@ def main() -> None:
             rows.append({"name": name, "error": err[-1] if err else f"exit {proc.returncode}"})
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    # the reference row is mamlkit's auto, or the first row that ran when that one failed
     ok = [r for r in rows if "error" not in r]
-    ref = torch.tensor(next(r for r in ok if r["name"] == "mamlkit-auto")["grad"], dtype=torch.float64)
-    base = next(r for r in ok if r["name"] == "mamlkit-auto")["seconds"]
+    if not ok:
+        raise SystemExit("every row failed:\n" + "\n".join(f"{r['name']}: {r['error']}" for r in rows))
+    reference = next((r for r in ok if r["name"] == "mamlkit-auto"), ok[0])
+    ref = torch.tensor(reference["grad"], dtype=torch.float64)
+    base = reference["seconds"]
     print(f"tiny transformer, second-order MAML, meta-batch {TASKS}, {args.iters} timed iterations, "
           f"{args.threads} threads")
-    print("| implementation | it/s | tasks/s | peak RSS (MB) | speed vs mamlkit-auto | max rel. diff of meta-grad |")
+    print(f"| implementation | it/s | tasks/s | peak RSS (MB) | speed vs {reference['name']} "
+          "| max rel. diff of meta-grad |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
