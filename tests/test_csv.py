@@ -7,10 +7,13 @@ All data are small synthetic CSVs written to a temporary folder, so every number
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 from helpers import write_csv
@@ -18,8 +21,8 @@ from helpers import write_csv
 from mamlkit import checkpoint
 from mamlkit.base.errors import UserError
 from mamlkit.presets import preset_config
-from mamlkit.tasks import task_generator
-from mamlkit.tasks.tabular import CSVTasks, load_csv, split_tasks
+from mamlkit.tasks import tabular, task_generator
+from mamlkit.tasks.tabular import MISSING, CSVTasks, _number, load_csv, split_tasks
 
 torch.set_num_threads(1)
 
@@ -137,6 +140,138 @@ def test_split_tasks_needs_a_task_per_split():
     assert split_tasks(["a", "b", "c"], (0.34, 0.33, 0.33)) == split_tasks(["c", "b", "a"], (0.34, 0.33, 0.33))
     with pytest.raises(UserError, match="leaves no task for"):
         split_tasks(["a", "b"], (0.7, 0.15, 0.15))
+
+
+# --------------------------------------------------------------------------------------
+# Streaming: the file is read in batches, twice. The encoding is the module docstring's rules, whatever the
+# batch size and whichever reader (columnar, or rows when an error must name lines).
+
+
+def reference_encoding(path, task_column, target, features=(), kind="regression", fill="none", min_rows=1,
+                       task_split=(0.7, 0.15, 0.15)):
+    """The encoding of a valid file by the module docstring's rules, plainly over Python rows: ``(x, y, task,
+    feature names, categories, classes, values, splits, mean, std, target mean, target std)``."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    header = [c.strip() for c in rows[0]]
+    body = [[v.strip() for v in r] for r in rows[1:] if any(v.strip() for v in r)]
+    feats = list(features) or [c for c in header if c not in (task_column, target)]
+    col = {c: [r[header.index(c)] for r in body] for c in header}
+    absent = {c: [v.lower() in MISSING for v in col[c]] for c in header}
+    used = [task_column, target, *feats]
+    keep = [i for i in range(len(body)) if fill != "drop" or not any(absent[c][i] for c in used)]
+    values = sorted({col[task_column][i] for i in keep})
+    split_values = split_tasks(values, task_split)
+    tid = {v: i for i, v in enumerate(values)}
+    task = [tid[col[task_column][i]] for i in keep]
+    train = {tid[v] for v in split_values["train"]}
+    columns, names, categories = [], [], {}
+    for c in feats:
+        vals, gone = [col[c][i] for i in keep], [absent[c][i] for i in keep]
+        if all(g or _number(v) is not None for v, g in zip(vals, gone)):
+            nums = [math.nan if g else float(v) for v, g in zip(vals, gone)]
+            if fill == "mean" and any(gone):
+                fill_in = np.array([v for v, g, t in zip(nums, gone, task) if not g and t in train]).mean()
+                nums = [fill_in if g else v for v, g in zip(nums, gone)]
+            columns.append(nums)
+            names.append(c)
+        else:
+            categories[c] = sorted({v for v, g, t in zip(vals, gone, task) if not g and t in train})
+            for cat in categories[c]:
+                columns.append([float(v == cat and not g) for v, g in zip(vals, gone)])
+                names.append(f"{c}={cat}")
+    x = torch.tensor(columns, dtype=torch.float64).T.contiguous()
+    if kind == "regression":
+        y, classes = torch.tensor([float(col[target][i]) for i in keep], dtype=torch.float64), ()
+    else:
+        classes = tuple(sorted({col[target][i] for i in keep}))
+        y = torch.tensor([classes.index(col[target][i]) for i in keep])
+    task = torch.tensor(task)
+    counts = torch.bincount(task, minlength=len(values))
+    splits = {s: [tid[v] for v in vs if counts[tid[v]] >= min_rows] for s, vs in split_values.items()}
+    tr = torch.isin(task, torch.tensor(splits["train"]))
+    mean = torch.stack([x[:, k][tr].mean() for k in range(x.shape[1])])
+    std = torch.stack([x[:, k][tr].std(unbiased=False) for k in range(x.shape[1])])
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    target_mean, target_std = ((y[tr].mean().item(), y[tr].std(unbiased=False).item() or 1.0)
+                               if kind == "regression" else (0.0, 1.0))
+    return (x, y, task, tuple(names), categories, classes, tuple(values), splits, mean, std, target_mean,
+            target_std)
+
+
+def messy_tasks(path, seed):
+    """Tasks with a numeric, a categorical and an integer-coded column, a numeric-looking column that turns
+    categorical on its last row, missing values in every spelling, a line of empty fields and padded cells."""
+    rng = random.Random(seed)
+    rows = [[f"t{t}", f"{rng.uniform(-5, 5):.{rng.randint(0, 6)}f}", rng.choice(["red", " green", "blue ", "Red"]),
+             str(rng.randint(0, 3)), str(rng.randint(0, 9)), f"{rng.gauss(0, 10):.3f}", rng.choice("abc")]
+            for t in range(12) for _ in range(rng.randint(2, 14))]
+    rng.shuffle(rows)
+    rows[-1][4] = "nine"
+    for k, miss in enumerate(["", "NA", " nan", "None", "N/A ", "null"]):
+        rows[rng.randrange(len(rows))][1 + k % 4] = miss
+    rows.insert(len(rows) // 2, [""] * 7)
+    return write_csv(path, ["site", "num", "colour", "code", "late", "y", "label"], rows)
+
+
+SMALL_BATCHES = {"ARROW_BLOCK": 96, "ROW_BATCH": 3, "GROUP_BLOCK": 4}
+
+
+@pytest.mark.parametrize("reader", ["columnar", "columnar in tiny batches", "rows in tiny batches"])
+@pytest.mark.parametrize("kind, target, fill", [("regression", "y", "drop"), ("regression", "y", "mean"),
+                                                ("classification", "label", "drop"), ("regression", "y", "none")])
+def test_streamed_encoding_equals_the_rules_applied_to_rows(tmp_path, monkeypatch, reader, kind, target, fill):
+    path = messy_tasks(tmp_path / "m.csv", seed=len(reader) + len(fill))
+    features = ("num", "colour", "code", "late") if fill != "none" else ("code",)
+    if fill == "none":  # a file without missing values in the columns used
+        path = write_csv(tmp_path / "clean.csv", ["site", "code", "y"],
+                         [[f"t{i % 7}", i % 3 if i != 40 else "x", i / 8] for i in range(90)])
+    if "tiny" in reader:
+        for name, value in SMALL_BATCHES.items():
+            monkeypatch.setattr(tabular, name, value)
+    if reader.startswith("rows"):
+        monkeypatch.setattr(tabular, "_arrow_header", lambda path: None)
+    kw = dict(kind=kind, fill=fill, min_rows=3, task_split=(0.5, 0.25, 0.25))
+    d = load_csv(path, "site", target, features, **kw)
+    x, y, task, names, categories, classes, values, splits, mean, std, target_mean, target_std = \
+        reference_encoding(path, "site", target, features, **kw)
+    assert d.feature_names == names and d.categories == categories and d.classes == classes
+    assert d.tasks == values and d.splits == splits
+    for mine, theirs in [(d.x, x), (d.y, y), (d.task, task), (d.mean, mean), (d.std, std)]:
+        assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)  # bit for bit
+    assert (d.target_mean, d.target_std) == (target_mean, target_std)
+    assert "late" in categories or fill == "none"  # numbers up to its last row: categorical all the same
+    # Episodes: each task's rows in file order, as ids into x.
+    for split in ("train", "test"):
+        tasks = CSVTasks(d, split, 1, 2)
+        for s, t in enumerate(d.splits[split]):
+            rows = torch.nonzero(d.task == t).squeeze(1)
+            assert tasks.counts[s] == len(rows) and torch.equal(tasks.index[s, :len(rows)], rows)
+        want = d.y if kind == "classification" else ((d.y - d.target_mean) / d.target_std).float()
+        assert torch.equal(tasks.targets, want)
+
+
+@pytest.mark.parametrize("rows, fill, message", [
+    ([(2500, 1, "inf")], "none", "line 2502 column 'x' is 'inf': not a finite number"),
+    ([(2500, 2, "-1e999")], "none", "line 2502 column 'y' is '-1e999': not a finite number"),
+    ([(100, 1, ""), (2900, 2, "NA")] + [(k, 1, "") for k in range(2000, 2012)], "none",
+     "14 row(s) have missing values (lines 102, 2002, 2003, 2004, 2005, 2006, 2007, 2008, 2009, 2010 and 4 more; "
+     "columns x, y)"),
+    ([(7, 0, ""), (2900, 0, "na")], "mean", "2 row(s) miss the task or target value (lines 9, 2902)"),
+    ([(2990, 2, "high")], "drop", "line 2992: target 'y' is 'high', not a number"),
+    ([(1500, 1, "1e300")], "drop", "column 'x' holds values up to 1e+300, too large"),
+])
+def test_errors_name_the_line_whatever_the_batch(tmp_path, monkeypatch, rows, fill, message):
+    table = [[f"t{i % 20}", i % 17, i % 5] for i in range(3000)]
+    for i, j, value in rows:
+        table[i][j] = value
+    path = write_csv(tmp_path / "e.csv", ["task", "x", "y"], table)
+    for batches in ({}, SMALL_BATCHES, {"ARROW_BLOCK": 4096}):
+        for name, value in batches.items():
+            monkeypatch.setattr(tabular, name, value)
+        with pytest.raises(UserError) as e:
+            load_csv(path, "task", "y", fill=fill)
+        assert message in str(e.value), (batches, str(e.value))
 
 
 # --------------------------------------------------------------------------------------
