@@ -56,6 +56,7 @@ class RLConfig:
     ls_ratio: float = 0.8              # step shrink factor per backtrack
     fisher_tasks: int = 0              # tasks whose KL gives the Fisher (0: all; fewer: faster, approximate)
     fisher_fraction: float = 1.0       # fraction of post-update states in the Fisher's KL (1: all; 0.1-0.2: faster)
+    fast_fisher: bool = True           # gradient and Fisher products task by task as J·(Gauss-Newton)·J (same numbers)
     iterations: int = 200              # meta-iterations
     # execution
     dtype: str = "float32"             # float32 | float64
