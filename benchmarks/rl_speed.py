@@ -4,7 +4,8 @@ search), for several variants run interleaved on the same policy and the same ta
 
     python benchmarks/rl_speed.py nav2d --iters 3 --variants base fisher0.2 fisher0.1 lvc dice
 
-Variants: ``base`` (the paper's setting), ``fisherF`` (``--fisher-fraction F``), ``lvc``/``dice``
+Variants: ``base`` (the paper's setting), ``autograd`` (``--no-fast-fisher``: the gradient and Fisher
+products by autograd on the whole objective), ``fisherF`` (``--fisher-fraction F``), ``lvc``/``dice``
 (``--estimator``), ``fo`` (``--first-order``). Each round runs every variant once, from the same policy
 parameters on the tasks of iteration ``round`` (the trainer's ``task_generator(seed, "train", round)``),
 so the variants see identical work; after one untimed warm-up step, the medians over rounds are printed
@@ -37,7 +38,9 @@ def variant_config(base: RLConfig, name: str) -> RLConfig:
         return base.replace(estimator=name)
     if name == "fo":
         return base.replace(first_order=True)
-    raise SystemExit(f"unknown variant {name!r}: base, fisherF (e.g. fisher0.2), lvc, dice, fo")
+    if name == "autograd":
+        return base.replace(fast_fisher=False)
+    raise SystemExit(f"unknown variant {name!r}: base, autograd, fisherF (e.g. fisher0.2), lvc, dice, fo")
 
 
 def main() -> None:

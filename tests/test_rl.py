@@ -24,7 +24,7 @@ from mamlkit.rl.config import RLConfig, from_dict
 from mamlkit.rl.envs import Nav2D, make_env, sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
 from mamlkit.rl.policy import build_policy, kl_divergence, log_prob
-from mamlkit.rl.trpo import conjugate_gradient, fisher_vector_product, flat, trpo_step
+from mamlkit.rl.trpo import autograd_linearization, conjugate_gradient, fisher_vector_product, flat, solve_cg, trpo_step
 
 torch.set_num_threads(1)
 D = torch.float64
@@ -176,6 +176,17 @@ def test_conjugate_gradient_matches_direct_solve():
     assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-10)
     # with fewer iterations than distinct eigenvalues the residual is not yet zero
     assert (A @ conjugate_gradient(lambda v: A @ v, b, iters=2) - b).norm() > 1e-3
+    # the product A x that TRPO's step length needs comes from the products CG made, without another one
+    calls = []
+
+    def product(v):
+        calls.append(v)
+        return A @ v
+
+    for iters in (2, 10):
+        calls.clear()
+        x, Ax = solve_cg(product, b, iters=iters)
+        assert torch.allclose(Ax, A @ x, atol=1e-12) and len(calls) == min(iters, 6)
 
 
 def _tiny_batch(first_order: bool = False, seed: int = 0):
@@ -239,7 +250,95 @@ def test_fisher_vector_product_matches_explicit_fisher(first_order):
     F = _explicit_fisher(cfg, policy, batch, first_order)
     assert torch.allclose(H, H.T, atol=1e-10)
     assert torch.allclose(H, F, rtol=1e-7, atol=1e-10)
+    task_by_task = algo.linearize(batch).fvp
+    assert torch.allclose(torch.stack([task_by_task(e) for e in torch.eye(n, dtype=D)]), F, rtol=1e-7, atol=1e-10)
     assert torch.linalg.eigvalsh(F).min() > -1e-10
+
+
+def _random_vectors(n: int, k: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(n, generator=g, dtype=D) for _ in range(k)]
+
+
+@pytest.mark.parametrize("estimator, first_order, algo_name", [
+    ("reinforce", False, "maml-trpo"), ("lvc", False, "maml-trpo"), ("dice", False, "maml-trpo"),
+    ("reinforce", True, "maml-trpo"), ("reinforce", False, "pretrain")])
+def test_task_by_task_linearization_equals_autograd_on_the_whole_objective(estimator, first_order, algo_name):
+    # MAMLTRPO.linearize (per task: Jᵀ∇S for the gradient, J·GaussNewton·J for the Fisher) against the
+    # reference: autograd's gradient of the vmapped surrogate and Hessian of the vmapped KL (Pearlmutter)
+    cfg, policy, _, batch = _tiny_batch(first_order)
+    cfg = cfg.replace(estimator=estimator, algo=algo_name, inner_steps=int(algo_name == "maml-trpo"))
+    algo = MAMLTRPO(policy, cfg)
+    if algo_name == "pretrain":
+        gen = task_generator(0, "train", 0)
+        batch, _ = algo.collect(sample_tasks("nav2d", cfg.meta_batch, gen), gen)
+    ref = autograd_linearization(list(policy.parameters()), lambda: algo.losses(batch))
+    fast = algo.linearize(batch)
+    assert fast.loss.item() == pytest.approx(ref.loss.item(), abs=1e-15)
+    assert torch.allclose(fast.grad, ref.grad, rtol=1e-12, atol=1e-15) and ref.grad.norm() > 1e-3
+    for v in _random_vectors(ref.grad.numel()):
+        want = ref.fvp(v)
+        assert torch.allclose(fast.fvp(v), want, rtol=1e-11, atol=1e-14 * want.norm().item())
+
+
+def test_task_by_task_fisher_is_the_kl_hessian_by_finite_differences():
+    # F v = (∇KL(θ + εv) − ∇KL(θ − εv)) / 2ε, ∇KL by autograd through the inner step at the shifted θ
+    # (exact second order only: the first-order Fisher is the Hessian with J = I by definition, not the KL's)
+    _, policy, algo, batch = _tiny_batch(False)
+    params = list(policy.parameters())
+    theta = flat([p.detach() for p in params])
+    fvp = algo.linearize(batch).fvp
+    from mamlkit.rl.trpo import set_flat
+    for v in _random_vectors(theta.numel(), 2):
+        grads, eps = [], 1e-5
+        for s in (1, -1):
+            set_flat(params, theta + s * eps * v)
+            grads.append(flat(torch.autograd.grad(algo.losses(batch)[1], params)))
+        set_flat(params, theta)
+        fd = (grads[0] - grads[1]) / (2 * eps)
+        assert torch.allclose(fvp(v), fd, rtol=1e-6, atol=1e-8 * fd.norm().item())
+
+
+def test_task_by_task_fisher_on_a_subset_and_the_checks():
+    # --fisher-tasks / --fisher-fraction: the Fisher of the sub-batch's KL, the loss and gradient of the batch
+    cfg, policy, algo, batch = _tiny_batch(False)
+    gen = torch.Generator().manual_seed(0)
+    sub = MAMLTRPO(policy, cfg.replace(fisher_tasks=2, fisher_fraction=0.3)).fisher_batch(batch, gen)
+    assert sub.num_tasks == 2 and sub.query_x.shape[1] < batch.query_x.shape[1]
+    params = list(policy.parameters())
+    ref = autograd_linearization(params, lambda: algo.losses(batch), fisher_kl=lambda: algo.losses(sub)[1])
+    fast = algo.linearize(batch, sub)
+    assert torch.allclose(fast.grad, ref.grad, rtol=1e-12, atol=1e-15)
+    for v in _random_vectors(ref.grad.numel()):
+        assert torch.allclose(fast.fvp(v), ref.fvp(v), rtol=1e-11, atol=1e-14 * ref.fvp(v).norm().item())
+    with pytest.raises(ValueError, match="fisher_kl or linearize"):
+        trpo_step(params, lambda: algo.losses(batch), fisher_kl=lambda: algo.losses(sub)[1],
+                  linearize=lambda: fast)
+    from mamlkit.rl.maml_trpo import linearize_tasks, pg_loss
+    with pytest.raises(ValueError, match="at most one inner step"):
+        linearize_tasks(policy, batch, None, loss_fn=pg_loss(2), lr=0.1, steps=2, first_order=False, act_dim=2)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"fisher_fraction": 0.5}])
+def test_meta_step_is_the_same_with_and_without_fast_fisher(overrides):
+    # the whole meta-iteration (sampling, CG step, line search) lands on the same parameters either way.
+    # Damping 0.1 and 5 CG iterations: with the default 1e-5 and 10 iterations on this 29-parameter policy,
+    # whose Fisher is singular, CG's iterate changes by ~5% under a 1e-15 relative perturbation of the
+    # products (of the reference route itself), which no comparison of two routes can get below.
+    results = []
+    for fast_fisher in (True, False):
+        cfg = RLConfig(**TINY, fast_fisher=fast_fisher, cg_damping=0.1, cg_iters=5, **overrides)
+        policy = build_policy(2, 2, cfg.hidden_sizes, 0.5, seed=3, dtype=D)
+        algo = MAMLTRPO(policy, cfg)
+        for it in range(2):
+            gen = task_generator(3, "train", it)
+            stats = algo.meta_step(sample_tasks("nav2d", cfg.meta_batch, gen), gen)
+        results.append((flat([p.detach() for p in policy.parameters()]), stats))
+    (p_fast, s_fast), (p_ref, s_ref) = results
+    assert s_ref["backtracks"] < 15 and s_ref["kl"] > 0
+    assert s_fast["backtracks"] == s_ref["backtracks"]
+    assert s_fast["kl"] == pytest.approx(s_ref["kl"], rel=1e-9)
+    assert torch.allclose(p_fast, p_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_fisher_goes_through_the_inner_step():

@@ -10,6 +10,7 @@ Layout:
 * ``advantages.py``: discounted returns, the linear feature baseline, GAE.
 * ``trpo.py``: conjugate gradient, Fisher-vector products (Hessian-vector products of the KL),
   the TRPO step with its backtracking line search.
-* ``maml_trpo.py``: the meta-learner: inner step = :func:`mamlkit.engine.inner.adapt_path`, outer = TRPO.
+* ``maml_trpo.py``: the meta-learner: inner step = :func:`mamlkit.engine.inner.adapt_path`, outer = TRPO,
+  whose gradient and Fisher products come task by task through the inner step (``linearize_tasks``).
 * ``config.py``, ``train.py``, ``evaluate.py``, ``cli.py``: ``mamlkit rl train|eval``.
 """

@@ -20,7 +20,7 @@ from mamlkit.rl.config import ENV_NAMES
 MAX_EVAL_STEPS = 10
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
-             "eval_lrs", "baselines", "pretrain_iterations", "val_every"}
+             "eval_lrs", "baselines", "pretrain_iterations", "val_every", "fast_fisher"}
 
 
 def help_env(argv: list[str]) -> str | None:

@@ -73,6 +73,8 @@ class RLConfig:
     fisher_tasks: int = _flag(0, OUTER, "tasks whose KL gives the Fisher (0: all; fewer: faster, approximate)")
     fisher_fraction: float = _flag(1.0, OUTER, "fraction of post-update states in the Fisher's KL (1: all; 0.1-0.2: "
                                    "faster)")
+    fast_fisher: bool = _flag(True, OUTER, "gradient and Fisher products task by task (same numbers, faster); "
+                              "off: through the whole batch's graph")
     # execution
     dtype: str = _flag("float32", EXECUTION, "float32 | float64")
     threads: int = _flag(1, EXECUTION, "torch threads (0: torch's default, all cores)")

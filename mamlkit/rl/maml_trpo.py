@@ -5,6 +5,8 @@ policy-gradient loss ``loss_fn(model(states), (actions, advantages, mask))``; th
 objective and KL come out of :func:`~mamlkit.engine.inner.make_task_fn` run by
 :func:`mamlkit.exec.strategies.map_tasks` under vmap, so the meta-gradient and the Fisher-vector
 products differentiate through the inner step exactly (or first-order with ``first_order``).
+TRPO takes the gradient and the Fisher products task by task from :func:`linearize_tasks` (the
+same numbers as autograd on that objective, in fewer passes; ``fast_fisher=False`` uses autograd).
 With ``inner_steps=0`` the same code is TRPO on all tasks jointly (the pretrained baseline).
 """
 
@@ -12,21 +14,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mamlkit.base.batch import TaskBatch
-from mamlkit.engine.functional import named_params
-from mamlkit.engine.inner import adapt_path, make_task_fn, support_loss_fn
+from mamlkit.engine.functional import call, named_params
+from mamlkit.engine.inner import LossFn, adapt_path, make_task_fn, support_loss_fn
 from mamlkit.engine.rules import sgd
 from mamlkit.exec import strategies
 from mamlkit.rl import sampling
 from mamlkit.rl.config import RLConfig
 from mamlkit.rl.envs import action_limit, make_env
 from mamlkit.rl.policy import kl_divergence, log_prob
-from mamlkit.rl.trpo import trpo_step
+from mamlkit.rl.trpo import Linearization, flat, trpo_step
 
 Params = dict[str, Tensor]
 VMAP = strategies.Strategy(vectorize=True)
@@ -78,20 +80,23 @@ def pg_loss(act_dim: int, estimator: str = "reinforce", horizon: int = 0):
     return loss
 
 
-def trpo_objective(act_dim: int):
-    """The outer objective of one task: ``(surrogate loss, mean KL(π_old ‖ π_θ'))`` on the query episodes.
+def surrogate_and_kl(new: Tensor, qy: Tensor, act_dim: int) -> tuple[Tensor, Tensor]:
+    """One task's ``(surrogate loss, mean KL(π_old ‖ π_new))`` from the policy's outputs ``new [M, 2a]`` on
+    its query states and ``qy [M, a + 2 + 2a]`` (actions, advantages, mask, the sampling policy's mean and
+    log σ): −E[π_new(a|s)/π_old(a|s) · A] and the KL, both averaged over the valid steps."""
+    actions, adv, mask = qy[..., :act_dim], qy[..., act_dim], qy[..., act_dim + 1]
+    old = qy[..., act_dim + 2:]
+    n = mask.sum().clamp_min(1)
+    ratio = torch.exp(log_prob(new, actions) - log_prob(old, actions))
+    return -(ratio * adv * mask).sum() / n, (kl_divergence(old, new) * mask).sum() / n
 
-    ``qy [M, a + 2 + 2a]`` holds actions, advantages, mask and the sampling (old) policy's mean and
-    log σ; the surrogate is −E[π_θ'(a|s)/π_old(a|s) · A] with θ' = θ_K the adapted parameters.
-    """
+
+def trpo_objective(act_dim: int):
+    """The outer objective of one task: :func:`surrogate_and_kl` of π_θ' on the query episodes, θ' = θ_K
+    the adapted parameters."""
 
     def objective(path, loss, sx, sy, qx, qy, predict, loss_fn):
-        new = predict(path[-1], qx)
-        actions, adv, mask = qy[..., :act_dim], qy[..., act_dim], qy[..., act_dim + 1]
-        old = qy[..., act_dim + 2:]
-        n = mask.sum().clamp_min(1)
-        ratio = torch.exp(log_prob(new, actions) - log_prob(old, actions))
-        return -(ratio * adv * mask).sum() / n, (kl_divergence(old, new) * mask).sum() / n
+        return surrogate_and_kl(predict(path[-1], qx), qy, act_dim)
 
     return objective
 
@@ -110,6 +115,95 @@ def adapt_tasks(model: nn.Module, params: Mapping[str, Tensor], sx: Tensor, sy: 
 
     params = {k: v.detach() for k, v in params.items()}
     return torch.vmap(one, in_dims=(0 if per_task else None, 0, 0))(params, sx, sy)
+
+
+def linearize_tasks(model: nn.Module, batch: TaskBatch, fisher: TaskBatch | None, *, loss_fn: LossFn, lr: float,
+                    steps: int, first_order: bool, act_dim: int) -> Linearization:
+    """MAML-TRPO's loss, meta-gradient and Fisher products at θ_old (the model's parameters), task by task.
+
+    Task t adapts θ'_t = θ − α∇L_t(θ) (one SGD step on its support loss ``loss_fn``; θ itself when ``steps``
+    is 0), and f_t(θ'_t) are the policy's outputs on its query states. With J_t = dθ'_t/dθ = I − α∇²L_t
+    (I with ``first_order`` or no step):
+
+    * loss (1/T) Σ S_t, the surrogate of :func:`surrogate_and_kl`; gradient (1/T) Σ J_tᵀ ∇_θ' S_t;
+    * Fisher product F v = (1/K) Σ_{t<K} J_t G_t J_t v over the K tasks of ``fisher`` (its first K support
+      sets are the batch's; its query states may be a subset; None: the batch), with G_t = ∂f_tᵀ (∇²_f KL_t)
+      ∂f_t the Gauss-Newton matrix of the task's KL at θ'_t.
+
+    These are the numbers :func:`~mamlkit.rl.trpo.autograd_linearization` gives on :meth:`MAMLTRPO.losses`
+    (to rounding; tests/test_rl.py compares them in float64). The Hessian of KL_t(f_t(θ'_t(θ))) at θ_old is
+    J_tᵀ G_t J_t plus two chain-rule terms, Σ ∂KL/∂f · ∇²f and Σ ∂KL/∂θ' · ∇²θ', and both are multiplied
+    by the KL's gradient, which is zero at θ_old: the query episodes were sampled by π_θ'(θ_old) itself.
+    J_t is symmetric (I minus a Hessian; so only for one SGD step with a scalar rate), so J_t v is the
+    reverse-mode product J_tᵀ v on the same graph.
+
+    Why per task: every graph (the inner gradient's, the query outputs', the output-space KL's) is built
+    once and reused by each of the conjugate-gradient products, which then cost about 16 matrix products
+    the size of one layer's forward, against ~24 and more elementwise passes for the Hessian of the whole
+    vmapped objective; one task's tensors stay in the CPU's cache, where the meta-batch's do not.
+    """
+    if steps > 1:
+        raise ValueError(f"linearize_tasks needs at most one inner step (J symmetric), got {steps}")
+    # a copy: the products stay those at θ_old while the line search moves the parameters in place
+    theta = {k: v.detach().clone().requires_grad_() for k, v in named_params(model).items()}
+    leaves = list(theta.values())
+    inner = support_loss_fn(model, loss_fn, {}, {})
+    T = batch.num_tasks
+    K = T if fisher is None else fisher.num_tasks
+    identity = steps == 0 or first_order
+
+    def pullback(fast: list[Tensor], w: Sequence[Tensor]) -> Sequence[Tensor]:  # J_tᵀ w (= J_t w)
+        return w if identity else torch.autograd.grad(fast, leaves, w, retain_graph=True)
+
+    loss = torch.zeros((), dtype=leaves[0].dtype)
+    grad = [torch.zeros_like(p) for p in leaves]
+    products = []
+    for t in range(T):
+        fast = list(adapt_path(inner, theta, batch.support_x[t], batch.support_y[t], rule=sgd(lr), steps=steps,
+                               first_order=first_order)[-1].values())
+        post = [f.detach().requires_grad_() for f in fast]
+        out = call(model, dict(zip(theta, post)), {}, batch.query_x[t])
+        surr, kl = surrogate_and_kl(out, batch.query_y[t], act_dim)
+        in_fisher, same_states = t < K, fisher is None
+        u = torch.autograd.grad(surr / T, post, retain_graph=in_fisher and same_states)
+        for acc, g in zip(grad, pullback(fast, u)):
+            acc += g
+        loss += surr.detach() / T
+        if not in_fisher:
+            continue
+        if not same_states:
+            out = call(model, dict(zip(theta, post)), {}, fisher.query_x[t])
+            kl = surrogate_and_kl(out, fisher.query_y[t], act_dim)[1]
+        products.append(_gauss_newton(fast, post, out, kl / K, pullback))
+
+    shapes = [p.shape for p in leaves]
+
+    def fvp(v: Tensor) -> Tensor:
+        vs = [x.view(s) for x, s in zip(v.split([s.numel() for s in shapes]), shapes)]
+        total = [torch.zeros_like(p) for p in leaves]
+        for product in products:
+            for acc, x in zip(total, product(vs)):
+                acc += x
+        return flat(total)
+
+    return Linearization(loss, flat(grad), fvp)
+
+
+def _gauss_newton(fast: list[Tensor], post: list[Tensor], out: Tensor, kl: Tensor, pullback
+                  ) -> Callable[[Sequence[Tensor]], Sequence[Tensor]]:
+    """``v -> J G J v`` for one task (see :func:`linearize_tasks`), from ``fast`` (θ' with its graph to θ),
+    ``post`` (θ' as leaves), the outputs ``out`` = f(post) and the task's share ``kl`` of the mean KL."""
+    dkl = torch.autograd.grad(kl, out, create_graph=True)[0]  # ∇_f KL with its graph: its derivative is ∇²_f KL
+    y = torch.zeros_like(out, requires_grad=True)
+    vjp = torch.autograd.grad(out, post, y, create_graph=True)  # ∂fᵀ y: linear in y, its derivative is ∂f
+
+    def product(v: Sequence[Tensor]) -> Sequence[Tensor]:
+        jv = pullback(fast, v)
+        df = torch.autograd.grad(vjp, y, jv, retain_graph=True)[0]
+        h = torch.autograd.grad(dkl, out, df, retain_graph=True)[0]
+        return pullback(fast, torch.autograd.grad(out, post, h, retain_graph=True))
+
+    return product
 
 
 class MAMLTRPO:
@@ -144,6 +238,14 @@ class MAMLTRPO:
                           objective=trpo_objective(self.act_dim))
         surr, kl = strategies.map_tasks(fn, batch, VMAP)
         return surr.mean(), kl.mean()
+
+    def linearize(self, batch: TaskBatch, fisher: TaskBatch | None = None) -> Linearization:
+        """:func:`linearize_tasks` with this run's inner step: the loss and meta-gradient of :meth:`losses`
+        on ``batch`` and the Fisher of its KL on ``fisher`` (None: ``batch``), at the current parameters."""
+        cfg = self.cfg
+        return linearize_tasks(self.model, batch, fisher, loss_fn=pg_loss(self.act_dim, cfg.estimator, cfg.episode_len),
+                               lr=cfg.inner_lr, steps=cfg.inner_steps, first_order=cfg.first_order,
+                               act_dim=self.act_dim)
 
     def collect(self, tasks: Tensor, generator: torch.Generator) -> tuple[TaskBatch, dict[str, float]]:
         """Sample the support (pre-update) and query (post-update) episodes of one meta-batch.
@@ -200,10 +302,13 @@ class MAMLTRPO:
         batch, stats = self.collect(tasks, generator)
         clock = time.perf_counter()
         sub = self.fisher_batch(batch, generator)
-        fisher_kl = None if sub is None else lambda: self.losses(sub)[1]
+        if cfg.fast_fisher:
+            route = {"linearize": lambda: self.linearize(batch, sub)}
+        else:  # autograd's Hessian of the whole objective's KL: the reference for the route above
+            route = {"fisher_kl": None if sub is None else lambda: self.losses(sub)[1]}
         stats |= trpo_step(list(self.model.parameters()), lambda: self.losses(batch), max_kl=cfg.max_kl,
                            damping=cfg.cg_damping, cg_iters=cfg.cg_iters, ls_steps=cfg.ls_steps,
-                           ls_ratio=cfg.ls_ratio, fisher_kl=fisher_kl)
+                           ls_ratio=cfg.ls_ratio, **route)
         stats["time_trpo_s"] = time.perf_counter() - clock
         stats["policy_std"] = self.model.log_std.detach().exp().mean().item()  # mean σ after the step
         return stats
