@@ -178,6 +178,17 @@ class Signals:
         if self.depth == 0 and self.received is not None:
             raise Stopped(self.received)
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A block in which a stop signal is only recorded (``received``), never raised, not even at its
+        end: under torchrun the ranks must leave at the same step, so they stop when they agree to
+        (:meth:`mamlkit.loop.distributed.World.meta_backward`), not each when its own signal lands."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
 
 _NO_SIGNALS = Signals()  # outside stop_on_signals (or off the main thread): deferral is a plain block
 

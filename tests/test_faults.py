@@ -142,6 +142,42 @@ def test_sigterm_under_torchrun_checkpoints_on_rank_0(tmp_path):
     assert jsonl == rows and [s for s, _ in jsonl] == list(range(2, stopped + 1, 2))
 
 
+def _worker_of_rank(agent: int, rank: int) -> int:
+    """The PID of torchrun's worker ``rank`` (a child of the ``agent`` process), from its environment."""
+    for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank} under {agent}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # A signal that reaches one rank first (a scheduler's, or torchrun's own, sent to the workers one by
+    # one) must not let that rank leave alone: the others would fail in the next gradient reduction,
+    # and rank 0 would write no checkpoint.
+    long = {**SMALL, "iterations": 100_000, "checkpoint_every": 100_000, "val_every": 100_000}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "mamlkit", "train", "sinusoid", "--out-dir", str(tmp_path), "--run-name", "r",
+                             "--no-compare-pretrained", *flags(long)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "r"
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 300, proc)
+        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)  # rank 1 only; rank 0 never gets a signal
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "a collective failed" not in err, err[-2000:]
+    stopped = checkpoint.load(run)[1]["step"]
+    assert stopped > 0 and f"stopped by SIGTERM at step {stopped}" in out + err
+    jsonl, rows = logged_steps(run)
+    assert jsonl == rows and [s for s, _ in jsonl] == list(range(2, stopped + 1, 2))
+
+
 def test_stale_lock_of_a_killed_process_does_not_block(cli, tmp_path):
     train.fit(train.new_trainer(small_cfg(tmp_path), tmp_path / "r"))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mamlkit import runfolder\n"

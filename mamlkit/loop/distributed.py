@@ -98,30 +98,35 @@ class World:
         shard = self.shard(num_tasks)
         return tasks.sample(num_tasks, task_generator(seed, "train", step))[shard.start:shard.stop]
 
-    def meta_backward(self, learner: Any, batch: TaskBatch, num_tasks: int) -> dict[str, float]:
-        """Fill ``.grad`` with the meta-gradient of the whole meta-batch; return its metrics.
+    def meta_backward(self, learner: Any, batch: TaskBatch, num_tasks: int, stopping: bool = False
+                      ) -> tuple[dict[str, float], bool]:
+        """Fill ``.grad`` with the meta-gradient of the whole meta-batch; return its metrics, and whether
+        any rank is ``stopping``.
 
         ``batch`` holds this rank's ``n_r`` of the ``num_tasks`` tasks. Its gradient is weighted by
         ``n_r / T`` and summed over ranks, so every rank ends with ``∇ (1/T) Σ_{i<T} L_i`` in the
-        ``.grad`` of every meta-parameter; metrics (task means) are combined the same way.
+        ``.grad`` of every meta-parameter; metrics (task means) are combined the same way. ``stopping``
+        (a stop signal reached this rank) rides on the same reduction, so every rank learns of it at
+        the same step and all of them stop after it, with no extra collective.
         """
         weight = batch.num_tasks / num_tasks
         stats = learner.meta_backward(batch, weight=weight)
         if not self.active:
-            return stats
+            return stats, stopping
         params = list(learner.meta_parameters().values())
         keys = sorted(stats)
         # A parameter the objective does not reach has no .grad; it still takes part (as zeros) so
         # every rank reduces a buffer of the same layout.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        local = torch.tensor([stats[k] * weight for k in keys], dtype=grads[0].dtype, device=grads[0].device)
+        local = torch.tensor([stats[k] * weight for k in keys] + [float(stopping)], dtype=grads[0].dtype,
+                             device=grads[0].device)
         flat = torch.cat([g.reshape(-1) for g in grads] + [local])
         _collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
         offset = 0
         for p in params:
             p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        return {k: v.item() for k, v in zip(keys, flat[offset:])}
+        return {k: v.item() for k, v in zip(keys, flat[offset:])}, bool(flat[-1].item() > 0)
 
     def broadcast_(self, learner: Any) -> None:
         """Copy rank 0's meta-parameters and buffers to every rank, in place."""

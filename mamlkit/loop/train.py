@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,11 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
             checkpoint.atomic_write_text(trainer.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     metrics = MetricsLog(trainer.run_dir, tensorboard=cfg.tensorboard, enabled=main)
     signals = runfolder.current()
+    # One rank alone must never leave: the others would wait in the next collective for ever (or fail).
+    # With several ranks a stop signal is only recorded, and every rank stops after the step at whose
+    # gradient reduction some rank reported it; a single process stops as soon as an update allows.
+    several = world.active and world.size > 1
+    hold = signals.held if several else signals.deferred
     tasks = get_family(cfg.task).build(cfg, "train")
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
@@ -206,16 +212,18 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
         first = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch).to(cfg.device, trainer.dtype)
         if model_spec(cfg)["name"] in USER_MODELS:
             check_model_output(learner.model, first, learner.kind, cfg.model)
-        with signals.deferred(), torch.random.fork_rng(devices=[]):  # no draws from the training's stream
+        with hold(), torch.random.fork_rng(devices=[]):  # no draws from the training's stream
             learner.executor.settle(learner, first, iterations=end - trainer.step,
                                     say=bar.write if main else lambda msg: None)
     if main:
         bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.executor.strategy.name}, "
                   f"{world.size} rank(s), run folder {trainer.run_dir}")
-    start_time, window, begun = time.perf_counter(), [], (None, None)
+    start_time, window, begun, agreed = time.perf_counter(), [], (None, None), False
     window_start = start_time
     try:
         while trainer.step < end:
+            if several and agreed:
+                raise runfolder.Stopped(signals.received or signal.SIGTERM)
             begun = (trainer.step, torch.get_rng_state())  # to roll the RNG back if this iteration is abandoned
             batch = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch)  # this rank's share
             opt.zero_grad(set_to_none=True)
@@ -224,11 +232,12 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
                 group["lr"] = meta_lr_at(cfg, trainer.step)
             # A signal is never raised inside torch's own code (a torch function mode's bookkeeping cut in
             # two leaves its stack broken): one during the meta-gradient takes effect after it.
-            with signals.deferred():
-                stats = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch)
+            with hold():
+                stats, agreed = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch,
+                                                    stopping=signals.received is not None)
             # A stop signal before here abandons the iteration (only gradients were touched); from the
             # update on, the iteration is finished, logged and checkpointed before the signal takes effect.
-            with signals.deferred(), _stop_if_disk_full(trainer, saved):
+            with hold(), _stop_if_disk_full(trainer, saved):
                 opt.step()
                 trainer.step += 1
                 window.append(stats)
