@@ -119,7 +119,9 @@ def test_sigterm_checkpoints_locks_and_resume_equals_uninterrupted(cli, tmp_path
     assert [s for s, split in jsonl if split == "train"] == list(range(2, end + 1, 2)) + ([end] if end % 2 else [])
 
 
-def test_sigterm_under_torchrun_checkpoints_on_rank_0(tmp_path):
+def _stop_torchrun_run(tmp_path, stop) -> tuple[Path, str, str]:
+    """Train 2 ranks under torchrun into ``tmp_path/r``, call ``stop(agent_pid)`` once a few steps are
+    logged, and return the run folder and the job's stdout and stderr."""
     long = {**SMALL, "iterations": 100_000, "checkpoint_every": 100_000, "val_every": 100_000}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -129,12 +131,18 @@ def test_sigterm_under_torchrun_checkpoints_on_rank_0(tmp_path):
     run = tmp_path / "r"
     try:
         wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 300, proc)
-        proc.send_signal(signal.SIGTERM)  # the agent passes it on to every worker
+        stop(proc.pid)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    return run, out, err
+
+
+def test_sigterm_under_torchrun_checkpoints_on_rank_0(tmp_path):
+    # the agent passes it on to every worker
+    run, out, err = _stop_torchrun_run(tmp_path, lambda agent: os.kill(agent, signal.SIGTERM))
     stopped = checkpoint.load(run)[1]["step"]
     assert stopped > 0 and f"stopped by SIGTERM at step {stopped}" in out + err
     assert err.count(f"mamlkit train --resume {run}") >= 1
@@ -156,21 +164,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # A signal that reaches one rank first (a scheduler's, or torchrun's own, sent to the workers one by
     # one) must not let that rank leave alone: the others would fail in the next gradient reduction,
     # and rank 0 would write no checkpoint.
-    long = {**SMALL, "iterations": 100_000, "checkpoint_every": 100_000, "val_every": 100_000}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "mamlkit", "train", "sinusoid", "--out-dir", str(tmp_path), "--run-name", "r",
-                             "--no-compare-pretrained", *flags(long)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = tmp_path / "r"
-    try:
-        wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 300, proc)
-        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)  # rank 1 only; rank 0 never gets a signal
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    # rank 1 only; rank 0 never gets a signal
+    run, out, err = _stop_torchrun_run(tmp_path, lambda agent: os.kill(_worker_of_rank(agent, 1), signal.SIGTERM))
     assert "a collective failed" not in err, err[-2000:]
     stopped = checkpoint.load(run)[1]["step"]
     assert stopped > 0 and f"stopped by SIGTERM at step {stopped}" in out + err
