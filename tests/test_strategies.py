@@ -454,3 +454,21 @@ def test_auto_drops_a_candidate_that_raises_and_an_explicit_one_fails_clearly(ca
     with pytest.raises(mamlkit.UserError, match="strategy vmap cannot run this model"):
         explicit = mamlkit.MAML(model, strategy="vmap", **kw)
         explicit.executor.settle(explicit, batch, iterations=10, say=lambda m: None)
+
+
+@pytest.mark.parametrize("call", ["meta_loss", "meta_backward"])
+def test_an_explicit_strategy_that_cannot_run_the_model_fails_clearly_from_python(call):
+    """Without the trainer's trial, the first call of an explicit strategy names it and the strategies that
+    work, with torch's error as the cause; the learner still runs after switching to the loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), _ItemScale(), nn.Tanh(), nn.Linear(8, 1)).double()
+    g = torch.Generator().manual_seed(1)
+    batch = TaskBatch(*(torch.randn(3, 5, 1, generator=g, dtype=torch.float64) for _ in range(4)))
+    learner = mamlkit.MAML(model, strategy="vmap", inner_lr=0.1, inner_steps=2, loss_fn="mse")
+    with pytest.raises(mamlkit.UserError, match=r"strategy vmap cannot run this model \(RuntimeError: vmap: "
+                       r".*\.item\(\).*strategy='auto'.*'loop'") as info:
+        getattr(learner, call)(batch)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value.__cause__, RuntimeError)
+    assert all(p.grad is None for p in model.parameters())
+    ref = mamlkit.MAML(model, strategy="loop", inner_lr=0.1, inner_steps=2, loss_fn="mse")
+    assert torch.isfinite(ref.meta_loss(batch)[0])

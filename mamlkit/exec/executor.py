@@ -26,18 +26,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from mamlkit.base.batch import TaskBatch
+from mamlkit.base.errors import UserError
 from mamlkit.engine import functional
 from mamlkit.exec import kernels, strategies, tuning
 from mamlkit.exec.kernels import fusion
 from mamlkit.exec.strategies import Strategy, TaskFn
 
 log = strategies.log
+T = TypeVar("T")
+
+
+class StrategyError(UserError, RuntimeError):
+    """An explicitly chosen strategy raised on the model's first batch (torch's error is the cause)."""
 
 
 class Executor:
@@ -75,6 +81,8 @@ class Executor:
         # functional.call runs a Sequential of built-in layers as its fused layer list while a kernels mode is on
         functional.set_module_view(fusion.fused)
         self._settling = False
+        # a strategy asked for by name has not yet run this model; auto's trial proves (or drops) its own
+        self._proven = self.strategy.auto or self.strategy.name == "loop"
 
     @classmethod
     def from_config(cls, cfg: Any, model: nn.Module) -> Executor:
@@ -86,18 +94,36 @@ class Executor:
 
     def map_tasks(self, fn: TaskFn, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Per-task losses ``[T]`` and query predictions ``[T, N_q, ...]``, keeping the autograd graph."""
-        return strategies.map_tasks(fn, batch, self.strategy)
+        return self._first_run(lambda: strategies.map_tasks(fn, batch, self.strategy))
 
     def backward_tasks(self, fn: TaskFn, batch: TaskBatch, weight: float = 1.0,
                        params: Iterable[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Back-propagate ``weight * mean_t loss_t`` chunk by chunk (see :func:`strategies.backward_tasks`)."""
-        return strategies.backward_tasks(fn, batch, self.strategy, weight, params)
+        return self._first_run(lambda: strategies.backward_tasks(fn, batch, self.strategy, weight, params))
 
     def meta_backward(self, build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str, nn.Parameter],
                       batch: TaskBatch, weight: float = 1.0) -> tuple[Tensor, Tensor]:
         """Accumulate ``weight ×`` the meta-gradient into ``params[k].grad`` (see :func:`strategies.meta_backward`);
         ``build(params) -> fn`` makes the per-task function, so the compiled strategy can trace it."""
-        return strategies.meta_backward(build, params, batch, self.strategy, weight)
+        return self._first_run(lambda: strategies.meta_backward(build, params, batch, self.strategy, weight))
+
+    def _first_run(self, run: Callable[[], T]) -> T:
+        """Run ``run``; when a strategy named explicitly (not the loop) raises on its first batch, say which
+        strategy failed and which run any model, instead of torch's error alone. The trainer finds this
+        in its trial before training (:func:`mamlkit.exec.tuning.settle_strategy`); a Python caller's
+        first call is where it shows. Later errors pass unchanged: by then the strategy has run this model."""
+        if self._proven or self._settling:
+            return run()
+        try:
+            out = run()
+        except UserError:
+            raise
+        except Exception as err:
+            raise StrategyError(f"strategy {self.strategy.name} cannot run this model ({tuning._reason(err)}). "
+                                "Use strategy='auto', which runs the strategies that work for it, or 'loop', "
+                                "which runs any model that runs in plain PyTorch") from err
+        self._proven = True
+        return out
 
     # --- choosing the strategy ---------------------------------------------------------------------
 
@@ -131,16 +157,19 @@ class Executor:
         self._settling = True
         try:
             runs = iterations if iterations is not None else (self.iterations or 0)
-            return tuning.settle_strategy(learner, batch, iterations=runs, memory_budget_mb=self.memory_budget_mb,
-                                          say=say)
+            chosen = tuning.settle_strategy(learner, batch, iterations=runs, memory_budget_mb=self.memory_budget_mb,
+                                            say=say)
         finally:
             self._settling = False
+        self._proven = True
+        return chosen
 
     def resume(self, name: str | None) -> None:
         """Keep the strategy a checkpointed run measured and used (its recorded name), so a resumed ``auto``
         run computes exactly the same numbers without a new trial. An explicit strategy stays as asked."""
         if self.strategy.auto and name:
             self.strategy = Strategy.from_name(name)
+            self._proven = True  # the checkpointed run ran this model with it
 
     def __repr__(self) -> str:
         return f"Executor({self.strategy.name}{', auto' if self.strategy.auto else ''})"
