@@ -645,7 +645,7 @@ def test_cli_train_eval_and_resume(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 1 |" in out and "-11.68" in out
 
-    assert main(["rl", "eval", str(run / "checkpoint.safetensors"), "--eval-tasks", "5"]) == 0
+    assert main(["rl", "eval", str(run / "checkpoint.safetensors"), "--eval-tasks", "5", "--overwrite"]) == 0
     assert json.loads((run / "eval.json").read_text())["num_tasks"] == 5
 
     # resume: 1 iteration, then continue to 2 == 2 uninterrupted iterations, bit for bit
@@ -664,13 +664,13 @@ def test_cli_eval_steps_and_adapt_to_a_goal(tmp_path, capsys):
     assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 0
     run = tmp_path / "r"
     capsys.readouterr()
-    assert main(["rl", "eval", str(run), "--steps", "1", "2", "3", "--no-baselines"]) == 0
+    assert main(["rl", "eval", str(run), "--steps", "1", "2", "3", "--no-baselines", "--overwrite"]) == 0
     out = capsys.readouterr().out
     ev = json.loads((run / "eval.json").read_text())
     assert ev["eval_lrs"] == [0.1, 0.05, 0.05] and list(ev["returns"]["maml-trpo"]) == ["0", "1", "2", "3"]
     assert "| 3 |" in out and "-3.23" in out and "rates [0.1, 0.05, 0.05]" in out
     # 5 steps: the rate after the first stays halved; only the rows asked for are listed
-    assert main(["rl", "eval", str(run), "--steps", "5", "2", "--no-baselines"]) == 0
+    assert main(["rl", "eval", str(run), "--steps", "5", "2", "--no-baselines", "--overwrite"]) == 0
     out = capsys.readouterr().out
     ev = json.loads((run / "eval.json").read_text())
     assert ev["eval_lrs"] == [0.1, 0.05, 0.05, 0.05, 0.05] and list(ev["returns"]["maml-trpo"]) == ["0", "2", "5"]
@@ -684,6 +684,27 @@ def test_cli_eval_steps_and_adapt_to_a_goal(tmp_path, capsys):
     out = capsys.readouterr().out
     assert fig.stat().st_size > 1000 and "goal (0.3, -0.2)" in out and "2 steps:" in out
     assert "rates 0.1, 0.05" in out
+
+
+def test_rl_eval_never_replaces_a_report_silently(tmp_path, capsys):
+    """The run's report (written at the end of training) stays unless --overwrite; --out writes elsewhere."""
+    flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines"] + TINY_FLAGS
+    assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 0
+    run = tmp_path / "r"
+    before = {n: (run / n).read_bytes() for n in ("eval.md", "eval.json")}
+    capsys.readouterr()
+    assert main(["rl", "eval", str(run), "--last", "--eval-tasks", "5", "--no-baselines"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} already holds eval.md, eval.json" in err and "--overwrite" in err and "--out DIR" in err
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert main(["rl", "eval", str(run / "checkpoint.safetensors"), "--eval-tasks", "5"]) == 2  # its folder's
+    other = tmp_path / "elsewhere" / "last"
+    assert main(["rl", "eval", str(run), "--last", "--eval-tasks", "5", "--no-baselines", "--out", str(other)]) == 0
+    assert json.loads((other / "eval.json").read_text())["num_tasks"] == 5
+    assert (other / "figure4_trajectories.png").exists() and (other / "returns_vs_steps.png").exists()
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert main(["rl", "eval", str(run), "--eval-tasks", "5", "--no-baselines", "--overwrite"]) == 0
+    assert json.loads((run / "eval.json").read_text())["num_tasks"] == 5
 
 
 def test_shipped_nav2d_policy_is_small_valid_and_adapts(tmp_path, capsys):
@@ -881,9 +902,9 @@ def test_validation_keeps_the_best_policy_and_eval_uses_it(tmp_path, capsys):
     assert again["return_pre"] == pytest.approx(best["return_pre"], abs=1e-9)
     assert again["return_post"] == pytest.approx(best["return_post"], abs=1e-9)
     capsys.readouterr()
-    assert main(["rl", "eval", str(run), "--no-baselines"]) == 0
+    assert main(["rl", "eval", str(run), "--no-baselines", "--overwrite"]) == 0
     assert f"iteration {best['step']} of 5, the best validation" in capsys.readouterr().out
-    assert main(["rl", "eval", str(run), "--last", "--no-baselines"]) == 0
+    assert main(["rl", "eval", str(run), "--last", "--no-baselines", "--overwrite"]) == 0
     assert "policy of iteration 5" in capsys.readouterr().out
 
 

@@ -60,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
                     help="report the return after these numbers of test steps (e.g. 1 2 3; rates 0.1 for the "
                          "first, 0.05 after, as the paper's App. A.2; default: the run's --eval-lrs)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the pretrained and random baselines")
+    ev.add_argument("--out", metavar="DIR", help="write eval.md, eval.json and the figures into DIR (default: the "
+                    "run's folder, or the checkpoint's)")
+    ev.add_argument("--overwrite", action="store_true", help="replace the report files already there")
     ev.add_argument("--last", action="store_true",
                     help="evaluate the run's last checkpoint, not its best validated one (RUN/best.safetensors)")
 
@@ -111,9 +114,11 @@ def _best_or_last(trainer):
                     "tasks); `mamlkit rl eval --last RUN` evaluates the last iteration")
 
 
-def _report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, ...] | None = None) -> str:
+def _report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, ...] | None = None,
+            out: Path | None = None) -> str:
     """Evaluate the run's policy, and with ``baselines`` the pretrained one (trained first when
-    ``train_baseline``, else loaded from RUN/pretrained if there) and a randomly initialised one."""
+    ``train_baseline``, else loaded from RUN/pretrained if there) and a randomly initialised one; the
+    report goes to ``out`` (default: the run folder)."""
     import torch
 
     from mamlkit.rl import evaluate, train
@@ -129,7 +134,7 @@ def _report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, ...
         elif train_baseline and cfg.pretrain_iterations > 0:
             policies["pretrained"] = train.pretrained_baseline(trainer).policy
         policies["random init"] = train.make_policy(cfg.replace(seed=cfg.seed + 1))
-    return evaluate.report(trainer.run_dir, policies, cfg, show)
+    return evaluate.report(out or trainer.run_dir, policies, cfg, show)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -166,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mamlkit.rl import train
+    from mamlkit.rl import evaluate, train
 
     trainer = train.load_trainer(args.checkpoint)
     changes = {k: v for k, v in (("eval_tasks", args.eval_tasks), ("eval_traj", args.eval_traj))
@@ -182,12 +187,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
     trainer.cfg = trainer.cfg.replace(**changes)
+    # the run's own report (written when training ended) is kept unless the user says otherwise
+    out = Path(args.out) if args.out else trainer.run_dir
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder for eval.md, eval.json and the figures")
+    existing = [n for n in evaluate.REPORT_FILES if (out / n).exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them, or "
+                        "--out DIR to write this evaluation elsewhere")
     what = f"evaluating the policy of iteration {trainer.step} from {args.checkpoint}"
     if Path(args.checkpoint).is_dir() and not args.last:
         trainer, what = _best_or_last(trainer)
     print(what)
+    out.mkdir(parents=True, exist_ok=True)
     print(_report(trainer, trainer.cfg.baselines and not args.no_baselines, train_baseline=False,
-                  show=tuple(args.steps) if args.steps else None))
+                  show=tuple(args.steps) if args.steps else None, out=out))
+    print(f"report: {out} ({', '.join(n for n in evaluate.REPORT_FILES if (out / n).exists())})")
     return 0
 
 

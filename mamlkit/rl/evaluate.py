@@ -48,9 +48,13 @@ def step_rates(lrs: tuple[float, ...], num_steps: int) -> tuple[float, ...]:
     return tuple(lrs[:num_steps]) + (lrs[-1],) * max(0, num_steps - len(lrs))
 
 
+REPORT_FILES = ("eval.md", "eval.json", "returns_vs_steps.png", "figure4_trajectories.png")
+
+
 def report(run_dir: Path, policies: dict[str, nn.Module], cfg: RLConfig,
            show: tuple[int, ...] | None = None) -> str:
-    """Evaluate ``policies`` (name -> policy); write ``eval.json``, ``eval.md``, figures; return the table.
+    """Evaluate ``policies`` (name -> policy); write ``eval.json``, ``eval.md``, figures (:data:`REPORT_FILES`)
+    into ``run_dir``; return the table.
 
     ``show``: the step counts whose rows the table lists (0 always; default: every step of ``cfg.eval_lrs``).
     """
