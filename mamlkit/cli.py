@@ -208,15 +208,13 @@ def _baseline(trainer):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mamlkit import runfolder
     from mamlkit.eval import reports
     from mamlkit.loop import train
 
     main = train.load_trainer(args.run, resume=False)  # evaluation needs no optimiser, step or RNG state
-    out = Path(args.out) if args.out else main.run_dir
-    existing = [n for n in reports.REPORT_FILES if (out / n).exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them, or "
-                        "--out DIR to write this evaluation elsewhere")
+    out = runfolder.report_folder(Path(args.out) if args.out else main.run_dir, reports.REPORT_FILES,
+                                  args.overwrite)
     cfg = main.cfg if args.eval_tasks is None else main.cfg.replace(eval_tasks=args.eval_tasks)
     learners = {main.learner.name: main.learner}
     baseline = Path(args.baseline) if args.baseline else main.run_dir / "pretrained"

@@ -118,6 +118,19 @@ def clear(run_dir: Path) -> None:
             shutil.rmtree(run_dir / name)
 
 
+def report_folder(out: Path, names: tuple[str, ...], overwrite: bool) -> Path:
+    """``out``, checked as where an evaluation writes its report files ``names``: a folder (made if missing)
+    that holds none of them yet, unless ``overwrite``. A run's own report is never replaced silently."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder for {', '.join(names[:2])} and the figures")
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not overwrite:
+        raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them, or "
+                        "--out DIR to write this evaluation elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Make the logs hold exactly the records of steps ``1..step`` (those of the checkpoint being
     continued; none for a fresh run): a torn last line and records logged after the checkpoint are

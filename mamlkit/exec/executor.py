@@ -42,10 +42,6 @@ log = strategies.log
 T = TypeVar("T")
 
 
-class StrategyError(UserError, RuntimeError):
-    """An explicitly chosen strategy raised on the model's first batch (torch's error is the cause)."""
-
-
 class Executor:
     """Runs per-task functions over task batches for one model.
 
@@ -119,9 +115,7 @@ class Executor:
         except UserError:
             raise
         except Exception as err:
-            raise StrategyError(f"strategy {self.strategy.name} cannot run this model ({tuning._reason(err)}). "
-                                "Use strategy='auto', which runs the strategies that work for it, or 'loop', "
-                                "which runs any model that runs in plain PyTorch") from err
+            raise tuning.cannot_run(self.strategy.name, err) from err
         self._proven = True
         return out
 

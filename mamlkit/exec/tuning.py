@@ -159,6 +159,18 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+class StrategyError(UserError, RuntimeError):
+    """A strategy named explicitly cannot run the model (torch's error is the cause)."""
+
+
+def cannot_run(name: str, err: BaseException) -> StrategyError:
+    """The error for an explicitly named strategy that raised on the model: which one, why, what works.
+    Raised by the trainer's trial and by the executor's first call from Python."""
+    return StrategyError(f"strategy {name} cannot run this model ({_reason(err)}). Use strategy='auto', which "
+                         "runs the strategies that work for it, or 'loop', which runs any model that runs in "
+                         "plain PyTorch")
+
+
 def _candidates(learner: Any, iterations: int) -> list[Strategy]:
     """What ``auto`` times: the strategies that can win for this model here, leanest first (so that a
     vectorised candidate's memory probe can stop as soon as it is far above a leaner one's, see
@@ -283,8 +295,7 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
         except Exception as err:  # noqa: BLE001 - a candidate that cannot run this model
             _release_freed_memory()
             if not learner.executor.strategy.auto:
-                raise UserError(f"strategy {cand.name} cannot run this model ({_reason(err)}). Use strategy "
-                                "auto, which runs the strategies that work, or loop") from err
+                raise cannot_run(cand.name, err) from err
             failed.append(cand)
             say(f"mamlkit: strategy {cand.name} unavailable for this model ({_reason(err)}); skipped")
             continue

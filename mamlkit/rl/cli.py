@@ -171,6 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mamlkit import runfolder
     from mamlkit.rl import evaluate, train
 
     trainer = train.load_trainer(args.checkpoint)
@@ -188,18 +189,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserError(f"{name} must be >= 1, got {v}")
     trainer.cfg = trainer.cfg.replace(**changes)
     # the run's own report (written when training ended) is kept unless the user says otherwise
-    out = Path(args.out) if args.out else trainer.run_dir
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; name a folder for eval.md, eval.json and the figures")
-    existing = [n for n in evaluate.REPORT_FILES if (out / n).exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them, or "
-                        "--out DIR to write this evaluation elsewhere")
+    out = runfolder.report_folder(Path(args.out) if args.out else trainer.run_dir, evaluate.REPORT_FILES,
+                                  args.overwrite)
     what = f"evaluating the policy of iteration {trainer.step} from {args.checkpoint}"
     if Path(args.checkpoint).is_dir() and not args.last:
         trainer, what = _best_or_last(trainer)
     print(what)
-    out.mkdir(parents=True, exist_ok=True)
     print(_report(trainer, trainer.cfg.baselines and not args.no_baselines, train_baseline=False,
                   show=tuple(args.steps) if args.steps else None, out=out))
     print(f"report: {out} ({', '.join(n for n in evaluate.REPORT_FILES if (out / n).exists())})")
