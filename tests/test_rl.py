@@ -592,6 +592,16 @@ def test_evaluation_steps_use_0_1_then_0_05():
         assert torch.allclose(path[2][k], p2[k], atol=1e-12)
 
 
+def test_test_batch_is_the_papers_4000_steps():
+    # cbfinn/maml_rl's test_maml_point.py and test_maml_cheetah_direc.py sample batch_size=4000 steps per
+    # test step: 40 episodes of 100 steps on nav2d, 20 of 200 on the half-cheetah
+    assert RLConfig(env="nav2d").test_traj == 40
+    assert RLConfig(env="cheetah-dir").test_traj == 20 and RLConfig(env="cheetah-vel", horizon=100).test_traj == 40
+    assert RLConfig(env="nav2d", horizon=8000).test_traj == 1 and RLConfig(env="nav2d", eval_traj=7).test_traj == 7
+    with pytest.raises(ConfigError, match="eval_traj must be >= 0"):
+        RLConfig(eval_traj=-1)
+
+
 def test_trpo_step_respects_trust_region():
     cfg, policy, algo, batch = _tiny_batch(False, seed=2)
     params = list(policy.parameters())
@@ -677,6 +687,16 @@ def test_cli_eval_steps_and_adapt_to_a_goal(tmp_path, capsys):
     assert "| 5 |" in out and "| 3 |" not in out and "| 1 |" not in out
     assert main(["rl", "eval", str(run), "--steps", "0"]) == 2
     assert "--steps takes step counts from 1" in capsys.readouterr().err
+    # other rates (the paper's code tested nav2d with 0.5, then 0.25), the last repeated
+    assert main(["rl", "eval", str(run), "--eval-lrs", "0.5", "0.25", "--steps", "1", "3", "--no-baselines",
+                 "--overwrite"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["eval_lrs"] == [0.5, 0.25, 0.25] and "rates [0.5, 0.25, 0.25]" in capsys.readouterr().out
+    assert main(["rl", "eval", str(run), "--eval-lrs", "0.5", "0.25", "--no-baselines", "--overwrite"]) == 0
+    assert list(json.loads((run / "eval.json").read_text())["returns"]["maml-trpo"]) == ["0", "1", "2"]
+    for bad in (["-0.1"], ["nan"], ["0.1"] * 11):
+        assert main(["rl", "eval", str(run), "--eval-lrs", *bad, "--overwrite"]) == 2
+        assert "--eval-lrs takes 1 to 10 finite rates >= 0" in capsys.readouterr().err
 
     fig = tmp_path / "adapt.png"
     assert main(["rl", "adapt", str(run), "--goal", "0.3", "-0.2", "--steps", "2", "--traj", "3",

@@ -7,6 +7,7 @@ Every :class:`~mamlkit.rl.config.RLConfig` field is a flag; mistakes raise ``Use
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from pathlib import Path
@@ -55,10 +56,14 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
     ev.add_argument("checkpoint", help="run folder or checkpoint file written by `mamlkit rl train`")
     ev.add_argument("--eval-tasks", type=int, metavar="N", help="number of test tasks (default: the run's, 40)")
     ev.add_argument("--eval-traj", type=int, metavar="N",
-                    help="episodes per test task and step (default: the run's, 20)")
+                    help="episodes per test task and step (default: the run's; for new runs 4,000 "
+                         "steps' worth as the paper's code: 40 nav2d, 20 cheetah)")
     ev.add_argument("--steps", type=int, nargs="+", metavar="K",
                     help="report the return after these numbers of test steps (e.g. 1 2 3; rates 0.1 for the "
                          "first, 0.05 after, as the paper's App. A.2; default: the run's --eval-lrs)")
+    ev.add_argument("--eval-lrs", type=float, nargs="+", metavar="A",
+                    help="α of test steps 1, 2, 3, ... (the last repeats; default: the run's, 0.1 0.05 0.05; the "
+                         "paper's code tested nav2d with 0.5 0.25)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the pretrained and random baselines")
     ev.add_argument("--out", metavar="DIR", help="write eval.md, eval.json and the figures into DIR (default: the "
                     "run's folder, or the checkpoint's)")
@@ -177,13 +182,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trainer = train.load_trainer(args.checkpoint)
     changes = {k: v for k, v in (("eval_tasks", args.eval_tasks), ("eval_traj", args.eval_traj))
                if v is not None}
+    if args.eval_lrs is not None:
+        if not all(math.isfinite(a) and a >= 0 for a in args.eval_lrs) or len(args.eval_lrs) > MAX_EVAL_STEPS:
+            raise UserError(f"--eval-lrs takes 1 to {MAX_EVAL_STEPS} finite rates >= 0 (e.g. --eval-lrs 0.1 0.05), "
+                            f"got {' '.join(map(str, args.eval_lrs))}")
+        changes["eval_lrs"] = tuple(args.eval_lrs)
     if args.steps is not None:
         if not all(1 <= k <= MAX_EVAL_STEPS for k in args.steps):
             raise UserError(f"--steps takes step counts from 1 to {MAX_EVAL_STEPS} (e.g. --steps 1 2 3), "
                             f"got {' '.join(map(str, args.steps))}")
         from mamlkit.rl.evaluate import step_rates
 
-        changes["eval_lrs"] = step_rates(trainer.cfg.eval_lrs, max(args.steps))
+        changes["eval_lrs"] = step_rates(changes.get("eval_lrs", trainer.cfg.eval_lrs), max(args.steps))
     for name, v in (("--eval-tasks", args.eval_tasks), ("--eval-traj", args.eval_traj)):
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")

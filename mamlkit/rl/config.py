@@ -14,6 +14,7 @@ from mamlkit.config import ConfigError, as_dict, build_config, flag
 
 ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
 DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
+TEST_BATCH_STEPS = 4000  # environment steps per test step in the paper's evaluation scripts
 # Policy actions are divided by this before the environment clips them to its range. 2D navigation: 10,
 # as the paper's code (cbfinn/maml_rl, maml_examples/maml_trpo_point.py) wraps the point environment in
 # rllab's ``normalize``, which maps policy actions in [-1, 1] affinely onto the action box [-0.1, 0.1] and
@@ -91,7 +92,8 @@ class RLConfig:
     val_tasks: int = _flag(20, LOGGING, "fixed held-out validation tasks, traj_per_task episodes each")
     # evaluation
     eval_tasks: int = _flag(40, LOGGING, "fixed test tasks of the final evaluation (>= 40 for the report)")
-    eval_traj: int = _flag(20, LOGGING, "episodes per test task and test step")
+    eval_traj: int = _flag(0, LOGGING, "episodes per test task and test step (0: 4,000 steps' worth, as the "
+                           "paper's code tests: 40 nav2d, 20 cheetah)")
     eval_lrs: tuple[float, ...] = _flag((0.1, 0.05, 0.05), LOGGING, "α of test steps 1, 2, 3, ... (paper: 0.1 then "
                                         "0.05)")
     baselines: bool = _flag(True, LOGGING, "also evaluate a pretrained and a randomly initialised policy")
@@ -108,10 +110,10 @@ class RLConfig:
              f"estimator must be reinforce, lvc or dice, got {self.estimator!r}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
         for name in ("meta_batch", "traj_per_task", "cg_iters", "ls_steps", "iterations", "log_every",
-                     "checkpoint_every", "eval_tasks", "eval_traj", "val_tasks"):
+                     "checkpoint_every", "eval_tasks", "val_tasks"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.action_scale >= 0, f"action_scale must be >= 0 (0: the env's default), got {self.action_scale}")
-        for name in ("horizon", "threads", "pretrain_iterations", "fisher_tasks", "val_every"):
+        for name in ("horizon", "threads", "pretrain_iterations", "fisher_tasks", "val_every", "eval_traj"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.inner_steps in (0, 1), "inner_steps must be 0 or 1 during training (each RL inner step "
              f"needs fresh samples; evaluate more steps with --eval-lrs), got {self.inner_steps}")
@@ -130,6 +132,12 @@ class RLConfig:
     @property
     def episode_len(self) -> int:
         return self.horizon or DEFAULT_HORIZON[self.env]
+
+    @property
+    def test_traj(self) -> int:
+        """Episodes per test task and test step: ``eval_traj``, or for 0 the paper's code's test batch of
+        4,000 steps (cbfinn/maml_rl test_maml_point.py and test_maml_cheetah_direc.py: ``batch_size=4000``)."""
+        return self.eval_traj or max(1, TEST_BATCH_STEPS // self.episode_len)
 
     @property
     def env_action_scale(self) -> float:

@@ -2,7 +2,7 @@
 
 Every policy is evaluated on the same fixed test tasks (``task_generator(seed, "test", 0)``) with
 the same sampling noise, so differences between policies are not sampling luck. Each
-adaptation step samples ``eval_traj`` fresh episodes per task with the current parameters and
+adaptation step samples ``cfg.test_traj`` fresh episodes per task with the current parameters and
 takes one policy-gradient step (rates ``cfg.eval_lrs``, paper: 0.1 then 0.05).
 """
 
@@ -32,7 +32,7 @@ def test_tasks(cfg: RLConfig, num_tasks: int | None = None) -> Tensor:
 def adaptation_curve(policy: nn.Module, cfg: RLConfig, tasks: Tensor) -> Tensor:
     """Mean episode return per task after 0..K steps, ``[T, K+1]`` (K = ``len(cfg.eval_lrs)``)."""
     gen = task_generator(cfg.seed, "test", 0, "rollouts")
-    curve, _ = MAMLTRPO(policy, cfg).adapt_curve(tasks, cfg.eval_lrs, gen, cfg.eval_traj)
+    curve, _ = MAMLTRPO(policy, cfg).adapt_curve(tasks, cfg.eval_lrs, gen, cfg.test_traj)
     return curve
 
 
@@ -44,7 +44,8 @@ def step_rates(lrs: tuple[float, ...], num_steps: int) -> tuple[float, ...]:
     """The rates of test steps 1..``num_steps``: ``lrs`` (paper: 0.1, 0.05, 0.05), its last rate repeated
     beyond its length. Finn et al. 2017, App. A.2: "During evaluation, we found that halving the learning
     rate after the first gradient step produced superior performance" (their test_maml_point.py:
-    ``init_learning_rate`` α, then 0.5 α)."""
+    ``init_learning_rate`` α, then 0.5 α; there the nav2d policy of the paper's table was trained and
+    tested with α = 0.5, not the text's 0.1: ``--inner-lr 0.5 --eval-lrs 0.5 0.25``)."""
     return tuple(lrs[:num_steps]) + (lrs[-1],) * max(0, num_steps - len(lrs))
 
 
@@ -65,7 +66,7 @@ def report(run_dir: Path, policies: dict[str, nn.Module], cfg: RLConfig,
     names = list(policies)
     lines = [f"{cfg.env}: average return per episode after k policy-gradient steps (rates "
              f"{list(cfg.eval_lrs)}), mean ± 95% CI over {tasks.shape[0]} fixed test tasks, "
-             f"{cfg.eval_traj} episodes per task and step.",
+             f"{cfg.test_traj} episodes per task and step.",
              "", "| steps | " + " | ".join(names) + (" | paper (MAML) |" if paper else " |"),
              "|---|" + "---|" * (len(names) + (1 if paper else 0))]
     table: dict[str, dict[str, dict[str, float]]] = {}
@@ -140,7 +141,7 @@ def trajectory_figure(path: Path, policies: dict[str, nn.Module], cfg: RLConfig,
     for row, name in enumerate(names):
         algo = MAMLTRPO(policies[name], cfg)
         gen = task_generator(cfg.seed, "figure", 0)
-        curve, path_params = algo.adapt_curve(tasks, cfg.eval_lrs, gen, cfg.eval_traj)
+        curve, path_params = algo.adapt_curve(tasks, cfg.eval_lrs, gen, cfg.test_traj)
         curves.append(curve)
         for k in (k for k in shown_steps if 0 <= k < len(path_params)):
             style = ":" if k == 0 else "--" if k == 1 else "-" if k == K else "-."
