@@ -73,8 +73,9 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
 
     ad = rsub.add_parser("adapt", help="adapt a meta-trained nav2d policy to a goal and draw its trajectories",
                          description="Adapt a meta-trained 2D-navigation policy to the goal (X, Y) with 1-3 "
-                                     "policy-gradient steps (rates 0.1, then 0.05) and write the figure of its "
-                                     "mean-action trajectories before and after each step.")
+                                     "policy-gradient steps (the policy's test rates, 0.1 then 0.05 by default) "
+                                     "and write the figure of its mean-action trajectories before and after "
+                                     "each step.")
     ad.add_argument("checkpoint", help="`nav2d` (the meta-trained policy shipped with mamlkit), or a nav2d run "
                                        "folder (its best validated policy) or checkpoint file")
     ad.add_argument("--goal", type=float, nargs=2, metavar=("X", "Y"), required=True,
