@@ -319,7 +319,7 @@ def test_task_by_task_fisher_on_a_subset_and_the_checks():
         linearize_tasks(policy, batch, None, loss_fn=pg_loss(2), lr=0.1, steps=2, first_order=False, act_dim=2)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"fisher_fraction": 0.5}])
+@pytest.mark.parametrize("overrides", [{}, {"fisher_fraction": 1.0}, {"fisher_fraction": 0.5}])
 def test_meta_step_is_the_same_with_and_without_fast_fisher(overrides):
     # the whole meta-iteration (sampling, CG step, line search) lands on the same parameters either way.
     # Damping 0.1 and 5 CG iterations: with the default 1e-5 and 10 iterations on this 29-parameter policy,
@@ -463,7 +463,9 @@ def test_estimator_in_maml_trpo_changes_only_the_second_order(estimator):
 
 def test_fisher_fraction_subsamples_query_states_only():
     cfg, policy, algo, batch = _tiny_batch(False)
-    assert algo.fisher_batch(batch, torch.Generator().manual_seed(0)) is None  # fraction 1: the whole batch
+    assert cfg.fisher_fraction == 0.2  # the default: a fifth of the states, as common TRPO code
+    full = MAMLTRPO(policy, cfg.replace(fisher_fraction=1.0))
+    assert full.fisher_batch(batch, torch.Generator().manual_seed(0)) is None  # fraction 1: the whole batch
     sub_algo = MAMLTRPO(policy, cfg.replace(fisher_fraction=0.2))
     sub = sub_algo.fisher_batch(batch, torch.Generator().manual_seed(0))
     m = batch.query_x.shape[1]

