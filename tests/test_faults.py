@@ -143,6 +143,7 @@ def _stop_torchrun_run(tmp_path, stop) -> tuple[Path, str, str]:
 def test_sigterm_under_torchrun_checkpoints_on_rank_0(tmp_path):
     # the agent passes it on to every worker
     run, out, err = _stop_torchrun_run(tmp_path, lambda agent: os.kill(agent, signal.SIGTERM))
+    assert (run / "checkpoint.safetensors").exists(), f"no checkpoint; the job said:\n{out[-2000:]}\n{err[-6000:]}"
     stopped = checkpoint.load(run)[1]["step"]
     assert stopped > 0 and f"stopped by SIGTERM at step {stopped}" in out + err
     assert err.count(f"mamlkit train --resume {run}") >= 1
@@ -167,6 +168,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # rank 1 only; rank 0 never gets a signal
     run, out, err = _stop_torchrun_run(tmp_path, lambda agent: os.kill(_worker_of_rank(agent, 1), signal.SIGTERM))
     assert "a collective failed" not in err, err[-2000:]
+    assert (run / "checkpoint.safetensors").exists(), f"no checkpoint; the job said:\n{out[-2000:]}\n{err[-6000:]}"
     stopped = checkpoint.load(run)[1]["step"]
     assert stopped > 0 and f"stopped by SIGTERM at step {stopped}" in out + err
     jsonl, rows = logged_steps(run)
