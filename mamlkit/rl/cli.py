@@ -192,9 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not all(1 <= k <= MAX_EVAL_STEPS for k in args.steps):
             raise UserError(f"--steps takes step counts from 1 to {MAX_EVAL_STEPS} (e.g. --steps 1 2 3), "
                             f"got {' '.join(map(str, args.steps))}")
-        from mamlkit.rl.evaluate import step_rates
-
-        changes["eval_lrs"] = step_rates(changes.get("eval_lrs", trainer.cfg.eval_lrs), max(args.steps))
+        changes["eval_lrs"] = evaluate.step_rates(changes.get("eval_lrs", trainer.cfg.eval_lrs), max(args.steps))
     for name, v in (("--eval-tasks", args.eval_tasks), ("--eval-traj", args.eval_traj)):
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
