@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from mamlkit import config
+from mamlkit import config, runfolder
 from mamlkit.algorithms import ALGORITHMS
 from mamlkit.base.errors import UserError
 from mamlkit.loop import distributed, train
@@ -226,7 +227,7 @@ def _crashing_job(rank: int, size: int, port: int, out: str) -> None:
     os.environ.update(torchrun_env(rank, size, port))
     torch.set_num_threads(1)
     sys.stderr = open(Path(out) / f"stderr-{rank}.txt", "w", buffering=1)
-    cfg = small_cfg(Path(out) / "runs", iterations=1000, dist_timeout=20)
+    cfg = small_cfg(Path(out) / "runs", iterations=1000, checkpoint_every=1000, dist_timeout=20)
     trainer = train.new_trainer(cfg, Path(out) / "crash")
     if rank == 1:
         backward = trainer.learner.meta_backward
@@ -252,6 +253,52 @@ def test_a_crashing_rank_ends_the_job_with_a_message(tmp_path):
     survivor = (tmp_path / "stderr-0.txt").read_text()
     assert "rank 1 of 2 crashed (RuntimeError: injected failure)" in crashed
     assert "rank 0 of 2: a collective failed" in survivor and "Another rank has probably crashed" in survivor
+    # Nothing finished is lost: rank 0 keeps the 2 steps done since the last checkpoint (none, at
+    # checkpoint_every=1000), and says how to resume.
+    run = tmp_path / "crash"
+    assert train.load_trainer(run).step == 2, survivor[-2000:]
+    assert f"checkpoint of step 2 saved to {run / 'checkpoint.safetensors'}" in survivor
+    assert f"mamlkit train --resume {run}" in survivor
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["split"] == "train"] == [1, 2]
+
+
+def _signalled_job(rank: int, size: int, port: int, out: str) -> None:
+    """2 ranks; rank 1 alone gets SIGTERM at step 2, outside the meta-gradient (as it sets the step)."""
+    os.environ.update(torchrun_env(rank, size, port))
+    torch.set_num_threads(1)
+    sys.stderr = sys.stdout = open(Path(out) / f"stderr-{rank}.txt", "w", buffering=1)
+    cfg = small_cfg(Path(out) / "runs", iterations=1000, checkpoint_every=1000, val_every=1000, dist_timeout=20)
+    trainer = train.new_trainer(cfg, Path(out) / "signalled")
+    if rank == 1:
+        set_step = trainer.learner.set_step
+
+        def signalled(step: int) -> None:
+            if step == 2:
+                signal.raise_signal(signal.SIGTERM)
+            set_step(step)
+
+        trainer.learner.set_step = signalled
+    with runfolder.stop_on_signals():
+        try:
+            train.fit(trainer)
+        except runfolder.Stopped:
+            (Path(out) / f"stopped-{rank}.txt").write_text(str(trainer.step))
+
+
+def test_a_signal_anywhere_in_the_loop_stops_every_rank_at_the_same_step(tmp_path):
+    # The signal lands on rank 1 between two meta-gradients: rank 1 must finish the step with the
+    # others and stop where they all agree (after step 3), not leave alone at step 2 and make rank 0's
+    # next reduction fail without a checkpoint.
+    ctx = mp.start_processes(_signalled_job, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=60)
+    errors = [(tmp_path / f"stderr-{r}.txt").read_text() for r in range(2)]
+    assert [p.exitcode for p in ctx.processes] == [0, 0], errors
+    assert [(tmp_path / f"stopped-{r}.txt").read_text() for r in range(2)] == ["3", "3"], errors
+    assert train.load_trainer(tmp_path / "signalled").step == 3
+    assert "stopped by SIGTERM at step 3" in errors[0] and "a collective failed" not in errors[0]
 
 
 # ----- the command line under torchrun -----

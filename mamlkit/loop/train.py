@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,7 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     threads.apply(threads.choose(trainer.cfg.threads, trainer.cfg.device))
     if trainer.cfg.tune_malloc:
         tuning.tune_malloc()
-    with distributed.session(trainer.cfg) as world, \
+    with distributed.session(trainer.cfg) as world, _one_stop_for_all_ranks(world), \
             (runfolder.lock(trainer.run_dir) if world.is_main else contextlib.nullcontext()), \
             torch.random.fork_rng(devices=[]):
         # the training's RNG stream is its own: seeded from cfg.seed, or the checkpoint's, and the caller's
@@ -188,6 +189,14 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
             trainer.rng_state = torch.get_rng_state()
         world.barrier()
     return trainer
+
+
+def _one_stop_for_all_ranks(world: distributed.World) -> contextlib.AbstractContextManager:
+    """With several ranks, a stop signal is only recorded, wherever in the fit it lands (sampling a
+    batch as much as in the meta-gradient): a rank that left alone would make the others' next
+    collective fail. The ranks stop together at the step they agree on (:func:`_fit_loop`)."""
+    several = world.active and world.size > 1
+    return runfolder.current().held() if several else contextlib.nullcontext()
 
 
 def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -> None:
@@ -263,16 +272,21 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
                 if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
                     _save(trainer, saved)
             bar.update(1)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, distributed.CollectiveError) as e:
+        # A stop, or another rank's crash (the one collective here precedes the update): every finished
+        # step is kept. Parameters and optimiser state are the same on every rank, so rank 0's are the job's.
         if begun[0] == trainer.step:  # stopped before the update: the iteration is abandoned, its draws undone
             torch.set_rng_state(begun[1])
         if main:
             with _stop_if_disk_full(trainer, saved):
                 _save(trainer, saved)
-            name = e.args[0] if isinstance(e, runfolder.Stopped) else "Ctrl-C"
-            bar.write(f"mamlkit: stopped by {name} at step {trainer.step}; checkpoint saved "
-                      f"to {trainer.run_dir / 'checkpoint.safetensors'}. Resume with "
-                      f"`mamlkit train --resume {trainer.run_dir}`")
+            where = (f"{trainer.run_dir / 'checkpoint.safetensors'}. Resume with "
+                     f"`mamlkit train --resume {trainer.run_dir}`")
+            if isinstance(e, distributed.CollectiveError):
+                print(f"mamlkit: checkpoint of step {trainer.step} saved to {where}", file=sys.stderr, flush=True)
+            else:
+                name = e.args[0] if isinstance(e, runfolder.Stopped) else "Ctrl-C"
+                bar.write(f"mamlkit: stopped by {name} at step {trainer.step}; checkpoint saved to {where}")
         raise
     finally:
         bar.close()
