@@ -102,6 +102,24 @@ def test_new_runs_store_the_resolved_action_scale_and_old_defaults_load(tmp_path
     assert train.load_trainer(tmp_path / "old0.safetensors").cfg.env_action_scale == 1.0
 
 
+def test_meta_batch_defaults_to_the_papers_per_env_and_runs_store_it(tmp_path, cli, capsys):
+    # App. A.2: 20 tasks per meta-iteration for 2D navigation, 40 for the locomotion problems
+    assert [RLConfig(env=e).tasks_per_batch for e in ("nav2d", "cheetah-vel", "cheetah-dir")] == [20, 40, 40]
+    assert RLConfig(env="cheetah-dir", meta_batch=7).tasks_per_batch == 7
+    from mamlkit.rl import train
+
+    tiny = {k: v for k, v in TINY.items() if k != "meta_batch"}
+    trainer = train.new_trainer(RLConfig(env="cheetah-dir", **tiny, iterations=1), tmp_path)
+    assert trainer.cfg.meta_batch == 40  # explicit in the checkpoint, not "the default"
+    from mamlkit.cli import main
+
+    with pytest.raises(SystemExit) as help_exit:
+        main(["rl", "train", "cheetah-dir", "--help"])
+    assert help_exit.value.code == 0 and "40 cheetah) [cheetah-dir: 40]" in " ".join(capsys.readouterr().out.split())
+    code, _, err = cli("rl", "train", "nav2d", "--meta-batch", "-1")
+    assert code == 2 and "meta_batch must be >= 0" in err
+
+
 def test_nav2d_truncation_at_horizon():
     env = Nav2D(torch.tensor([[0.5, 0.5], [-0.5, 0.2]], dtype=D), num_envs=3, horizon=3)
     env.reset()

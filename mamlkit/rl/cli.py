@@ -32,10 +32,10 @@ def help_env(argv: list[str]) -> str | None:
 
 
 def env_values(env: str) -> rlconfig.RLConfig:
-    """The config a run on ``env`` starts from, with the env's defaults (horizon 0, action_scale 0) resolved
-    to the values the run uses."""
+    """The config a run on ``env`` starts from, with the env's defaults (horizon, action_scale and
+    meta_batch 0) resolved to the values the run uses."""
     cfg = rlconfig.RLConfig(env=env)
-    return cfg.replace(horizon=cfg.episode_len, action_scale=cfg.env_action_scale)
+    return cfg.replace(horizon=cfg.episode_len, action_scale=cfg.env_action_scale, meta_batch=cfg.tasks_per_batch)
 
 
 def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> None:

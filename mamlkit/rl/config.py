@@ -14,6 +14,8 @@ from mamlkit.config import ConfigError, as_dict, build_config, flag
 
 ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
 DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
+# Tasks per meta-iteration, as the paper's App. A.2: 20 for 2D navigation, 40 for the locomotion problems.
+DEFAULT_META_BATCH = {"nav2d": 20, "cheetah-vel": 40, "cheetah-dir": 40}
 TEST_BATCH_STEPS = 4000  # environment steps per test step in the paper's evaluation scripts
 # Policy actions are divided by this before the environment clips them to its range. 2D navigation: 10,
 # as the paper's code (cbfinn/maml_rl, maml_examples/maml_trpo_point.py) wraps the point environment in
@@ -64,7 +66,7 @@ class RLConfig:
                              "pretrain)")
     first_order: bool = _flag(False, INNER, "drop second-order terms of the meta-gradient and the Fisher")
     # outer loop: TRPO
-    meta_batch: int = _flag(20, OUTER, "tasks per meta-iteration (paper: 20 nav2d, 40 cheetah)")
+    meta_batch: int = _flag(0, OUTER, "tasks per meta-iteration (0: the env's paper value, 20 nav2d, 40 cheetah)")
     iterations: int = _flag(200, OUTER, "meta-iterations (TRPO steps) to train for")
     max_kl: float = _flag(0.01, OUTER, "δ, the trust region's bound on the mean KL")
     cg_iters: int = _flag(10, OUTER, "conjugate-gradient iterations solving F x = g")
@@ -109,11 +111,11 @@ class RLConfig:
         need(self.estimator in ("reinforce", "lvc", "dice"),
              f"estimator must be reinforce, lvc or dice, got {self.estimator!r}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
-        for name in ("meta_batch", "traj_per_task", "cg_iters", "ls_steps", "iterations", "log_every",
+        for name in ("traj_per_task", "cg_iters", "ls_steps", "iterations", "log_every",
                      "checkpoint_every", "eval_tasks", "val_tasks"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.action_scale >= 0, f"action_scale must be >= 0 (0: the env's default), got {self.action_scale}")
-        for name in ("horizon", "threads", "pretrain_iterations", "fisher_tasks", "val_every", "eval_traj"):
+        for name in ("meta_batch", "horizon", "threads", "pretrain_iterations", "fisher_tasks", "val_every", "eval_traj"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.inner_steps in (0, 1), "inner_steps must be 0 or 1 during training (each RL inner step "
              f"needs fresh samples; evaluate more steps with --eval-lrs), got {self.inner_steps}")
@@ -132,6 +134,11 @@ class RLConfig:
     @property
     def episode_len(self) -> int:
         return self.horizon or DEFAULT_HORIZON[self.env]
+
+    @property
+    def tasks_per_batch(self) -> int:
+        """Tasks per meta-iteration: ``meta_batch``, or for 0 the paper's value for the env."""
+        return self.meta_batch or DEFAULT_META_BATCH[self.env]
 
     @property
     def test_traj(self) -> int:

@@ -45,9 +45,9 @@ def make_policy(cfg: RLConfig) -> GaussianMLPPolicy:
 
 
 def new_trainer(cfg: RLConfig, run_dir: Path) -> RLTrainer:
-    # the checkpoint stores the action scale itself, not "the default", so a later change of the
-    # default cannot change what a saved policy does
-    cfg = cfg.replace(action_scale=cfg.env_action_scale)
+    # the checkpoint stores the action scale and the batch themselves, not "the default", so a later
+    # change of a default cannot change what a saved run does or resumes with
+    cfg = cfg.replace(action_scale=cfg.env_action_scale, meta_batch=cfg.tasks_per_batch)
     return RLTrainer(cfg, make_policy(cfg), Path(run_dir))
 
 
@@ -151,7 +151,7 @@ def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
     try:
         while trainer.step < end:
             gen = task_generator(cfg.seed, "train", trainer.step)
-            tasks = sample_tasks(cfg.env, cfg.meta_batch, gen)
+            tasks = sample_tasks(cfg.env, cfg.tasks_per_batch, gen)
             # an interrupted iteration is rolled back, so the checkpoint matches its step count
             snapshot = {k: p.detach().clone() for k, p in trainer.policy.named_parameters()}
             stats = algo.meta_step(tasks, gen)
