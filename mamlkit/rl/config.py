@@ -115,7 +115,8 @@ class RLConfig:
                      "checkpoint_every", "eval_tasks", "val_tasks"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.action_scale >= 0, f"action_scale must be >= 0 (0: the env's default), got {self.action_scale}")
-        for name in ("meta_batch", "horizon", "threads", "pretrain_iterations", "fisher_tasks", "val_every", "eval_traj"):
+        for name in ("meta_batch", "horizon", "threads", "pretrain_iterations", "fisher_tasks", "val_every",
+                     "eval_traj"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.inner_steps in (0, 1), "inner_steps must be 0 or 1 during training (each RL inner step "
              f"needs fresh samples; evaluate more steps with --eval-lrs), got {self.inner_steps}")
