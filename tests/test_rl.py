@@ -888,6 +888,35 @@ def _wait_for(cond, proc, seconds=120.0):
         time.sleep(0.05)
 
 
+def test_a_signal_inside_the_policy_finishes_the_iteration_first(tmp_path):
+    # A signal raised inside torch's vmap or functional_call (here: in the policy's forward while step 2
+    # samples) could leave the process's torch state broken; it must take effect after the iteration.
+    from mamlkit import runfolder
+    from mamlkit.rl import train
+
+    trainer = train.new_trainer(RLConfig(**TINY, iterations=50, checkpoint_every=100, val_every=0,
+                                         progress=False), tmp_path / "r")
+    forward = trainer.policy.forward
+
+    def signalled(*args, **kwargs):
+        if trainer.step == 2:
+            trainer.policy.forward = forward
+            signal.raise_signal(signal.SIGINT)
+        return forward(*args, **kwargs)
+
+    trainer.policy.forward = signalled
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with runfolder.stop_on_signals(), pytest.raises(runfolder.Stopped):
+            train.fit(trainer)
+    finally:  # stop_on_signals leaves them ignored once one has arrived; this process goes on
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert trainer.step == 3 and train.load_trainer(tmp_path / "r").step == 3
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_sigint_checkpoints_exits_130_and_resumes_exactly(tmp_path):
     """Ctrl-C (SIGINT) stops `mamlkit rl train` promptly with a resumable checkpoint, even in a process
     that inherited SIGINT ignored (a background job of a script), where Python raises nothing by default."""

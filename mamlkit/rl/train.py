@@ -148,29 +148,33 @@ def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
     bar = tqdm(total=end, initial=trainer.step, disable=not cfg.progress, desc=f"{cfg.env} {cfg.algo}",
                dynamic_ncols=True, unit="it")
     start, window, snapshot = time.perf_counter(), [], None
+    signals = runfolder.current()
     try:
         while trainer.step < end:
             gen = task_generator(cfg.seed, "train", trainer.step)
             tasks = sample_tasks(cfg.env, cfg.tasks_per_batch, gen)
             # an interrupted iteration is rolled back, so the checkpoint matches its step count
             snapshot = {k: p.detach().clone() for k, p in trainer.policy.named_parameters()}
-            stats = algo.meta_step(tasks, gen)
-            step = trainer.step + 1
-            # validating and logging belong to the iteration: interrupted there, it is rolled back whole
-            # (and its rows are dropped from metrics.jsonl on resume), so no row is ever missing
-            if cfg.val_every and cfg.inner_steps and step % cfg.val_every == 0:
-                _validate_and_keep_best(trainer, step, metrics, bar.write)
-            window.append(stats)
-            if step % cfg.log_every == 0 or step == end:
-                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                row["elapsed_s"] = time.perf_counter() - start
-                metrics.log(step, "train", row)
-                bar.set_postfix({k.replace("return_", "R_"): f"{row[k]:.1f}"
-                                 for k in ("return_pre", "return_post") if k in row})
-                window = []
-            trainer.step, snapshot = step, None
-            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
-                save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
+            # A stop signal is never raised inside torch: cut in two, vmap's levels or functional_call's
+            # swapped-in parameters leave the process's torch state broken (the rollback itself then
+            # fails). One that lands during the iteration takes effect once it is finished, logged and
+            # checkpointed.
+            with signals.deferred():
+                stats = algo.meta_step(tasks, gen)
+                step = trainer.step + 1
+                if cfg.val_every and cfg.inner_steps and step % cfg.val_every == 0:
+                    _validate_and_keep_best(trainer, step, metrics, bar.write)
+                window.append(stats)
+                if step % cfg.log_every == 0 or step == end:
+                    row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                    row["elapsed_s"] = time.perf_counter() - start
+                    metrics.log(step, "train", row)
+                    bar.set_postfix({k.replace("return_", "R_"): f"{row[k]:.1f}"
+                                     for k in ("return_pre", "return_post") if k in row})
+                    window = []
+                trainer.step, snapshot = step, None
+                if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
+                    save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
             bar.update(1)
     except KeyboardInterrupt:
         if snapshot is not None:
