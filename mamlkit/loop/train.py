@@ -209,10 +209,11 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
     metrics = MetricsLog(trainer.run_dir, tensorboard=cfg.tensorboard, enabled=main)
     signals = runfolder.current()
     # One rank alone must never leave: the others would wait in the next collective for ever (or fail).
-    # With several ranks a stop signal is only recorded, and every rank stops after the step at whose
-    # gradient reduction some rank reported it; a single process stops as soon as an update allows.
+    # With several ranks `fit` holds every stop signal (_one_stop_for_all_ranks), so these deferred
+    # blocks never raise and every rank stops after the step at whose gradient reduction some rank
+    # reported one; a single process stops as soon as an update allows.
     several = world.active and world.size > 1
-    hold = signals.held if several else signals.deferred
+    hold = signals.deferred
     tasks = get_family(cfg.task).build(cfg, "train")
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
