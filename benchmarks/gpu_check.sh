@@ -16,8 +16,8 @@ run() {  # workload iterations [extra flags]
 }
 run sinusoid 300
 run miniimagenet-5w1s 20
-if [ -d ../shared/data/omniglot ]; then
-  export MAMLKIT_BENCH_DATA=../shared/data
+if [ -n "${MAMLKIT_DATA:-}" ] && [ -d "$MAMLKIT_DATA/omniglot" ]; then
+  export MAMLKIT_BENCH_DATA="$MAMLKIT_DATA"
   run omniglot-5w1s 50
   run omniglot-20w1s 20
 fi

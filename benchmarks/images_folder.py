@@ -14,7 +14,7 @@ family's 461/99/99 split of the 659 evaluation characters, max-pool Conv4, no ro
 against the Omniglot family's 1100/100/423 split of all 1623 characters, stride-2 Conv4 with rotations.
 Their test classes differ too (99 of the evaluation characters against 423 of all characters).
 
-    python benchmarks/images_folder.py --data-root ../shared/data/omniglot --budget 540 --out /tmp/images-bench
+    python benchmarks/images_folder.py --data-root DATA/omniglot --budget 540 --out /tmp/images-bench
 """
 
 from __future__ import annotations

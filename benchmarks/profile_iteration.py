@@ -3,7 +3,7 @@
 Runs the trainer's own loop body (sample the batch from (seed, "train", step), move it, meta_backward,
 Adam step) under ``torch.profiler`` with one labelled range per phase, and prints each phase's share:
 
-    python benchmarks/profile_iteration.py omniglot-5w1s --iters 20 --data-root ../shared/data/omniglot
+    python benchmarks/profile_iteration.py omniglot-5w1s --iters 20 --data-root DATA/omniglot
 
 The strategy is settled first, as ``mamlkit train`` does.
 """

@@ -4,7 +4,7 @@ For each preset, times (a) drawing the meta-batch of tasks (``OmniglotTasks.samp
 training generator, as ``mamlkit.loop.train.fit`` does) and (b) a whole meta-iteration (sampling,
 ``meta_backward``, Adam step), each the median over ``--iters`` repetitions after a warm-up.
 
-    .venv/bin/python benchmarks/sampler.py --threads 1 --iters 10 --data-root ../shared/data/omniglot
+    .venv/bin/python benchmarks/sampler.py --threads 1 --iters 10 --data-root DATA/omniglot
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ all-MiniLM-L6-v2 embeddings, cached; a meta-learned linear head adapted by SGD) 
 ``--finetune``, the encoder fine-tuning mode (the last MiniLM layer meta-learned and adapted with the
 head, from cached hidden states). Every report evaluates the meta-learner, nearest-centroid prototypes
 and a fresh linear head trained on the support set on the same 600 test episodes of the 2 test
-domains, with paired gains. Data: ``--data-root`` (default ``../shared/data/clinc150``).
+domains, with paired gains. Data: ``--data-root`` (default: mamlkit's CLINC150 folder,
+``$MAMLKIT_DATA/clinc150`` or ``~/.cache/mamlkit/clinc150``).
 
     .venv/bin/python benchmarks/text.py --out-dir /tmp/bench-text
     .venv/bin/python benchmarks/text.py --no-frozen --finetune --shots 1   # the slow CPU-bound mode
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -39,8 +39,7 @@ def main() -> None:
                                                               "1e-4", "--val-tasks", "0"],
                         help="extra flags of the finetune runs (defaults keep them within CPU minutes)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-                                                   / "clinc150"))
+    parser.add_argument("--data-root", default="", help="CLINC150 folder (default: mamlkit's data root's)")
     parser.add_argument("--out-dir", default="/tmp/bench-text")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -6,10 +6,12 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
 from mamlkit.base.errors import UserError
+from mamlkit.flags import add_threads_flag
 
 
 def add_parser(sub) -> None:
@@ -32,8 +34,52 @@ def add_parser(sub) -> None:
                    help="with more classes than the head has outputs: adapt a zero-initialised head of the right size")
     p.add_argument("--text-column", default="text", help="text checkpoints: the CSV column of utterances")
     p.add_argument("--label-column", default="label", help="text checkpoints: the support CSV's label column")
+    add_model_flags(p)
+    add_threads_flag(p, "default: the run's --threads")
     p.add_argument("--id-column", help="text and CSV-task checkpoints: a query CSV column copied to the output "
                    "(default: the column 'id' if there is one; the output always has the query row index)")
+
+
+def import_from_here(model: str | None) -> None:
+    """Import the module of ``model`` when it names a user's factory (``package.module:fn``, named on this
+    command line; a name that can never be a factory is refused first) with the current folder first on
+    ``sys.path``, so ``--model mynets:wide`` finds ``mynets.py`` where the command runs, as ``python -m`` would;
+    the ``mamlkit`` script alone does not look there. The folder is on the path only while that module
+    imports: nothing else mamlkit imports later can come from it. A module that still cannot be imported is
+    left to the factory's own import, whose error names it."""
+    import importlib
+
+    from mamlkit.loop import train
+
+    factory = train.named_factory(model) if model else None
+    if factory is None:
+        return
+    module = factory.partition(":")[0]
+    if module in sys.modules:
+        return
+    here = os.getcwd()
+    sys.path.insert(0, here)
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass
+    finally:
+        if sys.path and sys.path[0] == here:
+            del sys.path[0]
+        elif here in sys.path:  # the module itself put something before it
+            sys.path.remove(here)
+
+
+def add_trust_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--trust-model-code", action="store_true", help=what + "; mamlkit imports no code "
+                        "because a file names it")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--trust-model-code`` of a command that loads a checkpoint of a user's model factory."""
+    parser.add_argument("--model", metavar="PACKAGE.MODULE:FN", help="the model factory a checkpoint of your own "
+                        "model was trained with: naming it allows mamlkit to import it")
+    add_trust_flag(parser, "import the model factory the checkpoint names, whatever it is")
 
 
 def add_example_parser(sub) -> None:
@@ -46,8 +92,6 @@ def add_example_parser(sub) -> None:
 
 
 def run_example(args: argparse.Namespace) -> int:
-    import shutil
-
     from mamlkit.use.api import EXAMPLES
 
     if args.name not in EXAMPLES:
@@ -57,9 +101,33 @@ def run_example(args: argparse.Namespace) -> int:
         raise UserError(f"{dest} is a file; `mamlkit example` copies a folder of files: name a new folder")
     if dest.exists() and any(dest.iterdir()):
         raise UserError(f"{dest} exists and is not empty; choose a new folder")
-    shutil.copytree(EXAMPLES[args.name], dest, dirs_exist_ok=True)
+    _copy_folder(EXAMPLES[args.name], dest)
     print(f"example task in {dest}: {EXAMPLE_FILES[args.name].format(dest=dest)}")
     return 0
+
+
+def _copy_folder(source, dest: Path) -> None:
+    """Copy the folder ``source`` to ``dest`` (missing or empty) whole or not at all: into a temporary
+    sibling first, renamed to ``dest`` once complete, so a full disk leaves no half-copied example."""
+    import os
+    import shutil
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        for path in sorted(Path(source).rglob("*")):  # file by file: shutil.copytree hides the errno in a list
+            target = Path(tmp) / path.relative_to(source)
+            if path.is_dir():
+                target.mkdir()
+            else:
+                shutil.copyfile(path, target)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a 0700 folder; give the usual permissions
+        os.replace(tmp, dest)  # over a missing or empty folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 EXAMPLE_FILES = {
@@ -74,20 +142,34 @@ EXAMPLE_FILES = {
 
 def run(args: argparse.Namespace) -> int:
     from mamlkit.use import api
-    from mamlkit.use import io as mio
 
     if args.steps is not None and args.steps < 0:
         raise UserError("--steps must be >= 0")
+    if args.steps is not None:  # before the checkpoint is read: the bound does not depend on it
+        from mamlkit.base.limits import MAX_STEPS, check_count
+
+        check_count("--steps", args.steps, MAX_STEPS)
     _check_output(args.output)
-    learner = api.load(args.checkpoint)
+    import_from_here(args.model)  # --model mynets:wide finds mynets.py in the current folder
+    learner = api.load(args.checkpoint, model=args.model, trust_model_code=args.trust_model_code)
     if not isinstance(learner, api.Learner):
         raise UserError(f"{args.checkpoint} is an already adapted model; `mamlkit adapt` needs a training checkpoint")
+    with learner.meta.executor.planned(args.threads):  # the trainer's thread plan; the caller's settings after
+        rows = _adapt(learner, args)
+    _write(rows, args.output)
+    return 0
+
+
+def _adapt(learner, args: argparse.Namespace) -> list[dict]:
+    """Read the support and query files in the checkpoint's input format, adapt and predict: output rows."""
+    from mamlkit.use import io as mio
+
     spec = learner.input
     if spec is None:
         raise UserError(f"{args.checkpoint} is a {learner.cfg.task!r} checkpoint, and that task family declares no "
                         "raw input format, so `mamlkit adapt` cannot read files for it. Adapt it from Python with "
                         "tensors: mamlkit.load(CHECKPOINT).adapt(support_x, support_y)")
-    if spec["type"] == "image":
+    if spec.get("type") == "image":
         sx, sy, names, notes = mio.load_image_folder(args.support, spec)
         qx, files, qnotes = mio.load_query_images(args.query, spec)
         for note in sorted(notes | qnotes):
@@ -101,26 +183,33 @@ def run(args: argparse.Namespace) -> int:
         rows = [{"file": str(f), "prediction": names[int(label)],
                  **{f"p[{n}]": round(float(p), 6) for n, p in zip(names, probs)}}
                 for f, label, probs in zip(files, pred.labels, pred.probs)]
-    elif spec["type"] == "text":
+    elif spec.get("type") == "text":
         rows = _adapt_text(learner, args)
-    elif spec["type"] == "table":
+    elif spec.get("type") == "table":
         rows = _adapt_table(learner, args)
-    elif spec["type"] == "vector":
-        in_features = _in_features(learner)
+    elif spec.get("type") == "vector":
+        in_features = _in_features(spec, args.checkpoint)
         if len(args.query) != 1:
             raise UserError("a regression checkpoint takes one query CSV")
-        sx, sy = mio.load_regression_csv(args.support, in_features, with_target=True)
-        qx, _ = mio.load_regression_csv(args.query[0], in_features, with_target=False)
+        dtype = next(learner.meta.model.parameters()).dtype  # values must be finite in the model's dtype
+        sx, sy = mio.load_regression_csv(args.support, in_features, with_target=True, dtype=dtype)
+        qx, _ = mio.load_regression_csv(args.query[0], in_features, with_target=False, dtype=dtype)
         task_model = learner.adapt(sx, sy, args.steps)
         _summary(learner, args, f"{len(sy)} support points", None, len(qx))
         values = task_model.predict(qx).values
         rows = [{**{f"x{i}": float(v) for i, v in enumerate(x)}, "prediction": float(y.reshape(-1)[0])}
                 for x, y in zip(qx, values)]
     else:
-        raise UserError(f"{args.checkpoint} takes inputs of type {spec['type']!r}, which this version of "
+        raise UserError(f"{args.checkpoint} takes inputs of type {spec.get('type')!r}, which this version of "
                         "`mamlkit adapt` cannot read; adapt it from Python with tensors")
-    _write(rows, args.output)
-    return 0
+    return rows
+
+
+def output_format(output: str) -> str | None:
+    """``"csv"`` or ``"json"`` by the suffix of ``output``, whatever its case (``p.JSON`` is JSON), else None:
+    the one reading of the suffix, for the check before any work and for the write."""
+    suffix = Path(output).suffix.lower()
+    return suffix[1:] if suffix in (".csv", ".json") else None
 
 
 def _check_output(output: str | None) -> None:
@@ -128,7 +217,7 @@ def _check_output(output: str | None) -> None:
     if not output:
         return
     path = Path(output)
-    if path.suffix.lower() not in (".csv", ".json"):
+    if output_format(output) is None:
         raise UserError(f"--output must end in .csv or .json, got {output}")
     if path.is_dir():
         raise UserError(f"--output {output} is a folder; name a .csv or .json file")
@@ -218,20 +307,33 @@ def _ids(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     return [{column: r[column]} for r in rows]
 
 
-def _in_features(learner) -> int:
-    first = next(p for p in learner.meta.model.parameters() if p.dim() == 2)
-    return first.shape[1]
+def _in_features(spec: dict, checkpoint: str) -> int:
+    """The input columns of a vector checkpoint: its recorded input width (written at training time, else
+    its task family's), never a guess from the model's weights (an embedding or a FiLM table may come first)."""
+    from mamlkit.base.limits import MAX_WIDTH
+
+    width = spec.get("features")
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
+        raise UserError(f"{checkpoint} does not record how many input columns its model takes (its input spec is "
+                        f"{spec}), so `mamlkit adapt` cannot read a CSV for it. Adapt it from Python with tensors: "
+                        "mamlkit.load(CHECKPOINT).adapt(support_x, support_y)")
+    if spec.get("tokens"):
+        raise UserError(f"{checkpoint} takes token ids, which `mamlkit adapt` does not read from a CSV of values; "
+                        "adapt it from Python with tensors: mamlkit.load(CHECKPOINT).adapt(support_x, support_y)")
+    return width
 
 
 def _write(rows: list[dict], output: str | None) -> None:
-    if output and output.endswith(".json"):
-        Path(output).write_text(json.dumps(rows, indent=2))
+    from mamlkit.checkpoint import atomic_write_text  # a full disk leaves the old file or none, never a stub
+
+    if output and output_format(output) == "json":
+        atomic_write_text(Path(output), json.dumps(rows, indent=2))
         return
     buf = io.StringIO()
     writer = csv.DictWriter(buf, list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     if output:
-        Path(output).write_text(buf.getvalue())
+        atomic_write_text(Path(output), buf.getvalue())
     else:
         print(buf.getvalue(), end="")

@@ -15,6 +15,7 @@ import torch
 
 from mamlkit import checkpoint, config
 from mamlkit.algorithms import MetaLearner, build_learner
+from mamlkit.base.errors import UserError
 from mamlkit.models import build_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -26,6 +27,9 @@ def assemble(cfg: config.TrainConfig, spec: dict[str, Any], state: dict[str, tor
 
     The initial weights come from ``cfg.seed`` in a forked RNG, so the global RNG is untouched.
     """
+    problem = checkpoint.device_problem(cfg.device)
+    if problem is not None:  # before building: torch would fail on first use in its own words
+        raise UserError(f"--device {cfg.device[:100]}: {problem}; choose a device this machine has (--device cpu)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(spec)

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mamlkit.base.choices import BN_MODES, STRATEGIES, bad_choice
 from mamlkit.base.errors import UserError
+from mamlkit.base.limits import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, check_fields
+from mamlkit.base.patterns import compile_patterns
 
 
 class ConfigError(UserError, ValueError):
     """A user's configuration mistake; the CLI prints it and exits with code 2."""
 
+
+# ``--output``: a key or attribute name (an identifier) or an index, bounded
+_OUTPUT = r"-?\d{1,6}|[A-Za-z_]\w{0,99}"
 
 # The groups of `mamlkit train --help`, in order. Each field carries its group and its one line of help
 # (dataclass field metadata), so the flags, their help and the config are one list.
@@ -47,6 +54,8 @@ class TrainConfig:
     model: str = flag("", MODEL, "the model: '' the task's own | package.module:factory (your nn.Module) | a Hugging "
                       "Face folder or hf:ID (offline)")
     model_args: str = flag("", MODEL, "JSON object: keyword arguments of --model's factory or Hugging Face wrapper")
+    output: str = flag("", MODEL, "the tensor of the model's output the loss takes: '' the tensor itself, or a "
+                       "ModelOutput's or dict's logits | a key or attribute (logits) | an index (0)")
     adapt: tuple[str, ...] = flag((), INNER, "adapt only parameters whose name matches this glob or regex "
                                   "(repeatable; maml, fomaml, metasgd, pretrain)")
     hidden_sizes: tuple[int, ...] = flag((40, 40), MODEL, "MLP hidden layer widths")
@@ -157,8 +166,15 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        refuse_non_finite(self)
+        check_fields(as_dict(self))  # every count and size below its bound (mamlkit.base.limits)
+        compile_patterns(self.adapt)  # bounded, and matched without backtracking (mamlkit.base.patterns)
+
         need(_json_object(self.model_args) is not None,
-             f"model_args must be a JSON object such as '{{\"hidden\": 64}}', got {self.model_args!r}")
+             f"model_args must be a JSON object such as '{{\"hidden\": 64}}', got {_shown(self.model_args)}")
+        need(self.output == "" or re.fullmatch(_OUTPUT, self.output) is not None,
+             f"output must be a key or attribute name of the model's output (logits) or an index (0), got "
+             f"{self.output[:80]!r}")
         for pattern in self.adapt:
             need(bool(pattern.strip()), "adapt patterns must not be empty")
         need(not self.adapt or self.algo in ADAPT_ALGOS,
@@ -202,6 +218,14 @@ class TrainConfig:
              f"meta_lr_schedule must be constant, cosine or linear, got {self.meta_lr_schedule!r}")
         need(0 <= self.min_meta_lr <= self.meta_lr,
              f"min_meta_lr must be in [0, meta_lr], got {self.min_meta_lr}")
+        self._check_plugin_fields(need)
+        from mamlkit.tasks import derived_fields  # a family may set fields from others (a CSV task's loss)
+
+        for name, value in derived_fields(self).items():
+            object.__setattr__(self, name, value)
+
+    def _check_plugin_fields(self, need: Callable[[bool, str], None]) -> None:
+        """The fields that particular algorithms and task families read."""
         for name in ("msl_epochs", "first_order_epochs", "reptile_inner_steps"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("epoch_iterations", "cg_steps"):
@@ -235,10 +259,13 @@ class TrainConfig:
         need(self.finetune_rate_scale > 0, f"finetune_rate_scale must be > 0, got {self.finetune_rate_scale}")
         need(self.text_max_tokens >= 4, f"text_max_tokens must be >= 4, got {self.text_max_tokens}")
         need(1 <= self.text_per_intent <= 100, f"text_per_intent must be in 1..100, got {self.text_per_intent}")
-        from mamlkit.tasks import derived_fields  # a family may set fields from others (a CSV task's loss)
 
-        for name, value in derived_fields(self).items():
-            object.__setattr__(self, name, value)
+    @property
+    def output_spec(self) -> str | int | None:
+        """``output`` as the learners take it (:mod:`mamlkit.engine.outputs`): None, an index or a key."""
+        if not self.output:
+            return None
+        return int(self.output) if re.fullmatch(r"-?\d+", self.output) else self.output
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
@@ -254,6 +281,20 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return from_dict({**self.to_dict(), **changes})
+
+
+def refuse_non_finite(cfg: Any) -> None:
+    """Refuse a NaN or infinite value in any float field of the config dataclass ``cfg`` (tuples entry by
+    entry), naming its flag. One rule for every field, present and future: an infinite step size or scale
+    passes every ``>= 0`` check below and would train on NaN or give constant results without a word."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            what = "finite numbers" if isinstance(value, tuple) else "a finite number"
+            raise ConfigError(f"--{f.name.replace('_', '-')} ({f.name}) must be {what}, got "
+                              f"{' '.join(map(str, values))}")
 
 
 # Fields that only some task families read; each family declares those it uses (``USES`` in its own module,
@@ -287,15 +328,22 @@ def refuse_unused(given: set[str], dependent: frozenset[str], used: frozenset[st
 ADAPT_ALGOS = ("maml", "fomaml", "metasgd", "pretrain")
 
 
+def _shown(text: str, most: int = 80) -> str:
+    """``text`` quoted for a message, cut to ``most`` characters (a file's value may be megabytes)."""
+    return repr(text) if len(text) <= most else f"{text[:most]!r}... ({len(text):,} characters)"
+
+
 def _json_object(text: str) -> dict[str, Any] | None:
     """``text`` as a JSON object (``{}`` for ''), or None when it is not one."""
     import json
 
     if not text.strip():
         return {}
+    if len(text) > MAX_CONFIG_BYTES:  # as large as a whole config may be
+        return None
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         return None
     return value if isinstance(value, dict) else None
 
@@ -354,19 +402,50 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML mapping of config overrides."""
+    """Read a YAML mapping of config overrides: at most MAX_CONFIG_BYTES, nested at most MAX_CONFIG_DEPTH
+    deep, and without aliases (``*name``), which expand a few lines into gigabytes ("billion laughs")."""
     import yaml
 
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # never more than the bound, whatever the file (a FIFO, /dev/zero)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than the limit of {MAX_CONFIG_BYTES // 2**20} MiB; a config "
+                          "holds a few dozen keys")
+    try:
+        text = raw.decode("utf-8")
+        _check_yaml_shape(yaml.parse(text, Loader=yaml.SafeLoader), path)
+        data = yaml.safe_load(text) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     return data
+
+
+def _check_yaml_shape(events: Any, path: str) -> None:
+    """Refuse aliases and nesting deeper than MAX_CONFIG_DEPTH, reading the parser's events (before any
+    value is built, so neither an alias's expansion nor the builder's recursion can run away)."""
+    import yaml
+
+    depth = 0
+    for event in events:
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"config file {path} uses a YAML alias (*{event.anchor}); aliases are refused, since "
+                              "they can expand a few lines into gigabytes. Write the value out where it is used")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"config file {path} nests lists or mappings more than {MAX_CONFIG_DEPTH} deep; a "
+                                  "config is a flat mapping of keys to values")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 __all__ = ["TrainConfig", "ConfigError", "from_dict", "load_yaml", "flag", "GROUPS"]

@@ -24,6 +24,26 @@ def resumed_config(cfg, overrides: dict, allowed: set[str]):
     return cfg.replace(**overrides)
 
 
+def add_threads_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--threads N`` of a command that evaluates or adapts, with ``mamlkit train --threads``'s meaning:
+    ``N`` intra-op threads and ``N`` task workers, ``0`` mamlkit's choice (one intra-op thread on the CPU,
+    the cores to whole tasks), which keeps a fair share of a busy machine. ``default`` says what the
+    command uses when the flag is not given. The process's own settings are given back when it returns."""
+    parser.add_argument("--threads", type=_thread_count, metavar="N",
+                        help="torch threads, as in `mamlkit train`: N intra-op threads and N task workers; 0: "
+                             f"mamlkit chooses (one intra-op thread on the CPU, the cores to whole tasks); {default}")
+
+
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--threads takes a count >= 0 (0: mamlkit chooses), got {text!r}")
+    return value
+
+
 def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null") else int(text)
 

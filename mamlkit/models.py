@@ -6,8 +6,11 @@ checkpoint can be loaded without pickles: ``build_model(spec)``.
 
 from __future__ import annotations
 
+import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,25 +62,123 @@ def available_memory() -> int | None:
 COPIES_PER_PARAMETER = 4
 
 
-def check_model_memory(spec: dict[str, Any], dtype: torch.dtype) -> None:
-    """Refuse a model whose parameters alone (with gradients and optimiser moments) exceed the available
-    memory, before anything is allocated: the model is first built on the ``meta`` device (shapes only)."""
-    available = available_memory()
-    if available is None:
-        return
+@dataclass(frozen=True)
+class Workload:
+    """What a phase of a run holds besides the model, for :func:`check_model_memory`.
+
+    ``example``: one input's shape without the batch dimension (``None``: unknown, activations not counted);
+    ``examples``: support + query examples of one task; ``tasks_held``: tasks whose data is in memory at
+    once (a meta-batch, the evaluation's fixed tasks); ``tasks_at_once``: tasks adapted together (one for
+    the leanest strategy); ``steps``: inner steps whose iterates are kept; ``training``: gradients,
+    optimiser moments and the graph through every inner step are kept; ``shrink``: the flags that lower it.
+    """
+
+    example: tuple[int, ...] | None
+    examples: int
+    tasks_held: int = 1
+    tasks_at_once: int = 1
+    steps: int = 1
+    training: bool = False
+    shrink: str = "--meta-batch, --eval-tasks, --val-tasks, --k-shot, --k-query, --inner-steps"
+
+
+def example_shape(spec: dict[str, Any], input_spec: dict[str, Any] | None = None) -> tuple[int, ...] | None:
+    """One input's shape: the ``shape`` a checkpoint's input record holds, else an image input spec's size, else
+    from a spec of mamlkit's own models; None when none says."""
+    shape = input_spec.get("shape") if input_spec else None
+    if isinstance(shape, list) and shape and all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                                 for s in shape):
+        return tuple(shape)
+    if input_spec and input_spec.get("type") == "image" and isinstance(input_spec.get("size"), int):
+        channels = 1 if input_spec.get("mode") == "L" else 3
+        return (channels, input_spec["size"], input_spec["size"])
+    name = spec.get("name")
+    if name in ("mlp", "tabular_mlp") and isinstance(spec.get("in_features", 1), int):
+        return (spec.get("in_features", 1),)
+    if name == "conv4" and isinstance(spec.get("image_size", 28), int):
+        return (spec.get("in_channels", 1), spec.get("image_size", 28), spec.get("image_size", 28))
+    return None
+
+
+def _activation_bytes(model: nn.Module, example: tuple[int, ...], dtype: torch.dtype) -> int | None:
+    """Bytes of every tensor a forward pass of ``model`` (on the ``meta`` device) makes for one example:
+    what autograd keeps for a backward through it. None when the forward cannot run shape-only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "is_view", False):  # a view (a weight's transpose) allocates nothing
+                return out
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Count.total += t.numel() * t.element_size()
+            return out
+
+    try:
+        x = torch.zeros((1, *example), dtype=dtype, device="meta")
+        with Count():
+            model.to(dtype)(x)
+    except Exception:  # noqa: BLE001 - a model whose forward needs real data: its activations are not counted
+        return None
+    return Count.total
+
+
+def _shape_only(spec: dict[str, Any]) -> nn.Module | None:
+    """``spec``'s model built on the ``meta`` device (shapes, no memory), or None when it cannot be built so.
+    A user's model (a factory, a Hugging Face folder) is never built here: only what the command approved
+    runs its code, once. A ``UserError`` (a spec that does not fit its model) propagates."""
+    if not isinstance(spec, dict) or spec.get("name") in USER_MODELS:
+        return None
     if spec.get("pretrained"):
         spec = {**spec, "pretrained": False}  # the shapes without reading the pretrained weights
     try:
         with torch.device("meta"):
-            model = build_model(spec)
-    except Exception:  # a model that cannot be built shape-only (it loads files): nothing to estimate
+            return build_model(spec)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a model that cannot be built shape-only (it loads files): not estimated
+        return None
+
+
+def check_model_memory(spec: dict[str, Any], dtype: torch.dtype, workload: Workload | None = None) -> None:
+    """Refuse, before anything is allocated, a model and workload that cannot fit in the available memory.
+
+    Counted: the parameters (with gradients and optimiser moments when training); the data of
+    ``workload.tasks_held`` tasks; and for ``tasks_at_once`` tasks the activations of a forward pass on
+    their examples (measured on the ``meta`` device) and the adapted parameters, once per kept inner step
+    and twice (the graph of the inner gradient) when training. A floor, not a peak: what the leanest
+    strategy still needs (the executor measures the rest, ``--memory-budget``)."""
+    available = available_memory()
+    if available is None:
         return
-    n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    need = n * torch.finfo(dtype).bits // 8 * COPIES_PER_PARAMETER
-    if need > available:
-        raise ModelSpecError(f"the model {spec.get('name')!r} has {n:,} parameters: about {need / 2**30:.1f} GiB "
+    model = _shape_only(spec)
+    size = torch.finfo(dtype).bits // 8
+    n = 0 if model is None else sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    weights = n * size * (COPIES_PER_PARAMETER if workload is None or workload.training else 1)
+    if weights > available:
+        raise ModelSpecError(f"the model {spec.get('name')!r} has {n:,} parameters: about {weights / 2**30:.1f} GiB "
                              f"with gradients and optimiser state, more than the {available / 2**30:.1f} GiB of "
                              "memory available. Use a smaller model (--hidden-sizes, --filters, --image-size).")
+    if workload is None:
+        return
+    w = workload
+    per_example = math.prod(w.example) * size if w.example is not None else 0
+    data = w.tasks_held * w.examples * per_example
+    act = _activation_bytes(model, w.example, dtype) if model is not None and w.example is not None else None
+    act = per_example if act is None else act
+    kept = w.steps + 1 if w.training else 1  # evaluation's forward passes are not kept from step to step
+    per_task = kept * w.examples * act * 2 + (w.steps + 1) * n * size * (2 if w.training else 1)
+    need = weights + data + w.tasks_at_once * per_task
+    if need > available:
+        raise ModelSpecError(
+            f"this run needs at least {need / 2**30:.1f} GiB (parameters {weights / 2**30:.1f}, data of "
+            f"{w.tasks_held:,} tasks {data / 2**30:.1f}, activations and adapted parameters of {w.tasks_at_once:,} "
+            f"task(s) over {w.steps:,} inner steps {w.tasks_at_once * per_task / 2**30:.1f}), more than the "
+            f"{available / 2**30:.1f} GiB of memory available. Shrink {w.shrink}, or the model (--hidden-sizes, "
+            "--filters, --image-size).")
 
 
 @register_model("mlp")
@@ -252,14 +353,43 @@ def factory_spec(factory: str, args: dict[str, Any] | None = None) -> dict[str, 
     return {"name": "factory", "factory": factory, "args": dict(args or {})}
 
 
+# A factory is ``package.module:function`` (or ``:Class.method``): dotted identifiers only, bounded.
+_FACTORY_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_FACTORY_NAME_MAX = 200
+# torch's own callables load files and code (``torch.hub.load``, ``torch.load``, ``torch.jit.load``,
+# ``torch.utils.cpp_extension.load``): never a factory. Its ``nn`` modules are plain layers.
+_TORCH_FACTORIES = ("torch.nn",)
+
+
+def check_factory_name(factory: object) -> str:
+    """``factory`` if it may name a model factory, checked before anything is imported; else a UserError.
+
+    A factory is a user's ``package.module:function`` that returns an ``nn.Module``. The standard library
+    (``os:system``, ``subprocess:run``, ``runpy:run_path``, ``builtins:open``), torch outside ``torch.nn``
+    (``torch.hub:load``) and mamlkit itself (its models are named by their registry names) are never
+    factories, with or without the user's consent: calling them with a file's arguments runs code or
+    touches files, and none of them builds a model."""
+    import sys
+
+    if not isinstance(factory, str) or len(factory) > _FACTORY_NAME_MAX or not _FACTORY_NAME.fullmatch(factory):
+        shown = repr(factory)[:80]
+        raise ModelSpecError(f"model factory {shown} is not a name of the form package.module:function "
+                             f"(identifiers only, at most {_FACTORY_NAME_MAX} characters)")
+    module = factory.partition(":")[0]
+    top = module.split(".")[0]
+    torch_nn = any(module == m or module.startswith(m + ".") for m in _TORCH_FACTORIES)
+    if top in sys.stdlib_module_names or top in ("mamlkit", "__main__") or (top == "torch" and not torch_nn):
+        raise ModelSpecError(f"model factory {factory!r}: {module!r} is not a model factory's module (the standard "
+                             "library, torch outside torch.nn and mamlkit itself are never called to build a "
+                             "model). Name your own function that returns an nn.Module: --model package.module:fn")
+    return factory
+
+
 def _import_factory(factory: str) -> Callable[..., nn.Module]:
     import importlib
+    import inspect
 
-    from mamlkit.base.errors import UserError
-
-    module_name, _, attr = factory.partition(":")
-    if not module_name or not attr:
-        raise UserError(f"--model {factory!r}: a factory is named package.module:function")
+    module_name, _, attr = check_factory_name(factory).partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -270,9 +400,65 @@ def _import_factory(factory: str) -> Callable[..., nn.Module]:
         fn = getattr(fn, part, None)
         if fn is None:
             raise UserError(f"--model {factory}: module {module_name!r} has no {attr!r}")
-    if not callable(fn):
-        raise UserError(f"--model {factory}: {attr!r} is not callable")
+    model_class = inspect.isclass(fn) and issubclass(fn, nn.Module)
+    if not (model_class or inspect.isfunction(fn) or inspect.ismethod(fn)):
+        raise UserError(f"--model {factory}: {attr!r} is neither a function nor an nn.Module class")
     return fn
+
+
+class UntrustedModelCode(UserError):
+    """A file asks mamlkit to import and call a model factory that the user did not name or approve."""
+
+
+def user_factories(specs: list[Any]) -> list[str]:
+    """The factory names that rebuilding ``specs`` (model specs, or ``--model`` strings from a stored config)
+    would import, each checked by :func:`check_factory_name`; nothing is imported."""
+    names = []
+    for spec in specs:
+        if isinstance(spec, str):  # a stored config's ``model``: a factory is the form with a colon
+            name = spec if ":" in spec and not spec.startswith("hf:") else None
+        elif isinstance(spec, dict):
+            name = spec.get("factory", "") if spec.get("name") == "factory" else None
+        else:
+            name = None
+        if name is not None and check_factory_name(name) not in names:
+            names.append(name)
+    return names
+
+
+def approve_model_code(specs: list[Any], source: str, *, model: str | None = None,
+                       trust_model_code: bool = False) -> None:
+    """Decide, before anything is imported, whether the model code ``specs`` name may run.
+
+    A checkpoint, an adapted-model file or a stored config records the factory that rebuilds a user's model.
+    mamlkit never imports code because a file names it: the user names the factory again (``model``, the
+    CLI's ``--model package.module:fn``) or allows the file's code (``trust_model_code``, the CLI's
+    ``--trust-model-code``), in which case what will be imported is printed. Otherwise an
+    :class:`UntrustedModelCode` names the factory and both ways to proceed. Factories that can never be one
+    (:func:`check_factory_name`) are refused either way.
+    """
+    import sys
+
+    names = user_factories(specs)
+    if model is not None:
+        check_factory_name(model)
+        if not names:
+            raise UserError(f"--model {model}: {source} holds a model of mamlkit's own, not one built by a factory; "
+                            "drop --model")
+    if not names:
+        return
+    if trust_model_code:
+        print(f"mamlkit: {source} rebuilds its model with code it names; importing {', '.join(names)} "
+              "(--trust-model-code)", file=sys.stderr)
+        return
+    if model is not None and names == [model]:
+        return
+    asked = " and ".join(repr(n) for n in names)
+    given = f" (you named {model!r})" if model is not None else ""
+    raise UntrustedModelCode(
+        f"{source} rebuilds its model by importing and calling {asked}{given}. mamlkit runs no code that a file "
+        f"names. If you trust that code, name it: --model {names[0]} (Python: model={names[0]!r}), or allow the "
+        "file's code: --trust-model-code (Python: trust_model_code=True)")
 
 
 @register_model("factory")

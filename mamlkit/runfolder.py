@@ -2,26 +2,28 @@
 
 * One writer at a time: :func:`lock` takes an OS lock (``fcntl.flock``) on ``RUN/.lock`` holding the
   owner's PID. The kernel drops it when the process dies, however it dies, so a killed run never
-  leaves a lock that blocks its resume.
+  leaves a lock that blocks its resume. A link in the lock's place is refused, never written through.
 * Leftovers of a killed run: :func:`clean` removes the temporary files of atomic writes cut short.
 * Logs that match the checkpoint: :func:`truncate_metrics` cuts ``metrics.jsonl`` back to the
   checkpoint's step (dropping a torn last line) and rebuilds ``metrics.csv`` from it, header first.
 * Stop signals: :func:`stop_on_signals` turns SIGINT and SIGTERM into :class:`Stopped`, raised at
-  once or, inside :meth:`Signals.deferred`, when the block ends, so an update is never half applied.
-* A full disk: :func:`no_space` tells an out-of-space ``OSError`` apart, so the trainers can stop
-  with a message instead of a traceback.
+  once or, inside :meth:`Signals.deferred`, when the block ends, so an update is never half applied;
+  inside :meth:`Signals.interruptible` (validation, evaluation) also at the next stop point.
+* A full disk: :func:`no_space` tells an out-of-space ``OSError`` (or safetensors' error wrapping one)
+  apart, so the commands can stop with a message instead of a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +31,8 @@ from typing import Any
 
 from mamlkit.base.errors import DiskFull, UserError
 from mamlkit.base.metrics import CSV_COLUMNS, read_jsonl
-from mamlkit.checkpoint import atomic_write_text
+from mamlkit.base.stops import stoppable
+from mamlkit.checkpoint import NO_SPACE, atomic_write_text, os_error_of
 
 try:
     import fcntl
@@ -48,8 +51,17 @@ class RunFolderBusy(UserError):
 
 
 def no_space(e: BaseException) -> bool:
-    """Whether ``e`` is the operating system saying the disk (or the user's quota) is full."""
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    """Whether ``e`` is the operating system saying the disk (or the user's quota) is full, also as
+    safetensors' ``SafetensorError`` wraps it."""
+    err = os_error_of(e)
+    return err is not None and err.errno in NO_SPACE
+
+
+def disk_full_message(e: BaseException) -> str:
+    """What ran out of space, for a message: "no space left on the device while writing FILE"."""
+    err = os_error_of(e)
+    name = getattr(err, "filename", None) or getattr(e, "filename", None)
+    return f"no space left on the device while writing {name or 'a file'} ({getattr(err, 'strerror', e)})"
 
 
 _held: dict[str, list] = {}  # resolved folder -> [fd, depth]: the lock is re-entrant within a process
@@ -71,7 +83,7 @@ def lock(run_dir: Path) -> Iterator[None]:
             if key in _held:
                 _held[key][1] -= 1
         return
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(run_dir / LOCK_NAME)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -79,8 +91,11 @@ def lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)
         raise RunFolderBusy(f"run folder {run_dir} is in use by another mamlkit process (PID {holder}); wait for "
                             "it to finish or stop it, or pick another folder with --run-name or --out-dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        _write_pid(fd, run_dir / LOCK_NAME)
+    except BaseException:
+        os.close(fd)
+        raise
     _held[key] = [fd, 1]
     try:
         yield
@@ -89,6 +104,47 @@ def lock(run_dir: Path) -> Iterator[None]:
         if _held[key][1] == 0:
             del _held[key]
             os.close(fd)  # closing the descriptor releases the flock
+
+
+_PID_TEXT = re.compile(rb"\s*\d*\s*")  # what a lock file holds: its owner's PID, or nothing yet
+
+
+def _open_lock(path: Path) -> int:
+    """A descriptor of the lock file ``path``, made if missing. A link there is refused, never followed:
+    ``O_NOFOLLOW`` for a symbolic link (the PID written next would replace whatever file it points to), and
+    a second hard link, or anything but a regular file, after the open. Raises :class:`UserError`."""
+    fix = "remove it and run the command again: mamlkit makes its own lock file there"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        if os.path.islink(path):  # ELOOP from O_NOFOLLOW
+            raise UserError(f"the run folder's lock file {path} is a symbolic link (to {os.readlink(path)}); "
+                            f"mamlkit never writes through a link: {fix}") from None
+        if no_space(e):
+            raise
+        raise UserError(f"cannot open the run folder's lock file {path} ({e.strerror}): {fix}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"one of {st.st_nlink} hard links to a file"
+        raise UserError(f"the run folder's lock file {path} is {what}; mamlkit never writes into a file it may share "
+                        f"with another path: {fix}")
+    return fd
+
+
+def _write_pid(fd: int, path: Path) -> None:
+    """Record this process's PID in the lock file it holds. Only a file that holds a PID or nothing (one a
+    mamlkit process made) is rewritten: the file's content is never cut short otherwise."""
+    old = os.pread(fd, 64, 0)
+    if len(old) > 32 or not _PID_TEXT.fullmatch(old):
+        raise UserError(f"the run folder's lock file {path} holds something other than a process ID; mamlkit does "
+                        f"not overwrite it: move it away (`mv {path} ...`) and run the command again")
+    pid = f"{os.getpid()}\n".encode()
+    try:
+        os.pwrite(fd, pid, 0)
+        os.ftruncate(fd, len(pid))  # a longer PID of a previous owner is cut to this one's
+    except OSError as e:  # a full disk: name the file
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def clean(run_dir: Path) -> list[Path]:
@@ -102,10 +158,20 @@ def clean(run_dir: Path) -> list[Path]:
     return removed
 
 
+# What a run leaves that a fresh run would replace and could not rebuild: what it trained and reported.
+RESULTS = ("checkpoint.safetensors", "best.safetensors", "pretrained/checkpoint.safetensors", "eval.md", "eval.json")
+
+
+def results_in(run_dir: Path) -> list[str]:
+    """The files of :data:`RESULTS` that ``run_dir`` holds. A config and logs without a checkpoint are what a
+    run that stopped before its first checkpoint leaves (data missing, a stop during preprocessing or the
+    strategy trial): nothing was trained, there is nothing to resume, and a fresh run may use the folder."""
+    return [name for name in RESULTS if (Path(run_dir) / name).exists()]
+
+
 def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds (part of) a run: a checkpoint, a config or logs."""
-    return any((Path(run_dir) / name).exists() for name in ("checkpoint.safetensors", "config.json",
-                                                             "metrics.jsonl", "metrics.csv"))
+    """Whether ``run_dir`` holds a run's results (:func:`results_in`), which a fresh run must not replace."""
+    return bool(results_in(run_dir))
 
 
 def clear(run_dir: Path) -> None:
@@ -171,6 +237,7 @@ class Signals:
     def __init__(self) -> None:
         self.received: int | None = None
         self.depth = 0
+        self.holding = 0  # depth of held() blocks: there a stop waits for every rank, even at a stop point
 
     def handler(self, signum: int, frame: Any) -> None:
         if self.received is not None:
@@ -197,10 +264,23 @@ class Signals:
         end: under torchrun the ranks must leave at the same step, so they stop when they agree to
         (:meth:`mamlkit.loop.distributed.World.meta_backward`), not each when its own signal lands."""
         self.depth += 1
+        self.holding += 1
         try:
             yield
         finally:
             self.depth -= 1
+            self.holding -= 1
+
+    def check(self) -> None:
+        """Raise :class:`Stopped` if a stop signal arrived and is not held for the other ranks."""
+        if self.received is not None and not self.holding:
+            raise Stopped(self.received)
+
+    def interruptible(self) -> contextlib.AbstractContextManager:
+        """A block that a stop signal may end at its stop points (:func:`mamlkit.base.stops.stop_point`: each
+        inner step, each chunk of tasks) even inside :meth:`deferred`: validation and evaluation change
+        nothing a stop could leave half done, and can run as long as training."""
+        return stoppable(self.check)
 
 
 _NO_SIGNALS = Signals()  # outside stop_on_signals (or off the main thread): deferral is a plain block
@@ -239,5 +319,5 @@ def stop_on_signals() -> Iterator[Signals]:
             signal.signal(s, signal.SIG_IGN if state.received is not None else h)
 
 
-__all__ = ["lock", "clean", "holds_run", "clear", "truncate_metrics", "prepare", "Stopped", "Signals",
-           "stop_on_signals", "current", "no_space", "DiskFull", "RunFolderBusy"]
+__all__ = ["lock", "clean", "results_in", "holds_run", "clear", "truncate_metrics", "prepare", "Stopped", "Signals",
+           "stop_on_signals", "current", "no_space", "disk_full_message", "DiskFull", "RunFolderBusy"]

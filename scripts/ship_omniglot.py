@@ -1,6 +1,6 @@
 """Build the pretrained Omniglot model and example task that ship inside the package.
 
-    python scripts/ship_omniglot.py RUN_DIR [--data-root ../shared/data/omniglot]
+    python scripts/ship_omniglot.py RUN_DIR [--data-root DATA/omniglot]
 
 1. Writes ``mamlkit/assets/omniglot-5w1s.safetensors``: RUN_DIR's meta-parameters, buffers and config,
    without optimiser state (loading needs none).

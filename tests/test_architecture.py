@@ -29,7 +29,7 @@ PARTS = {
     "mamlkit.rl": "RL",
 }
 
-# (from, to): why (../shared/design/architecture.md, as kept in docs/DEVELOPING.md)
+# (from, to): why (as docs/DEVELOPING.md explains)
 NEVER = {
     ("Engine", "Exec"): "the math does not know how it is batched",
     ("Engine", "Tasks"): "the math sees tensors, not datasets",

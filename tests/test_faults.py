@@ -295,13 +295,13 @@ def test_resume_after_kill_between_log_and_checkpoint_logs_each_step_once(cli, t
 
 def test_fresh_run_into_a_killed_runs_folder_is_refused_unless_overwrite(cli, tmp_path):
     run = tmp_path / "r"
-    run.mkdir()
-    (run / "config.json").write_text("{}")
-    (run / "metrics.jsonl").write_text('{"step": 40, "split": "train", "loss": 1.0}\n')
+    train.fit(train.new_trainer(small_cfg(tmp_path), run), stop_at=4)  # killed after its checkpoint of step 4
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "split": "train", "loss": 1.0}\n')
     args = ["train", "sinusoid", "--out-dir", tmp_path, "--run-name", "r", "--no-compare-pretrained",
             *flags(SMALL)]
     code, _, err = cli(*args)
-    assert code == 2 and "--overwrite" in err and "--resume" in err
+    assert code == 2 and "--overwrite" in err and f"mamlkit train --resume {run}`" in err
     code, _, err = cli(*args, "--overwrite")
     assert code == 0, err
     jsonl, rows = logged_steps(run)

@@ -164,7 +164,9 @@ def test_auto_times_threads_for_a_transformer_and_keeps_the_fastest(monkeypatch)
     monkeypatch.setattr(tuning.threads, "cores", lambda: 1)
     assert "threads" not in [c.name for c in tuning._candidates(learner, 10)]  # two workers, one core
     monkeypatch.setattr(tuning.threads, "cores", lambda: 2)
-    dropout = mamlkit.MAML(nn.Sequential(tiny_transformer(), nn.Dropout(0.1)), inner_lr=0.1)
+    dropout = mamlkit.MAML(nn.Sequential(tiny_transformer(), nn.Dropout(0.1)).double(), inner_lr=0.1, loss_fn="mse")
+    assert "threads" in [c.name for c in tuning._candidates(dropout, 10)]  # dropout is found by what runs:
+    tuning._loop_reference(dropout, batch)  # once the model ran, its draws are known
     assert "threads" not in [c.name for c in tuning._candidates(dropout, 10)]
 
     ref = meta_grad(mamlkit.MAML(model, inner_lr=0.1, loss_fn="mse", strategy="loop"), batch)
@@ -260,11 +262,14 @@ def test_threads_keep_the_callers_thread_count_and_refuse_dropout():
     learner.meta_backward(batch)
     assert torch.get_num_threads() == before  # workers run one intra-op thread each, the caller keeps its own
     dropout = nn.Sequential(conv_model(), nn.Dropout(0.1))
-    with pytest.raises(ValueError, match="dropout"):
-        mamlkit.MAML(dropout, inner_lr=0.3, loss_fn="cross_entropy", strategy="threads")
+    threaded = mamlkit.MAML(dropout, inner_lr=0.3, loss_fn="cross_entropy", strategy="threads")
+    with pytest.raises(mamlkit.base.errors.UserError, match=r"draws random numbers \(aten::bernoulli_\)"):
+        threaded.meta_backward(batch)  # refused when the model runs, by what it runs
     torch.set_num_threads(2)
     try:
-        names = [c.name for c in tuning._candidates(mamlkit.MAML(dropout, inner_lr=0.3), 10)]
+        auto = mamlkit.MAML(dropout, inner_lr=0.3, loss_fn="cross_entropy")
+        tuning._loop_reference(auto, batch)
+        names = [c.name for c in tuning._candidates(auto, 10)]
         assert "threads" not in names and "threads" in \
             [c.name for c in tuning._candidates(mamlkit.MAML(conv_model(), inner_lr=0.3), 10)]
     finally:

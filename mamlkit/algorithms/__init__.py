@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamlkit.base.batch import TaskBatch
+from mamlkit.base.errors import UserError
 from mamlkit.exec.executor import Executor
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
@@ -43,12 +44,16 @@ class MetaLearner(Protocol):
     bn_mode: str  # "transductive" | "support": the statistics query predictions use (mamlkit.engine.norms)
     compilable: bool  # whether its per-task function runs under strategy "compile"
     executor: Executor  # how its tasks run: strategy, chunks, auto's trial (checkpoints record the strategy's name)
+    output: Callable[[Any], Tensor]  # the tensor of the model's output the loss takes (mamlkit.engine.outputs)
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         """Everything the outer optimiser updates: the model's parameters and any learned extras."""
 
     def buffers(self) -> dict[str, Tensor]:
         """The model's buffers by name (saved in checkpoints, passed to ``functional.call``)."""
+
+    def check_output(self, x: Tensor) -> None:
+        """Refuse, once, an ``output`` selector that does not fit what the model returns on ``x`` (a task's inputs)."""
 
     def set_step(self, step: int) -> None:
         """The trainer's iteration, before each meta-iteration (step-dependent pieces, e.g. MAML++'s annealing)."""
@@ -81,11 +86,17 @@ def register(name: str, uses: frozenset[str] = frozenset()):
     return deco
 
 
+class UnknownAlgorithm(UserError, ValueError):
+    """An algorithm name (a config's, or a checkpoint's config's) that no algorithm is registered under: the
+    user's to fix (the CLI exits 2), and still the ``ValueError`` it always was."""
+
+
 def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
     """Build the algorithm ``name`` for ``model`` from a :class:`~mamlkit.config.TrainConfig`; its tasks run on
     the executor the config asks for (:meth:`~mamlkit.exec.executor.Executor.from_config`)."""
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
+        raise UnknownAlgorithm(f"unknown algorithm {str(name)[:100]!r} (--algo, or the algo a checkpoint's config "
+                               f"names); available: {', '.join(sorted(ALGORITHMS))}")
     patterns = getattr(cfg, "adapt", ())
     if patterns:  # a pattern that matches no trainable parameter would adapt nothing: a typo, refused
         from mamlkit.base.errors import UserError

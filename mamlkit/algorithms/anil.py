@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mamlkit.algorithms import register
 from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
 from mamlkit.engine.functional import Params, call
-from mamlkit.engine.inner import adapt_path, fresh, make_task_fn
+from mamlkit.engine.inner import adapt_final, fresh, make_task_fn
 from mamlkit.engine.norms import SupportStatsNorm
 from mamlkit.engine.rules import InnerRule
 from mamlkit.exec.executor import Executor
@@ -53,8 +53,9 @@ def _head_task(learner: Driver, theta: Params, rule: InnerRule, *, steps: int, f
     body, head, prefix = learner.body, learner.head, learner.head_name + "."
     body_params, head_params = _split(prefix, theta)
     body_buffers, head_buffers = _split(prefix, learner.buffers())
+    # the head's output is the model's (the last child of the Sequential), so the selector applies to it
     head_fn = make_task_fn(head, head_params, head_buffers, loss_fn=learner.loss_fn, rule=rule, steps=steps,
-                           first_order=first_order, objective=objective)
+                           first_order=first_order, objective=objective, output=learner.output)
 
     def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         # Once per task, with the graph to the body kept (exact second order through the body).
@@ -78,10 +79,10 @@ def _head_adapt(learner: Driver, theta: Params, rule: InnerRule, support_x: Tens
     feats = call(learner.body, body_params, fresh(body_buffers), support_x).detach()
 
     def loss(fast, x, y):
-        return learner.loss_fn(call(learner.head, fast, fresh(head_buffers), x), y)
+        return learner.loss_fn(learner.output(call(learner.head, fast, fresh(head_buffers), x)), y)
 
-    path = adapt_path(loss, head_params, feats, support_y, rule=rule, steps=steps, first_order=True)
-    return {**body_params, **{prefix + k: v.detach() for k, v in path[-1].items()}}
+    head = adapt_final(loss, head_params, feats, support_y, rule=rule, steps=steps)  # one iterate kept, not K
+    return {**body_params, **{prefix + k: v for k, v in head.items()}}
 
 
 def ANIL(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,

@@ -13,10 +13,12 @@ evaluation) and ``rule`` the inner rule over the current extra meta-parameters.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mamlkit.algorithms import resolve_loss
@@ -27,7 +29,7 @@ from mamlkit.engine.functional import Params, call, named_buffers, named_params
 from mamlkit.engine.inner import (
     LossFn,
     Objective,
-    adapt_path,
+    adapt_final,
     fresh,
     make_task_fn,
     path_objective,
@@ -37,6 +39,7 @@ from mamlkit.engine.inner import (
     trainable_filter,
 )
 from mamlkit.engine.norms import with_bn_mode
+from mamlkit.engine.outputs import OutputSpec, output_selector
 from mamlkit.engine.rules import InnerRule, sgd
 from mamlkit.exec.executor import Executor
 from mamlkit.exec.strategies import TaskFn, log, task_metrics
@@ -101,22 +104,35 @@ def unrolled(learner: Driver, theta: Params, rule: InnerRule, *, steps: int, fir
     return make_task_fn(learner.model, theta, learner.buffers(), loss_fn=learner.loss_fn, rule=rule, steps=steps,
                         first_order=first_order, adapt_filter=pieces.adapts,
                         objective=with_bn_mode(objective, learner.bn_mode),
-                        checkpoint=learner.executor.checkpoint_inner, inner=pieces.inner_loss)
+                        checkpoint=learner.executor.checkpoint_inner, inner=pieces.inner_loss, output=learner.output)
 
 
 def config_keywords(cfg: Any, executor: Executor) -> dict[str, Any]:
     """The keywords every algorithm of the MAML family takes from a :class:`~mamlkit.config.TrainConfig`."""
     return dict(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, first_order=cfg.first_order, loss_fn=cfg.loss,
-                test_inner_steps=cfg.test_inner_steps, bn_mode=cfg.bn_mode, executor=executor)
+                test_inner_steps=cfg.test_inner_steps, bn_mode=cfg.bn_mode, executor=executor, output=cfg.output_spec)
+
+
+def _thread_planned(method: Callable) -> Callable:
+    """Run a learner's call under its executor's thread plan, and give the caller's thread settings back
+    when it returns (:meth:`~mamlkit.exec.executor.Executor.planned`)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.executor.planned():
+            return method(self, *args, **kwargs)
+    return run
 
 
 class Driver:
     """A meta-learner built from an algorithm's :class:`Pieces`; satisfies
-    :class:`~mamlkit.algorithms.MetaLearner`. Its tasks run on ``executor``."""
+    :class:`~mamlkit.algorithms.MetaLearner`. Its tasks run on ``executor``; ``output`` selects the tensor of
+    the model's output that the loss takes (:mod:`mamlkit.engine.outputs`)."""
 
     def __init__(self, model: nn.Module, pieces: Pieces, *, loss_fn: str | LossFn = "mse", kind: str | None = None,
-                 bn_mode: str = "transductive", executor: Executor | None = None, **execution):
+                 bn_mode: str = "transductive", executor: Executor | None = None, output: OutputSpec = None,
+                 **execution):
         check_choice("bn_mode", bn_mode, BN_MODES)
+        self.output = output_selector(output)
         loss_fn, kind = resolve_loss(loss_fn, kind)
         executor = executor or Executor(model, **execution)
         if pieces.inner_steps < 0 or (pieces.test_inner_steps is not None and pieces.test_inner_steps < 0):
@@ -129,6 +145,7 @@ class Driver:
         self.test_inner_steps = pieces.inner_steps if pieces.test_inner_steps is None else pieces.test_inner_steps
         self.compilable = pieces.compilable
         self.step = 0
+        self._output_checked = False
         self._task = pieces.task or unrolled
         self._outer = pieces.outer or self._task
         log.info("mamlkit: %s runs tasks with strategy %s", self.name, executor.strategy.name)
@@ -156,6 +173,7 @@ class Driver:
     def tune(self, batch: TaskBatch) -> str:
         """Run ``auto``'s trial on ``batch`` now (otherwise it runs on the first meta-loss); returns the
         strategy kept."""
+        self.check_output(batch.support_x[0])
         self.executor.ready(self, batch)
         return self.executor.strategy.name
 
@@ -163,11 +181,32 @@ class Driver:
 
     def support_loss(self) -> Callable[[Params, Tensor, Tensor], Tensor]:
         """``L(params, x, y)``: the loss of the model run with ``params`` (all of them) on one task's data."""
-        return support_loss_fn(self.model, self.loss_fn, {}, self.buffers())
+        return support_loss_fn(self.model, self.loss_fn, {}, self.buffers(), self.output)
 
     def predict(self, params: Params, x: Tensor) -> Tensor:
-        """The model's output on ``x`` with ``params`` (all of them); buffers copied (see ``fresh``)."""
-        return call(self.model, params, fresh(self.buffers()), x)
+        """The model's prediction on ``x`` with ``params`` (all of them): the tensor ``output`` selects from its
+        output; buffers copied (see ``fresh``)."""
+        return self.output(call(self.model, params, fresh(self.buffers()), x))
+
+    def check_output(self, x: Tensor) -> None:
+        """Run the model once on ``x`` (one task's inputs) and select its prediction, the first time only: a
+        selector that does not fit what the model returns is then one clear error before any strategy runs,
+        not a failure of every candidate in ``auto``'s trial. No gradient, and no draw from the RNG streams.
+        Under a dispatch mode (the executor's memory probe) it waits for a plain call: the probe's forward would
+        be measured as the call's own memory."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        if self._output_checked or _get_current_dispatch_mode() is not None:
+            return
+        self._output_checked = True
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            try:
+                out = call(self.model, {k: v.detach() for k, v in named_params(self.model).items()},
+                           fresh(self.buffers()), x)
+            except Exception:  # noqa: BLE001 - what the plain forward cannot do, the strategies report as before
+                return
+            self.output(out)
 
     def _start(self, meta: Mapping[str, Tensor] | None) -> tuple[Params, InnerRule]:
         """θ0 and the inner rule from ``meta`` (the meta-parameters, live or traced), or, with ``None``,
@@ -189,16 +228,23 @@ class Driver:
 
     # --- the MetaLearner protocol ---------------------------------------------------------------------
 
+    @_thread_planned
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        self.check_output(batch.support_x[0])
         self.executor.ready(self, batch)
         losses, preds = self.executor.map_tasks(self._train_fn(self.meta_parameters()), batch)
-        return losses.mean(), task_metrics(losses, preds, batch.query_y, self.kind)
+        loss = losses.mean()
+        self.executor.plan_backward(loss)  # the caller's loss.backward() runs under the plan too
+        return loss, task_metrics(losses, preds, batch.query_y, self.kind)
 
+    @_thread_planned
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
+        self.check_output(batch.support_x[0])
         self.executor.ready(self, batch)
         losses, preds = self.executor.meta_backward(self._train_fn, self.meta_parameters(), batch, weight)
         return task_metrics(losses, preds, batch.query_y, self.kind)
 
+    @_thread_planned
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """Adapt to one task; returns every parameter (adapted or shared), detached.
 
@@ -206,21 +252,25 @@ class Driver:
         ``mamlkit.engine.functional.call(learner.model, params, learner.buffers(), x)``.
         """
         steps = self.test_inner_steps if steps is None else steps
+        self.check_output(support_x)
         theta, rule = self._start(None)
         if self.pieces.adapt is not None:
             return self.pieces.adapt(self, theta, rule, support_x, support_y, steps)
         fast, shared = split_params(theta, trainable_filter(self.model, self.pieces.adapts))
-        loss = support_loss_fn(self.model, self.loss_fn, shared, self.buffers())
+        loss = support_loss_fn(self.model, self.loss_fn, shared, self.buffers(), self.output)
         if self.pieces.inner_loss is not None:
             loss = self.pieces.inner_loss(loss, fast)
-        path = adapt_path(loss, fast, support_x, support_y, rule=rule, steps=steps, first_order=True)
-        return {**shared, **{k: v.detach() for k, v in path[-1].items()}}
+        # no meta-gradient here: only the current iterate is kept, so memory does not grow with ``steps``
+        # (the same updates as adapt_path's first-order path, whose every step a meta-gradient would need)
+        return {**shared, **adapt_final(loss, fast, support_x, support_y, rule=rule, steps=steps)}
 
+    @_thread_planned
     def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
         """Query loss and accuracy ``[T, steps+1]`` after 0..steps inner steps (evaluation)."""
+        self.check_output(batch.support_x[0])
         theta, rule = self._start(None)
         fn = self._task(self, theta, rule, steps=steps, first_order=True, objective=path_objective(self.kind))
-        losses, accs = self.executor.map_tasks(fn, batch)
+        losses, accs = self.executor.evaluate_tasks(fn, batch)  # or in the loop, where vmap cannot run the model
         return losses.detach(), accs.detach()
 
     def __repr__(self) -> str:

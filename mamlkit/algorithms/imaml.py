@@ -84,4 +84,4 @@ def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """iMAML (Rajeswaran et al. 2019): implicit meta-gradient by conjugate gradient, proximal inner loop."""
     return IMAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, lam=cfg.imaml_lambda,
                  cg_steps=cfg.cg_steps, loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps,
-                 bn_mode=cfg.bn_mode, executor=executor)
+                 bn_mode=cfg.bn_mode, executor=executor, output=cfg.output_spec)

@@ -29,4 +29,4 @@ def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """The pretrained baseline (Finn et al. 2017): joint training on all tasks, MAML's fine-tuning at test."""
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=0, loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps,
                 objective=joint_objective, name="pretrain", bn_mode=cfg.bn_mode, executor=executor,
-                adapt_filter=name_filter(cfg.adapt))  # fine-tunes what MAML adapts
+                adapt_filter=name_filter(cfg.adapt), output=cfg.output_spec)  # fine-tunes what MAML adapts

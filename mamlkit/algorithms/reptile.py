@@ -67,4 +67,4 @@ def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     test_steps = cfg.test_inner_steps if cfg.test_inner_steps is not None else cfg.reptile_inner_steps
     return Reptile(model, inner_lr=cfg.reptile_inner_lr, inner_steps=cfg.reptile_inner_steps,
                    inner_optimizer=cfg.reptile_inner_optimizer, loss_fn=cfg.loss, test_inner_steps=test_steps,
-                   bn_mode=cfg.bn_mode, executor=executor)
+                   bn_mode=cfg.bn_mode, executor=executor, output=cfg.output_spec)

@@ -8,3 +8,9 @@ class UserError(Exception):
 class DiskFull(Exception):
     """A write failed for lack of space. The message says what was kept and how to resume; the CLI prints
     it and exits with code 1 (the input was fine: the machine ran out of room)."""
+
+
+class Diverged(Exception):
+    """Training produced a NaN or infinite loss or parameter and was stopped. The message names the step,
+    the likely cause (step sizes, dtype) and the checkpoint kept (never one with non-finite values); the
+    CLI prints it and exits with code 1 (the run started and could not finish, as with a full disk)."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,9 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                _quiet_tensorboard_thread()
+                with self._naming(run_dir / "tensorboard"):
+                    self.writer = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:  # the optional extra `tensorboard` is not installed
                 self.writer = None
                 _note_no_tensorboard()
@@ -59,9 +65,21 @@ class MetricsLog:
         self.csv.writerow(record)
         self.csv_file.flush()
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{split}/{key}", value, step)
+            with self._naming(Path(self.writer.log_dir)):
+                for key, value in values.items():
+                    if isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _naming(folder: Path) -> Iterator[None]:
+        """TensorBoard's write errors (from its writer thread) name no file: name its folder."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, str(folder)) from None
 
     def close(self) -> None:
         if not self.enabled:
@@ -70,6 +88,23 @@ class MetricsLog:
         self.csv_file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _quiet_tensorboard_thread() -> None:
+    """Leave out the traceback TensorBoard's writer thread prints when the disk is full. The thread hands
+    the same error to the main thread's next TensorBoard call, which the trainer reports as a full disk
+    (exit 1, with a message); every other exception of every thread is printed as before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        full = isinstance(args.exc_value, OSError) and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+
+    hook.quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 _NOTED: list[bool] = []
@@ -104,4 +139,31 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-__all__ = ["MetricsLog", "mean_ci", "read_jsonl"]
+def add_to_window(window: dict[str, Any], stats: dict[str, float]) -> None:
+    """Add one step's metrics to the running sums of a log window (``{"steps": n, "sums": {metric: sum}}``):
+    the same additions in the same order as ``sum(...)`` over the window's steps, so a row is bit-identical
+    whether or not a resume split its window (trainers carry the window in their checkpoints)."""
+    sums = window.setdefault("sums", {})
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0) + v
+    window["steps"] = window.get("steps", 0) + 1
+
+
+def window_row(window: dict[str, Any]) -> dict[str, float]:
+    """The log row of a window: each metric's mean over the window's steps."""
+    return {k: v / window["steps"] for k, v in window["sums"].items()}
+
+
+def is_window(window: Any, step: int) -> bool:
+    """Whether ``window``, read from a checkpoint of ``step``, is a log window: at most ``step`` steps and
+    finite sums, or empty."""
+    if window == {}:
+        return True
+    if not isinstance(window, dict) or set(window) != {"steps", "sums"}:
+        return False
+    steps, sums = window["steps"], window["sums"]
+    return (type(steps) is int and 1 <= steps <= step and isinstance(sums, dict)
+            and all(isinstance(k, str) and type(v) in (int, float) and math.isfinite(v) for k, v in sums.items()))
+
+
+__all__ = ["MetricsLog", "add_to_window", "is_window", "mean_ci", "read_jsonl", "window_row"]

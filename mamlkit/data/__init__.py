@@ -44,6 +44,7 @@ from torch import Tensor
 from mamlkit.base.errors import UserError
 from mamlkit.checkpoint import atomic_write
 from mamlkit.data.caches import read_cache, write_cache
+from mamlkit.data.imagefiles import open_image
 
 ENV_VAR = "MAMLKIT_DATA"
 CACHE_ENV_VAR = "MAMLKIT_CACHE"
@@ -224,9 +225,30 @@ def _character_files(zf: zipfile.ZipFile, top: str) -> dict[str, list[str]]:
     return chars
 
 
+MAX_MEMBER_BYTES = 1 << 20  # an official drawing is about 1 kB; the bound keeps a crafted zip from filling memory
+
+
+def _drawing(zf: zipfile.ZipFile, member: str, known: KnownFile, size: int) -> np.ndarray:
+    """The zip member ``member`` as grey levels ``uint8 [size, size]`` (Lanczos). A member that is too large
+    (declared or decoded) or does not decode is a :class:`DataError` naming it."""
+    from PIL import Image
+
+    again = f"download it again from {known.url}."
+    if zf.getinfo(member).file_size > MAX_MEMBER_BYTES:
+        raise DataError(f"{member} in {known.name} is {zf.getinfo(member).file_size:,} bytes, not an Omniglot "
+                        f"drawing (about 1 kB); {again}")
+    try:
+        with open_image(io.BytesIO(zf.read(member)), f"{member} in {known.name}") as im:
+            # Mode "1" must become "L" first, or PIL resizes without antialiasing.
+            return np.asarray(im.convert("L").resize((size, size), Image.LANCZOS))
+    except UserError as e:
+        raise DataError(f"{e}. It is not an Omniglot drawing: {again}") from None
+    except (OSError, zipfile.BadZipFile, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode {member} in {known.name} ({e}); {again}") from None
+
+
 def preprocess_omniglot(folder: Path, size: int = 28, progress: bool = True) -> Omniglot:
     """Read both zips and resize every drawing to ``size × size`` (grey levels, Lanczos antialiasing)."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     images, names = [], []
@@ -250,14 +272,7 @@ def preprocess_omniglot(folder: Path, size: int = 28, progress: bool = True) -> 
                 if len(files) != DRAWINGS:
                     raise DataError(f"{known.name}: {char} has {len(files)} drawings, expected {DRAWINGS}.")
                 for d, member in enumerate(files):
-                    try:
-                        im = Image.open(io.BytesIO(zf.read(member))).convert("L")
-                        # Mode "1" must become "L" first, or PIL resizes without antialiasing.
-                        arr = np.asarray(im.resize((size, size), Image.LANCZOS))
-                    except (OSError, zipfile.BadZipFile, ValueError) as e:
-                        raise DataError(f"cannot decode {member} in {known.name} ({e}); download it again "
-                                        f"from {known.url}.") from None
-                    out[c, d] = 255 - arr
+                    out[c, d] = 255 - _drawing(zf, member, known, size)
                 bar.update(DRAWINGS)
             bar.close()
             images.append(torch.from_numpy(out))

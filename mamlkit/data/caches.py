@@ -7,22 +7,13 @@ image-folder and CLINC150 caches.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import Tensor
 
-from mamlkit.checkpoint import atomic_write
-
-
-def tensor_digest(values: Tensor | np.ndarray) -> str:
-    """sha256 of ``values``' bytes in C order (a tensor of any dtype, or a numpy array)."""
-    if isinstance(values, Tensor):
-        values = values.detach().contiguous().view(torch.uint8).numpy()
-    return hashlib.sha256(np.ascontiguousarray(values).reshape(-1).view(np.uint8)).hexdigest()
+# one digest for caches and checkpoints; it lives in the Store part, which Data may import (and not the reverse)
+from mamlkit.checkpoint import atomic_write, tensor_digest
 
 
 def read_cache(path: Path, name: str, *, digest_key: str,

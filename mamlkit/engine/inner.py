@@ -7,15 +7,16 @@ adapted exactly as it was trained.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mamlkit.base.patterns import compile_patterns
+from mamlkit.base.stops import stop_point
 from mamlkit.engine.exact import note_model
 from mamlkit.engine.functional import Params, call
+from mamlkit.engine.outputs import OutputSelector, OutputSpec, output_selector
 from mamlkit.engine.rules import InnerRule
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -27,16 +28,19 @@ def fresh(buffers: Mapping[str, Tensor]) -> Params:
 
 
 def support_loss_fn(model: nn.Module, loss_fn: LossFn, shared: Mapping[str, Tensor],
-                    buffers: Mapping[str, Tensor]) -> Callable[[Params, Tensor, Tensor], Tensor]:
-    """``L(fast, x, y)``: the loss of ``model`` with ``fast`` params (``shared`` fill the rest).
+                    buffers: Mapping[str, Tensor], output: OutputSpec | OutputSelector = None
+                    ) -> Callable[[Params, Tensor, Tensor], Tensor]:
+    """``L(fast, x, y)``: the loss of ``model`` with ``fast`` params (``shared`` fill the rest), on the tensor
+    that ``output`` selects from the model's output (:mod:`mamlkit.engine.outputs`).
 
     Buffers are copied on every call: a module may update them in place (BatchNorm's
     ``num_batches_tracked``), which a function transform forbids on captured tensors and which
     would make results depend on the execution strategy. The model's own buffers never change.
     """
+    select = output_selector(output)
 
     def loss(fast: Params, x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(call(model, {**shared, **fast}, fresh(buffers), x), y)
+        return loss_fn(select(call(model, {**shared, **fast}, fresh(buffers), x)), y)
 
     return loss
 
@@ -54,27 +58,20 @@ def trainable_filter(model: nn.Module, adapt_filter: Callable[[str], bool] | Non
 def name_filter(patterns: Sequence[str]) -> Callable[[str], bool] | None:
     """A parameter-name filter from glob patterns (``head.*``, ``*.layer.5.*``) or regular expressions
     (``encoder\\.layer\\.[45]\\..*``), matched against the whole name: a name passes when any pattern
-    matches it either way. ``None`` (every parameter) for no patterns."""
+    matches it either way. ``None`` (every parameter) for no patterns. Regex features that need backtracking
+    (backreferences, lookarounds) are refused (:mod:`mamlkit.base.patterns`)."""
     if not patterns:
         return None
-    regexes = []
-    for pattern in patterns:
-        try:
-            regexes.append(re.compile(pattern))
-        except re.error:  # '*.layer.5.*' is a glob, not a regex
-            regexes.append(None)
-
-    def passes(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) or (r is not None and r.fullmatch(name) is not None)
-                   for p, r in zip(patterns, regexes))
-
-    return passes
+    # Never Python's backtracking ``re``: a pattern may come from a checkpoint someone else wrote, and
+    # ``(.*.*.*.*.*.*.*.*.*.*)*X`` would never return. Matched in linear time, bounded in size.
+    return compile_patterns(patterns)
 
 
 def check_patterns(names: Sequence[str], patterns: Sequence[str]) -> None:
     """Raise ``ValueError`` naming a pattern that matches none of ``names`` (a typo would adapt nothing)."""
     for pattern in patterns:
-        if not any(name_filter([pattern])(n) for n in names):
+        passes = compile_patterns([pattern])
+        if not any(passes(n) for n in names):
             sample = ", ".join(list(names)[:8]) + (", ..." if len(names) > 8 else "")
             raise ValueError(f"--adapt {pattern!r} matches no parameter of the model; its parameters are {sample}")
 
@@ -139,12 +136,20 @@ def adapt_path(
     state = rule.init(fast)
     path = [fast]
     for step in range(steps):
+        _stop_point()
         if checkpoint and torch.is_grad_enabled() and any(t.requires_grad for t in fast.values()):
             fast, state = _checkpointed(one_step, fast, state, step)
         else:
             fast, state = one_step(fast, state, step)
         path.append(fast)
     return path
+
+
+def _stop_point() -> None:
+    """Where a stop signal may end validation or evaluation (:mod:`mamlkit.base.stops`); never inside a
+    compiled graph, where it would only be traced."""
+    if not torch.compiler.is_compiling():
+        stop_point()
 
 
 def _autograd_ok(fast: Params) -> bool:
@@ -191,25 +196,28 @@ def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
                  loss_fn: LossFn, rule: InnerRule, steps: int, first_order: bool,
                  adapt_filter: Callable[[str], bool] | None = None,
                  objective: Objective = query_objective, checkpoint: bool = False,
-                 inner: Callable[[Callable, Params], Callable] | None = None) -> Callable:
+                 inner: Callable[[Callable, Params], Callable] | None = None,
+                 output: OutputSpec | OutputSelector = None) -> Callable:
     """The per-task function ``fn(sx, sy, qx, qy) -> (loss, query_pred)`` that every strategy runs.
 
     Parameters whose name passes ``adapt_filter`` (all, by default) and that are not frozen
     (``requires_grad=False``) are adapted; the rest are shared by all tasks and only meta-learned (frozen
     ones not even that). ``checkpoint``: see :func:`adapt_path`. ``inner(loss, θ0)``: the inner objective
     made from the support loss (e.g. :func:`proximal`); default: the support loss. The outer objective sees
-    the support loss itself.
+    the support loss itself. ``output``: which tensor of the model's output the losses and predictions take
+    (:mod:`mamlkit.engine.outputs`), selected here so that the strategies only ever see tensors.
 
     The function carries ``second_order``: whether its meta-gradient differentiates the inner gradient
     again, which decides where the executor needs exact kernels (:func:`mamlkit.engine.exact.exact_ops`).
     """
     fast0, shared = split_params(params, trainable_filter(model, adapt_filter))
     note_model(model)
-    loss = support_loss_fn(model, loss_fn, shared, buffers)
+    select = output_selector(output)
+    loss = support_loss_fn(model, loss_fn, shared, buffers, select)
     inner_loss = loss if inner is None else inner(loss, fast0)
 
     def predict(fast: Params, x: Tensor) -> Tensor:
-        return call(model, {**shared, **fast}, fresh(buffers), x)
+        return select(call(model, {**shared, **fast}, fresh(buffers), x))
 
     def task_fn(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         path = adapt_path(inner_loss, fast0, sx, sy, rule=rule, steps=steps, first_order=first_order,
@@ -266,6 +274,7 @@ def adapt_final(loss: Callable[[Params, Tensor, Tensor], Tensor], fast: Params, 
     fast = {k: v.detach() for k, v in fast.items()}
     state = rule.init(fast)
     for step in range(steps):
+        _stop_point()
         grads = grad_fn(fast, support_x, support_y)
         fast, state = rule.update({k: g.detach() for k, g in grads.items()}, state, fast, step)
         fast = {k: v.detach() for k, v in fast.items()}

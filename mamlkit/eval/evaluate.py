@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad
 
 from mamlkit.algorithms import MetaLearner
 from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
 from mamlkit.base.metrics import mean_ci
+from mamlkit.base.stops import stop_point
 from mamlkit.engine.functional import named_params
 from mamlkit.engine.inner import support_loss_fn
 
@@ -95,6 +96,7 @@ def evaluate(learner: MetaLearner, tasks: TaskBatch, max_steps: int, batch_size:
     path as training) and collect the query metrics, ``batch_size`` tasks at a time."""
     losses, accs = [], []
     for start in range(0, tasks.num_tasks, batch_size):
+        stop_point()
         chunk = tasks[start:start + batch_size].to(device, dtype)
         l, a = learner.adapted_losses(chunk, max_steps)
         losses.append(l.cpu())
@@ -124,11 +126,22 @@ def descent_path(learner: MetaLearner, support_x: Tensor, support_y: Tensor, ste
 
     Returns the parameters after 0..steps steps (each ``[T, *shape]``) and ``halved [T]``: tasks on
     which some step was halved. Every parameter adapts (the learner's ``adapt_filter`` must be None).
+
+    The tasks run on the learner's executor (:meth:`~mamlkit.exec.executor.Executor.map`): vectorised
+    where its strategy is, one by one otherwise or where vmap cannot run the model (a recurrent layer, a
+    tensor's value read in Python, dropout), so any model that trains is evaluated.
     """
     if not safeguarded(learner):
         raise ValueError("descent_path runs plain SGD on every parameter; this learner adapts otherwise")
-    loss = support_loss_fn(learner.model, learner.loss_fn, {}, learner.buffers())
-    losses, grads = vmap(loss), vmap(grad(loss))
+    loss = support_loss_fn(learner.model, learner.loss_fn, {}, learner.buffers(), learner.output)
+    run, gradient = learner.executor.map, grad(loss)
+
+    def losses(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return run(loss, params, x, y)
+
+    def grads(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return run(gradient, params, x, y)
+
     num_tasks = support_x.shape[0]
     params = {k: v.detach().expand(num_tasks, *v.shape).clone() for k, v in named_params(learner.model).items()}
     path, halved = [params], torch.zeros(num_tasks, dtype=torch.bool, device=support_x.device)
@@ -138,6 +151,7 @@ def descent_path(learner: MetaLearner, support_x: Tensor, support_y: Tensor, ste
 
     with torch.no_grad():
         for _ in range(steps):
+            stop_point()  # a stop signal may end an evaluation between steps (mamlkit.base.stops)
             current = losses(params, support_x, support_y)
             g = grads(params, support_x, support_y)
             rate = torch.full_like(current, learner.pieces.inner_lr)
@@ -167,11 +181,13 @@ def evaluate_descent(learner: MetaLearner, tasks: TaskBatch, max_steps: int, bat
         return evaluate(learner, tasks, max_steps, batch_size, device, dtype)
     losses, halved = [], []
     for start in range(0, tasks.num_tasks, batch_size):
+        stop_point()
         chunk = tasks[start:start + batch_size].to(device, dtype)
         path, h = descent_path(learner, chunk.support_x, chunk.support_y, max_steps)
-        query = vmap(support_loss_fn(learner.model, learner.loss_fn, {}, learner.buffers()))
+        query = support_loss_fn(learner.model, learner.loss_fn, {}, learner.buffers(), learner.output)
         with torch.no_grad():
-            losses.append(torch.stack([query(p, chunk.query_x, chunk.query_y) for p in path], 1).cpu())
+            losses.append(torch.stack([learner.executor.map(query, p, chunk.query_x, chunk.query_y) for p in path],
+                                      1).cpu())
         halved.append(h.cpu())
     out = torch.cat(losses)
     return EvalResult(out, torch.zeros_like(out), torch.cat(halved))

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from mamlkit.base.batch import task_generator
+from mamlkit.checkpoint import atomic_write
 from mamlkit.engine.functional import call
 from mamlkit.eval.evaluate import descent_path, safeguarded
 from mamlkit.tasks.sinusoid import Sinusoid
@@ -19,6 +20,11 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically: a full disk leaves the old figure or none, never half of one."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def sinusoid_figures(run_dir: Path, learners: dict, results: dict, cfg) -> None:
@@ -53,8 +59,8 @@ def sinusoid_figures(run_dir: Path, learners: dict, results: dict, cfg) -> None:
             for steps, style in zip(shown, (":", "--", "-")):
                 params = {key: v[col] for key, v in path[steps].items()}
                 with torch.no_grad():
-                    pred = call(learner.model, params, dict(learner.model.named_buffers()),
-                                grid[:, None].to(dtype))
+                    pred = learner.output(call(learner.model, params, dict(learner.model.named_buffers()),
+                                               grid[:, None].to(dtype)))
                 ax.plot(grid, pred[:, 0].double(), style, color="tab:green" if steps else "tab:blue",
                         alpha=0.9, label="pre-update" if steps == 0 else f"{steps} grad step{'s' * (steps > 1)}")
             ax.scatter(x[col, :, 0], y[col, :, 0], marker="^", color="purple", zorder=5, label="used for grad")
@@ -65,29 +71,51 @@ def sinusoid_figures(run_dir: Path, learners: dict, results: dict, cfg) -> None:
         axes[row][0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"Few-shot fits (models meta-trained with K={cfg.k_shot}, α={cfg.inner_lr})")
     fig.tight_layout()
-    fig.savefig(run_dir / "figure2_fits.png", dpi=110)
+    save_figure(fig, run_dir / "figure2_fits.png")
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(cfg.eval_shots), figsize=(4.5 * len(cfg.eval_shots), 3.8), squeeze=False)
     for ax, shot in zip(axes[0], cfg.eval_shots):
+        drawn = False
         for name in names:
-            losses = results[name][shot].losses.double()
-            losses = torch.where(torch.isfinite(losses), losses, torch.tensor(float("nan"), dtype=losses.dtype))
-            steps = torch.arange(losses.shape[1])
-            mean = losses.nanmean(0)
-            ci = 1.96 * losses.std(0) / losses.shape[0] ** 0.5
-            lower = torch.maximum(mean - ci, mean / 10)  # above zero on the log axis
-            ax.plot(steps, mean, marker="o", markersize=3, label=name)
-            ax.fill_between(steps, lower, mean + ci, alpha=0.25)
-        ax.set_yscale("log")
+            mean, lower, upper, left_out = _log_band(results[name][shot].losses)
+            steps = torch.arange(mean.shape[0])
+            label = name + (f" ({left_out} of {results[name][shot].losses.shape[0]} tasks non-finite, left out)"
+                            if left_out else "")
+            ax.plot(steps, mean, marker="o", markersize=3, label=label)
+            ax.fill_between(steps, lower, upper, alpha=0.25)
+            drawn = drawn or bool((mean > 0).any())
+        if drawn:
+            ax.set_yscale("log")
+        else:  # a log axis with nothing positive and finite on it cannot be drawn at all
+            ax.text(0.5, 0.5, "no finite loss to plot", transform=ax.transAxes, ha="center", va="center")
         ax.set_title(f"K={shot} (meta-trained with K={cfg.k_shot})")
         ax.set_xlabel("number of gradient steps")
         ax.set_ylabel("query mean squared error")
         ax.legend()
     fig.suptitle(f"Learning curves at meta-test time: mean ± 95% CI over {cfg.eval_tasks} tasks")
     fig.tight_layout()
-    fig.savefig(run_dir / "figure3_learning_curve.png", dpi=110)
+    save_figure(fig, run_dir / "figure3_learning_curve.png")
     plt.close(fig)
+
+
+def _log_band(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Mean over tasks of ``losses [T, steps]`` and its 95% CI band for a log axis, over the tasks whose
+    every loss is finite (a diverged task is left out and counted, not allowed to make the curve NaN):
+    ``(mean, lower, upper, tasks left out)``; the lower edge is kept above zero. Points with no finite
+    value are NaN, which matplotlib leaves out."""
+    losses = losses.double()
+    keep = torch.isfinite(losses).all(1)
+    kept = losses[keep]
+    if kept.shape[0] == 0:
+        nan = torch.full((losses.shape[1],), float("nan"), dtype=torch.float64)
+        return nan, nan, nan, losses.shape[0]
+    mean = kept.mean(0)
+    ci = 1.96 * kept.std(0) / kept.shape[0] ** 0.5 if kept.shape[0] > 1 else torch.zeros_like(mean)
+    band = [mean, torch.maximum(mean - ci, mean / 10), mean + ci]
+    # a sum over huge finite losses can still overflow: such points are left out rather than set the axis to inf
+    band = [torch.where(torch.isfinite(v), v, torch.tensor(float("nan"), dtype=v.dtype)) for v in band]
+    return *band, int((~keep).sum())
 
 
 def accuracy_curve(path: Path, table: dict, title: str) -> None:
@@ -106,7 +134,7 @@ def accuracy_curve(path: Path, table: dict, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

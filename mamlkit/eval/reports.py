@@ -270,11 +270,52 @@ def declared(cfg: TrainConfig, kind: str) -> Report:
     return Report(table="steps" if kind == "classification" else "shots")
 
 
-def report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
-    """Evaluate every learner on the family's fixed test tasks and write its declared report into ``run_dir``
-    (``eval.md``, ``eval.json``, figures). Returns the text of ``eval.md``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    decl = declared(cfg, next(iter(learners.values())).kind)
+def _checked(cfg: TrainConfig, kind: str) -> Report:
+    """:func:`declared`, refused (a family's mistake) if this module cannot write it."""
+    decl = declared(cfg, kind)
     if decl.table not in LAYOUTS:
         raise ValueError(f"task family {cfg.task!r} declares a {decl.table!r} report; layouts: {', '.join(LAYOUTS)}")
+    unknown = [f for f in decl.figures if f not in plots.FIGURES] if decl.table == "shots" else []
+    unknown += [b.method for b in decl.baselines if b.method not in ("scratch", "prototypes")]
+    if unknown:
+        raise ValueError(f"task family {cfg.task!r} declares {', '.join(map(repr, unknown))}, which mamlkit.eval "
+                         f"cannot draw or run (figures: {', '.join(plots.FIGURES)}; baselines: scratch, prototypes)")
+    if any(b.method == "prototypes" for b in decl.baselines) and any(c.metric != "acc" for c in decl.columns):
+        raise ValueError(f"task family {cfg.task!r} declares a loss column and a prototypes baseline, which has none")
+    return decl
+
+
+def check(cfg: TrainConfig, kind: str) -> None:
+    """What :func:`report` needs of ``cfg`` for learners of ``kind``, checked before training so that a run that
+    cannot be reported fails before its first step: the family's declaration, and one task of every test
+    distribution the report draws (each K of a ``shots`` report, each declared baseline's episodes)."""
+    decl = _checked(cfg, kind)
+    family = get_family(cfg.task)
+    if decl.table == "shots":
+        dists = [family.build(cfg.replace(k_shot=k, k_query=cfg.eval_query or k), "test") for k in cfg.eval_shots]
+    else:
+        dists = [family.build(cfg, "test")]
+    dists += [b.tasks(cfg, "test") for b in decl.baselines if b.tasks is not None]
+    for dist in dists:
+        dist.sample(1, task_generator(cfg.seed + EVAL_SEED_OFFSET, "test", 0))
+
+
+def _budgets(iterations: dict[str, int]) -> str:
+    """The meta-training iterations of each learner, in words, with a warning when they differ."""
+    text = "Meta-training iterations: " + ", ".join(f"{n} {i}" for n, i in iterations.items()) + "."
+    if len(set(iterations.values())) > 1:
+        text += " ⚠ The learners trained for different numbers of iterations: not a comparison at the same budget."
+    return text
+
+
+def report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig,
+           iterations: dict[str, int] | None = None) -> str:
+    """Evaluate every learner on the family's fixed test tasks and write its declared report into ``run_dir``
+    (``eval.md``, ``eval.json``, figures). ``iterations``: how long each learner (by name) meta-trained, stated
+    in eval.md and eval.json. Returns the text of ``eval.md``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    decl = _checked(cfg, next(iter(learners.values())).kind)
+    if iterations:
+        decl = dataclasses.replace(decl, describe=(*decl.describe, _budgets(iterations)),
+                                   facts={**decl.facts, "iterations": iterations})
     return LAYOUTS[decl.table](run_dir, learners, cfg, decl)

@@ -9,10 +9,18 @@ It holds everything about *how*, and nothing about *what*:
 * ``auto``'s trial (:mod:`mamlkit.exec.tuning`): on the first batch, the candidates are measured and the
   fastest kept. The trainer calls :meth:`Executor.settle` before its first iteration, knowing the run's
   length; from Python the trial runs by itself on the first ``meta_loss``/``meta_backward`` call (or on
-  ``learner.tune(batch)``). Every candidate computes the same numbers, so the trial changes speed only;
+  ``learner.tune(batch)``). Every candidate must match the loop's meta-gradient on the trial batch (checked),
+  so the trial changes speed only;
+* what the model runs (:meth:`Executor.check`, :mod:`mamlkit.exec.exactness`), found on the first call: an
+  op without the derivatives the meta-gradient needs is one error under every strategy, and ``threads``
+  refuses a model that draws random numbers;
 * the memory budget (``memory_budget_mb``), met by chunking or refusing candidates in the trial;
 * the compiled CPU kernels' switch (``fast_kernels``): the executor installs them, ``functional.call``
-  only runs the module view the executor set.
+  only runs the module view the executor set;
+* the thread plan (``threads``, :mod:`mamlkit.exec.threads`): every call runs under it and gives the
+  caller's thread settings back when it returns (:meth:`Executor.planned`);
+* evaluation and adaptation (:meth:`Executor.map`, :meth:`Executor.evaluate_tasks`): the same strategy,
+  or the loop where vmap cannot run the model, so a model that trains also evaluates.
 
 Every per-task run, whatever the strategy (vmap, loop, worker threads, compiled), is wrapped in the modes
 of :func:`mamlkit.exec.strategies.task_modes`: the one place where engine-level modes (exact norms under
@@ -34,7 +42,8 @@ from torch import Tensor, nn
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
 from mamlkit.engine import functional
-from mamlkit.exec import kernels, strategies, tuning
+from mamlkit.exec import exactness, kernels, strategies, tuning
+from mamlkit.exec import threads as thread_plan
 from mamlkit.exec.kernels import fusion
 from mamlkit.exec.strategies import Strategy, TaskFn
 
@@ -58,15 +67,22 @@ class Executor:
             meta-gradient only for runs long enough to pay its compile time back.
         fast_kernels: switch the compiled CPU kernels on or off for the process (``None``: leave the
             process's setting, on unless ``MAMLKIT_FAST_KERNELS=0``).
+        threads: the thread plan of every call (:func:`mamlkit.exec.threads.choose`): ``N`` intra-op threads
+            and task workers, ``0`` the trainer's choice (one intra-op thread on the CPU, a task worker per
+            core), ``None`` one intra-op thread with the caller's torch thread count as task workers
+            (:func:`mamlkit.exec.threads.for_caller`). The caller's settings are restored after each call.
     """
 
     def __init__(self, model: nn.Module, strategy: str = "auto", *, chunk_size: int | None = None,
                  checkpoint_inner: bool = False, memory_budget_mb: float = 0.0, iterations: int | None = None,
-                 fast_kernels: bool | None = None):
+                 fast_kernels: bool | None = None, threads: int | None = None):
         if memory_budget_mb < 0:
             raise ValueError(f"memory_budget_mb must be >= 0 (0: no limit), got {memory_budget_mb}")
         device = next(model.parameters()).device
-        self.model = model
+        if threads is not None:
+            thread_plan.choose(threads, str(device))  # refuses a negative count now, not on the first call
+        self.model, self.device, self.threads = model, device, threads
+        self._vmap_failed = False  # evaluation found that vmap cannot run the model: it runs in the loop
         self.strategy: Strategy = strategies.choose_strategy(strategy, model, device, chunk_size or None,
                                                              checkpoint_inner=checkpoint_inner)
         self.checkpoint_inner = checkpoint_inner
@@ -77,6 +93,7 @@ class Executor:
         # functional.call runs a Sequential of built-in layers as its fused layer list while a kernels mode is on
         functional.set_module_view(fusion.fused)
         self._settling = False
+        self._probes: dict[tuple[int, bool], exactness.Probe] = {}  # what the model runs: see check()
         # a strategy asked for by name has not yet run this model; auto's trial proves (or drops) its own
         self._proven = self.strategy.auto or self.strategy.name == "loop"
 
@@ -84,40 +101,146 @@ class Executor:
     def from_config(cls, cfg: Any, model: nn.Module) -> Executor:
         """The executor a :class:`~mamlkit.config.TrainConfig` asks for."""
         return cls(model, cfg.strategy, chunk_size=cfg.chunk_size or None, checkpoint_inner=cfg.checkpoint_inner,
-                   memory_budget_mb=cfg.memory_budget, iterations=cfg.iterations, fast_kernels=cfg.fast_kernels)
+                   memory_budget_mb=cfg.memory_budget, iterations=cfg.iterations, fast_kernels=cfg.fast_kernels,
+                   threads=cfg.threads)
 
     # --- running tasks -----------------------------------------------------------------------------
 
     def map_tasks(self, fn: TaskFn, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Per-task losses ``[T]`` and query predictions ``[T, N_q, ...]``, keeping the autograd graph."""
-        return self._first_run(lambda: strategies.map_tasks(fn, batch, self.strategy))
+        losses, preds = self._first_run(fn, batch, lambda: strategies.map_tasks(fn, batch, self.strategy))
+        if not self.strategy.vectorize and strategies._second_order(fn):
+            strategies.math_attention_in_backward(losses)  # the caller's backward may recompute checkpoints
+        return losses, preds
 
     def backward_tasks(self, fn: TaskFn, batch: TaskBatch, weight: float = 1.0,
                        params: Iterable[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Back-propagate ``weight * mean_t loss_t`` chunk by chunk (see :func:`strategies.backward_tasks`)."""
-        return self._first_run(lambda: strategies.backward_tasks(fn, batch, self.strategy, weight, params))
+        return self._first_run(fn, batch, lambda: strategies.backward_tasks(fn, batch, self.strategy, weight, params))
 
     def meta_backward(self, build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str, nn.Parameter],
                       batch: TaskBatch, weight: float = 1.0) -> tuple[Tensor, Tensor]:
         """Accumulate ``weight ×`` the meta-gradient into ``params[k].grad`` (see :func:`strategies.meta_backward`);
         ``build(params) -> fn`` makes the per-task function, so the compiled strategy can trace it."""
-        return self._first_run(lambda: strategies.meta_backward(build, params, batch, self.strategy, weight))
+        fn = build(params)
+        return self._first_run(fn, batch, lambda: strategies.meta_backward(build, params, batch, self.strategy,
+                                                                           weight, fn=fn))
 
-    def _first_run(self, run: Callable[[], T]) -> T:
-        """Run ``run``; when a strategy named explicitly (not the loop) raises on its first batch, say which
-        strategy failed and which run any model, instead of torch's error alone. The trainer finds this
-        in its trial before training (:func:`mamlkit.exec.tuning.settle_strategy`); a Python caller's
-        first call is where it shows. Later errors pass unchanged: by then the strategy has run this model."""
-        if self._proven or self._settling:
-            return run()
+    def _first_run(self, fn: TaskFn, batch: TaskBatch, run: Callable[[], T]) -> T:
+        """Check the model (:meth:`check`), then run ``run``. An op that cannot give the meta-gradient is one
+        :class:`~mamlkit.exec.exactness.DifferentiationError` whatever the strategy. When a strategy named
+        explicitly (not the loop) raises on its first batch, say which strategy failed and which run any
+        model, instead of torch's error alone. The trainer finds this in its trial before training
+        (:func:`mamlkit.exec.tuning.settle_strategy`); a Python caller's first call is where it shows. Later
+        errors pass unchanged: by then the strategy has run this model."""
+        found = self.check(fn, batch)
         try:
             out = run()
         except UserError:
             raise
         except Exception as err:
+            why = exactness.explain(err, found)
+            if why is not None:
+                raise why from err
+            if self._proven or self._settling:
+                raise
             raise tuning.cannot_run(self.strategy.name, err) from err
         self._proven = True
         return out
+
+    def check(self, fn: TaskFn, batch: TaskBatch) -> exactness.Probe:
+        """What the model runs (:func:`mamlkit.exec.exactness.probe`), found once per train/eval setting and
+        order: raises for an op without the derivatives the meta-gradient needs, and refuses ``threads`` for
+        a model that draws random numbers (an inactive dropout draws none and is not refused)."""
+        second = strategies._second_order(fn) and torch.is_grad_enabled()
+        key = (exactness.training_key(self.model), second)
+        found = self._probes.get(key)
+        if found is None:
+            found = self._probes[key] = exactness.probe(self.model, fn, batch, second)
+        if found.random_ops and self.strategy.threaded:
+            raise tuning.StrategyError(exactness.threads_refusal(found.random_ops))
+        return found
+
+    def random_ops(self) -> tuple[str, ...]:
+        """The random aten ops the model ran in its current train/eval setting (empty until it ran)."""
+        key = exactness.training_key(self.model)
+        return tuple(sorted({op for (k, _), p in self._probes.items() if k == key for op in p.random_ops}))
+
+    # --- evaluation and adaptation -----------------------------------------------------------------
+
+    def map(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn`` on each task's slice of ``args`` (tensors, or dicts of tensors, with a leading task
+        dimension), its outputs stacked over tasks (:func:`strategies.map_args`): evaluation's per-task work,
+        which builds no meta-gradient. Vectorised where the strategy is (vmap, compile, ``auto`` before its
+        trial), else task by task (loop, threads); where vmap cannot run the model (an op without a
+        batching rule, a tensor's value read in Python, random draws it refuses), in the loop from then on."""
+        with self.planned():
+            if self.strategy.vectorize and not self._vmap_failed:
+                try:
+                    return strategies.map_args(fn, args, vectorize=True)
+                except UserError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - any op vmap cannot run; the loop runs every model
+                    self._vmap_cannot_run(err)
+            return strategies.map_args(fn, args, vectorize=False)
+
+    def evaluate_tasks(self, fn: TaskFn, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        """Per-task losses ``[T]`` and query predictions of ``fn`` for evaluation, with the strategy (chunks
+        and threads included), or in the loop where vmap cannot run the model (see :meth:`map`)."""
+        with self.planned():
+            strategy = self.strategy
+            if strategy.vectorize and not self._vmap_failed:
+                try:
+                    return strategies.map_tasks(fn, batch, strategy)
+                except UserError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - as in map
+                    self._vmap_cannot_run(err)
+            if strategy.vectorize:
+                strategy = Strategy(vectorize=False, chunk_size=strategy.chunk_size)
+            return strategies.map_tasks(fn, batch, strategy)
+
+    def _vmap_cannot_run(self, err: Exception) -> None:
+        self._vmap_failed = True
+        log.info("mamlkit: vmap cannot run this model's evaluation (%s: %s); its tasks run in a loop",
+                 type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+
+    # --- threads -----------------------------------------------------------------------------------
+
+    def plan(self, threads: int | None = None) -> thread_plan.ThreadPlan:
+        """The thread plan of ``threads`` (default: the executor's own, see the class's ``threads``)."""
+        requested = self.threads if threads is None else threads
+        if requested is None:
+            return thread_plan.for_caller(str(self.device))
+        return thread_plan.choose(requested, str(self.device))
+
+    def planned(self, threads: int | None = None) -> contextlib.AbstractContextManager:
+        """Run the enclosed code under :meth:`plan`, then give the caller's thread settings back. Inside an
+        enclosing plan (a command's ``--threads``, the trainer's) the enclosing one holds."""
+        if thread_plan.active() is not None:
+            return contextlib.nullcontext()
+        return thread_plan.planned(self.plan(threads))
+
+    def plan_backward(self, loss: Tensor) -> None:
+        """Run the backward pass through ``loss`` under the plan's intra-op threads as well: ``meta_loss``
+        returns its loss, and the backward, most of a meta-iteration's time, runs after the call returned.
+        A hook on the loss's node sets the count when a backward pass reaches it, and a callback of the
+        autograd engine puts the caller's back when that pass ends (the engine runs no callback after a
+        backward that raised: then the plan's count stays set)."""
+        node = loss.grad_fn
+        if node is None:
+            return
+
+        def start(grad_outputs):
+            if thread_plan.active() is not None:  # an enclosing plan (the trainer's) holds
+                return None
+            saved, wanted = torch.get_num_threads(), self.plan().intra_op
+            if wanted != saved:
+                torch.set_num_threads(wanted)
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: torch.set_num_threads(saved))
+            return None
+
+        node.register_prehook(start)
 
     # --- choosing the strategy ---------------------------------------------------------------------
 
@@ -150,9 +273,10 @@ class Executor:
         the global RNG are left as they were."""
         self._settling = True
         try:
-            runs = iterations if iterations is not None else (self.iterations or 0)
-            chosen = tuning.settle_strategy(learner, batch, iterations=runs, memory_budget_mb=self.memory_budget_mb,
-                                            say=say)
+            with self.planned():  # the candidates are timed under the threads they will run with
+                runs = iterations if iterations is not None else (self.iterations or 0)
+                chosen = tuning.settle_strategy(learner, batch, iterations=runs,
+                                                memory_budget_mb=self.memory_budget_mb, say=say)
         finally:
             self._settling = False
         self._proven = True

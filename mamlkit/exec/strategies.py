@@ -24,8 +24,8 @@ numbers (a test checks this to 1e-10 in float64):
   thread, and a batch norm → ReLU → max-pool block as one fused kernel (:mod:`mamlkit.exec.kernels.fusion`).
 * Every strategy enters :func:`~mamlkit.engine.exact.exact_ops` around its per-task runs: attention runs
   its math kernel wherever the graph is differentiated twice (the fused kernels have no double backward).
-* ``auto``: measured, not guessed (:func:`autotune`): the candidates run the first batch of
-  training and the fastest is kept. Every candidate is exact.
+* ``auto``: measured, not guessed (:mod:`mamlkit.exec.tuning`): the candidates run the first batch of
+  training, those whose meta-gradient matches the loop's are timed, and the fastest is kept.
 
 Either can be chunked: ``chunk_size`` tasks are run, their loss back-propagated and their
 graph freed before the next chunk, so peak memory scales with the chunk, not the meta-batch.
@@ -40,9 +40,11 @@ import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.choices import STRATEGIES, check_choice
@@ -122,10 +124,7 @@ def choose_strategy(requested: str, model: nn.Module, device: torch.device | str
     if requested == "auto":
         loop = checkpoint_inner or (_has_conv(model) and torch.device(device).type == "cpu")
         return Strategy(vectorize=not loop, chunk_size=chunk, auto=not checkpoint_inner)
-    if requested == "threads":
-        if has_dropout(model):
-            raise ValueError("strategy threads would make the model's dropout masks depend on thread timing "
-                             "(dropout draws from the global RNG); use loop, vmap or auto")
+    if requested == "threads":  # refused on its first run if the model draws random numbers (Executor.check)
         return Strategy(vectorize=False, workers=-1)
     return Strategy(vectorize=requested != "loop", chunk_size=chunk, compiled=requested == "compile")
 
@@ -134,10 +133,20 @@ def _has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
-def has_dropout(model: nn.Module) -> bool:
-    """Whether ``model`` has a dropout layer that draws (random draws run in task order only in one thread);
-    ``p = 0`` draws nothing (transformer layers built with ``dropout=0.0``)."""
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+def math_attention_in_backward(out: Tensor) -> None:
+    """Run a later backward pass through ``out`` (the caller's ``loss.backward()``) with attention on its math
+    kernel: switched on when the pass reaches ``out``'s node, off when the pass ends. An activation checkpoint
+    recomputes its segment in that pass and must pick the kernel its forward picked, or torch raises a
+    ``CheckpointError`` (the fused kernel saves other tensors)."""
+    if out.grad_fn is None:
+        return
+
+    def switch_on(grad_outputs):
+        switch = math_attention()
+        switch.__enter__()
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: switch.__exit__(None, None, None))
+
+    out.grad_fn.register_prehook(switch_on)
 
 
 def task_modes(vectorized: bool, kernel_key: Hashable = None, second_order: bool = True
@@ -199,6 +208,22 @@ def map_tasks(fn: TaskFn, batch: TaskBatch, strategy: Strategy) -> tuple[Tensor,
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
+def map_args(fn: Callable[..., Any], args: tuple, *, vectorize: bool) -> Any:
+    """``fn`` on each task's slice of ``args`` (tensors, or dicts and tuples of them, with a leading task
+    dimension), its outputs (likewise) stacked over tasks: evaluation's per-task work, which builds no
+    meta-gradient. ``vectorize``: ``torch.vmap`` under the modes of :func:`task_modes` (random draws
+    independent per task, as :func:`_run`'s); otherwise a loop over tasks. The loop runs no compiled
+    kernel: ``fn`` may differentiate with ``torch.func.grad``, which their autograd functions do not
+    support, and evaluation differentiates once, so the fused kernels gain little."""
+    num_tasks = pytree.tree_leaves(args)[0].shape[0]
+    if vectorize:
+        with task_modes(True):
+            return torch.vmap(fn, randomness="different")(*args)
+    with exact_ops(vectorized=False, second_order=False):
+        outs = [fn(*pytree.tree_map(lambda t, i=i: t[i], args)) for i in range(num_tasks)]
+    return pytree.tree_map(lambda *per_task: torch.stack(per_task), *outs)
+
+
 def backward_tasks(fn: TaskFn, batch: TaskBatch, strategy: Strategy, weight: float = 1.0,
                    params: Iterable[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Back-propagate ``weight * mean_t loss_t`` chunk by chunk, freeing each chunk's graph.
@@ -212,24 +237,28 @@ def backward_tasks(fn: TaskFn, batch: TaskBatch, strategy: Strategy, weight: flo
     losses, preds = [], []
     for c in chunks(batch, strategy, for_backward=True):
         loss, pred = _run(fn, c, strategy.vectorize)
-        (loss.sum() * (weight / batch.num_tasks)).backward()
+        # per task, the backward runs under the forward's attention switch: an activation checkpoint recomputes
+        # its segment there, and must pick the same (math) kernel as the forward did
+        with contextlib.nullcontext() if strategy.vectorize else exact_ops(vectorized=False,
+                                                                           second_order=_second_order(fn)):
+            (loss.sum() * (weight / batch.num_tasks)).backward()
         losses.append(loss.detach())
         preds.append(pred.detach())
     return torch.cat(losses), torch.cat(preds)
 
 
 def meta_backward(build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str, nn.Parameter], batch: TaskBatch,
-                  strategy: Strategy, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+                  strategy: Strategy, weight: float = 1.0, fn: TaskFn | None = None) -> tuple[Tensor, Tensor]:
     """Accumulate ``weight ×`` the meta-gradient of the mean task loss into ``params[k].grad``.
 
     ``build(params) -> fn`` makes the per-task function for a given meta-parameter dict; the eager
     strategies call it once with ``params`` (autograd records the graph), the compiled strategy
     differentiates it with ``torch.func.grad`` inside ``torch.compile``. ``build`` should be the same
     object on every call, so the compiled function is reused. Returns detached per-task losses ``[T]``
-    and query predictions ``[T, N_q, ...]``.
+    and query predictions ``[T, N_q, ...]``. ``fn``: ``build(params)``, where the caller has made it already.
     """
     if not strategy.compiled:
-        return backward_tasks(build(params), batch, strategy, weight, params.values())
+        return backward_tasks(fn or build(params), batch, strategy, weight, params.values())
     grad_fn = strategy.cache.get(build)
     if grad_fn is None:
         grad_fn = strategy.cache[build] = _compiled_grad(build)

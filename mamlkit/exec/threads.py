@@ -19,16 +19,28 @@ can only be set before torch is imported.
 So by default a CPU run uses one intra-op thread, which keeps a fair share of the machine under
 load, and gives the cores to whole tasks instead (:func:`task_workers`, read by the ``threads``
 strategy and by ``auto``'s choice of candidates). ``--threads N`` sets both to N, as before.
+
+Every entry point runs under such a plan, not only training: ``mamlkit eval``, ``adapt``, ``rl eval`` and
+``rl adapt`` (``--threads``), and the Python API's calls (``Executor.planned``; a call that names no count
+gives the caller's torch thread count to the task workers, :func:`for_caller`): evaluation's and
+adaptation's small ops meet the same barriers as training's. Each entry point sets its plan, runs, and
+gives the caller's settings back (:func:`planned`), so a Python program's own torch settings are as it
+left them after every call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from mamlkit.base.limits import check_threads
+
 _task_workers: int | None = None  # set by the trainer (apply); None: follow torch's thread count
+_active: ThreadPlan | None = None  # the plan of the outermost `planned` block running, if any
 
 
 def cores() -> int:
@@ -56,6 +68,7 @@ def choose(requested: int, device: str = "cpu") -> ThreadPlan:
     """
     if requested < 0:
         raise ValueError(f"threads must be >= 0 (0: chosen by the trainer), got {requested}")
+    check_threads(requested)
     if requested:
         return ThreadPlan(intra_op=requested, task_workers=requested)
     if not str(device).startswith("cpu"):
@@ -69,6 +82,44 @@ def apply(plan: ThreadPlan) -> None:
     global _task_workers
     torch.set_num_threads(plan.intra_op)
     _task_workers = plan.task_workers
+
+
+def for_caller(device: str = "cpu") -> ThreadPlan:
+    """The plan of a Python call that names no thread count (``mamlkit.MAML(model)``): one intra-op
+    thread on the CPU, as the trainer's, and the threads the caller gave torch as task workers. A caller
+    who set ``torch.set_num_threads(1)`` keeps mamlkit to one core; the default (every core) gives the
+    ``threads`` strategy a worker per core, as ``choose(0)`` does. On an accelerator nothing changes."""
+    n = task_workers()
+    if not str(device).startswith("cpu"):
+        return ThreadPlan(intra_op=torch.get_num_threads(), task_workers=n)
+    return ThreadPlan(intra_op=1, task_workers=n)
+
+
+@contextlib.contextmanager
+def planned(plan: ThreadPlan) -> Iterator[None]:
+    """Run the enclosed code under ``plan``, then put torch's thread count and the task workers back as
+    they were: an entry point (a command, ``learner.meta_loss``, ``learner.adapt``) must not leave the
+    caller's process changed. Nested blocks keep the outermost plan: the entry point that the user
+    configured (``--threads``) decides, not the calls it makes."""
+    global _active, _task_workers
+    if _active is not None:
+        yield
+        return
+    saved = torch.get_num_threads(), _task_workers
+    _active, _task_workers = plan, plan.task_workers
+    if saved[0] != plan.intra_op:  # setting the count is not free (MKL, OpenMP): only when it changes
+        torch.set_num_threads(plan.intra_op)
+    try:
+        yield
+    finally:
+        _active, _task_workers = None, saved[1]
+        if torch.get_num_threads() != saved[0]:
+            torch.set_num_threads(saved[0])
+
+
+def active() -> ThreadPlan | None:
+    """The plan of the ``planned`` block running now, if any."""
+    return _active
 
 
 def reset() -> None:

@@ -10,8 +10,10 @@ meta-gradient for dispatch-bound MLPs in long runs. Before training, :func:`sett
 2. under ``--memory-budget``, chunks vmap (or drops a candidate) so the estimate fits;
 3. with ``--strategy auto``, times the candidates on that batch and keeps the fastest.
 
-Every candidate computes the same meta-gradient (tests check this to 1e-10 in float64), so the
-choice changes speed and memory, never the numbers beyond floating-point rounding. The learner's
+Every candidate should compute the same meta-gradient (tests check this to 1e-10 in float64); with
+``auto`` that is checked, not assumed: the loop's meta-gradient on the trial batch is computed first, and
+a candidate whose own differs by more than rounding (:data:`AGREEMENT`) is dropped with the difference.
+So the choice changes speed and memory, never the numbers beyond floating-point rounding. The learner's
 gradients and the global RNG are left as they were.
 """
 
@@ -30,8 +32,9 @@ from torch import nn
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
 from mamlkit.exec import threads
+from mamlkit.exec.exactness import DifferentiationError
 from mamlkit.exec.memory import ProbeStopped, mb, meta_backward_peak
-from mamlkit.exec.strategies import Strategy, _has_conv, has_dropout
+from mamlkit.exec.strategies import Strategy, _has_conv
 
 # A compiled meta-gradient costs tens of seconds to build on a CPU; below this many iterations it
 # cannot pay that back, so ``auto`` does not try it.
@@ -49,6 +52,13 @@ TRIAL_ROUNDS = 3
 # the measured runs (docs/performance-notes.md) no other candidate above 4× the leanest was the fastest: vmap in
 # chunks of 4 on 20w1s (7×) was slower than threads (2×). ``--strategy vmap`` still asks for it.
 MEMORY_SKIP_RATIO, MEMORY_SKIP_FLOOR = 4, 32 * 2**20
+# How far ``auto`` lets a candidate's meta-gradient on the trial batch be from the loop's (the largest entry of
+# the difference over the largest of the loop's): rounding only. The strategies agree to ~1e-15 in float64
+# (tests/test_model_zoo.py); in float32 they sum in other orders (vmap's batched kernels): 3e-7 apart on the zoo's
+# transformer encoder, 9e-6 on its ResNet-12 (measured on the CPU), far below 1e-3, while
+# the errors this catches are of order one (a term of the meta-gradient lost: 14% off, tests/test_exactness.py).
+AGREEMENT = {torch.float64: 1e-9, torch.float32: 1e-3}
+AGREEMENT_LOW = 5e-2  # float16 and bfloat16
 
 
 def estimate(learner: Any, batch: TaskBatch, strategy: Strategy,
@@ -181,7 +191,7 @@ def _candidates(learner: Any, iterations: int) -> list[Strategy]:
     if not s.auto:
         return [s]
     vmap, loop = Strategy(True, s.chunk_size, auto_chunk=not s.chunk_size), Strategy(False, s.chunk_size)
-    on_threads = [Strategy(False, workers=-1)] if _threads_usable(learner.model) else []
+    on_threads = [Strategy(False, workers=-1)] if _threads_usable(learner) else []
     if _has_conv(learner.model):
         # Conv nets: vmap's grouped convolutions win with few query images, the loop with many (on a GPU
         # too: large images, few tasks), threads with little work per task (benchmarks/RESULTS.md);
@@ -201,14 +211,15 @@ def _candidates(learner: Any, iterations: int) -> list[Strategy]:
 _FALLBACKS = [Strategy(False)]
 
 
-def _threads_usable(model: nn.Module) -> bool:
+def _threads_usable(learner: Any) -> bool:
     """Whether ``auto`` times whole tasks on threads: on the CPU, with more than one task worker
-    (:func:`mamlkit.exec.threads.task_workers`) and more than one core to run them, and without dropout
-    (whose masks would depend on thread timing). Each worker runs one intra-op thread and the workers meet
-    once per meta-iteration, not once per op, so a busy machine does not make them wait on every op as
-    several intra-op threads would (:mod:`mamlkit.exec.threads`)."""
-    cpu = next(model.parameters()).device.type == "cpu"
-    return cpu and min(threads.task_workers(), threads.cores()) > 1 and not has_dropout(model)
+    (:func:`mamlkit.exec.threads.task_workers`) and more than one core to run them, for a model that drew no
+    random numbers when it ran (dropout, found by what runs: ``Executor.random_ops``; on threads the draws
+    would follow thread timing). Each worker runs one intra-op thread and the workers meet once per
+    meta-iteration, not once per op, so a busy machine does not make them wait on every op as several
+    intra-op threads would (:mod:`mamlkit.exec.threads`)."""
+    cpu = next(learner.model.parameters()).device.type == "cpu"
+    return cpu and min(threads.task_workers(), threads.cores()) > 1 and not learner.executor.random_ops()
 
 
 _SIMPLE = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
@@ -274,9 +285,66 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
                     say: Callable[[str], None] = print) -> Strategy:
     """Fix ``learner.executor.strategy`` for a run of ``iterations`` meta-iterations on batches like ``batch``.
 
-    Prints the memory estimate and, with ``auto``, the time per meta-iteration of each candidate.
-    Raises :class:`UserError` when no strategy fits ``memory_budget_mb`` (0: no budget).
+    Prints the memory estimate and, with ``auto``, the time per meta-iteration of each candidate. ``auto``
+    first computes the loop's meta-gradient on ``batch`` and keeps only candidates that agree with it
+    (:data:`AGREEMENT`); a model that draws random numbers gets the first candidate that runs, untimed,
+    so that a seed gives the same run whatever the machine's load. Raises :class:`UserError` when no
+    strategy runs the model (naming each candidate and why) or fits ``memory_budget_mb`` (0: no budget),
+    and :class:`~mamlkit.exec.exactness.DifferentiationError` when the model's ops cannot give the
+    meta-gradient under any strategy.
     """
+    auto = learner.executor.strategy.auto
+    reference = _loop_reference(learner, batch) if auto else None
+    random_ops = learner.executor.random_ops()
+    options, needs, failed = _fit_candidates(learner, batch, iterations, memory_budget_mb, say)
+    if not options and failed:
+        raise _nothing_runs(failed)
+    if not options:
+        raise UserError(f"no execution strategy fits --memory-budget {memory_budget_mb:g} MB. Raise the "
+                        "budget, lower --meta-batch or --inner-steps, or use --checkpoint-inner (memory "
+                        "independent of the inner steps)")
+    if len(options) > 1:
+        heavy = [c for c in options if needs[c.name] > _skip_above(min(needs.values()))]
+        if heavy:
+            say(f"mamlkit: not timing {', '.join(c.name for c in heavy)}: over {MEMORY_SKIP_RATIO}× the memory of "
+                "the leanest candidate")
+            options = [c for c in options if c not in heavy]
+    if auto and random_ops:
+        say(f"mamlkit: the model draws random numbers (aten::{', aten::'.join(random_ops)}); strategy auto keeps "
+            f"{options[0].name} without timing, so that a seed gives the same run whatever the machine's load")
+        options = options[:1]
+    elif auto and isinstance(reference, dict):
+        options = _agreeing(learner, batch, options, reference, failed, say)
+    if len(options) > 1:
+        seconds = _time_all(learner, batch, options, rounds=TRIAL_ROUNDS, say=say)
+        timed = [(t, c) for t, c in zip(seconds, options) if t < math.inf]
+        if not timed:
+            raise _nothing_runs(failed + [(c, RuntimeError("it raised in its timed trial")) for c in options])
+        say("mamlkit: strategy timing (s per meta-iteration): "
+            + ", ".join(f"{c.name} {t:.4f}" for t, c in timed))
+        # the fastest, or a leaner one within NEAR_FASTEST of it
+        best = min(t for t, _ in timed)
+        options = [min((c for t, c in timed if t <= best * NEAR_FASTEST), key=lambda c: needs[c.name])]
+        _release_freed_memory()
+    elif not options:  # every candidate disagreed with the loop, which ran: the loop is exact by definition
+        say("mamlkit: strategy auto keeps the loop, whose meta-gradient the others did not match")
+        options = [Strategy(False)]
+    elif options[0].compiled:  # compile now, so a failure is a clear message rather than a mid-run traceback
+        try:
+            _time(learner, batch, options[0], repeats=0)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"--strategy compile failed on this machine ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else ''}). torch.compile needs a "
+                            "working C++ compiler on the CPU; use --strategy vmap (same numbers)") from err
+    learner.executor.strategy = options[0]
+    return options[0]
+
+
+def _fit_candidates(learner: Any, batch: TaskBatch, iterations: int, memory_budget_mb: float,
+                    say: Callable[[str], None]) -> tuple[list[Strategy], dict[str, int], list]:
+    """``(options, needs, failed)``: the candidates that ran one and two tasks of ``batch`` and fit the budget
+    (vmap chunked to fit), their bytes of tensors per meta-iteration, and ``(candidate, error)`` for those
+    that raised. The plain loop is tried only when every candidate raised."""
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
     options, needs, failed = [], {}, []
     candidates = _candidates(learner, iterations)
@@ -292,11 +360,13 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
             enough = _skip_above(min(needs.values())) if needs else None
         try:
             fixed, per_task, exact = estimate(learner, batch, cand, enough)
+        except DifferentiationError:
+            raise  # the model's ops, not the strategy: every strategy would fail alike
         except Exception as err:  # noqa: BLE001 - a candidate that cannot run this model
             _release_freed_memory()
             if not learner.executor.strategy.auto:
-                raise cannot_run(cand.name, err) from err
-            failed.append(cand)
+                raise (err if isinstance(err, UserError) else cannot_run(cand.name, err)) from err
+            failed.append((cand, err))
             say(f"mamlkit: strategy {cand.name} unavailable for this model ({_reason(err)}); skipped")
             continue
         _release_freed_memory()  # so that the next measurement does not sit on top of this one's leftovers
@@ -320,37 +390,92 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
             chunked = fitted.replace(chunk_size=quarter)
             options.append(chunked)
             needs[chunked.name] = fixed + per_task * quarter
-    if not options and failed and all(c in failed for c in candidates):
-        raise UserError("no execution strategy could run this model: "
-                        + ", ".join(c.name for c in failed) + " raised (see the log)")
-    if not options:
-        raise UserError(f"no execution strategy fits --memory-budget {memory_budget_mb:g} MB. Raise the "
-                        "budget, lower --meta-batch or --inner-steps, or use --checkpoint-inner (memory "
-                        "independent of the inner steps)")
-    if len(options) > 1:
-        heavy = [c for c in options if needs[c.name] > _skip_above(min(needs.values()))]
-        if heavy:
-            say(f"mamlkit: not timing {', '.join(c.name for c in heavy)}: over {MEMORY_SKIP_RATIO}× the memory of "
-                "the leanest candidate")
-            options = [c for c in options if c not in heavy]
-    if len(options) > 1:
-        seconds = _time_all(learner, batch, options, rounds=TRIAL_ROUNDS, say=say)
-        timed = [(t, c) for t, c in zip(seconds, options) if t < math.inf]
-        if not timed:
-            raise UserError("no execution strategy could run this model: "
-                            + ", ".join(c.name for c in options) + " raised (see the log)")
-        say("mamlkit: strategy timing (s per meta-iteration): "
-            + ", ".join(f"{c.name} {t:.4f}" for t, c in timed))
-        # the fastest, or a leaner one within NEAR_FASTEST of it
-        best = min(t for t, _ in timed)
-        options = [min((c for t, c in timed if t <= best * NEAR_FASTEST), key=lambda c: needs[c.name])]
-        _release_freed_memory()
-    elif options[0].compiled:  # compile now, so a failure is a clear message rather than a mid-run traceback
-        try:
-            _time(learner, batch, options[0], repeats=0)
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"--strategy compile failed on this machine ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:200] if str(err) else ''}). torch.compile needs a "
-                            "working C++ compiler on the CPU; use --strategy vmap (same numbers)") from err
-    learner.executor.strategy = options[0]
-    return options[0]
+    if options:
+        return options, needs, failed
+    return options, needs, failed if all(any(c == f for f, _ in failed) for c in candidates) else []
+
+
+def _nothing_runs(failed: list[tuple[Strategy, BaseException]]) -> UserError:
+    """``auto``'s refusal: every candidate, each with its reason; the loop's error (else the last) as its cause,
+    so a Python caller sees torch's own error without reading the log."""
+    why = "; ".join(f"{c.name}: {_reason(err)}" for c, err in failed)
+    cause = next((err for c, err in failed if c == Strategy(False)), failed[-1][1])
+    error = UserError(f"no execution strategy could run this model. {why}. The loop runs any model that runs in "
+                      "plain PyTorch: its error above is torch's own")
+    error.__cause__ = cause
+    return error
+
+
+def _loop_reference(learner: Any, batch: TaskBatch) -> dict[str, torch.Tensor] | BaseException:
+    """The loop's meta-gradient on ``batch``, which ``auto``'s candidates must match, or the loop's error. Its
+    first call also probes what the model runs (``Executor.check``). The learner's gradients and the global
+    RNG are left as they were."""
+    params = learner.meta_parameters()
+    saved = {k: p.grad for k, p in params.items()}
+    try:
+        for p in params.values():
+            p.grad = None
+        with torch.random.fork_rng(devices=[]), learner.executor.using(Strategy(False)):
+            learner.meta_backward(batch)
+        return {k: None if p.grad is None else p.grad.detach().clone() for k, p in params.items()}
+    except DifferentiationError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the candidates' own trials say what runs
+        return err
+    finally:
+        for k, p in params.items():
+            p.grad = saved[k]
+
+
+def difference(got: dict[str, torch.Tensor | None], want: dict[str, torch.Tensor | None]) -> float:
+    """The largest entry of ``got - want`` over the largest entry of ``want`` (missing gradients are zero)."""
+    diff = scale = 0.0
+    for k, w in want.items():
+        g = got.get(k)
+        if g is None and w is None:
+            continue
+        g = torch.zeros_like(w) if g is None else g
+        w = torch.zeros_like(g) if w is None else w
+        diff = max(diff, (g.double() - w.double()).abs().max().item())
+        scale = max(scale, w.abs().max().item())
+    return diff / scale if scale > 0 else diff
+
+
+def _agreeing(learner: Any, batch: TaskBatch, options: list[Strategy], reference: dict[str, torch.Tensor],
+              failed: list, say: Callable[[str], None]) -> list[Strategy]:
+    """The ``options`` whose meta-gradient on ``batch`` is the loop's (``reference``) within :data:`AGREEMENT`;
+    each other one is said and added to ``failed`` with its difference. The loop itself is not rerun."""
+    params = learner.meta_parameters()
+    dtype = next(iter(params.values())).dtype
+    tolerance = AGREEMENT.get(dtype, AGREEMENT_LOW)
+    saved = {k: p.grad for k, p in params.items()}
+    kept = []
+    try:
+        for cand in options:
+            if cand == Strategy(False) or cand.name.startswith("loop"):
+                kept.append(cand)
+                continue
+            for p in params.values():
+                p.grad = None
+            try:
+                with torch.random.fork_rng(devices=[]), learner.executor.using(cand):
+                    learner.meta_backward(batch)
+            except DifferentiationError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                failed.append((cand, err))
+                say(f"mamlkit: strategy {cand.name} unavailable for this model ({_reason(err)}); skipped")
+                continue
+            off = difference({k: p.grad for k, p in params.items()}, reference)
+            _release_freed_memory()
+            if off <= tolerance:
+                kept.append(cand)
+                continue
+            err = RuntimeError(f"its meta-gradient is {off:.2g} off the loop's (relative; the tolerance in "
+                               f"{str(dtype).removeprefix('torch.')} is {tolerance:g})")
+            failed.append((cand, err))
+            say(f"mamlkit: strategy {cand.name} dropped: {err}")
+    finally:
+        for k, p in params.items():
+            p.grad = saved[k]
+    return kept

@@ -8,7 +8,8 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,20 @@ from mamlkit import checkpoint, config, runfolder
 from mamlkit.algorithms import MetaLearner
 from mamlkit.assemble import DTYPES, assemble
 from mamlkit.base.batch import TaskBatch
-from mamlkit.base.errors import UserError
-from mamlkit.base.metrics import MetricsLog, mean_ci
+from mamlkit.base.errors import Diverged, UserError
+from mamlkit.base.metrics import MetricsLog, add_to_window, is_window, mean_ci, window_row
 from mamlkit.exec import threads, tuning
 from mamlkit.loop import distributed
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
-from mamlkit.models import USER_MODELS, check_model_memory, resolve_spec
+from mamlkit.models import (
+    USER_MODELS,
+    Workload,
+    approve_model_code,
+    check_model_memory,
+    example_shape,
+    resolve_spec,
+    user_factories,
+)
 from mamlkit.tasks import get_family, task_generator
 
 
@@ -40,10 +49,37 @@ class Trainer:
     # The training's own torch RNG stream (dropout in a user's model): seeded from cfg.seed at step 0,
     # carried in checkpoints, so a resumed run draws exactly what an uninterrupted one would.
     rng_state: torch.Tensor | None = None
+    # The folder whose `mamlkit train --resume` continues this training (None: run_dir itself): a run's
+    # baseline, trained in RUN/pretrained, is resumed through its run, which then writes the report too.
+    resume_dir: Path | None = None
+
+    # The running sums of the log window in progress ({"steps": n, "sums": {metric: sum}}), carried in
+    # checkpoints, so the first row after a resume averages the same steps as an uninterrupted run's.
+    log_window: dict[str, Any] = field(default_factory=dict)
+    # What the model takes (input_record), recorded in checkpoints for `mamlkit adapt`; None: not read yet.
+    input: dict[str, Any] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.cfg.dtype]
+
+
+def resume_command(trainer: Trainer) -> str:
+    """The command that continues ``trainer``'s training from its checkpoint, and the rest of its run."""
+    return resume_command_for(trainer.resume_dir or trainer.run_dir, trainer.cfg.model)
+
+
+def resume_command_for(run_dir: Path, model: str) -> str:
+    """``mamlkit train --resume RUN``, naming the run's model factory (``model``, its config's ``--model``)
+    again when it has one: resuming imports it only when the user names it (docs/reliability.md)."""
+    factory = named_factory(model) if isinstance(model, str) else None
+    return f"mamlkit train --resume {run_dir}" + (f" --model {factory}" if factory else "")
+
+
+def check_split(cfg: config.TrainConfig, split: str) -> None:
+    """Build ``split``'s tasks and draw one, as validation and evaluation will: a split that cannot give
+    ``cfg``'s tasks (too few classes, data missing) fails before the first training step, not after training."""
+    get_family(cfg.task).build(cfg, split).sample(1, task_generator(cfg.seed, split, 0))
 
 
 def model_spec(cfg: config.TrainConfig) -> dict[str, Any]:
@@ -62,8 +98,30 @@ def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None,
     """Build the model and learner of ``cfg`` (or of ``spec``, a checkpoint's record of its model); load
     meta-parameters from ``state`` if given. Returns ``(learner, spec)``; see :func:`mamlkit.assemble.assemble`."""
     spec = spec or model_spec(cfg)
-    check_model_memory(spec, DTYPES[cfg.dtype])
+    for workload in workloads(cfg, spec):  # refused before anything is allocated
+        check_model_memory(spec, DTYPES[cfg.dtype], workload)
     return assemble(cfg, spec, state), spec
+
+
+def workloads(cfg: config.TrainConfig, spec: dict[str, Any]) -> tuple[Workload, Workload]:
+    """What meta-training and evaluation hold besides the model (:func:`mamlkit.models.check_model_memory`):
+    a meta-batch's data and one task's graph through the inner steps; the evaluation's fixed tasks and one
+    task's adapted parameters after each evaluated step. Under vmap (or compile) tasks run together."""
+    family = get_family(cfg.task)
+    example = example_shape(spec, family.input_spec(cfg) if family.input_spec is not None else None)
+    ways = cfg.n_way if cfg.loss == "cross_entropy" else 1
+    shots = max(cfg.eval_shots) if cfg.loss != "cross_entropy" else cfg.k_shot
+    eval_examples = ways * (cfg.k_shot + cfg.k_query) if ways > 1 else shots + (cfg.eval_query or shots)
+    together = cfg.strategy in ("vmap", "compile")
+    train = Workload(example, ways * (cfg.k_shot + cfg.k_query), tasks_held=cfg.meta_batch,
+                     tasks_at_once=(cfg.chunk_size or cfg.meta_batch) if together else 1, steps=cfg.inner_steps,
+                     training=True, shrink="--meta-batch, --k-shot, --k-query, --inner-steps")
+    held = max(cfg.eval_tasks, cfg.val_tasks)
+    evaluation = Workload(example, eval_examples, tasks_held=held,
+                          tasks_at_once=min(cfg.chunk_size or 100, held) if together else 1,
+                          steps=max((*cfg.eval_steps, cfg.eval_inner_steps)), training=False,
+                          shrink="--eval-tasks, --val-tasks, --eval-steps, --test-inner-steps")
+    return train, evaluation
 
 
 def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None = None) -> None:
@@ -76,17 +134,52 @@ def save_checkpoint(trainer: Trainer, path: Path, extra: dict[str, Any] | None =
     tensors["rng/torch"] = trainer.rng_state if trainer.rng_state is not None else checkpoint.rng_tensor()
     state = {"config": trainer.cfg.to_dict(), "model_spec": model_spec(trainer.cfg),
              "algo": learner.name, "kind": learner.kind, "step": trainer.step, "optimizer": opt_meta,
-             "strategy": learner.executor.strategy.name, **(extra or {})}
+             "strategy": learner.executor.strategy.name, "log_window": trainer.log_window,
+             "input": trainer.input or input_record(trainer.cfg, sample=False), **(extra or {})}
     checkpoint.save(path, tensors, state)
 
 
-def load_trainer(path: str | Path, run_dir: Path | None = None, resume: bool = True) -> Trainer:
+def input_record(cfg: config.TrainConfig, tasks: Any = None, sample: bool = True) -> dict[str, Any] | None:
+    """What the model of ``cfg`` takes, recorded in its checkpoints so that ``mamlkit adapt`` reads inputs
+    for it without guessing from the model's weights: the family's raw-input spec (image, text, table or
+    vector, :data:`mamlkit.tasks.INPUT_TYPES`) with, from one training task of ``tasks`` (default: the
+    family's train split), ``shape`` (one example's), ``features`` (its width, for one-dimensional
+    examples), ``dtype`` and ``tokens`` (integer ids, not values). None for a family that declares no raw
+    input format (tensors only), which ``mamlkit adapt`` refuses. ``sample=False`` (a checkpoint written
+    without training, whose data need not be at hand): the family's spec alone."""
+    family = get_family(cfg.task)
+    if family.input_spec is None:
+        return None
+    spec = dict(family.input_spec(cfg))
+    if tasks is None and not sample:
+        return spec
+    tasks = tasks if tasks is not None else family.build(cfg, "train")
+    x = tasks.sample(1, task_generator(cfg.seed, "train", 0)).support_x[0]  # [K, *example]
+    example = list(x.shape[1:])
+    return {**spec, "shape": example, "features": example[0] if len(example) == 1 else None,
+            "dtype": cfg.dtype if x.is_floating_point() else str(x.dtype).removeprefix("torch."),
+            "tokens": not (x.is_floating_point() or x.is_complex())}
+
+
+def named_factory(model: str) -> str | None:
+    """``model`` (a config's ``--model``) if it names a user's factory, else None."""
+    return model if user_factories([model]) else None
+
+
+def load_trainer(path: str | Path, run_dir: Path | None = None, resume: bool = True, *, model: str | None = None,
+                 trust_model_code: bool = False) -> Trainer:
     """Rebuild a :class:`Trainer` from a checkpoint, ready to continue exactly where it stopped.
 
     With ``resume=False`` (evaluation) the optimiser, step and RNG state are not needed: a shipped
-    model (``mamlkit/assets``), which holds none of them, loads too.
+    model (``mamlkit/assets``), which holds none of them, loads too. A checkpoint of a user's model factory
+    is rebuilt only if the caller names that factory (``model``) or trusts the file's code
+    (``trust_model_code``): see :func:`mamlkit.models.approve_model_code`.
     """
     tensors, state = checkpoint.load(path)
+    # Decided before the config is read or anything built: both records of the model may name code.
+    stored = state.get("config")
+    approve_model_code([state.get("model_spec"), stored.get("model") if isinstance(stored, dict) else None],
+                       f"checkpoint {path}", model=model, trust_model_code=trust_model_code)
     cfg = checkpoint.config_of(state, path)
     learner, _ = build(cfg, tensors, _user_spec(state))
     optimizer = meta_optimizer(cfg, learner.meta_parameters().values())
@@ -105,7 +198,8 @@ def load_trainer(path: str | Path, run_dir: Path | None = None, resume: bool = T
     step = state.get("step", 0)
     if not isinstance(step, int) or step < 0:
         raise checkpoint.CheckpointError(f"{path}: its step is {step!r}, not a count of iterations")
-    return Trainer(cfg, learner, optimizer, run_dir, step=step, rng_state=rng)
+    return Trainer(cfg, learner, optimizer, run_dir, step=step, rng_state=rng,
+                   log_window=_log_window_of(state, path) if resume else {})
 
 
 def new_trainer(cfg: config.TrainConfig, run_dir: Path) -> Trainer:
@@ -119,7 +213,10 @@ def validate(trainer: Trainer, split: str = "val", num_tasks: int | None = None)
     cfg = trainer.cfg
     dist = get_family(cfg.task).build(cfg, split)
     batch = dist.sample(num_tasks or cfg.val_tasks, task_generator(cfg.seed, split, 0))
-    losses, accs = trainer.learner.adapted_losses(batch.to(cfg.device, trainer.dtype), cfg.eval_inner_steps)
+    # a stop signal ends validation at the next inner step, even inside the loop's deferred block: it
+    # changes nothing the checkpoint holds, and with many steps it could run far longer than an iteration
+    with runfolder.current().interruptible():
+        losses, accs = trainer.learner.adapted_losses(batch.to(cfg.device, trainer.dtype), cfg.eval_inner_steps)
     out = {"loss": mean_ci(losses[:, -1])[0]}
     if trainer.learner.kind == "classification":
         out["acc"] = mean_ci(accs[:, -1])[0]
@@ -170,10 +267,12 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     """
     # --threads 0: one intra-op thread and whole tasks over the cores, which holds up when another
     # process takes a core (mamlkit.exec.threads)
-    threads.apply(threads.choose(trainer.cfg.threads, trainer.cfg.device))
+    plan = threads.choose(trainer.cfg.threads, trainer.cfg.device)
+    threads.apply(plan)
     if trainer.cfg.tune_malloc:
         tuning.tune_malloc()
-    with distributed.session(trainer.cfg) as world, _one_stop_for_all_ranks(world), \
+    # planned: the run's plan holds over the executor's own (built from the config before a resume changed it)
+    with threads.planned(plan), distributed.session(trainer.cfg) as world, _one_stop_for_all_ranks(world), \
             (runfolder.lock(trainer.run_dir) if world.is_main else contextlib.nullcontext()), \
             torch.random.fork_rng(devices=[]):
         # the training's RNG stream is its own: seeded from cfg.seed, or the checkpoint's, and the caller's
@@ -202,11 +301,11 @@ def _one_stop_for_all_ranks(world: distributed.World) -> contextlib.AbstractCont
 def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -> None:
     cfg, learner, opt, main = trainer.cfg, trainer.learner, trainer.optimizer, world.is_main
     saved = [trainer.step if (trainer.run_dir / "checkpoint.safetensors").exists() else None]
-    if main:
-        with _stop_if_disk_full(trainer, saved):
+    with _stop_if_disk_full(trainer, saved):
+        if main:
             runfolder.prepare(trainer.run_dir, trainer.step)
             checkpoint.atomic_write_text(trainer.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-    metrics = MetricsLog(trainer.run_dir, tensorboard=cfg.tensorboard, enabled=main)
+        metrics = MetricsLog(trainer.run_dir, tensorboard=cfg.tensorboard, enabled=main)  # TensorBoard writes
     signals = runfolder.current()
     # One rank alone must never leave: the others would wait in the next collective for ever (or fail).
     # With several ranks `fit` holds every stop signal (_one_stop_for_all_ranks), so these deferred
@@ -214,22 +313,12 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
     # reported one; a single process stops as soon as an update allows.
     several = world.active and world.size > 1
     hold = signals.deferred
-    tasks = get_family(cfg.task).build(cfg, "train")
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
                desc=f"{cfg.run_name or cfg.task}", dynamic_ncols=True, unit="it")
-    if not learner.executor.settled or trainer.step == 0:  # measure memory (and, with auto, speed) before launching
-        first = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch).to(cfg.device, trainer.dtype)
-        if model_spec(cfg)["name"] in USER_MODELS:
-            check_model_output(learner.model, first, learner.kind, cfg.model)
-        with hold(), torch.random.fork_rng(devices=[]):  # no draws from the training's stream
-            learner.executor.settle(learner, first, iterations=end - trainer.step,
-                                    say=bar.write if main else lambda msg: None)
-    if main:
-        bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.executor.strategy.name}, "
-                  f"{world.size} rank(s), run folder {trainer.run_dir}")
-    start_time, window, begun, agreed = time.perf_counter(), [], (None, None), False
-    window_start = start_time
+    tasks = _ready(trainer, world, end, bar, hold)
+    start_time, begun, agreed = time.perf_counter(), (None, None), False
+    timed = (start_time, trainer.step)  # the log window's time and step in this process (for tasks_per_s)
     try:
         while trainer.step < end:
             if several and agreed:
@@ -245,24 +334,21 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
             with hold():
                 stats, agreed = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch,
                                                     stopping=signals.received is not None)
+            if not math.isfinite(stats["loss"]):  # a float already: no extra sync; every rank sees the same
+                raise _diverged(trainer, saved, trainer.step + 1, f"its meta-training loss is {stats['loss']}")
             # A stop signal before here abandons the iteration (only gradients were touched); from the
             # update on, the iteration is finished, logged and checkpointed before the signal takes effect.
             with hold(), _stop_if_disk_full(trainer, saved):
                 opt.step()
                 trainer.step += 1
-                window.append(stats)
-                if main and (trainer.step % cfg.log_every == 0 or trainer.step == end):
-                    now = time.perf_counter()
-                    elapsed, window_time, window_start = now - start_time, now - window_start, now
-                    row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                    row |= {"tasks_per_s": len(window) * cfg.meta_batch / window_time,
-                            "elapsed_s": elapsed}
-                    metrics.log(trainer.step, "train", row)
-                    # the training batch's query metrics after the training's inner steps (not validation's)
-                    inner = getattr(learner, "inner_steps", cfg.inner_steps)
-                    bar.set_postfix({f"train {k} after {inner} step{'s' * (inner != 1)}": f"{v:.4g}"
-                                     for k, v in row.items() if k in ("loss", "acc")})
-                    window = []
+                add_to_window(trainer.log_window, stats)
+                # a row at the run's end, not at a `stop_at` (the run goes on: its window is checkpointed)
+                if main and (trainer.step % cfg.log_every == 0 or trainer.step == cfg.iterations):
+                    timed = _log_train_row(trainer, metrics, bar, timed, start_time)
+                if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end or (
+                        cfg.val_tasks and trainer.step % cfg.val_every == 0):
+                    # nothing non-finite is validated or saved; on every rank (the same parameters), so all stop
+                    _check_finite(trainer, saved)
                 if main and cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end):
                     with torch.random.fork_rng(devices=[]):  # validating leaves the training's stream alone
                         val = validate(trainer)
@@ -281,8 +367,7 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
         if main:
             with _stop_if_disk_full(trainer, saved):
                 _save(trainer, saved)
-            where = (f"{trainer.run_dir / 'checkpoint.safetensors'}. Resume with "
-                     f"`mamlkit train --resume {trainer.run_dir}`")
+            where = f"{trainer.run_dir / 'checkpoint.safetensors'}. Resume with `{resume_command(trainer)}`"
             if isinstance(e, distributed.CollectiveError):
                 print(f"mamlkit: checkpoint of step {trainer.step} saved to {where}", file=sys.stderr, flush=True)
             else:
@@ -295,15 +380,88 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
             metrics.close()
 
 
+def _ready(trainer: Trainer, world: distributed.World, end: int, bar: Any, hold: Any) -> Any:
+    """The training tasks, after the checks that could fail later (the validation split, the model's output)
+    and the executor's settling (memory and, with ``auto``, the strategy trial) on the first batch."""
+    cfg, learner, main = trainer.cfg, trainer.learner, world.is_main
+    tasks = get_family(cfg.task).build(cfg, "train")
+    trainer.input = trainer.input or input_record(cfg, tasks)
+    if main and cfg.val_tasks and trainer.step < end:
+        check_split(cfg, "val")
+    if not learner.executor.settled or trainer.step == 0:  # measure memory (and, with auto, speed) before launching
+        first = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch).to(cfg.device, trainer.dtype)
+        if model_spec(cfg)["name"] in USER_MODELS:
+            check_model_output(learner.model, first, learner.kind, cfg.model, learner.output)
+        learner.check_output(first.support_x[0])  # a selector that does not fit the model: refused before the trial
+        with hold(), torch.random.fork_rng(devices=[]):  # no draws from the training's stream
+            learner.executor.settle(learner, first, iterations=end - trainer.step,
+                                    say=bar.write if main else lambda msg: None)
+    if main:
+        bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.executor.strategy.name}, "
+                  f"{world.size} rank(s), run folder {trainer.run_dir}")
+    return tasks
+
+
+def _log_train_row(trainer: Trainer, metrics: MetricsLog, bar: Any, timed: tuple[float, int],
+                   start_time: float) -> tuple[float, int]:
+    """Log the train row of the window in progress (each metric's mean over its steps; the speed since
+    ``timed``, the time and step of this process's previous row) and close the window. Returns the time
+    and step the next row's speed counts from."""
+    cfg, now = trainer.cfg, time.perf_counter()
+    row = window_row(trainer.log_window)
+    row |= {"tasks_per_s": (trainer.step - timed[1]) * cfg.meta_batch / (now - timed[0]),
+            "elapsed_s": now - start_time}
+    metrics.log(trainer.step, "train", row)
+    # the training batch's query metrics after the training's inner steps (not validation's)
+    inner = getattr(trainer.learner, "inner_steps", cfg.inner_steps)
+    bar.set_postfix({f"train {k} after {inner} step{'s' * (inner != 1)}": f"{v:.4g}"
+                     for k, v in row.items() if k in ("loss", "acc")})
+    trainer.log_window = {}
+    return now, trainer.step
+
+
+def _log_window_of(state: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """A checkpoint's log window, checked (a file written before windows were saved has none: empty)."""
+    window = state.get("log_window", {})
+    if not is_window(window, state.get("step", 0)):
+        raise checkpoint.CheckpointError(f"{path}: its log_window {str(window)[:200]} is not the running sums of a "
+                                         "log window; the file is damaged")
+    return window
+
+
+def _check_finite(trainer: Trainer, saved: list) -> None:
+    """Raise :class:`Diverged` if a meta-parameter, buffer or optimiser tensor is NaN or infinite: one fused
+    check, made before a checkpoint is written or the model validated, not at every step (the loss is)."""
+    tensors = [*trainer.learner.meta_parameters().values(), *trainer.learner.model.buffers(),
+               *(v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
+    tensors = [t.detach() for t in tensors if t.is_floating_point()]
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise _diverged(trainer, saved, trainer.step, "its parameters or optimiser state hold NaN or inf")
+
+
+def _diverged(trainer: Trainer, saved: list, step: int, what: str) -> Diverged:
+    """The error that stops a diverged run: the step, what is not finite, the likely cause, what is kept."""
+    cfg, run = trainer.cfg, trainer.run_dir
+    kept = (f"The checkpoint of step {saved[0]} in {run} is kept as it was (finite)." if saved[0] is not None else
+            "No checkpoint had been written, so none is kept.")
+    return Diverged(f"training diverged at step {step}: {what}. Likely cause: a step size too large for "
+                    f"this model (--meta-lr {cfg.meta_lr:g}, --inner-lr {cfg.inner_lr:g}), or values beyond the "
+                    f"range of {cfg.dtype} (--dtype float64 holds more). Training stopped. {kept} Start a new run "
+                    "with a smaller --meta-lr or --inner-lr (--overwrite replaces this one).")
+
+
 def _save(trainer: Trainer, saved: list) -> None:
+    _check_finite(trainer, saved)  # a good checkpoint is never replaced by one of a diverged run
     trainer.rng_state = torch.get_rng_state()  # the training's stream, as it stands after this step
     save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
     saved[0] = trainer.step
 
 
-def check_model_output(model: torch.nn.Module, batch: TaskBatch, kind: str, name: str) -> None:
-    """Refuse a user's model whose predictions do not fit the task's targets: ``[N, *y_shape]`` for
-    regression, logits ``[N, classes]`` for classification (on one task's support set)."""
+def check_model_output(model: torch.nn.Module, batch: TaskBatch, kind: str, name: str,
+                       output: Callable[[Any], torch.Tensor] | None = None) -> None:
+    """Refuse a user's model whose predictions (the tensor ``output`` selects from what it returns) do not fit
+    the task's targets: ``[N, *y_shape]`` for regression, logits ``[N, classes]`` for classification (on one
+    task's support set)."""
     x, y = batch.support_x[0], batch.support_y[0]
     try:
         with torch.no_grad():  # on copies of the buffers: a BatchNorm's running statistics stay as they are
@@ -312,6 +470,8 @@ def check_model_output(model: torch.nn.Module, batch: TaskBatch, kind: str, name
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as the contract
         raise UserError(f"--model {name} fails on this task's inputs of shape {list(x.shape)} "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if output is not None:  # the learner's selector: a clear error when it does not fit what the model returns
+        out = output(out)
     if not isinstance(out, torch.Tensor):
         raise UserError(f"--model {name} returns a {type(out).__name__}; it must return a tensor of predictions")
     if kind == "classification":
@@ -333,20 +493,25 @@ def _stop_if_disk_full(trainer: Trainer, saved: list):
             raise
         run = trainer.run_dir
         kept = (f"The checkpoint of step {saved[0]} in {run} is intact: free some space, then resume with "
-                f"`mamlkit train --resume {run}`." if saved[0] is not None else
-                "No checkpoint had been written yet: free some space and start the run again (with --overwrite).")
+                f"`{resume_command(trainer)}`." if saved[0] is not None else
+                f"The run's checkpoint is intact: free some space, then resume with `{resume_command(trainer)}`."
+                if trainer.resume_dir else "No checkpoint had been written yet, so the folder holds no run: free "
+                "some space and run the same command again.")
         raise runfolder.DiskFull(f"no space left on the device while writing the run in {run} at step "
                                  f"{trainer.step} ({e.strerror}: {e.filename or 'a log'}); training stopped. "
                                  + kept) from None
 
 
 def run_dir_for(cfg: config.TrainConfig, overwrite: bool = False) -> Path:
-    """The run folder of a fresh run; one that already holds a run (even a killed one, with only logs) is
-    refused unless ``overwrite``, so two runs never mix their metrics."""
+    """The run folder of a fresh run. One that holds a run's results (a checkpoint, a report:
+    :func:`mamlkit.runfolder.results_in`) is refused unless ``overwrite``; one that holds only the config
+    and logs of a run stopped before its first checkpoint holds no run, and the fresh run restarts its logs."""
     name = cfg.run_name or f"{cfg.preset or cfg.task}-{cfg.algo}"
     path = Path(cfg.out_dir) / name
-    if runfolder.holds_run(path) and not overwrite:
-        raise UserError(f"run folder {path} already holds a run. Resume it with `mamlkit train --resume "
-                        f"{path}`, pick another folder with --run-name or --out-dir, or pass --overwrite to "
-                        "replace it.")
+    found = runfolder.results_in(path)
+    if found and not overwrite:
+        resume = (f"Resume it with `{resume_command_for(path, cfg.model)}`, pick" if "checkpoint.safetensors" in found
+                  else "Pick")
+        raise UserError(f"run folder {path} already holds a run ({', '.join(found)}). {resume} another folder with "
+                        "--run-name or --out-dir, or pass --overwrite to replace it.")
     return path

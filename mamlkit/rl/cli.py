@@ -12,9 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from mamlkit.base.errors import UserError
+from mamlkit.base.errors import DiskFull, UserError
 from mamlkit.config import load_yaml
-from mamlkit.flags import add_config_command, add_config_flags, resumed_config
+from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag, resumed_config
 from mamlkit.rl import config as rlconfig
 from mamlkit.rl.config import ENV_NAMES
 
@@ -70,6 +70,7 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
     ev.add_argument("--overwrite", action="store_true", help="replace the report files already there")
     ev.add_argument("--last", action="store_true",
                     help="evaluate the run's last checkpoint, not its best validated one (RUN/best.safetensors)")
+    add_threads_flag(ev, "default: the run's --threads")
 
     ad = rsub.add_parser("adapt", help="adapt a meta-trained nav2d policy to a goal and draw its trajectories",
                          description="Adapt a meta-trained 2D-navigation policy to the goal (X, Y) with 1-3 "
@@ -86,6 +87,7 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
     ad.add_argument("--out", default="nav2d_adapt.png", metavar="FILE",
                     help="figure to write (default nav2d_adapt.png)")
     ad.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the sampling noise (default 0)")
+    add_threads_flag(ad, "default: the policy's run's --threads")
 
 
 ARENA = (-0.5, 0.5)  # nav2d goals are drawn from U[-0.5, 0.5]² (paper §5.3); a policy knows no others
@@ -113,8 +115,14 @@ def _best_or_last(trainer):
     if not best.exists():
         return trainer, f"evaluating the policy of iteration {trainer.step} in {trainer.run_dir}"
     chosen = train.load_trainer(best)
+    # a policy of this run: the run's shapes, since the run's settings (below) evaluate it
+    checkpoint.check_tensors({f"meta/{k}": p for k, p in chosen.policy.named_parameters()}, "meta/",
+                             dict(trainer.policy.named_parameters()), where=f"best policy {best} of the run")
     chosen.cfg = trainer.cfg  # evaluation settings as given now
     _, state = checkpoint.load(best)
+    if "val_return_post" not in state:
+        raise checkpoint.CheckpointError(f"{best} holds no val_return_post (its validation return); the file is "
+                                         "damaged. `mamlkit rl eval --last RUN` evaluates the last iteration")
     return chosen, (f"evaluating {best}: iteration {chosen.step} of {trainer.step}, the best validation "
                     f"return after 1 step ({state['val_return_post']:.2f} on {trainer.cfg.val_tasks} held-out "
                     "tasks); `mamlkit rl eval --last RUN` evaluates the last iteration")
@@ -125,13 +133,9 @@ def _report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, ...
     """Evaluate the run's policy, and with ``baselines`` the pretrained one (trained first when
     ``train_baseline``, else loaded from RUN/pretrained if there) and a randomly initialised one; the
     report goes to ``out`` (default: the run folder)."""
-    import torch
-
     from mamlkit.rl import evaluate, train
 
-    cfg = trainer.cfg
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg = trainer.cfg  # threads: set by the caller (rl train's fit, or _planned)
     policies = {cfg.algo: trainer.policy}
     if baselines and cfg.algo != "pretrain":
         folder = trainer.run_dir / "pretrained"
@@ -141,6 +145,29 @@ def _report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, ...
             policies["pretrained"] = train.pretrained_baseline(trainer).policy
         policies["random init"] = train.make_policy(cfg.replace(seed=cfg.seed + 1))
     return evaluate.report(out or trainer.run_dir, policies, cfg, show)
+
+
+def _planned(requested: int | None, cfg):
+    """The thread plan of `rl eval` and `rl adapt`, as `mamlkit train`'s (:mod:`mamlkit.exec.threads`):
+    ``--threads N``, else the run's; 0 is mamlkit's choice, one intra-op thread on the CPU, which keeps a
+    fair share of a busy machine. The caller's settings come back when the block ends."""
+    from mamlkit.exec import threads
+
+    return threads.planned(threads.choose(cfg.threads if requested is None else requested))
+
+
+def _report_of_run(chosen, trainer) -> str:
+    """The trained run's report; a full disk while writing it says that training is done and kept."""
+    from mamlkit import runfolder
+
+    try:
+        return _report(chosen, trainer.cfg.baselines, train_baseline=True)
+    except Exception as e:
+        if not runfolder.no_space(e):
+            raise
+        run = trainer.run_dir
+        raise DiskFull(f"{runfolder.disk_full_message(e)}. Training finished and its checkpoint in {run} is intact: "
+                       f"free some space, then `mamlkit rl eval {run} --overwrite` writes the report") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -166,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             chosen, what = _best_or_last(trainer)
             print()
             print(what)
-            print(_report(chosen, trainer.cfg.baselines, train_baseline=True))
+            print(_report_of_run(chosen, trainer))
     except Stopped as e:
         print(f"stopped by {signal.Signals(e.signum).name}. Resume with `mamlkit rl train --resume "
               f"{trainer.run_dir}`", file=sys.stderr)
@@ -204,8 +231,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if Path(args.checkpoint).is_dir() and not args.last:
         trainer, what = _best_or_last(trainer)
     print(what)
-    print(_report(trainer, trainer.cfg.baselines and not args.no_baselines, train_baseline=False,
-                  show=tuple(args.steps) if args.steps else None, out=out))
+    with _planned(args.threads, trainer.cfg):
+        text = _report(trainer, trainer.cfg.baselines and not args.no_baselines, train_baseline=False,
+                       show=tuple(args.steps) if args.steps else None, out=out)
+    print(text)
     print(f"report: {out} ({', '.join(n for n in evaluate.REPORT_FILES if (out / n).exists())})")
     return 0
 
@@ -240,8 +269,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     cfg = trainer.cfg.replace(eval_lrs=evaluate.step_rates(trainer.cfg.eval_lrs, args.steps),
                               eval_traj=args.traj, seed=args.seed)
     goal = torch.tensor([[x, y]], dtype=torch.float64)
-    curve = evaluate.trajectory_figure(out, {cfg.algo: trainer.policy}, cfg, tasks=goal,
-                                       shown_steps=tuple(range(args.steps + 1)))[0][0]
+    with _planned(args.threads, cfg):
+        curve = evaluate.trajectory_figure(out, {cfg.algo: trainer.policy}, cfg, tasks=goal,
+                                           shown_steps=tuple(range(args.steps + 1)))[0][0]
     print(what.replace("evaluating ", "adapting "))
     rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
     print(f"goal ({x:g}, {y:g}): mean return of {args.traj} episodes after 0..{args.steps} steps (rates {rates}):")

@@ -10,7 +10,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from mamlkit.config import ConfigError, as_dict, build_config, flag
+from mamlkit.base.limits import check_fields
+from mamlkit.config import ConfigError, as_dict, build_config, flag, refuse_non_finite
 
 ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
 DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
@@ -105,6 +106,9 @@ class RLConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
+
+        refuse_non_finite(self)
+        check_fields(as_dict(self))  # every count and size below its bound (mamlkit.base.limits)
 
         need(self.env in ENV_NAMES, f"env must be one of {', '.join(ENV_NAMES)}, got {self.env!r}")
         need(self.algo in ("maml-trpo", "pretrain"), f"algo must be maml-trpo or pretrain, got {self.algo!r}")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mamlkit.base.batch import task_generator
 from mamlkit.base.metrics import mean_ci
-from mamlkit.checkpoint import atomic_write_text
+from mamlkit.checkpoint import atomic_write, atomic_write_text
 from mamlkit.rl.config import RLConfig
 from mamlkit.rl.envs import sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
@@ -117,7 +117,7 @@ def curve_figure(path: Path, curves: dict[str, Tensor], paper) -> None:
     ax.set_ylabel("average return")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))  # never half a figure
     plt.close(fig)
 
 
@@ -163,6 +163,6 @@ def trajectory_figure(path: Path, policies: dict[str, nn.Module], cfg: RLConfig,
                          f"goal ({tasks[g, 0].item():.2f}, {tasks[g, 1].item():.2f})", fontsize=9)
         axes[row][0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))  # never half a figure
     plt.close(fig)
     return curves

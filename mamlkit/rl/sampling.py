@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mamlkit.base.stops import stop_point
 from mamlkit.engine.functional import call
 from mamlkit.rl.advantages import baseline_features, discounted_returns, fit_linear_baseline, gae, normalize
 from mamlkit.rl.envs import TaskEnv
@@ -56,6 +57,7 @@ def rollout(env: TaskEnv, policy: PolicyFn, generator: torch.Generator, dtype: t
     obs, _ = env.reset(seed=int(torch.randint(0, 2**31 - 1, (), generator=generator)))
     obs_l, act_l, rew_l, mask_l, dist_l = [], [], [], [], []
     for _ in range(env.horizon):
+        stop_point()  # a stop signal may end validation and evaluation here (mamlkit.base.stops)
         o = obs.to(dtype)
         out = policy(o)
         mean, log_std = split_dist(out)

@@ -6,9 +6,12 @@ alone, and TRPO keeps no optimiser state, so a resumed run repeats an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,8 +19,10 @@ from tqdm.auto import tqdm
 
 from mamlkit import checkpoint, runfolder
 from mamlkit.base.batch import task_generator
-from mamlkit.base.errors import UserError
-from mamlkit.base.metrics import MetricsLog
+from mamlkit.base.errors import Diverged, UserError
+from mamlkit.base.limits import check_threads
+from mamlkit.base.metrics import MetricsLog, add_to_window, is_window, window_row
+from mamlkit.models import Workload, check_model_memory
 from mamlkit.rl.config import LEGACY_ACTION_SCALE, RLConfig, from_dict
 from mamlkit.rl.envs import env_dims, sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
@@ -33,6 +38,8 @@ class RLTrainer:
     run_dir: Path
     step: int = 0
     best_val: float | None = None  # best validation 1-step return so far (RUN/best.safetensors)
+    # the log window in progress, carried in checkpoints (mamlkit.base.metrics.add_to_window)
+    log_window: dict = field(default_factory=dict)
 
     @property
     def algo(self) -> MAMLTRPO:
@@ -41,6 +48,12 @@ class RLTrainer:
 
 def make_policy(cfg: RLConfig) -> GaussianMLPPolicy:
     obs_dim, act_dim = env_dims(cfg.env)
+    # refused before anything is allocated: the policy, and a meta-batch of episodes through it
+    spec = {"name": "mlp", "in_features": obs_dim, "hidden": list(cfg.hidden_sizes), "out_features": 2 * act_dim}
+    episodes = Workload((obs_dim,), cfg.traj_per_task * cfg.episode_len, tasks_held=cfg.tasks_per_batch,
+                        tasks_at_once=cfg.tasks_per_batch, steps=max(cfg.inner_steps, 1), training=True,
+                        shrink="--meta-batch, --traj-per-task, --horizon")
+    check_model_memory(spec, DTYPES[cfg.dtype], episodes)
     return build_policy(obs_dim, act_dim, cfg.hidden_sizes, cfg.init_std, cfg.seed, DTYPES[cfg.dtype])
 
 
@@ -62,8 +75,10 @@ def run_dir_for(cfg: RLConfig) -> Path:
 def save_checkpoint(trainer: RLTrainer, path: Path, **extra: float) -> None:
     """Policy parameters + JSON state (config, step, best validation return, ``extra``), atomically."""
     tensors = {f"meta/{k}": v for k, v in trainer.policy.named_parameters()}
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):  # never a checkpoint of a diverged run
+        raise _diverged(trainer, trainer.step, "the policy's parameters hold NaN or inf")
     state = {"kind": "rl", "config": trainer.cfg.to_dict(), "algo": trainer.cfg.algo, "step": trainer.step,
-             "best_val": trainer.best_val} | extra
+             "best_val": trainer.best_val, "log_window": trainer.log_window} | extra
     checkpoint.save(path, tensors, state)
 
 
@@ -91,30 +106,72 @@ def best_path(run_dir: Path) -> Path:
 
 def load_trainer(path: str | Path) -> RLTrainer:
     """Rebuild a trainer from a run folder or checkpoint file, ready to continue where it stopped."""
-    tensors, state = checkpoint.load(path)
+    tensors, state = checkpoint.load(path)  # the one validation of every mamlkit file: schema, digests, finite
     if state.get("kind") != "rl":
         raise checkpoint.CheckpointError(f"{path} is a supervised mamlkit checkpoint; evaluate it with "
                                          "`mamlkit eval`, not `mamlkit rl eval`")
-    # runs written before action_scale existed applied the policy's actions unscaled; those written
-    # before the scale was stored explicitly (0) used the defaults of that time
-    raw = {"action_scale": 1.0} | state["config"]
-    if not raw["action_scale"]:
-        raw["action_scale"] = LEGACY_ACTION_SCALE[raw.get("env", "nav2d")]
-    cfg = from_dict(raw)
+    lacking = [k for k in ("config", "step") if k not in state]
+    if lacking:
+        raise checkpoint.CheckpointError(f"{path} holds no {' or '.join(lacking)}; the file is damaged or was not "
+                                         "written by `mamlkit rl train`")
+    cfg = rl_config_of(state["config"], path)
     policy = make_policy(cfg)
+    params = dict(policy.named_parameters())
+    # names, exact shapes and dtypes, as for supervised checkpoints: copy_ would broadcast a [100] weight
+    checkpoint.check_tensors(tensors, "meta/", params, where="policy checkpoint")
     with torch.no_grad():
-        for k, p in policy.named_parameters():
-            if f"meta/{k}" not in tensors:
-                raise checkpoint.CheckpointError(f"checkpoint {path} lacks policy parameter {k}")
+        for k, p in params.items():
             p.copy_(tensors[f"meta/{k}"])
     ckpt = Path(path)
+    window = state.get("log_window", {})
+    if not is_window(window, state["step"] if isinstance(state["step"], int) else 0):
+        raise checkpoint.CheckpointError(f"{path}: its log_window {str(window)[:200]} is not the running sums of a "
+                                         "log window; the file is damaged")
     return RLTrainer(cfg, policy, ckpt if ckpt.is_dir() else ckpt.parent, step=state["step"],
-                     best_val=state.get("best_val"))
+                     best_val=state.get("best_val"), log_window=window)
+
+
+def rl_config_of(stored: dict, path: str | Path) -> RLConfig:
+    """The run config of a meta-RL checkpoint (its state's ``config``, an object: checked on load); an invalid
+    one is a CheckpointError naming the file."""
+    # runs written before action_scale existed applied the policy's actions unscaled; those written
+    # before the scale was stored explicitly (0) used the defaults of that time
+    raw = {"action_scale": 1.0} | stored
+    if not raw["action_scale"] and isinstance(raw.get("env", "nav2d"), str):
+        raw["action_scale"] = LEGACY_ACTION_SCALE.get(raw.get("env", "nav2d"), 0.0)  # an unknown env is named below
+    try:
+        return from_dict(raw)
+    except UserError as e:
+        raise checkpoint.CheckpointError(f"{path}: its run config is invalid: {e}") from None
+
+
+def _check_progress(trainer: RLTrainer, stats: dict[str, float], step: int) -> None:
+    """Stop a run whose surrogate loss or meta-gradient is not finite: TRPO then rejects every step and the
+    policy never changes again, so training on would only log NaN (the check is on floats already at hand)."""
+    bad = {k: stats[k] for k in ("loss_before", "grad_norm") if k in stats and not math.isfinite(stats[k])}
+    if bad:
+        names = {"loss_before": "surrogate loss", "grad_norm": "meta-gradient's norm"}
+        raise _diverged(trainer, step, " and ".join(f"its {names[k]} ({k}) is {v}" for k, v in bad.items()))
+
+
+def _diverged(trainer: RLTrainer, step: int, what: str) -> Diverged:
+    """The error that stops a diverged run: the step, what is not finite, the likely cause, what is kept."""
+    cfg, run, saved = trainer.cfg, trainer.run_dir, None
+    with contextlib.suppress(Exception):  # checkpoints are written atomically: the one there is whole
+        saved = checkpoint.load(run / "checkpoint.safetensors")[1]["step"]
+    kept = (f"The checkpoint of step {saved} in {run} is kept as it was (finite)." if saved is not None else
+            "No checkpoint had been written, so none is kept.")
+    return Diverged(f"meta-RL training diverged at step {step}: {what}. Likely cause: a setting too large for this "
+                    f"policy (--inner-lr {cfg.inner_lr:g}, --init-std {cfg.init_std:g}, --max-kl {cfg.max_kl:g}), or "
+                    f"values beyond the range of {cfg.dtype} (--dtype float64 holds more). Training stopped. {kept} "
+                    "Start a new run with smaller settings.")
 
 
 def _validate_and_keep_best(trainer: RLTrainer, step: int, metrics: MetricsLog, write) -> None:
-    """Validate the policy of iteration ``step``; if it is the best so far, save it as ``best.safetensors``."""
-    val = validate(trainer)
+    """Validate the policy of iteration ``step``; if it is the best so far, save it as ``best.safetensors``.
+    A stop signal ends the validation at its next episode step, and the iteration is rolled back."""
+    with runfolder.current().interruptible():
+        val = validate(trainer)
     if trainer.best_val is None or val["return_post"] > trainer.best_val:
         trainer.best_val = val["return_post"]
         save_checkpoint(trainer, best_path(trainer.run_dir), step=step, val_return_pre=val["return_pre"],
@@ -132,12 +189,31 @@ def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
     ``checkpoint.safetensors`` written, then the exception propagates."""
     cfg = trainer.cfg
     if cfg.threads:
+        check_threads(cfg.threads)
         torch.set_num_threads(cfg.threads)
     run_dir = trainer.run_dir
-    with runfolder.lock(run_dir):
+    with runfolder.lock(run_dir), _stop_if_disk_full(trainer):
         runfolder.prepare(run_dir, trainer.step)
         checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
         return _fit(trainer, stop_at)
+
+
+@contextlib.contextmanager
+def _stop_if_disk_full(trainer: RLTrainer) -> Iterator[None]:
+    """Turn an out-of-space write into :class:`~mamlkit.runfolder.DiskFull`, naming the intact checkpoint."""
+    try:
+        yield
+    except Exception as e:
+        if not runfolder.no_space(e):
+            raise
+        run, saved = trainer.run_dir, None
+        with contextlib.suppress(Exception):  # checkpoints are written atomically: the one there is whole
+            saved = checkpoint.load(run / "checkpoint.safetensors")[1]["step"]
+        kept = (f"The checkpoint of step {saved} in {run} is intact: free some space, then resume with "
+                f"`mamlkit rl train --resume {run}`." if saved is not None else
+                "No checkpoint had been written yet: free some space and start the run again.")
+        raise runfolder.DiskFull(f"{runfolder.disk_full_message(e)} at step {trainer.step}; training stopped. "
+                                 + kept) from None
 
 
 def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
@@ -147,7 +223,7 @@ def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not cfg.progress, desc=f"{cfg.env} {cfg.algo}",
                dynamic_ncols=True, unit="it")
-    start, window, snapshot = time.perf_counter(), [], None
+    start, snapshot = time.perf_counter(), None
     signals = runfolder.current()
     try:
         while trainer.step < end:
@@ -162,16 +238,18 @@ def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
             with signals.deferred():
                 stats = algo.meta_step(tasks, gen)
                 step = trainer.step + 1
+                _check_progress(trainer, stats, step)
                 if cfg.val_every and cfg.inner_steps and step % cfg.val_every == 0:
                     _validate_and_keep_best(trainer, step, metrics, bar.write)
-                window.append(stats)
-                if step % cfg.log_every == 0 or step == end:
-                    row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                add_to_window(trainer.log_window, stats)
+                # a row at the run's end, not at a `stop_at` (the run goes on: its window is checkpointed)
+                if step % cfg.log_every == 0 or step == cfg.iterations:
+                    row = window_row(trainer.log_window)
                     row["elapsed_s"] = time.perf_counter() - start
                     metrics.log(step, "train", row)
                     bar.set_postfix({k.replace("return_", "R_"): f"{row[k]:.1f}"
                                      for k in ("return_pre", "return_post") if k in row})
-                    window = []
+                    trainer.log_window = {}
                 trainer.step, snapshot = step, None
                 if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
                     save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
@@ -186,7 +264,8 @@ def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
         raise
     finally:
         bar.close()
-        metrics.close()
+        with contextlib.suppress(OSError):  # a full disk is reported by the write that hit it
+            metrics.close()
     return trainer
 
 

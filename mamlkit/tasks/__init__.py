@@ -84,7 +84,7 @@ register_task_family(TaskFamily(
     build=lambda cfg, split: __getattr__("Sinusoid")(k_support=cfg.k_shot, k_query=cfg.k_query),
     model_spec=lambda cfg: {"name": "mlp", "in_features": 1,
                             "hidden": list(cfg.hidden_sizes), "out_features": 1},
-    input_spec=lambda cfg: {"type": "vector"},
+    input_spec=lambda cfg: {"type": "vector", "features": 1},  # x, one column
     report=lambda cfg: Report(table="shots", title="Sinusoid regression", figures=("sinusoid",)),
     uses=_lazy("sinusoid", "USES", call=False),
 ))

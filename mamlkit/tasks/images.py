@@ -24,8 +24,10 @@ Procedure (fixed, so a run is reproducible from its config and the folder alone)
    image), so a changed folder gets a new cache; the cache also carries the sha256 of its own pixels, and a
    corrupt one is rebuilt. Images are decoded one at a time into the cache tensor: memory is the cache
    plus one image, whatever the number of classes.
-3. Files that do not decode are skipped with a note naming them; symbolic links are followed, but a
-   folder reached twice through links (a loop) is read once, with a note.
+3. Files that do not decode, images of more than :data:`~mamlkit.data.imagefiles.MAX_IMAGE_PIXELS` pixels
+   and folders that cannot be read are skipped with a note naming them; symbolic links are followed, but a
+   folder reached twice through links (a loop) is read once, with a note. A class folder's name that is not
+   UTF-8 becomes a label with its bytes escaped (:func:`~mamlkit.data.imagefiles.class_name`).
 4. Classes with fewer than ``k_shot + k_query`` images cannot give an episode: ``--small-classes skip``
    (default) drops them and notes the count per split; ``error`` refuses them, naming them.
 
@@ -56,6 +58,7 @@ from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
 from mamlkit.data import cache_root
 from mamlkit.data.caches import read_cache, write_cache
+from mamlkit.data.imagefiles import MAX_IMAGE_PIXELS, class_name, open_image
 from mamlkit.tasks.episodes import gather, sample_classes
 from mamlkit.tasks.family import Report
 
@@ -102,6 +105,7 @@ class _Walk:
 
     loops: list[str]
     broken: list[str]
+    unreadable: list[str]
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -116,11 +120,15 @@ def _subdirs(folder: Path) -> list[Path]:
     return out
 
 
-def _entries(folder: Path) -> list[os.DirEntry]:
+def _entries(folder: Path, unreadable: list[str] | None = None) -> list[os.DirEntry]:
+    """The visible entries of ``folder``, sorted by name; none if it cannot be read, which is then listed in
+    ``unreadable`` (with the reason) where given."""
     try:
         with os.scandir(folder) as it:
             return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    except OSError:
+    except OSError as e:
+        if unreadable is not None:
+            unreadable.append(f"{folder} ({e.strerror or type(e).__name__})")
         return []
 
 
@@ -139,7 +147,7 @@ def _image_files(folder: Path, walk: _Walk, seen: set[tuple[int, int]]) -> list[
             walk.loops.append(str(d))
             continue
         seen.add((st.st_dev, st.st_ino))
-        for entry in _entries(d):
+        for entry in _entries(d, walk.unreadable):
             try:
                 if entry.is_dir():
                     stack.append(Path(entry.path))
@@ -187,15 +195,20 @@ def list_classes(root: str | os.PathLike) -> tuple[str, dict[str, list[Path]], _
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}. Pass a folder with one sub-folder of images per class: "
                         "--path DIR")
+    try:
+        os.scandir(root).close()
+    except OSError as e:
+        raise UserError(f"cannot read the image folder {root} ({e.strerror}); give this user read access to it, "
+                        "or pass another folder with --path") from None
     layout, folders = detect_layout(root)
-    walk = _Walk([], [])
+    walk = _Walk([], [], [])
     top = root.stat()
     classes = {}
     for name, dirs in folders.items():
         seen = {(top.st_dev, top.st_ino)}  # a class folder that links back to the root is a loop too
         files = [f for d in dirs for f in _image_files(d, walk, seen)]
-        if files:
-            classes[name] = files
+        if files:  # a name whose bytes are not UTF-8 becomes a label that is text (escaped)
+            classes[class_name(name)] = files
     if not classes:
         loose = [e.name for e in _entries(root) if Path(e.name).suffix.lower() in IMAGE_SUFFIXES]
         if loose:
@@ -237,7 +250,9 @@ def _listing_key(root: Path, classes: dict[str, list[Path]]) -> str:
     for name, files in classes.items():
         for f in files:
             st = f.stat()
-            h.update(f"{name}\0{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            # surrogateescape: a file name that is not UTF-8 hashes as its bytes
+            h.update(f"{name}\0{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
+                "utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -245,7 +260,7 @@ def _decode(path: Path, size: int, mode: str) -> tuple[np.ndarray, str, tuple[in
     """``(pixels uint8 [C, size, size], the file's mode, its size)``, as ``mamlkit adapt`` reads it."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with open_image(path, str(path)) as im:  # a UserError for an image of too many pixels
         im.load()  # decode fully here, so a truncated file fails with its name
         original, dims = im.mode, im.size
         # "1" (bilevel) goes through "L" first, or PIL resizes without antialiasing
@@ -262,13 +277,15 @@ def _preprocess(classes: dict[str, list[Path]], size: int, channels: int, progre
     mode = "L" if channels == 1 else "RGB"
     total = sum(map(len, classes.values()))
     out = np.empty((total, channels, size, size), dtype=np.uint8)
-    counts, unreadable, modes, sizes, i = [], [], {}, set(), 0
+    counts, unreadable, large, modes, sizes, i = [], [], [], {}, set(), 0
     with tqdm(total=total, desc="preprocessing images", unit="img", disable=not progress) as bar:
         for files in classes.values():
             n = 0
             for f in files:
                 try:
                     out[i], original, dims = _decode(f, size, mode)
+                except UserError:
+                    large.append(str(f))
                 except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
                     unreadable.append(f"{f} ({type(e).__name__})")
                 else:
@@ -281,6 +298,8 @@ def _preprocess(classes: dict[str, list[Path]], size: int, channels: int, progre
     notes = []
     if unreadable:
         notes.append(f"skipped {len(unreadable)} file(s) that do not decode as images: {_named(unreadable)}")
+    if large:
+        notes.append(f"skipped {len(large)} image(s) of more than {MAX_IMAGE_PIXELS:,} pixels: {_named(large)}")
     if modes:
         notes.append(f"converted {sum(modes.values())} image(s) from {', '.join(sorted(modes))} to {mode}")
     if len(sizes) > 1:
@@ -302,6 +321,9 @@ def load_folder(root: str | os.PathLike, size: int = 84, channels: int = 3, prog
                      f"{_named(walk.loops)}")
     if walk.broken:
         notes.append(f"skipped {len(walk.broken)} broken link(s): {_named(walk.broken)}")
+    if walk.unreadable:
+        notes.append(f"skipped {len(walk.unreadable)} folder(s) that cannot be read, with the images in them: "
+                     f"{_named(walk.unreadable)}")
     key = _listing_key(root, classes)
     cache = cache_root() / "images" / f"images{size}c{channels}-v{CACHE_VERSION}-{key[:16]}.safetensors"
     names = list(classes)

@@ -31,6 +31,7 @@ from torch import Tensor
 from mamlkit.base.errors import UserError
 from mamlkit.data import DataError, cache_root, dataset_dir
 from mamlkit.data.caches import read_cache, write_cache
+from mamlkit.data.imagefiles import open_image
 from mamlkit.tasks.episodes import EpisodeSampler
 
 # The family-dependent config fields (config.TASK_FIELDS) this family reads.
@@ -86,20 +87,23 @@ def load_split(folder: Path, split: str, size: int = 84, progress: bool = True) 
             for m, fname in enumerate(classes[label]):
                 path = folder / "images" / fname
                 try:
-                    with Image.open(path) as im:
+                    with open_image(path, str(path)) as im:  # a UserError for an image of too many pixels
                         out[c, m] = np.asarray(im.convert("RGB").resize((size, size), Image.LANCZOS))
                 except FileNotFoundError:
                     raise DataError(f"{path} is listed in {csv_path.name} but missing; put every image of "
                                     f"the split in {folder / 'images'}/") from None
-                except OSError as e:
+                except (OSError, SyntaxError, ValueError) as e:
                     raise DataError(f"cannot decode {path} ({e}); replace the file") from None
             bar.update(M)
     images = torch.from_numpy(out).permute(0, 1, 4, 2, 3).contiguous()
     try:
         write_cache(cache, "images", images, {"source": source, "labels": json.dumps(labels)},
                     digest_key="pixels_sha256")
-    except OSError:
-        pass  # read-only everywhere: rebuilt next time
+    except OSError as e:  # a read-only or full disk costs a rebuild next time, nothing else
+        import warnings
+
+        warnings.warn(f"could not write the mini-ImageNet cache {cache}: {e}; it is preprocessed again next time",
+                      stacklevel=2)
     return images, labels
 
 

@@ -15,7 +15,9 @@ never runs code from the file: weights are safetensors, everything else JSON.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,10 +29,13 @@ from mamlkit import checkpoint
 from mamlkit.algorithms import MetaLearner
 from mamlkit.assemble import assemble
 from mamlkit.base.errors import UserError
+from mamlkit.base.limits import MAX_IMAGE_SIZE, MAX_STEPS, check_count
 from mamlkit.engine.functional import call, named_buffers
-from mamlkit.models import build_model
+from mamlkit.engine.outputs import OutputSpec, output_selector
+from mamlkit.models import Workload, approve_model_code, build_model, check_model_memory, example_shape
 from mamlkit.tasks import get_family
 from mamlkit.use import inputs as raw
+from mamlkit.use.io import beyond
 
 log = logging.getLogger("mamlkit")
 TASK_MODEL_FORMAT = "task_model"
@@ -98,13 +103,20 @@ class TaskModel:
     input: dict[str, Any] | None
     num_classes: int | None = None   # classes in use (the first ``num_classes`` logits)
     class_names: list[str] | None = None
+    output: OutputSpec = None  # the tensor of the model's output that is the prediction (mamlkit.engine.outputs)
 
     @torch.no_grad()
     def predict(self, x: Inputs) -> Prediction:
         """Predict for ``x [B, *x_shape]`` in the model's input format, or raw inputs: a list of utterances
         (text checkpoints) or of row dicts (CSV tasks; regression values come back in the target's units)."""
         x = model_input(self.input, self.model_spec, x)
-        out = call(self.model, self.params, named_buffers(self.model), x.to(next(iter(self.params.values())).dtype))
+        x = _cast(x, next(iter(self.params.values())).dtype, "the query inputs")
+        out = call(self.model, self.params, named_buffers(self.model), x)
+        out = output_selector(self.output)(out)
+        if not bool(torch.isfinite(out).all()):
+            raise UserError(f"the model's outputs for query row(s) {_rows(out)} are NaN or infinite: those inputs "
+                            f"(largest magnitude {x.abs().max().item():g}) overflow {_name(x.dtype)} inside the "
+                            "model. Rescale them nearer the range the model was meta-trained on")
         if self.kind != "classification":
             return Prediction(None, None, raw.destandardise(out, self.model_spec) if _table(self.input) else out)
         probs = out[..., : self.num_classes].softmax(-1)
@@ -112,11 +124,24 @@ class TaskModel:
 
     def save(self, path: str | Path) -> None:
         """Write the adapted parameters and everything needed to rebuild the model (atomic)."""
+        if not output_selector(self.output).recordable:
+            raise UserError("this adapted model selects its prediction with a function (output=...), which a file "
+                            "cannot hold: a file never holds code. Select with a key (\"logits\") or an index (0)")
         state = {"type": TASK_MODEL_FORMAT, "model_spec": self.model_spec, "kind": self.kind, "input": self.input,
-                 "num_classes": self.num_classes, "class_names": self.class_names}
+                 "num_classes": self.num_classes, "class_names": self.class_names, "output": self.output}
         tensors = {f"param/{k}": v for k, v in self.params.items()}
         tensors |= {f"buffer/{k}": v for k, v in named_buffers(self.model).items()}
         checkpoint.save(path, tensors, state)
+
+
+def _thread_planned(method: Callable) -> Callable:
+    """Run a :class:`Learner` call (encoding raw inputs included) under the trainer's thread plan, and give
+    the caller's thread settings back when it returns (``Executor.planned``)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.meta.executor.planned():
+            return method(self, *args, **kwargs)
+    return run
 
 
 @dataclass
@@ -137,6 +162,7 @@ class Learner:
     def n_way(self) -> int | None:
         return self.cfg.n_way if self.kind == "classification" else None
 
+    @_thread_planned
     def adapt(self, support_x: Inputs, support_y: Tensor | list, steps: int | None = None, *,
               reset_head: bool = False, class_names: list[str] | None = None) -> TaskModel:
         """Adapt to one task with the algorithm's own inner loop (its α, learned rates, and K).
@@ -151,6 +177,10 @@ class Learner:
         CSV-task checkpoints keep the meta-train classes (a support set may hold only some of them) and
         take regression targets in the target's own units (standardised here with the stored statistics).
         """
+        if steps is not None:  # bounded: a step count decides how long adapting runs (mamlkit.base.limits)
+            if steps < 0:
+                raise UserError(f"steps must be >= 0, got {steps}")
+            check_count("steps (--steps)", steps, MAX_STEPS)
         support_x = model_input(self.input, self.model_spec, support_x)
         if _table(self.input):
             return self._adapt_table(support_x, support_y, steps, reset_head)
@@ -175,10 +205,14 @@ class Learner:
             elif num_classes < self.n_way:
                 log.warning("mamlkit: %d classes, fewer than the head's %d outputs: using the first %d",
                             num_classes, self.n_way, num_classes)
-        params = meta.adapt(support_x.to(dtype), support_y, steps)
+        support_x = _cast(support_x, dtype, "the support inputs")
+        if support_y.is_floating_point():  # regression targets, used as given; finite in the model's dtype
+            _cast(support_y, dtype, "the support targets")
+        params = _adapted(meta.adapt(support_x, support_y, steps), support_x, support_y)
         spec = self.model_spec if meta is self.meta else get_family(self.cfg.task).model_spec(
             meta_cfg(self.cfg, num_classes, True))
-        return TaskModel(meta.model, params, spec, self.kind, self.input, num_classes, class_names)
+        return TaskModel(meta.model, params, spec, self.kind, self.input, num_classes, class_names,
+                         output_selector(meta.output).spec)
 
     def _adapt_table(self, x: Tensor, y: Tensor | list, steps: int | None, reset_head: bool) -> TaskModel:
         pre = self.model_spec["preprocess"]
@@ -195,9 +229,11 @@ class Learner:
         if len(y) != len(x):
             raise UserError(f"{len(x)} support rows but {len(y)} targets")
         classes = len(pre["classes"]) if self.kind == "classification" else None
-        params = self.meta.adapt(x.to(dtype), y if classes else y.to(dtype), steps)
+        x = _cast(x, dtype, "the support inputs")
+        y = y if classes else _cast(y, dtype, "the support targets")
+        params = _adapted(self.meta.adapt(x, y, steps), x, y)
         return TaskModel(self.meta.model, params, self.model_spec, self.kind, self.input, classes,
-                         list(pre["classes"]) if classes else None)
+                         list(pre["classes"]) if classes else None, output_selector(self.meta.output).spec)
 
     def _with_new_head(self, classes: int) -> MetaLearner:
         head = _head_name(self.meta.model, self.n_way)
@@ -211,6 +247,39 @@ class Learner:
                 else:
                     p.copy_(self.tensors[key])
         return meta
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _rows(t: Tensor, most: int = 10) -> str:
+    """The rows (counted from 0) of ``t [N, ...]`` that hold a value that is not finite."""
+    bad = (~torch.isfinite(t)).reshape(len(t), -1).any(1).nonzero().flatten().tolist() if t.dim() else [0]
+    return ", ".join(map(str, bad[:most])) + (f" and {len(bad) - most} more" if len(bad) > most else "")
+
+
+def _cast(x: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    """``x`` in the model's ``dtype``, refused if a value is NaN or infinite there. Checked after the cast:
+    1e39 is a finite float64 but an infinite float32, and the model would predict NaN from it in silence."""
+    cast = x.to(dtype)
+    if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+        raise UserError(f"{what} hold NaN, inf or values {beyond(dtype)} (row(s) {_rows(cast)}, counted from 0). "
+                        "Rescale them")
+    return cast
+
+
+def _adapted(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """``params``, the result of adapting, refused if one is NaN or infinite: finite inputs and targets can
+    still overflow the support loss (a target of 1e38 squared, in float32)."""
+    if all(bool(torch.isfinite(p).all()) for p in params.values() if p.is_floating_point()):
+        return params
+    dtype = next(p.dtype for p in params.values() if p.is_floating_point())
+    targets = f" and targets up to {y.abs().max().item():g}" if y.is_floating_point() and y.numel() else ""
+    raise UserError(f"adapting to this support set gave NaN or infinite parameters: its loss overflows "
+                    f"{_name(dtype)} (inputs up to {x.abs().max().item():g}{targets} in magnitude, as the model "
+                    "sees them). Rescale the inputs and targets nearer the range the model was meta-trained on, or "
+                    "adapt with fewer steps")
 
 
 def meta_cfg(cfg, classes: int | None, reset: bool):
@@ -231,20 +300,30 @@ def _label_ids(labels: list, names: list[str] | None) -> tuple[Tensor, list[str]
     return torch.tensor([names.index(v) for v in labels]), names
 
 
-def load(path: str | Path) -> Learner | TaskModel:
+def load(path: str | Path, *, model: str | None = None, trust_model_code: bool = False) -> Learner | TaskModel:
     """Load a training checkpoint (→ :class:`Learner`) or an exported adapted model (→ :class:`TaskModel`).
 
-    ``path`` may also name a model that ships with mamlkit (see ``PRETRAINED``), e.g. ``"omniglot-5w1s"``.
+    ``path`` may also name a model that ships with mamlkit (see ``PRETRAINED``), e.g. ``"omniglot-5w1s"``;
+    the shipped model wins over a file or folder of that name in the current folder (``"./omniglot-5w1s"``
+    loads the local one).
+
+    A file of a model built by your own factory (``mamlkit train --model package.module:fn``) records the
+    factory's name; loading never imports it on the file's word. Name it again, ``model="package.module:fn"``,
+    or allow the file's code, ``trust_model_code=True``; otherwise an ``UntrustedModelCode`` error says which
+    code the file asks for.
     """
 
-    if str(path) in PRETRAINED and not Path(path).exists():
-        path = PRETRAINED[str(path)]
+    if isinstance(path, str) and path in PRETRAINED:
+        path = PRETRAINED[path]
     tensors, state = checkpoint.load(path)
     if state.get("type") == TASK_MODEL_FORMAT:
+        approve_model_code([state.get("model_spec")], f"adapted model {path}", model=model,
+                           trust_model_code=trust_model_code)
         lacking = [k for k in ("model_spec", "kind", "input", "num_classes", "class_names") if k not in state]
         if lacking:
             raise checkpoint.CheckpointError(f"{path} is an adapted model without {', '.join(lacking)}; the file is "
                                              "damaged or was not written by TaskModel.save")
+        _check_size(state["model_spec"], state["input"], tensors, examples=1, where=path)
         model = build_model(state["model_spec"])
         params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
         checkpoint.check_tensors(tensors, "param/", dict(model.named_parameters()), where="adapted model")
@@ -253,13 +332,49 @@ def load(path: str | Path) -> Learner | TaskModel:
         model = model.to(next(iter(params.values())).dtype)
         _load_buffers(model, tensors)
         return TaskModel(model, params, state["model_spec"], state["kind"], state["input"], state["num_classes"],
-                         state["class_names"])
+                         state["class_names"], _stored_output(state.get("output"), path))
     if "config" not in state:
         raise checkpoint.CheckpointError(f"{path} is a mamlkit file without a run config; it cannot be adapted")
+    stored = state["config"]
+    approve_model_code([state.get("model_spec"), stored.get("model") if isinstance(stored, dict) else None],
+                       f"checkpoint {path}", model=model, trust_model_code=trust_model_code)
     cfg = checkpoint.config_of(state, path)
     # The stored spec: a CSV task's comes from its training file, which need not exist where it is adapted.
     spec = state.get("model_spec") or get_family(cfg.task).model_spec(cfg)
-    return Learner(assemble(cfg, spec, tensors), cfg, tensors, state.get("input") or input_spec(cfg), spec)
+    inputs = state.get("input") or input_spec(cfg)
+    _check_size(spec, inputs, tensors, examples=(cfg.n_way if cfg.loss == "cross_entropy" else 1) * cfg.k_shot,
+                where=path)
+    return Learner(assemble(cfg, spec, tensors), cfg, tensors, inputs, spec)
+
+
+def _check_size(spec: Any, inputs: Any, tensors: dict[str, Tensor], examples: int, where: str | Path) -> None:
+    """Refuse, before the model is built or an input read, an input spec whose images are over
+    MAX_IMAGE_SIZE pixels a side, and a model that cannot adapt on ``examples`` inputs in the memory available
+    (one task, only the current iterate kept: :meth:`~mamlkit.algorithms.driver.Driver.adapt`)."""
+    if isinstance(inputs, dict) and inputs.get("type") == "image":
+        size = inputs.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise checkpoint.CheckpointError(f"{where}: its input spec's image size is {size!r}, not a pixel count")
+        try:
+            check_count("the input spec's image size (pixels a side)", size, MAX_IMAGE_SIZE)
+        except UserError as e:
+            raise checkpoint.CheckpointError(f"{where}: {e}") from None
+    if isinstance(spec, dict):
+        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+        check_model_memory(spec, dtype, Workload(example_shape(spec, inputs if isinstance(inputs, dict) else None),
+                                                 examples, steps=1, shrink="the support set"))
+
+
+def _stored_output(value: Any, path: str | Path) -> str | int | None:
+    """An adapted-model file's ``output`` selector (absent in files written before it was recorded: None): a key
+    or an index, nothing else."""
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**6) \
+        or (isinstance(value, str) and 0 < len(value) <= 100 and value.isidentifier())
+    if not ok:
+        raise checkpoint.CheckpointError(f"{path}: its 'output' must be a key or an index of the model's output, "
+                                         f"got {str(value)[:80]!r}; the file is damaged or was not written by "
+                                         "TaskModel.save")
+    return value
 
 
 def _load_buffers(model: nn.Module, tensors: dict[str, Tensor]) -> None:

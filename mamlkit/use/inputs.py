@@ -26,6 +26,7 @@ from mamlkit.tasks.tabular import (
     MISSING,  # the same missing-value spellings as in training
     read_csv_table,
 )
+from mamlkit.use.io import beyond, overflow_cells
 
 
 def encode_texts(texts: list[str], spec: dict[str, Any]) -> Tensor:
@@ -136,6 +137,12 @@ def encode_rows(rows: list[dict[str, Any]], model_spec: dict[str, Any], *, fill:
         raise UserError(f"{where}: {len(rows_with)} row(s) have missing values ({label}(s) {_first(rows_with)}; "
                         f"columns {', '.join(missing)}). Fill them in: this model was meta-trained with --fill "
                         f"{fill}, so it has no rule for missing values.")
+    cells = overflow_cells(out, torch.float32)  # finite in float64, where they were read, but not as inputs
+    if cells:
+        named = "; ".join(f"{label} {lines[i]} column {pre['features'][j]!r} is {out[i, j].item():g}"
+                          for i, j in cells[:5])
+        raise UserError(f"{where}: {named}{' ...' if len(cells) > 5 else ''}: {beyond(torch.float32)}. Rescale "
+                        "the column")
     return out.float()
 
 
@@ -165,8 +172,14 @@ def encode_targets(values: list[Any], model_spec: dict[str, Any], *, where: str 
     bad = [f"{n} ({v!r})" for v, y, n in zip(values, ys, lines) if y is None]
     if bad:
         raise UserError(f"{where}: the regression target is not a number on {label}(s) {', '.join(bad[:5])}")
-    y = torch.tensor(ys, dtype=torch.float64)[:, None]
-    return ((y - pre["target_mean"]) / pre["target_std"]).float()
+    y = (torch.tensor(ys, dtype=torch.float64)[:, None] - pre["target_mean"]) / pre["target_std"]
+    cells = overflow_cells(y, torch.float32)  # standardised, a large target can leave float32's range
+    if cells:
+        named = ", ".join(f"{lines[i]} ({values[i]!r}, {y[i, 0].item():g} standardised)" for i, _ in cells[:5])
+        raise UserError(f"{where}: the target on {label}(s) {named}{' ...' if len(cells) > 5 else ''} is "
+                        f"{beyond(torch.float32)}, after standardising with the meta-train mean "
+                        f"{pre['target_mean']:g} and std {pre['target_std']:g}. Rescale the target")
+    return y.float()
 
 
 def destandardise(values: Tensor, model_spec: dict[str, Any]) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mamlkit.base.errors import UserError
+from mamlkit.data.imagefiles import class_name, open_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -25,7 +26,7 @@ def load_image(path: Path, spec: dict[str, Any], notes: set[str]) -> Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with open_image(path, str(path)) as im:
             im.load()  # decode fully now, so a truncated file fails here with its name
             mode = im.mode
             target = spec.get("mode", "L")
@@ -36,9 +37,6 @@ def load_image(path: Path, spec: dict[str, Any], notes: set[str]) -> Tensor:
             size = int(spec["size"])
             im = im.resize((size, size), Image.LANCZOS)
             arr = np.asarray(im, dtype=np.float32)
-    except Image.DecompressionBombError as e:  # Pillow refuses to decode it: far too many pixels
-        raise UserError(f"cannot read image {path}: {e} Resize it (mamlkit resizes to {spec['size']}x"
-                        f"{spec['size']} anyway) and try again.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {e}. Remove the file or replace it with a valid image.") from None
     if spec.get("invert"):
@@ -80,7 +78,7 @@ def load_image_folder(root: str | Path, spec: dict[str, Any]) -> tuple[Tensor, T
         for f in files:
             xs.append(load_image(f, spec, notes))
             ys.append(label)
-    return torch.stack(xs), torch.tensor(ys), [c.name for c in classes], notes
+    return torch.stack(xs), torch.tensor(ys), [class_name(c.name) for c in classes], notes
 
 
 def load_query_images(paths: list[str], spec: dict[str, Any]) -> tuple[Tensor, list[Path], set[str]]:
@@ -99,11 +97,12 @@ def load_query_images(paths: list[str], spec: dict[str, Any]) -> tuple[Tensor, l
     return torch.stack([load_image(f, spec, notes) for f in files]), files, notes
 
 
-def read_csv_table(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """A numeric CSV with a header row: ``(columns, values [rows, columns])``, every value a finite number.
+def read_csv_table(path: str | Path, dtype: torch.dtype = torch.float64) -> tuple[list[str], np.ndarray]:
+    """A numeric CSV with a header row: ``(columns, values [rows, columns])`` in float64, every value a
+    number that is finite in ``dtype`` (the model's: 1e39 is finite in float64 but not in float32).
 
-    Anything else (not UTF-8, a ragged line, text, NaN, inf, or a number too large for float64 such as
-    1e309) is a :class:`UserError` naming the file, line and column."""
+    Anything else (not UTF-8, a ragged line, text, NaN, inf, a number too large for float64 such as 1e309,
+    or one too large for ``dtype``) is a :class:`UserError` naming the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"CSV file not found: {path}")
@@ -128,12 +127,31 @@ def read_csv_table(path: str | Path) -> tuple[list[str], np.ndarray]:
                 raise UserError(f"{path} line {line} column {header[j]!r} is {v!r}: not a finite number. Every "
                                 "value after the header must be a number (no NaN, inf, or magnitudes beyond 1e308)")
             values[i, j] = x
+    cells = overflow_cells(torch.from_numpy(values), dtype)
+    if cells:
+        where = "; ".join(f"line {body[i][0]} column {header[j]!r} is {body[i][1][j]!r}" for i, j in cells[:5])
+        raise UserError(f"{path} {where}{' ...' if len(cells) > 5 else ''}: {beyond(dtype)}. Rescale the column")
     return header, values
 
 
-def load_regression_csv(path: str | Path, in_features: int, with_target: bool) -> tuple[Tensor, Tensor | None]:
-    """Support (``with_target``: the last column is the target) or query rows for a regression model."""
-    header, values = read_csv_table(path)
+def overflow_cells(values: Tensor, dtype: torch.dtype) -> list[tuple[int, ...]]:
+    """The positions of ``values`` that are finite as given but not once cast to ``dtype``, the model's
+    (1e39, or a standardised 1e38, in float32): checked after the cast, where the model meets them."""
+    bad = torch.isfinite(values) & ~torch.isfinite(values.to(dtype))
+    return [tuple(i) for i in bad.nonzero().tolist()]
+
+
+def beyond(dtype: torch.dtype) -> str:
+    """How the message of a value beyond ``dtype``'s range ends."""
+    name = str(dtype).removeprefix("torch.")
+    return f"beyond the range of {name} (±{torch.finfo(dtype).max:.3g}), in which the model computes"
+
+
+def load_regression_csv(path: str | Path, in_features: int, with_target: bool, dtype: torch.dtype = torch.float64
+                        ) -> tuple[Tensor, Tensor | None]:
+    """Support (``with_target``: the last column is the target) or query rows for a regression model whose
+    parameters are ``dtype`` (every value must be finite in it; the tensors returned are float64)."""
+    header, values = read_csv_table(path, dtype)
     need = in_features + (1 if with_target else 0)
     if values.shape[1] != need:
         what = f"{in_features} input column(s) and a target column" if with_target else \
