@@ -19,8 +19,10 @@ import pytest
 from conftest import DATASETS, REQUIRE_DATA_ENV, ROOT
 from helpers import copy_repository
 
-# Neither reads data: running them again in the copy would only add minutes.
-NOT_AGAIN = ("tests/test_fresh_clone.py", "tests/test_wheel.py")
+# None reads data (the model zoo, exactness and output tests build their models and tasks in memory):
+# running them again in the copy would only add minutes.
+NOT_AGAIN = ("tests/test_fresh_clone.py", "tests/test_wheel.py", "tests/test_model_zoo.py", "tests/test_exactness.py",
+             "tests/test_outputs.py")
 
 
 def test_no_test_reads_data_beside_the_repository():
