@@ -422,23 +422,10 @@ def test_auto_drops_a_candidate_whose_meta_gradient_is_not_the_loops(monkeypatch
     assert rel_error({k: p.grad for k, p in model.named_parameters()}, want) == 0
 
 
-class Broken(nn.Module):
-    """Runs without gradients, and under no strategy."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(3, 1)
-
-    def forward(self, x):
-        if torch._C._functorch.maybe_current_level() is not None:
-            raise ValueError("no transforms")
-        if torch.is_grad_enabled():
-            raise RuntimeError("no plain call")
-        return self.a(x)
-
-
 def test_autos_refusal_names_every_candidate_and_its_reason():
-    model, batch = make(Broken, _vectors)
+    factories = {}
+    exec(FACTORY, factories)  # the models the command-line tests below train: one source for both
+    model, batch = make(factories["Broken"], lambda n: torch.randn(n, 1))
     learner = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=STEPS, loss_fn="mse")
     with pytest.raises(UserError, match="no execution strategy could run this model") as caught:
         learner.meta_backward(batch)
