@@ -109,7 +109,6 @@ def run_example(args: argparse.Namespace) -> int:
 def _copy_folder(source, dest: Path) -> None:
     """Copy the folder ``source`` to ``dest`` (missing or empty) whole or not at all: into a temporary
     sibling first, renamed to ``dest`` once complete, so a full disk leaves no half-copied example."""
-    import os
     import shutil
     import tempfile
 
@@ -169,7 +168,8 @@ def _adapt(learner, args: argparse.Namespace) -> list[dict]:
         raise UserError(f"{args.checkpoint} is a {learner.cfg.task!r} checkpoint, and that task family declares no "
                         "raw input format, so `mamlkit adapt` cannot read files for it. Adapt it from Python with "
                         "tensors: mamlkit.load(CHECKPOINT).adapt(support_x, support_y)")
-    if spec.get("type") == "image":
+    kind = spec.get("type")
+    if kind == "image":
         sx, sy, names, notes = mio.load_image_folder(args.support, spec)
         qx, files, qnotes = mio.load_query_images(args.query, spec)
         for note in sorted(notes | qnotes):
@@ -183,11 +183,11 @@ def _adapt(learner, args: argparse.Namespace) -> list[dict]:
         rows = [{"file": str(f), "prediction": names[int(label)],
                  **{f"p[{n}]": round(float(p), 6) for n, p in zip(names, probs)}}
                 for f, label, probs in zip(files, pred.labels, pred.probs)]
-    elif spec.get("type") == "text":
+    elif kind == "text":
         rows = _adapt_text(learner, args)
-    elif spec.get("type") == "table":
+    elif kind == "table":
         rows = _adapt_table(learner, args)
-    elif spec.get("type") == "vector":
+    elif kind == "vector":
         in_features = _in_features(spec, args.checkpoint)
         if len(args.query) != 1:
             raise UserError("a regression checkpoint takes one query CSV")

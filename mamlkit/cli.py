@@ -128,8 +128,6 @@ def _after_stop(run: list[Path]) -> str:
 
 def _resume_command(run_dir: Path) -> str:
     """The resume command of the run in ``run_dir``, with its model factory named if it has one."""
-    import json
-
     from mamlkit.loop import train
 
     try:

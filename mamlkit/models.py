@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,42 +144,48 @@ def _shape_only(spec: dict[str, Any]) -> nn.Module | None:
         return None
 
 
-def check_model_memory(spec: dict[str, Any], dtype: torch.dtype, workload: Workload | None = None) -> None:
-    """Refuse, before anything is allocated, a model and workload that cannot fit in the available memory.
+def check_model_memory(spec: dict[str, Any], dtype: torch.dtype, *workloads: Workload) -> None:
+    """Refuse, before anything is allocated, a model and workloads that cannot fit in the available memory.
 
-    Counted: the parameters (with gradients and optimiser moments when training); the data of
-    ``workload.tasks_held`` tasks; and for ``tasks_at_once`` tasks the activations of a forward pass on
+    Counted: the parameters (with gradients and optimiser moments when training); for each workload the data
+    of ``workload.tasks_held`` tasks; and for ``tasks_at_once`` tasks the activations of a forward pass on
     their examples (measured on the ``meta`` device) and the adapted parameters, once per kept inner step
     and twice (the graph of the inner gradient) when training. A floor, not a peak: what the leanest
-    strategy still needs (the executor measures the rest, ``--memory-budget``)."""
+    strategy still needs (the executor measures the rest, ``--memory-budget``). The model is built (shape
+    only) once for every workload."""
     available = available_memory()
     if available is None:
         return
     model = _shape_only(spec)
     size = torch.finfo(dtype).bits // 8
     n = 0 if model is None else sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    weights = n * size * (COPIES_PER_PARAMETER if workload is None or workload.training else 1)
-    if weights > available:
-        raise ModelSpecError(f"the model {spec.get('name')!r} has {n:,} parameters: about {weights / 2**30:.1f} GiB "
-                             f"with gradients and optimiser state, more than the {available / 2**30:.1f} GiB of "
-                             "memory available. Use a smaller model (--hidden-sizes, --filters, --image-size).")
-    if workload is None:
-        return
-    w = workload
-    per_example = math.prod(w.example) * size if w.example is not None else 0
-    data = w.tasks_held * w.examples * per_example
-    act = _activation_bytes(model, w.example, dtype) if model is not None and w.example is not None else None
-    act = per_example if act is None else act
-    kept = w.steps + 1 if w.training else 1  # evaluation's forward passes are not kept from step to step
-    per_task = kept * w.examples * act * 2 + (w.steps + 1) * n * size * (2 if w.training else 1)
-    need = weights + data + w.tasks_at_once * per_task
-    if need > available:
-        raise ModelSpecError(
-            f"this run needs at least {need / 2**30:.1f} GiB (parameters {weights / 2**30:.1f}, data of "
-            f"{w.tasks_held:,} tasks {data / 2**30:.1f}, activations and adapted parameters of {w.tasks_at_once:,} "
-            f"task(s) over {w.steps:,} inner steps {w.tasks_at_once * per_task / 2**30:.1f}), more than the "
-            f"{available / 2**30:.1f} GiB of memory available. Shrink {w.shrink}, or the model (--hidden-sizes, "
-            "--filters, --image-size).")
+    activations: dict[tuple[int, ...] | None, int | None] = {}
+    for w in workloads or (None,):
+        weights = n * size * (COPIES_PER_PARAMETER if w is None or w.training else 1)
+        if weights > available:
+            raise ModelSpecError(f"the model {spec.get('name')!r} has {n:,} parameters: about "
+                                 f"{weights / 2**30:.1f} GiB with gradients and optimiser state, more than the "
+                                 f"{available / 2**30:.1f} GiB of memory available. Use a smaller model "
+                                 "(--hidden-sizes, --filters, --image-size).")
+        if w is None:
+            return
+        per_example = math.prod(w.example) * size if w.example is not None else 0
+        data = w.tasks_held * w.examples * per_example
+        key = None if w.example is None else tuple(w.example)
+        if key not in activations:
+            activations[key] = (_activation_bytes(model, w.example, dtype)
+                                if model is not None and w.example is not None else None)
+        act = per_example if activations[key] is None else activations[key]
+        kept = w.steps + 1 if w.training else 1  # evaluation's forward passes are not kept from step to step
+        per_task = kept * w.examples * act * 2 + (w.steps + 1) * n * size * (2 if w.training else 1)
+        need = weights + data + w.tasks_at_once * per_task
+        if need > available:
+            raise ModelSpecError(
+                f"this run needs at least {need / 2**30:.1f} GiB (parameters {weights / 2**30:.1f}, data of "
+                f"{w.tasks_held:,} tasks {data / 2**30:.1f}, activations and adapted parameters of "
+                f"{w.tasks_at_once:,} task(s) over {w.steps:,} inner steps {w.tasks_at_once * per_task / 2**30:.1f}), "
+                f"more than the {available / 2**30:.1f} GiB of memory available. Shrink {w.shrink}, or the model "
+                "(--hidden-sizes, --filters, --image-size).")
 
 
 @register_model("mlp")
@@ -369,8 +376,6 @@ def check_factory_name(factory: object) -> str:
     (``torch.hub:load``) and mamlkit itself (its models are named by their registry names) are never
     factories, with or without the user's consent: calling them with a file's arguments runs code or
     touches files, and none of them builds a model."""
-    import sys
-
     if not isinstance(factory, str) or len(factory) > _FACTORY_NAME_MAX or not _FACTORY_NAME.fullmatch(factory):
         shown = repr(factory)[:80]
         raise ModelSpecError(f"model factory {shown} is not a name of the form package.module:function "
@@ -437,8 +442,6 @@ def approve_model_code(specs: list[Any], source: str, *, model: str | None = Non
     :class:`UntrustedModelCode` names the factory and both ways to proceed. Factories that can never be one
     (:func:`check_factory_name`) are refused either way.
     """
-    import sys
-
     names = user_factories(specs)
     if model is not None:
         check_factory_name(model)

@@ -169,11 +169,6 @@ def results_in(run_dir: Path) -> list[str]:
     return [name for name in RESULTS if (Path(run_dir) / name).exists()]
 
 
-def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run's results (:func:`results_in`), which a fresh run must not replace."""
-    return bool(results_in(run_dir))
-
-
 def clear(run_dir: Path) -> None:
     """Remove a previous run's files from ``run_dir`` (``--overwrite``); other files stay."""
     run_dir = Path(run_dir)
@@ -319,5 +314,5 @@ def stop_on_signals() -> Iterator[Signals]:
             signal.signal(s, signal.SIG_IGN if state.received is not None else h)
 
 
-__all__ = ["lock", "clean", "results_in", "holds_run", "clear", "truncate_metrics", "prepare", "Stopped", "Signals",
+__all__ = ["lock", "clean", "results_in", "clear", "truncate_metrics", "prepare", "Stopped", "Signals",
            "stop_on_signals", "current", "no_space", "disk_full_message", "DiskFull", "RunFolderBusy"]

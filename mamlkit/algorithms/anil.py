@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mamlkit.algorithms import register
 from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
 from mamlkit.engine.functional import Params, call
-from mamlkit.engine.inner import adapt_final, fresh, make_task_fn
+from mamlkit.engine.inner import adapt_final, fresh, make_task_fn, support_loss_fn
 from mamlkit.engine.norms import SupportStatsNorm
 from mamlkit.engine.rules import InnerRule
 from mamlkit.exec.executor import Executor
@@ -78,9 +78,7 @@ def _head_adapt(learner: Driver, theta: Params, rule: InnerRule, support_x: Tens
     body_buffers, head_buffers = _split(prefix, learner.buffers())
     feats = call(learner.body, body_params, fresh(body_buffers), support_x).detach()
 
-    def loss(fast, x, y):
-        return learner.loss_fn(learner.output(call(learner.head, fast, fresh(head_buffers), x)), y)
-
+    loss = support_loss_fn(learner.head, learner.loss_fn, {}, head_buffers, learner.output)
     head = adapt_final(loss, head_params, feats, support_y, rule=rule, steps=steps)  # one iterate kept, not K
     return {**body_params, **{prefix + k: v for k, v in head.items()}}
 

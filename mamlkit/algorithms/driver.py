@@ -113,14 +113,16 @@ def config_keywords(cfg: Any, executor: Executor) -> dict[str, Any]:
                 test_inner_steps=cfg.test_inner_steps, bn_mode=cfg.bn_mode, executor=executor, output=cfg.output_spec)
 
 
-def _thread_planned(method: Callable) -> Callable:
-    """Run a learner's call under its executor's thread plan, and give the caller's thread settings back
-    when it returns (:meth:`~mamlkit.exec.executor.Executor.planned`)."""
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        with self.executor.planned():
-            return method(self, *args, **kwargs)
-    return run
+def thread_planned(executor_of: Callable[[Any], Executor] = lambda learner: learner.executor) -> Callable:
+    """A decorator: run a learner's call under its executor's thread plan (``executor_of(self)``), and give
+    the caller's thread settings back when it returns (:meth:`~mamlkit.exec.executor.Executor.planned`)."""
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            with executor_of(self).planned():
+                return method(self, *args, **kwargs)
+        return run
+    return wrap
 
 
 class Driver:
@@ -228,7 +230,7 @@ class Driver:
 
     # --- the MetaLearner protocol ---------------------------------------------------------------------
 
-    @_thread_planned
+    @thread_planned()
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         self.check_output(batch.support_x[0])
         self.executor.ready(self, batch)
@@ -237,14 +239,14 @@ class Driver:
         self.executor.plan_backward(loss)  # the caller's loss.backward() runs under the plan too
         return loss, task_metrics(losses, preds, batch.query_y, self.kind)
 
-    @_thread_planned
+    @thread_planned()
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         self.check_output(batch.support_x[0])
         self.executor.ready(self, batch)
         losses, preds = self.executor.meta_backward(self._train_fn, self.meta_parameters(), batch, weight)
         return task_metrics(losses, preds, batch.query_y, self.kind)
 
-    @_thread_planned
+    @thread_planned()
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """Adapt to one task; returns every parameter (adapted or shared), detached.
 
@@ -264,7 +266,7 @@ class Driver:
         # (the same updates as adapt_path's first-order path, whose every step a meta-gradient would need)
         return {**shared, **adapt_final(loss, fast, support_x, support_y, rule=rule, steps=steps)}
 
-    @_thread_planned
+    @thread_planned()
     def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
         """Query loss and accuracy ``[T, steps+1]`` after 0..steps inner steps (evaluation)."""
         self.check_output(batch.support_x[0])

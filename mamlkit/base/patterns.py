@@ -232,13 +232,19 @@ def compile_patterns(patterns: Sequence[str], what: str = "adapt") -> Callable[[
     """
     check_patterns_bounds(patterns, what)
     compiled = [(_glob(p), _parse_regex(p)) for p in patterns]
+    # A model's parameter names are few and asked for again at every meta-iteration (the per-task
+    # function splits them), while a match simulates automata in Python: each name is matched once.
+    known: dict[str, bool] = {}
 
     def passes(name: str) -> bool:
+        if name in known:
+            return known[name]
         if len(name) > MAX_NAME_LENGTH:
             raise PatternError(f"parameter name of {len(name):,} characters, more than the limit of "
                                f"{MAX_NAME_LENGTH} that {what} patterns are matched against")
-        return any((g is not None and g.fullmatch(name)) or (r is not None and r.fullmatch(name))
-                   for g, r in compiled)
+        known[name] = any((g is not None and g.fullmatch(name)) or (r is not None and r.fullmatch(name))
+                          for g, r in compiled)
+        return known[name]
 
     return passes
 

@@ -180,11 +180,11 @@ def evaluate_descent(learner: MetaLearner, tasks: TaskBatch, max_steps: int, bat
     if not safeguarded(learner):
         return evaluate(learner, tasks, max_steps, batch_size, device, dtype)
     losses, halved = [], []
+    query = support_loss_fn(learner.model, learner.loss_fn, {}, learner.buffers(), learner.output)
     for start in range(0, tasks.num_tasks, batch_size):
         stop_point()
         chunk = tasks[start:start + batch_size].to(device, dtype)
         path, h = descent_path(learner, chunk.support_x, chunk.support_y, max_steps)
-        query = support_loss_fn(learner.model, learner.loss_fn, {}, learner.buffers(), learner.output)
         with torch.no_grad():
             losses.append(torch.stack([learner.executor.map(query, p, chunk.query_x, chunk.query_y) for p in path],
                                       1).cpu())

@@ -78,12 +78,12 @@ def _draws(func, args: tuple, kwargs: dict) -> bool:
     return values.get("train", True) is not False
 
 
-def _nodes(start, stop: dict | set = frozenset()) -> Iterator:
-    """Every autograd node reachable from ``start`` (a node or None), skipping those in ``stop``."""
+def _nodes(start) -> Iterator:
+    """Every autograd node reachable from ``start`` (a node or None)."""
     seen, stack = set(), [start]
     while stack:
         node = stack.pop()
-        if node is None or node in seen or node in stop:
+        if node is None or node in seen:
             continue
         seen.add(node)
         yield node
@@ -211,10 +211,11 @@ def _search_second_order(model: nn.Module, fn: Callable, batch: TaskBatch, found
         if why is not None:
             raise why from err
         return  # the strategy's own run says what went wrong
-    if not any(type(n).__name__ == "Error" for n in _nodes(loss.grad_fn)):
+    nodes = list(_nodes(loss.grad_fn))
+    if not any(type(n).__name__ == "Error" for n in nodes):
         return
     once = sorted({f"{n._forward_cls.__name__} (in {owners.get(n, type(model).__name__)})"
-                   for n in _nodes(loss.grad_fn) if _once_differentiable(n)})
+                   for n in nodes if _once_differentiable(n)})
     what = (", ".join(once) + ": a torch.autograd.Function whose backward is @once_differentiable" if once else
             "an op whose backward is not differentiable (an @once_differentiable torch.autograd.Function)")
     raise DifferentiationError(f"the second-order meta-gradient cannot be exact for this model: {what} has no "

@@ -174,36 +174,31 @@ class Executor:
         which builds no meta-gradient. Vectorised where the strategy is (vmap, compile, ``auto`` before its
         trial), else task by task (loop, threads); where vmap cannot run the model (an op without a
         batching rule, a tensor's value read in Python, random draws it refuses), in the loop from then on."""
-        with self.planned():
-            if self.strategy.vectorize and not self._vmap_failed:
-                try:
-                    return strategies.map_args(fn, args, vectorize=True)
-                except UserError:
-                    raise
-                except Exception as err:  # noqa: BLE001 - any op vmap cannot run; the loop runs every model
-                    self._vmap_cannot_run(err)
-            return strategies.map_args(fn, args, vectorize=False)
+        return self._vectorised_or_loop(lambda: strategies.map_args(fn, args, vectorize=True),
+                                        lambda: strategies.map_args(fn, args, vectorize=False))
 
     def evaluate_tasks(self, fn: TaskFn, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Per-task losses ``[T]`` and query predictions of ``fn`` for evaluation, with the strategy (chunks
         and threads included), or in the loop where vmap cannot run the model (see :meth:`map`)."""
+        looped = Strategy(vectorize=False, chunk_size=self.strategy.chunk_size) if self.strategy.vectorize \
+            else self.strategy
+        return self._vectorised_or_loop(lambda: strategies.map_tasks(fn, batch, self.strategy),
+                                        lambda: strategies.map_tasks(fn, batch, looped))
+
+    def _vectorised_or_loop(self, vectorised: Callable[[], T], loop: Callable[[], T]) -> T:
+        """``vectorised()`` where the strategy vectorises and vmap has run this model, else ``loop()``; the
+        first time vmap cannot run it (any op without a batching rule), the loop from then on."""
         with self.planned():
-            strategy = self.strategy
-            if strategy.vectorize and not self._vmap_failed:
+            if self.strategy.vectorize and not self._vmap_failed:
                 try:
-                    return strategies.map_tasks(fn, batch, strategy)
+                    return vectorised()
                 except UserError:
                     raise
-                except Exception as err:  # noqa: BLE001 - as in map
-                    self._vmap_cannot_run(err)
-            if strategy.vectorize:
-                strategy = Strategy(vectorize=False, chunk_size=strategy.chunk_size)
-            return strategies.map_tasks(fn, batch, strategy)
-
-    def _vmap_cannot_run(self, err: Exception) -> None:
-        self._vmap_failed = True
-        log.info("mamlkit: vmap cannot run this model's evaluation (%s: %s); its tasks run in a loop",
-                 type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                except Exception as err:  # noqa: BLE001 - any op vmap cannot run; the loop runs every model
+                    self._vmap_failed = True
+                    log.info("mamlkit: vmap cannot run this model's evaluation (%s: %s); its tasks run in a loop",
+                             type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            return loop()
 
     # --- threads -----------------------------------------------------------------------------------
 
@@ -217,8 +212,6 @@ class Executor:
     def planned(self, threads: int | None = None) -> contextlib.AbstractContextManager:
         """Run the enclosed code under :meth:`plan`, then give the caller's thread settings back. Inside an
         enclosing plan (a command's ``--threads``, the trainer's) the enclosing one holds."""
-        if thread_plan.active() is not None:
-            return contextlib.nullcontext()
         return thread_plan.planned(self.plan(threads))
 
     def plan_backward(self, loss: Tensor) -> None:

@@ -406,25 +406,31 @@ def _nothing_runs(failed: list[tuple[Strategy, BaseException]]) -> UserError:
     return error
 
 
-def _loop_reference(learner: Any, batch: TaskBatch) -> dict[str, torch.Tensor] | BaseException:
-    """The loop's meta-gradient on ``batch``, which ``auto``'s candidates must match, or the loop's error. Its
-    first call also probes what the model runs (``Executor.check``). The learner's gradients and the global
-    RNG are left as they were."""
+def _meta_gradient(learner: Any, batch: TaskBatch, strategy: Strategy) -> dict[str, torch.Tensor | None]:
+    """The meta-gradient of ``batch`` under ``strategy``, with the learner's gradients and the global RNG
+    left as they were."""
     params = learner.meta_parameters()
     saved = {k: p.grad for k, p in params.items()}
     try:
         for p in params.values():
             p.grad = None
-        with torch.random.fork_rng(devices=[]), learner.executor.using(Strategy(False)):
+        with torch.random.fork_rng(devices=[]), learner.executor.using(strategy):
             learner.meta_backward(batch)
         return {k: None if p.grad is None else p.grad.detach().clone() for k, p in params.items()}
+    finally:
+        for k, p in params.items():
+            p.grad = saved[k]
+
+
+def _loop_reference(learner: Any, batch: TaskBatch) -> dict[str, torch.Tensor] | BaseException:
+    """The loop's meta-gradient on ``batch``, which ``auto``'s candidates must match, or the loop's error. Its
+    first call also probes what the model runs (``Executor.check``)."""
+    try:
+        return _meta_gradient(learner, batch, Strategy(False))
     except DifferentiationError:
         raise
     except Exception as err:  # noqa: BLE001 - the candidates' own trials say what runs
         return err
-    finally:
-        for k, p in params.items():
-            p.grad = saved[k]
 
 
 def difference(got: dict[str, torch.Tensor | None], want: dict[str, torch.Tensor | None]) -> float:
@@ -445,37 +451,29 @@ def _agreeing(learner: Any, batch: TaskBatch, options: list[Strategy], reference
               failed: list, say: Callable[[str], None]) -> list[Strategy]:
     """The ``options`` whose meta-gradient on ``batch`` is the loop's (``reference``) within :data:`AGREEMENT`;
     each other one is said and added to ``failed`` with its difference. The loop itself is not rerun."""
-    params = learner.meta_parameters()
-    dtype = next(iter(params.values())).dtype
+    dtype = next(iter(learner.meta_parameters().values())).dtype
     tolerance = AGREEMENT.get(dtype, AGREEMENT_LOW)
-    saved = {k: p.grad for k, p in params.items()}
     kept = []
-    try:
-        for cand in options:
-            if cand == Strategy(False) or cand.name.startswith("loop"):
-                kept.append(cand)
-                continue
-            for p in params.values():
-                p.grad = None
-            try:
-                with torch.random.fork_rng(devices=[]), learner.executor.using(cand):
-                    learner.meta_backward(batch)
-            except DifferentiationError:
-                raise
-            except Exception as err:  # noqa: BLE001
-                failed.append((cand, err))
-                say(f"mamlkit: strategy {cand.name} unavailable for this model ({_reason(err)}); skipped")
-                continue
-            off = difference({k: p.grad for k, p in params.items()}, reference)
-            _release_freed_memory()
-            if off <= tolerance:
-                kept.append(cand)
-                continue
-            err = RuntimeError(f"its meta-gradient is {off:.2g} off the loop's (relative; the tolerance in "
-                               f"{str(dtype).removeprefix('torch.')} is {tolerance:g})")
+    for cand in options:
+        if cand.name.startswith("loop"):
+            kept.append(cand)
+            continue
+        try:
+            got = _meta_gradient(learner, batch, cand)
+        except DifferentiationError:
+            raise
+        except Exception as err:  # noqa: BLE001
             failed.append((cand, err))
-            say(f"mamlkit: strategy {cand.name} dropped: {err}")
-    finally:
-        for k, p in params.items():
-            p.grad = saved[k]
+            say(f"mamlkit: strategy {cand.name} unavailable for this model ({_reason(err)}); skipped")
+            continue
+        off = difference(got, reference)
+        del got
+        _release_freed_memory()
+        if off <= tolerance:
+            kept.append(cand)
+            continue
+        err = RuntimeError(f"its meta-gradient is {off:.2g} off the loop's (relative; the tolerance in "
+                           f"{str(dtype).removeprefix('torch.')} is {tolerance:g})")
+        failed.append((cand, err))
+        say(f"mamlkit: strategy {cand.name} dropped: {err}")
     return kept

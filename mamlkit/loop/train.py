@@ -98,8 +98,7 @@ def build(cfg: config.TrainConfig, state: dict[str, torch.Tensor] | None = None,
     """Build the model and learner of ``cfg`` (or of ``spec``, a checkpoint's record of its model); load
     meta-parameters from ``state`` if given. Returns ``(learner, spec)``; see :func:`mamlkit.assemble.assemble`."""
     spec = spec or model_spec(cfg)
-    for workload in workloads(cfg, spec):  # refused before anything is allocated
-        check_model_memory(spec, DTYPES[cfg.dtype], workload)
+    check_model_memory(spec, DTYPES[cfg.dtype], *workloads(cfg, spec))  # refused before anything is allocated
     return assemble(cfg, spec, state), spec
 
 
@@ -434,8 +433,7 @@ def _check_finite(trainer: Trainer, saved: list) -> None:
     check, made before a checkpoint is written or the model validated, not at every step (the loss is)."""
     tensors = [*trainer.learner.meta_parameters().values(), *trainer.learner.model.buffers(),
                *(v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
-    tensors = [t.detach() for t in tensors if t.is_floating_point()]
-    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+    if not checkpoint.all_finite(t.detach() for t in tensors if t.is_floating_point()):
         raise _diverged(trainer, saved, trainer.step, "its parameters or optimiser state hold NaN or inf")
 
 

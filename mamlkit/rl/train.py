@@ -75,7 +75,7 @@ def run_dir_for(cfg: RLConfig) -> Path:
 def save_checkpoint(trainer: RLTrainer, path: Path, **extra: float) -> None:
     """Policy parameters + JSON state (config, step, best validation return, ``extra``), atomically."""
     tensors = {f"meta/{k}": v for k, v in trainer.policy.named_parameters()}
-    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):  # never a checkpoint of a diverged run
+    if not checkpoint.all_finite(tensors.values()):  # never a checkpoint of a diverged run
         raise _diverged(trainer, trainer.step, "the policy's parameters hold NaN or inf")
     state = {"kind": "rl", "config": trainer.cfg.to_dict(), "algo": trainer.cfg.algo, "step": trainer.step,
              "best_val": trainer.best_val, "log_window": trainer.log_window} | extra
@@ -156,15 +156,21 @@ def _check_progress(trainer: RLTrainer, stats: dict[str, float], step: int) -> N
 
 def _diverged(trainer: RLTrainer, step: int, what: str) -> Diverged:
     """The error that stops a diverged run: the step, what is not finite, the likely cause, what is kept."""
-    cfg, run, saved = trainer.cfg, trainer.run_dir, None
-    with contextlib.suppress(Exception):  # checkpoints are written atomically: the one there is whole
-        saved = checkpoint.load(run / "checkpoint.safetensors")[1]["step"]
+    cfg, run, saved = trainer.cfg, trainer.run_dir, _saved_step(trainer.run_dir)
     kept = (f"The checkpoint of step {saved} in {run} is kept as it was (finite)." if saved is not None else
             "No checkpoint had been written, so none is kept.")
     return Diverged(f"meta-RL training diverged at step {step}: {what}. Likely cause: a setting too large for this "
                     f"policy (--inner-lr {cfg.inner_lr:g}, --init-std {cfg.init_std:g}, --max-kl {cfg.max_kl:g}), or "
                     f"values beyond the range of {cfg.dtype} (--dtype float64 holds more). Training stopped. {kept} "
                     "Start a new run with smaller settings.")
+
+
+def _saved_step(run: Path) -> int | None:
+    """The step of the checkpoint in ``run``, or None where there is none (checkpoints are written
+    atomically: the one there is whole)."""
+    with contextlib.suppress(Exception):
+        return checkpoint.load(run / "checkpoint.safetensors")[1]["step"]
+    return None
 
 
 def _validate_and_keep_best(trainer: RLTrainer, step: int, metrics: MetricsLog, write) -> None:
@@ -206,9 +212,7 @@ def _stop_if_disk_full(trainer: RLTrainer) -> Iterator[None]:
     except Exception as e:
         if not runfolder.no_space(e):
             raise
-        run, saved = trainer.run_dir, None
-        with contextlib.suppress(Exception):  # checkpoints are written atomically: the one there is whole
-            saved = checkpoint.load(run / "checkpoint.safetensors")[1]["step"]
+        run, saved = trainer.run_dir, _saved_step(trainer.run_dir)
         kept = (f"The checkpoint of step {saved} in {run} is intact: free some space, then resume with "
                 f"`mamlkit rl train --resume {run}`." if saved is not None else
                 "No checkpoint had been written yet: free some space and start the run again.")

@@ -15,9 +15,7 @@ never runs code from the file: weights are safetensors, everything else JSON.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 
 from mamlkit import checkpoint
 from mamlkit.algorithms import MetaLearner
+from mamlkit.algorithms.driver import thread_planned
 from mamlkit.assemble import assemble
 from mamlkit.base.errors import UserError
 from mamlkit.base.limits import MAX_IMAGE_SIZE, MAX_STEPS, check_count
@@ -134,16 +133,6 @@ class TaskModel:
         checkpoint.save(path, tensors, state)
 
 
-def _thread_planned(method: Callable) -> Callable:
-    """Run a :class:`Learner` call (encoding raw inputs included) under the trainer's thread plan, and give
-    the caller's thread settings back when it returns (``Executor.planned``)."""
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        with self.meta.executor.planned():
-            return method(self, *args, **kwargs)
-    return run
-
-
 @dataclass
 class Learner:
     """A meta-trained model ready to adapt: the checkpoint's algorithm, config and test-time settings."""
@@ -162,7 +151,7 @@ class Learner:
     def n_way(self) -> int | None:
         return self.cfg.n_way if self.kind == "classification" else None
 
-    @_thread_planned
+    @thread_planned(lambda learner: learner.meta.executor)  # encoding raw inputs included
     def adapt(self, support_x: Inputs, support_y: Tensor | list, steps: int | None = None, *,
               reset_head: bool = False, class_names: list[str] | None = None) -> TaskModel:
         """Adapt to one task with the algorithm's own inner loop (its α, learned rates, and K).
@@ -272,7 +261,7 @@ def _cast(x: Tensor, dtype: torch.dtype, what: str) -> Tensor:
 def _adapted(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """``params``, the result of adapting, refused if one is NaN or infinite: finite inputs and targets can
     still overflow the support loss (a target of 1e38 squared, in float32)."""
-    if all(bool(torch.isfinite(p).all()) for p in params.values() if p.is_floating_point()):
+    if checkpoint.all_finite(p for p in params.values() if p.is_floating_point()):
         return params
     dtype = next(p.dtype for p in params.values() if p.is_floating_point())
     targets = f" and targets up to {y.abs().max().item():g}" if y.is_floating_point() and y.numel() else ""
