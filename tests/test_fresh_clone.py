@@ -2,7 +2,7 @@
 
 The README's command (b) installs the package and runs `ruff check . && pytest -q`. Here the install is
 the running interpreter's (its environment already holds the dependencies), and the rest runs in a copy
-of the repository's files in a temporary folder: no `../shared` beside it, no `MAMLKIT_DATA`, an empty
+of the repository's files in a temporary folder: no data set beside it, no `MAMLKIT_DATA`, an empty
 default data root. Tests that need real data must skip there, and nothing may fail.
 """
 

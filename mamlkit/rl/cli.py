@@ -96,9 +96,7 @@ SHIPPED = {"nav2d": "nav2d-maml-trpo.safetensors"}  # policies in mamlkit/assets
 
 def shipped_policy(name: str) -> Path:
     """The path of the meta-trained policy ``name`` that ships with the package."""
-    import mamlkit
-
-    path = Path(mamlkit.__file__).parent / "assets" / SHIPPED[name]
+    path = Path(__file__).resolve().parents[1] / "assets" / SHIPPED[name]  # mamlkit/assets
     if not path.exists():
         raise UserError(f"the shipped {name} policy is missing from this installation ({path}); "
                         "pass a run folder or checkpoint of `mamlkit rl train nav2d` instead")
