@@ -40,36 +40,6 @@ def add_parser(sub) -> None:
                    "(default: the column 'id' if there is one; the output always has the query row index)")
 
 
-def import_from_here(model: str | None) -> None:
-    """Import the module of ``model`` when it names a user's factory (``package.module:fn``, named on this
-    command line; a name that can never be a factory is refused first) with the current folder first on
-    ``sys.path``, so ``--model mynets:wide`` finds ``mynets.py`` where the command runs, as ``python -m`` would;
-    the ``mamlkit`` script alone does not look there. The folder is on the path only while that module
-    imports: nothing else mamlkit imports later can come from it. A module that still cannot be imported is
-    left to the factory's own import, whose error names it."""
-    import importlib
-
-    from mamlkit.loop import train
-
-    factory = train.named_factory(model) if model else None
-    if factory is None:
-        return
-    module = factory.partition(":")[0]
-    if module in sys.modules:
-        return
-    here = os.getcwd()
-    sys.path.insert(0, here)
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        pass
-    finally:
-        if sys.path and sys.path[0] == here:
-            del sys.path[0]
-        elif here in sys.path:  # the module itself put something before it
-            sys.path.remove(here)
-
-
 def add_trust_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--trust-model-code", action="store_true", help=what + "; mamlkit imports no code "
                         "because a file names it")
@@ -140,6 +110,7 @@ EXAMPLE_FILES = {
 
 
 def run(args: argparse.Namespace) -> int:
+    from mamlkit.models import import_from_here
     from mamlkit.use import api
 
     if args.steps is not None and args.steps < 0:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -12,16 +11,8 @@ from pathlib import Path
 
 from mamlkit import config
 from mamlkit.base.errors import DiskFull, Diverged, UserError
-from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag, resumed_config
+from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag
 from mamlkit.presets import PRESETS, preset_config
-
-# Fields that may change when a run is resumed; everything else defines the run.
-RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progress", "tensorboard", "threads",
-             "tune_malloc", "eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained",
-             "baseline_lrs",
-             "backend", "dist_timeout", "data_root", "trust_checksum"}  # data: verified by checksum
-
-
 
 
 def _help_preset(argv: list[str]) -> str | None:
@@ -104,271 +95,50 @@ class _DataChoices:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mamlkit import runfolder
+    from mamlkit.loop import run
 
-    run: list[Path] = []  # the run folder, once known: named in the message after a stop signal
+    started: list[Path] = []  # the run folder, once known: named in the message after a stop signal
     try:
         with runfolder.stop_on_signals():
-            return _train(args, run)
+            return _train(args, started)
     except runfolder.Stopped as e:
-        if _is_main_rank():  # under torchrun every rank is stopped; one says so
-            print(f"mamlkit: stopped by {e.args[0]}{_after_stop(run)}", file=sys.stderr)
+        if run.is_main_rank():  # under torchrun every rank is stopped; one says so
+            print(f"mamlkit: stopped by {e.args[0]}{run.after_stop(started)}", file=sys.stderr)
         return 128 + e.signum
 
 
-def _after_stop(run: list[Path]) -> str:
-    """What a stopped `mamlkit train` leaves: a run to resume, or, stopped before the run's first checkpoint
-    (preparing data, timing strategies), none, and then no resume command, which could only fail."""
-    if not run:
-        return " before training began"
-    if (run[0] / "checkpoint.safetensors").exists():
-        return f"; resume with `{_resume_command(run[0])}`"
-    return (f" before the run's first checkpoint: nothing was trained, so {run[0]} holds no run to resume. Run the "
-            "same command again to start it; the folder can be used as it is")
-
-
-def _resume_command(run_dir: Path) -> str:
-    """The resume command of the run in ``run_dir``, with its model factory named if it has one."""
-    from mamlkit.loop import train
-
-    try:
-        model = json.loads((run_dir / "config.json").read_text()).get("model", "")
-    except (OSError, ValueError, AttributeError):
-        model = ""
-    return train.resume_command_for(run_dir, model)
-
-
-def _is_main_rank() -> bool:
-    """Under torchrun, rank 0 alone owns the run folder (locks, clears, reports); elsewhere always."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _lock(run_dir: Path):
-    from mamlkit import runfolder
-
-    return runfolder.lock(run_dir) if _is_main_rank() else contextlib.nullcontext()
-
-
-def _train(args: argparse.Namespace, run: list[Path]) -> int:
-    from mamlkit import adapt_cli, runfolder
-    from mamlkit.loop import train
+def _train(args: argparse.Namespace, started: list[Path]) -> int:
+    from mamlkit.loop import run
 
     given = {k: v for k, v in vars(args).items() if k in config.field_types()}
     file_values = config.load_yaml(args.config) if args.config else {}
-    # The model code the user allowed on this command line, for every checkpoint the command loads.
-    approval = {"model": None, "trust_model_code": args.trust_model_code}
     if args.resume:
         if args.preset_name:
             raise UserError(f"pass either a preset or --resume RUN, not both: a resumed run keeps its own config, "
                             f"so preset {args.preset_name!r} would be ignored")
         if args.overwrite:
             raise UserError("--overwrite starts a fresh run; it cannot be combined with --resume")
-        # --model on a resume names the run's own factory again: consent to import it, not a change.
-        named = given.pop("model", None)
-        adapt_cli.import_from_here(named)
-        _check_resumable(Path(args.resume))
-        trainer = train.load_trainer(args.resume, model=named, trust_model_code=args.trust_model_code)
-        approval["model"] = named
-        overrides = {**file_values, **given}  # --config with --resume may hold only what may change
-        check_used(trainer.cfg, set(overrides))
-        stored, trainer.cfg = trainer.cfg, resumed_config(trainer.cfg, overrides, RESUMABLE)
-        asked = trainer.cfg.iterations  # a run past it trains no further: its config keeps what it trained
-        trainer.cfg = trainer.cfg.replace(iterations=max(asked, trainer.step))
-    else:
-        if not args.preset_name:
-            raise UserError("name a preset (`mamlkit train sinusoid`) or pass --resume RUN; presets: "
-                            + ", ".join(sorted(PRESETS)))
-        if "model" in file_values and "model" not in given:  # a file names the code: the user approves it here
-            train.approve_model_code([file_values["model"]], f"--config {args.config}",
-                                     trust_model_code=args.trust_model_code)
-        cfg = preset_config(args.preset_name, {**file_values, **given})
-        approval["model"] = train.named_factory(cfg.model)  # named on this command (or allowed just above)
-        adapt_cli.import_from_here(approval["model"])
-        check_used(cfg, set(file_values) | set(given))
-        run_dir = train.run_dir_for(cfg, overwrite=args.overwrite or not _is_main_rank())
-    run.append(trainer.run_dir if args.resume else run_dir)
-    with _lock(run[0]), contextlib.ExitStack() as planned:  # the lock: for training, baseline and report alike
-        if not args.resume:
-            if args.overwrite and _is_main_rank():
-                runfolder.clear(run_dir)
-            trainer = train.new_trainer(cfg, run_dir)
-        elif _nothing_left(trainer, stored, asked):
-            return 0
-        # the run's thread plan (--threads) for training, baseline and report; the caller's settings after
-        planned.enter_context(trainer.learner.executor.planned(trainer.cfg.threads))
-        _check_before_training(trainer)
-        train.fit(trainer)
-        cfg = trainer.cfg
-        learners, iterations = {trainer.learner.name: trainer.learner}, {trainer.learner.name: trainer.step}
-        if cfg.compare_pretrained and cfg.algo != "pretrain":
-            baseline = _baseline(trainer, approval)
-            learners["pretrain"], iterations["pretrain"] = baseline.learner, baseline.step
-        if not _is_main_rank():
-            return 0  # under torchrun every rank trains; rank 0 alone evaluates and reports
-        print()
-        print(_report_of_run(trainer.run_dir, learners, cfg, iterations))
-    print(f"run folder: {trainer.run_dir} ({_written(trainer.run_dir)})")
+    elif not args.preset_name:
+        raise UserError("name a preset (`mamlkit train sinusoid`) or pass --resume RUN; presets: "
+                        + ", ".join(sorted(PRESETS)))
+    request = run.Request(preset=args.preset_name, resume=args.resume, given=given, file_values=file_values,
+                          config_file=args.config, overwrite=args.overwrite, trust_model_code=args.trust_model_code)
+    outcome = run.train_run(request, started)
+    if outcome.report is None:
+        return 0
+    print()
+    print(outcome.report)
+    print(f"run folder: {outcome.run_dir} ({', '.join(outcome.written)})")
     return 0
 
 
-def _report_of_run(run_dir: Path, learners: dict, cfg: config.TrainConfig, iterations: dict[str, int]) -> str:
-    """The trained run's report (``iterations``: each learner's); a full disk while writing it says that
-    training is done and kept."""
-    from mamlkit import runfolder
-    from mamlkit.eval import reports
-
-    try:
-        return reports.report(run_dir, learners, cfg, iterations)
-    except Exception as e:
-        if not runfolder.no_space(e):
-            raise
-        raise DiskFull(f"{runfolder.disk_full_message(e)}. Training finished and its checkpoint in {run_dir} "
-                       f"is intact: free some space, then `mamlkit eval {run_dir} --overwrite` writes the report"
-                       ) from None
-
-
-def _check_resumable(path: Path) -> None:
-    """A folder without a checkpoint holds no run (its run stopped before the first checkpoint): say that,
-    and how to start it, rather than "checkpoint not found"."""
-    if path.is_dir() and not (path / "checkpoint.safetensors").exists():
-        raise UserError(f"{path} holds no checkpoint: its run stopped before the first one, so nothing was trained "
-                        "to resume. Start the run again with the command that began it; the folder can be used as "
-                        "it is")
-
-
-# The settings a run's report depends on: a finished run resumed with others is reported again.
-REPORTED = ("eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained", "baseline_lrs")
-
-
-def _finished(trainer, stored: config.TrainConfig) -> bool:
-    """Whether a resumed run has nothing left to do: trained to its iterations, its baseline (if it has one)
-    too, and its report written for exactly these (eval.json's ``iterations``) with the same report settings
-    as ``stored`` (the checkpoint's)."""
-    from mamlkit import checkpoint
-
-    cfg, run = trainer.cfg, trainer.run_dir
-    if trainer.step < cfg.iterations or any(getattr(cfg, f) != getattr(stored, f) for f in REPORTED):
-        return False
-    done = {trainer.learner.name: trainer.step}
-    try:
-        if cfg.compare_pretrained and cfg.algo != "pretrain":
-            done["pretrain"] = checkpoint.load(run / "pretrained")[1].get("step")
-        reported = json.loads((run / "eval.json").read_text(encoding="utf-8")).get("iterations")
-    except (OSError, ValueError, AttributeError, UserError):  # whatever is missing or unreadable is redone
-        return False
-    baseline_done = all(isinstance(s, int) and s >= cfg.iterations for s in done.values())
-    return reported == done and baseline_done and (run / "eval.md").exists()
-
-
-def _nothing_left(trainer, stored: config.TrainConfig, asked: int) -> bool:
-    """Whether a resumed run has nothing left to do (:func:`_finished`), saying so; ``asked``: the iterations
-    the command asked for, which a run already past them does not go back to (said too)."""
-    run, step, cfg = trainer.run_dir, trainer.step, trainer.cfg
-    below = f"--iterations {asked} is below the {step} it has trained, and " if asked < step else ""
-    if not _finished(trainer, stored):
-        if below and _is_main_rank():
-            print(f"mamlkit: {below}it trains no further; finishing what it has not done", file=sys.stderr)
-        return False
-    if _is_main_rank():  # under torchrun every rank finds the same
-        print(f"mamlkit: {below}{run} is finished: {step} iterations trained"
-              f"{' (its baseline too)' if cfg.compare_pretrained and cfg.algo != 'pretrain' else ''}, report in "
-              f"{run / 'eval.md'}: nothing to do. Pass --iterations above {step} to train further, or run "
-              f"`mamlkit eval {run} --overwrite` to evaluate it again.")
-    return True
-
-
-def _check_before_training(trainer) -> None:
-    """Run now what would otherwise fail only after training: the splits in the order the run uses them
-    (training; validation, which also tunes the baseline's step size) and everything the report needs
-    (:func:`mamlkit.eval.reports.check`). The families keep what they load, so this costs one task each."""
-    from mamlkit.eval import reports
-    from mamlkit.loop import train
-
-    cfg = trainer.cfg
-    train.check_split(cfg, "train")
-    if cfg.val_tasks or (cfg.compare_pretrained and cfg.algo != "pretrain" and cfg.baseline_lrs):
-        train.check_split(cfg, "val")
-    if _is_main_rank():  # rank 0 alone reports
-        reports.check(cfg, trainer.learner.kind)
-
-
-def _written(folder: Path) -> str:
-    """The run's main files that exist, in a fixed order (only what was written is named)."""
-    from mamlkit.eval.reports import REPORT_FILES
-
-    names = ("checkpoint.safetensors", "config.json", "metrics.jsonl", "metrics.csv", "tensorboard", *REPORT_FILES)
-    return ", ".join(n + "/" * (folder / n).is_dir() for n in names if (folder / n).exists())
-
-
-def check_used(cfg: config.TrainConfig, given: set[str]) -> None:
-    """Refuse the fields the user set that ``cfg``'s task family or algorithm does not read (each declares
-    what it reads: ``TaskFamily.uses``, ``algorithms.register(..., uses=)``), naming their flags."""
-    from mamlkit.algorithms import ALGORITHM_USES
-    from mamlkit.tasks import get_family
-
-    config.refuse_unused(given, config.TASK_FIELDS, get_family(cfg.task).fields(), f"the {cfg.task} task family")
-    if "baseline_lrs" in given and not (cfg.compare_pretrained and cfg.algo != "pretrain"):
-        raise UserError("--baseline-lrs tunes the pretrained baseline's step size; this run trains no baseline "
-                        "(--no-compare-pretrained or --algo pretrain): drop the flag")
-    if cfg.algo in ALGORITHM_USES:  # an unknown algorithm is refused by name when the learner is built
-        config.refuse_unused(given, config.ALGO_FIELDS, ALGORITHM_USES[cfg.algo], f"--algo {cfg.algo}")
-
-
-def _baseline(trainer, approval: dict):
-    """Train (or resume, or load) the paper's pretrained baseline in ``RUN/pretrained``; ``approval``: the
-    model code the user allowed on this command (the baseline's checkpoint names the run's model)."""
-    from mamlkit.loop import train
-
-    folder = trainer.run_dir / "pretrained"
-    if (folder / "checkpoint.safetensors").exists():
-        baseline = train.load_trainer(folder, **approval)
-        # the run's settings that may change on a resume, its budget above all: the baseline trains as long as
-        # the run (`iterations` of both), and a baseline that trains further has its step size tuned again
-        shared = {f: getattr(trainer.cfg, f) for f in RESUMABLE - {"compare_pretrained", "baseline_lrs"}}
-        shared["iterations"] = max(shared["iterations"], baseline.step)
-        if baseline.step < shared["iterations"]:
-            shared["baseline_lrs"] = trainer.cfg.baseline_lrs
-        baseline.cfg = baseline.cfg.replace(**shared)
-    else:
-        # the run's execution settings; the baseline has no inner loop to checkpoint
-        cfg = trainer.cfg.replace(algo="pretrain", compare_pretrained=False, run_name="pretrained",
-                                  checkpoint_inner=False)
-        baseline = train.new_trainer(cfg, folder)
-    baseline.resume_dir = trainer.run_dir  # a stop in it resumes the run, which then reports too
-    baseline, losses = train.tune_inner_lr(train.fit(baseline), baseline.cfg.baseline_lrs)
-    if losses:
-        tried = ", ".join(f"{r:g}: {v:.4f}" for r, v in losses.items())
-        print(f"pretrained baseline: fine-tuning step size {baseline.cfg.inner_lr:g}, the lowest validation query "
-              f"loss after {baseline.cfg.eval_inner_steps} steps on {baseline.cfg.val_tasks} tasks ({tried})")
-    return baseline
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mamlkit import adapt_cli
-    from mamlkit.loop import train
+    from mamlkit.loop import run
 
-    approval = {"model": args.model, "trust_model_code": args.trust_model_code}
-    adapt_cli.import_from_here(args.model)
-    main = train.load_trainer(args.run, resume=False, **approval)  # no optimiser, step or RNG state needed
-    with main.learner.executor.planned(args.threads):  # the trainer's thread plan; the caller's settings after
-        return _eval(args, main, approval)
-
-
-def _eval(args: argparse.Namespace, main, approval: dict) -> int:
-    from mamlkit import runfolder
-    from mamlkit.eval import reports
-    from mamlkit.loop import train
-
-    out = runfolder.report_folder(Path(args.out) if args.out else main.run_dir, reports.REPORT_FILES,
-                                  args.overwrite)
-    cfg = main.cfg if args.eval_tasks is None else main.cfg.replace(eval_tasks=args.eval_tasks)
-    learners, steps = {main.learner.name: main.learner}, {main.learner.name: main.step}
-    baseline = Path(args.baseline) if args.baseline else main.run_dir / "pretrained"
-    if args.baseline or (baseline / "checkpoint.safetensors").exists():
-        other = train.load_trainer(baseline, resume=False, **approval)
-        learners["pretrain"], steps["pretrain"] = other.learner, other.step
-    # the iterations each trained, where known (a shipped model records none)
-    print(reports.report(out, learners, cfg, {name: step for name, step in steps.items() if step}))
-    print(f"report: {out} ({', '.join(n for n in reports.REPORT_FILES if (out / n).exists())})")
+    out, written = run.eval_run(args.run, baseline=args.baseline, eval_tasks=args.eval_tasks, out=args.out,
+                                overwrite=args.overwrite, model=args.model, trust_model_code=args.trust_model_code,
+                                threads=args.threads)
+    print(f"report: {out} ({', '.join(written)})")
     return 0
 
 

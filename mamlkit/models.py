@@ -431,6 +431,40 @@ def user_factories(specs: list[Any]) -> list[str]:
     return names
 
 
+def named_factory(model: str) -> str | None:
+    """``model`` (a config's ``--model``) if it names a user's factory, else None."""
+    return model if user_factories([model]) else None
+
+
+def import_from_here(model: str | None) -> None:
+    """Import the module of ``model`` when it names a user's factory (``package.module:fn``, named on this
+    command line; a name that can never be a factory is refused first) with the current folder first on
+    ``sys.path``, so ``--model mynets:wide`` finds ``mynets.py`` where the command runs, as ``python -m`` would;
+    the ``mamlkit`` script alone does not look there. The folder is on the path only while that module
+    imports: nothing else mamlkit imports later can come from it. A module that still cannot be imported is
+    left to the factory's own import, whose error names it."""
+    import importlib
+    import os
+
+    factory = named_factory(model) if model else None
+    if factory is None:
+        return
+    module = factory.partition(":")[0]
+    if module in sys.modules:
+        return
+    here = os.getcwd()
+    sys.path.insert(0, here)
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass
+    finally:
+        if sys.path and sys.path[0] == here:
+            del sys.path[0]
+        elif here in sys.path:  # the module itself put something before it
+            sys.path.remove(here)
+
+
 def approve_model_code(specs: list[Any], source: str, *, model: str | None = None,
                        trust_model_code: bool = False) -> None:
     """Decide, before anything is imported, whether the model code ``specs`` name may run.

@@ -9,6 +9,10 @@
 * Stop signals: :func:`stop_on_signals` turns SIGINT and SIGTERM into :class:`Stopped`, raised at
   once or, inside :meth:`Signals.deferred`, when the block ends, so an update is never half applied;
   inside :meth:`Signals.interruptible` (validation, evaluation) also at the next stop point.
+* What a run writes: one registry of the names a run may write (:func:`register_run_files`: the trainers'
+  files here, the reports' where they are written), and in every run folder a manifest
+  (:data:`MANIFEST`) of what its run wrote, recorded before each write; ``--overwrite`` removes exactly
+  those (:func:`clear`), and the closing line names only them (:func:`written`).
 * A full disk: :func:`no_space` tells an out-of-space ``OSError`` (or safetensors' error wrapping one)
   apart, so the commands can stop with a message instead of a traceback.
 """
@@ -40,10 +44,8 @@ except ImportError:  # Windows: no flock; runs are not locked there
     fcntl = None
 
 LOCK_NAME = ".lock"
-# What a run writes into its folder; --overwrite removes these (and nothing else) before a fresh run.
-RUN_FILES = ("checkpoint.safetensors", "best.safetensors", "config.json", "metrics.jsonl", "metrics.csv",
-             "eval.md", "eval.json")
-RUN_FOLDERS = ("pretrained",)
+# The run's record of the files it wrote (names relative to the run folder, a folder's with a trailing "/").
+MANIFEST = ".run_files.json"
 
 
 class RunFolderBusy(UserError):
@@ -104,6 +106,12 @@ def lock(run_dir: Path) -> Iterator[None]:
         if _held[key][1] == 0:
             del _held[key]
             os.close(fd)  # closing the descriptor releases the flock
+
+
+def holds(run_dir: Path) -> bool:
+    """Whether this process holds ``run_dir``'s lock (:func:`lock`): a caller that took it for a whole run
+    (:mod:`mamlkit.loop.run`) is not asked for it again by the steps it runs."""
+    return str(Path(run_dir).resolve()) in _held
 
 
 _PID_TEXT = re.compile(rb"\s*\d*\s*")  # what a lock file holds: its owner's PID, or nothing yet
@@ -169,14 +177,93 @@ def results_in(run_dir: Path) -> list[str]:
     return [name for name in RESULTS if (Path(run_dir) / name).exists()]
 
 
-def clear(run_dir: Path) -> None:
-    """Remove a previous run's files from ``run_dir`` (``--overwrite``); other files stay."""
+# Every name a run may write into its folder, in the order the closing line names them -> whether it names it
+# there (a nested run's folder is not: it names its own files). The trainers' own are declared here; what
+# evaluation writes, by the module that writes it (mamlkit.eval.reports, mamlkit.rl.evaluate).
+_REGISTRY: dict[str, bool] = {}
+_MAX_MANIFEST_BYTES = 1 << 16  # a few dozen names; a manifest longer than this is not one mamlkit wrote
+
+
+def register_run_files(*names: str, listed: bool = True) -> None:
+    """Declare ``names`` (files in a run folder; a folder as ``name/``) as what a run may write there, so that
+    :func:`record` accepts them and :func:`clear` removes them from folders written before manifests.
+    ``listed=False``: not named in a run's closing line (a nested run's folder). The first declaration holds."""
+    for name in names:
+        if not _plain_name(name):
+            raise ValueError(f"{name!r} is not a file or folder name of a run folder")
+        _REGISTRY.setdefault(name, listed)
+
+
+def _plain_name(name: object) -> bool:
+    """A name of one entry directly in a run folder (``name`` or ``name/``), never hidden (the lock, the
+    manifest), never a path: a manifest can name nothing outside its run's files."""
+    if not isinstance(name, str):
+        return False
+    bare = name.removesuffix("/")
+    return 0 < len(bare) <= 255 and not bare.startswith(".") and "/" not in bare and "\\" not in bare \
+        and "\0" not in bare
+
+
+# the trainers' own: checkpoints, config, logs, TensorBoard's events, and the baseline's run (RUN/pretrained)
+register_run_files("checkpoint.safetensors", "best.safetensors", "config.json", "metrics.jsonl", "metrics.csv",
+                   "tensorboard/")
+register_run_files("pretrained/", listed=False)
+
+
+def _manifest(run_dir: Path) -> list[str] | None:
+    """The names ``run_dir``'s manifest records; None if it has none (a folder written before manifests) or
+    one that is unreadable (then the registered names stand in, as for such a folder)."""
+    path = run_dir / MANIFEST
+    try:
+        if path.is_symlink() or path.stat().st_size > _MAX_MANIFEST_BYTES:
+            return None
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return [n for n in names if _plain_name(n)] if isinstance(names, list) else None
+
+
+def _present(run_dir: Path, names: list[str]) -> list[str]:
+    return [n for n in names if os.path.lexists(run_dir / n.removesuffix("/"))]
+
+
+def record(run_dir: Path, names: tuple[str, ...] | list[str]) -> None:
+    """Add ``names`` (registered: :func:`register_run_files`) to ``run_dir``'s manifest, atomically, before
+    they are written: a run killed while writing them still has them recorded. A folder without a manifest
+    (written before manifests) starts one with the registered names it holds, which its run wrote."""
     run_dir = Path(run_dir)
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        if (run_dir / name).is_dir():
-            shutil.rmtree(run_dir / name)
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unregistered run files {unknown}: declare them with register_run_files")
+    had = _manifest(run_dir)
+    have = had if had is not None else _present(run_dir, list(_REGISTRY))
+    now = have + [n for n in dict.fromkeys(names) if n not in have]
+    if now != had:
+        atomic_write_text(run_dir / MANIFEST, json.dumps(now))
+
+
+def written(run_dir: Path) -> list[str]:
+    """The files the run in ``run_dir`` wrote that are there, in the registry's order (a folder's name ends
+    in ``/``), the nested runs' folders left out: what a run's closing line names."""
+    run_dir = Path(run_dir)
+    names = _manifest(run_dir)
+    names = _present(run_dir, names if names is not None else list(_REGISTRY))
+    order = {n: i for i, n in enumerate(_REGISTRY)}
+    return sorted((n for n in names if _REGISTRY.get(n, True)), key=lambda n: order.get(n, len(order)))
+
+
+def clear(run_dir: Path) -> None:
+    """Remove the previous run's files from ``run_dir`` (``--overwrite``): exactly those its manifest names,
+    or, in a folder written before manifests, the registered names. Other files stay."""
+    run_dir = Path(run_dir)
+    names = _manifest(run_dir)
+    for name in _present(run_dir, names if names is not None else list(_REGISTRY)):
+        path = run_dir / name.removesuffix("/")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    (run_dir / MANIFEST).unlink(missing_ok=True)
 
 
 def report_folder(out: Path, names: tuple[str, ...], overwrite: bool) -> Path:
@@ -314,5 +401,6 @@ def stop_on_signals() -> Iterator[Signals]:
             signal.signal(s, signal.SIG_IGN if state.received is not None else h)
 
 
-__all__ = ["lock", "clean", "results_in", "clear", "truncate_metrics", "prepare", "Stopped", "Signals",
-           "stop_on_signals", "current", "no_space", "disk_full_message", "DiskFull", "RunFolderBusy"]
+__all__ = ["lock", "holds", "clean", "results_in", "clear", "register_run_files", "record", "written",
+           "truncate_metrics", "prepare", "Stopped", "Signals", "stop_on_signals", "current", "no_space",
+           "disk_full_message", "DiskFull", "RunFolderBusy"]

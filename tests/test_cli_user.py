@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from mamlkit import cli, config
+from mamlkit import cli, config, runfolder
 from mamlkit.base import metrics
 from mamlkit.config import GROUPS, TrainConfig
 from mamlkit.rl.config import GROUPS as RL_GROUPS
@@ -130,8 +130,9 @@ def test_train_names_the_files_it_wrote(sinusoid_run):
     for name in ("eval.md", "eval.json", "figure2_fits.png", "figure3_learning_curve.png"):
         assert (sinusoid_run / name).is_file()
     assert not (sinusoid_run / "tensorboard").exists()
-    assert cli._written(sinusoid_run) == ("checkpoint.safetensors, config.json, metrics.jsonl, metrics.csv, eval.md, "
-                                          "eval.json, figure2_fits.png, figure3_learning_curve.png")
+    assert ", ".join(runfolder.written(sinusoid_run)) == (
+        "checkpoint.safetensors, config.json, metrics.jsonl, metrics.csv, eval.md, eval.json, figure2_fits.png, "
+        "figure3_learning_curve.png")
 
 
 def test_eval_never_replaces_a_report_silently(sinusoid_run, cli, tmp_path):

@@ -25,6 +25,7 @@ from mamlkit.eval import baselines, plots
 from mamlkit.eval.evaluate import EvalResult, evaluate, evaluate_descent, fmt, test_tasks
 from mamlkit.models import build_model
 from mamlkit.presets import PRESETS
+from mamlkit.runfolder import register_run_files
 from mamlkit.tasks import Baseline, Column, Report, get_family
 
 BN_MODE_TEXT = {"transductive": "transductive (batch statistics of each query batch, as the paper)",
@@ -32,6 +33,7 @@ BN_MODE_TEXT = {"transductive": "transductive (batch statistics of each query ba
 EVAL_SEED_OFFSET = 10_000  # evaluation tasks never share a stream with training or validation
 # Every file a report may write into its folder (`mamlkit eval` refuses to replace them unless asked).
 REPORT_FILES = ("eval.md", "eval.json", "figure2_fits.png", "figure3_learning_curve.png", "accuracy_curve.png")
+register_run_files(*REPORT_FILES)  # a run's manifest may name them; --overwrite removes them
 
 
 def _paper(cfg: TrainConfig) -> dict:

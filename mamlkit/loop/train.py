@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,11 @@ from mamlkit import checkpoint, config, runfolder
 from mamlkit.algorithms import MetaLearner
 from mamlkit.assemble import DTYPES, assemble
 from mamlkit.base.batch import TaskBatch
-from mamlkit.base.errors import Diverged, UserError
+from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, add_to_window, is_window, mean_ci, window_row
 from mamlkit.exec import threads, tuning
 from mamlkit.loop import distributed
+from mamlkit.loop.guard import StepGuard
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
 from mamlkit.models import (
     USER_MODELS,
@@ -31,8 +30,8 @@ from mamlkit.models import (
     approve_model_code,
     check_model_memory,
     example_shape,
+    named_factory,
     resolve_spec,
-    user_factories,
 )
 from mamlkit.tasks import get_family, task_generator
 
@@ -160,11 +159,6 @@ def input_record(cfg: config.TrainConfig, tasks: Any = None, sample: bool = True
             "tokens": not (x.is_floating_point() or x.is_complex())}
 
 
-def named_factory(model: str) -> str | None:
-    """``model`` (a config's ``--model``) if it names a user's factory, else None."""
-    return model if user_factories([model]) else None
-
-
 def load_trainer(path: str | Path, run_dir: Path | None = None, resume: bool = True, *, model: str | None = None,
                  trust_model_code: bool = False) -> Trainer:
     """Rebuild a :class:`Trainer` from a checkpoint, ready to continue exactly where it stopped.
@@ -272,7 +266,7 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
         tuning.tune_malloc()
     # planned: the run's plan holds over the executor's own (built from the config before a resume changed it)
     with threads.planned(plan), distributed.session(trainer.cfg) as world, _one_stop_for_all_ranks(world), \
-            (runfolder.lock(trainer.run_dir) if world.is_main else contextlib.nullcontext()), \
+            _lock(trainer.run_dir, world), \
             torch.random.fork_rng(devices=[]):
         # the training's RNG stream is its own: seeded from cfg.seed, or the checkpoint's, and the caller's
         # global RNG is left as it was
@@ -289,6 +283,13 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     return trainer
 
 
+def _lock(run_dir: Path, world: distributed.World) -> contextlib.AbstractContextManager:
+    """Rank 0's lock on the run folder, unless this process holds it already: a run's recipe
+    (:mod:`mamlkit.loop.run`) takes it once for training, baseline and report."""
+    take = world.is_main and not runfolder.holds(run_dir)
+    return runfolder.lock(run_dir) if take else contextlib.nullcontext()
+
+
 def _one_stop_for_all_ranks(world: distributed.World) -> contextlib.AbstractContextManager:
     """With several ranks, a stop signal is only recorded, wherever in the fit it lands (sampling a
     batch as much as in the meta-gradient): a rank that left alone would make the others' next
@@ -299,84 +300,80 @@ def _one_stop_for_all_ranks(world: distributed.World) -> contextlib.AbstractCont
 
 def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -> None:
     cfg, learner, opt, main = trainer.cfg, trainer.learner, trainer.optimizer, world.is_main
-    saved = [trainer.step if (trainer.run_dir / "checkpoint.safetensors").exists() else None]
-    with _stop_if_disk_full(trainer, saved):
-        if main:
-            runfolder.prepare(trainer.run_dir, trainer.step)
-            checkpoint.atomic_write_text(trainer.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        metrics = MetricsLog(trainer.run_dir, tensorboard=cfg.tensorboard, enabled=main)  # TensorBoard writes
-    signals = runfolder.current()
-    # One rank alone must never leave: the others would wait in the next collective for ever (or fail).
-    # With several ranks `fit` holds every stop signal (_one_stop_for_all_ranks), so these deferred
-    # blocks never raise and every rank stops after the step at whose gradient reduction some rank
-    # reported one; a single process stops as soon as an update allows.
-    several = world.active and world.size > 1
-    hold = signals.deferred
+    # stop signals, the rollback of an abandoned iteration, the ranks' stop, divergence and a full disk
+    guard = StepGuard(trainer, world, save_checkpoint, lambda: resume_command(trainer))
+    metrics = _open_run(trainer, world, guard)
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
                desc=f"{cfg.run_name or cfg.task}", dynamic_ncols=True, unit="it")
-    tasks = _ready(trainer, world, end, bar, hold)
-    start_time, begun, agreed = time.perf_counter(), (None, None), False
+    tasks = _ready(trainer, world, end, bar, guard.hold)
+    start_time = time.perf_counter()
     timed = (start_time, trainer.step)  # the log window's time and step in this process (for tasks_per_s)
-    try:
+    with _closing(bar, metrics), guard.stops(bar):
         while trainer.step < end:
-            if several and agreed:
-                raise runfolder.Stopped(signals.received or signal.SIGTERM)
-            begun = (trainer.step, torch.get_rng_state())  # to roll the RNG back if this iteration is abandoned
+            guard.begin()
             batch = world.train_batch(tasks, cfg.seed, trainer.step, cfg.meta_batch)  # this rank's share
             opt.zero_grad(set_to_none=True)
             learner.set_step(trainer.step)  # step-dependent pieces (MAML++ annealing)
             for group in opt.param_groups:  # a pure function of the step: resume-exact
                 group["lr"] = meta_lr_at(cfg, trainer.step)
-            # A signal is never raised inside torch's own code (a torch function mode's bookkeeping cut in
-            # two leaves its stack broken): one during the meta-gradient takes effect after it.
-            with hold():
-                stats, agreed = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch,
-                                                    stopping=signals.received is not None)
-            if not math.isfinite(stats["loss"]):  # a float already: no extra sync; every rank sees the same
-                raise _diverged(trainer, saved, trainer.step + 1, f"its meta-training loss is {stats['loss']}")
-            # A stop signal before here abandons the iteration (only gradients were touched); from the
-            # update on, the iteration is finished, logged and checkpointed before the signal takes effect.
-            with hold(), _stop_if_disk_full(trainer, saved):
+            with guard.gradient():
+                stats, guard.agreed = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype),
+                                                          cfg.meta_batch, stopping=guard.stopping)
+            guard.check_loss(stats["loss"])
+            with guard.update():
                 opt.step()
                 trainer.step += 1
                 add_to_window(trainer.log_window, stats)
                 # a row at the run's end, not at a `stop_at` (the run goes on: its window is checkpointed)
                 if main and (trainer.step % cfg.log_every == 0 or trainer.step == cfg.iterations):
                     timed = _log_train_row(trainer, metrics, bar, timed, start_time)
-                if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end or (
-                        cfg.val_tasks and trainer.step % cfg.val_every == 0):
-                    # nothing non-finite is validated or saved; on every rank (the same parameters), so all stop
-                    _check_finite(trainer, saved)
-                if main and cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end):
-                    with torch.random.fork_rng(devices=[]):  # validating leaves the training's stream alone
-                        val = validate(trainer)
-                    metrics.log(trainer.step, "val", val)
-                    bar.write(f"step {trainer.step}: validation query {' and '.join(val)} after "
-                              f"{cfg.eval_inner_steps} inner steps, {cfg.val_tasks} tasks: "
-                              + ", ".join(f"{v:.4g}" for v in val.values()))
-                if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
-                    _save(trainer, saved)
+                save = trainer.step % cfg.checkpoint_every == 0 or trainer.step == end
+                val = cfg.val_tasks and (trainer.step % cfg.val_every == 0 or trainer.step == end)
+                if save or val:  # nothing non-finite is validated or saved; on every rank, so all stop
+                    guard.check_finite()
+                if main and val:
+                    _validate_row(trainer, metrics, bar)
+                if main and save:
+                    guard.save()
             bar.update(1)
-    except (KeyboardInterrupt, distributed.CollectiveError) as e:
-        # A stop, or another rank's crash (the one collective here precedes the update): every finished
-        # step is kept. Parameters and optimiser state are the same on every rank, so rank 0's are the job's.
-        if begun[0] == trainer.step:  # stopped before the update: the iteration is abandoned, its draws undone
-            torch.set_rng_state(begun[1])
-        if main:
-            with _stop_if_disk_full(trainer, saved):
-                _save(trainer, saved)
-            where = f"{trainer.run_dir / 'checkpoint.safetensors'}. Resume with `{resume_command(trainer)}`"
-            if isinstance(e, distributed.CollectiveError):
-                print(f"mamlkit: checkpoint of step {trainer.step} saved to {where}", file=sys.stderr, flush=True)
-            else:
-                name = e.args[0] if isinstance(e, runfolder.Stopped) else "Ctrl-C"
-                bar.write(f"mamlkit: stopped by {name} at step {trainer.step}; checkpoint saved to {where}")
-        raise
+
+
+def _open_run(trainer: Trainer, world: distributed.World, guard: StepGuard) -> MetricsLog:
+    """Ready the run folder to continue from ``trainer.step`` (rank 0: leftovers removed, logs cut back, the
+    run's files recorded in its manifest before they are written, its config written) and open its logs."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    with guard.disk_full():
+        if world.is_main:
+            runfolder.record(run_dir, TRAINER_FILES + ("tensorboard/",) * cfg.tensorboard)
+            runfolder.prepare(run_dir, trainer.step)
+            checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        return MetricsLog(run_dir, tensorboard=cfg.tensorboard, enabled=world.is_main)  # TensorBoard writes
+
+
+# What the trainer writes into its run folder (TensorBoard's events too, where the run keeps them).
+TRAINER_FILES = ("checkpoint.safetensors", "config.json", "metrics.jsonl", "metrics.csv")
+
+
+@contextlib.contextmanager
+def _closing(bar: Any, metrics: MetricsLog) -> Iterator[None]:
+    """Close the progress bar and the logs however the loop ends."""
+    try:
+        yield
     finally:
         bar.close()
         with contextlib.suppress(OSError):  # a full disk is reported by the write that hit it
             metrics.close()
+
+
+def _validate_row(trainer: Trainer, metrics: MetricsLog, bar: Any) -> None:
+    """Validate, log the row and say it."""
+    cfg = trainer.cfg
+    with torch.random.fork_rng(devices=[]):  # validating leaves the training's stream alone
+        val = validate(trainer)
+    metrics.log(trainer.step, "val", val)
+    bar.write(f"step {trainer.step}: validation query {' and '.join(val)} after {cfg.eval_inner_steps} inner steps, "
+              f"{cfg.val_tasks} tasks: " + ", ".join(f"{v:.4g}" for v in val.values()))
 
 
 def _ready(trainer: Trainer, world: distributed.World, end: int, bar: Any, hold: Any) -> Any:
@@ -428,33 +425,6 @@ def _log_window_of(state: dict[str, Any], path: str | Path) -> dict[str, Any]:
     return window
 
 
-def _check_finite(trainer: Trainer, saved: list) -> None:
-    """Raise :class:`Diverged` if a meta-parameter, buffer or optimiser tensor is NaN or infinite: one fused
-    check, made before a checkpoint is written or the model validated, not at every step (the loss is)."""
-    tensors = [*trainer.learner.meta_parameters().values(), *trainer.learner.model.buffers(),
-               *(v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
-    if not checkpoint.all_finite(t.detach() for t in tensors if t.is_floating_point()):
-        raise _diverged(trainer, saved, trainer.step, "its parameters or optimiser state hold NaN or inf")
-
-
-def _diverged(trainer: Trainer, saved: list, step: int, what: str) -> Diverged:
-    """The error that stops a diverged run: the step, what is not finite, the likely cause, what is kept."""
-    cfg, run = trainer.cfg, trainer.run_dir
-    kept = (f"The checkpoint of step {saved[0]} in {run} is kept as it was (finite)." if saved[0] is not None else
-            "No checkpoint had been written, so none is kept.")
-    return Diverged(f"training diverged at step {step}: {what}. Likely cause: a step size too large for "
-                    f"this model (--meta-lr {cfg.meta_lr:g}, --inner-lr {cfg.inner_lr:g}), or values beyond the "
-                    f"range of {cfg.dtype} (--dtype float64 holds more). Training stopped. {kept} Start a new run "
-                    "with a smaller --meta-lr or --inner-lr (--overwrite replaces this one).")
-
-
-def _save(trainer: Trainer, saved: list) -> None:
-    _check_finite(trainer, saved)  # a good checkpoint is never replaced by one of a diverged run
-    trainer.rng_state = torch.get_rng_state()  # the training's stream, as it stands after this step
-    save_checkpoint(trainer, trainer.run_dir / "checkpoint.safetensors")
-    saved[0] = trainer.step
-
-
 def check_model_output(model: torch.nn.Module, batch: TaskBatch, kind: str, name: str,
                        output: Callable[[Any], torch.Tensor] | None = None) -> None:
     """Refuse a user's model whose predictions (the tensor ``output`` selects from what it returns) do not fit
@@ -479,25 +449,6 @@ def check_model_output(model: torch.nn.Module, batch: TaskBatch, kind: str, name
         ok, want = out.shape == y.shape, f"{list(y.shape)}"
     if not ok:
         raise UserError(f"--model {name} maps inputs {list(x.shape)} to {list(out.shape)}; this task needs {want}")
-
-
-@contextlib.contextmanager
-def _stop_if_disk_full(trainer: Trainer, saved: list):
-    """Turn an out-of-space write into :class:`~mamlkit.runfolder.DiskFull`, naming the last good checkpoint."""
-    try:
-        yield
-    except OSError as e:
-        if not runfolder.no_space(e):
-            raise
-        run = trainer.run_dir
-        kept = (f"The checkpoint of step {saved[0]} in {run} is intact: free some space, then resume with "
-                f"`{resume_command(trainer)}`." if saved[0] is not None else
-                f"The run's checkpoint is intact: free some space, then resume with `{resume_command(trainer)}`."
-                if trainer.resume_dir else "No checkpoint had been written yet, so the folder holds no run: free "
-                "some space and run the same command again.")
-        raise runfolder.DiskFull(f"no space left on the device while writing the run in {run} at step "
-                                 f"{trainer.step} ({e.strerror}: {e.filename or 'a log'}); training stopped. "
-                                 + kept) from None
 
 
 def run_dir_for(cfg: config.TrainConfig, overwrite: bool = False) -> Path:

@@ -157,8 +157,10 @@ def _planned(requested: int | None, cfg):
 def _report_of_run(chosen, trainer) -> str:
     """The trained run's report; a full disk while writing it says that training is done and kept."""
     from mamlkit import runfolder
+    from mamlkit.rl import evaluate
 
     try:
+        runfolder.record(trainer.run_dir, (*evaluate.REPORT_FILES, "pretrained/"))  # before they are written
         return _report(chosen, trainer.cfg.baselines, train_baseline=True)
     except Exception as e:
         if not runfolder.no_space(e):

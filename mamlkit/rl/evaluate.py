@@ -20,6 +20,7 @@ from mamlkit.checkpoint import atomic_write, atomic_write_text
 from mamlkit.rl.config import RLConfig
 from mamlkit.rl.envs import sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
+from mamlkit.runfolder import register_run_files
 
 # Finn et al. 2017, MAML after 0..3 steps: Table 4 (2D navigation), Table 5 (half-cheetah forward/backward).
 PAPER = {"nav2d": (-40.41, -11.68, -3.33, -3.23), "cheetah-dir": (-50.69, 293.19, 313.48, 315.65)}
@@ -50,6 +51,7 @@ def step_rates(lrs: tuple[float, ...], num_steps: int) -> tuple[float, ...]:
 
 
 REPORT_FILES = ("eval.md", "eval.json", "returns_vs_steps.png", "figure4_trajectories.png")
+register_run_files(*REPORT_FILES)  # a run's manifest may name them; --overwrite removes them
 
 
 def report(run_dir: Path, policies: dict[str, nn.Module], cfg: RLConfig,

@@ -187,6 +187,10 @@ def _validate_and_keep_best(trainer: RLTrainer, step: int, metrics: MetricsLog, 
           f"1 step (best {trainer.best_val:.2f})")
 
 
+# What the trainer writes into its run folder (registered in mamlkit.runfolder).
+RUN_FILES = ("checkpoint.safetensors", "best.safetensors", "config.json", "metrics.jsonl", "metrics.csv")
+
+
 def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
     """Meta-train from ``trainer.step`` to ``cfg.iterations`` (or ``stop_at``), checkpointing on the way
     and validating every ``cfg.val_every`` iterations (the best policy goes to ``best.safetensors``).
@@ -199,6 +203,7 @@ def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
         torch.set_num_threads(cfg.threads)
     run_dir = trainer.run_dir
     with runfolder.lock(run_dir), _stop_if_disk_full(trainer):
+        runfolder.record(run_dir, RUN_FILES)  # before they are written: a later --overwrite finds them
         runfolder.prepare(run_dir, trainer.step)
         checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
         return _fit(trainer, stop_at)
