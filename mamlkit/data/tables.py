@@ -786,7 +786,7 @@ def fit(rows: list[dict[str, Any]], target: str, features: tuple[str, ...] = (),
     where = Path("the rows")
 
     def batches(columns: list[str]) -> Iterator[tuple[dict, np.ndarray]]:
-        cells = {c: ["" if c == TASK else _cell(r.get(c)) for r in rows] for c in columns}
+        cells = {c: ["one" if c == TASK else _cell(r.get(c)) for r in rows] for c in columns}
         yield {c: pa.array(v, pa.string()) for c, v in cells.items()}, np.arange(1, len(rows) + 1)
 
     table = _encode(header, batches, where, TASK, target, tuple(features), kind, fill, max_categories, list)
