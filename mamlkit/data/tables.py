@@ -187,7 +187,9 @@ def _arrow_batches(path: Path, header: list[str], columns: list[str]) -> Iterato
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False,
                                                  null_values=[]))
         for batch in reader:
-            if any((pc.max(pc.binary_length(batch.column(k))).as_py() or 0) > MAX_CELL_CHARS
+            # A column's bytes bound its longest cell: lengths are computed only where they could pass the bound.
+            if any(batch.column(k).nbytes > MAX_CELL_CHARS
+                   and (pc.max(pc.binary_length(batch.column(k))).as_py() or 0) > MAX_CELL_CHARS
                    for k in range(len(names))):
                 raise _Reread  # the row reader names the line
             cols = [pc.utf8_trim_whitespace(batch.column(k)) for k in range(len(names))]
