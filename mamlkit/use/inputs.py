@@ -46,12 +46,6 @@ def _first(values: list[int], limit: int = 10) -> str:
 # Files for `mamlkit adapt`
 
 
-def read_csv_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
-    """``(columns, rows as dicts, file line numbers)`` of a CSV with a header row (the one CSV reader,
-    :func:`mamlkit.data.tables.read_rows`)."""
-    return read_rows(path)
-
-
 def _column(path, header: list[str], name: str, flag: str, what: str) -> None:
     if name not in header:
         raise UserError(f"{path} has no column {name!r} ({what}); its columns are {', '.join(header)}. Rename the "
@@ -61,7 +55,7 @@ def _column(path, header: list[str], name: str, flag: str, what: str) -> None:
 def read_text_support(path: str | Path, text_column: str = "text", label_column: str = "label"
                       ) -> tuple[list[str], list[str]]:
     """A support CSV of (text, label) rows: ``(texts, labels)``; empty texts or labels are errors."""
-    header, rows, lines = read_csv_rows(path)
+    header, rows, lines = read_rows(path)
     _column(path, header, text_column, "--text-column", "the utterances")
     _column(path, header, label_column, "--label-column", "the class labels")
     empty = [n for r, n in zip(rows, lines) if not r[text_column].strip() or not r[label_column].strip()]
@@ -75,7 +69,7 @@ def read_text_query(path: str | Path, text_column: str = "text") -> tuple[list[s
     skipped): ``(texts, rows)`` where ``rows`` are the CSV rows (empty dicts for a text file)."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        header, rows, lines = read_csv_rows(path)
+        header, rows, lines = read_rows(path)
         _column(path, header, text_column, "--text-column", "the utterances")
         empty = [n for r, n in zip(rows, lines) if not r[text_column].strip()]
         if empty:
@@ -94,4 +88,4 @@ def read_text_query(path: str | Path, text_column: str = "text") -> tuple[list[s
     return texts, [{} for _ in texts]
 
 
-__all__ = ["encode_texts", "read_csv_rows", "read_text_support", "read_text_query"]
+__all__ = ["encode_texts", "read_text_support", "read_text_query"]
