@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
                        "files and/or folders. Text (clinc checkpoints): --support is a CSV of text,label rows; "
                        "--query a text file (one utterance per line) or a CSV with a text column. CSV tasks "
                        "(csv checkpoints): --support is a CSV with the model's feature columns and its target; "
-                       "--query a CSV with the feature columns. Regression: --support is a CSV of inputs then "
-                       "target, --query a CSV of inputs.")
+                       "--query a CSV with the feature columns. Vectors: --support is a CSV of inputs then the "
+                       "target (regression) or the label (classification), --query a CSV of inputs.")
     p.add_argument("checkpoint", help="run folder or checkpoint file written by `mamlkit train`, or the name of "
                    "a model that ships with mamlkit (omniglot-5w1s, clinc-5w1s)")
     p.add_argument("--support", required=True, help="class folders (images) or a CSV (text, CSV tasks, regression)")
@@ -131,49 +131,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _adapt(learner, args: argparse.Namespace) -> list[dict]:
-    """Read the support and query files in the checkpoint's input format, adapt and predict: output rows."""
-    from mamlkit.use import io as mio
+    """Read the support and query files in the checkpoint's input format (:mod:`mamlkit.use.formats`), adapt
+    and predict: output rows."""
+    from mamlkit.use import formats
 
-    spec = learner.input
-    if spec is None:
+    if learner.input is None:
         raise UserError(f"{args.checkpoint} is a {learner.cfg.task!r} checkpoint, and that task family declares no "
                         "raw input format, so `mamlkit adapt` cannot read files for it. Adapt it from Python with "
                         "tensors: mamlkit.load(CHECKPOINT).adapt(support_x, support_y)")
-    kind = spec.get("type")
-    if kind == "image":
-        sx, sy, names, notes = mio.load_image_folder(args.support, spec)
-        qx, files, qnotes = mio.load_query_images(args.query, spec)
-        for note in sorted(notes | qnotes):
-            print(f"mamlkit: note: {note}", file=sys.stderr)
-        if learner.n_way and len(names) < learner.n_way:
-            print(f"mamlkit: note: {len(names)} classes, the model's head has {learner.n_way} outputs; "
-                  f"using the first {len(names)}", file=sys.stderr)
-        task_model = learner.adapt(sx, sy, args.steps, reset_head=args.reset_head, class_names=names)
-        _summary(learner, args, f"{len(sy)} support images", names, len(files))
-        pred = task_model.predict(qx)
-        rows = [{"file": str(f), "prediction": names[int(label)],
-                 **{f"p[{n}]": round(float(p), 6) for n, p in zip(names, probs)}}
-                for f, label, probs in zip(files, pred.labels, pred.probs)]
-    elif kind == "text":
-        rows = _adapt_text(learner, args)
-    elif kind == "table":
-        rows = _adapt_table(learner, args)
-    elif kind == "vector":
-        in_features = _in_features(spec, args.checkpoint)
-        if len(args.query) != 1:
-            raise UserError("a regression checkpoint takes one query CSV")
-        dtype = next(learner.meta.model.parameters()).dtype  # values must be finite in the model's dtype
-        sx, sy = mio.load_regression_csv(args.support, in_features, with_target=True, dtype=dtype)
-        qx, _ = mio.load_regression_csv(args.query[0], in_features, with_target=False, dtype=dtype)
-        task_model = learner.adapt(sx, sy, args.steps)
-        _summary(learner, args, f"{len(sy)} support points", None, len(qx))
-        values = task_model.predict(qx).values
-        rows = [{**{f"x{i}": float(v) for i, v in enumerate(x)}, "prediction": float(y.reshape(-1)[0])}
-                for x, y in zip(qx, values)]
-    else:
-        raise UserError(f"{args.checkpoint} takes inputs of type {spec.get('type')!r}, which this version of "
-                        "`mamlkit adapt` cannot read; adapt it from Python with tensors")
-    return rows
+    fmt = formats.lookup(learner.input, learner.kind, str(args.checkpoint))
+    task = fmt.read(learner, formats.Files(args.support, args.query, str(args.checkpoint), args.text_column,
+                                           args.label_column, args.id_column))
+    for note in task.notes:
+        print(f"mamlkit: note: {note}", file=sys.stderr)
+    task_model = learner.adapt(task.support_x, task.support_y, args.steps, reset_head=args.reset_head,
+                               class_names=task.class_names)
+    _summary(learner, args, task.support, task.classes, task.queries)
+    return task.rows(task_model.predict(task.query_x))
 
 
 def output_format(output: str) -> str | None:
@@ -196,56 +170,6 @@ def _check_output(output: str | None) -> None:
         raise UserError(f"--output {output}: the folder {path.parent} does not exist; create it or name another")
 
 
-def _adapt_text(learner, args: argparse.Namespace) -> list[dict]:
-    """Support CSV of (text, label) rows; query utterances from a text file or a CSV."""
-    from mamlkit.use import inputs
-
-    texts, labels = inputs.read_text_support(args.support, args.text_column, args.label_column)
-    names = sorted(set(labels))
-    if len(names) < 2:
-        raise UserError(f"{args.support} has a single label ({names[0]!r}); a few-shot task needs at least 2 classes")
-    if len(args.query) != 1:
-        raise UserError("a text checkpoint takes one query file (a text file, one utterance per line, or a CSV)")
-    qtexts, qrows = inputs.read_text_query(args.query[0], args.text_column)
-    task_model = learner.adapt(texts, labels, args.steps, reset_head=args.reset_head, class_names=names)
-    _summary(learner, args, f"{len(texts)} support utterances", names, len(qtexts))
-    pred = task_model.predict(qtexts)
-    ids = _ids(args, qrows)
-    return [{"row": i, **ids[i], "text": t, "prediction": names[int(label)],
-             **{f"p[{n}]": round(float(p), 6) for n, p in zip(names, probs)}}
-            for i, (t, label, probs) in enumerate(zip(qtexts, pred.labels, pred.probs))]
-
-
-def _adapt_table(learner, args: argparse.Namespace) -> list[dict]:
-    """Support CSV: the model's feature columns and its target; query CSV: the feature columns."""
-    from mamlkit.use import inputs
-
-    spec, pre = learner.input, learner.model_spec["preprocess"]
-    if len(args.query) != 1:
-        raise UserError("a CSV-task checkpoint takes one query CSV")
-    header, rows, lines = inputs.read_csv_rows(args.support)
-    if spec["target"] not in header:
-        raise UserError(f"{args.support} has no target column {spec['target']!r}; the support CSV needs the "
-                        f"feature columns ({', '.join(inputs.feature_columns(pre))}) and the target "
-                        f"{spec['target']!r}. Its columns are {', '.join(header)}")
-    fill = spec.get("fill", "none")
-    sx = inputs.encode_rows(rows, learner.model_spec, fill=fill, where=str(args.support), lines=lines)
-    targets = [r[spec["target"]] for r in rows]
-    inputs.encode_targets(targets, learner.model_spec, where=str(args.support), lines=lines)  # errors name lines
-    _, qrows, qlines = inputs.read_csv_rows(args.query[0])
-    qx = inputs.encode_rows(qrows, learner.model_spec, fill=fill, where=str(args.query[0]), lines=qlines)
-    task_model = learner.adapt(sx, targets, args.steps, reset_head=args.reset_head)  # targets in their units
-    classes = sorted({str(t) for t in targets}) if pre["kind"] == "classification" else None
-    _summary(learner, args, f"{len(targets)} support rows", classes, len(qrows))
-    pred = task_model.predict(qx)
-    ids = _ids(args, qrows)
-    if pre["kind"] == "classification":
-        return [{"row": i, **ids[i], "prediction": pre["classes"][int(label)],
-                 **{f"p[{n}]": round(float(p), 6) for n, p in zip(pre["classes"], probs)}}
-                for i, (label, probs) in enumerate(zip(pred.labels, pred.probs))]
-    return [{"row": i, **ids[i], "prediction": float(v.reshape(-1)[0])} for i, v in enumerate(pred.values)]
-
-
 def _summary(learner, args: argparse.Namespace, support: str, classes: list[str] | None, queries: int) -> None:
     """One line on stderr saying what the adaptation did: steps, rate, support size and classes."""
     cfg = learner.cfg
@@ -265,33 +189,6 @@ def _summary(learner, args: argparse.Namespace, support: str, classes: list[str]
 
 def _listed(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
-
-
-def _ids(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
-    """The id column's value per query row (``--id-column``, else a column named ``id``), or nothing."""
-    column = args.id_column or ("id" if rows and "id" in rows[0] else None)
-    if column is None:
-        return [{} for _ in rows]
-    if rows and column not in rows[0]:
-        raise UserError(f"--id-column {column!r} is not a column of {args.query[0]}; its columns are "
-                        f"{', '.join(rows[0]) or '(a plain text file has none)'}")
-    return [{column: r[column]} for r in rows]
-
-
-def _in_features(spec: dict, checkpoint: str) -> int:
-    """The input columns of a vector checkpoint: its recorded input width (written at training time, else
-    its task family's), never a guess from the model's weights (an embedding or a FiLM table may come first)."""
-    from mamlkit.base.limits import MAX_WIDTH
-
-    width = spec.get("features")
-    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
-        raise UserError(f"{checkpoint} does not record how many input columns its model takes (its input spec is "
-                        f"{spec}), so `mamlkit adapt` cannot read a CSV for it. Adapt it from Python with tensors: "
-                        "mamlkit.load(CHECKPOINT).adapt(support_x, support_y)")
-    if spec.get("tokens"):
-        raise UserError(f"{checkpoint} takes token ids, which `mamlkit adapt` does not read from a CSV of values; "
-                        "adapt it from Python with tensors: mamlkit.load(CHECKPOINT).adapt(support_x, support_y)")
-    return width
 
 
 def _write(rows: list[dict], output: str | None) -> None:

@@ -20,9 +20,12 @@ from helpers import write_csv
 
 from mamlkit import checkpoint
 from mamlkit.base.errors import UserError
+from mamlkit.data import tables
+from mamlkit.data.tables import MISSING
+from mamlkit.data.tables import number as _number
 from mamlkit.presets import preset_config
 from mamlkit.tasks import tabular, task_generator
-from mamlkit.tasks.tabular import MISSING, CSVTasks, _number, load_csv, split_tasks
+from mamlkit.tasks.tabular import CSVTasks, load_csv, split_tasks
 
 torch.set_num_threads(1)
 
@@ -228,9 +231,9 @@ def test_streamed_encoding_equals_the_rules_applied_to_rows(tmp_path, monkeypatc
                          [[f"t{i % 7}", i % 3 if i != 40 else "x", i / 8] for i in range(90)])
     if "tiny" in reader:
         for name, value in SMALL_BATCHES.items():
-            monkeypatch.setattr(tabular, name, value)
+            monkeypatch.setattr(tabular if name == "GROUP_BLOCK" else tables, name, value)
     if reader.startswith("rows"):
-        monkeypatch.setattr(tabular, "_arrow_header", lambda path: None)
+        monkeypatch.setattr(tables, "_arrow_header", lambda path: None)
     kw = dict(kind=kind, fill=fill, min_rows=3, task_split=(0.5, 0.25, 0.25))
     d = load_csv(path, "site", target, features, **kw)
     x, y, task, names, categories, classes, values, splits, mean, std, target_mean, target_std = \
@@ -268,7 +271,7 @@ def test_errors_name_the_line_whatever_the_batch(tmp_path, monkeypatch, rows, fi
     path = write_csv(tmp_path / "e.csv", ["task", "x", "y"], table)
     for batches in ({}, SMALL_BATCHES, {"ARROW_BLOCK": 4096}):
         for name, value in batches.items():
-            monkeypatch.setattr(tabular, name, value)
+            monkeypatch.setattr(tabular if name == "GROUP_BLOCK" else tables, name, value)
         with pytest.raises(UserError) as e:
             load_csv(path, "task", "y", fill=fill)
         assert message in str(e.value), (batches, str(e.value))

@@ -43,10 +43,11 @@ def registry():
     tasks.TASK_FAMILIES.clear()
     tasks.TASK_FAMILIES.update(before)
     sys.modules.pop("mamlkit.tasks.lines", None)
+    sys.modules.pop("mamlkit.tasks.wedges", None)
 
 
 def test_developing_example_adds_a_family_in_one_file_and_a_line(registry, cli, tmp_path, monkeypatch):
-    (_, module_code), (_, registry_line), (lang, commands) = section_blocks("## How to add a task family")
+    (_, module_code), (_, registry_line), (lang, commands) = section_blocks("## How to add a task family")[:3]
     assert lang == "sh" and registry_line.strip().startswith("register_task_family(")
     module = types.ModuleType("mamlkit.tasks.lines")  # the file mamlkit/tasks/lines.py
     sys.modules["mamlkit.tasks.lines"] = module
@@ -82,6 +83,41 @@ def test_developing_example_adds_a_family_in_one_file_and_a_line(registry, cli, 
     after = torch.tensor([float(r["prediction"]) for r in rows])
     truth = torch.tensor([-1.0, 7.0])
     assert (after - truth).abs().sum() < (before.values.reshape(-1) - truth).abs().sum()
+
+
+def test_developing_example_of_a_classification_family_with_vector_inputs_adapts(registry, cli, tmp_path,
+                                                                                  monkeypatch):
+    (_, module_code), (_, registry_line), (lang, commands) = section_blocks(
+        "### A classification family with vector inputs")
+    assert lang == "sh" and registry_line.strip().startswith("register_task_family(")
+    module = types.ModuleType("mamlkit.tasks.wedges")  # the file mamlkit/tasks/wedges.py
+    sys.modules["mamlkit.tasks.wedges"] = module
+    exec(compile(module_code, "mamlkit/tasks/wedges.py", "exec"), module.__dict__)
+    exec(registry_line, vars(tasks))
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for line in commands.strip().splitlines():
+        if line.startswith("mamlkit "):
+            extra = ("--threads", "1") if " train " in f" {line} " else ()
+            code, out, err = cli(*shlex.split(line)[1:], *extra)
+            assert code == 0 and "Traceback" not in err, err
+            outputs.append(out)
+        else:
+            subprocess.run(["bash", "-c", line], check=True, cwd=tmp_path)
+    report = json.loads((tmp_path / "runs" / "wedges" / "eval.json").read_text())
+    assert report["task"] == "wedges"
+    table = (tmp_path / "runs" / "wedges" / "eval.md").read_text()
+    assert table.startswith("Random wedges: query accuracy")
+    rows = list(csv.DictReader(outputs[-1].splitlines()))
+    assert [r["x0"] for r in rows] == ["0.5", "-2.0"] and [r["prediction"] for r in rows] == ["north", "south"]
+    assert all(float(r[f"p[{r['prediction']}]"]) > 0.5 for r in rows)
+    # the command's numbers are the Python API's: labels numbered in sorted order
+    support = list(csv.DictReader(open(tmp_path / "support.csv")))
+    x = torch.tensor([[float(r["x0"]), float(r["x1"])] for r in support], dtype=torch.float64)
+    pred = mamlkit.load(tmp_path / "runs" / "wedges").adapt(x, [r["label"] for r in support]).predict(
+        torch.tensor([[0.5, 2.5], [-2.0, -2.5]], dtype=torch.float64))
+    torch.testing.assert_close(torch.tensor([[float(r["p[north]"]), float(r["p[south]"])] for r in rows]),
+                               pred.probs.float(), atol=1e-6, rtol=0)
 
 
 def _train_tiny(task: str, tmp_path: Path) -> Path:

@@ -55,6 +55,14 @@ MAX_CONFIG_DEPTH = 32
 # nests a model spec's lists a few levels deep; json's parser recurses once per level).
 MAX_STATE_BYTES = 32 << 20
 MAX_STATE_DEPTH = 32
+# CSV tables. A table read whole (`mamlkit adapt`'s support and query files, rows passed to `mamlkit.load`):
+# its size in bytes and its rows. Any table, a streamed meta-training file included: its columns, and the
+# characters of one cell (Python's csv module refuses longer fields by default; the columnar reader is held
+# to the same bound, so both readers accept the same files).
+MAX_TABLE_BYTES = 256 << 20
+MAX_TABLE_ROWS = 1_000_000
+MAX_TABLE_COLUMNS = 100_000
+MAX_CELL_CHARS = 131_072
 # Seconds a collective may wait for the other ranks (one week).
 MAX_TIMEOUT_S = 7 * 24 * 3600
 

@@ -26,7 +26,8 @@ from typing import Any
 #   image  a support folder per class, query files (keys mode "L" | "RGB", size, invert, scale)
 #   text   utterances, encoded with the stored encoder recipe
 #   table  rows as column -> value, encoded with the stored meta-train encoding (model spec "preprocess")
-#   vector a CSV of input columns (then the target), one row per example
+#   vector a CSV of input columns (then the target, or the label of a classification family), one row per example
+# mamlkit/use/formats.py reads each type for the kinds of family that may declare it.
 INPUT_TYPES = ("image", "text", "table", "vector")
 
 

@@ -29,12 +29,13 @@ from mamlkit.algorithms.driver import thread_planned
 from mamlkit.assemble import assemble
 from mamlkit.base.errors import UserError
 from mamlkit.base.limits import MAX_IMAGE_SIZE, MAX_STEPS, check_count
+from mamlkit.data import tables
+from mamlkit.data.tables import beyond
 from mamlkit.engine.functional import call, named_buffers
 from mamlkit.engine.outputs import OutputSpec, output_selector
 from mamlkit.models import Workload, approve_model_code, build_model, check_model_memory, example_shape
 from mamlkit.tasks import get_family
-from mamlkit.use import inputs as raw
-from mamlkit.use.io import beyond
+from mamlkit.use import formats
 
 log = logging.getLogger("mamlkit")
 TASK_MODEL_FORMAT = "task_model"
@@ -57,22 +58,11 @@ def input_spec(cfg) -> dict[str, Any] | None:
 Inputs = Tensor | list[str] | list[dict[str, Any]]
 
 
-def model_input(spec: dict[str, Any] | None, model_spec: dict[str, Any], x: Inputs) -> Tensor:
-    """``x`` as the model's input tensor: utterances (text checkpoints) and row dicts (CSV-task checkpoints)
-    are encoded; a tensor is taken as already encoded."""
-    if isinstance(x, Tensor):
-        return x
-    if spec is None:
-        raise UserError(f"this checkpoint's task family declares no raw input format: pass tensors, not a "
-                        f"{type(x).__name__}")
-    kind = spec.get("type")
-    accepted = {"text": "a tensor or a list of strings", "table": "a tensor or a list of row dicts"}
-    if kind not in accepted or isinstance(x, str) or not isinstance(x, (list, tuple)):
-        raise UserError(f"this checkpoint's inputs are {kind}s: pass {accepted.get(kind, 'a tensor')}, "
-                        f"not a {type(x).__name__}")
-    if kind == "text":
-        return raw.encode_texts(list(x), spec)
-    return raw.encode_rows(list(x), model_spec, fill=spec.get("fill", "none"))
+def model_input(spec: dict[str, Any] | None, model_spec: dict[str, Any], x: Inputs, kind: str) -> Tensor:
+    """``x`` as the model's input tensor: raw inputs (utterances of text checkpoints, row dicts of CSV-task
+    checkpoints) encoded by the input format of ``spec`` (:mod:`mamlkit.use.formats`); a tensor is taken as
+    already encoded."""
+    return formats.model_input(spec, kind, model_spec, x)
 
 
 class Prediction(NamedTuple):
@@ -108,7 +98,7 @@ class TaskModel:
     def predict(self, x: Inputs) -> Prediction:
         """Predict for ``x [B, *x_shape]`` in the model's input format, or raw inputs: a list of utterances
         (text checkpoints) or of row dicts (CSV tasks; regression values come back in the target's units)."""
-        x = model_input(self.input, self.model_spec, x)
+        x = model_input(self.input, self.model_spec, x, self.kind)
         x = _cast(x, next(iter(self.params.values())).dtype, "the query inputs")
         out = call(self.model, self.params, named_buffers(self.model), x)
         out = output_selector(self.output)(out)
@@ -117,7 +107,9 @@ class TaskModel:
                             f"(largest magnitude {x.abs().max().item():g}) overflow {_name(x.dtype)} inside the "
                             "model. Rescale them nearer the range the model was meta-trained on")
         if self.kind != "classification":
-            return Prediction(None, None, raw.destandardise(out, self.model_spec) if _table(self.input) else out)
+            if formats.is_table(self.input):  # back in the target's units
+                out = tables.inverse_targets(formats.table_spec(self.input, self.model_spec), out)
+            return Prediction(None, None, out)
         probs = out[..., : self.num_classes].softmax(-1)
         return Prediction(probs.argmax(-1), probs)
 
@@ -170,8 +162,8 @@ class Learner:
             if steps < 0:
                 raise UserError(f"steps must be >= 0, got {steps}")
             check_count("steps (--steps)", steps, MAX_STEPS)
-        support_x = model_input(self.input, self.model_spec, support_x)
-        if _table(self.input):
+        support_x = model_input(self.input, self.model_spec, support_x, self.kind)
+        if formats.is_table(self.input):
             return self._adapt_table(support_x, support_y, steps, reset_head)
         meta, num_classes = self.meta, None
         dtype = next(iter(meta.model.parameters())).dtype
@@ -214,7 +206,8 @@ class Learner:
                 raise UserError(f"class ids must be in [0, {len(pre['classes'])}) for this model's classes "
                                 f"{', '.join(pre['classes'])}")
         else:
-            y = raw.encode_targets(y.reshape(-1).tolist() if isinstance(y, Tensor) else list(y), self.model_spec)
+            y = tables.encode_targets(formats.table_spec(self.input, self.model_spec),
+                                     y.reshape(-1).tolist() if isinstance(y, Tensor) else list(y))
         if len(y) != len(x):
             raise UserError(f"{len(x)} support rows but {len(y)} targets")
         classes = len(pre["classes"]) if self.kind == "classification" else None
@@ -273,10 +266,6 @@ def _adapted(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tenso
 
 def meta_cfg(cfg, classes: int | None, reset: bool):
     return cfg.replace(n_way=classes) if reset else cfg
-
-
-def _table(spec: dict[str, Any] | None) -> bool:
-    return spec is not None and spec.get("type") == "table"
 
 
 def _label_ids(labels: list, names: list[str] | None) -> tuple[Tensor, list[str]]:

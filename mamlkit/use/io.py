@@ -1,4 +1,4 @@
-"""Reading a user's own task from disk: image folders (ImageFolder layout) and CSV files.
+"""Reading a user's own task from disk: image folders (ImageFolder layout) and CSVs of numbers (vector inputs).
 
 Every problem with the input is a :class:`~mamlkit.base.errors.UserError` that names the file and
 the fix; the CLI turns it into exit code 2.
@@ -6,8 +6,6 @@ the fix; the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch import Tensor
 
 from mamlkit.base.errors import UserError
 from mamlkit.data.imagefiles import class_name, open_image
+from mamlkit.data.tables import beyond, is_missing, number, overflow_cells, read_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -97,65 +96,47 @@ def load_query_images(paths: list[str], spec: dict[str, Any]) -> tuple[Tensor, l
     return torch.stack([load_image(f, spec, notes) for f in files]), files, notes
 
 
-def read_csv_table(path: str | Path, dtype: torch.dtype = torch.float64) -> tuple[list[str], np.ndarray]:
-    """A numeric CSV with a header row: ``(columns, values [rows, columns])`` in float64, every value a
-    number that is finite in ``dtype`` (the model's: 1e39 is finite in float64 but not in float32).
-
-    Anything else (not UTF-8, a ragged line, text, NaN, inf, a number too large for float64 such as 1e309,
-    or one too large for ``dtype``) is a :class:`UserError` naming the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"CSV file not found: {path}")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if r]
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"cannot read {path} as a UTF-8 CSV file ({e}); save it as UTF-8") from None
-    if len(rows) < 2:
-        raise UserError(f"{path} needs a header row and at least one data row")
-    header, body = rows[0][1], rows[1:]
-    values = np.empty((len(body), len(header)), dtype=np.float64)
-    for i, (line, r) in enumerate(body):
-        if len(r) != len(header):
-            raise UserError(f"{path} line {line} has {len(r)} values but the header names {len(header)} columns")
-        for j, v in enumerate(r):
-            try:
-                x = float(v)
-            except ValueError:
-                x = None
-            if x is None or not math.isfinite(x):
-                raise UserError(f"{path} line {line} column {header[j]!r} is {v!r}: not a finite number. Every "
+def read_numbers(path: str | Path, columns: list[str], rows: list[dict[str, str]], lines: list[int],
+                 dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """The ``columns`` of ``rows`` (read by :func:`mamlkit.data.tables.read_rows`) as float64 ``[rows,
+    columns]``, every value a number that is finite in ``dtype`` (the model's: 1e39 is finite in float64 but
+    not in float32). Anything else (text, NaN, inf, a number too large for float64 such as 1e309, or one too
+    large for ``dtype``) is a :class:`UserError` naming the file, line and column."""
+    values = np.empty((len(rows), len(columns)), dtype=np.float64)
+    for i, (line, r) in enumerate(zip(lines, rows)):
+        for j, c in enumerate(columns):
+            x = number(r[c])
+            if x is None:
+                raise UserError(f"{path} line {line} column {c!r} is {r[c]!r}: not a finite number. Every "
                                 "value after the header must be a number (no NaN, inf, or magnitudes beyond 1e308)")
             values[i, j] = x
     cells = overflow_cells(torch.from_numpy(values), dtype)
     if cells:
-        where = "; ".join(f"line {body[i][0]} column {header[j]!r} is {body[i][1][j]!r}" for i, j in cells[:5])
+        where = "; ".join(f"line {lines[i]} column {columns[j]!r} is {rows[i][columns[j]]!r}" for i, j in cells[:5])
         raise UserError(f"{path} {where}{' ...' if len(cells) > 5 else ''}: {beyond(dtype)}. Rescale the column")
-    return header, values
+    return values
 
 
-def overflow_cells(values: Tensor, dtype: torch.dtype) -> list[tuple[int, ...]]:
-    """The positions of ``values`` that are finite as given but not once cast to ``dtype``, the model's
-    (1e39, or a standardised 1e38, in float32): checked after the cast, where the model meets them."""
-    bad = torch.isfinite(values) & ~torch.isfinite(values.to(dtype))
-    return [tuple(i) for i in bad.nonzero().tolist()]
-
-
-def beyond(dtype: torch.dtype) -> str:
-    """How the message of a value beyond ``dtype``'s range ends."""
-    name = str(dtype).removeprefix("torch.")
-    return f"beyond the range of {name} (±{torch.finfo(dtype).max:.3g}), in which the model computes"
-
-
-def load_regression_csv(path: str | Path, in_features: int, with_target: bool, dtype: torch.dtype = torch.float64
-                        ) -> tuple[Tensor, Tensor | None]:
-    """Support (``with_target``: the last column is the target) or query rows for a regression model whose
-    parameters are ``dtype`` (every value must be finite in it; the tensors returned are float64)."""
-    header, values = read_csv_table(path, dtype)
-    need = in_features + (1 if with_target else 0)
-    if values.shape[1] != need:
-        what = f"{in_features} input column(s) and a target column" if with_target else \
-            f"{in_features} input column(s)"
+def load_vector_csv(path: str | Path, in_features: int, *, target: str | None, dtype: torch.dtype = torch.float64
+                    ) -> tuple[Tensor, Tensor | list[str] | None]:
+    """The rows of a vector checkpoint's CSV: ``in_features`` input columns, then with ``target="value"`` a
+    numeric target (regression) or with ``target="label"`` a class label, or (``None``, a query) nothing more.
+    Returns inputs ``[n, in_features]`` float64 (every value finite in ``dtype``, the model's) and the targets
+    ``[n, 1]`` float64, the labels (stripped strings), or None."""
+    header, rows, lines = read_rows(path)
+    need = in_features + (target is not None)
+    if len(header) != need:
+        what = f"{in_features} input column(s)" + {"value": " and a target column", "label": " and a label column",
+                                                   None: ""}[target]
         raise UserError(f"{path} has columns {header}; this model takes {what}")
+    values = read_numbers(path, header if target == "value" else header[:in_features], rows, lines, dtype)
     x = torch.from_numpy(values[:, :in_features])
-    return x, (torch.from_numpy(values[:, in_features:]) if with_target else None)
+    if target == "value":
+        return x, torch.from_numpy(values[:, in_features:])
+    if target == "label":
+        gaps = [n for r, n in zip(rows, lines) if is_missing(r[header[-1]])]
+        if gaps:
+            raise UserError(f"{path}: the label is missing on line(s) {', '.join(map(str, gaps[:10]))}; every "
+                            "support row needs one")
+        return x, [r[header[-1]].strip() for r in rows]
+    return x, None
