@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -166,3 +167,58 @@ def test_a_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert saved.step == step  # rank 0 wrote the checkpoint of the step they stopped at
     assert [r["step"] for r in rows(tmp_path / "signalled", "train")] == list(range(1, step + 1))
     assert "Resume with `mamlkit rl train --resume" in outs[0] and "collective failed" not in outs[0] + outs[1]
+
+
+def _crashing_job(rank: int, size: int, port: int, out: str) -> None:
+    """2 ranks; rank 1 fails in its third meta-iteration."""
+    os.environ.update(torchrun_env(rank, size, port))
+    torch.set_num_threads(1)
+    sys.stderr = sys.stdout = open(Path(out) / f"out-{rank}.txt", "w", buffering=1)
+    if rank == 1:
+        step, calls = MAMLTRPO.meta_step, []
+
+        def failing(self, tasks, generator):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected failure")
+            return step(self, tasks, generator)
+
+        MAMLTRPO.meta_step = failing
+    cfg = small_cfg(Path(out), iterations=10_000, checkpoint_every=10_000, val_every=0, dist_timeout=30)
+    train.fit(train.new_trainer(cfg, Path(out) / "crash"))
+
+
+def test_a_dying_rank_ends_the_job_and_rank_0_keeps_the_finished_iterations(tmp_path):
+    ctx = mp.start_processes(_crashing_job, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    start = time.monotonic()
+    for p in ctx.processes:  # no torchrun to stop the survivor: it must stop by itself
+        p.join(timeout=90)
+    assert all(p.exitcode not in (None, 0) for p in ctx.processes), [p.exitcode for p in ctx.processes]
+    assert time.monotonic() - start < 90
+    crashed, survivor = ((tmp_path / f"out-{r}.txt").read_text() for r in (1, 0))
+    assert "rank 1 of 2 crashed (RuntimeError: injected failure)" in crashed
+    assert "rank 0 of 2: a collective failed" in survivor
+    run = tmp_path / "crash"
+    assert train.load_trainer(run).step == 2, survivor[-2000:]  # the 2 finished iterations, none after
+    assert f"checkpoint of step 2 saved to {run / 'checkpoint.safetensors'}" in survivor
+    assert f"mamlkit rl train --resume {run}" in survivor
+
+
+def test_torchrun_rl_train_trains_and_only_rank_0_reports(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to this python")
+    flags = ["--iterations", "2", "--meta-batch", "3", "--traj-per-task", "2", "--horizon", "10", "--hidden-sizes",
+             "8", "--val-every", "1", "--val-tasks", "2", "--eval-tasks", "2", "--eval-traj", "2", "--eval-lrs", "0.1",
+             "--pretrain-iterations", "1", "--no-progress", "--threads", "1", "--out-dir", str(tmp_path)]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master-addr=127.0.0.1",
+                           f"--master-port={free_port()}", "-m", "mamlkit", "rl", "train", "nav2d", *flags],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run folder:") == 1 and proc.stdout.count("| steps |") == 1  # rank 0 alone
+    run = tmp_path / "rl-nav2d-maml-trpo"
+    assert train.load_trainer(run).step == 2 and train.load_trainer(run / "pretrained").step == 1
+    assert (run / "eval.md").exists() and "pretrained" in (run / "eval.md").read_text()
