@@ -15,8 +15,8 @@ The ``T·N`` simulators are stepped in one process (MuJoCo steps take microsecon
 would cost more than they save on 2 cores) behind the same ``[T, N]`` API as :class:`~mamlkit.rl.envs.Nav2D`;
 the policy is evaluated once per time step for all of them, and each simulator is stepped by MuJoCo's own
 calls, the ones gymnasium's ``HalfCheetah-v5.step`` makes, without its per-step Python (checks, reward
-terms, info dict, arrays built per call): about half the cost of a step (``benchmarks/rl_sampling.py``).
-Torch's and several ranks' parallelism (``torchrun``, docs/rl.md) share the simulators out instead.
+terms, info dict, arrays built per call), which made sampling 1.2-1.3x slower (``benchmarks/rl_sampling.py
+steps cheetah-dir``). Several ranks (``torchrun``, docs/rl.md) share the simulators out.
 """
 
 from __future__ import annotations

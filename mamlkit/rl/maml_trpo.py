@@ -232,8 +232,9 @@ class MAMLTRPO:
 
     With a ``world`` of several ranks (torchrun), each rank samples and adapts its block
     :meth:`~mamlkit.loop.distributed.World.shard` of the meta-batch's tasks, drawing the numbers one process
-    draws for them (:class:`~mamlkit.rl.sampling.Share`); the TRPO step's loss, gradient, Fisher products
-    and line-search losses are sums over the ranks, so every rank takes the one-process step.
+    draws for them (:class:`~mamlkit.rl.sampling.Share`); the per-task rows of the TRPO step's loss,
+    gradient, Fisher products and line-search losses come from every rank (:meth:`gather`) and are added in
+    task order, so every rank takes the one-process step, bit for bit.
     """
 
     def __init__(self, model: nn.Module, cfg: RLConfig, world: World | None = None):
