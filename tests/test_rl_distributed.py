@@ -148,17 +148,28 @@ def _signalled_job(rank: int, size: int, port: int, out: str) -> None:
             (Path(out) / f"stopped-{rank}.txt").write_text(f"{trainer.step} {e.signum}")
 
 
+def start_two(job, out: Path) -> mp.ProcessContext:
+    return mp.start_processes(job, args=(2, free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
+
+
+def exit_codes(ctx: mp.ProcessContext, within: float) -> list[int | None]:
+    """The ranks' exit codes once they ended (None: still running after ``within`` seconds in all). No
+    torchrun stops the other rank here: it must stop by itself."""
+    deadline = time.monotonic() + within
+    for p in ctx.processes:
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
+    return [p.exitcode for p in ctx.processes]
+
+
 def test_a_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
-    ctx = mp.start_processes(_signalled_job, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
+    ctx = start_two(_signalled_job, tmp_path)
     log, deadline = tmp_path / "signalled" / "metrics.jsonl", time.monotonic() + 90
     while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
         time.sleep(0.05)
     os.kill(ctx.processes[1].pid, signal.SIGTERM)
-    for p in ctx.processes:  # no torchrun to stop the other rank: it must stop by itself
-        p.join(timeout=90)
+    codes = exit_codes(ctx, 90)
     outs = [(tmp_path / f"out-{r}.txt").read_text() for r in range(2)]
-    assert [p.exitcode for p in ctx.processes] == [0, 0], outs
+    assert codes == [0, 0], outs
     stopped = [(tmp_path / f"stopped-{r}.txt").read_text().split() for r in range(2)]
     assert stopped[0] == stopped[1], stopped  # the same step on both ranks
     step = int(stopped[0][0])
@@ -189,13 +200,8 @@ def _crashing_job(rank: int, size: int, port: int, out: str) -> None:
 
 
 def test_a_dying_rank_ends_the_job_and_rank_0_keeps_the_finished_iterations(tmp_path):
-    ctx = mp.start_processes(_crashing_job, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    start = time.monotonic()
-    for p in ctx.processes:  # no torchrun to stop the survivor: it must stop by itself
-        p.join(timeout=90)
-    assert all(p.exitcode not in (None, 0) for p in ctx.processes), [p.exitcode for p in ctx.processes]
-    assert time.monotonic() - start < 90
+    codes = exit_codes(start_two(_crashing_job, tmp_path), 90)
+    assert all(code not in (None, 0) for code in codes), codes  # both ended, neither hangs
     crashed, survivor = ((tmp_path / f"out-{r}.txt").read_text() for r in (1, 0))
     assert "rank 1 of 2 crashed (RuntimeError: injected failure)" in crashed
     assert "rank 0 of 2: a collective failed" in survivor

@@ -270,7 +270,7 @@ def _fit(trainer: RLTrainer, stop_at: int | None, world: distributed.World) -> R
                     _validate_and_keep_best(trainer, step, metrics, bar.write)
                 add_to_window(trainer.log_window, stats)
                 # a row at the run's end, not at a `stop_at` (the run goes on: its window is checkpointed)
-                if main and (step % cfg.log_every == 0 or step == cfg.iterations):
+                if step % cfg.log_every == 0 or step == cfg.iterations:  # rank 0 alone writes (metrics)
                     row = window_row(trainer.log_window)
                     row["elapsed_s"] = time.perf_counter() - start
                     metrics.log(step, "train", row)
