@@ -178,6 +178,12 @@ def test_a_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert saved.step == step  # rank 0 wrote the checkpoint of the step they stopped at
     assert [r["step"] for r in rows(tmp_path / "signalled", "train")] == list(range(1, step + 1))
     assert "Resume with `mamlkit rl train --resume" in outs[0] and "collective failed" not in outs[0] + outs[1]
+    # the checkpoint resumes in one process (a step's tasks and noise do not depend on the ranks) and continues
+    # the run as one uninterrupted process runs it, bit for bit
+    resumed = train.fit(saved, stop_at=step + 1)
+    cfg = small_cfg(tmp_path / "one", iterations=10_000, checkpoint_every=10_000, val_every=0, dist_timeout=30)
+    straight = train.fit(train.new_trainer(cfg, tmp_path / "straight"), stop_at=step + 1)
+    assert all(torch.equal(v, params(straight)[k]) for k, v in params(resumed).items())
 
 
 def _crashing_job(rank: int, size: int, port: int, out: str) -> None:
