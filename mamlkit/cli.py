@@ -190,9 +190,9 @@ def _torchrun_session(command: str):
     """Under torchrun, one process group serves the whole command (both trainings); torn down at its end."""
     if "WORLD_SIZE" not in os.environ:
         return contextlib.nullcontext()  # keeps torch out of `mamlkit presets`
-    if command != "train" and os.environ["WORLD_SIZE"] != "1":
-        raise UserError(f"only `mamlkit train` runs distributed; run `mamlkit {command}` without torchrun "
-                        "(every rank would repeat the same work and write the same files)")
+    if command not in ("train", "rl train") and os.environ["WORLD_SIZE"] != "1":
+        raise UserError(f"only `mamlkit train` runs distributed (and `mamlkit rl train`); run `mamlkit {command}` "
+                        "without torchrun (every rank would repeat the same work and write the same files)")
     from mamlkit.loop import distributed
 
     return distributed.session()
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        with _torchrun_session(args.command):
+        with _torchrun_session(f"rl {args.rl_command}" if args.command == "rl" else args.command):
             return COMMANDS[args.command](args)
     except UserError as e:
         print(f"mamlkit: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ import sys
 import time
 from contextlib import nullcontext as _nullcontext
 
+import numpy as np
 import pytest
 import torch
 
@@ -846,6 +847,26 @@ def test_cheetah_reward_truncation_and_determinism(tmp_path, monkeypatch):
     assert torch.equal(o1, o2) and torch.allclose(r1, r2)
     assert torch.allclose(r2, -(info["x_velocity"] - vel).abs() - 0.1875)
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+
+
+def test_cheetah_steps_are_gymnasiums_bit_for_bit(tmp_path, monkeypatch):
+    # The environment steps the simulators with MuJoCo's calls, not gymnasium's step: the same states.
+    gym = pytest.importorskip("gymnasium")
+    pytest.importorskip("mujoco")
+    from mamlkit.rl import cheetah
+
+    monkeypatch.chdir(tmp_path)
+    ours, theirs = ([gym.make("HalfCheetah-v5").unwrapped for _ in range(3)] for _ in range(2))
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert np.array_equal(a.reset(seed=i)[0], b.reset(seed=i)[0])
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        actions = rng.uniform(-1, 1, (3, 6))
+        obs, vel = cheetah._step_all(ours, actions)
+        want = [b.step(act) for b, act in zip(theirs, actions)]
+        assert np.array_equal(obs, np.stack([w[0] for w in want]))
+        assert np.array_equal(vel, np.array([w[4]["x_velocity"] for w in want]))
+    assert np.abs(vel).max() > 0.01  # the simulators moved
 
 
 def test_cheetah_cli_smoke(tmp_path):

@@ -128,6 +128,24 @@ class World:
             offset += p.numel()
         return {k: v.item() for k, v in zip(keys, flat[offset:])}, bool(flat[-1].item() > 0)
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place, and return it (itself in a single process). Every rank
+        ends with the same bits, so decisions taken from the sum (a line search's) agree across ranks."""
+        if self.active and self.size > 1:
+            _collective(dist.all_reduce, tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of ``tensor`` over the ranks, in place (itself in a single process)."""
+        if self.active and self.size > 1:
+            _collective(dist.all_reduce, tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some rank (one small collective; ``flag`` itself in a single process):
+        how the ranks agree to stop at the same step."""
+        return bool(self.all_reduce_max(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0)
+
     def broadcast_(self, learner: Any) -> None:
         """Copy rank 0's meta-parameters and buffers to every rank, in place."""
         if not self.active:
@@ -190,9 +208,10 @@ def session(cfg: Any = None) -> Iterator[World]:
 
     Outside torchrun this yields ``World()`` and does nothing. Sessions nest: the outermost one
     destroys the group, so the CLI holds one group across the MAML and baseline trainings. With
-    ``cfg`` (a :class:`~mamlkit.config.TrainConfig`) it initialises the group if needed, using
-    ``cfg.backend`` and ``cfg.dist_timeout`` (seconds any collective may wait: a rank that crashed
-    or stalled ends the job with a clear message instead of a hang). Without ``cfg`` it only holds.
+    ``cfg`` (a :class:`~mamlkit.config.TrainConfig`, or a :class:`~mamlkit.rl.config.RLConfig`: gloo on the
+    CPU) it initialises the group if needed, using ``cfg.backend`` and ``cfg.dist_timeout`` (seconds any
+    collective may wait: a rank that crashed or stalled ends the job with a clear message instead of a
+    hang). Without ``cfg`` it only holds.
 
     Under torchrun with CUDA, each rank uses ``cuda:LOCAL_RANK`` (set before the model is built
     when the CLI opens the outer session); pass ``--device cuda``.
@@ -205,7 +224,8 @@ def session(cfg: Any = None) -> Iterator[World]:
     failed = False
     try:
         if env is not None and cfg is not None and not dist.is_initialized():
-            backend = resolve_backend(cfg.backend, cfg.device)
+            # meta-RL runs on the CPU and names neither (mamlkit.rl.config.RLConfig): gloo
+            backend = resolve_backend(getattr(cfg, "backend", "auto"), getattr(cfg, "device", "cpu"))
             dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist_timeout))
             _owned = True
         yield current() if dist.is_initialized() else (env or World())

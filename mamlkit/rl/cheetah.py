@@ -12,7 +12,11 @@ the torso's forward velocity over the step. ``action_scale`` 10 (the default of 
 pytorch-maml-rl's ``normalization_scale`` for these tasks; 1 is rllab's [-1, 1] normalisation.
 
 The ``T·N`` simulators are stepped in one process (MuJoCo steps take microseconds; processes
-would cost more than they save on 2 cores) behind the same ``[T, N]`` API as :class:`~mamlkit.rl.envs.Nav2D`.
+would cost more than they save on 2 cores) behind the same ``[T, N]`` API as :class:`~mamlkit.rl.envs.Nav2D`;
+the policy is evaluated once per time step for all of them, and each simulator is stepped by MuJoCo's own
+calls, the ones gymnasium's ``HalfCheetah-v5.step`` makes, without its per-step Python (checks, reward
+terms, info dict, arrays built per call), which made sampling 1.2-1.3x slower (``benchmarks/rl_sampling.py
+steps cheetah-dir``). Several ranks (``torchrun``, docs/rl.md) share the simulators out.
 """
 
 from __future__ import annotations
@@ -83,18 +87,38 @@ class HalfCheetahTasks:
 
     def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
         a = (action.detach().double() / self.action_scale).clamp(-1, 1).reshape(self.T * self.num_envs, -1).numpy()
-        obs, vel = [], []
-        for sim, ai in zip(self.sims, a):
-            o, _, _, _, info = sim.step(ai)
-            obs.append(o)
-            vel.append(info["x_velocity"])
-        v = torch.tensor(vel, dtype=torch.float64).view(self.T, self.num_envs)
+        obs, vel = _step_all(self.sims, a)
+        v = torch.from_numpy(vel).view(self.T, self.num_envs)
         goal = self.tasks[:, :1]
         forward = -(v - goal).abs() if self.name == "cheetah-vel" else goal * v
         reward = forward - CTRL_COST * torch.from_numpy(a).view(self.T, self.num_envs, -1).pow(2).sum(-1)
         self.t += 1
         shape = (self.T, self.num_envs)
         truncated = torch.full(shape, self.t >= self.horizon)
-        return (torch.from_numpy(np.stack(obs)).view(self.T, self.num_envs, -1), reward,
+        return (torch.from_numpy(obs).view(self.T, self.num_envs, -1), reward,
                 torch.zeros(shape, dtype=torch.bool), truncated,
                 {"active": torch.ones(shape, dtype=torch.bool), "x_velocity": v})
+
+
+def _step_all(sims: list[Any], actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step every simulator once with its torque ``actions[i]`` as gymnasium's ``HalfCheetah-v5.step`` does
+    (the same MuJoCo calls, so the same numbers: tests/test_rl.py): ``(observations [n, 17], x velocities [n])``."""
+    import mujoco
+
+    n = len(sims)
+    obs, vel = np.empty((n, HalfCheetahTasks.obs_dim)), np.empty(n)
+    if not n:
+        return obs, vel
+    skip = sims[0].frame_skip
+    dt = sims[0].model.opt.timestep * skip  # gymnasium's ``dt``
+    nq = sims[0].model.nq
+    for i, sim in enumerate(sims):
+        model, data = sim.model, sim.data
+        before = data.qpos[0]
+        data.ctrl[:] = actions[i]
+        mujoco.mj_step(model, data, nstep=skip)
+        mujoco.mj_rnePostConstraint(model, data)  # as gymnasium: the state after a step is the same
+        vel[i] = (data.qpos[0] - before) / dt
+        obs[i, :nq - 1] = data.qpos[1:]  # the torso's x is left out of the observation
+        obs[i, nq - 1:] = data.qvel
+    return obs, vel

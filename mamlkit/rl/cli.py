@@ -21,7 +21,7 @@ from mamlkit.rl.config import ENV_NAMES
 MAX_EVAL_STEPS = 10
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
-             "eval_lrs", "baselines", "pretrain_iterations", "val_every", "fast_fisher"}
+             "eval_lrs", "baselines", "pretrain_iterations", "val_every", "fast_fisher", "dist_timeout"}
 
 
 def help_env(argv: list[str]) -> str | None:
@@ -170,6 +170,21 @@ def _report_of_run(chosen, trainer) -> str:
                        f"free some space, then `mamlkit rl eval {run} --overwrite` writes the report") from None
 
 
+def _report_on_this_rank(trainer) -> bool:
+    """Under torchrun: every rank trains the pretrained baseline (a distributed fit of its own), then rank 0
+    alone evaluates and reports. True on the rank that reports (the one process without torchrun)."""
+    from mamlkit.loop import distributed
+    from mamlkit.rl import train
+
+    world = distributed.current()
+    if world.size == 1:
+        return True
+    cfg = trainer.cfg
+    if cfg.baselines and cfg.algo != "pretrain" and cfg.pretrain_iterations > 0:
+        train.pretrained_baseline(trainer)  # rank 0's report then loads it from RUN/pretrained
+    return world.is_main
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mamlkit.rl import train
     from mamlkit.runfolder import Stopped, stop_on_signals
@@ -190,6 +205,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         with stop_on_signals():
             train.fit(trainer)
+            if not _report_on_this_rank(trainer):
+                return 0
             chosen, what = _best_or_last(trainer)
             print()
             print(what)

@@ -82,6 +82,8 @@ class RLConfig:
     # execution
     dtype: str = _flag("float32", EXECUTION, "float32 | float64")
     threads: int = _flag(1, EXECUTION, "torch threads (0: torch's default, all cores)")
+    dist_timeout: int = _flag(600, EXECUTION, "under torchrun: seconds a collective waits for the other ranks "
+                              "before the job fails")
     # logging and checkpoints
     out_dir: str = _flag("runs", LOGGING, "folder that receives the run folder")
     run_name: str = _flag("", LOGGING, "the run folder's name (empty: rl-<env>-<algo>)")
@@ -134,6 +136,7 @@ class RLConfig:
         need(self.inner_lr >= 0 and all(a >= 0 for a in self.eval_lrs), "inner_lr and eval_lrs must be >= 0")
         need(self.max_kl > 0 and self.cg_damping >= 0, "max_kl must be > 0 and cg_damping >= 0")
         need(0 < self.fisher_fraction <= 1, f"fisher_fraction must be in (0, 1], got {self.fisher_fraction}")
+        need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         need(0 < self.ls_ratio < 1, f"ls_ratio must be in (0, 1), got {self.ls_ratio}")
 
     @property

@@ -30,6 +30,7 @@ class TaskEnv(Protocol):
     obs_dim: int
     act_dim: int
     horizon: int
+    num_envs: int  # N
 
     def reset(self, *, seed: int | None = None) -> tuple[Tensor, dict[str, Any]]: ...
 

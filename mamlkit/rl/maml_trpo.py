@@ -24,6 +24,7 @@ from mamlkit.engine.functional import call, named_params
 from mamlkit.engine.inner import LossFn, adapt_path, make_task_fn, support_loss_fn
 from mamlkit.engine.rules import sgd
 from mamlkit.exec import strategies
+from mamlkit.loop.distributed import World
 from mamlkit.rl import sampling
 from mamlkit.rl.config import RLConfig
 from mamlkit.rl.envs import action_limit, make_env
@@ -118,7 +119,8 @@ def adapt_tasks(model: nn.Module, params: Mapping[str, Tensor], sx: Tensor, sy: 
 
 
 def linearize_tasks(model: nn.Module, batch: TaskBatch, fisher: TaskBatch | None, *, loss_fn: LossFn, lr: float,
-                    steps: int, first_order: bool, act_dim: int) -> Linearization:
+                    steps: int, first_order: bool, act_dim: int, counts: tuple[int, int] | None = None,
+                    gather: Gather | None = None) -> Linearization:
     """MAML-TRPO's loss, meta-gradient and Fisher products at θ_old (the model's parameters), task by task.
 
     Task t adapts θ'_t = θ − α∇L_t(θ) (one SGD step on its support loss ``loss_fn``; θ itself when ``steps``
@@ -129,6 +131,11 @@ def linearize_tasks(model: nn.Module, batch: TaskBatch, fisher: TaskBatch | None
     * Fisher product F v = (1/K) Σ_{t<K} J_t G_t J_t v over the K tasks of ``fisher`` (its first K support
       sets are the batch's; its query states may be a subset; None: the batch), with G_t = ∂f_tᵀ (∇²_f KL_t)
       ∂f_t the Gauss-Newton matrix of the task's KL at θ'_t.
+
+    ``counts``: ``(T, K)`` of the whole meta-batch when ``batch`` and ``fisher`` hold one rank's block of it
+    (default: their own task counts), and ``gather(rows, n)`` collects every rank's per-task rows into the
+    ``n`` rows of the whole batch: the sums over tasks are then the whole batch's, added in task order as
+    one process adds them, so several ranks give its numbers bit for bit.
 
     These are the numbers :func:`~mamlkit.rl.trpo.autograd_linearization` gives on :meth:`MAMLTRPO.losses`
     (to rounding; tests/test_rl.py compares them in float64). The Hessian of KL_t(f_t(θ'_t(θ))) at θ_old is
@@ -150,14 +157,13 @@ def linearize_tasks(model: nn.Module, batch: TaskBatch, fisher: TaskBatch | None
     inner = support_loss_fn(model, loss_fn, {}, {})
     T = batch.num_tasks
     K = T if fisher is None else fisher.num_tasks
+    T_all, K_all = counts or (T, K)
     identity = steps == 0 or first_order
 
     def pullback(fast: list[Tensor], w: Sequence[Tensor]) -> Sequence[Tensor]:  # J_tᵀ w (= J_t w)
         return w if identity else torch.autograd.grad(fast, leaves, w, retain_graph=True)
 
-    loss = torch.zeros((), dtype=leaves[0].dtype)
-    grad = [torch.zeros_like(p) for p in leaves]
-    products = []
+    losses, grads, products = [], [], []
     for t in range(T):
         fast = list(adapt_path(inner, theta, batch.support_x[t], batch.support_y[t], rule=sgd(lr), steps=steps,
                                first_order=first_order)[-1].values())
@@ -165,28 +171,40 @@ def linearize_tasks(model: nn.Module, batch: TaskBatch, fisher: TaskBatch | None
         out = call(model, dict(zip(theta, post)), {}, batch.query_x[t])
         surr, kl = surrogate_and_kl(out, batch.query_y[t], act_dim)
         in_fisher, same_states = t < K, fisher is None
-        u = torch.autograd.grad(surr / T, post, retain_graph=in_fisher and same_states)
-        for acc, g in zip(grad, pullback(fast, u)):
-            acc += g
-        loss += surr.detach() / T
+        u = torch.autograd.grad(surr / T_all, post, retain_graph=in_fisher and same_states)
+        grads.append(flat(pullback(fast, u)))
+        losses.append(surr.detach() / T_all)
         if not in_fisher:
             continue
         if not same_states:
             out = call(model, dict(zip(theta, post)), {}, fisher.query_x[t])
             kl = surrogate_and_kl(out, fisher.query_y[t], act_dim)[1]
-        products.append(_gauss_newton(fast, post, out, kl / K, pullback))
+        products.append(_gauss_newton(fast, post, out, kl / K_all, pullback))
 
     shapes = [p.shape for p in leaves]
+    zero = torch.zeros(sum(s.numel() for s in shapes), dtype=leaves[0].dtype)
 
     def fvp(v: Tensor) -> Tensor:
         vs = [x.view(s) for x, s in zip(v.split([s.numel() for s in shapes]), shapes)]
-        total = [torch.zeros_like(p) for p in leaves]
-        for product in products:
-            for acc, x in zip(total, product(vs)):
-                acc += x
-        return flat(total)
+        return _in_task_order([flat(product(vs)) for product in products], zero, K_all, gather)
 
-    return Linearization(loss, flat(grad), fvp)
+    return Linearization(_in_task_order(losses, zero[0], T_all, gather), _in_task_order(grads, zero, T_all, gather),
+                         fvp)
+
+
+Gather = Callable[[Tensor, int], Tensor]  # (this rank's rows [n_r, ...], n) -> the whole batch's rows [n, ...]
+
+
+def _in_task_order(parts: list[Tensor], zero: Tensor, count: int, gather: Gather | None) -> Tensor:
+    """Σ_t parts[t], added one task after the other from ``zero`` (as a running sum per task does); with
+    ``gather``, over the ``count`` tasks of every rank's parts."""
+    rows = torch.stack(parts) if parts else zero.new_zeros((0, *zero.shape))
+    if gather is not None:
+        rows = gather(rows, count)
+    total = zero.clone()
+    for row in rows:
+        total += row
+    return total
 
 
 def _gauss_newton(fast: list[Tensor], post: list[Tensor], out: Tensor, kl: Tensor, pullback
@@ -211,20 +229,62 @@ class MAMLTRPO:
 
     ``meta_step(tasks, generator)`` samples pre-update episodes with θ, adapts per task, samples
     post-update episodes with θ', and takes one TRPO step on the post-update surrogate.
+
+    With a ``world`` of several ranks (torchrun), each rank samples and adapts its block
+    :meth:`~mamlkit.loop.distributed.World.shard` of the meta-batch's tasks, drawing the numbers one process
+    draws for them (:class:`~mamlkit.rl.sampling.Share`); the per-task rows of the TRPO step's loss,
+    gradient, Fisher products and line-search losses come from every rank (:meth:`gather`) and are added in
+    task order, so every rank takes the one-process step, bit for bit.
     """
 
-    def __init__(self, model: nn.Module, cfg: RLConfig):
+    def __init__(self, model: nn.Module, cfg: RLConfig, world: World | None = None):
         self.model, self.cfg = model, cfg
+        self.world = world or World()
         self.act_dim = model.log_std.numel()
         self.dtype = next(model.parameters()).dtype
 
+    @property
+    def num_tasks(self) -> int:
+        """Tasks of a training meta-batch, over all ranks."""
+        return self.cfg.tasks_per_batch
+
     def sample(self, tasks: Tensor, params: Mapping[str, Tensor], per_task: bool, generator: torch.Generator,
-               num_traj: int | None = None, deterministic: bool = False) -> sampling.Episodes:
-        """Episodes ``[T, N, H]`` of every task in ``tasks [T, d]`` with ``params`` (shared or per task)."""
+               num_traj: int | None = None, deterministic: bool = False, share: sampling.Share | None = None
+               ) -> sampling.Episodes:
+        """Episodes ``[T, N, H]`` of every task in ``tasks [T, d]`` with ``params`` (shared or per task); with
+        ``share``, ``tasks`` are that block of the meta-batch."""
         env = make_env(self.cfg.env, tasks, num_traj or self.cfg.traj_per_task, self.cfg.episode_len,
                        self.cfg.env_action_scale)
         return sampling.rollout(env, sampling.policy_fn(self.model, params, per_task), generator,
-                                self.dtype, deterministic)
+                                self.dtype, deterministic, share)
+
+    def share(self, num_tasks: int) -> sampling.Share | None:
+        """This rank's block of a meta-batch of ``num_tasks`` tasks; None in a single process."""
+        if self.world.size == 1:
+            return None
+        world = self.world
+
+        def longest(steps: int) -> int:
+            return int(world.all_reduce_max(torch.tensor([steps], dtype=torch.float64)).item())
+
+        return sampling.Share(world.shard(num_tasks), num_tasks, longest)
+
+    def gather(self, rows: Tensor, count: int) -> Tensor:
+        """This rank's rows ``[n_r, ...]`` of the first ``count`` tasks of the meta-batch -> every rank's,
+        ``[count, ...]``: a sum over the ranks of buffers that are zero outside each rank's rows, so every
+        value arrives exactly (x + 0 is x), and the reductions after it are one process's, bit for bit.
+        (The whole rows travel, not their sum: a sum over ranks rounds differently from the task-by-task
+        sum of one process, and sampling amplifies that rounding from one iteration to the next.)"""
+        start = self.world.shard(self.num_tasks).start
+        whole = rows.new_zeros((count, *rows.shape[1:]))
+        n = max(0, min(rows.shape[0], count - start))
+        whole[start:start + n] = rows[:n]
+        return self.world.all_reduce_sum(whole)
+
+    def whole(self, values: Tensor, share: sampling.Share | None) -> Tensor:
+        """``values [T_r, ...]`` of this rank's tasks -> ``[T, ...]`` of the whole meta-batch (itself in a
+        single process)."""
+        return values if share is None else self.gather(values.to(torch.float64), share.total).to(values.dtype)
 
     def pack(self, ep: sampling.Episodes, with_dist: bool) -> tuple[Tensor, Tensor]:
         return sampling.pack(ep, self.cfg.gamma, self.cfg.gae_lambda, with_dist)
@@ -237,15 +297,24 @@ class MAMLTRPO:
                           rule=sgd(cfg.inner_lr), steps=cfg.inner_steps, first_order=cfg.first_order,
                           objective=trpo_objective(self.act_dim))
         surr, kl = strategies.map_tasks(fn, batch, VMAP)
+        if self.world.size > 1:  # this rank's tasks: the whole batch's (no graph through it: the line search's)
+            surr, kl = self.gather(torch.stack([surr, kl], 1).detach(), self.num_tasks).unbind(1)
         return surr.mean(), kl.mean()
 
     def linearize(self, batch: TaskBatch, fisher: TaskBatch | None = None) -> Linearization:
         """:func:`linearize_tasks` with this run's inner step: the loss and meta-gradient of :meth:`losses`
-        on ``batch`` and the Fisher of its KL on ``fisher`` (None: ``batch``), at the current parameters."""
+        on ``batch`` and the Fisher of its KL on ``fisher`` (None: ``batch``), at the current parameters.
+        On several ranks, over every rank's tasks: each gets the whole meta-batch's numbers."""
         cfg = self.cfg
+        several = self.world.size > 1
+        counts = (self.num_tasks, self.fisher_count(self.num_tasks)) if several else None
         return linearize_tasks(self.model, batch, fisher, loss_fn=pg_loss(self.act_dim, cfg.estimator, cfg.episode_len),
                                lr=cfg.inner_lr, steps=cfg.inner_steps, first_order=cfg.first_order,
-                               act_dim=self.act_dim)
+                               act_dim=self.act_dim, counts=counts, gather=self.gather if several else None)
+
+    def fisher_count(self, num_tasks: int) -> int:
+        """K, the tasks of a meta-batch of ``num_tasks`` whose KL gives the Fisher (``fisher_tasks``)."""
+        return self.cfg.fisher_tasks if 0 < self.cfg.fisher_tasks < num_tasks else num_tasks
 
     def collect(self, tasks: Tensor, generator: torch.Generator) -> tuple[TaskBatch, dict[str, float]]:
         """Sample the support (pre-update) and query (post-update) episodes of one meta-batch.
@@ -254,9 +323,15 @@ class MAMLTRPO:
         ``time_inner_s`` (the inner policy-gradient step that gives the post-update sampling policy)."""
         cfg = self.cfg
         clock = time.perf_counter()
+        share = self.share(tasks.shape[0])
+        if share is not None:  # this rank's block of the tasks
+            if tasks.shape[0] != self.num_tasks:
+                raise ValueError(f"a meta-batch on several ranks has {self.num_tasks} tasks, got {tasks.shape[0]}")
+            tasks = tasks[share.rows.start:share.rows.stop]
         theta = {k: v.detach() for k, v in named_params(self.model).items()}
-        pre = self.sample(tasks, theta, False, generator)
-        stats = {"return_pre": pre.returns().mean().item(), "clip_frac_pre": self.clip_fraction(pre)}
+        pre = self.sample(tasks, theta, False, generator, share=share)
+        stats = {"return_pre": self.whole(pre.returns(), share).mean().item(),
+                 "clip_frac_pre": self.clip_fraction(pre, share)}
         if cfg.inner_steps == 0:
             qx, qy = self.pack(pre, with_dist=True)
             return TaskBatch(qx, qy, qx, qy), stats | {"time_sample_s": time.perf_counter() - clock,
@@ -265,29 +340,35 @@ class MAMLTRPO:
         t_inner = time.perf_counter()
         fast = adapt_tasks(self.model, theta, sx, sy, cfg.inner_lr, per_task=False)
         t_inner = time.perf_counter() - t_inner
-        post = self.sample(tasks, fast, True, generator)
+        post = self.sample(tasks, fast, True, generator, share=share)
         qx, qy = self.pack(post, with_dist=True)
-        stats["return_post"] = post.returns().mean().item()
+        stats["return_post"] = self.whole(post.returns(), share).mean().item()
         stats |= {"time_sample_s": time.perf_counter() - clock - t_inner, "time_inner_s": t_inner}
         return TaskBatch(sx, sy, qx, qy), stats
 
-    def clip_fraction(self, ep: sampling.Episodes) -> float:
+    def clip_fraction(self, ep: sampling.Episodes, share: sampling.Share | None = None) -> float:
         """Fraction of valid steps whose action the environment clipped (in any coordinate). Near 1 the
-        return hardly depends on the sampled noise, so a policy-gradient step learns little."""
+        return hardly depends on the sampled noise, so a policy-gradient step learns little. With ``share``,
+        over every rank's episodes."""
         limit = action_limit(self.cfg.env) * self.cfg.env_action_scale
-        clipped = (ep.actions.abs() > limit).any(-1) & ep.mask.bool()
-        return (clipped.sum() / ep.mask.sum().clamp_min(1)).item()
+        actions, mask = self.whole(ep.actions, share), self.whole(ep.mask, share)
+        clipped = (actions.abs() > limit).any(-1) & mask.bool()
+        return (clipped.sum() / mask.sum().clamp_min(1)).item()
 
-    def fisher_batch(self, batch: TaskBatch, generator: torch.Generator) -> TaskBatch | None:
+    def fisher_batch(self, batch: TaskBatch, generator: torch.Generator, first: int = 0) -> TaskBatch | None:
         """The part of ``batch`` whose KL gives the Fisher, or None for all of it.
 
         ``fisher_tasks`` keeps the first K tasks; ``fisher_fraction`` keeps that fraction of the query
         (post-update) states of every task, the same random positions for all tasks (so the tasks still
         stack under vmap; invalid steps stay masked). The support episodes are kept whole: the inner step
         must give the same θ' as in the objective, or the KL would not vanish at θ_old. Common TRPO code
-        subsamples the Fisher the same way (rllab's ``subsample_factor``)."""
+        subsamples the Fisher the same way (rllab's ``subsample_factor``).
+
+        On several ranks ``batch`` is this rank's block of the meta-batch, from task ``first`` on: it keeps
+        its tasks among the first K of the whole batch (maybe none), and the same positions as every rank."""
         cfg = self.cfg
-        sub = batch[:cfg.fisher_tasks] if 0 < cfg.fisher_tasks < batch.num_tasks else None
+        total = batch.num_tasks if self.world.size == 1 else self.num_tasks
+        sub = batch[:max(0, cfg.fisher_tasks - first)] if 0 < cfg.fisher_tasks < total else None
         if cfg.fisher_fraction < 1:
             sub = batch if sub is None else sub
             m = sub.query_x.shape[1]
@@ -301,7 +382,10 @@ class MAMLTRPO:
         cfg = self.cfg
         batch, stats = self.collect(tasks, generator)
         clock = time.perf_counter()
-        sub = self.fisher_batch(batch, generator)
+        share = self.share(tasks.shape[0])
+        sub = self.fisher_batch(batch, generator, share.rows.start if share else 0)
+        if share is not None and not cfg.fast_fisher:
+            raise ValueError("--no-fast-fisher (autograd through one process's whole batch) runs on one rank only")
         if cfg.fast_fisher:
             route = {"linearize": lambda: self.linearize(batch, sub)}
         else:  # autograd's Hessian of the whole objective's KL: the reference for the route above

@@ -47,21 +47,41 @@ def policy_fn(model: nn.Module, params: Mapping[str, Tensor], per_task: bool) ->
     return lambda obs: torch.vmap(lambda p, o: call(model, p, {}, o))(dict(params), obs)
 
 
+@dataclass(frozen=True)
+class Share:
+    """This process's block ``rows`` of a meta-batch of ``total`` tasks sampled across ranks.
+
+    ``longest(n)``: the most steps any rank's rollout ran, given that this one ran ``n`` (a maximum over
+    the ranks). With it the ranks draw exactly the numbers one process draws for the whole batch: each
+    step's noise for all ``total`` tasks (this block kept), and the draws of the steps the other ranks
+    still ran after this one's episodes all ended, so the generator leaves the rollout where one process's
+    does and the next rollout and the Fisher's subsample start from the same state.
+    """
+
+    rows: range
+    total: int
+    longest: Callable[[int], int]
+
+
 @torch.no_grad()
 def rollout(env: TaskEnv, policy: PolicyFn, generator: torch.Generator, dtype: torch.dtype = torch.float32,
-            deterministic: bool = False) -> Episodes:
+            deterministic: bool = False, share: Share | None = None) -> Episodes:
     """Run every copy of ``env`` for ``env.horizon`` steps with actions a ~ π(·|s) (noise from ``generator``).
 
-    ``deterministic=True`` takes the mean action (for plots).
+    The policy is evaluated once per time step for all ``[T, N]`` copies. ``deterministic=True`` takes the
+    mean action (for plots). With ``share``, ``env`` holds only tasks ``share.rows`` of the batch and the
+    episodes are those rows of one process's rollout of the whole batch (see :class:`Share`).
     """
-    obs, _ = env.reset(seed=int(torch.randint(0, 2**31 - 1, (), generator=generator)))
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+    # copy i of the batch is reset with seed + i (Gymnasium's vector-env convention) on every rank
+    obs, _ = env.reset(seed=seed + (share.rows.start * env.num_envs if share else 0))
     obs_l, act_l, rew_l, mask_l, dist_l = [], [], [], [], []
     for _ in range(env.horizon):
         stop_point()  # a stop signal may end validation and evaluation here (mamlkit.base.stops)
         o = obs.to(dtype)
         out = policy(o)
         mean, log_std = split_dist(out)
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64).to(dtype)
+        noise = _noise(mean.shape, generator, share).to(dtype)
         action = mean if deterministic else mean + torch.exp(log_std) * noise
         obs, reward, _, _, info = env.step(action)
         obs_l.append(o)
@@ -71,10 +91,22 @@ def rollout(env: TaskEnv, policy: PolicyFn, generator: torch.Generator, dtype: t
         dist_l.append(out)
         if not info["active"].any():
             break
+    if share is not None:  # the draws of the steps other ranks still ran (their outputs are not kept here)
+        for _ in range(share.longest(len(obs_l)) - len(obs_l)):
+            _noise(mean.shape, generator, share)
     pad = env.horizon - len(obs_l)  # every copy finished early: pad with invalid steps
     for lst in (obs_l, act_l, rew_l, mask_l, dist_l):
         lst.extend([torch.zeros_like(lst[-1])] * pad)
     return Episodes(*(torch.stack(lst, dim=2) for lst in (obs_l, act_l, rew_l, mask_l, dist_l)))
+
+
+def _noise(shape: torch.Size, generator: torch.Generator, share: Share | None) -> Tensor:
+    """One step's standard normal noise ``[T, N, a]`` in float64; with ``share``, drawn for the whole
+    batch and this block's rows kept."""
+    if share is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+    whole = torch.randn((share.total, *shape[1:]), generator=generator, dtype=torch.float64)
+    return whole[share.rows.start:share.rows.stop]
 
 
 def advantages(ep: Episodes, gamma: float, lam: float) -> Tensor:

@@ -2,6 +2,10 @@
 
 Meta-iteration ``s`` draws its tasks *and* its sampling noise from ``task_generator(seed, "train", s)``
 alone, and TRPO keeps no optimiser state, so a resumed run repeats an uninterrupted one exactly.
+
+Under torchrun every rank runs this loop on its block of each meta-batch's tasks
+(:class:`~mamlkit.rl.maml_trpo.MAMLTRPO` with the job's :class:`~mamlkit.loop.distributed.World`); rank 0
+alone writes the run folder and validates, and the ranks stop together, at the iteration they agree on.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ from mamlkit.base.batch import task_generator
 from mamlkit.base.errors import Diverged, UserError
 from mamlkit.base.limits import check_threads
 from mamlkit.base.metrics import MetricsLog, add_to_window, is_window, window_row
+from mamlkit.loop import distributed
 from mamlkit.models import Workload, check_model_memory
 from mamlkit.rl.config import LEGACY_ACTION_SCALE, RLConfig, from_dict
 from mamlkit.rl.envs import env_dims, sample_tasks
@@ -196,17 +203,33 @@ def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
     and validating every ``cfg.val_every`` iterations (the best policy goes to ``best.safetensors``).
 
     On KeyboardInterrupt (and the CLI's SIGINT/SIGTERM) the unfinished iteration is rolled back and
-    ``checkpoint.safetensors`` written, then the exception propagates."""
+    ``checkpoint.safetensors`` written, then the exception propagates. Launched by torchrun, the ranks
+    share each meta-batch (:mod:`mamlkit.loop.distributed`); a stop signal on any rank stops every rank
+    after the same iteration, and rank 0 writes the checkpoint."""
     cfg = trainer.cfg
     if cfg.threads:
         check_threads(cfg.threads)
         torch.set_num_threads(cfg.threads)
     run_dir = trainer.run_dir
-    with runfolder.lock(run_dir), _stop_if_disk_full(trainer):
-        runfolder.record(run_dir, RUN_FILES)  # before they are written: a later --overwrite finds them
-        runfolder.prepare(run_dir, trainer.step)
-        checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        return _fit(trainer, stop_at)
+    with distributed.session(cfg) as world, _held_for_all_ranks(world):
+        if world.size > 1:
+            world.shard(cfg.tasks_per_batch)  # a rank without a task is a UserError, before any work
+            if not cfg.fast_fisher:
+                raise UserError("--no-fast-fisher (autograd through one process's whole meta-batch) runs in one "
+                                "process only: drop it, or run without torchrun")
+        main = world.is_main
+        with (runfolder.lock(run_dir) if main else contextlib.nullcontext()), _stop_if_disk_full(trainer):
+            if main:
+                runfolder.record(run_dir, RUN_FILES)  # before they are written: a later --overwrite finds them
+                runfolder.prepare(run_dir, trainer.step)
+                checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            return _fit(trainer, stop_at, world)
+
+
+def _held_for_all_ranks(world: distributed.World) -> contextlib.AbstractContextManager:
+    """With several ranks a stop signal is only recorded: a rank that left alone would make the others'
+    next collective fail. The ranks then stop after the iteration at whose end they agree to (:func:`_fit`)."""
+    return runfolder.current().held() if world.size > 1 else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -225,13 +248,13 @@ def _stop_if_disk_full(trainer: RLTrainer) -> Iterator[None]:
                                  + kept) from None
 
 
-def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
-    cfg, run_dir = trainer.cfg, trainer.run_dir
-    metrics = MetricsLog(run_dir, tensorboard=False)
-    algo = trainer.algo
+def _fit(trainer: RLTrainer, stop_at: int | None, world: distributed.World) -> RLTrainer:
+    cfg, run_dir, main = trainer.cfg, trainer.run_dir, world.is_main
+    metrics = MetricsLog(run_dir, tensorboard=False, enabled=main)
+    algo = MAMLTRPO(trainer.policy, cfg, world)
     end = min(stop_at or cfg.iterations, cfg.iterations)
-    bar = tqdm(total=end, initial=trainer.step, disable=not cfg.progress, desc=f"{cfg.env} {cfg.algo}",
-               dynamic_ncols=True, unit="it")
+    bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
+               desc=f"{cfg.env} {cfg.algo}", dynamic_ncols=True, unit="it")
     start, snapshot = time.perf_counter(), None
     signals = runfolder.current()
     try:
@@ -247,12 +270,12 @@ def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
             with signals.deferred():
                 stats = algo.meta_step(tasks, gen)
                 step = trainer.step + 1
-                _check_progress(trainer, stats, step)
-                if cfg.val_every and cfg.inner_steps and step % cfg.val_every == 0:
+                _check_progress(trainer, stats, step)  # the same all-reduced numbers on every rank
+                if main and cfg.val_every and cfg.inner_steps and step % cfg.val_every == 0:
                     _validate_and_keep_best(trainer, step, metrics, bar.write)
                 add_to_window(trainer.log_window, stats)
                 # a row at the run's end, not at a `stop_at` (the run goes on: its window is checkpointed)
-                if step % cfg.log_every == 0 or step == cfg.iterations:
+                if step % cfg.log_every == 0 or step == cfg.iterations:  # rank 0 alone writes (metrics)
                     row = window_row(trainer.log_window)
                     row["elapsed_s"] = time.perf_counter() - start
                     metrics.log(step, "train", row)
@@ -260,16 +283,25 @@ def _fit(trainer: RLTrainer, stop_at: int | None) -> RLTrainer:
                                      for k in ("return_pre", "return_post") if k in row})
                     trainer.log_window = {}
                 trainer.step, snapshot = step, None
-                if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
+                if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
                     save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
             bar.update(1)
-    except KeyboardInterrupt:
+            if world.size > 1 and world.any_rank(signals.received is not None):  # held: stop together
+                raise runfolder.Stopped(signals.received or signal.SIGTERM)
+    except (KeyboardInterrupt, distributed.CollectiveError) as e:
+        # a stop, or another rank's crash: the unfinished iteration is undone on every rank (the same
+        # parameters everywhere), and rank 0 keeps the finished ones
         if snapshot is not None:
             with torch.no_grad():
                 for k, p in trainer.policy.named_parameters():
                     p.copy_(snapshot[k])
-        save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
-        bar.write(f"interrupted at step {trainer.step}; checkpoint saved to {run_dir / 'checkpoint.safetensors'}")
+        if main:
+            save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
+            where = f"{run_dir / 'checkpoint.safetensors'}. Resume with `mamlkit rl train --resume {run_dir}`"
+            if isinstance(e, distributed.CollectiveError):
+                print(f"mamlkit: checkpoint of step {trainer.step} saved to {where}", file=sys.stderr, flush=True)
+            else:
+                bar.write(f"interrupted at step {trainer.step}; checkpoint saved to {where}")
         raise
     finally:
         bar.close()
