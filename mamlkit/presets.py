@@ -198,8 +198,10 @@ for _shots in (1, 5):
 
 
 def preset_config(name: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The preset's config with ``overrides`` applied (unknown keys are an error)."""
+    """The preset's config with ``overrides`` applied (unknown keys are an error). The preset's options of a
+    plug-in that ``overrides`` replaces (another ``--algo``) are dropped; an override's are checked."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
-    values = {**TrainConfig().to_dict(), **PRESETS[name].overrides, "preset": name}
-    return from_dict({**values, **(overrides or {})})
+    values = {**PRESETS[name].overrides, "preset": name}
+    overrides = overrides or {}
+    return from_dict({**values, **overrides}, loose=set(values) - set(overrides))

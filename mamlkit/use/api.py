@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mamlkit import checkpoint
 from mamlkit.algorithms import MetaLearner
 from mamlkit.algorithms.driver import thread_planned
-from mamlkit.assemble import assemble
+from mamlkit.assemble import assemble, config_of
 from mamlkit.base.errors import UserError
 from mamlkit.base.limits import MAX_IMAGE_SIZE, MAX_STEPS, check_count
 from mamlkit.engine.functional import call, named_buffers
@@ -327,7 +327,7 @@ def load(path: str | Path, *, model: str | None = None, trust_model_code: bool =
     stored = state["config"]
     approve_model_code([state.get("model_spec"), stored.get("model") if isinstance(stored, dict) else None],
                        f"checkpoint {path}", model=model, trust_model_code=trust_model_code)
-    cfg = checkpoint.config_of(state, path)
+    cfg = config_of(state, path)
     # The stored spec: a CSV task's comes from its training file, which need not exist where it is adapted.
     spec = state.get("model_spec") or get_family(cfg.task).model_spec(cfg)
     inputs = state.get("input") or input_spec(cfg)
