@@ -55,6 +55,16 @@ def _optional(typ: type) -> Callable[[str], Any]:
     return parse
 
 
+class _Help(argparse.HelpFormatter):
+    """argparse's help, wrapped at spaces only: a line never ends inside a word (``second-`` / ``order``), so
+    that a help line reads, and is found, as written, whatever the owners' names before it."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def add_config_command(sub: argparse._SubParsersAction, name: str, *, help: str, usage: str, about: str,
                        values_from: str | None, hint: str) -> argparse.ArgumentParser:
     """The parser of a command whose flags are config fields (``mamlkit train``, ``mamlkit rl train``): a
@@ -63,7 +73,7 @@ def add_config_command(sub: argparse._SubParsersAction, name: str, *, help: str,
     shown = (f"The values in brackets are {values_from}'s." if values_from
              else f"The values in brackets are the defaults; {hint}.")
     parser = sub.add_parser(name, help=help, usage=usage,
-                            formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30),
+                            formatter_class=lambda prog: _Help(prog, max_help_position=30),
                             description=f"{about} Every config field is a flag, and a key of the --config file. "
                                         f"{shown}")
     parser.add_argument("--config", metavar="FILE", help="YAML file of config overrides")

@@ -72,6 +72,17 @@ def register_options(kind: str, name: str, *classes: type) -> None:
     _REGISTRY[kind, name] = tuple(dict.fromkeys(classes))
 
 
+def unregister_options(kind: str, name: str) -> None:
+    """Forget the plug-in ``name`` of ``kind`` and the fields of its classes that no other plug-in lists (a
+    plug-in registered for a while, as a test's)."""
+    classes = _REGISTRY.pop((kind, name), ())
+    listed = {c for cs in _REGISTRY.values() for c in cs}
+    for cls in set(classes) - listed:
+        for f in dataclasses.fields(cls):
+            if _OWNER.get(f.name) is cls:
+                del _OWNER[f.name]
+
+
 def _load() -> None:
     """Import the registering modules named by :data:`mamlkit.PLUGINS`, once."""
     if not _LOADED:
@@ -119,4 +130,4 @@ def hook(instance: Any, name: str) -> Callable[..., Any] | None:
 
 
 __all__ = ["ConfigError", "need", "GROUPS", "TASK", "MODEL", "INNER", "OUTER", "EXECUTION", "LOGGING", "KINDS",
-           "option", "register_options", "options_of", "option_classes", "owner", "users", "option_fields", "hook"]
+           "option", "register_options", "unregister_options", "options_of", "option_classes", "owner", "users", "option_fields", "hook"]

@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING
 
 from mamlkit.base.options import register_options
 from mamlkit.tasks.family import INPUT_TYPES, Baseline, Column, DataCommand, Report, TaskFamily
-from mamlkit.tasks.options import FAMILY_OPTIONS
+from mamlkit.tasks.options import (
+    FAMILY_OPTIONS,
+    ChecksumOptions,
+    ConvOptions,
+    DataRootOptions,
+    EpisodeOptions,
+    MLPOptions,
+    PathOptions,
+    RegressionEvalOptions,
+    TaskSplitOptions,
+)
 
 if TYPE_CHECKING:
     from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
@@ -67,11 +77,13 @@ def _lazy(module: str, attr: str) -> Callable:
     return hook
 
 
-def _family(name: str, module: str, *, data: str = "", **hooks: bool) -> TaskFamily:
-    """The registry line of a family whose hooks live in ``mamlkit.tasks.<module>`` under their own names."""
+def _family(name: str, module: str, *, data: str = "", options: tuple[type, ...] | None = None,
+            **hooks: bool) -> TaskFamily:
+    """The registry line of a family whose hooks live in ``mamlkit.tasks.<module>`` under their own names;
+    ``options``: the options classes it reads (default: a built-in family's, ``FAMILY_OPTIONS``)."""
     return TaskFamily(name=name, build=_lazy(module, "build"), model_spec=_lazy(module, "model_spec"),
                       data=DataCommand(data, _lazy(module, "prepare_data")) if data else None,
-                      options=FAMILY_OPTIONS[name],
+                      options=FAMILY_OPTIONS[name] if options is None else options,
                       **{hook: _lazy(module, hook) for hook, on in hooks.items() if on})
 
 
@@ -92,4 +104,5 @@ register_task_family(_family("images", "images", input_spec=True, report=True))
 
 __all__ = ["TaskBatch", "TaskDistribution", "TaskFamily", "task_generator", "Sinusoid", "TASK_FAMILIES",
            "register_task_family", "get_family", "data_commands", "INPUT_TYPES", "Baseline",
-           "Column", "DataCommand", "Report"]
+           "Column", "DataCommand", "Report", "MLPOptions", "RegressionEvalOptions", "ConvOptions", "EpisodeOptions",
+           "DataRootOptions", "ChecksumOptions", "PathOptions", "TaskSplitOptions"]
