@@ -10,8 +10,7 @@ import torch
 from mamlkit import cli
 from mamlkit.algorithms import ALGORITHMS, build_learner
 from mamlkit.base.options import unregister_options
-from mamlkit.config import ConfigError
-from mamlkit.config import TrainConfig
+from mamlkit.config import ConfigError, TrainConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "DEVELOPING.md"
 

@@ -130,4 +130,5 @@ def hook(instance: Any, name: str) -> Callable[..., Any] | None:
 
 
 __all__ = ["ConfigError", "need", "GROUPS", "TASK", "MODEL", "INNER", "OUTER", "EXECUTION", "LOGGING", "KINDS",
-           "option", "register_options", "unregister_options", "options_of", "option_classes", "owner", "users", "option_fields", "hook"]
+           "option", "register_options", "unregister_options", "options_of", "option_classes", "owner", "users",
+           "option_fields", "hook"]
