@@ -591,12 +591,13 @@ class DropoutMLP(nn.Module):
 @pytest.fixture
 def dropout_family():
     from mamlkit.models import MODELS, register_model
-    from mamlkit.tasks import TASK_FAMILIES, Sinusoid, TaskFamily, register_task_family
+    from mamlkit.tasks import (TASK_FAMILIES, MLPOptions, RegressionEvalOptions, Sinusoid, TaskFamily,
+                               register_task_family)
 
     register_model("dropout_mlp")(lambda hidden=8: DropoutMLP(hidden))
-    register_task_family(TaskFamily(
+    register_task_family(TaskFamily(  # the sinusoid's options, which the small runs set
         "sinusoid_dropout", build=lambda cfg, split: Sinusoid(k_support=cfg.k_shot, k_query=cfg.k_query),
-        model_spec=lambda cfg: {"name": "dropout_mlp", "hidden": 8}))
+        model_spec=lambda cfg: {"name": "dropout_mlp", "hidden": 8}, options=(MLPOptions, RegressionEvalOptions)))
     yield
     del MODELS["dropout_mlp"], TASK_FAMILIES["sinusoid_dropout"]
 

@@ -40,7 +40,8 @@ class FirstOrderOptions:
 @dataclass(frozen=True, kw_only=True)
 class CheckpointInnerOptions:
     """Recomputing the inner loop in the backward: for the algorithms whose per-task function is the unrolled
-    inner loop of :func:`mamlkit.engine.inner.make_task_fn`."""
+    inner loop (:func:`mamlkit.algorithms.driver.unrolled`), where it gives the same meta-gradient bit for bit
+    (tests/test_options.py)."""
 
     checkpoint_inner: bool = option(False, EXECUTION, "recompute inner steps in the backward: memory flat in "
                                     "inner_steps, more time")
@@ -104,10 +105,10 @@ for _name, _classes in {
     "maml": (FirstOrderOptions, AdaptOptions, CheckpointInnerOptions),
     "fomaml": (AdaptOptions, CheckpointInnerOptions),
     "metasgd": (FirstOrderOptions, AdaptOptions, CheckpointInnerOptions),
-    "pretrain": (AdaptOptions,),
-    "anil": (FirstOrderOptions,),
-    "boil": (FirstOrderOptions,),
-    "mamlpp": (FirstOrderOptions, MamlppOptions),
+    "pretrain": (AdaptOptions,),  # it trains without inner steps: nothing to recompute
+    "anil": (FirstOrderOptions,),  # its per-task function adapts the head on fixed features: nothing to recompute
+    "boil": (FirstOrderOptions, CheckpointInnerOptions),
+    "mamlpp": (FirstOrderOptions, CheckpointInnerOptions, MamlppOptions),
     "reptile": (ReptileOptions,),
     "imaml": (ImamlOptions,),
 }.items():

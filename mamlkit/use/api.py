@@ -272,7 +272,9 @@ def _adapted(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tenso
 
 
 def meta_cfg(cfg, classes: int | None, reset: bool):
-    return cfg.replace(n_way=classes) if reset else cfg
+    """``cfg`` for ``classes`` classes when ``reset``; a family without episodes (``n_way``) sizes its head
+    from its data, so its config stays as it is."""
+    return cfg.replace(n_way=classes) if reset and "n_way" in cfg.to_dict() else cfg
 
 
 def _table(spec: dict[str, Any] | None) -> bool:
