@@ -591,8 +591,14 @@ class DropoutMLP(nn.Module):
 @pytest.fixture
 def dropout_family():
     from mamlkit.models import MODELS, register_model
-    from mamlkit.tasks import (TASK_FAMILIES, MLPOptions, RegressionEvalOptions, Sinusoid, TaskFamily,
-                               register_task_family)
+    from mamlkit.tasks import (
+        TASK_FAMILIES,
+        MLPOptions,
+        RegressionEvalOptions,
+        Sinusoid,
+        TaskFamily,
+        register_task_family,
+    )
 
     register_model("dropout_mlp")(lambda hidden=8: DropoutMLP(hidden))
     register_task_family(TaskFamily(  # the sinusoid's options, which the small runs set
