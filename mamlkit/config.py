@@ -244,7 +244,14 @@ def _refuse_unowned(names: list[str], algo: str, task: str) -> None:
         mine = [n for n in names if any(k == kind for k, _ in plugins.users(plugins.owner(n)))]
         if mine:
             own = [f.name for c in plugins.options_of(kind, name) for f in dataclasses.fields(c)]
-            refuse_unused(mine, own, plugins.KINDS[kind].format(name))
+            readers = {n: [u for k, u in plugins.users(plugins.owner(n)) if k == kind] for n in mine}
+            where = "; ".join(f"--{n.replace('_', '-')} works with --{kind} {_or(users)}"
+                              for n, users in sorted(readers.items()))
+            refuse_unused(mine, own, plugins.KINDS[kind].format(name), where)
+
+
+def _or(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def refuse_non_finite(cfg: Any) -> None:
@@ -265,9 +272,10 @@ def _refuse_non_finite_values(values: dict[str, Any]) -> None:
                               f"{' '.join(map(str, entries))}")
 
 
-def refuse_unused(names: Iterable[str], own: Iterable[str], owner: str) -> None:
+def refuse_unused(names: Iterable[str], own: Iterable[str], owner: str, where: str = "") -> None:
     """Refuse the options ``names`` (set by the user: flags, YAML keys, keyword arguments) that ``owner`` (the
-    chosen algorithm or task family) does not read, naming the flags and ``own``, its own settings of that kind."""
+    chosen algorithm or task family) does not read, naming the flags, ``own``, its own settings of that kind,
+    and ``where`` they do take effect."""
     unused = sorted(names)
     if unused:
         one = len(unused) == 1
@@ -275,7 +283,7 @@ def refuse_unused(names: Iterable[str], own: Iterable[str], owner: str) -> None:
         own = ", ".join("--" + f.replace("_", "-") for f in sorted(own)) or "none"
         raise ConfigError(f"{flags} {'has' if one else 'have'} no effect on {owner}, so "
                           f"{'it is' if one else 'they are'} refused; remove {'it' if one else 'them'}. Its own "
-                          f"settings of this kind: {own}")
+                          f"settings of this kind: {own}" + (f". {where}" if where else ""))
 
 
 def _shown(text: str, most: int = 80) -> str:
