@@ -247,7 +247,10 @@ def _refuse_unowned(names: list[str], algo: str, task: str) -> None:
             readers = {n: [u for k, u in plugins.users(plugins.owner(n)) if k == kind] for n in mine}
             where = "; ".join(f"--{n.replace('_', '-')} works with --{kind} {_or(users)}"
                               for n, users in sorted(readers.items()))
-            refuse_unused(mine, own, plugins.KINDS[kind].format(name), where)
+            label = plugins.KINDS[kind].format(name)
+            if not plugins.registered(kind, name):
+                label += " (no plug-in is registered under that name)"
+            refuse_unused(mine, own, label, where)
 
 
 def _or(names: list[str]) -> str:

@@ -100,6 +100,12 @@ def options_of(kind: str, name: str) -> tuple[type, ...]:
     return _REGISTRY.get((kind, name), ())
 
 
+def registered(kind: str, name: str) -> bool:
+    """Whether a plug-in ``name`` of ``kind`` registered its options (none: a misspelt ``--algo`` or ``--task``)."""
+    options_of(kind, name)
+    return (kind, name) in _REGISTRY
+
+
 def option_classes() -> list[type]:
     """Every registered options class, each once, in registration order."""
     _load()
@@ -130,5 +136,5 @@ def hook(instance: Any, name: str) -> Callable[..., Any] | None:
 
 
 __all__ = ["ConfigError", "need", "GROUPS", "TASK", "MODEL", "INNER", "OUTER", "EXECUTION", "LOGGING", "KINDS",
-           "option", "register_options", "unregister_options", "options_of", "option_classes", "owner", "users",
-           "option_fields", "hook"]
+           "option", "register_options", "unregister_options", "options_of", "option_classes", "registered", "owner",
+           "users", "option_fields", "hook"]

@@ -29,6 +29,7 @@ from mamlkit.algorithms.driver import thread_planned
 from mamlkit.assemble import assemble, config_of
 from mamlkit.base.errors import UserError
 from mamlkit.base.limits import MAX_IMAGE_SIZE, MAX_STEPS, check_count
+from mamlkit.config import TrainConfig
 from mamlkit.engine.functional import call, named_buffers
 from mamlkit.engine.outputs import OutputSpec, output_selector
 from mamlkit.models import Workload, approve_model_code, build_model, check_model_memory, example_shape
@@ -271,7 +272,7 @@ def _adapted(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tenso
                     "adapt with fewer steps")
 
 
-def meta_cfg(cfg, classes: int | None, reset: bool):
+def meta_cfg(cfg: TrainConfig, classes: int | None, reset: bool) -> TrainConfig:
     """``cfg`` for ``classes`` classes when ``reset``; a family without episodes (``n_way``) sizes its head
     from its data, so its config stays as it is."""
     return cfg.replace(n_way=classes) if reset and "n_way" in cfg.to_dict() else cfg
