@@ -93,6 +93,15 @@ def test_an_option_of_a_plugin_not_chosen_is_refused_from_python():
     maml = cfg.replace(algo="maml", first_order=True)
     assert maml.first_order is True and "msl" not in maml.to_dict() and maml.msl is True  # msl reads as its default
     assert config.TrainConfig(algo="fomaml", adapt=("0.*",)).adapt == ("0.*",)
+    with pytest.raises(config.ConfigError, match=r"omniglott task family \(no plug-in is registered under that name"):
+        config.TrainConfig(task="omniglott", n_way=3)
+    # a plug-in's check across generic fields: MAML++'s own, not a gate on its name in the config
+    with pytest.raises(config.ConfigError, match="mamlpp needs inner_steps >= 1"):
+        config.TrainConfig(algo="mamlpp", inner_steps=0)
+    assert config.TrainConfig(algo="maml", inner_steps=0).inner_steps == 0
+    # a family's derived value: a CSV task's loss from its kind, set while the config is built
+    assert config.TrainConfig(task="csv", kind="classification").loss == "cross_entropy"
+    assert config.TrainConfig(task="csv", kind="classification").replace(kind="regression").loss == "mse"
     with pytest.raises(config.ConfigError, match="--adapt has no effect on --algo anil"):
         config.TrainConfig(algo="anil", adapt=("0.*",))
 
@@ -129,7 +138,7 @@ def test_a_config_stored_with_every_flat_key_loads():
     cfg = config_of({"config": OLD_CONFIG}, "old/config.json")
     assert cfg == config.TrainConfig(task="omniglot", algo="mamlpp", n_way=20, filters=32, msl_epochs=3)
     assert cfg.to_dict() == {k: v for k, v in OLD_CONFIG.items() if k in cfg.to_dict()}
-    assert {"reptile_inner_lr", "path", "hidden_sizes", "checkpoint_inner", "adapt"}.isdisjoint(cfg.to_dict())
+    assert {"reptile_inner_lr", "path", "hidden_sizes", "adapt"}.isdisjoint(cfg.to_dict())
     # an unread option away from its default: the stored run would change meaning, so it is refused
     with pytest.raises(checkpoint.CheckpointError, match="reptile_inner_lr=0.5.*--algo mamlpp"):
         config_of({"config": {**OLD_CONFIG, "reptile_inner_lr": 0.5}}, "old/config.json")
