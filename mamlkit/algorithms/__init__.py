@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from mamlkit.base.errors import UserError
-from mamlkit.base.options import register_options
+from mamlkit.base.options import register_options, registered
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -100,8 +100,8 @@ def register(name: str, options: tuple[type, ...] | None = None) -> Callable:
     """Register ``builder(model, cfg, executor) -> MetaLearner`` under ``name``; ``options``: the options classes
     it reads (:mod:`mamlkit.base.options`; the built-in ones are registered in :mod:`mamlkit.algorithms.options`,
     so that their flags need no torch). A config that names ``name`` refuses every other plug-in option."""
-    if options is not None:
-        register_options("algo", name, *options)
+    if options is not None or not registered("algo", name):  # an algorithm that reads no option has no flags
+        register_options("algo", name, *(options or ()))
 
     def deco(builder: Callable[..., MetaLearner]) -> Callable[..., MetaLearner]:
         _BUILDERS[name] = builder
