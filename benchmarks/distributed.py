@@ -37,7 +37,7 @@ def main() -> None:
     overrides = {"progress": False, "tensorboard": False, "data_root": args.data_root}
     if args.meta_batch:
         overrides["meta_batch"] = args.meta_batch
-    cfg = preset_config(args.preset, overrides)
+    cfg = preset_config(args.preset, overrides, loose={"data_root"})
     trainer = train.new_trainer(cfg, run_dir=None)  # nothing is written
     learner, opt = trainer.learner, trainer.optimizer
     tasks = get_family(cfg.task).build(cfg, "train")

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--data-root", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = preset_config(args.preset, {"data_root": args.data_root, "strategy": args.strategy})
+    cfg = preset_config(args.preset, {"data_root": args.data_root, "strategy": args.strategy}, loose={"data_root"})
     trainer = train.new_trainer(cfg, run_dir=None)
     learner, opt = trainer.learner, trainer.optimizer
     tasks = get_family(cfg.task).build(cfg, "train")

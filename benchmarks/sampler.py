@@ -36,7 +36,7 @@ def main() -> None:
     print("| preset | meta-batch | sample (ms) | meta-iteration (ms) | sampler share |")
     print("|---|---|---|---|---|")
     for name in args.presets:
-        cfg = preset_config(name, {"data_root": args.data_root, "progress": False})
+        cfg = preset_config(name, {"data_root": args.data_root, "progress": False}, loose={"data_root"})
         tasks = get_family(cfg.task).build(cfg, "train")
         learner, _ = train.build(cfg)
         opt = torch.optim.Adam(learner.meta_parameters().values(), lr=cfg.meta_lr)

@@ -54,7 +54,8 @@ def workload(name: str) -> dict:
     from mamlkit.presets import preset_config
 
     preset, overrides = WORKLOADS[name]
-    cfg = preset_config(preset, {"data_root": os.environ.get("MAMLKIT_BENCH_DATA", ""), **overrides})
+    cfg = preset_config(preset, {"data_root": os.environ.get("MAMLKIT_BENCH_DATA", ""), **overrides},
+                        loose={"data_root"})
     loss = F.mse_loss if cfg.loss == "mse" else F.cross_entropy
     return dict(cfg=cfg, meta_batch=cfg.meta_batch, inner_lr=cfg.inner_lr, steps=cfg.inner_steps, loss=loss,
                 first_order=os.environ.get("MAMLKIT_BENCH_FIRST_ORDER") == "1")

@@ -14,6 +14,10 @@ import typing
 
 __version__ = "0.1.0"
 
+# The modules that register the built-in plug-ins' options (mamlkit.base.options loads them on its first
+# lookup, since configs must not import plug-ins). Light modules: `mamlkit train --help` needs no torch.
+PLUGINS = ("mamlkit.tasks", "mamlkit.algorithms.options")
+
 # The public names and the modules that define them. They are imported on first use, so that the
 # command line (`mamlkit --help`, `mamlkit presets`) answers without importing torch.
 _PUBLIC = {"MAML": "mamlkit.algorithms.maml", "load": "mamlkit.use.api", "MetaLearner": "mamlkit.algorithms",

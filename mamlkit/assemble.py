@@ -9,6 +9,7 @@ where the checkpoint is adapted).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,23 @@ def assemble(cfg: config.TrainConfig, spec: dict[str, Any], state: dict[str, tor
     return learner
 
 
+def config_of(state: dict[str, Any], path: str | Path) -> config.TrainConfig:
+    """The run config a checkpoint's ``state`` describes (:func:`mamlkit.config.from_stored`: files written
+    before the plug-ins owned their options load too); a missing or malformed one is a CheckpointError."""
+    if not isinstance(state.get("config"), dict):
+        raise checkpoint.CheckpointError(f"{path} holds no run config (state['config']); it cannot be loaded as a "
+                                         "run")
+    try:
+        cfg = config.from_stored(state["config"])
+    except UserError as e:
+        raise checkpoint.CheckpointError(f"{path}: its run config is invalid: {e}") from None
+    problem = checkpoint.device_problem(cfg.device)
+    if problem is not None:
+        raise checkpoint.CheckpointError(f"{path}: its run config asks for device {cfg.device[:100]!r}, but "
+                                         f"{problem}. Load it on a machine that has that device")
+    return cfg
+
+
 def restore(learner: MetaLearner, tensors: dict[str, torch.Tensor]) -> None:
     """Copy a checkpoint's ``meta/*`` parameters and ``buffer/*`` buffers into ``learner``, after checking
     every tensor's name, shape and dtype against the model (a tensor that would merely broadcast is refused)."""
@@ -54,4 +72,4 @@ def restore(learner: MetaLearner, tensors: dict[str, torch.Tensor]) -> None:
                 b.copy_(tensors[f"buffer/{k}"])
 
 
-__all__ = ["DTYPES", "assemble", "restore"]
+__all__ = ["DTYPES", "assemble", "config_of", "restore"]

@@ -318,23 +318,6 @@ def check_finite(tensors: dict[str, Tensor], path: str | Path) -> None:
                               "diverged when this was written, or the file is damaged; use an earlier checkpoint.")
 
 
-def config_of(state: dict[str, Any], path: str | Path):
-    """The run config a checkpoint's ``state`` describes; a missing or malformed one is a CheckpointError."""
-    from mamlkit import config
-
-    if not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"{path} holds no run config (state['config']); it cannot be loaded as a run")
-    try:
-        cfg = config.from_dict(state["config"])
-    except UserError as e:
-        raise CheckpointError(f"{path}: its run config is invalid: {e}") from None
-    problem = device_problem(cfg.device)
-    if problem is not None:
-        raise CheckpointError(f"{path}: its run config asks for device {cfg.device[:100]!r}, but {problem}. Load it "
-                              "on a machine that has that device")
-    return cfg
-
-
 def device_problem(device: str) -> str | None:
     """Why ``device`` cannot hold tensors on this machine (not a device name, no such CUDA device), or None:
     torch would fail on first use in its own words (an ``AssertionError`` for CUDA in a CPU-only build)."""
@@ -418,5 +401,7 @@ def slim(src: str | Path, dest: str | Path) -> None:
     tensors, state = load(src)
     keep = {k: v for k, v in tensors.items() if k.startswith(("meta/", "buffer/"))}
     meta = {k: state[k] for k in ("config", "model_spec", "algo", "kind", "step")}
-    meta["config"] = {**meta["config"], "data_root": "", "out_dir": "runs", "run_name": ""}
+    meta["config"] = {**meta["config"], "out_dir": "runs", "run_name": ""}
+    if "data_root" in meta["config"]:  # only the config of a family that reads a data folder has one
+        meta["config"]["data_root"] = ""
     save(dest, keep, meta)

@@ -1,7 +1,10 @@
 """Run configuration: one frozen, keyword-only dataclass, checked on construction.
 
-Every field is a CLI flag (``inner_lr`` → ``--inner-lr``) and a YAML key. Presets
-(:mod:`mamlkit.presets`) fill it with a paper's setting; a YAML file and flags override.
+Every field is a CLI flag (``inner_lr`` → ``--inner-lr``) and a YAML key. The generic fields are declared
+here; the settings that only some algorithms or task families read are declared by those plug-ins as options
+classes (:mod:`mamlkit.base.options`), and a config holds the options of the algorithm and family it names
+(``options``), read as if they were its own fields (``cfg.msl``). Presets (:mod:`mamlkit.presets`) fill it
+with a paper's setting; a YAML file and flags override.
 """
 
 from __future__ import annotations
@@ -11,40 +14,32 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from mamlkit.base.choices import BN_MODES, STRATEGIES, bad_choice
-from mamlkit.base.errors import UserError
+from mamlkit.base import options as plugins
+from mamlkit.base.choices import STRATEGIES, bad_choice
 from mamlkit.base.limits import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, check_fields
-from mamlkit.base.patterns import compile_patterns
-
-
-class ConfigError(UserError, ValueError):
-    """A user's configuration mistake; the CLI prints it and exits with code 2."""
-
+from mamlkit.base.options import EXECUTION, GROUPS, INNER, LOGGING, MODEL, OUTER, TASK, ConfigError, need
 
 # ``--output``: a key or attribute name (an identifier) or an index, bounded
 _OUTPUT = r"-?\d{1,6}|[A-Za-z_]\w{0,99}"
 
-# The groups of `mamlkit train --help`, in order. Each field carries its group and its one line of help
-# (dataclass field metadata), so the flags, their help and the config are one list.
-TASK, MODEL, INNER, OUTER, EXECUTION, LOGGING = GROUPS = (
-    "task and data", "model", "inner loop", "outer loop", "execution", "logging, checkpoints and evaluation")
-
 
 def flag(default: Any, group: str, help: str, groups: tuple[str, ...] = GROUPS) -> Any:
-    """A config field with its CLI group and help line (``dataclasses.field`` metadata); ``group`` is one
+    """A config field with its CLI group and help line (:func:`mamlkit.base.options.option`); ``group`` is one
     of ``groups``, the help groups of the config's command (``mamlkit rl train`` has its own)."""
-    if group not in groups:
-        raise ValueError(f"unknown help group {group!r}; the groups are {', '.join(groups)}")
-    return dataclasses.field(default=default, metadata={"group": group, "help": help})
+    return plugins.option(default, group, help, groups)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False)
 class TrainConfig:
-    """Everything that defines a run. Defaults are the paper's sinusoid setting (Finn et al. 2017)."""
+    """Everything that defines a run. Defaults are the paper's sinusoid setting (Finn et al. 2017).
+
+    ``TrainConfig(task=..., msl=...)`` takes the generic fields and the options of the chosen algorithm and
+    task family by name; an option of a plug-in not chosen is refused, naming its flag.
+    """
 
     # what to learn
     task: str = flag("sinusoid", TASK, "task family: sinusoid, omniglot, miniimagenet, clinc, csv, images")
@@ -56,24 +51,13 @@ class TrainConfig:
     model_args: str = flag("", MODEL, "JSON object: keyword arguments of --model's factory or Hugging Face wrapper")
     output: str = flag("", MODEL, "the tensor of the model's output the loss takes: '' the tensor itself, or a "
                        "ModelOutput's or dict's logits | a key or attribute (logits) | an index (0)")
-    adapt: tuple[str, ...] = flag((), INNER, "adapt only parameters whose name matches this glob or regex "
-                                  "(repeatable; maml, fomaml, metasgd, pretrain)")
-    hidden_sizes: tuple[int, ...] = flag((40, 40), MODEL, "MLP hidden layer widths")
-    filters: int = flag(64, MODEL, "Conv4 channels per layer (paper: 64 Omniglot, 32 mini-ImageNet)")
-    pool: bool = flag(False, MODEL, "Conv4 with stride-1 convs and 2x2 max-pool (mini-ImageNet) instead of "
-                      "stride-2 convs")
-    image_size: int = flag(28, MODEL, "image side after preprocessing (Omniglot 28, mini-ImageNet 84)")
-    bn_mode: str = flag("transductive", MODEL, "batch norm statistics: transductive (query batch, the paper's) | "
-                        "support (support set only)")
     # episodes
-    n_way: int = flag(5, TASK, "classes per task (classification)")
     k_shot: int = flag(10, TASK, "support examples per class (per task for regression)")
     k_query: int = flag(10, TASK, "query examples per class (per task for regression)")
     # inner loop
     inner_lr: float = flag(0.01, INNER, "α, the inner SGD step size")
     inner_steps: int = flag(1, INNER, "K, inner steps per task during meta-training")
     test_inner_steps: int | None = flag(None, INNER, "inner steps at evaluation and adapt (none: inner_steps)")
-    first_order: bool = flag(False, INNER, "drop second-order terms of the meta-gradient (FOMAML)")
     # outer loop
     meta_batch: int = flag(25, OUTER, "tasks per meta-iteration")
     meta_lr: float = flag(1e-3, OUTER, "β, the meta step size (Adam by default)")
@@ -84,8 +68,6 @@ class TrainConfig:
     chunk_size: int = flag(0, EXECUTION, "tasks per backward chunk (0: the whole batch for vmap)")
     memory_budget: float = flag(0.0, EXECUTION, "MB of tensors a meta-iteration may hold; vmap runs in chunks that "
                                 "fit (0: no limit)")
-    checkpoint_inner: bool = flag(False, EXECUTION, "recompute inner steps in the backward: memory flat in "
-                                  "inner_steps, more time")
     device: str = flag("cpu", EXECUTION, "torch device: cpu, cuda, cuda:1, ...")
     dtype: str = flag("float32", EXECUTION, "float32 | float64")
     threads: int = flag(0, EXECUTION, "torch threads (0: the trainer chooses: one intra-op thread, the cores to "
@@ -95,33 +77,6 @@ class TrainConfig:
     backend: str = flag("auto", EXECUTION, "torchrun backend: auto (nccl on CUDA, else gloo) | gloo | nccl")
     dist_timeout: int = flag(600, EXECUTION, "seconds a collective waits for the other ranks before the job fails")
     seed: int = flag(0, TASK, "seed of every random choice: task k depends only on (seed, split, k)")
-    # data
-    data_root: str = flag("", TASK, "data folder (empty: $MAMLKIT_DATA, else ~/.cache/mamlkit)")
-    trust_checksum: bool = flag(False, TASK, "use data files whose checksum matches no known version")
-    split: str = flag("paper", TASK, "Omniglot characters: paper (1100/100/423) | background (official)")
-    rotations: str = flag("per_task", TASK, "Omniglot rotation classes: per_task | expand | none")
-    # tasks from a CSV: a task per distinct value of task_column
-    path: str = flag("", TASK, "csv: the CSV file; images: the folder of class folders")
-    task_column: str = flag("", TASK, "csv: column whose values name the tasks (patient, asset, site)")
-    target: str = flag("", TASK, "csv: column to predict")
-    features: tuple[str, ...] = flag((), TASK, "csv: feature columns (none given: every other column)")
-    kind: str = flag("regression", TASK, "csv: regression (mse) | classification (cross_entropy); sets the loss")
-    fill: str = flag("none", TASK, "csv: missing values: none (error naming rows) | drop | mean (meta-train mean)")
-    max_categories: int = flag(20, TASK, "csv: one-hot cap for a categorical column (more: an error naming it)")
-    task_split: tuple[float, ...] = flag((0.7, 0.15, 0.15), TASK, "csv: fractions of tasks (images: of classes) for "
-                                        "train val test")
-    small_tasks: str = flag("skip", TASK, "csv: tasks with < k_shot + k_query rows: skip (counted) | error")
-    # labelled images (task images)
-    channels: int = flag(3, TASK, "images: 1 (grey) | 3 (RGB) input channels")
-    small_classes: str = flag("skip", TASK, "images: classes with < k_shot + k_query images: skip (counted) | error")
-    # few-shot text (task clinc)
-    encoder_mode: str = flag("frozen", MODEL, "clinc: frozen (cached sentence embeddings, adapted head) | finetune "
-                             "(the last encoder layers adapt too)")
-    finetune_layers: int = flag(1, MODEL, "clinc finetune: how many of the last encoder layers adapt")
-    finetune_rate_scale: float = flag(1.0, MODEL, "clinc finetune: layers held as W/c, so inner rate α·c² and meta "
-                                      "rate ~c·β")
-    text_max_tokens: int = flag(24, MODEL, "clinc finetune: tokens kept per utterance (CLINC: 99% have <= 21)")
-    text_per_intent: int = flag(100, TASK, "clinc: the first N of each intent's 100 train utterances")
     # logging, validation, checkpoints
     out_dir: str = flag("runs", LOGGING, "folder that receives the run folder")
     run_name: str = flag("", LOGGING, "the run folder's name (empty: <preset or task>-<algo>)")
@@ -134,83 +89,73 @@ class TrainConfig:
     # final evaluation
     eval_tasks: int = flag(600, LOGGING, "fixed test tasks of the final evaluation")
     eval_steps: tuple[int, ...] = flag((0, 1, 5, 10), LOGGING, "inner steps at which the evaluation reports")
-    eval_shots: tuple[int, ...] = flag((5, 10, 20), LOGGING, "regression: support sizes K evaluated")
-    eval_query: int = flag(100, LOGGING, "regression: query points per evaluation task (0: K, as many as "
-                          "support)")
     compare_pretrained: bool = flag(True, LOGGING, "also train the pretrained baseline and compare it")
     baseline_lrs: tuple[float, ...] = flag((), LOGGING, "step sizes tried for fine-tuning the pretrained baseline: "
                                            "the one with the lowest validation loss is used (empty: inner_lr)")
     preset: str = flag("", TASK, "the preset this config started from (informational)")
-    # MAML family. Outer meta-rate schedule, applied by the trainer every iteration:
+    # outer meta-rate schedule, applied by the trainer every iteration
     meta_optimizer: str = flag("adam", OUTER, "adam | sgd (Reptile's outer step θ ← θ + ε(φ̄ − θ) is SGD at ε)")
     meta_lr_schedule: str = flag("constant", OUTER, "meta rate schedule to min_meta_lr: constant | cosine (MAML++) | "
                                  "linear (Reptile)")
     min_meta_lr: float = flag(0.0, OUTER, "the schedule's final meta rate")
-    # MAML++ (--algo mamlpp, Antoniou et al. 2019); each part can be switched off
-    msl: bool = flag(True, OUTER, "mamlpp: multi-step loss with annealed per-step weights")
-    msl_epochs: int = flag(10, OUTER, "mamlpp: epochs over which the MSL weights anneal to the last step")
-    lslr: bool = flag(True, INNER, "mamlpp: learned per-layer, per-step inner rates")
-    per_step_bn: bool = flag(True, INNER, "mamlpp: per-step batch-norm weights and biases")
-    first_order_epochs: int = flag(0, OUTER, "mamlpp: first-order meta-gradient for these first epochs")
-    epoch_iterations: int = flag(500, OUTER, "mamlpp: iterations per epoch of its schedules (paper: 500)")
-    # Reptile (--algo reptile, Nichol et al. 2018): its own inner optimiser
-    reptile_inner_optimizer: str = flag("sgd", INNER, "reptile: inner optimiser sgd | adam (paper: Adam, beta1 = 0)")
-    reptile_inner_lr: float = flag(0.02, INNER, "reptile: inner step size")
-    reptile_inner_steps: int = flag(5, INNER, "reptile: inner steps per task")
-    # iMAML (--algo imaml, Rajeswaran et al. 2019); inner SGD uses inner_lr and inner_steps
-    imaml_lambda: float = flag(1.0, INNER, "imaml: λ, strength of the proximal term")
-    cg_steps: int = flag(5, OUTER, "imaml: conjugate-gradient iterations for the implicit meta-gradient")
+    # the options of the chosen algorithm and task family (mamlkit.base.options), in that order
+    options: tuple[Any, ...] = dataclasses.field(default=())
+
+    def __init__(self, **values: Any) -> None:
+        _fill(self, values, loose=())
+
+    def __getattr__(self, name: str) -> Any:
+        """An option of the chosen plug-ins by name (``cfg.msl``); an option of another plug-in reads as its
+        default, the value it has for every run that does not choose that plug-in."""
+        if name.startswith("__") or name == "options":
+            raise AttributeError(name)
+        for opts in self.__dict__.get("options", ()):
+            if name in opts.__dataclass_fields__:
+                return getattr(opts, name)
+        owner = plugins.owner(name)
+        if owner is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return owner.__dataclass_fields__[name].default
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
         refuse_non_finite(self)
-        check_fields(as_dict(self))  # every count and size below its bound (mamlkit.base.limits)
-        compile_patterns(self.adapt)  # bounded, and matched without backtracking (mamlkit.base.patterns)
+        for opts in self.options:  # given as instances (``options=``): not checked before
+            refuse_non_finite(opts)
+        check_fields(self.to_dict())  # every count and size below its bound (mamlkit.base.limits)
 
         need(_json_object(self.model_args) is not None,
              f"model_args must be a JSON object such as '{{\"hidden\": 64}}', got {_shown(self.model_args)}")
         need(self.output == "" or re.fullmatch(_OUTPUT, self.output) is not None,
              f"output must be a key or attribute name of the model's output (logits) or an index (0), got "
              f"{self.output[:80]!r}")
-        for pattern in self.adapt:
-            need(bool(pattern.strip()), "adapt patterns must not be empty")
-        need(not self.adapt or self.algo in ADAPT_ALGOS,
-             f"--adapt works with --algo {', '.join(ADAPT_ALGOS)}, not --algo {self.algo} (ANIL adapts its head "
-             "by design)")
         need(self.loss in ("mse", "cross_entropy"), f"loss must be 'mse' or 'cross_entropy', got {self.loss!r}")
-        for field, options in (("strategy", STRATEGIES), ("bn_mode", BN_MODES)):
-            msg = bad_choice(field, getattr(self, field), options)
-            need(msg is None, msg or "")
+        msg = bad_choice("strategy", self.strategy, STRATEGIES)
+        need(msg is None, msg or "")
         need(self.memory_budget >= 0, f"memory_budget must be >= 0 MB (0: no limit), got {self.memory_budget}")
-        need(not self.checkpoint_inner
-             or (self.algo in ("maml", "fomaml") and self.strategy in ("auto", "loop", "threads")),
-             "checkpoint_inner works with --algo maml or fomaml and --strategy auto, loop or threads, got "
-             f"--algo {self.algo} --strategy {self.strategy}")
         need(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
-        need(self.split in ("paper", "background"), f"split must be paper or background, got {self.split!r}"
-             + (" (the official background/evaluation split is called 'background')"
-                if self.split == "vinyals" else ""))
-        need(self.rotations in ("per_task", "expand", "none"),
-             f"rotations must be per_task, expand or none, got {self.rotations!r}")
-        need(self.filters >= 1 and self.image_size >= 8,
-             f"filters must be >= 1 and image_size >= 8, got {self.filters} and {self.image_size}")
         need(self.backend in ("auto", "gloo", "nccl"),
              f"backend must be auto, gloo or nccl, got {self.backend!r}")
         need(self.backend != "nccl" or self.device.startswith("cuda"),
              f"backend nccl needs --device cuda, got device {self.device!r}; use gloo (or auto) on the CPU")
         need(self.dist_timeout >= 1, f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
-        for name in ("n_way", "k_shot", "k_query", "meta_batch", "iterations", "log_every", "val_every",
+        for name in ("k_shot", "k_query", "meta_batch", "iterations", "log_every", "val_every",
                      "checkpoint_every", "eval_tasks"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("inner_steps", "chunk_size", "threads", "val_tasks", "eval_query"):
+        for name in ("inner_steps", "chunk_size", "threads", "val_tasks"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.test_inner_steps is None or self.test_inner_steps >= 0, "test_inner_steps must be >= 0")
         need(self.inner_lr >= 0, f"inner_lr must be >= 0, got {self.inner_lr}")
         need(all(math.isfinite(r) and r > 0 for r in self.baseline_lrs),
              f"baseline_lrs must be positive step sizes, got {self.baseline_lrs}")
+        self._check_schedule()
+        need(all(s >= 0 for s in self.eval_steps) and len(self.eval_steps) > 0,
+             f"eval_steps must be non-negative step counts, got {self.eval_steps}")
+        for opts in self.options:  # a plug-in's checks across generic fields (MAML++: inner_steps >= 1)
+            check = plugins.hook(opts, "check")
+            if check is not None:
+                check(self)
+
+    def _check_schedule(self) -> None:
         need(self.meta_lr > 0, f"meta_lr must be > 0, got {self.meta_lr}")
         need(self.meta_optimizer in ("adam", "sgd"),
              f"meta_optimizer must be adam or sgd, got {self.meta_optimizer!r}")
@@ -218,47 +163,6 @@ class TrainConfig:
              f"meta_lr_schedule must be constant, cosine or linear, got {self.meta_lr_schedule!r}")
         need(0 <= self.min_meta_lr <= self.meta_lr,
              f"min_meta_lr must be in [0, meta_lr], got {self.min_meta_lr}")
-        self._check_plugin_fields(need)
-        from mamlkit.tasks import derived_fields  # a family may set fields from others (a CSV task's loss)
-
-        for name, value in derived_fields(self).items():
-            object.__setattr__(self, name, value)
-
-    def _check_plugin_fields(self, need: Callable[[bool, str], None]) -> None:
-        """The fields that particular algorithms and task families read."""
-        for name in ("msl_epochs", "first_order_epochs", "reptile_inner_steps"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("epoch_iterations", "cg_steps"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.reptile_inner_optimizer in ("sgd", "adam"),
-             f"reptile_inner_optimizer must be sgd or adam, got {self.reptile_inner_optimizer!r}")
-        need(self.reptile_inner_lr >= 0, f"reptile_inner_lr must be >= 0, got {self.reptile_inner_lr}")
-        need(self.imaml_lambda > 0, f"imaml_lambda must be > 0, got {self.imaml_lambda}")
-        need(self.algo != "mamlpp" or self.inner_steps >= 1, "mamlpp needs inner_steps >= 1")
-        need(all(s >= 0 for s in self.eval_steps) and len(self.eval_steps) > 0,
-             f"eval_steps must be non-negative step counts, got {self.eval_steps}")
-        need(all(s >= 1 for s in self.eval_shots) and len(self.eval_shots) > 0,
-             f"eval_shots must be positive, got {self.eval_shots}")
-        need(all(h >= 1 for h in self.hidden_sizes), f"hidden_sizes must be positive, got {self.hidden_sizes}")
-        need(self.kind in ("regression", "classification"),
-             f"kind must be regression or classification, got {self.kind!r}")
-        need(self.fill in ("none", "drop", "mean"), f"fill must be none, drop or mean, got {self.fill!r}")
-        need(self.max_categories >= 1, f"max_categories must be >= 1, got {self.max_categories}")
-        need(len(self.task_split) == 3 and all(f >= 0 for f in self.task_split)
-             and abs(sum(self.task_split) - 1) < 1e-6,
-             f"task_split must be three fractions (train val test) summing to 1, got {self.task_split}")
-        need(self.small_tasks in ("skip", "error"),
-             f"small_tasks must be skip or error, got {self.small_tasks!r}")
-        need(self.channels in (1, 3), f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
-        need(self.small_classes in ("skip", "error"),
-             f"small_classes must be skip or error, got {self.small_classes!r}")
-        need(self.encoder_mode in ("frozen", "finetune"),
-             f"encoder_mode must be frozen or finetune, got {self.encoder_mode!r}")
-        need(1 <= self.finetune_layers <= 6,
-             f"finetune_layers must be in 1..6 (MiniLM-L6 has 6 layers), got {self.finetune_layers}")
-        need(self.finetune_rate_scale > 0, f"finetune_rate_scale must be > 0, got {self.finetune_rate_scale}")
-        need(self.text_max_tokens >= 4, f"text_max_tokens must be >= 4, got {self.text_max_tokens}")
-        need(1 <= self.text_per_intent <= 100, f"text_per_intent must be in 1..100, got {self.text_per_intent}")
 
     @property
     def output_spec(self) -> str | int | None:
@@ -277,55 +181,112 @@ class TrainConfig:
         return self.inner_steps if self.test_inner_steps is None else self.test_inner_steps
 
     def to_dict(self) -> dict[str, Any]:
-        return as_dict(self)
+        """The flat mapping of every generic field and every option of the chosen plug-ins (config.json, YAML
+        keys, checkpoints): the keys are the flags' names."""
+        values = as_dict(self)
+        del values["options"]
+        for opts in self.options:
+            values.update(as_dict(opts))
+        return values
 
     def replace(self, **changes: Any) -> TrainConfig:
-        return from_dict({**self.to_dict(), **changes})
+        """This config with ``changes``; options of this config that a newly chosen plug-in does not read are
+        dropped, while a change it does not read is refused."""
+        values = self.to_dict()
+        return from_dict({**values, **changes}, loose=set(values) - set(changes))
+
+
+def _generic() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "options"}
+
+
+def chosen_options(algo: str, task: str) -> tuple[type, ...]:
+    """The options classes a config for ``algo`` and ``task`` holds: the algorithm's, then the family's."""
+    return tuple(dict.fromkeys((*plugins.options_of("algo", algo), *plugins.options_of("task", task))))
+
+
+def _fill(cfg: TrainConfig, values: dict[str, Any], loose: Iterable[str]) -> None:
+    """Set ``cfg``'s fields from ``values`` (generic fields and the chosen plug-ins' options by name), drop the
+    options in ``loose`` that the chosen plug-ins do not read, refuse the others, then check it all."""
+    values = dict(values)
+    generic = _generic()
+    unknown = sorted(k for k in values if k not in generic and k != "options" and plugins.owner(k) is None)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(field_types())}")
+    given = values.pop("options", None)
+    for name, f in generic.items():
+        object.__setattr__(cfg, name, values.pop(name) if name in values else f.default)
+    classes = chosen_options(cfg.algo, cfg.task) if given is None else tuple(type(o) for o in given)
+    owned = {f.name for c in classes for f in dataclasses.fields(c)}
+    _refuse_unowned(sorted(set(values) - owned - set(loose)), cfg.algo, cfg.task)
+    _refuse_non_finite_values(values)  # before an option's own checks, which an infinity or a NaN may pass
+    opts = tuple(given) if given is not None else tuple(
+        c(**{f.name: values[f.name] for f in dataclasses.fields(c) if f.name in values}) for c in classes)
+    object.__setattr__(cfg, "options", opts)
+    for o in opts:  # generic values a plug-in sets from its options (a CSV task's loss from its kind)
+        derived = plugins.hook(o, "derived")
+        for name, value in (derived() if derived is not None else {}).items():
+            object.__setattr__(cfg, name, value)
+    cfg.__post_init__()
+
+
+def check_owned(cfg: TrainConfig, names: Iterable[str]) -> None:
+    """Refuse the options in ``names`` that ``cfg``'s algorithm and task family do not read (a resumed run's
+    overrides, before anything else is said about them)."""
+    owned = {f.name for o in cfg.options for f in dataclasses.fields(o)}
+    _refuse_unowned(sorted(n for n in names if plugins.owner(n) is not None and n not in owned), cfg.algo, cfg.task)
+
+
+def _refuse_unowned(names: list[str], algo: str, task: str) -> None:
+    """Refuse the options in ``names``, which neither ``algo`` nor ``task`` reads, naming their flags and the
+    chosen plug-in's own settings of that kind: every flag takes effect or is refused, none is ignored."""
+    for kind, name in (("task", task), ("algo", algo)):
+        mine = [n for n in names if any(k == kind for k, _ in plugins.users(plugins.owner(n)))]
+        if mine:
+            own = [f.name for c in plugins.options_of(kind, name) for f in dataclasses.fields(c)]
+            readers = {n: [u for k, u in plugins.users(plugins.owner(n)) if k == kind] for n in mine}
+            where = "; ".join(f"--{n.replace('_', '-')} works with --{kind} {_or(users)}"
+                              for n, users in sorted(readers.items()))
+            label = plugins.KINDS[kind].format(name)
+            if not plugins.registered(kind, name):
+                label += " (no plug-in is registered under that name)"
+            refuse_unused(mine, own, label, where)
+
+
+def _or(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def refuse_non_finite(cfg: Any) -> None:
     """Refuse a NaN or infinite value in any float field of the config dataclass ``cfg`` (tuples entry by
     entry), naming its flag. One rule for every field, present and future: an infinite step size or scale
     passes every ``>= 0`` check below and would train on NaN or give constant results without a word."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        values = value if isinstance(value, tuple) else (value,)
-        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+    _refuse_non_finite_values({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+
+
+def _refuse_non_finite_values(values: dict[str, Any]) -> None:
+    """:func:`refuse_non_finite` for fields given by name (an options class's, before its own checks run)."""
+    for name, value in values.items():
+        entries = value if isinstance(value, tuple) else (value,)
+        bad = [v for v in entries if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             what = "finite numbers" if isinstance(value, tuple) else "a finite number"
-            raise ConfigError(f"--{f.name.replace('_', '-')} ({f.name}) must be {what}, got "
-                              f"{' '.join(map(str, values))}")
+            raise ConfigError(f"--{name.replace('_', '-')} ({name}) must be {what}, got "
+                              f"{' '.join(map(str, entries))}")
 
 
-# Fields that only some task families read; each family declares those it uses (``USES`` in its own module,
-# ``TaskFamily.uses``), and a run refuses the others when given, instead of ignoring them.
-TASK_FIELDS = frozenset({
-    "hidden_sizes", "filters", "pool", "image_size", "bn_mode", "n_way", "data_root", "trust_checksum",
-    "split", "rotations", "path", "task_column", "target", "features", "kind", "fill", "max_categories",
-    "task_split", "small_tasks", "encoder_mode", "finetune_layers", "finetune_rate_scale", "text_max_tokens",
-    "text_per_intent", "eval_shots", "eval_query", "channels", "small_classes"})
-# Fields that only some algorithms read; each declares those it uses where it registers (``algorithms.register``).
-ALGO_FIELDS = frozenset({
-    "first_order", "msl", "msl_epochs", "lslr", "per_step_bn", "first_order_epochs", "epoch_iterations",
-    "reptile_inner_optimizer", "reptile_inner_lr", "reptile_inner_steps", "imaml_lambda", "cg_steps", "adapt"})
-
-
-def refuse_unused(given: set[str], dependent: frozenset[str], used: frozenset[str], owner: str) -> None:
-    """Refuse the fields in ``given`` (set by the user: flags, YAML keys) that depend on a task family or an
-    algorithm (``dependent``) but that ``owner`` does not read (``used``), naming the flags: every flag takes
-    effect or is refused, none is silently ignored."""
-    unused = sorted((set(given) & dependent) - used)
+def refuse_unused(names: Iterable[str], own: Iterable[str], owner: str, where: str = "") -> None:
+    """Refuse the options ``names`` (set by the user: flags, YAML keys, keyword arguments) that ``owner`` (the
+    chosen algorithm or task family) does not read, naming the flags, ``own``, its own settings of that kind,
+    and ``where`` they do take effect."""
+    unused = sorted(names)
     if unused:
         one = len(unused) == 1
         flags = ", ".join("--" + f.replace("_", "-") for f in unused)
-        own = ", ".join("--" + f.replace("_", "-") for f in sorted(used)) or "none"
+        own = ", ".join("--" + f.replace("_", "-") for f in sorted(own)) or "none"
         raise ConfigError(f"{flags} {'has' if one else 'have'} no effect on {owner}, so "
                           f"{'it is' if one else 'they are'} refused; remove {'it' if one else 'them'}. Its own "
-                          f"settings of this kind: {own}")
-
-
-# The algorithms whose adapted set ``--adapt`` chooses (the others fix it: ANIL its head, Reptile all).
-ADAPT_ALGOS = ("maml", "fomaml", "metasgd", "pretrain")
+                          f"settings of this kind: {own}" + (f". {where}" if where else ""))
 
 
 def _shown(text: str, most: int = 80) -> str:
@@ -349,7 +310,12 @@ def _json_object(text: str) -> dict[str, Any] | None:
 
 
 def field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+    """The type of every config key: the generic fields, then every registered plug-in option."""
+    types_ = typing.get_type_hints(TrainConfig)
+    del types_["options"]
+    for cls in plugins.option_classes():
+        types_.update(typing.get_type_hints(cls))
+    return types_
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
@@ -396,9 +362,38 @@ def build_config(cls: type, values: dict[str, Any], what: str = "config") -> Any
     return cls(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
 
 
-def from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Build a config from a dict, rejecting unknown keys with the list of valid ones."""
-    return build_config(TrainConfig, values)
+def from_dict(values: dict[str, Any], loose: Iterable[str] = ()) -> TrainConfig:
+    """Build a config from a flat dict (:meth:`TrainConfig.to_dict`'s keys), rejecting unknown keys with the
+    list of valid ones. Options of a plug-in the config does not choose are refused, but those named in
+    ``loose`` (a preset's values, the rest of a replaced config) are dropped."""
+    types_ = field_types()
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(types_)}")
+    cfg = object.__new__(TrainConfig)
+    _fill(cfg, {k: _coerce(k, v, types_[k]) for k, v in values.items()}, loose)
+    return cfg
+
+
+def from_stored(values: dict[str, Any]) -> TrainConfig:
+    """The config a run stored (config.json, a checkpoint's state). Files written when every option was a field
+    of every config hold the options of plug-ins the run did not choose: those at their default are dropped,
+    any other value is refused, since the stored run would silently change meaning."""
+    types_ = field_types()
+    generic = _generic()
+    chosen = {}
+    for name in ("algo", "task"):
+        chosen[name] = _coerce(name, values.get(name, generic[name].default), types_[name])
+    owned = {f.name for c in chosen_options(chosen["algo"], chosen["task"]) for f in dataclasses.fields(c)}
+    stray = [k for k in values if k not in generic and k not in owned and plugins.owner(k) is not None]
+    changed = sorted(k for k in stray
+                     if _coerce(k, values[k], types_[k]) != plugins.owner(k).__dataclass_fields__[k].default)
+    if changed:
+        raise ConfigError(f"the stored config sets {', '.join(f'{k}={values[k]!r}' for k in changed)}, which "
+                          f"--algo {chosen['algo']} and the {chosen['task']} task family do not read; the run "
+                          "cannot be loaded with that setting ignored. Remove the key from its config.json if "
+                          "that is intended")
+    return from_dict({k: v for k, v in values.items() if k not in stray})
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -448,4 +443,5 @@ def _check_yaml_shape(events: Any, path: str) -> None:
             depth -= 1
 
 
-__all__ = ["TrainConfig", "ConfigError", "from_dict", "load_yaml", "flag", "GROUPS"]
+__all__ = ["TrainConfig", "ConfigError", "from_dict", "from_stored", "load_yaml", "flag", "GROUPS", "field_types",
+           "chosen_options"]

@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
+from typing import Any
 
 from mamlkit import config
+from mamlkit.base import options as plugins
 from mamlkit.base.errors import UserError
 
 # Tuple fields whose flag may be given several times, each adding to the list.
@@ -44,8 +47,22 @@ def _thread_count(text: str) -> int:
     return value
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "null") else int(text)
+def _optional(typ: type) -> Callable[[str], Any]:
+    """The parser of an ``X | None`` flag: ``none`` (or ``null``) or a value of ``X``, its real type."""
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else typ(text)
+    parse.__name__ = f"{typ.__name__} or none"  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
+class _Help(argparse.HelpFormatter):
+    """argparse's help, wrapped at spaces only: a line never ends inside a word (``second-`` / ``order``), so
+    that a help line reads, and is found, as written, whatever the owners' names before it."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def add_config_command(sub: argparse._SubParsersAction, name: str, *, help: str, usage: str, about: str,
@@ -56,7 +73,7 @@ def add_config_command(sub: argparse._SubParsersAction, name: str, *, help: str,
     shown = (f"The values in brackets are {values_from}'s." if values_from
              else f"The values in brackets are the defaults; {hint}.")
     parser = sub.add_parser(name, help=help, usage=usage,
-                            formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30),
+                            formatter_class=lambda prog: _Help(prog, max_help_position=30),
                             description=f"{about} Every config field is a flag, and a key of the --config file. "
                                         f"{shown}")
     parser.add_argument("--config", metavar="FILE", help="YAML file of config overrides")
@@ -68,44 +85,55 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainCo
                      title: str = "config fields (override the preset and --config)", skip: tuple[str, ...] = (),
                      values: object | None = None, values_from: str = "default",
                      groups: tuple[str, ...] = config.GROUPS) -> None:
-    """One flag per field of the config dataclass ``cls`` (but ``skip``); unset flags stay out of the
-    namespace, so only what the user typed overrides the preset or YAML file.
+    """One flag per field of the config dataclass ``cls`` (but ``skip``) and, for :class:`TrainConfig`, per
+    option of every registered plug-in (:mod:`mamlkit.base.options`); unset flags stay out of the namespace, so
+    only what the user typed overrides the preset or YAML file.
 
     Fields with ``group``/``help`` metadata (:func:`mamlkit.config.flag`) get their line of help under
-    their group, in ``groups`` order (``cls``'s groups: :data:`mamlkit.config.GROUPS` for TrainConfig).
-    Each help ends with the field's value in ``values`` (default: ``cls()``), labelled ``values_from``
-    (a preset's name shows the preset's values).
+    their group, in ``groups`` order (``cls``'s groups: :data:`mamlkit.config.GROUPS` for TrainConfig); an
+    option's help starts with the plug-ins that read it (``mamlpp: ...``). Each help ends with the field's
+    value in ``values`` (default: ``cls()``), labelled ``values_from`` (a preset's name shows its values).
     """
     values = cls() if values is None else values
-    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    fields = {f.name: (f, typing.get_type_hints(cls)[f.name], "") for f in dataclasses.fields(cls)
+              if f.name not in skip and f.name != "options"}
+    if cls is config.TrainConfig:
+        for option_cls in plugins.option_classes():
+            owners = ", ".join(name for _, name in plugins.users(option_cls))
+            hints = typing.get_type_hints(option_cls)
+            fields |= {f.name: (f, hints[f.name], f"{owners}: ") for f in dataclasses.fields(option_cls)
+                       if f.name not in skip}
     groups = {g: parser.add_argument_group(g) for g in groups
-              if any(m.get("group") == g and n not in skip for n, m in meta.items())}
+              if any(f.metadata.get("group") == g for f, _, _ in fields.values())}
     fallback = None
-    for name, typ in typing.get_type_hints(cls).items():
-        if name in skip:
-            continue
-        flag = "--" + name.replace("_", "-")
-        kw: dict = {"dest": name, "default": argparse.SUPPRESS}
-        origin, args = typing.get_origin(typ), typing.get_args(typ)
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif origin is tuple:
-            # --adapt is repeatable: `--adapt 'head.*' --adapt '*.layer.5.*'` adapts both
-            kw |= {"nargs": "+", "type": args[0], "metavar": METAVARS.get(args[0], "V"),
-                   **({"action": "extend"} if name in REPEATABLE else {})}
-        elif type(None) in args:
-            kw |= {"type": _optional_int, "metavar": "N|none"}
-        else:
-            kw |= {"type": typ, "metavar": METAVARS.get(typ, "V")}
+    for name, (f, typ, owners) in fields.items():
         value = getattr(values, name)
         shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value)
-        if meta[name].get("group") in groups:
-            group = groups[meta[name]["group"]]
-            text = f"{meta[name]['help']} [{values_from}: {shown}]"
+        if f.metadata.get("group") in groups:
+            group = groups[f.metadata["group"]]
+            text = f"{owners}{f.metadata['help']} [{values_from}: {shown}]"
         else:
             fallback = fallback or parser.add_argument_group(title)
             group, text = fallback, f"{values_from} {shown}"
-        group.add_argument(flag, help=text.replace("%", "%%"), **kw)
+        group.add_argument("--" + name.replace("_", "-"), help=text.replace("%", "%%"), **_argument(name, typ))
+
+
+def _argument(name: str, typ: Any) -> dict[str, Any]:
+    """The ``add_argument`` keywords of the flag of field ``name`` of type ``typ``."""
+    kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if typ is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif origin is tuple:
+        # --adapt is repeatable: `--adapt 'head.*' --adapt '*.layer.5.*'` adapts both
+        kw |= {"nargs": "+", "type": args[0], "metavar": METAVARS.get(args[0], "V"),
+               **({"action": "extend"} if name in REPEATABLE else {})}
+    elif type(None) in args:
+        real = next(a for a in args if a is not type(None))
+        kw |= {"type": _optional(real), "metavar": f"{METAVARS.get(real, 'V')}|none"}
+    else:
+        kw |= {"type": typ, "metavar": METAVARS.get(typ, "V")}
+    return kw
 
 
 METAVARS = {int: "N", float: "X", str: "S"}

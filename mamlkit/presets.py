@@ -5,6 +5,7 @@ Each preset is a set of overrides of :class:`~mamlkit.config.TrainConfig` defaul
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,9 +198,13 @@ for _shots in (1, 5):
     ))
 
 
-def preset_config(name: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The preset's config with ``overrides`` applied (unknown keys are an error)."""
+def preset_config(name: str, overrides: dict[str, Any] | None = None, loose: Iterable[str] = ()) -> TrainConfig:
+    """The preset's config with ``overrides`` applied (unknown keys are an error). The preset's options of a
+    plug-in that ``overrides`` replaces (another ``--algo``) are dropped; an override's are checked, but for
+    those named in ``loose``, dropped where the chosen plug-ins do not read them (a script's ``data_root``
+    for whichever preset it is given)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
-    values = {**TrainConfig().to_dict(), **PRESETS[name].overrides, "preset": name}
-    return from_dict({**values, **(overrides or {})})
+    values = {**PRESETS[name].overrides, "preset": name}
+    overrides = overrides or {}
+    return from_dict({**values, **overrides}, loose=(set(values) - set(overrides)) | set(loose))

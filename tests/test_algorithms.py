@@ -344,9 +344,13 @@ def test_imaml_memory_does_not_grow_with_inner_steps():
 # Generic checks over the registry
 
 
-def cfg_for(strategy="vmap", **kw):
-    return TrainConfig(dtype="float64", inner_lr=0.05, inner_steps=2, test_inner_steps=2,
-                       reptile_inner_steps=2, strategy=strategy, first_order_epochs=0, **kw)
+def cfg_for(strategy="vmap", algo="maml", **kw):
+    """The config of algorithm ``algo``; the options only some algorithms read apply to those that read them."""
+    from mamlkit.config import from_dict
+
+    options = dict(reptile_inner_steps=2, first_order_epochs=0)
+    return from_dict(dict(algo=algo, dtype="float64", inner_lr=0.05, inner_steps=2, test_inner_steps=2,
+                          strategy=strategy, **options, **kw), loose=set(options))
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +359,7 @@ def reference_grads():
     batch = sinusoid_batch(tasks=4)
     out = {}
     for name in sorted(ALGORITHMS):
-        learner = build_learner(name, mlp(), cfg_for())
+        learner = build_learner(name, mlp(), cfg_for(algo=name))
         for p in learner.meta_parameters().values():
             p.grad = None
         stats = learner.meta_backward(batch)
@@ -379,13 +383,13 @@ def test_every_algorithm_is_deterministic_and_vmap_equals_loop_and_meta_loss(nam
     batch, out = reference_grads
     loss_ref, ref = out[name]
     for strategy, chunk in (("vmap", 0), ("loop", 0), ("vmap", 3), ("threads", 0)):
-        learner = build_learner(name, mlp(), cfg_for(strategy, chunk_size=chunk))
+        learner = build_learner(name, mlp(), cfg_for(strategy, algo=name, chunk_size=chunk))
         stats = learner.meta_backward(batch)
         got = {k: p.grad for k, p in learner.meta_parameters().items()}
         assert stats["loss"] == pytest.approx(loss_ref, abs=1e-12), f"{name} {strategy}"
         assert_same(ref, got, atol=1e-10)
     # meta_loss().backward() == meta_backward()
-    loss, grads = grads_of(build_learner(name, mlp(), cfg_for()), batch)
+    loss, grads = grads_of(build_learner(name, mlp(), cfg_for(algo=name)), batch)
     assert loss.item() == pytest.approx(loss_ref, abs=1e-12)
     assert_same(ref, grads, atol=1e-10)
 
@@ -393,7 +397,7 @@ def test_every_algorithm_is_deterministic_and_vmap_equals_loop_and_meta_loss(nam
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_adapts_and_evaluates(name):
     batch = sinusoid_batch()
-    learner = build_learner(name, mlp(), cfg_for())
+    learner = build_learner(name, mlp(), cfg_for(algo=name))
     assert isinstance(learner, MetaLearner) and learner.name == name
     losses, accs = learner.adapted_losses(batch, 3)
     assert losses.shape == (3, 4) and torch.isfinite(losses).all()
@@ -405,7 +409,7 @@ def test_every_algorithm_adapts_and_evaluates(name):
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_runs_conv4_with_batchnorm(name):
-    cfg = cfg_for("loop", loss="cross_entropy")
+    cfg = cfg_for("loop", algo=name, loss="cross_entropy")
     learner = build_learner(name, tiny_conv4(), cfg)
     learner.meta_backward(image_batch())
     for k, p in learner.meta_parameters().items():
@@ -427,7 +431,7 @@ def test_meta_lr_schedules():
     with pytest.raises(ConfigError, match="meta_lr_schedule"):
         TrainConfig(meta_lr_schedule="step")
     with pytest.raises(ConfigError, match="imaml_lambda"):
-        TrainConfig(imaml_lambda=0.0)
+        TrainConfig(algo="imaml", imaml_lambda=0.0)
 
 
 @pytest.mark.parametrize("algo,meta_optimizer", [("metasgd", "adam"), ("mamlpp", "adam"), ("reptile", "sgd")])

@@ -132,8 +132,11 @@ def test_every_bounded_field_is_a_config_field_and_every_count_field_is_bounded(
 
     fields = set(config.field_types()) | set(RLConfig.__dataclass_fields__)
     assert set(limits.FIELD_BOUNDS) <= fields
-    counts = {name for cls in (config.TrainConfig, RLConfig) for name, t in cls.__annotations__.items()
-              if "int" in str(t) and "bool" not in str(t)}
+    from mamlkit.base.options import option_classes
+
+    # the generic fields and every plug-in's options (mamlkit.base.options)
+    counts = {name for cls in (config.TrainConfig, RLConfig, *option_classes())
+              for name, t in cls.__annotations__.items() if "int" in str(t) and "bool" not in str(t)}
     unbounded = counts - set(limits.FIELD_BOUNDS)
     # a seed is no count; the others are checked against small ranges (1..6, 1..100, 1 or 3)
     assert unbounded == {"seed", "finetune_layers", "text_per_intent", "channels"}

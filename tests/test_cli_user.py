@@ -32,9 +32,18 @@ def help_text(capsys, *argv: str) -> str:
     return " ".join(capsys.readouterr().out.split())  # whitespace as one space: argparse wraps lines
 
 
+def flag_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields that are flags: a config's own and, for TrainConfig, every plug-in's options (which its
+    ``options`` field holds)."""
+    from mamlkit.base.options import option_fields
+
+    own = [f for f in dataclasses.fields(cls) if f.name != "options"]
+    return own + list(option_fields().values()) if cls is TrainConfig else own
+
+
 @pytest.mark.parametrize("cls,groups", [(TrainConfig, GROUPS), (RLConfig, RL_GROUPS)])
 def test_every_config_field_has_a_group_and_a_line_of_meaning(cls, groups):
-    for f in dataclasses.fields(cls):
+    for f in flag_fields(cls):
         assert f.metadata.get("group") in groups, f.name
         assert len(f.metadata.get("help", "")) >= 10 and "\n" not in f.metadata["help"], f.name
 
@@ -44,7 +53,7 @@ def assert_grouped(text: str, cls: type, groups: tuple[str, ...], skip: tuple[st
     and the groups come in ``groups`` order."""
     positions = [text.index(f" {g}: ") for g in groups]
     assert positions == sorted(positions)
-    for f in dataclasses.fields(cls):
+    for f in flag_fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mamlkit import cli
 from mamlkit.algorithms import ALGORITHMS, build_learner
-from mamlkit.config import TrainConfig
+from mamlkit.base.options import unregister_options
+from mamlkit.config import ConfigError, TrainConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "DEVELOPING.md"
 
@@ -26,6 +28,7 @@ def registry():
     yield
     ALGORITHMS.clear()
     ALGORITHMS.update(saved)
+    unregister_options("algo", "learned-rate")
 
 
 def test_how_to_add_an_algorithm_runs(registry):
@@ -40,3 +43,23 @@ def test_how_to_add_an_algorithm_runs(registry):
     learner = build_learner("learned-rate", model, TrainConfig(strategy="vmap", dtype="float64"))
     assert learner.name == "learned-rate" and "inner_lr" in learner.meta_parameters()
     assert learner.executor.strategy.name == "vmap"
+
+
+def test_the_worked_algorithm_owns_its_option(registry, capsys):
+    """Its one option, declared in its file and registered on its line, is a flag with its help, sets the rate's
+    initial value, and is refused for another algorithm; another algorithm's flag is refused for it."""
+    namespace: dict = {"__name__": "learned_rate"}
+    exec(compile(section_code("How to add an algorithm")[0], str(DOC), "exec"), namespace)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--rate-init X|none learned-rate: the learned rate's initial value (none: --inner-lr)" in text
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    for given, rate in ((0.25, 0.25), (None, 0.01)):
+        cfg = TrainConfig(algo="learned-rate", rate_init=given, strategy="loop", dtype="float64")
+        learner = build_learner("learned-rate", model, cfg)
+        assert learner.meta_parameters()["inner_lr"].item() == rate
+    with pytest.raises(ConfigError, match="--rate-init has no effect on --algo maml"):
+        TrainConfig(algo="maml", rate_init=0.25)
+    with pytest.raises(ConfigError, match="--first-order has no effect on --algo learned-rate"):
+        TrainConfig(algo="learned-rate", first_order=True)

@@ -123,6 +123,24 @@ def test_every_float_setting_refuses_non_finite_values(cls, bad):
             cls(**{name: value})
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_every_float_option_refuses_non_finite_values(bad):
+    """The plug-ins' options (mamlkit.base.options) too, whichever plug-in reads them."""
+    from mamlkit.base.options import option_classes, users
+
+    seen = set()
+    for cls in option_classes():
+        hints = typing.get_type_hints(cls)
+        kind, owner = users(cls)[0]
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (float, tuple[float, ...]):
+                seen.add(f.name)
+                value = (1.0, bad) if hints[f.name] is not float else bad
+                with pytest.raises(config.ConfigError, match=f"--{f.name.replace('_', '-')} .*finite"):
+                    config.TrainConfig(**{kind: owner, f.name: value})
+    assert {"reptile_inner_lr", "imaml_lambda", "finetune_rate_scale", "task_split"} <= seen
+
+
 # --------------------------------------------------------------------------------------
 # `mamlkit adapt` inputs beyond float32: finite as read, infinite once cast; named, exit 2.
 

@@ -210,7 +210,7 @@ def test_resume_keeps_the_measured_strategy(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--strategy", "vmap", "--checkpoint-inner"], "checkpoint_inner works with"),
-    (["--algo", "reptile", "--checkpoint-inner"], "checkpoint_inner works with"),
+    (["--algo", "reptile", "--checkpoint-inner"], "--checkpoint-inner works with --algo maml"),
     (["--strategy", "compile", "--algo", "reptile"], "--strategy compile is not available for --algo reptile"),
     (["--memory-budget", "-1"], "memory_budget must be >= 0"),
     (["--strategy", "pmap"], "strategy must be auto, vmap, loop, threads or compile"),

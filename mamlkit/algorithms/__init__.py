@@ -3,23 +3,44 @@
 Each file builds a :class:`~mamlkit.algorithms.driver.Pieces` (which parameters adapt, the inner rule,
 the outer objective, first order or not, extra meta-parameters, a step hook) and hands it to the one
 driver, :class:`~mamlkit.algorithms.driver.Driver`, which satisfies :class:`MetaLearner`. It registers a
-builder ``(model, cfg, executor)`` under its ``--algo`` name.
+builder ``(model, cfg, executor)`` under its ``--algo`` name, and the options it reads
+(:mod:`mamlkit.algorithms.options`). This module needs no torch until an algorithm is looked up, so that the
+options and ``mamlkit train --help`` do not import it.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
-from mamlkit.exec.executor import Executor
+from mamlkit.base.options import register_options, registered
 
-LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from mamlkit.base.batch import TaskBatch
+    from mamlkit.exec.executor import Executor
+
 KIND_OF_LOSS = {"mse": "regression", "cross_entropy": "classification"}
+# The built-in algorithms' modules, imported (and so registered) on the first lookup of an algorithm.
+BUILTIN = ("anil", "boil", "imaml", "maml", "mamlpp", "metasgd", "pretrain", "reptile")
+
+
+def __getattr__(name: str):
+    """``ALGORITHMS`` (every algorithm registered, the built-in ones imported first) and ``LOSSES``, on first use."""
+    if name == "ALGORITHMS":
+        for module in BUILTIN:
+            importlib.import_module(f"{__name__}.{module}")
+        globals()[name] = _BUILDERS
+        return _BUILDERS
+    if name == "LOSSES":
+        import torch.nn.functional as F
+
+        globals()[name] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_loss(loss_fn: str | Callable[[Tensor, Tensor], Tensor], kind: str | None
@@ -27,9 +48,10 @@ def resolve_loss(loss_fn: str | Callable[[Tensor, Tensor], Tensor], kind: str | 
     """``(loss function, kind)`` from a loss name or callable; the kind defaults from a named loss,
     else to ``"regression"``."""
     if isinstance(loss_fn, str):
-        if loss_fn not in LOSSES:
-            raise ValueError(f"unknown loss {loss_fn!r}; choose one of {', '.join(LOSSES)}")
-        return LOSSES[loss_fn], kind or KIND_OF_LOSS[loss_fn]
+        losses = __getattr__("LOSSES")
+        if loss_fn not in losses:
+            raise ValueError(f"unknown loss {loss_fn!r}; choose one of {', '.join(losses)}")
+        return losses[loss_fn], kind or KIND_OF_LOSS[loss_fn]
     return loss_fn, kind or "regression"
 
 
@@ -71,17 +93,18 @@ class MetaLearner(Protocol):
         """Query loss and accuracy ``[T, steps+1]`` after 0..steps inner steps (evaluation)."""
 
 
-ALGORITHMS: dict[str, Callable[..., MetaLearner]] = {}
-# which of the algorithm-dependent config fields (``config.ALGO_FIELDS``) each algorithm reads
-ALGORITHM_USES: dict[str, frozenset[str]] = {}
+_BUILDERS: dict[str, Callable[..., MetaLearner]] = {}
 
 
-def register(name: str, uses: frozenset[str] = frozenset()):
-    """Register ``builder(model, cfg, executor) -> MetaLearner`` under ``name``; ``uses``: the algorithm-dependent
-    config fields it reads (the CLI refuses the others)."""
-    def deco(builder):
-        ALGORITHMS[name] = builder
-        ALGORITHM_USES[name] = frozenset(uses)
+def register(name: str, options: tuple[type, ...] | None = None) -> Callable:
+    """Register ``builder(model, cfg, executor) -> MetaLearner`` under ``name``; ``options``: the options classes
+    it reads (:mod:`mamlkit.base.options`; the built-in ones are registered in :mod:`mamlkit.algorithms.options`,
+    so that their flags need no torch). A config that names ``name`` refuses every other plug-in option."""
+    if options is not None or not registered("algo", name):  # an algorithm that reads no option has no flags
+        register_options("algo", name, *(options or ()))
+
+    def deco(builder: Callable[..., MetaLearner]) -> Callable[..., MetaLearner]:
+        _BUILDERS[name] = builder
         return builder
     return deco
 
@@ -94,9 +117,12 @@ class UnknownAlgorithm(UserError, ValueError):
 def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
     """Build the algorithm ``name`` for ``model`` from a :class:`~mamlkit.config.TrainConfig`; its tasks run on
     the executor the config asks for (:meth:`~mamlkit.exec.executor.Executor.from_config`)."""
-    if name not in ALGORITHMS:
+    from mamlkit.exec.executor import Executor
+
+    algorithms = __getattr__("ALGORITHMS")
+    if name not in algorithms:
         raise UnknownAlgorithm(f"unknown algorithm {str(name)[:100]!r} (--algo, or the algo a checkpoint's config "
-                               f"names); available: {', '.join(sorted(ALGORITHMS))}")
+                               f"names); available: {', '.join(sorted(algorithms))}")
     patterns = getattr(cfg, "adapt", ())
     if patterns:  # a pattern that matches no trainable parameter would adapt nothing: a typo, refused
         from mamlkit.base.errors import UserError
@@ -106,7 +132,4 @@ def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
             check_patterns([k for k, p in model.named_parameters() if p.requires_grad], patterns)
         except ValueError as err:
             raise UserError(str(err)) from None
-    return ALGORITHMS[name](model, cfg, Executor.from_config(cfg, model))
-
-
-from mamlkit.algorithms import anil, boil, imaml, maml, mamlpp, metasgd, pretrain, reptile  # noqa: E402,F401  (registration)
+    return algorithms[name](model, cfg, Executor.from_config(cfg, model))

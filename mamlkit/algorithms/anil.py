@@ -96,7 +96,7 @@ def ANIL(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, firs
     return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
-@register("anil", uses=frozenset({"first_order"}))
+@register("anil")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """ANIL (Raghu et al. 2020): only the head adapts; body features computed once per task."""
     return ANIL(model, **config_keywords(cfg, executor))

@@ -24,7 +24,7 @@ def BOIL(model: nn.Module, *, name: str = "boil", **kwargs) -> Driver:
     return MAML(model, adapt_filter=lambda k: not k.startswith(prefix), name=name, **kwargs)
 
 
-@register("boil", uses=frozenset({"first_order"}))
+@register("boil")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """BOIL (Oh et al. 2021): only the body adapts; the head is frozen in the inner loop."""
     return BOIL(model, **config_keywords(cfg, executor))

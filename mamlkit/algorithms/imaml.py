@@ -79,7 +79,7 @@ def IMAML(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 10, la
     return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
-@register("imaml", uses=frozenset({"imaml_lambda", "cg_steps"}))
+@register("imaml")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """iMAML (Rajeswaran et al. 2019): implicit meta-gradient by conjugate gradient, proximal inner loop."""
     return IMAML(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, lam=cfg.imaml_lambda,

@@ -65,13 +65,13 @@ def MAML(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, firs
                   chunk_size=chunk_size, checkpoint_inner=checkpoint_inner, output=output, **execution)
 
 
-@register("maml", uses=frozenset({"first_order", "adapt"}))
+@register("maml")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """MAML (Finn et al. 2017): second-order meta-gradient through the inner SGD steps."""
     return MAML(model, **config_keywords(cfg, executor), adapt_filter=name_filter(cfg.adapt))
 
 
-@register("fomaml", uses=frozenset({"adapt"}))
+@register("fomaml")
 def build_fomaml(model: nn.Module, cfg, executor: Executor) -> Driver:
     """First-order MAML (Finn et al. 2017, §5.2): the meta-gradient is ∇L_q(θ')."""
     return MAML(model, **config_keywords(cfg, executor) | {"first_order": True}, name="fomaml",

@@ -102,8 +102,7 @@ def MAMLPlusPlus(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int =
     return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
-@register("mamlpp", uses=frozenset({"first_order", "msl", "msl_epochs", "lslr", "per_step_bn",
-                                    "first_order_epochs", "epoch_iterations"}))
+@register("mamlpp")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """MAML++ (Antoniou et al. 2019): MSL, LSLR, per-step BN, derivative-order and meta-rate annealing."""
     return MAMLPlusPlus(model, **config_keywords(cfg, executor), msl=cfg.msl, msl_epochs=cfg.msl_epochs, lslr=cfg.lslr,

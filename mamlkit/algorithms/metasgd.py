@@ -41,7 +41,7 @@ def MetaSGD(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, f
     return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
-@register("metasgd", uses=frozenset({"first_order", "adapt"}))
+@register("metasgd")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """Meta-SGD (Li et al. 2017): learned per-parameter inner rates, initialised at --inner-lr."""
     return MetaSGD(model, **config_keywords(cfg, executor), adapt_filter=name_filter(cfg.adapt))

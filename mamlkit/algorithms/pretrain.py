@@ -24,7 +24,7 @@ def joint_objective(path, loss, sx, sy, qx, qy, predict, loss_fn):
     return loss_fn(pred, y), pred[sx.shape[0]:]
 
 
-@register("pretrain", uses=frozenset({"adapt"}))
+@register("pretrain")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """The pretrained baseline (Finn et al. 2017): joint training on all tasks, MAML's fine-tuning at test."""
     return MAML(model, inner_lr=cfg.inner_lr, inner_steps=0, loss_fn=cfg.loss, test_inner_steps=cfg.test_inner_steps,

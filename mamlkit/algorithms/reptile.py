@@ -61,7 +61,7 @@ def Reptile(model: nn.Module, *, inner_lr: float = 0.02, inner_steps: int = 5, i
     return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 
-@register("reptile", uses=frozenset({"reptile_inner_optimizer", "reptile_inner_lr", "reptile_inner_steps"}))
+@register("reptile")
 def build(model: nn.Module, cfg, executor: Executor) -> Driver:
     """Reptile (Nichol et al. 2018): outer gradient θ − mean(φ), own inner optimiser, no unrolling."""
     test_steps = cfg.test_inner_steps if cfg.test_inner_steps is not None else cfg.reptile_inner_steps

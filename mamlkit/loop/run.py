@@ -226,17 +226,12 @@ def _check_before_training(trainer: train.Trainer) -> None:
 
 
 def check_used(cfg: config.TrainConfig, given: set[str]) -> None:
-    """Refuse the fields the user set that ``cfg``'s task family or algorithm does not read (each declares
-    what it reads: ``TaskFamily.uses``, ``algorithms.register(..., uses=)``), naming their flags."""
-    from mamlkit.algorithms import ALGORITHM_USES
-    from mamlkit.tasks import get_family
-
-    config.refuse_unused(given, config.TASK_FIELDS, get_family(cfg.task).fields(), f"the {cfg.task} task family")
+    """Refuse the fields the user set that ``cfg``'s task family or algorithm does not read (each owns its
+    options: :mod:`mamlkit.base.options`), naming their flags; on a resume too, before "cannot change"."""
+    config.check_owned(cfg, given)
     if "baseline_lrs" in given and not (cfg.compare_pretrained and cfg.algo != "pretrain"):
         raise UserError("--baseline-lrs tunes the pretrained baseline's step size; this run trains no baseline "
                         "(--no-compare-pretrained or --algo pretrain): drop the flag")
-    if cfg.algo in ALGORITHM_USES:  # an unknown algorithm is refused by name when the learner is built
-        config.refuse_unused(given, config.ALGO_FIELDS, ALGORITHM_USES[cfg.algo], f"--algo {cfg.algo}")
 
 
 def _baseline(trainer: train.Trainer, approval: dict, say: Callable[[str], None]) -> train.Trainer:
@@ -247,15 +242,15 @@ def _baseline(trainer: train.Trainer, approval: dict, say: Callable[[str], None]
         baseline = train.load_trainer(folder, **approval)
         # the run's settings that may change on a resume, its budget above all: the baseline trains as long as
         # the run (`iterations` of both), and a baseline that trains further has its step size tuned again
-        shared = {f: getattr(trainer.cfg, f) for f in RESUMABLE - {"compare_pretrained", "baseline_lrs"}}
+        keys = trainer.cfg.to_dict()  # the settings its family reads (the baseline's family is the run's)
+        shared = {f: keys[f] for f in RESUMABLE - {"compare_pretrained", "baseline_lrs"} if f in keys}
         shared["iterations"] = max(shared["iterations"], baseline.step)
         if baseline.step < shared["iterations"]:
             shared["baseline_lrs"] = trainer.cfg.baseline_lrs
         baseline.cfg = baseline.cfg.replace(**shared)
     else:
-        # the run's execution settings; the baseline has no inner loop to checkpoint
-        cfg = trainer.cfg.replace(algo="pretrain", compare_pretrained=False, run_name="pretrained",
-                                  checkpoint_inner=False)
+        # the run's execution settings; the options only the run's algorithm reads (checkpoint_inner) are dropped
+        cfg = trainer.cfg.replace(algo="pretrain", compare_pretrained=False, run_name="pretrained")
         baseline = train.new_trainer(cfg, folder)
     if is_main_rank():  # the baseline's own folder is the run's: --overwrite removes it with the rest
         runfolder.record(trainer.run_dir, ["pretrained/"])

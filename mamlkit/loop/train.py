@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mamlkit import checkpoint, config, runfolder
 from mamlkit.algorithms import MetaLearner
-from mamlkit.assemble import DTYPES, assemble
+from mamlkit.assemble import DTYPES, assemble, config_of
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, add_to_window, is_window, mean_ci, window_row
@@ -173,7 +173,7 @@ def load_trainer(path: str | Path, run_dir: Path | None = None, resume: bool = T
     stored = state.get("config")
     approve_model_code([state.get("model_spec"), stored.get("model") if isinstance(stored, dict) else None],
                        f"checkpoint {path}", model=model, trust_model_code=trust_model_code)
-    cfg = checkpoint.config_of(state, path)
+    cfg = config_of(state, path)
     learner, _ = build(cfg, tensors, _user_spec(state))
     optimizer = meta_optimizer(cfg, learner.meta_parameters().values())
     rng = None

@@ -9,16 +9,28 @@ contains. One registry line per family below; the hooks of image and text famili
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mamlkit.base.options import register_options
 from mamlkit.tasks.family import INPUT_TYPES, Baseline, Column, DataCommand, Report, TaskFamily
+from mamlkit.tasks.options import (
+    FAMILY_OPTIONS,
+    ChecksumOptions,
+    ConvOptions,
+    DataRootOptions,
+    EpisodeOptions,
+    MLPOptions,
+    PathOptions,
+    RegressionEvalOptions,
+    TaskSplitOptions,
+)
 
 if TYPE_CHECKING:
     from mamlkit.base.batch import TaskBatch, TaskDistribution, task_generator
     from mamlkit.tasks.sinusoid import Sinusoid
 
-# Imported on first use: the registry itself needs no torch, so that configs (which ask a family for the
-# fields it derives) and the command line's --help do not import it.
+# Imported on first use: the registry itself needs no torch, so that the options it registers (the flags of
+# the command line's --help) do not import it.
 _LAZY = {"TaskBatch": "mamlkit.base.batch", "TaskDistribution": "mamlkit.base.batch",
          "task_generator": "mamlkit.base.batch", "Sinusoid": "mamlkit.tasks.sinusoid"}
 
@@ -36,6 +48,9 @@ TASK_FAMILIES: dict[str, TaskFamily] = {}
 
 
 def register_task_family(family: TaskFamily) -> TaskFamily:
+    """Register ``family`` under its ``--task`` name, with the options classes it reads (``family.options``):
+    a config for it refuses every other plug-in option."""
+    register_options("task", family.name, *family.options)
     TASK_FAMILIES[family.name] = family
     return family
 
@@ -48,34 +63,27 @@ def get_family(name: str) -> TaskFamily:
     return TASK_FAMILIES[name]
 
 
-def derived_fields(cfg: Any) -> dict[str, Any]:
-    """The config fields ``cfg``'s family sets from its other fields (e.g. a CSV task's loss from its kind);
-    nothing for a family not (yet) registered."""
-    family = TASK_FAMILIES.get(cfg.task)
-    return family.derived(cfg) if family and family.derived else {}
-
-
 def data_commands() -> dict[str, DataCommand]:
     """``mamlkit data NAME`` for every family that declares a dataset: name -> command."""
     return {f.data.name: f.data for f in TASK_FAMILIES.values() if f.data is not None}
 
 
-def _lazy(module: str, attr: str, call: bool = True) -> Callable:
-    """A family hook imported on first use, so `import mamlkit` does not load image code; ``call=False``:
-    a hook that returns the module's attribute itself (``USES``)."""
+def _lazy(module: str, attr: str) -> Callable:
+    """A family hook imported on first use, so `import mamlkit` does not load image code."""
     def hook(*args):
         import importlib
 
-        value = getattr(importlib.import_module(f"mamlkit.tasks.{module}"), attr)
-        return value(*args) if call else value
+        return getattr(importlib.import_module(f"mamlkit.tasks.{module}"), attr)(*args)
     return hook
 
 
-def _family(name: str, module: str, *, data: str = "", **hooks: bool) -> TaskFamily:
-    """The registry line of a family whose hooks live in ``mamlkit.tasks.<module>`` under their own names."""
+def _family(name: str, module: str, *, data: str = "", options: tuple[type, ...] | None = None,
+            **hooks: bool) -> TaskFamily:
+    """The registry line of a family whose hooks live in ``mamlkit.tasks.<module>`` under their own names;
+    ``options``: the options classes it reads (default: a built-in family's, ``FAMILY_OPTIONS``)."""
     return TaskFamily(name=name, build=_lazy(module, "build"), model_spec=_lazy(module, "model_spec"),
                       data=DataCommand(data, _lazy(module, "prepare_data")) if data else None,
-                      uses=_lazy(module, "USES", call=False),
+                      options=FAMILY_OPTIONS[name] if options is None else options,
                       **{hook: _lazy(module, hook) for hook, on in hooks.items() if on})
 
 
@@ -86,14 +94,15 @@ register_task_family(TaskFamily(
                             "hidden": list(cfg.hidden_sizes), "out_features": 1},
     input_spec=lambda cfg: {"type": "vector", "features": 1},  # x, one column
     report=lambda cfg: Report(table="shots", title="Sinusoid regression", figures=("sinusoid",)),
-    uses=_lazy("sinusoid", "USES", call=False),
+    options=FAMILY_OPTIONS["sinusoid"],
 ))
 register_task_family(_family("omniglot", "omniglot", data="omniglot", input_spec=True, report=True))
 register_task_family(_family("miniimagenet", "miniimagenet", data="miniimagenet", input_spec=True))
-register_task_family(_family("csv", "tabular", input_spec=True, report=True, derived=True))
+register_task_family(_family("csv", "tabular", input_spec=True, report=True))
 register_task_family(_family("clinc", "text", data="clinc150", input_spec=True, report=True))
 register_task_family(_family("images", "images", input_spec=True, report=True))
 
 __all__ = ["TaskBatch", "TaskDistribution", "TaskFamily", "task_generator", "Sinusoid", "TASK_FAMILIES",
-           "register_task_family", "get_family", "derived_fields", "data_commands", "INPUT_TYPES", "Baseline",
-           "Column", "DataCommand", "Report"]
+           "register_task_family", "get_family", "data_commands", "INPUT_TYPES", "Baseline",
+           "Column", "DataCommand", "Report", "MLPOptions", "RegressionEvalOptions", "ConvOptions", "EpisodeOptions",
+           "DataRootOptions", "ChecksumOptions", "PathOptions", "TaskSplitOptions"]

@@ -11,7 +11,8 @@ adding a family is one file plus a registry line (docs/DEVELOPING.md, "How to ad
   ``None``: the family takes tensors only, and ``mamlkit adapt`` refuses it with a clear message;
 * ``data``: what ``mamlkit data NAME`` does for it (``None``: no dataset to fetch);
 * ``report(cfg)``: a :class:`Report`, the declaration of its evaluation report. ``mamlkit.eval`` writes
-  every report from it; a family never writes one. ``None``: the default layout for the learner's kind.
+  every report from it; a family never writes one. ``None``: the default layout for the learner's kind;
+* ``options``: the options classes it reads (:mod:`mamlkit.base.options`), its flags.
 
 Nothing here imports a part above Base: the declarations are data, interpreted by Use and Eval.
 """
@@ -121,13 +122,9 @@ class TaskFamily:
     input_spec: Callable[[Any], dict[str, Any]] | None = None  # cfg -> raw-input spec (INPUT_TYPES)
     data: DataCommand | None = None                 # `mamlkit data NAME`
     report: Callable[[Any], Report] | None = None   # cfg -> the declared evaluation report
-    derived: Callable[[Any], dict[str, Any]] | None = None  # cfg -> config fields the family sets from others
-    # which of the family-dependent config fields (``config.TASK_FIELDS``) the family reads: a set, or a
-    # function giving it (so that a lazily imported family's module is loaded only when asked)
-    uses: frozenset[str] | Callable[[], frozenset[str]] = frozenset()
-
-    def fields(self) -> frozenset[str]:
-        return self.uses() if callable(self.uses) else self.uses
+    # the options classes the family reads (mamlkit.base.options; the built-in ones: mamlkit.tasks.options); a
+    # class's ``derived()`` gives generic config values it sets from its options (a CSV task's loss)
+    options: tuple[type, ...] = ()
 
 
 __all__ = ["INPUT_TYPES", "DataCommand", "Column", "Baseline", "Report", "TaskFamily"]

@@ -62,10 +62,6 @@ from mamlkit.data.imagefiles import MAX_IMAGE_PIXELS, class_name, open_image
 from mamlkit.tasks.episodes import gather, sample_classes
 from mamlkit.tasks.family import Report
 
-# The family-dependent config fields (config.TASK_FIELDS) this family reads.
-USES = frozenset({"filters", "pool", "image_size", "bn_mode", "n_way", "path", "task_split", "channels",
-                  "small_classes"})
-
 log = logging.getLogger("mamlkit")
 
 SPLIT_SEED = 1

@@ -34,9 +34,6 @@ from mamlkit.data.caches import read_cache, write_cache
 from mamlkit.data.imagefiles import open_image
 from mamlkit.tasks.episodes import EpisodeSampler
 
-# The family-dependent config fields (config.TASK_FIELDS) this family reads.
-USES = frozenset({"filters", "pool", "image_size", "bn_mode", "n_way", "data_root"})
-
 CACHE_VERSION = 1
 SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
 

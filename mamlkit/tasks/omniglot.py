@@ -45,10 +45,6 @@ from mamlkit.data import Omniglot, cache_root, ensure_omniglot, load_omniglot, r
 from mamlkit.tasks.episodes import gather, sample_classes, sample_examples
 from mamlkit.tasks.family import Report
 
-# The family-dependent config fields (config.TASK_FIELDS) this family reads.
-USES = frozenset({"filters", "pool", "image_size", "bn_mode", "n_way", "data_root", "trust_checksum", "split",
-                  "rotations"})
-
 SPLIT_SEED = 1
 SPLITS = ("paper", "background")
 ROTATIONS = ("per_task", "expand", "none")

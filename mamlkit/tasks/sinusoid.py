@@ -10,10 +10,6 @@ from torch import Tensor
 
 from mamlkit.base.batch import TaskBatch
 
-# The family-dependent config fields (config.TASK_FIELDS) this family reads: the MLP's widths, and the
-# regression evaluation's shots and query size (Finn et al. Fig. 3).
-USES = frozenset({"hidden_sizes", "eval_shots", "eval_query"})
-
 
 @dataclass(frozen=True, kw_only=True)
 class Sinusoid:

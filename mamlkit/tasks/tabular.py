@@ -53,10 +53,6 @@ from mamlkit.base.errors import UserError
 from mamlkit.data import tables
 from mamlkit.tasks.family import Baseline, Column, Report
 
-# The family-dependent config fields (config.TASK_FIELDS) this family reads.
-USES = frozenset({"hidden_sizes", "path", "task_column", "target", "features", "kind", "fill", "max_categories",
-                  "task_split", "small_tasks"})
-
 log = logging.getLogger("mamlkit")
 
 SPLIT_SEED = 1
@@ -299,11 +295,6 @@ def input_spec(cfg) -> dict:
     return {"type": "table", "target": cfg.target, "task_column": cfg.task_column, "fill": cfg.fill}
 
 
-def derived(cfg) -> dict:
-    """The kind of a CSV task picks its loss, so ``--kind classification`` suffices."""
-    return {"loss": "mse" if cfg.kind == "regression" else "cross_entropy"}
-
-
 SCRATCH_STEPS, SCRATCH_LR = 100, 1e-2  # the per-task-from-scratch baseline: full-batch Adam on the support rows
 
 
@@ -335,4 +326,4 @@ def report(cfg) -> Report:
 
 
 __all__ = ["TabularData", "CSVTasks", "load_csv", "split_tasks", "load_for", "build", "model_spec", "input_spec",
-           "derived", "report"]
+           "report"]

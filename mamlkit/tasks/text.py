@@ -46,10 +46,6 @@ from mamlkit.data.caches import read_cache, write_cache
 from mamlkit.tasks.episodes import EpisodeSampler
 from mamlkit.tasks.family import Baseline, Column, Report
 
-# The family-dependent config fields (config.TASK_FIELDS) this family reads.
-USES = frozenset({"hidden_sizes", "n_way", "data_root", "trust_checksum", "encoder_mode", "finetune_layers",
-                  "finetune_rate_scale", "text_max_tokens", "text_per_intent"})
-
 URL = "https://raw.githubusercontent.com/clinc/oos-eval/master/data/"
 SHA256 = {"data_full.json": "36923c3705a59e08fe9c3883d8bc2dd966ef93e22cb78ac41171782a698d56e0",
           "domains.json": "b947b579d3b8e74b06f93b01083d8efaff2888b43a3e362533bd88a6e1211b3a"}

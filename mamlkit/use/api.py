@@ -26,11 +26,12 @@ from torch import Tensor, nn
 from mamlkit import checkpoint
 from mamlkit.algorithms import MetaLearner
 from mamlkit.algorithms.driver import thread_planned
-from mamlkit.assemble import assemble
+from mamlkit.assemble import assemble, config_of
 from mamlkit.base.errors import UserError
 from mamlkit.base.limits import MAX_IMAGE_SIZE, MAX_STEPS, check_count
 from mamlkit.data import tables
 from mamlkit.data.tables import beyond
+from mamlkit.config import TrainConfig
 from mamlkit.engine.functional import call, named_buffers
 from mamlkit.engine.outputs import OutputSpec, output_selector
 from mamlkit.models import Workload, approve_model_code, build_model, check_model_memory, example_shape
@@ -264,8 +265,10 @@ def _adapted(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tenso
                     "adapt with fewer steps")
 
 
-def meta_cfg(cfg, classes: int | None, reset: bool):
-    return cfg.replace(n_way=classes) if reset else cfg
+def meta_cfg(cfg: TrainConfig, classes: int | None, reset: bool) -> TrainConfig:
+    """``cfg`` for ``classes`` classes when ``reset``; a family without episodes (``n_way``) sizes its head
+    from its data, so its config stays as it is."""
+    return cfg.replace(n_way=classes) if reset and "n_way" in cfg.to_dict() else cfg
 
 
 def _label_ids(labels: list, names: list[str] | None) -> tuple[Tensor, list[str]]:
@@ -316,7 +319,7 @@ def load(path: str | Path, *, model: str | None = None, trust_model_code: bool =
     stored = state["config"]
     approve_model_code([state.get("model_spec"), stored.get("model") if isinstance(stored, dict) else None],
                        f"checkpoint {path}", model=model, trust_model_code=trust_model_code)
-    cfg = checkpoint.config_of(state, path)
+    cfg = config_of(state, path)
     # The stored spec: a CSV task's comes from its training file, which need not exist where it is adapted.
     spec = state.get("model_spec") or get_family(cfg.task).model_spec(cfg)
     inputs = state.get("input") or input_spec(cfg)
