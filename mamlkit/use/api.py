@@ -29,9 +29,9 @@ from mamlkit.algorithms.driver import thread_planned
 from mamlkit.assemble import assemble, config_of
 from mamlkit.base.errors import UserError
 from mamlkit.base.limits import MAX_IMAGE_SIZE, MAX_STEPS, check_count
+from mamlkit.config import TrainConfig
 from mamlkit.data import tables
 from mamlkit.data.tables import beyond
-from mamlkit.config import TrainConfig
 from mamlkit.engine.functional import call, named_buffers
 from mamlkit.engine.outputs import OutputSpec, output_selector
 from mamlkit.models import Workload, approve_model_code, build_model, check_model_memory, example_shape
