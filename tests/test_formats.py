@@ -26,7 +26,7 @@ from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
 from mamlkit.loop import train
 from mamlkit.presets import preset_config
-from mamlkit.tasks import TaskFamily, register_task_family
+from mamlkit.tasks import ClassifierOptions, EpisodeOptions, MLPOptions, TaskFamily, register_task_family
 
 torch.set_num_threads(1)
 
@@ -54,8 +54,8 @@ class Sectors:
 SECTORS = TaskFamily(name="sectors", build=lambda cfg, split: Sectors(cfg.n_way, cfg.k_shot, cfg.k_query),
                      model_spec=lambda cfg: {"name": "mlp", "in_features": 2, "hidden": list(cfg.hidden_sizes),
                                              "out_features": cfg.n_way},
-                     input_spec=lambda cfg: {"type": "vector"}, derived=lambda cfg: {"loss": "cross_entropy"},
-                     uses=frozenset({"hidden_sizes", "n_way"}))
+                     input_spec=lambda cfg: {"type": "vector"},
+                     options=(MLPOptions, EpisodeOptions, ClassifierOptions))
 
 
 @pytest.fixture(scope="module")

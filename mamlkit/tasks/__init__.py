@@ -16,6 +16,7 @@ from mamlkit.tasks.family import INPUT_TYPES, Baseline, Column, DataCommand, Rep
 from mamlkit.tasks.options import (
     FAMILY_OPTIONS,
     ChecksumOptions,
+    ClassifierOptions,
     ConvOptions,
     DataRootOptions,
     EpisodeOptions,
@@ -105,4 +106,4 @@ register_task_family(_family("images", "images", input_spec=True, report=True))
 __all__ = ["TaskBatch", "TaskDistribution", "TaskFamily", "task_generator", "Sinusoid", "TASK_FAMILIES",
            "register_task_family", "get_family", "data_commands", "INPUT_TYPES", "Baseline",
            "Column", "DataCommand", "Report", "MLPOptions", "RegressionEvalOptions", "ConvOptions", "EpisodeOptions",
-           "DataRootOptions", "ChecksumOptions", "PathOptions", "TaskSplitOptions"]
+           "DataRootOptions", "ChecksumOptions", "ClassifierOptions", "PathOptions", "TaskSplitOptions"]

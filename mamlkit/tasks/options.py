@@ -36,6 +36,15 @@ class MLPOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClassifierOptions:
+    """No flag of its own: a family that lists it classifies, so its loss is cross-entropy (the learner's kind
+    follows its loss), whichever preset the run starts from."""
+
+    def derived(self) -> dict[str, Any]:
+        return {"loss": "cross_entropy"}
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegressionEvalOptions:
     """The final evaluation of a regression family: query loss per number of shots."""
 
