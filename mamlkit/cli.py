@@ -18,7 +18,7 @@ from mamlkit.presets import PRESETS, preset_config
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progress", "tensorboard", "threads",
              "tune_malloc", "eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained",
-             "baseline_lrs",
+             "baseline_lrs", "test_guard",
              "backend", "dist_timeout", "data_root", "trust_checksum"}  # data: verified by checksum
 
 
@@ -59,6 +59,9 @@ def build_parser(help_preset: str | None = None, help_env: str | None = None) ->
     ev.add_argument("run", help="run folder or checkpoint file")
     ev.add_argument("--baseline", help="run folder of a baseline to compare (default: RUN/pretrained if present)")
     ev.add_argument("--eval-tasks", type=int, help="number of test tasks (default: the run's, 600)")
+    ev.add_argument("--test-guard", action=argparse.BooleanOptionalAction, default=None,
+                    help="adapt with step halving when the support loss rises (the guarded table); default: the "
+                    "run's --test-guard, else the paper's plain SGD")
     adapt_cli.add_model_flags(ev)
     ev.add_argument("--out", metavar="DIR", help="write eval.md, eval.json and figures into DIR (default: RUN's "
                     "folder)")
@@ -236,7 +239,7 @@ def _check_resumable(path: Path) -> None:
 
 
 # The settings a run's report depends on: a finished run resumed with others is reported again.
-REPORTED = ("eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained", "baseline_lrs")
+REPORTED = ("eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained", "baseline_lrs", "test_guard")
 
 
 def _finished(trainer, stored: config.TrainConfig) -> bool:
@@ -361,6 +364,7 @@ def _eval(args: argparse.Namespace, main, approval: dict) -> int:
     out = runfolder.report_folder(Path(args.out) if args.out else main.run_dir, reports.REPORT_FILES,
                                   args.overwrite)
     cfg = main.cfg if args.eval_tasks is None else main.cfg.replace(eval_tasks=args.eval_tasks)
+    cfg = cfg if args.test_guard is None else cfg.replace(test_guard=args.test_guard)
     learners, steps = {main.learner.name: main.learner}, {main.learner.name: main.step}
     baseline = Path(args.baseline) if args.baseline else main.run_dir / "pretrained"
     if args.baseline or (baseline / "checkpoint.safetensors").exists():

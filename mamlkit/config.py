@@ -137,6 +137,8 @@ class TrainConfig:
     eval_shots: tuple[int, ...] = flag((5, 10, 20), LOGGING, "regression: support sizes K evaluated")
     eval_query: int = flag(100, LOGGING, "regression: query points per evaluation task (0: K, as many as "
                           "support)")
+    test_guard: bool = flag(False, LOGGING, "evaluation adapts with step halving when the support loss rises (the "
+                            "guarded table); default: the paper's plain SGD")
     compare_pretrained: bool = flag(True, LOGGING, "also train the pretrained baseline and compare it")
     baseline_lrs: tuple[float, ...] = flag((), LOGGING, "step sizes tried for fine-tuning the pretrained baseline: "
                                            "the one with the lowest validation loss is used (empty: inner_lr)")

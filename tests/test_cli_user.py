@@ -159,7 +159,7 @@ def test_adapt_prints_one_summary_line(cli, tmp_path):
     lines = [x for x in err.splitlines() if x.startswith("mamlkit: adapted")]
     assert len(lines) == 1
     classes = sorted(p.name for p in (tmp_path / "task" / "support").iterdir())
-    assert re.fullmatch(rf"mamlkit: adapted omniglot-5w1s \(maml\): 2 steps at rate 0\.4 on 5 support images "
+    assert re.fullmatch(rf"mamlkit: adapted omniglot-5w1s \(maml\): 2 steps of SGD at α=0\.4 on 5 support images "
                         rf"of 5 classes \({re.escape(', '.join(classes))}\); predicting 15 queries", lines[0])
     assert out.count("\n") == 16  # the CSV alone on stdout: a header and one row per query
 
