@@ -124,9 +124,9 @@ def adapt_path(
     """
     path = Path([fast])
     path.states = []
-    for fast, state in _iterate(loss, fast, support_x, support_y, rule=rule, steps=steps, first_order=first_order,
-                                checkpoint=checkpoint):
-        path.append(fast)
+    for theta, state in _iterate(loss, fast, support_x, support_y, rule=rule, steps=steps, first_order=first_order,
+                                 checkpoint=checkpoint):
+        path.append(theta)
         path.states.append(state)
     return path
 
@@ -306,11 +306,11 @@ def adapt_final(loss: Callable[[Params, Tensor, Tensor], Tensor], fast: Params, 
     """θ_K after ``steps`` updates, with no graph to θ0 and only the current iterate kept, so memory
     does not grow with ``steps`` (Reptile's and iMAML's inner solve, ``adapt``). The same loop as
     :func:`adapt_path`'s first-order path. Returns detached tensors."""
-    fast = {k: v.detach() for k, v in fast.items()}
-    for fast, _ in _iterate(loss, fast, support_x, support_y, rule=rule, steps=steps, first_order=True,
-                            detach=True):
-        pass
-    return fast
+    final = {k: v.detach() for k, v in fast.items()}
+    for adapted, _ in _iterate(loss, final, support_x, support_y, rule=rule, steps=steps, first_order=True,
+                               detach=True):
+        final = adapted
+    return final
 
 
 def proximal(loss: Callable[[Params, Tensor, Tensor], Tensor], anchor: Params, lam: float

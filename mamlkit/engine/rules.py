@@ -225,27 +225,34 @@ def _halving_factor(value_fn: Callable[[Params], Tensor], params: Params, update
                     max_halvings: int) -> tuple[Tensor, Tensor]:
     """``(factor, halved)``: the largest 2^-j (j ≤ max_halvings) whose step does not raise ``value_fn`` beyond
     the tolerance, 0 when none does; ``halved``: the full step did not pass."""
-    can_stop = torch._C._functorch.maybe_current_level() is None  # a Python branch on a value: not under vmap
     with torch.no_grad():
         p0 = {k: v.detach() for k, v in params.items()}
         u0 = {k: u if isinstance(u, Assign) else u.detach() for k, u in updates.items()}
         current = value_fn(p0)
         bound = current + tolerance * current.abs()
-        factor = torch.zeros_like(current)
-        done = torch.zeros_like(current, dtype=torch.bool)
-        halved = done
-        trial = 1.0
-        for attempt in range(max_halvings + 1):
-            after = value_fn(apply_updates(p0, _each(u0, lambda k, u: u * trial)))
-            ok = ~done & torch.isfinite(after) & (after <= bound)
+
+        def passes(f: Tensor | float) -> Tensor:
+            after = value_fn(apply_updates(p0, _each(u0, lambda k, u: u * f)))
+            return torch.isfinite(after) & (after <= bound)
+
+        if torch._C._functorch.maybe_current_level() is None:  # outside a transform: stop at the first that passes
+            trial = 1.0
+            for _ in range(max_halvings + 1):
+                if bool(passes(trial)):
+                    return torch.full_like(current, trial), torch.tensor(trial < 1.0, device=current.device)
+                trial = trial / 2
+            return torch.zeros_like(current), torch.tensor(True, device=current.device)
+        # Under vmap no Python branch may read a value: every trial is scored. (One batched call over the factors,
+        # a nested vmap, breaks mse_loss's batching rule under the exact-ops mode.)
+        factor, done, trial = torch.zeros_like(current), torch.zeros_like(current, dtype=torch.bool), 1.0
+        first_failed = None
+        for _ in range(max_halvings + 1):
+            ok = ~done & passes(trial)
             factor = torch.where(ok, torch.full_like(factor, trial), factor)
-            if attempt == 0:
-                halved = ~ok
+            first_failed = ~ok if first_failed is None else first_failed
             done = done | ok
-            if can_stop and bool(done):
-                break
             trial = trial / 2
-    return factor, halved
+        return factor, first_failed
 
 
 def was_halved(state: Any) -> Tensor | None:

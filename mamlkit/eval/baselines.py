@@ -3,8 +3,8 @@
 * :func:`prototype_accuracy`: nearest class centroid (prototypes, Snell et al. 2017) in the input
   space, e.g. the frozen sentence embeddings; squared Euclidean distance.
 * :func:`scratch_losses`: a model trained from a fresh random initialisation on each task's
-  support set alone (full-batch Adam, :func:`mamlkit.engine.rules.adam`), then scored on the query set. For text this is "a fresh head
-  on the support set"; for CSV tasks "a per-task model from scratch".
+  support set alone (full-batch Adam, :func:`mamlkit.engine.rules.adam`), then scored on the query set.
+  For text this is "a fresh head on the support set"; for CSV tasks "a per-task model from scratch".
 
 Both are vectorised over tasks with ``torch.vmap``; randomness comes from an explicit seed only.
 """

@@ -172,7 +172,8 @@ def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainCo
             losses[name].append(res.losses)
             accs[name].append(res.accs)
     by_acc = decl.metric == "accuracy"
-    lines = [*decl.describe, adaptation_text(learners, cfg), "", "| method | adaptation | " + " | ".join(c.heading for c in decl.columns) + " |",
+    lines = [*decl.describe, adaptation_text(learners, cfg), "",
+             "| method | adaptation | " + " | ".join(c.heading for c in decl.columns) + " |",
              "|" + "---|" * (2 + len(decl.columns))]
     table: dict = {}
     final: dict[str, Tensor] = {}  # per task, after the test-time steps: what the comparisons pair
