@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -132,6 +133,21 @@ def test_train_names_the_files_it_wrote(sinusoid_run):
     assert not (sinusoid_run / "tensorboard").exists()
     assert cli._written(sinusoid_run) == ("checkpoint.safetensors, config.json, metrics.jsonl, metrics.csv, eval.md, "
                                           "eval.json, figure2_fits.png, figure3_learning_curve.png")
+
+
+def test_test_guard_is_one_flag_away_on_eval_and_on_resume(sinusoid_run, cli, tmp_path):
+    """The run's table is the paper's plain SGD; ``--test-guard`` gives the guarded one, on ``mamlkit eval`` and
+    on a resumed run (a report setting: the finished run is reported again)."""
+    assert json.loads((sinusoid_run / "eval.json").read_text())["test_guard"] is False
+    code, out, err = cli("eval", sinusoid_run, "--eval-tasks", "4", "--out", tmp_path / "g", "--test-guard")
+    assert code == 0, err
+    assert json.loads((tmp_path / "g" / "eval.json").read_text())["test_guard"] is True
+    assert "Test-time adaptation, guarded (--test-guard)" in out and "with step halving" in out
+    run = tmp_path / "copy"
+    shutil.copytree(sinusoid_run, run)
+    code, out, err = cli("train", "--resume", run, "--test-guard")
+    assert code == 0, err
+    assert json.loads((run / "eval.json").read_text())["test_guard"] is True
 
 
 def test_eval_never_replaces_a_report_silently(sinusoid_run, cli, tmp_path):

@@ -229,3 +229,18 @@ def test_a_mean_far_above_the_median_is_flagged():
     cell = EvalResult(losses, torch.zeros_like(losses)).cell(1)
     assert cell["median"] == pytest.approx(0.1) and cell["ci95"] < cell["mean"]
     assert cell["flag"] == "mean over 5× the median: outlier tasks"
+
+
+def test_an_accuracy_cell_keeps_the_median_and_flags_a_loss_that_is_not_finite():
+    from mamlkit.eval.evaluate import EvalResult
+
+    losses = torch.tensor([[1.0, 0.5], [1.0, float("nan")], [1.0, 0.4], [1.0, 0.3]], dtype=F64)
+    accs = torch.tensor([[0.2, 0.8], [0.2, 0.2], [0.2, 1.0], [0.2, 1.0]], dtype=F64)
+    r = EvalResult(losses, accs)
+    assert r.acc_cell(0) == {"mean": pytest.approx(0.2), "ci95": pytest.approx(0.0, abs=1e-12), "median": 0.2,
+                             "flag": None}
+    cell = r.acc_cell(1)
+    assert cell["mean"] == pytest.approx(0.75) and cell["median"] == 0.8  # torch's median: the lower middle
+    assert cell["flag"] == "loss not finite on 1/4 tasks"
+    text = r.acc_text(1)
+    assert text.startswith("75.00 ± ") and text.endswith("(median 80.00) ⚠ loss not finite on 1/4 tasks")

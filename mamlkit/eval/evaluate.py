@@ -35,6 +35,22 @@ class EvalResult:
     def acc(self, steps: int) -> tuple[float, float]:
         return mean_ci(self.accs[:, steps])
 
+    def acc_cell(self, steps: int) -> dict:
+        """The accuracy after ``steps`` steps as a strict-JSON record (fractions): ``mean``, ``ci95``, ``median``
+        and ``flag``: None, or the tasks whose loss is not finite (their accuracy hides the blow-up)."""
+        mean, ci = self.acc(steps)
+        bad = self.diverged(steps)
+        return {"mean": mean, "ci95": ci if math.isfinite(ci) else None,
+                "median": self.accs[:, steps].double().median().item(),
+                "flag": f"loss not finite on {bad}/{len(self.losses)} tasks" if bad else None}
+
+    def acc_text(self, steps: int) -> str:
+        """``mean ± ci (median m)`` in percent, followed by the cell's flag when there is one."""
+        c = self.acc_cell(steps)
+        ci = "—" if c["ci95"] is None else f"{100 * c['ci95']:.2f}"
+        text = f"{100 * c['mean']:.2f} ± {ci} (median {100 * c['median']:.2f})"
+        return text + (f" ⚠ {c['flag']}" if c["flag"] else "")
+
     def diverged(self, steps: int) -> int:
         """Tasks whose query loss after ``steps`` inner steps is not finite (inner SGD blew up)."""
         return int((~torch.isfinite(self.losses[:, steps])).sum())
@@ -84,6 +100,10 @@ class EvalResult:
 CELL_LEGEND = (f"Each cell: mean ± 95% CI over the tasks, then the median; ⚠ flags a cell whose mean is not to be "
                f"trusted: a task's loss not finite, a loss over {DIVERGED_GROWTH}× its pre-update value, a CI wider "
                f"than the mean or a mean over {MEAN_OVER_MEDIAN}× the median (a few tasks far from the rest).")
+
+
+ACC_LEGEND = ("Each cell: mean ± 95% CI over the tasks, then the median; ⚠ flags a cell where some task's loss "
+              "is not finite (its accuracy would hide the blow-up).")
 
 
 def test_tasks(dist: TaskDistribution, seed: int, num_tasks: int, split: str = "test") -> TaskBatch:

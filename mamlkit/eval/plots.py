@@ -124,7 +124,7 @@ def accuracy_curve(path: Path, table: dict, title: str) -> None:
     for name, per_step in table.items():
         steps = [int(k) for k in per_step]
         mean = torch.tensor([100 * per_step[k]["mean"] for k in per_step])
-        ci = torch.tensor([100 * per_step[k]["ci95"] for k in per_step]).nan_to_num(0.0)
+        ci = torch.tensor([100 * (per_step[k]["ci95"] or 0.0) for k in per_step]).nan_to_num(0.0)  # None: one task
         ax.plot(steps, mean, marker="o", markersize=3, label=name)
         ax.fill_between(steps, mean - ci, mean + ci, alpha=0.25)
     ax.set_xlabel("number of gradient steps")

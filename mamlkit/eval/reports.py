@@ -22,7 +22,7 @@ from mamlkit.base.metrics import mean_ci
 from mamlkit.checkpoint import atomic_write_text
 from mamlkit.config import TrainConfig
 from mamlkit.eval import baselines, plots
-from mamlkit.eval.evaluate import CELL_LEGEND, EvalResult, evaluate, fmt, test_tasks
+from mamlkit.eval.evaluate import ACC_LEGEND, CELL_LEGEND, EvalResult, evaluate, fmt, test_tasks
 from mamlkit.models import build_model
 from mamlkit.presets import PRESETS
 from mamlkit.tasks import Baseline, Column, Report, get_family
@@ -123,7 +123,7 @@ def steps_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConf
     paper = _paper(cfg)
     lines = [f"{decl.title or cfg.preset or cfg.task}: query accuracy (%), mean ± 95% CI over {cfg.eval_tasks} "
              f"test tasks, {cfg.n_way}-way {cfg.k_shot}-shot, {cfg.k_query} query images per class, "
-             f"α={cfg.inner_lr}.", adaptation_text(learners, cfg),
+             f"α={cfg.inner_lr}.", adaptation_text(learners, cfg), ACC_LEGEND,
              f"Batch norm: {BN_MODE_TEXT.get(cfg.bn_mode, cfg.bn_mode)}.", *decl.describe,
              *([f"Paper ({PRESETS[cfg.preset].citation}): " + ", ".join(f"{k} {v}" for k, v in paper.items())]
                if paper else []), "",
@@ -133,11 +133,10 @@ def steps_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConf
     for name, learner in learners.items():
         res = evaluate(learner, tasks, steps, batch_size=decl.batch_size or 50, device=cfg.device,
                        dtype=getattr(torch, cfg.dtype), guard=cfg.test_guard)
-        accs = [res.acc(s) for s in range(steps + 1)]
         ref = paper.get(name)
-        lines.append(f"| {name} | " + " | ".join(fmt(100 * m, 100 * c, 2) for m, c in accs) +
+        lines.append(f"| {name} | " + " | ".join(res.acc_text(s) for s in range(steps + 1)) +
                      f" | {ref if ref is not None else '—'} |")
-        table[name] = {str(s): {"mean": m, "ci95": c} for s, (m, c) in enumerate(accs)}
+        table[name] = {str(s): res.acc_cell(s) for s in range(steps + 1)}
     text = "\n".join(lines) + "\n"
     _write(run_dir, text, cfg, dataclasses.replace(decl, facts={"bn_mode": cfg.bn_mode, "paper": paper, **decl.facts}),
            "accuracy", table)
