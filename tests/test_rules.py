@@ -78,6 +78,9 @@ def test_learners_describe_their_own_rule():
     assert Reptile(model, inner_lr=0.02, inner_optimizer="adam").describe() == "Adam at lr=0.02, β=(0, 0.999), ε=1e-08"
     assert mamlkit.MAML(model, inner_lr=0.05).describe(guard=True) == \
         "SGD at α=0.05, with step halving when the support loss rises"
+    from mamlkit.algorithms.anil import ANIL
+
+    assert ANIL(model, inner_lr=0.4).describe() == "SGD at α=0.4, on 2 of 4 parameter tensors (2.weight, 2.bias)"
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])

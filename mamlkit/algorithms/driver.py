@@ -301,8 +301,14 @@ class Driver:
 
     def describe(self, guard: bool = False) -> str:
         """The test-time inner rule in words (``guard``: within the descent safeguard), as reports and
-        ``mamlkit adapt`` print it: e.g. "SGD at α=0.01"."""
-        return self._start(None, guard)[1].describe()
+        ``mamlkit adapt`` print it: e.g. "SGD at α=0.01", and which parameters it adapts when not all of them
+        ("on 2 of 6 parameter tensors (head.weight, head.bias)": ANIL)."""
+        theta, rule = self._start(None, guard)
+        fast, _ = split_params(theta, trainable_filter(self.model, self.pieces.adapts))
+        if len(fast) == len(theta):
+            return rule.describe()
+        names = ", ".join(list(fast)[:4]) + (", ..." if len(fast) > 4 else "")
+        return f"{rule.describe()}, on {len(fast)} of {len(theta)} parameter tensors ({names})"
 
     def __repr__(self) -> str:
         return f"Driver({self.name}, {self.executor!r})"

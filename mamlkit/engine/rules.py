@@ -156,7 +156,7 @@ def assign_per_step(copies: Mapping[str, Tensor], last: int) -> InnerRule:
     def update(updates: Updates, *, step: int = 0, **extra) -> Updates:
         return {**updates, **{k: Assign(c[min(step + 1, last)]) for k, c in copies.items()}}
 
-    return _stateless(update, lambda: "per-step batch-norm weights")
+    return _stateless(update, lambda: "the norm weights set to each step's learned copy")
 
 
 def adam(lr: float, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> InnerRule:
