@@ -247,3 +247,14 @@ def test_an_accuracy_cell_keeps_the_median_and_flags_a_loss_that_is_not_finite()
     assert cell["flag"] == "loss not finite on 1/4 tasks"
     text = r.acc_text(1)
     assert text.startswith("75.00 ± ") and text.endswith("(median 80.00) ⚠ loss not finite on 1/4 tasks")
+
+
+def test_a_methods_cell_keeps_the_median_and_flags_a_value_that_is_not_finite():
+    from mamlkit.tasks import Column
+
+    loss = torch.tensor([0.5, 0.1, float("inf"), 0.3], dtype=F64)
+    acc = torch.tensor([0.8, 0.2, 1.0, 1.0], dtype=F64)
+    text = reports._cells((Column("acc", "accuracy"), Column("loss", "loss")), loss, acc)
+    shown_acc, shown_loss = text.split(" | ")
+    assert shown_acc.startswith("75.00 ± ") and shown_acc.endswith("(median 80.00)")
+    assert "(median 0.300) ⚠ not finite on 1/4 tasks" in shown_loss

@@ -171,7 +171,8 @@ def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainCo
             losses[name].append(res.losses)
             accs[name].append(res.accs)
     by_acc = decl.metric == "accuracy"
-    lines = [*decl.describe, adaptation_text(learners, cfg), "",
+    lines = [*decl.describe, adaptation_text(learners, cfg), "Each cell: mean ± 95% CI over the test episodes, then "
+             "the median; ⚠ where some episode's value is not finite.", "",
              "| method | adaptation | " + " | ".join(c.heading for c in decl.columns) + " |",
              "|" + "---|" * (2 + len(decl.columns))]
     table: dict = {}
@@ -212,27 +213,36 @@ def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainCo
     return text
 
 
+def _stat(values: Tensor, scale: float, digits: int) -> str:
+    """``mean ± ci (median m)`` of ``values [T]`` times ``scale``, with ⚠ and the count where some task's value
+    is not finite (the mean and CI are then not to be trusted)."""
+    m, c = mean_ci(values)
+    text = f"{fmt(m * scale, c * scale, digits)} (median {values.double().median().item() * scale:.{digits}f})"
+    bad = int((~torch.isfinite(values)).sum())
+    return text + (f" ⚠ not finite on {bad}/{len(values)} tasks" if bad else "")
+
+
 def _cells(columns: tuple[Column, ...], loss: Tensor | None, acc: Tensor) -> str:
     out = []
     for col in columns:
         if col.metric == "acc":
-            m, c = mean_ci(acc)
-            out.append(fmt(100 * m, 100 * c, 2))
+            out.append(_stat(acc, 100, 2))
         else:
             if loss is None:
                 raise ValueError(f"column {col.heading!r} shows a loss; this method has none (prototypes)")
-            m, c = mean_ci(loss)
-            out.append(fmt(m * col.scale, c * col.scale))
+            out.append(_stat(loss, col.scale, 3))
     return " | ".join(out)
 
 
 def _entry(decl: Report, loss: Tensor | None, acc: Tensor, classification: bool) -> dict:
-    """A method's eval.json entry: accuracy mean and CI, or loss and CI (with the accuracy for classification)."""
+    """A method's eval.json entry: accuracy mean, CI and median, or loss, CI and median (with the accuracy for
+    classification)."""
     if decl.metric == "accuracy":
         m, c = mean_ci(acc)
-        return {"mean": m, "ci95": c}
+        return {"mean": m, "ci95": c, "median": acc.double().median().item()}
     m, c = mean_ci(loss)
-    return {"loss": m, "ci95": c, **({"acc": mean_ci(acc)[0]} if classification else {})}
+    return {"loss": m, "ci95": c, "median": loss.double().median().item(),
+            **({"acc": mean_ci(acc)[0]} if classification else {})}
 
 
 def _baseline(b: Baseline, tasks: TaskBatch, cfg: TrainConfig, family, dtype: torch.dtype
