@@ -171,19 +171,13 @@ def _check_output(output: str | None) -> None:
 
 
 def _summary(learner, args: argparse.Namespace, support: str, classes: list[str] | None, queries: int) -> None:
-    """One line on stderr saying what the adaptation did: steps, rate, support size and classes."""
+    """One line on stderr saying what the adaptation did: steps, the learner's inner rule in its own words
+    (``describe()``), support size and classes."""
     cfg = learner.cfg
     steps = args.steps if args.steps is not None else getattr(learner.meta, "test_inner_steps", cfg.eval_inner_steps)
-    if cfg.algo == "metasgd":
-        rate = "learned per-parameter rates"
-    elif cfg.algo == "mamlpp" and cfg.lslr:
-        rate = "learned per-layer, per-step rates"
-    elif cfg.algo == "reptile":
-        rate = f"{cfg.reptile_inner_optimizer} rate {cfg.reptile_inner_lr:g}"
-    else:
-        rate = f"rate {cfg.inner_lr:g}"
+    rule = learner.meta.describe()
     shown = "" if classes is None else f" of {len(classes)} classes ({_listed(classes)})"
-    print(f"mamlkit: adapted {args.checkpoint} ({cfg.algo}): {steps} step{'s' * (steps != 1)} at {rate} on "
+    print(f"mamlkit: adapted {args.checkpoint} ({cfg.algo}): {steps} step{'s' * (steps != 1)} of {rule} on "
           f"{support}{shown}; predicting {queries} quer{'ies' if queries != 1 else 'y'}", file=sys.stderr)
 
 

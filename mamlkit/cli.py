@@ -50,6 +50,9 @@ def build_parser(help_preset: str | None = None, help_env: str | None = None) ->
     ev.add_argument("run", help="run folder or checkpoint file")
     ev.add_argument("--baseline", help="run folder of a baseline to compare (default: RUN/pretrained if present)")
     ev.add_argument("--eval-tasks", type=int, help="number of test tasks (default: the run's, 600)")
+    ev.add_argument("--test-guard", action=argparse.BooleanOptionalAction, default=None,
+                    help="adapt with step halving when the support loss rises (the guarded table); default: the "
+                    "run's --test-guard, else the paper's plain SGD")
     adapt_cli.add_model_flags(ev)
     ev.add_argument("--out", metavar="DIR", help="write eval.md, eval.json and figures into DIR (default: RUN's "
                     "folder)")
@@ -135,7 +138,8 @@ def _train(args: argparse.Namespace, started: list[Path]) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mamlkit.loop import run
 
-    out, written = run.eval_run(args.run, baseline=args.baseline, eval_tasks=args.eval_tasks, out=args.out,
+    out, written = run.eval_run(args.run, baseline=args.baseline, eval_tasks=args.eval_tasks,
+                                test_guard=args.test_guard, out=args.out,
                                 overwrite=args.overwrite, model=args.model, trust_model_code=args.trust_model_code,
                                 threads=args.threads)
     print(f"report: {out} ({', '.join(written)})")

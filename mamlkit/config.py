@@ -89,6 +89,8 @@ class TrainConfig:
     # final evaluation
     eval_tasks: int = flag(600, LOGGING, "fixed test tasks of the final evaluation")
     eval_steps: tuple[int, ...] = flag((0, 1, 5, 10), LOGGING, "inner steps at which the evaluation reports")
+    test_guard: bool = flag(False, LOGGING, "evaluation adapts with step halving when the support loss rises (the "
+                            "guarded table); default: the paper's plain SGD")
     compare_pretrained: bool = flag(True, LOGGING, "also train the pretrained baseline and compare it")
     baseline_lrs: tuple[float, ...] = flag((), LOGGING, "step sizes tried for fine-tuning the pretrained baseline: "
                                            "the one with the lowest validation loss is used (empty: inner_lr)")

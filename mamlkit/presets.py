@@ -54,8 +54,9 @@ register_preset(Preset(
              "evaluation as the authors' code (cbfinn/maml main.py: update_lr default, test())",
     summary="sinusoid regression, MLP 1-40-40-1, one model meta-trained with K=10, α=0.001 (the authors' code; "
             "§5.1 says 0.01), 1 step, meta-batch 25, Adam 1e-3, 70k its; then fine-tuned on K=5/10/20: 600 "
-            "tasks, K query points each, 10 steps of SGD at α on the same K points (a step that would raise the "
-            "support loss is halved); the pretrained baseline at its best step size on validation tasks",
+            "tasks, K query points each, 10 steps of plain SGD at α on the same K points (--test-guard: a step "
+            "that would raise the support loss is halved); the pretrained baseline at its best step size on "
+            "validation tasks",
     # Read off the paper's Figure 3 (5-shot, after 1/5/10 gradient steps).
     paper={"maml": {5: {1: 0.67, 5: 0.38, 10: 0.35}}, "pretrain": {5: {1: 2.41, 5: 2.23, 10: 2.19}}},
 ))

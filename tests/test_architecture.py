@@ -182,3 +182,34 @@ def test_the_check_itself(module, target, expected):
     src, dst = part_of(module), part_of(target)
     forbidden = (src == "Base" and dst != "Base") or (src, dst) in NEVER
     assert forbidden is expected
+
+
+# What Eval may read of a learner is the MetaLearner protocol; an algorithm's pieces are its own.
+PRIVATE_TO_ALGORITHMS = frozenset({"pieces", "_pieces", "_start", "_task", "_outer", "_train_fn", "_path_losses"})
+
+
+def private_reads(source: str) -> list[str]:
+    """``name (line)`` of every attribute in ``PRIVATE_TO_ALGORITHMS`` that ``source`` reads, by attribute
+    (``learner.pieces``) or by name (``getattr(learner, "pieces")``)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in PRIVATE_TO_ALGORITHMS:
+            found.append(f"{node.attr} (line {node.lineno})")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+              and node.args[1].value in PRIVATE_TO_ALGORITHMS):
+            found.append(f"{node.args[1].value} (line {node.lineno})")
+    return found
+
+
+def test_eval_reads_learners_through_the_protocol_only():
+    """Eval adapts through the learner (``adapted_losses``, ``guarded_losses``, ``adapt``, ``describe``), never
+    by reading the pieces an algorithm is built from."""
+    reads = {path.name: private_reads(path.read_text()) for path in sorted((PACKAGE / "eval").glob("*.py"))}
+    assert not {k: v for k, v in reads.items() if v}, reads
+
+
+def test_the_private_read_check_itself():
+    assert private_reads("p = getattr(learner, 'pieces', None)\nq = learner.pieces.inner_lr\n") == [
+        "pieces (line 1)", "pieces (line 2)"]
+    assert private_reads("x = learner.describe()\n") == []

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -144,6 +145,21 @@ def test_train_names_the_files_it_wrote(sinusoid_run):
         "figure3_learning_curve.png")
 
 
+def test_test_guard_is_one_flag_away_on_eval_and_on_resume(sinusoid_run, cli, tmp_path):
+    """The run's table is the paper's plain SGD; ``--test-guard`` gives the guarded one, on ``mamlkit eval`` and
+    on a resumed run (a report setting: the finished run is reported again)."""
+    assert json.loads((sinusoid_run / "eval.json").read_text())["test_guard"] is False
+    code, out, err = cli("eval", sinusoid_run, "--eval-tasks", "4", "--out", tmp_path / "g", "--test-guard")
+    assert code == 0, err
+    assert json.loads((tmp_path / "g" / "eval.json").read_text())["test_guard"] is True
+    assert "Test-time adaptation, guarded (--test-guard)" in out and "with step halving" in out
+    run = tmp_path / "copy"
+    shutil.copytree(sinusoid_run, run)
+    code, out, err = cli("train", "--resume", run, "--test-guard")
+    assert code == 0, err
+    assert json.loads((run / "eval.json").read_text())["test_guard"] is True
+
+
 def test_eval_never_replaces_a_report_silently(sinusoid_run, cli, tmp_path):
     before = {n: (sinusoid_run / n).read_bytes() for n in ("eval.md", "eval.json", "figure2_fits.png")}
     code, out, err = cli("eval", sinusoid_run, "--eval-tasks", "12")
@@ -169,7 +185,7 @@ def test_adapt_prints_one_summary_line(cli, tmp_path):
     lines = [x for x in err.splitlines() if x.startswith("mamlkit: adapted")]
     assert len(lines) == 1
     classes = sorted(p.name for p in (tmp_path / "task" / "support").iterdir())
-    assert re.fullmatch(rf"mamlkit: adapted omniglot-5w1s \(maml\): 2 steps at rate 0\.4 on 5 support images "
+    assert re.fullmatch(rf"mamlkit: adapted omniglot-5w1s \(maml\): 2 steps of SGD at α=0\.4 on 5 support images "
                         rf"of 5 classes \({re.escape(', '.join(classes))}\); predicting 15 queries", lines[0])
     assert out.count("\n") == 16  # the CSV alone on stdout: a header and one row per query
 

@@ -63,3 +63,30 @@ def test_the_worked_algorithm_owns_its_option(registry, capsys):
         TrainConfig(algo="maml", rate_init=0.25)
     with pytest.raises(ConfigError, match="--first-order has no effect on --algo learned-rate"):
         TrainConfig(algo="learned-rate", first_order=True)
+
+
+TINY = ["--iterations", "3", "--eval-tasks", "4", "--eval-query", "5", "--eval-shots", "5", "--eval-steps", "0", "1",
+        "--val-tasks", "0", "--hidden-sizes", "8", "--no-compare-pretrained", "--no-progress", "--no-tensorboard",
+        "--threads", "1", "--strategy", "loop"]
+
+
+def test_its_rule_is_printed_by_the_report_and_by_adapt(registry, cli, tmp_path):
+    """The worked example's ``describe()`` is what eval.md and ``mamlkit adapt`` print about its rule."""
+    namespace: dict = {"__name__": "learned_rate"}
+    exec(compile(section_code("How to add an algorithm")[0], str(DOC), "exec"), namespace)
+    code, _, err = cli("train", "sinusoid", "--algo", "learned-rate", "--out-dir", tmp_path, "--run-name", "lr",
+                       *TINY)
+    assert code == 0, err
+    from mamlkit.loop import train
+
+    learner = train.load_trainer(tmp_path / "lr", resume=False).learner
+    said = learner.describe()
+    rate = float(learner.meta_parameters()["inner_lr"].detach())
+    assert said == f"SGD at a meta-learned α={rate:.4g}" and rate != 0.001  # meta-learned: it moved from its start
+    assert f"learned-rate: {said}" in (tmp_path / "lr" / "eval.md").read_text()
+    (tmp_path / "s.csv").write_text("x,y\n-2,-3\n0,1\n1,3\n")
+    (tmp_path / "q.csv").write_text("x\n-1\n3\n")
+    code, _, err = cli("adapt", tmp_path / "lr", "--support", tmp_path / "s.csv", "--query", tmp_path / "q.csv",
+                       "--steps", "2")
+    assert code == 0, err
+    assert f"(learned-rate): 2 steps of {said} on 3 support points" in err

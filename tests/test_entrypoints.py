@@ -16,7 +16,6 @@ from torch import nn
 import mamlkit
 from mamlkit.base.batch import TaskBatch
 from mamlkit.eval import evaluate, reports
-from mamlkit.eval.evaluate import evaluate_descent
 from mamlkit.eval.evaluate import test_tasks as fixed_tasks
 from mamlkit.exec import threads
 from mamlkit.tasks.sinusoid import Sinusoid
@@ -226,8 +225,8 @@ def test_evaluation_runs_a_model_vmap_cannot_in_the_loop_with_the_loops_numbers(
     auto = mamlkit.MAML(model, inner_lr=0.05, loss_fn="mse")
     loop = mamlkit.MAML(model, inner_lr=0.05, loss_fn="mse", strategy="loop")
     assert auto.executor.strategy.vectorize
-    got = evaluate_descent(auto, tasks, 3, dtype=torch.float64)
-    ref = evaluate_descent(loop, tasks, 3, dtype=torch.float64)
+    got = evaluate.evaluate(auto, tasks, 3, dtype=torch.float64, guard=True)
+    ref = evaluate.evaluate(loop, tasks, 3, dtype=torch.float64, guard=True)
     assert torch.equal(got.losses, ref.losses) and torch.equal(got.halved, ref.halved)
     assert not torch.equal(got.losses[:, 3], got.losses[:, 0])  # it took its steps
     plain = evaluate.evaluate(auto, tasks, 3, dtype=torch.float64)  # the learner's own path, same fallback
@@ -251,10 +250,10 @@ def test_evaluation_under_vmap_runs_a_recurrent_model_with_the_loops_numbers():
     model = LSTMRegressor().double()
     tasks = fixed_tasks(Sinusoid(k_support=5, k_query=5), 3, 4)
     vmapped = mamlkit.MAML(model, inner_lr=0.05, loss_fn="mse", strategy="vmap")
-    got = evaluate_descent(vmapped, tasks, 2, dtype=torch.float64)
+    got = evaluate.evaluate(vmapped, tasks, 2, dtype=torch.float64, guard=True)
     assert not vmapped.executor._vmap_failed  # it ran vectorised
-    ref = evaluate_descent(mamlkit.MAML(model, inner_lr=0.05, loss_fn="mse", strategy="loop"), tasks, 2,
-                           dtype=torch.float64)
+    ref = evaluate.evaluate(mamlkit.MAML(model, inner_lr=0.05, loss_fn="mse", strategy="loop"), tasks, 2,
+                            dtype=torch.float64, guard=True)
     assert (got.losses - ref.losses).abs().max().item() < 1e-12
 
 
@@ -262,7 +261,8 @@ def test_dropout_in_train_mode_is_evaluated():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1)).double().train()
     learner = mamlkit.MAML(model, inner_lr=0.05, loss_fn="mse", strategy="vmap")
-    result = evaluate_descent(learner, fixed_tasks(Sinusoid(k_support=5, k_query=5), 3, 4), 2, dtype=torch.float64)
+    result = evaluate.evaluate(learner, fixed_tasks(Sinusoid(k_support=5, k_query=5), 3, 4), 2, dtype=torch.float64,
+                               guard=True)
     assert torch.isfinite(result.losses).all() and result.losses.shape == (4, 3)
 
 

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 import mamlkit
 from mamlkit.eval import reports
-from mamlkit.eval.evaluate import EvalResult, descent_path, evaluate, evaluate_descent
+from mamlkit.eval.evaluate import EvalResult, evaluate
 from mamlkit.eval.evaluate import test_tasks as fixed_tasks
 from mamlkit.exec import threads
 from mamlkit.loop import train
@@ -62,8 +62,8 @@ def test_preset_follows_the_papers_protocol():
 def test_descent_path_is_plain_sgd_where_plain_sgd_descends():
     learner = sinusoid_learner()
     tasks = fixed_tasks(Sinusoid(k_support=5, k_query=5), 3, 40)
-    plain, safe = evaluate(learner, tasks, 10, dtype=torch.float64), evaluate_descent(learner, tasks, 10,
-                                                                                     dtype=torch.float64)
+    plain, safe = evaluate(learner, tasks, 10, dtype=torch.float64), evaluate(learner, tasks, 10,
+                                                                             dtype=torch.float64, guard=True)
     assert int(safe.halved.sum()) == 0
     assert (plain.losses - safe.losses).abs().max().item() < 1e-12
 
@@ -80,13 +80,15 @@ def test_divergence_is_impossible_and_the_flag_covers_every_cell():
         assert cell["flag"] is not None, s  # from the first step on, while the mean is still finite
         assert (cell["mean"] is None) == cell["flag"].startswith("not finite on "), cell
     # the safeguarded evaluation never lets a task's support loss grow: every cell finite
-    safe = evaluate_descent(learner, tasks, 10, dtype=torch.float64)
+    safe = evaluate(learner, tasks, 10, dtype=torch.float64, guard=True)
     assert torch.isfinite(safe.losses).all() and int(safe.halved.sum()) > 0
-    path, _ = descent_path(learner, tasks.support_x.double(), tasks.support_y.double(), 10)
     from mamlkit.engine.inner import support_loss_fn
 
+    sx, sy = tasks.support_x.double(), tasks.support_y.double()
+    path = [{k: torch.stack([learner.adapt(sx[t], sy[t], steps, guard=True)[k] for t in range(len(sx))])
+             for k in learner.model.state_dict()} for steps in range(11)]
     support = torch.func.vmap(support_loss_fn(learner.model, learner.loss_fn, {}, learner.buffers()))
-    curve = torch.stack([support(p, tasks.support_x.double(), tasks.support_y.double()) for p in path], 1)
+    curve = torch.stack([support(p, sx, sy) for p in path], 1)
     assert (curve[:, 1:] <= curve[:, :-1] * (1 + 1e-3) + 1e-12).all()
 
 
@@ -103,7 +105,7 @@ def test_a_cell_whose_ci_exceeds_its_mean_is_flagged():
 
 
 def test_small_sinusoid_run_writes_a_finite_table_strict_json_and_labelled_figures(tmp_path):
-    cfg = preset_config("sinusoid", {**FAST, "out_dir": str(tmp_path), "eval_shots": (5, 10)})
+    cfg = preset_config("sinusoid", {**FAST, "out_dir": str(tmp_path), "eval_shots": (5, 10), "test_guard": True})
     trainer = train.fit(train.new_trainer(cfg, tmp_path / "run"))
     learners = {"maml": trainer.learner, "pretrain": sharp(train.new_trainer(cfg.replace(algo="pretrain"),
                                                                                tmp_path / "p").learner)}

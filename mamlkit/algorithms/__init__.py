@@ -86,11 +86,21 @@ class MetaLearner(Protocol):
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         """Accumulate ``weight ×`` the meta-gradient into ``.grad``, chunk by chunk, to save memory."""
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
-        """Adapted parameters for one task (``support_x [N, ...]``)."""
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None, *,
+              guard: bool = False) -> dict[str, Tensor]:
+        """Adapted parameters for one task (``support_x [N, ...]``); ``guard``: the inner rule within the descent
+        safeguard (:func:`mamlkit.engine.rules.descent_guard`)."""
 
     def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
         """Query loss and accuracy ``[T, steps+1]`` after 0..steps inner steps (evaluation)."""
+
+    def guarded_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`adapted_losses` with the inner rule within the descent safeguard, and ``halved [T, steps+1]``:
+        where a step was halved because the full step would have raised the support loss."""
+
+    def describe(self, guard: bool = False) -> str:
+        """The test-time inner rule in words (``guard``: within the descent safeguard), for reports and
+        ``mamlkit adapt``: e.g. "SGD at α=0.01"."""
 
 
 _BUILDERS: dict[str, Callable[..., MetaLearner]] = {}

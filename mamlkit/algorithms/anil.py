@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mamlkit.algorithms import register
 from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
 from mamlkit.engine.functional import Params, call
-from mamlkit.engine.inner import adapt_final, fresh, make_task_fn, support_loss_fn
+from mamlkit.engine.inner import fresh, make_task_fn, support_loss_fn
 from mamlkit.engine.norms import SupportStatsNorm
 from mamlkit.engine.rules import InnerRule
 from mamlkit.exec.executor import Executor
@@ -70,17 +70,15 @@ def _head_task(learner: Driver, theta: Params, rule: InnerRule, *, steps: int, f
     return task_fn
 
 
-def _head_adapt(learner: Driver, theta: Params, rule: InnerRule, support_x: Tensor, support_y: Tensor,
-                steps: int) -> Params:
-    """Adapt the head to one task on the body's features; every parameter (body shared, head adapted)."""
+def _head_view(learner: Driver, theta: Params, x: Tensor):
+    """Where ``adapt``'s inner loop runs (:attr:`~mamlkit.algorithms.driver.Pieces.inner_view`): the head,
+    on the body's features of ``x`` computed once; ``finish`` puts the body's parameters back beside it."""
     prefix = learner.head_name + "."
     body_params, head_params = _split(prefix, theta)
     body_buffers, head_buffers = _split(prefix, learner.buffers())
-    feats = call(learner.body, body_params, fresh(body_buffers), support_x).detach()
-
+    feats = call(learner.body, body_params, fresh(body_buffers), x).detach()
     loss = support_loss_fn(learner.head, learner.loss_fn, {}, head_buffers, learner.output)
-    head = adapt_final(loss, head_params, feats, support_y, rule=rule, steps=steps)  # one iterate kept, not K
-    return {**body_params, **{prefix + k: v for k, v in head.items()}}
+    return loss, head_params, feats, lambda head: {**body_params, **{prefix + k: v for k, v in head.items()}}
 
 
 def ANIL(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
@@ -92,7 +90,7 @@ def ANIL(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 1, firs
     prefix = head_name + "."
     pieces = Pieces(name=name, inner_steps=inner_steps, test_inner_steps=test_inner_steps, inner_lr=inner_lr,
                     adapts=lambda k: k.startswith(prefix), first_order=lambda step: first_order,
-                    task=_head_task, adapt=_head_adapt, info={"head_name": head_name, "body": body, "head": head})
+                    task=_head_task, inner_view=_head_view, info={"head_name": head_name, "body": body, "head": head})
     return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 
 

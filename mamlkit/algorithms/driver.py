@@ -40,7 +40,7 @@ from mamlkit.engine.inner import (
 )
 from mamlkit.engine.norms import with_bn_mode
 from mamlkit.engine.outputs import OutputSpec, output_selector
-from mamlkit.engine.rules import InnerRule, sgd
+from mamlkit.engine.rules import InnerRule, descent_guard, sgd
 from mamlkit.exec.executor import Executor
 from mamlkit.exec.strategies import TaskFn, log, task_metrics
 
@@ -72,7 +72,10 @@ class Pieces:
         task: the per-task builder, for training and evaluation (default: :func:`unrolled`).
         outer: the per-task builder for training only, where the meta-gradient is not the unrolled path's
             (Reptile's θ − φ, iMAML's implicit gradient); default: ``task``.
-        adapt: ``adapt(learner, theta, rule, sx, sy, steps) -> params`` (default: the inner loop from θ0).
+        inner_view: ``inner_view(learner, theta, x) -> (loss, fast, x, finish)``: where ``adapt``'s inner loop
+            runs: the support loss ``loss(fast, x, y)`` of the parameters ``fast`` that adapt, on inputs ``x``,
+            and ``finish(fast) -> params``, every parameter after adapting (ANIL: the head on the body's
+            features). Default: the model, the parameters that pass ``adapts``.
         compilable: whether ``task`` traces under ``torch.compile`` (strategy ``compile``).
         info: algorithm-specific read-only attributes of the learner (ANIL's ``head_name``, MAML++'s ``bn``).
     """
@@ -91,7 +94,7 @@ class Pieces:
     inner_loss: Callable[[Callable, Params], Callable] | None = None
     task: TaskBuilder | None = None
     outer: TaskBuilder | None = None
-    adapt: Callable[..., Params] | None = None
+    inner_view: Callable[..., tuple[Callable, Params, Tensor, Callable[[Params], Params]]] | None = None
     compilable: bool = False
     info: Mapping[str, Any] = field(default_factory=dict)
 
@@ -105,6 +108,15 @@ def unrolled(learner: Driver, theta: Params, rule: InnerRule, *, steps: int, fir
                         first_order=first_order, adapt_filter=pieces.adapts,
                         objective=with_bn_mode(objective, learner.bn_mode),
                         checkpoint=learner.executor.checkpoint_inner, inner=pieces.inner_loss, output=learner.output)
+
+
+def _model_view(learner: Driver, theta: Params, x: Tensor
+                ) -> tuple[Callable, Params, Tensor, Callable[[Params], Params]]:
+    """``adapt``'s default inner view: the whole model, the parameters that pass ``adapts`` (and are not frozen)
+    adapt, the rest are shared (see :attr:`Pieces.inner_view`)."""
+    fast, shared = split_params(theta, trainable_filter(learner.model, learner.pieces.adapts))
+    loss = support_loss_fn(learner.model, learner.loss_fn, shared, learner.buffers(), learner.output)
+    return loss, fast, x, lambda adapted: {**shared, **adapted}
 
 
 def config_keywords(cfg: Any, executor: Executor) -> dict[str, Any]:
@@ -210,9 +222,9 @@ class Driver:
                 return
             self.output(out)
 
-    def _start(self, meta: Mapping[str, Tensor] | None) -> tuple[Params, InnerRule]:
+    def _start(self, meta: Mapping[str, Tensor] | None, guard: bool = False) -> tuple[Params, InnerRule]:
         """θ0 and the inner rule from ``meta`` (the meta-parameters, live or traced), or, with ``None``,
-        from detached copies (evaluation)."""
+        from detached copies (evaluation); ``guard``: the rule within :func:`~mamlkit.engine.rules.descent_guard`."""
         if meta is None:
             params = {k: v.detach() for k, v in named_params(self.model).items()}
             extras = {k: v.detach() for k, v in self.pieces.extras.items()}
@@ -221,7 +233,8 @@ class Driver:
             extras = {k: meta[k] for k in self.pieces.extras}
         pieces = self.pieces
         theta = pieces.start(params, extras) if pieces.start else params
-        return theta, pieces.rule(extras) if pieces.rule else sgd(pieces.inner_lr)
+        rule = pieces.rule(extras) if pieces.rule else sgd(pieces.inner_lr)
+        return theta, descent_guard(rule) if guard else rule
 
     def _train_fn(self, meta: Mapping[str, Tensor]) -> TaskFn:
         theta, rule = self._start(meta)
@@ -247,33 +260,55 @@ class Driver:
         return task_metrics(losses, preds, batch.query_y, self.kind)
 
     @thread_planned()
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None, *,
+              guard: bool = False) -> dict[str, Tensor]:
         """Adapt to one task; returns every parameter (adapted or shared), detached.
 
-        ``support_x [N, *x_shape]``, ``support_y [N, *y_shape]``. Run the model with the result via
-        ``mamlkit.engine.functional.call(learner.model, params, learner.buffers(), x)``.
+        ``support_x [N, *x_shape]``, ``support_y [N, *y_shape]``. ``guard``: wrap the inner rule in
+        :func:`~mamlkit.engine.rules.descent_guard` (a step that would raise the support loss is halved). Run
+        the model with the result via ``mamlkit.engine.functional.call(learner.model, params, learner.buffers(), x)``.
         """
         steps = self.test_inner_steps if steps is None else steps
         self.check_output(support_x)
-        theta, rule = self._start(None)
-        if self.pieces.adapt is not None:
-            return self.pieces.adapt(self, theta, rule, support_x, support_y, steps)
-        fast, shared = split_params(theta, trainable_filter(self.model, self.pieces.adapts))
-        loss = support_loss_fn(self.model, self.loss_fn, shared, self.buffers(), self.output)
+        theta, rule = self._start(None, guard)
+        view = self.pieces.inner_view or _model_view
+        loss, fast, x, finish = view(self, theta, support_x)
         if self.pieces.inner_loss is not None:
             loss = self.pieces.inner_loss(loss, fast)
         # no meta-gradient here: only the current iterate is kept, so memory does not grow with ``steps``
         # (the same updates as adapt_path's first-order path, whose every step a meta-gradient would need)
-        return {**shared, **adapt_final(loss, fast, support_x, support_y, rule=rule, steps=steps)}
+        return finish(adapt_final(loss, fast, x, support_y, rule=rule, steps=steps))
 
     @thread_planned()
     def adapted_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor]:
         """Query loss and accuracy ``[T, steps+1]`` after 0..steps inner steps (evaluation)."""
+        return self._path_losses(batch, steps, guard=False)
+
+    @thread_planned()
+    def guarded_losses(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`adapted_losses` with the inner rule wrapped in :func:`~mamlkit.engine.rules.descent_guard`,
+        and ``halved [T, steps+1]``: True where that step of that task was halved."""
+        losses, stats = self._path_losses(batch, steps, guard=True)
+        return losses, stats[:, 0], stats[:, 1] > 0
+
+    def _path_losses(self, batch: TaskBatch, steps: int, guard: bool) -> tuple[Tensor, Tensor]:
         self.check_output(batch.support_x[0])
-        theta, rule = self._start(None)
-        fn = self._task(self, theta, rule, steps=steps, first_order=True, objective=path_objective(self.kind))
-        losses, accs = self.executor.evaluate_tasks(fn, batch)  # or in the loop, where vmap cannot run the model
-        return losses.detach(), accs.detach()
+        theta, rule = self._start(None, guard)
+        fn = self._task(self, theta, rule, steps=steps, first_order=True,
+                        objective=path_objective(self.kind, halvings=guard))
+        losses, stats = self.executor.evaluate_tasks(fn, batch)  # or in the loop, where vmap cannot run the model
+        return losses.detach(), stats.detach()
+
+    def describe(self, guard: bool = False) -> str:
+        """The test-time inner rule in words (``guard``: within the descent safeguard), as reports and
+        ``mamlkit adapt`` print it: e.g. "SGD at α=0.01", and which parameters it adapts when not all of them
+        ("on 2 of 6 parameter tensors (head.weight, head.bias)": ANIL)."""
+        theta, rule = self._start(None, guard)
+        fast, _ = split_params(theta, trainable_filter(self.model, self.pieces.adapts))
+        if len(fast) == len(theta):
+            return rule.describe()
+        names = ", ".join(list(fast)[:4]) + (", ..." if len(fast) > 4 else "")
+        return f"{rule.describe()}, on {len(fast)} of {len(theta)} parameter tensors ({names})"
 
     def __repr__(self) -> str:
         return f"Driver({self.name}, {self.executor!r})"

@@ -25,7 +25,7 @@ from mamlkit.algorithms.driver import Driver, Pieces
 from mamlkit.engine.functional import Params
 from mamlkit.engine.inner import adapt_final, conjugate_gradient, proximal
 from mamlkit.engine.norms import with_bn_mode
-from mamlkit.engine.rules import InnerRule
+from mamlkit.engine.rules import InnerRule, described, sgd
 from mamlkit.exec.executor import Executor
 
 
@@ -74,7 +74,9 @@ def IMAML(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int = 10, la
     """
     if lam <= 0 or cg_steps < 1:
         raise ValueError(f"iMAML needs lam > 0 and cg_steps >= 1, got {lam}, {cg_steps}")
+    text = f"SGD at α={inner_lr:g} on the proximal objective L + λ/2·‖φ − θ‖², λ={lam:g}"
     pieces = Pieces(name=name, inner_steps=inner_steps, test_inner_steps=test_inner_steps, inner_lr=inner_lr,
+                    rule=lambda extras: described(sgd(inner_lr), text),
                     inner_loss=lambda loss, anchor: proximal(loss, anchor, lam), outer=implicit_outer(lam, cg_steps))
     return Driver(model, pieces, loss_fn=loss_fn, kind=kind, bn_mode=bn_mode, executor=executor, **execution)
 

@@ -31,7 +31,7 @@ from mamlkit.algorithms import register
 from mamlkit.algorithms.driver import Driver, Pieces, config_keywords
 from mamlkit.engine.functional import Params
 from mamlkit.engine.inner import multi_step_objective, query_objective
-from mamlkit.engine.rules import InnerRule, per_step_sgd, sgd
+from mamlkit.engine.rules import InnerRule, assign_per_step, chain, per_step_sgd, sgd
 from mamlkit.exec.executor import Executor
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -74,15 +74,10 @@ def MAMLPlusPlus(model: nn.Module, *, inner_lr: float = 0.01, inner_steps: int =
     p0 = next(model.parameters())
 
     def rule(extras: Params) -> InnerRule:
-        """LSLR (or plain SGD) on the parameters; the norm copies are *set* to the next step's."""
+        """LSLR (or plain SGD) on the parameters, then the norm copies *set* to the next step's."""
         rates, copies = _strip(extras, LR), _strip(extras, BN)
         base = per_step_sgd(rates) if rates else sgd(inner_lr)
-
-        def update(grads, state, params, step):
-            new, state = base.update(grads, state, {k: p for k, p in params.items() if k not in copies}, step)
-            return new | {k: copies[k][min(step + 1, inner_steps)] for k in copies}, state
-
-        return InnerRule(init=base.init, update=update)
+        return chain(base, assign_per_step(copies, inner_steps)) if copies else base
 
     def start(params: Params, extras: Params) -> Params:
         """θ0: the norm parameters are their step-0 copies."""

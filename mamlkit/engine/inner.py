@@ -7,7 +7,7 @@ adapted exactly as it was trained.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from mamlkit.base.stops import stop_point
 from mamlkit.engine.exact import note_model
 from mamlkit.engine.functional import Params, call
 from mamlkit.engine.outputs import OutputSelector, OutputSpec, output_selector
-from mamlkit.engine.rules import InnerRule
+from mamlkit.engine.rules import InnerRule, apply_updates, was_halved
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -83,6 +83,13 @@ def split_params(params: Mapping[str, Tensor], adapt_filter: Callable[[str], boo
     return fast, {k: v for k, v in params.items() if k not in fast}
 
 
+class Path(list):
+    """The parameters after each inner step, ``[θ0, θ1, ..., θK]``, with ``states``: the rule's state after
+    each step (``[K]``; a :func:`~mamlkit.engine.rules.descent_guard` records there which steps it halved)."""
+
+    states: list
+
+
 def adapt_path(
     loss: Callable[[Params, Tensor, Tensor], Tensor],
     fast: Params,
@@ -93,7 +100,7 @@ def adapt_path(
     steps: int,
     first_order: bool = False,
     checkpoint: bool = False,
-) -> list[Params]:
+) -> Path:
     """Run ``steps`` inner updates and return the parameters after each: ``[θ0, θ1, ..., θK]``.
 
     Args:
@@ -101,7 +108,8 @@ def adapt_path(
         fast: the adapted subset of parameters at θ0 (a name filter chose them).
         support_x: ``[N, *x_shape]`` support inputs of one task.
         support_y: ``[N, *y_shape]`` support targets.
-        rule: the update rule, e.g. :func:`mamlkit.engine.rules.sgd`.
+        rule: the update rule, e.g. :func:`mamlkit.engine.rules.sgd` or a composition of rules; it is given
+            the ``step`` and ``value_fn`` (the support loss of a parameter dict) keywords.
         steps: K, the number of inner steps (0 returns ``[θ0]``).
         first_order: drop the second-order terms (FOMAML): the inner gradient is treated as
             a constant, so dθ_K/dθ_0 = I.
@@ -114,7 +122,24 @@ def adapt_path(
     ``torch.vmap``; with ``first_order=False`` the graph through every step is kept, so the
     meta-gradient contains the exact Jacobian Π_k (I − α∇²L(θ_k)) (Finn et al. 2017, Eq. 1).
     """
+    path = Path([fast])
+    path.states = []
+    for theta, state in _iterate(loss, fast, support_x, support_y, rule=rule, steps=steps, first_order=first_order,
+                                 checkpoint=checkpoint):
+        path.append(theta)
+        path.states.append(state)
+    return path
+
+
+def _iterate(loss: Callable[[Params, Tensor, Tensor], Tensor], fast: Params, support_x: Tensor, support_y: Tensor,
+             *, rule: InnerRule, steps: int, first_order: bool, checkpoint: bool = False,
+             detach: bool = False) -> Iterator[tuple[Params, object]]:
+    """The inner loop itself: yields ``(θ_k, rule state)`` after each of ``steps`` updates. ``detach``: no graph
+    is kept between steps (:func:`adapt_final`)."""
     grad_fn = torch.func.grad(loss)
+
+    def value_fn(params: Params) -> Tensor:
+        return loss(params, support_x, support_y)
 
     def one_step(fast: Params, state, step: int):
         if _autograd_ok(fast):
@@ -122,8 +147,7 @@ def adapt_path(
             # is the same mathematics and up to 3× faster than torch.func.grad for Conv nets with
             # max-pooling (benchmarks/RESULTS.md).
             values = list(fast.values())
-            gs = torch.autograd.grad(loss(fast, support_x, support_y), values, create_graph=not first_order,
-                                     allow_unused=True)
+            gs = torch.autograd.grad(value_fn(fast), values, create_graph=not first_order, allow_unused=True)
             # a parameter the forward does not reach (BERT's pooler under a head on the hidden states) has
             # gradient zero, as torch.func.grad gives it: it adapts to itself
             grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(fast.items(), gs)}
@@ -131,18 +155,21 @@ def adapt_path(
             grads = grad_fn(fast, support_x, support_y)
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
-        return rule.update(grads, state, fast, step)
+        updates, state = rule.update(grads, state, fast, step=step, value_fn=value_fn)
+        return apply_updates(fast, updates), state
 
+    if detach:
+        fast = {k: v.detach() for k, v in fast.items()}
     state = rule.init(fast)
-    path = [fast]
     for step in range(steps):
         _stop_point()
         if checkpoint and torch.is_grad_enabled() and any(t.requires_grad for t in fast.values()):
             fast, state = _checkpointed(one_step, fast, state, step)
         else:
             fast, state = one_step(fast, state, step)
-        path.append(fast)
-    return path
+        if detach:
+            fast = {k: v.detach() for k, v in fast.items()}
+        yield fast, state
 
 
 def _stop_point() -> None:
@@ -228,10 +255,12 @@ def make_task_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
     return task_fn
 
 
-def path_objective(kind: str) -> Objective:
+def path_objective(kind: str, halvings: bool = False) -> Objective:
     """An evaluation objective: the query loss (and accuracy) after *every* inner step.
 
-    Returns ``(losses [K+1], accuracies [K+1])``; accuracies are zeros for regression.
+    Returns ``(losses [K+1], accuracies [K+1])``; accuracies are zeros for regression. With ``halvings``
+    the second output is ``[2, K+1]``: the accuracies, and 1 where a :func:`~mamlkit.engine.rules.descent_guard`
+    halved that step (0 at step 0, and where the rule has no guard).
     """
 
     def objective(path, loss, sx, sy, qx, qy, predict, loss_fn):
@@ -241,7 +270,13 @@ def path_objective(kind: str) -> Objective:
             losses.append(loss_fn(pred, qy))
             accs.append((pred.argmax(-1) == qy).float().mean() if kind == "classification"
                         else torch.zeros((), dtype=pred.dtype))
-        return torch.stack(losses), torch.stack(accs)
+        if not halvings:
+            return torch.stack(losses), torch.stack(accs)
+        flags = [torch.zeros_like(accs[0])]
+        for state in getattr(path, "states", ()):
+            flag = was_halved(state)
+            flags.append(torch.zeros_like(accs[0]) if flag is None else flag.to(accs[0].dtype))
+        return torch.stack(losses), torch.stack([torch.stack(accs), torch.stack(flags)])
 
     return objective
 
@@ -269,16 +304,13 @@ def multi_step_objective(weights: Tensor) -> Objective:
 def adapt_final(loss: Callable[[Params, Tensor, Tensor], Tensor], fast: Params, support_x: Tensor,
                 support_y: Tensor, *, rule: InnerRule, steps: int) -> Params:
     """θ_K after ``steps`` updates, with no graph to θ0 and only the current iterate kept, so memory
-    does not grow with ``steps`` (Reptile's and iMAML's inner solve). Returns detached tensors."""
-    grad_fn = torch.func.grad(loss)
-    fast = {k: v.detach() for k, v in fast.items()}
-    state = rule.init(fast)
-    for step in range(steps):
-        _stop_point()
-        grads = grad_fn(fast, support_x, support_y)
-        fast, state = rule.update({k: g.detach() for k, g in grads.items()}, state, fast, step)
-        fast = {k: v.detach() for k, v in fast.items()}
-    return fast
+    does not grow with ``steps`` (Reptile's and iMAML's inner solve, ``adapt``). The same loop as
+    :func:`adapt_path`'s first-order path. Returns detached tensors."""
+    final = {k: v.detach() for k, v in fast.items()}
+    for adapted, _ in _iterate(loss, final, support_x, support_y, rule=rule, steps=steps, first_order=True,
+                               detach=True):
+        final = adapted
+    return final
 
 
 def proximal(loss: Callable[[Params, Tensor, Tensor], Tensor], anchor: Params, lam: float

@@ -3,8 +3,8 @@
 * :func:`prototype_accuracy`: nearest class centroid (prototypes, Snell et al. 2017) in the input
   space, e.g. the frozen sentence embeddings; squared Euclidean distance.
 * :func:`scratch_losses`: a model trained from a fresh random initialisation on each task's
-  support set alone (full-batch Adam), then scored on the query set. For text this is "a fresh head
-  on the support set"; for CSV tasks "a per-task model from scratch".
+  support set alone (full-batch Adam, :func:`mamlkit.engine.rules.adam`), then scored on the query set.
+  For text this is "a fresh head on the support set"; for CSV tasks "a per-task model from scratch".
 
 Both are vectorised over tasks with ``torch.vmap``; randomness comes from an explicit seed only.
 """
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from mamlkit.algorithms import LOSSES
+from mamlkit.engine.rules import adam, apply_updates
 
 
 def prototype_accuracy(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, n_way: int) -> Tensor:
@@ -49,16 +50,15 @@ def scratch_losses(model: nn.Module, loss: str, sx: Tensor, sy: Tensor, qx: Tens
     def task_loss(p, x, y):
         return loss_fn(functional_call(model, (p, buffers), (x,)), y)
 
+    rule = adam(lr, betas=(0.9, 0.999), eps=1e-8)
+
     def train(x, y):
         p = dict(params0)
-        m = {k: torch.zeros_like(v) for k, v in p.items()}
-        v2 = {k: torch.zeros_like(v) for k, v in p.items()}
-        b1, b2, eps = 0.9, 0.999, 1e-8
-        for t in range(1, steps + 1):
+        state = rule.init(p)
+        for step in range(steps):
             g, _ = grad_and_value(task_loss)(p, x, y)
-            m = {k: b1 * m[k] + (1 - b1) * g[k] for k in p}
-            v2 = {k: b2 * v2[k] + (1 - b2) * g[k] ** 2 for k in p}
-            p = {k: p[k] - lr * (m[k] / (1 - b1 ** t)) / ((v2[k] / (1 - b2 ** t)).sqrt() + eps) for k in p}
+            updates, state = rule.update(g, state, p, step=step)
+            p = apply_updates(p, updates)
         return p
 
     def task(x, y, xq, yq):

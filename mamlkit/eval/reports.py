@@ -22,7 +22,7 @@ from mamlkit.base.metrics import mean_ci
 from mamlkit.checkpoint import atomic_write_text
 from mamlkit.config import TrainConfig
 from mamlkit.eval import baselines, plots
-from mamlkit.eval.evaluate import EvalResult, evaluate, evaluate_descent, fmt, test_tasks
+from mamlkit.eval.evaluate import ACC_LEGEND, CELL_LEGEND, EvalResult, evaluate, fmt, test_tasks
 from mamlkit.models import build_model
 from mamlkit.presets import PRESETS
 from mamlkit.runfolder import register_run_files
@@ -45,14 +45,23 @@ def _paper(cfg: TrainConfig) -> dict:
     return preset.paper
 
 
-def shots_protocol(cfg: TrainConfig) -> str:
+def adaptation_text(learners: dict[str, MetaLearner], cfg: TrainConfig) -> str:
+    """How the test tasks are adapted, in words, from each learner's own :meth:`describe` (``cfg.test_guard``:
+    within the descent safeguard, the guarded table)."""
+    rules = "; ".join(f"{name}: {learner.describe(guard=cfg.test_guard)}" for name, learner in learners.items())
+    if cfg.test_guard:
+        return (f"Test-time adaptation, guarded (--test-guard): each learner's own inner rule, a step that would raise "
+                f"a task's support loss halved until it does not ({rules}).")
+    return (f"Test-time adaptation: the paper's protocol, each learner's own inner rule, no step halved ({rules}); "
+            f"`--test-guard` gives the guarded table.")
+
+
+def shots_protocol(cfg: TrainConfig, learners: dict[str, MetaLearner]) -> str:
     """The evaluation protocol of :func:`shots_report`, in words."""
     query = f"{cfg.eval_query} query points" if cfg.eval_query else "K query points (as many as support points)"
     return (f"One model per learner, meta-trained with K={cfg.k_shot}, {cfg.inner_steps} inner step(s) at "
             f"α={cfg.inner_lr}, then fine-tuned on each K below. {cfg.eval_tasks} fixed test tasks per K, {query} "
-            f"each; query MSE, mean ± 95% CI and the median. Test-time inner SGD at α={cfg.inner_lr} on the same "
-            f"K points at every step; a step that would raise a task's support loss is halved until it does not "
-            f"(plain SGD wherever it descends).")
+            f"each; query MSE. {adaptation_text(learners, cfg)}")
 
 
 def shots_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConfig, decl: Report) -> str:
@@ -69,11 +78,13 @@ def shots_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConf
         dist = family.build(cfg.replace(k_shot=k, k_query=cfg.eval_query or k), "test")
         tasks = test_tasks(dist, cfg.seed + EVAL_SEED_OFFSET, cfg.eval_tasks)
         for name, learner in learners.items():
-            results[name][k] = evaluate_descent(learner, tasks, max_steps, device=cfg.device, dtype=dtype)
+            results[name][k] = evaluate(learner, tasks, max_steps, device=cfg.device, dtype=dtype,
+                                        guard=cfg.test_guard)
     names = list(learners)
     head = "| K | steps | " + " | ".join(f"{n} MSE (ours)" for n in names) + " | " + \
         " | ".join(f"{n} (paper)" for n in names) + " |"
-    lines = [f"{decl.title or cfg.preset or cfg.task}: query MSE. {shots_protocol(cfg)}", *decl.describe, "", head,
+    protocol = shots_protocol(cfg, learners)
+    lines = [f"{decl.title or cfg.preset or cfg.task}: query MSE. {protocol}", CELL_LEGEND, *decl.describe, "", head,
              "|" + "---|" * (2 + 2 * len(names))]
     table: dict = {}
     for k in cfg.eval_shots:
@@ -89,14 +100,15 @@ def shots_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConf
         lines += ["", "Tasks on which some test-time step was halved: " + "; ".join(
             f"{n} " + ", ".join(f"K={k} {by_k[str(k)]}/{cfg.eval_tasks}" for k in cfg.eval_shots)
             for n, by_k in halved.items()) + "."]
-    lines += [f"{n}: its own inner rule, no step halved." for n in names if n not in halved]
     flagged = [f"{n} K={k} after {s}" for n in names for k in cfg.eval_shots for s in cfg.eval_steps
                if table[n][str(k)][str(s)]["flag"]]
     if flagged:
         lines.append("⚠ Flagged cells (their mean is not to be trusted): " + "; ".join(flagged) + ".")
     text = "\n".join(lines) + "\n"
-    facts = {"protocol": shots_protocol(cfg), "meta_train_k": cfg.k_shot, "inner_lr": cfg.inner_lr,
-             "query_points": cfg.eval_query or "K", "halved_tasks": halved}
+    facts = {"protocol": protocol, "meta_train_k": cfg.k_shot, "inner_lr": cfg.inner_lr,
+             "query_points": cfg.eval_query or "K", "test_guard": cfg.test_guard,
+             "inner_rules": {n: learner.describe(guard=cfg.test_guard) for n, learner in learners.items()},
+             **({"halved_tasks": halved} if cfg.test_guard else {})}
     _write(run_dir, text, cfg, dataclasses.replace(decl, facts={**facts, **decl.facts},
                                                    facts_first=("protocol", "meta_train_k", "inner_lr")),
            "mse", table)
@@ -113,7 +125,7 @@ def steps_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConf
     paper = _paper(cfg)
     lines = [f"{decl.title or cfg.preset or cfg.task}: query accuracy (%), mean ± 95% CI over {cfg.eval_tasks} "
              f"test tasks, {cfg.n_way}-way {cfg.k_shot}-shot, {cfg.k_query} query images per class, "
-             f"α={cfg.inner_lr}.",
+             f"α={cfg.inner_lr}.", adaptation_text(learners, cfg), ACC_LEGEND,
              f"Batch norm: {BN_MODE_TEXT.get(cfg.bn_mode, cfg.bn_mode)}.", *decl.describe,
              *([f"Paper ({PRESETS[cfg.preset].citation}): " + ", ".join(f"{k} {v}" for k, v in paper.items())]
                if paper else []), "",
@@ -122,12 +134,11 @@ def steps_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainConf
     table = {}
     for name, learner in learners.items():
         res = evaluate(learner, tasks, steps, batch_size=decl.batch_size or 50, device=cfg.device,
-                       dtype=getattr(torch, cfg.dtype))
-        accs = [res.acc(s) for s in range(steps + 1)]
+                       dtype=getattr(torch, cfg.dtype), guard=cfg.test_guard)
         ref = paper.get(name)
-        lines.append(f"| {name} | " + " | ".join(fmt(100 * m, 100 * c, 2) for m, c in accs) +
+        lines.append(f"| {name} | " + " | ".join(res.acc_text(s) for s in range(steps + 1)) +
                      f" | {ref if ref is not None else '—'} |")
-        table[name] = {str(s): {"mean": m, "ci95": c} for s, (m, c) in enumerate(accs)}
+        table[name] = {str(s): res.acc_cell(s) for s in range(steps + 1)}
     text = "\n".join(lines) + "\n"
     _write(run_dir, text, cfg, dataclasses.replace(decl, facts={"bn_mode": cfg.bn_mode, "paper": paper, **decl.facts}),
            "accuracy", table)
@@ -158,11 +169,13 @@ def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainCo
             episodes.setdefault(None, tasks)
         for name, learner in learners.items():
             res = evaluate(learner, tasks, max(*steps, K), batch_size=decl.batch_size or 100, device=cfg.device,
-                           dtype=dtype)
+                           dtype=dtype, guard=cfg.test_guard)
             losses[name].append(res.losses)
             accs[name].append(res.accs)
     by_acc = decl.metric == "accuracy"
-    lines = [*decl.describe, "", "| method | adaptation | " + " | ".join(c.heading for c in decl.columns) + " |",
+    lines = [*decl.describe, adaptation_text(learners, cfg), "Each cell: mean ± 95% CI over the test episodes, then "
+             "the median; ⚠ where some episode's value is not finite.", "",
+             "| method | adaptation | " + " | ".join(c.heading for c in decl.columns) + " |",
              "|" + "---|" * (2 + len(decl.columns))]
     table: dict = {}
     final: dict[str, Tensor] = {}  # per task, after the test-time steps: what the comparisons pair
@@ -202,27 +215,36 @@ def methods_report(run_dir: Path, learners: dict[str, MetaLearner], cfg: TrainCo
     return text
 
 
+def _stat(values: Tensor, scale: float, digits: int) -> str:
+    """``mean ± ci (median m)`` of ``values [T]`` times ``scale``, with ⚠ and the count where some task's value
+    is not finite (the mean and CI are then not to be trusted)."""
+    m, c = mean_ci(values)
+    text = f"{fmt(m * scale, c * scale, digits)} (median {values.double().median().item() * scale:.{digits}f})"
+    bad = int((~torch.isfinite(values)).sum())
+    return text + (f" ⚠ not finite on {bad}/{len(values)} tasks" if bad else "")
+
+
 def _cells(columns: tuple[Column, ...], loss: Tensor | None, acc: Tensor) -> str:
     out = []
     for col in columns:
         if col.metric == "acc":
-            m, c = mean_ci(acc)
-            out.append(fmt(100 * m, 100 * c, 2))
+            out.append(_stat(acc, 100, 2))
         else:
             if loss is None:
                 raise ValueError(f"column {col.heading!r} shows a loss; this method has none (prototypes)")
-            m, c = mean_ci(loss)
-            out.append(fmt(m * col.scale, c * col.scale))
+            out.append(_stat(loss, col.scale, 3))
     return " | ".join(out)
 
 
 def _entry(decl: Report, loss: Tensor | None, acc: Tensor, classification: bool) -> dict:
-    """A method's eval.json entry: accuracy mean and CI, or loss and CI (with the accuracy for classification)."""
+    """A method's eval.json entry: accuracy mean, CI and median, or loss, CI and median (with the accuracy for
+    classification)."""
     if decl.metric == "accuracy":
         m, c = mean_ci(acc)
-        return {"mean": m, "ci95": c}
+        return {"mean": m, "ci95": c, "median": acc.double().median().item()}
     m, c = mean_ci(loss)
-    return {"loss": m, "ci95": c, **({"acc": mean_ci(acc)[0]} if classification else {})}
+    return {"loss": m, "ci95": c, "median": loss.double().median().item(),
+            **({"acc": mean_ci(acc)[0]} if classification else {})}
 
 
 def _baseline(b: Baseline, tasks: TaskBatch, cfg: TrainConfig, family, dtype: torch.dtype

@@ -29,11 +29,11 @@ from mamlkit.presets import preset_config
 # Fields that may change when a run is resumed; everything else defines the run.
 RESUMABLE = {"iterations", "log_every", "val_every", "checkpoint_every", "progress", "tensorboard", "threads",
              "tune_malloc", "eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained",
-             "baseline_lrs",
+             "baseline_lrs", "test_guard",
              "backend", "dist_timeout", "data_root", "trust_checksum"}  # data: verified by checksum
 
 # The settings a run's report depends on: a finished run resumed with others is reported again.
-REPORTED = ("eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained", "baseline_lrs")
+REPORTED = ("eval_tasks", "eval_steps", "eval_shots", "eval_query", "compare_pretrained", "baseline_lrs", "test_guard")
 
 
 def _stderr(message: str) -> None:
@@ -264,7 +264,7 @@ def _baseline(trainer: train.Trainer, approval: dict, say: Callable[[str], None]
 
 
 def eval_run(path: str | Path, *, baseline: str | None = None, eval_tasks: int | None = None,
-             out: str | None = None, overwrite: bool = False, model: str | None = None,
+             test_guard: bool | None = None, out: str | None = None, overwrite: bool = False, model: str | None = None,
              trust_model_code: bool = False, threads: int | None = None,
              say: Callable[[str], None] = print) -> tuple[Path, tuple[str, ...]]:
     """Evaluate the run or checkpoint ``path`` (and its baseline: ``baseline``, else ``RUN/pretrained`` if
@@ -277,6 +277,7 @@ def eval_run(path: str | Path, *, baseline: str | None = None, eval_tasks: int |
     with main.learner.executor.planned(threads):  # the trainer's thread plan; the caller's settings after
         folder = runfolder.report_folder(Path(out) if out else main.run_dir, reports.REPORT_FILES, overwrite)
         cfg = main.cfg if eval_tasks is None else main.cfg.replace(eval_tasks=eval_tasks)
+        cfg = cfg if test_guard is None else cfg.replace(test_guard=test_guard)
         learners, steps = {main.learner.name: main.learner}, {main.learner.name: main.step}
         other = Path(baseline) if baseline else main.run_dir / "pretrained"
         if baseline or (other / "checkpoint.safetensors").exists():
