@@ -50,7 +50,7 @@ def test_every_flag_has_exactly_one_owner():
     generic = [f.name for f in dataclasses.fields(config.TrainConfig) if f.name != "options"]
     owned = [f.name for cls in plugins.option_classes() for f in dataclasses.fields(cls)]
     names = generic + owned
-    assert len(names) == len(set(names)) == 83  # the 83 keys of the flat config, each declared once
+    assert len(names) == len(set(names)) == 84  # the 84 keys of the flat config, each declared once
     for cls in plugins.option_classes():
         assert plugins.users(cls), cls  # a class no plug-in lists would be a flag without effect
         assert all(plugins.owner(f.name) is cls for f in dataclasses.fields(cls))
@@ -137,7 +137,9 @@ def test_an_option_of_a_plugin_not_chosen_is_refused_on_resume(cli, tmp_path):
 def test_a_config_stored_with_every_flat_key_loads():
     cfg = config_of({"config": OLD_CONFIG}, "old/config.json")
     assert cfg == config.TrainConfig(task="omniglot", algo="mamlpp", n_way=20, filters=32, msl_epochs=3)
-    assert cfg.to_dict() == {k: v for k, v in OLD_CONFIG.items() if k in cfg.to_dict()}
+    stored = cfg.to_dict()
+    assert {k: v for k, v in stored.items() if k in OLD_CONFIG} == {k: v for k, v in OLD_CONFIG.items() if k in stored}
+    assert set(stored) - set(OLD_CONFIG) == {"test_guard"} and not cfg.test_guard  # added since: its default
     assert {"reptile_inner_lr", "path", "hidden_sizes", "adapt"}.isdisjoint(cfg.to_dict())
     # an unread option away from its default: the stored run would change meaning, so it is refused
     with pytest.raises(checkpoint.CheckpointError, match="reptile_inner_lr=0.5.*--algo mamlpp"):
