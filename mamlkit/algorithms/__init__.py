@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
 from mamlkit.exec.executor import Executor
+from mamlkit.exec.strategies import Work
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
 KIND_OF_LOSS = {"mse": "regression", "cross_entropy": "classification"}
@@ -64,6 +65,10 @@ class MetaLearner(Protocol):
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         """Accumulate ``weight ×`` the meta-gradient into ``.grad``, chunk by chunk, to save memory."""
 
+    def work(self) -> Work:
+        """What its executor runs for a meta-gradient (per-task builder and meta-parameters): the trainer settles
+        the strategy with it (:meth:`~mamlkit.exec.executor.Executor.settle`)."""
+
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """Adapted parameters for one task (``support_x [N, ...]``)."""
 
@@ -91,9 +96,9 @@ class UnknownAlgorithm(UserError, ValueError):
     user's to fix (the CLI exits 2), and still the ``ValueError`` it always was."""
 
 
-def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
+def build_learner(name: str, model: nn.Module, cfg: Any, executor: Executor | None = None) -> MetaLearner:
     """Build the algorithm ``name`` for ``model`` from a :class:`~mamlkit.config.TrainConfig`; its tasks run on
-    the executor the config asks for (:meth:`~mamlkit.exec.executor.Executor.from_config`)."""
+    ``executor`` (default: the one the config asks for, :meth:`~mamlkit.exec.executor.Executor.from_config`)."""
     if name not in ALGORITHMS:
         raise UnknownAlgorithm(f"unknown algorithm {str(name)[:100]!r} (--algo, or the algo a checkpoint's config "
                                f"names); available: {', '.join(sorted(ALGORITHMS))}")
@@ -106,7 +111,7 @@ def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
             check_patterns([k for k, p in model.named_parameters() if p.requires_grad], patterns)
         except ValueError as err:
             raise UserError(str(err)) from None
-    return ALGORITHMS[name](model, cfg, Executor.from_config(cfg, model))
+    return ALGORITHMS[name](model, cfg, executor or Executor.from_config(cfg, model))
 
 
 from mamlkit.algorithms import anil, boil, imaml, maml, mamlpp, metasgd, pretrain, reptile  # noqa: E402,F401  (registration)

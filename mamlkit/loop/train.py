@@ -331,8 +331,8 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
             # A signal is never raised inside torch's own code (a torch function mode's bookkeeping cut in
             # two leaves its stack broken): one during the meta-gradient takes effect after it.
             with hold():
-                stats, agreed = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch,
-                                                    stopping=signals.received is not None)
+                stats, agreed = world.backward_and_reduce(learner, batch.to(cfg.device, trainer.dtype),
+                                                          cfg.meta_batch, stopping=signals.received is not None)
             if not math.isfinite(stats["loss"]):  # a float already: no extra sync; every rank sees the same
                 raise _diverged(trainer, saved, trainer.step + 1, f"its meta-training loss is {stats['loss']}")
             # A stop signal before here abandons the iteration (only gradients were touched); from the
@@ -393,7 +393,7 @@ def _ready(trainer: Trainer, world: distributed.World, end: int, bar: Any, hold:
             check_model_output(learner.model, first, learner.kind, cfg.model, learner.output)
         learner.check_output(first.support_x[0])  # a selector that does not fit the model: refused before the trial
         with hold(), torch.random.fork_rng(devices=[]):  # no draws from the training's stream
-            learner.executor.settle(learner, first, iterations=end - trainer.step,
+            learner.executor.settle(learner.work(), first, iterations=end - trainer.step,
                                     say=bar.write if main else lambda msg: None)
     if main:
         bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.executor.strategy.name}, "
