@@ -1,6 +1,7 @@
 """Execution strategies: compile, checkpointed inner loop, the measured ``auto`` choice and
 the memory estimate. Every strategy must give the reference loop's meta-gradient (float64, 1e-10)."""
 
+import inspect
 import logging
 import re
 import subprocess
@@ -13,7 +14,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import mamlkit
-from mamlkit.exec import strategies, tuning
+from mamlkit.engine.inner import make_task_fn
+from mamlkit.engine.rules import sgd
+from mamlkit.exec import memory, strategies, tuning
+from mamlkit.exec.executor import Executor
 from mamlkit.exec.memory import ProbeStopped, peak_tensor_bytes
 from mamlkit.loop import train
 from mamlkit.models import conv4
@@ -489,3 +493,44 @@ def test_an_explicit_strategy_that_cannot_run_the_model_fails_clearly_from_pytho
     assert all(p.grad is None for p in model.parameters())
     ref = mamlkit.MAML(model, strategy="loop", inner_lr=0.1, inner_steps=2, loss_fn="mse")
     assert torch.isfinite(ref.meta_loss(batch)[0])
+
+
+# --- the trial is handed what the executor is: a per-task builder, the meta-parameters, the batch -------
+
+
+def test_the_trial_runs_from_a_builder_and_parameters_alone_and_keeps_an_exact_strategy():
+    """No learner anywhere: the executor's trial (memory estimate, the loop's reference meta-gradient, the
+    agreement check and the timing) runs from ``build(params) -> fn``, the meta-parameters and the batch, and the
+    strategy it keeps gives the loop's float64 meta-gradient."""
+    entry_points = (Executor.settle, Executor.ready, Executor.backward, Executor.trial_backward,
+                    tuning.settle_strategy, tuning.estimate, tuning.backward_peak, memory.gradient_peak)
+    assert all("learner" not in inspect.signature(f).parameters for f in entry_points)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    g = torch.Generator().manual_seed(3)
+    batch = TaskBatch(*(torch.randn(8, 5, 1, generator=g, dtype=torch.float64) for _ in range(4)))
+    params = dict(model.named_parameters())
+
+    def build(p):
+        return make_task_fn(model, p, {}, loss_fn=torch.nn.functional.mse_loss, rule=sgd(0.1), steps=2,
+                            first_order=False)
+
+    def meta_gradient(executor):
+        for p in params.values():
+            p.grad = None
+        losses, _ = executor.backward(strategies.Work(build, params), batch)
+        return losses, flat(p.grad for p in params.values())
+
+    ref_losses, ref = meta_gradient(Executor(model, "loop"))
+    for p in params.values():
+        p.grad = None
+    executor, said = Executor(model), []
+    assert executor.strategy.auto
+    chosen = executor.settle(strategies.Work(build, params), batch, iterations=10, say=said.append)
+    assert executor.strategy is chosen and not chosen.auto and executor.settled
+    assert any("memory estimate, vmap" in s for s in said), said
+    assert any("strategy timing" in s and "vmap(chunk=2)" in s for s in said), said  # both candidates timed
+    assert all(p.grad is None for p in params.values())  # the trial leaves no gradient behind
+    losses, got = meta_gradient(executor)
+    assert rel(got, ref) < 1e-12 and torch.allclose(losses, ref_losses, rtol=1e-13, atol=0)
+    assert got.abs().max() > 0

@@ -201,9 +201,11 @@ class Driver:
         not a failure of every candidate in ``auto``'s trial. No gradient, and no draw from the RNG streams.
         Under a dispatch mode (the executor's memory probe) it waits for a plain call: the probe's forward would
         be measured as the call's own memory."""
+        if self._output_checked:  # every meta-iteration asks: the answer costs one attribute after the first
+            return
         from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-        if self._output_checked or _get_current_dispatch_mode() is not None:
+        if _get_current_dispatch_mode() is not None:
             return
         self._output_checked = True
         devices = [x.device] if x.device.type == "cuda" else []

@@ -211,6 +211,9 @@ def chunks(batch: TaskBatch, strategy: Strategy, for_backward: bool = False) -> 
     size = strategy.chunk_size
     if size is None:
         size = 1 if (for_backward and not strategy.vectorize) else batch.num_tasks
+    if size >= batch.num_tasks:  # one chunk: the batch itself (a slice of every field is a new TaskBatch, checked)
+        yield batch
+        return
     for start in range(0, batch.num_tasks, size):
         yield batch[start:start + size]
 
