@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import sys
 import time
@@ -68,6 +69,11 @@ def main() -> None:
     if args.data_root:
         os.environ["MAMLKIT_BENCH_DATA"] = args.data_root
     torch.set_num_threads(args.threads)
+    trial: list[str] = []  # auto's trial (in the warm-up round) says what it timed and kept
+    handler = logging.Handler()
+    handler.emit = lambda record: trial.append(record.getMessage())
+    logging.getLogger("mamlkit").addHandler(handler)
+    logging.getLogger("mamlkit").setLevel(logging.INFO)
     w = workload(args.workload) | {"name": args.workload}
     data = workload_data(args.workload, min(args.iters, 50))
     impls = {API: make_mamlkit("auto", api=True)} | {k: PEERS[k] for k in args.peers if installed(k)}
@@ -84,9 +90,13 @@ def main() -> None:
     tasks = args.iters * w["meta_batch"]
     print(f"{args.workload}: meta-batch {w['meta_batch']}, {args.iters} iterations x {args.rounds} rounds, "
           f"{args.threads} intra-op thread(s), torch {torch.__version__}")
+    for line in trial:
+        if "strategy timing" in line or "runs tasks with" in line:
+            print(f"  {line}")
     for name, ts in seconds.items():
         speeds = [tasks / t for t in ts]
-        print(f"  {name:12s} tasks/s {min(speeds):8.0f} - {max(speeds):8.0f}  (median {sorted(speeds)[len(ts) // 2]:.0f})")
+        median = sorted(speeds)[len(ts) // 2]
+        print(f"  {name:12s} tasks/s {min(speeds):8.0f} - {max(speeds):8.0f}  (median {median:.0f})")
     for name in seconds:
         if name != API:
             ratios = [b / a for a, b in zip(seconds[API], seconds[name])]
