@@ -65,11 +65,9 @@ def model(dtype: torch.dtype) -> nn.Module:
 
 def mamlkit_step(name: str, net: nn.Module, first):
     import mamlkit
-    from mamlkit.exec import tuning
-
     learner = mamlkit.MAML(net, inner_lr=ALPHA, inner_steps=STEPS, loss_fn="mse", strategy=name.split("-")[1])
     if learner.executor.strategy.auto:
-        tuning.settle_strategy(learner, first, iterations=1000, say=lambda msg: print(msg, file=sys.stderr))
+        learner.executor.settle(learner.work(), first, iterations=1000, say=lambda msg: print(msg, file=sys.stderr))
     return lambda batch: learner.meta_backward(batch)
 
 

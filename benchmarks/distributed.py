@@ -47,7 +47,7 @@ def main() -> None:
         def step(s: int) -> None:
             batch = world.train_batch(tasks, cfg.seed, s, cfg.meta_batch)
             opt.zero_grad(set_to_none=True)
-            world.meta_backward(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch)
+            world.backward_and_reduce(learner, batch.to(cfg.device, trainer.dtype), cfg.meta_batch)
             opt.step()
 
         for s in range(args.warmup):

@@ -28,7 +28,7 @@ from throughput import WORKLOADS, peak_rss_mb, workload, workload_data, workload
 
 def run_one(name: str, steps: int, ckpt: bool, strategy: str, iters: int) -> dict:
     import mamlkit
-    from mamlkit.exec.memory import meta_backward_peak
+    from mamlkit.exec.tuning import backward_peak
 
     w = workload(name)
     model = workload_model(name)
@@ -36,7 +36,7 @@ def run_one(name: str, steps: int, ckpt: bool, strategy: str, iters: int) -> dic
                            if w["loss"] is not torch.nn.functional.cross_entropy else "classification",
                            strategy=strategy, checkpoint_inner=ckpt)
     data = workload_data(name, iters)
-    peak = meta_backward_peak(learner, data[0], learner.executor.strategy)
+    peak = backward_peak(learner.executor, learner.work(), data[0], learner.executor.strategy)
     learner.meta_backward(data[0])  # warm-up
     start = time.perf_counter()
     for batch in data:

@@ -39,7 +39,7 @@ def main() -> None:
     def batch(step):
         return tasks.sample(cfg.meta_batch, task_generator(cfg.seed, "train", step))
 
-    learner.executor.settle(learner, batch(0), iterations=cfg.iterations)
+    learner.executor.settle(learner.work(), batch(0), iterations=cfg.iterations)
     for step in range(2):  # warm-up
         opt.zero_grad()
         learner.meta_backward(batch(step))

@@ -112,7 +112,7 @@ def make_mamlkit(strategy, fast_kernels=True, api=False, **kw):
         if strategy == "auto" and not api:  # settle it as the trainer does, on the first batch
             p0 = next(model.parameters())
             first = w["first_batch"] if "first_batch" in w else workload_data(w["name"], 1, p0.dtype)[0].to(p0.device)
-            learner.executor.settle(learner, first, iterations=10**6, say=lambda m: print(m, file=sys.stderr))
+            learner.executor.settle(learner.work(), first, iterations=10**6, say=lambda m: print(m, file=sys.stderr))
             if "strategy" not in CHOSEN:  # the float32 run's choice and the trial's own peak, for the table
                 CHOSEN.update(strategy=learner.executor.strategy.name, trial_mb=f"{peak_rss_mb():.0f}")
                 reset_peak_rss()  # so that the table's peak RSS is training's, after the one-off trial

@@ -17,6 +17,7 @@ import torch
 from mamlkit import checkpoint, config
 from mamlkit.algorithms import MetaLearner, build_learner
 from mamlkit.base.errors import UserError
+from mamlkit.exec.executor import Executor
 from mamlkit.models import build_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -24,7 +25,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def assemble(cfg: config.TrainConfig, spec: dict[str, Any], state: dict[str, torch.Tensor] | None = None
              ) -> MetaLearner:
-    """The model of ``spec`` and the learner of ``cfg``; meta-parameters and buffers from ``state`` if given.
+    """The model of ``spec`` and the learner of ``cfg``, its tasks run by the executor ``cfg`` asks for (built
+    here and handed in); meta-parameters and buffers from ``state`` if given.
 
     The initial weights come from ``cfg.seed`` in a forked RNG, so the global RNG is untouched.
     """
@@ -35,7 +37,7 @@ def assemble(cfg: config.TrainConfig, spec: dict[str, Any], state: dict[str, tor
         torch.manual_seed(cfg.seed)
         model = build_model(spec)
     model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
-    learner = build_learner(cfg.algo, model, cfg)
+    learner = build_learner(cfg.algo, model, cfg, Executor.from_config(cfg, model))
     if state is not None:
         restore(learner, state)
     return learner

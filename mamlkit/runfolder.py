@@ -344,7 +344,7 @@ class Signals:
     def held(self) -> Iterator[None]:
         """A block in which a stop signal is only recorded (``received``), never raised, not even at its
         end: under torchrun the ranks must leave at the same step, so they stop when they agree to
-        (:meth:`mamlkit.loop.distributed.World.meta_backward`), not each when its own signal lands."""
+        (:meth:`mamlkit.loop.distributed.World.backward_and_reduce`), not each when its own signal lands."""
         self.depth += 1
         self.holding += 1
         try:

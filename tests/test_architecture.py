@@ -213,3 +213,29 @@ def test_the_private_read_check_itself():
     assert private_reads("p = getattr(learner, 'pieces', None)\nq = learner.pieces.inner_lr\n") == [
         "pieces (line 1)", "pieces (line 2)"]
     assert private_reads("x = learner.describe()\n") == []
+
+
+def learner_parameters(source: str, filename: str = "<source>") -> list[int]:
+    """Lines of the functions (lambdas included) in ``source`` that take a parameter named ``learner``."""
+    lines = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if p is not None]
+            if "learner" in names:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_exec_functions_take_no_learner():
+    """Exec → Algorithms is forbidden also through an argument: the executor is handed functions and parameters
+    (a ``Work``), never a learner to call back into."""
+    bad = [f"{path.relative_to(PACKAGE.parent)}:{line}" for path in sorted((PACKAGE / "exec").rglob("*.py"))
+           for line in learner_parameters(path.read_text(), str(path))]
+    assert not bad, "Exec functions that take a learner:\n" + "\n".join(bad)
+
+
+def test_the_learner_check_itself():
+    assert learner_parameters("def f(work, batch):\n    return lambda b: b\n") == []
+    assert learner_parameters("class E:\n    def settle(self, learner, batch): ...\n") == [2]
+    assert learner_parameters("g = lambda *, learner=None: learner\n") == [1]

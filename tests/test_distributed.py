@@ -59,7 +59,7 @@ def meta_grad(world, cfg, algo: str, num_tasks: int) -> dict[str, torch.Tensor]:
     world.broadcast_(learner)
     tasks = get_family(cfg.task).build(cfg, "train")
     batch = world.train_batch(tasks, cfg.seed, STEP, num_tasks).to(dtype=torch.float64)
-    world.meta_backward(learner, batch, num_tasks)  # (metrics, any rank stopping)
+    world.backward_and_reduce(learner, batch, num_tasks)  # (metrics, any rank stopping)
     return {k: p.grad.detach().clone() for k, p in learner.meta_parameters().items()}
 
 

@@ -276,7 +276,7 @@ def test_auto_runs_checkpointed_attention_where_vmap_cannot():
     model, batch = make(CheckpointedAttention, _sequences)
     learner = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=STEPS, loss_fn="mse")
     said = []
-    chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    chosen = learner.executor.settle(learner.work(), batch, iterations=10, say=said.append)
     assert chosen.name in ("loop", "threads")
     assert any("vmap unavailable" in s and "saved tensor hooks" in s for s in said), said
 
@@ -371,7 +371,7 @@ def test_auto_never_times_threads_for_a_model_that_draws(monkeypatch):
     model, batch = make(FunctionalDropout, _vectors, tasks=4)
     learner = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=STEPS, loss_fn="mse")
     said = []
-    chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    chosen = learner.executor.settle(learner.work(), batch, iterations=10, say=said.append)
     assert chosen.name == "vmap"  # the first candidate that runs, untimed: the choice does not follow the load
     assert any("draws random numbers (aten::bernoulli_)" in s and "without timing" in s for s in said), said
     assert not any("strategy timing" in s for s in said)
@@ -390,7 +390,7 @@ def test_inactive_dropout_costs_nothing(monkeypatch):
     assert all(torch.equal(got[k], want[k]) for k in want)
     learner = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=STEPS, loss_fn="mse")
     said = []
-    tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    learner.executor.settle(learner.work(), batch, iterations=10, say=said.append)
     assert any("strategy timing" in s and "threads " in s for s in said), said
     model.train()  # now it draws: threads refuses it on the next call
     with pytest.raises(tuning.StrategyError, match="bernoulli_"):
@@ -412,7 +412,7 @@ def test_auto_drops_a_candidate_whose_meta_gradient_is_not_the_loops(monkeypatch
     monkeypatch.setattr(strategies, "_run", off_under_vmap)
     learner = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=STEPS, loss_fn="mse")
     said = []
-    chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    chosen = learner.executor.settle(learner.work(), batch, iterations=10, say=said.append)
     assert chosen.name == "loop"
     assert any("strategy vmap dropped: its meta-gradient is 0.001 off the loop's" in s and "float64 is 1e-09" in s
                for s in said), said

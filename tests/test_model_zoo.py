@@ -16,7 +16,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mamlkit
 from mamlkit.engine.exact import ExactOpsError, recurrent
-from mamlkit.exec import tuning
 from mamlkit.tasks import TaskBatch
 
 TOL = 1e-10
@@ -251,7 +250,7 @@ def meta_grad(model: nn.Module, batch: TaskBatch, loss: str, first_order: bool, 
     learner = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=STEPS, first_order=first_order, loss_fn=loss,
                            strategy=strategy, adapt_filter=adapt)
     if strategy == "auto":  # as the trainer does: the candidates run the first batch, the fastest is kept
-        tuning.settle_strategy(learner, batch, iterations=10, say=lambda _: None)
+        learner.executor.settle(learner.work(), batch, iterations=10, say=lambda _: None)
     for p in model.parameters():
         p.grad = None
     learner.meta_backward(batch)
@@ -412,7 +411,7 @@ def test_auto_drops_vmap_for_a_packed_sequence_and_runs_the_loop(caplog):
                         else torch.randn(2, 4, 1, dtype=torch.float64) for i in range(4)))
     said = []
     learner = mamlkit.MAML(model, inner_lr=INNER_LR, inner_steps=1, loss_fn="mse", strategy="auto")
-    tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    learner.executor.settle(learner.work(), batch, iterations=10, say=said.append)
     assert learner.executor.strategy.name == "loop"
     assert any("strategy vmap unavailable for this model (ExactOpsError: nn.GRU" in s for s in said), said
     learner.meta_backward(batch)

@@ -1,6 +1,7 @@
 """Execution strategies: compile, checkpointed inner loop, the measured ``auto`` choice and
 the memory estimate. Every strategy must give the reference loop's meta-gradient (float64, 1e-10)."""
 
+import inspect
 import logging
 import re
 import subprocess
@@ -13,8 +14,11 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import mamlkit
-from mamlkit.exec import strategies, tuning
-from mamlkit.exec.memory import ProbeStopped, meta_backward_peak, peak_tensor_bytes
+from mamlkit.engine.inner import make_task_fn
+from mamlkit.engine.rules import sgd
+from mamlkit.exec import memory, strategies, tuning
+from mamlkit.exec.executor import Executor
+from mamlkit.exec.memory import ProbeStopped, peak_tensor_bytes
 from mamlkit.loop import train
 from mamlkit.models import conv4
 from mamlkit.presets import preset_config
@@ -40,6 +44,16 @@ def meta_grad(learner, batch):
         p.grad = None
     learner.meta_backward(batch)
     return flat(p.grad for p in learner.meta_parameters().values())
+
+
+def candidates(learner, iterations=10):
+    """``auto``'s candidates for the learner's executor and work."""
+    return tuning._candidates(learner.executor, learner.work(), iterations)
+
+
+def estimate(learner, batch, strategy, enough=None):
+    """The memory estimate of the learner's work under ``strategy`` (its executor's backward)."""
+    return tuning.estimate(learner.executor, learner.work(), batch, strategy, enough)
 
 
 def rel(a, b):
@@ -80,7 +94,7 @@ def test_checkpointed_inner_loop_memory_does_not_grow_with_steps():
     def peak(steps, ckpt):
         learner = mamlkit.MAML(model, inner_lr=0.1, inner_steps=steps, loss_fn="cross_entropy", strategy="loop",
                                checkpoint_inner=ckpt)
-        return meta_backward_peak(learner, batch, learner.executor.strategy)
+        return tuning.backward_peak(learner.executor, learner.work(), batch, learner.executor.strategy)
 
     plain = [peak(s, False) for s in (1, 4, 8)]
     ckpt = [peak(s, True) for s in (1, 4, 8)]
@@ -92,9 +106,9 @@ def test_checkpointed_inner_loop_memory_does_not_grow_with_steps():
 def test_memory_estimate_predicts_the_vmap_peak():
     model, batch = conv_model(), image_batch(tasks=6)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="vmap")
-    fixed, per_task, exact = tuning.estimate(learner, batch, learner.executor.strategy)
+    fixed, per_task, exact = estimate(learner, batch, learner.executor.strategy)
     assert per_task > 0 and exact
-    measured = meta_backward_peak(learner, batch, learner.executor.strategy)
+    measured = tuning.backward_peak(learner.executor, learner.work(), batch, learner.executor.strategy)
     assert abs(fixed + 6 * per_task - measured) < 0.15 * measured
 
 
@@ -102,15 +116,16 @@ def test_memory_budget_chunks_vmap_and_keeps_the_gradient():
     model, batch = conv_model(), image_batch(tasks=6)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy", strategy="vmap")
     ref = meta_grad(learner, batch)
-    fixed, per_task, _ = tuning.estimate(learner, batch, learner.executor.strategy)
+    fixed, per_task, _ = estimate(learner, batch, learner.executor.strategy)
     budget_mb = (fixed + 2.5 * per_task) / 2**20
     said = []
-    chosen = tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=budget_mb, say=said.append)
+    chosen = learner.executor.settle(learner.work(), batch, iterations=10, memory_budget_mb=budget_mb,
+                                     say=said.append)
     assert chosen.vectorize and chosen.chunk_size == 2
     assert "chunked to 2 tasks" in " ".join(said)
     assert rel(meta_grad(learner, batch), ref) < 1e-10
     with pytest.raises(mamlkit.base.errors.UserError, match="no execution strategy fits"):
-        tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=fixed / 2**21)
+        learner.executor.settle(learner.work(), batch, iterations=10, memory_budget_mb=fixed / 2**21)
 
 
 def test_auto_times_only_exact_candidates_and_leaves_no_trace():
@@ -124,7 +139,7 @@ def test_auto_times_only_exact_candidates_and_leaves_no_trace():
     expected = torch.rand(2)
     torch.manual_seed(5)
     said = []
-    chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    chosen = learner.executor.settle(learner.work(), batch, iterations=10, say=said.append)
     assert torch.equal(torch.rand(2), expected)                       # global RNG untouched
     assert all(p.grad is None for p in learner.meta_parameters().values())
     assert chosen.name in ("loop", "threads", "vmap", "vmap(chunk=2)") and not chosen.auto
@@ -135,12 +150,12 @@ def test_auto_times_only_exact_candidates_and_leaves_no_trace():
     assert rel(meta_grad(learner, batch), ref) < 1e-10
     # a long run of a model without convolutions also tries the compiled meta-gradient; a short one does not
     mlp_learner = mamlkit.MAML(mamlkit.models.mlp(1, (8,), 1), inner_lr=0.1)
-    names = [c.name for c in tuning._candidates(mlp_learner, tuning.COMPILE_MIN_ITERATIONS)]
+    names = [c.name for c in candidates(mlp_learner, tuning.COMPILE_MIN_ITERATIONS)]
     assert names == ["vmap", "compile"]  # (one task worker in the tests: no threads)
-    assert [c.name for c in tuning._candidates(mlp_learner, 10)] == ["vmap"]
+    assert [c.name for c in candidates(mlp_learner, 10)] == ["vmap"]
     # models whose compile could take minutes (attention) are left to vmap
     attention = mamlkit.MAML(nn.Sequential(nn.TransformerEncoderLayer(8, 2), nn.Linear(8, 1)), inner_lr=0.1)
-    assert [c.name for c in tuning._candidates(attention, 10**6)] == ["vmap"]
+    assert [c.name for c in candidates(attention, 10**6)] == ["vmap"]
 
 
 def tiny_transformer():
@@ -158,22 +173,22 @@ def test_auto_times_threads_for_a_transformer_and_keeps_the_fastest(monkeypatch)
     learner = mamlkit.MAML(model, inner_lr=0.1, loss_fn="mse")
     monkeypatch.setattr(tuning.threads, "cores", lambda: 2)
     monkeypatch.setattr(tuning.threads, "_task_workers", 1)
-    assert "threads" not in [c.name for c in tuning._candidates(learner, 10)]  # one worker: nothing to share
+    assert "threads" not in [c.name for c in candidates(learner)]  # one worker: nothing to share
     monkeypatch.setattr(tuning.threads, "_task_workers", 2)
-    assert [c.name for c in tuning._candidates(learner, 10)] == ["threads", "vmap"]
+    assert [c.name for c in candidates(learner)] == ["threads", "vmap"]
     monkeypatch.setattr(tuning.threads, "cores", lambda: 1)
-    assert "threads" not in [c.name for c in tuning._candidates(learner, 10)]  # two workers, one core
+    assert "threads" not in [c.name for c in candidates(learner)]  # two workers, one core
     monkeypatch.setattr(tuning.threads, "cores", lambda: 2)
     dropout = mamlkit.MAML(nn.Sequential(tiny_transformer(), nn.Dropout(0.1)).double(), inner_lr=0.1, loss_fn="mse")
-    assert "threads" in [c.name for c in tuning._candidates(dropout, 10)]  # dropout is found by what runs:
-    tuning._loop_reference(dropout, batch)  # once the model ran, its draws are known
-    assert "threads" not in [c.name for c in tuning._candidates(dropout, 10)]
+    assert "threads" in [c.name for c in candidates(dropout)]  # dropout is found by what runs:
+    tuning._loop_reference(dropout.executor, dropout.work(), batch)  # once the model ran, its draws are known
+    assert "threads" not in [c.name for c in candidates(dropout)]
 
     ref = meta_grad(mamlkit.MAML(model, inner_lr=0.1, loss_fn="mse", strategy="loop"), batch)
     for fastest in ("threads", "vmap(chunk=2)", "vmap"):
         timed = []
 
-        def time_all(learner, batch, options, rounds, say, fastest=fastest, timed=timed):
+        def time_all(executor, work, batch, options, rounds, say, fastest=fastest, timed=timed):
             timed.append([c.name for c in options])
             return [0.01 if c.name == fastest else 0.05 for c in options]
 
@@ -181,7 +196,7 @@ def test_auto_times_threads_for_a_transformer_and_keeps_the_fastest(monkeypatch)
         monkeypatch.setattr(tuning, "MEMORY_SKIP_FLOOR", 10**12)  # time them all, whatever their memory
         learner = mamlkit.MAML(model, inner_lr=0.1, loss_fn="mse")
         said = []
-        chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+        chosen = learner.executor.settle(learner.work(), batch, iterations=10, say=said.append)
         assert timed == [["threads", "vmap", "vmap(chunk=2)"]]
         assert chosen.name == fastest and learner.executor.strategy is chosen
         assert f"{fastest} 0.0100" in said[-1]
@@ -268,10 +283,10 @@ def test_threads_keep_the_callers_thread_count_and_refuse_dropout():
     torch.set_num_threads(2)
     try:
         auto = mamlkit.MAML(dropout, inner_lr=0.3, loss_fn="cross_entropy")
-        tuning._loop_reference(auto, batch)
-        names = [c.name for c in tuning._candidates(auto, 10)]
+        tuning._loop_reference(auto.executor, auto.work(), batch)
+        names = [c.name for c in candidates(auto, 10)]
         assert "threads" not in names and "threads" in \
-            [c.name for c in tuning._candidates(mamlkit.MAML(conv_model(), inner_lr=0.3), 10)]
+            [c.name for c in candidates(mamlkit.MAML(conv_model(), inner_lr=0.3), 10)]
     finally:
         torch.set_num_threads(before)
 
@@ -298,15 +313,15 @@ def test_auto_does_not_time_a_candidate_far_above_the_leanest_in_memory(monkeypa
     model, batch = conv_model(), image_batch(tasks=8)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=2, loss_fn="cross_entropy")
     needs = {}
-    for cand in tuning._candidates(learner, 10):
-        fixed, per_task, _ = tuning.estimate(learner, batch, cand)
+    for cand in candidates(learner):
+        fixed, per_task, _ = estimate(learner, batch, cand)
         needs[cand.name] = fixed + per_task * tuning._together(cand, batch.num_tasks)
     assert needs["vmap"] > 2 * needs["loop"]
     # a skip ratio below vmap's: its trial would set the run's peak, so it is not timed
     monkeypatch.setattr(tuning, "MEMORY_SKIP_RATIO", 0.5 * needs["vmap"] / min(needs.values()))
     monkeypatch.setattr(tuning, "MEMORY_SKIP_FLOOR", 0)
     said = []
-    chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    chosen = learner.executor.settle(learner.work(), batch, iterations=10, say=said.append)
     skipped = next(s for s in said if "not timing" in s)
     assert "vmap" in skipped and chosen.name != "vmap"
     timing = " ".join(s for s in said if "strategy timing" in s)
@@ -316,24 +331,24 @@ def test_auto_does_not_time_a_candidate_far_above_the_leanest_in_memory(monkeypa
 def test_auto_times_candidates_interleaved_and_skips_one_that_fails(monkeypatch):
     model, batch = conv_model(), image_batch(tasks=8)  # candidates: loop, [threads], vmap, vmap in quarters
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn="cross_entropy")
-    order, real, real_time_all, timing = [], type(learner).meta_backward, tuning._time_all, []
+    order, real, real_time_all, timing = [], type(learner.executor).trial_backward, tuning._time_all, []
 
-    def spy(self, b):
-        if timing:  # the memory estimate runs meta_backward too: only the timed trial is watched
-            order.append(self.executor.strategy.name)
-            if self.executor.strategy.vectorize and not self.executor.strategy.chunk_size:
+    def spy(self, work, b, strategy):
+        if timing:  # the memory estimate runs the backward too: only the timed trial is watched
+            order.append(strategy.name)
+            if strategy.vectorize and not strategy.chunk_size:
                 raise RuntimeError("pretend vmap cannot batch an operation")
-        return real(self, b)
+        return real(self, work, b, strategy)
 
     def time_all(*args, **kwargs):
         timing.append(True)
         return real_time_all(*args, **kwargs)
 
-    monkeypatch.setattr(type(learner), "meta_backward", spy)
+    monkeypatch.setattr(type(learner.executor), "trial_backward", spy)
     monkeypatch.setattr(tuning, "_time_all", time_all)
     monkeypatch.setattr(tuning, "MEMORY_SKIP_FLOOR", 10**12)
     said = []
-    chosen = tuning.settle_strategy(learner, batch, iterations=10, say=said.append)
+    chosen = learner.executor.settle(learner.work(), batch, iterations=10, say=said.append)
     names = list(dict.fromkeys(order))  # the candidates in trial order
     assert len(names) >= 3 and "vmap" in names
     rest = [n for n in names if n != "vmap"]
@@ -377,29 +392,30 @@ def test_trainer_tunes_malloc_unless_asked_not_to(tmp_path, monkeypatch):
 def test_estimate_stops_at_one_task_when_that_already_rules_a_candidate_out(monkeypatch):
     model, batch = conv_model(), image_batch(tasks=8)
     learner = mamlkit.MAML(model, inner_lr=0.3, inner_steps=1, loss_fn="cross_entropy", strategy="vmap")
-    sizes, real = [], tuning.meta_backward_peak
+    sizes, real = [], tuning.backward_peak
 
-    def spy(lrn, b, strategy, limit=None):
+    def spy(executor, work, b, strategy, limit=None):
         sizes.append(b.num_tasks)
-        return real(lrn, b, strategy, limit)
+        return real(executor, work, b, strategy, limit)
 
-    monkeypatch.setattr(tuning, "meta_backward_peak", spy)
-    fixed, per_task, exact = tuning.estimate(learner, batch, learner.executor.strategy)
+    monkeypatch.setattr(tuning, "backward_peak", spy)
+    fixed, per_task, exact = estimate(learner, batch, learner.executor.strategy)
     assert sizes == [1, 2] and fixed > 0 and exact
     sizes.clear()
     one = fixed + per_task
     # 8 tasks of one task's memory exceed the limit: the one-task probe stops once it holds more than
     # limit / 8 (a lower bound, and no higher process peak), and two tasks are not measured
-    got_fixed, got_per_task, exact = tuning.estimate(learner, batch, learner.executor.strategy, enough=4 * one)
+    got_fixed, got_per_task, exact = estimate(learner, batch, learner.executor.strategy, enough=4 * one)
     assert got_fixed == 0 and not exact and one / 2 < got_per_task <= one
     assert sizes == [1]
     sizes.clear()
-    assert tuning.estimate(learner, batch, learner.executor.strategy, enough=9 * one) == (fixed, per_task, True)
+    assert estimate(learner, batch, learner.executor.strategy, enough=9 * one) == (fixed, per_task, True)
     assert sizes == [1, 2]
     sizes.clear()
     # a budget below one task: nothing fits, and finding that out takes one task's measurement only
     with pytest.raises(mamlkit.base.errors.UserError, match="no execution strategy fits"):
-        tuning.settle_strategy(learner, batch, iterations=10, memory_budget_mb=0.9 * one / 2**20, say=lambda m: None)
+        learner.executor.settle(learner.work(), batch, iterations=10, memory_budget_mb=0.9 * one / 2**20,
+                                say=lambda m: None)
     assert sizes == [1]
 
 
@@ -458,7 +474,7 @@ def test_auto_drops_a_candidate_that_raises_and_an_explicit_one_fails_clearly(ca
     assert torch.equal(got, ref)
     with pytest.raises(mamlkit.UserError, match="strategy vmap cannot run this model"):
         explicit = mamlkit.MAML(model, strategy="vmap", **kw)
-        explicit.executor.settle(explicit, batch, iterations=10, say=lambda m: None)
+        explicit.executor.settle(explicit.work(), batch, iterations=10, say=lambda m: None)
 
 
 @pytest.mark.parametrize("call", ["meta_loss", "meta_backward"])
@@ -477,3 +493,44 @@ def test_an_explicit_strategy_that_cannot_run_the_model_fails_clearly_from_pytho
     assert all(p.grad is None for p in model.parameters())
     ref = mamlkit.MAML(model, strategy="loop", inner_lr=0.1, inner_steps=2, loss_fn="mse")
     assert torch.isfinite(ref.meta_loss(batch)[0])
+
+
+# --- the trial is handed what the executor is: a per-task builder, the meta-parameters, the batch -------
+
+
+def test_the_trial_runs_from_a_builder_and_parameters_alone_and_keeps_an_exact_strategy():
+    """No learner anywhere: the executor's trial (memory estimate, the loop's reference meta-gradient, the
+    agreement check and the timing) runs from ``build(params) -> fn``, the meta-parameters and the batch, and the
+    strategy it keeps gives the loop's float64 meta-gradient."""
+    entry_points = (Executor.settle, Executor.ready, Executor.backward, Executor.trial_backward,
+                    tuning.settle_strategy, tuning.estimate, tuning.backward_peak, memory.gradient_peak)
+    assert all("learner" not in inspect.signature(f).parameters for f in entry_points)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    g = torch.Generator().manual_seed(3)
+    batch = TaskBatch(*(torch.randn(8, 5, 1, generator=g, dtype=torch.float64) for _ in range(4)))
+    params = dict(model.named_parameters())
+
+    def build(p):
+        return make_task_fn(model, p, {}, loss_fn=torch.nn.functional.mse_loss, rule=sgd(0.1), steps=2,
+                            first_order=False)
+
+    def meta_gradient(executor):
+        for p in params.values():
+            p.grad = None
+        losses, _ = executor.backward(strategies.Work(build, params), batch)
+        return losses, flat(p.grad for p in params.values())
+
+    ref_losses, ref = meta_gradient(Executor(model, "loop"))
+    for p in params.values():
+        p.grad = None
+    executor, said = Executor(model), []
+    assert executor.strategy.auto
+    chosen = executor.settle(strategies.Work(build, params), batch, iterations=10, say=said.append)
+    assert executor.strategy is chosen and not chosen.auto and executor.settled
+    assert any("memory estimate, vmap" in s for s in said), said
+    assert any("strategy timing" in s and "vmap(chunk=2)" in s for s in said), said  # both candidates timed
+    assert all(p.grad is None for p in params.values())  # the trial leaves no gradient behind
+    losses, got = meta_gradient(executor)
+    assert rel(got, ref) < 1e-12 and torch.allclose(losses, ref_losses, rtol=1e-13, atol=0)
+    assert got.abs().max() > 0

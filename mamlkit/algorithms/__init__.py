@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from mamlkit.base.batch import TaskBatch
     from mamlkit.exec.executor import Executor
+    from mamlkit.exec.strategies import Work
 
 KIND_OF_LOSS = {"mse": "regression", "cross_entropy": "classification"}
 # The built-in algorithms' modules, imported (and so registered) on the first lookup of an algorithm.
@@ -86,6 +87,10 @@ class MetaLearner(Protocol):
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         """Accumulate ``weight ×`` the meta-gradient into ``.grad``, chunk by chunk, to save memory."""
 
+    def work(self) -> Work:
+        """What its executor runs for a meta-gradient (per-task builder and meta-parameters): the trainer settles
+        the strategy with it (:meth:`~mamlkit.exec.executor.Executor.settle`)."""
+
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None, *,
               guard: bool = False) -> dict[str, Tensor]:
         """Adapted parameters for one task (``support_x [N, ...]``); ``guard``: the inner rule within the descent
@@ -124,9 +129,9 @@ class UnknownAlgorithm(UserError, ValueError):
     user's to fix (the CLI exits 2), and still the ``ValueError`` it always was."""
 
 
-def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
+def build_learner(name: str, model: nn.Module, cfg: Any, executor: Executor | None = None) -> MetaLearner:
     """Build the algorithm ``name`` for ``model`` from a :class:`~mamlkit.config.TrainConfig`; its tasks run on
-    the executor the config asks for (:meth:`~mamlkit.exec.executor.Executor.from_config`)."""
+    ``executor`` (default: the one the config asks for, :meth:`~mamlkit.exec.executor.Executor.from_config`)."""
     from mamlkit.exec.executor import Executor
 
     algorithms = __getattr__("ALGORITHMS")
@@ -142,4 +147,4 @@ def build_learner(name: str, model: nn.Module, cfg: Any) -> MetaLearner:
             check_patterns([k for k, p in model.named_parameters() if p.requires_grad], patterns)
         except ValueError as err:
             raise UserError(str(err)) from None
-    return algorithms[name](model, cfg, Executor.from_config(cfg, model))
+    return algorithms[name](model, cfg, executor or Executor.from_config(cfg, model))

@@ -42,7 +42,7 @@ from mamlkit.engine.norms import with_bn_mode
 from mamlkit.engine.outputs import OutputSpec, output_selector
 from mamlkit.engine.rules import InnerRule, descent_guard, sgd
 from mamlkit.exec.executor import Executor
-from mamlkit.exec.strategies import TaskFn, log, task_metrics
+from mamlkit.exec.strategies import TaskFn, Work, log, task_metrics
 
 TaskBuilder = Callable[..., TaskFn]
 
@@ -188,8 +188,13 @@ class Driver:
         """Run ``auto``'s trial on ``batch`` now (otherwise it runs on the first meta-loss); returns the
         strategy kept."""
         self.check_output(batch.support_x[0])
-        self.executor.ready(self, batch)
+        self.executor.ready(self.work(), batch)
         return self.executor.strategy.name
+
+    def work(self) -> Work:
+        """What the executor runs for a meta-gradient at the current step: the training per-task builder (the
+        algorithm's outer direction where it has one) and the meta-parameters."""
+        return Work(self._train_fn, self.meta_parameters(), self.compilable)
 
     # --- building per-task functions -----------------------------------------------------------------
 
@@ -208,9 +213,11 @@ class Driver:
         not a failure of every candidate in ``auto``'s trial. No gradient, and no draw from the RNG streams.
         Under a dispatch mode (the executor's memory probe) it waits for a plain call: the probe's forward would
         be measured as the call's own memory."""
+        if self._output_checked:  # every meta-iteration asks: the answer costs one attribute after the first
+            return
         from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-        if self._output_checked or _get_current_dispatch_mode() is not None:
+        if _get_current_dispatch_mode() is not None:
             return
         self._output_checked = True
         devices = [x.device] if x.device.type == "cuda" else []
@@ -246,8 +253,9 @@ class Driver:
     @thread_planned()
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         self.check_output(batch.support_x[0])
-        self.executor.ready(self, batch)
-        losses, preds = self.executor.map_tasks(self._train_fn(self.meta_parameters()), batch)
+        work = self.work()
+        self.executor.ready(work, batch)
+        losses, preds = self.executor.map_tasks(work.build(work.params), batch)
         loss = losses.mean()
         self.executor.plan_backward(loss)  # the caller's loss.backward() runs under the plan too
         return loss, task_metrics(losses, preds, batch.query_y, self.kind)
@@ -255,8 +263,7 @@ class Driver:
     @thread_planned()
     def meta_backward(self, batch: TaskBatch, weight: float = 1.0) -> dict[str, float]:
         self.check_output(batch.support_x[0])
-        self.executor.ready(self, batch)
-        losses, preds = self.executor.meta_backward(self._train_fn, self.meta_parameters(), batch, weight)
+        losses, preds = self.executor.backward(self.work(), batch, weight)
         return task_metrics(losses, preds, batch.query_y, self.kind)
 
     @thread_planned()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -185,6 +186,7 @@ class ExactOps(TorchFunctionMode):
 # Attention: the math kernel whenever a graph is differentiated twice
 
 _ATTENTION_LOGGED = False
+_NOTED: weakref.WeakSet = weakref.WeakSet()  # models whose modules note_model has looked at
 
 
 def _has_attention(model: nn.Module) -> list[str]:
@@ -197,8 +199,9 @@ def _has_attention(model: nn.Module) -> list[str]:
 def note_model(model: nn.Module) -> None:
     """Say once per process that attention in ``model`` runs through the math kernel for exact second order."""
     global _ATTENTION_LOGGED
-    if _ATTENTION_LOGGED:
+    if _ATTENTION_LOGGED or model in _NOTED:  # asked on every per-task build: scan each model's modules once
         return
+    _NOTED.add(model)
     layers = _has_attention(model)
     if layers:
         _ATTENTION_LOGGED = True

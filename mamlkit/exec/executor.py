@@ -7,9 +7,11 @@ It holds everything about *how*, and nothing about *what*:
 * the strategy (:class:`~mamlkit.exec.strategies.Strategy`: vmap, loop, threads or compile), chunking and
   the checkpointed inner loop, checked here once (:func:`~mamlkit.exec.strategies.choose_strategy`);
 * ``auto``'s trial (:mod:`mamlkit.exec.tuning`): on the first batch, the candidates are measured and the
-  fastest kept. The trainer calls :meth:`Executor.settle` before its first iteration, knowing the run's
-  length; from Python the trial runs by itself on the first ``meta_loss``/``meta_backward`` call (or on
-  ``learner.tune(batch)``). Every candidate must match the loop's meta-gradient on the trial batch (checked),
+  fastest kept. A learner hands the executor a :class:`~mamlkit.exec.strategies.Work` (its per-task builder
+  and meta-parameters), and the trial times the executor's own backward of it under each candidate: the
+  executor never calls back into the learner. The trainer settles before its first iteration, knowing the
+  run's length; from Python the trial runs by itself on the first ``meta_loss``/``meta_backward`` call (or
+  on ``learner.tune(batch)``). Every candidate must match the loop's meta-gradient on the trial batch (checked),
   so the trial changes speed only;
 * what the model runs (:meth:`Executor.check`, :mod:`mamlkit.exec.exactness`), found on the first call: an
   op without the derivatives the meta-gradient needs is one error under every strategy, and ``threads``
@@ -33,7 +35,7 @@ arguments (``mamlkit.MAML(model, strategy="loop", chunk_size=4)`` forwards them 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -45,7 +47,7 @@ from mamlkit.engine import functional
 from mamlkit.exec import exactness, kernels, strategies, tuning
 from mamlkit.exec import threads as thread_plan
 from mamlkit.exec.kernels import fusion
-from mamlkit.exec.strategies import Strategy, TaskFn
+from mamlkit.exec.strategies import Strategy, TaskFn, Work
 
 log = strategies.log
 T = TypeVar("T")
@@ -92,10 +94,10 @@ class Executor:
             kernels.set_enabled(fast_kernels)
         # functional.call runs a Sequential of built-in layers as its fused layer list while a kernels mode is on
         functional.set_module_view(fusion.fused)
-        self._settling = False
         self._probes: dict[tuple[int, bool], exactness.Probe] = {}  # what the model runs: see check()
-        # a strategy asked for by name has not yet run this model; auto's trial proves (or drops) its own
-        self._proven = self.strategy.auto or self.strategy.name == "loop"
+        # a strategy asked for by name has not yet run this model (its first error is explained, see
+        # _first_run); auto's trial proves (or drops) its own
+        self.proven = self.strategy.auto or self.strategy.name == "loop"
 
     @classmethod
     def from_config(cls, cfg: Any, model: nn.Module) -> Executor:
@@ -118,46 +120,65 @@ class Executor:
         """Back-propagate ``weight * mean_t loss_t`` chunk by chunk (see :func:`strategies.backward_tasks`)."""
         return self._first_run(fn, batch, lambda: strategies.backward_tasks(fn, batch, self.strategy, weight, params))
 
-    def meta_backward(self, build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str, nn.Parameter],
-                      batch: TaskBatch, weight: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Accumulate ``weight ×`` the meta-gradient into ``params[k].grad`` (see :func:`strategies.meta_backward`);
-        ``build(params) -> fn`` makes the per-task function, so the compiled strategy can trace it."""
-        fn = build(params)
-        return self._first_run(fn, batch, lambda: strategies.meta_backward(build, params, batch, self.strategy,
-                                                                           weight, fn=fn))
+    def backward(self, work: Work, batch: TaskBatch, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Accumulate ``weight ×`` the meta-gradient of ``work`` on ``batch`` into ``work.params[k].grad`` (see
+        :func:`strategies.backward_over_tasks`); ``auto``'s trial runs first if it has not (:meth:`ready`).
+        Returns the detached per-task losses ``[T]`` and query predictions."""
+        self.ready(work, batch)
+        fn = work.build(work.params)
+        return self._first_run(fn, batch, lambda: strategies.backward_over_tasks(work.build, work.params, batch,
+                                                                                 self.strategy, weight, fn=fn))
+
+    def trial_backward(self, work: Work, batch: TaskBatch, strategy: Strategy) -> tuple[Tensor, Tensor]:
+        """:meth:`backward` with ``strategy`` instead of the executor's own, as ``auto``'s trial and the memory
+        probe run a candidate: no trial of its own, and a candidate's error raised as torch's (the trial names
+        it), except an op that cannot give the meta-gradient under any strategy (one ``DifferentiationError``)."""
+        fn = work.build(work.params)
+        return self._explained(fn, batch, strategy, lambda: strategies.backward_over_tasks(
+            work.build, work.params, batch, strategy, fn=fn))
 
     def _first_run(self, fn: TaskFn, batch: TaskBatch, run: Callable[[], T]) -> T:
-        """Check the model (:meth:`check`), then run ``run``. An op that cannot give the meta-gradient is one
-        :class:`~mamlkit.exec.exactness.DifferentiationError` whatever the strategy. When a strategy named
-        explicitly (not the loop) raises on its first batch, say which strategy failed and which run any
-        model, instead of torch's error alone. The trainer finds this in its trial before training
+        """Run ``run`` with the executor's strategy (:meth:`_explained`). When a strategy named explicitly (not
+        the loop) raises on its first batch, say which strategy failed and which run any model, instead of
+        torch's error alone. The trainer finds this in its trial before training
         (:func:`mamlkit.exec.tuning.settle_strategy`); a Python caller's first call is where it shows. Later
         errors pass unchanged: by then the strategy has run this model."""
-        found = self.check(fn, batch)
         try:
-            out = run()
+            out = self._explained(fn, batch, self.strategy, run)
+        except UserError:
+            raise
+        except Exception as err:
+            if self.proven:
+                raise
+            raise tuning.cannot_run(self.strategy.name, err) from err
+        self.proven = True
+        return out
+
+    def _explained(self, fn: TaskFn, batch: TaskBatch, strategy: Strategy, run: Callable[[], T]) -> T:
+        """Check the model (:meth:`check`), then run ``run``. An op that cannot give the meta-gradient is one
+        :class:`~mamlkit.exec.exactness.DifferentiationError` whatever the strategy."""
+        found = self.check(fn, batch, strategy)
+        try:
+            return run()
         except UserError:
             raise
         except Exception as err:
             why = exactness.explain(err, found)
             if why is not None:
                 raise why from err
-            if self._proven or self._settling:
-                raise
-            raise tuning.cannot_run(self.strategy.name, err) from err
-        self._proven = True
-        return out
+            raise
 
-    def check(self, fn: TaskFn, batch: TaskBatch) -> exactness.Probe:
+    def check(self, fn: TaskFn, batch: TaskBatch, strategy: Strategy | None = None) -> exactness.Probe:
         """What the model runs (:func:`mamlkit.exec.exactness.probe`), found once per train/eval setting and
         order: raises for an op without the derivatives the meta-gradient needs, and refuses ``threads`` for
-        a model that draws random numbers (an inactive dropout draws none and is not refused)."""
+        a model that draws random numbers (an inactive dropout draws none and is not refused). ``strategy``: the
+        one about to run (default: the executor's)."""
         second = strategies._second_order(fn) and torch.is_grad_enabled()
         key = (exactness.training_key(self.model), second)
         found = self._probes.get(key)
         if found is None:
             found = self._probes[key] = exactness.probe(self.model, fn, batch, second)
-        if found.random_ops and self.strategy.threaded:
+        if found.random_ops and (strategy or self.strategy).threaded:
             raise tuning.StrategyError(exactness.threads_refusal(found.random_ops))
         return found
 
@@ -237,50 +258,38 @@ class Executor:
 
     # --- choosing the strategy ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def using(self, strategy: Strategy) -> Iterator[None]:
-        """Run the enclosed calls with ``strategy`` (the trial and the memory probe), then restore the own."""
-        saved, self.strategy = self.strategy, strategy
-        try:
-            yield
-        finally:
-            self.strategy = saved
-
     @property
     def settled(self) -> bool:
         """Whether the strategy is fixed (an explicit one, or ``auto`` after its trial)."""
         return not self.strategy.auto
 
-    def ready(self, learner: Any, batch: TaskBatch) -> None:
-        """Before a learner's meta-loss or meta-gradient: run ``auto``'s trial on ``batch`` if it has not run.
+    def ready(self, work: Work, batch: TaskBatch) -> None:
+        """Before a meta-loss or meta-gradient of ``work``: run ``auto``'s trial on ``batch`` if it has not run.
         Not under ``torch.no_grad()``: the trial times meta-gradients, and a call without one (finite
         differences, a validation loss) runs as the strategy starts, with the same numbers."""
-        if self.strategy.auto and not self._settling and torch.is_grad_enabled():
-            self.settle(learner, batch, say=log.info)
+        if self.strategy.auto and torch.is_grad_enabled():
+            self.settle(work, batch, say=log.info)
 
-    def settle(self, learner: Any, batch: TaskBatch, *, iterations: int | None = None,
-               say: Callable[[str], None] = print) -> Strategy:
+    def settle(self, work: Work, batch: TaskBatch, *, iterations: int | None = None,
+               memory_budget_mb: float | None = None, say: Callable[[str], None] = print) -> Strategy:
         """Fix the strategy for a run of ``iterations`` meta-iterations (default: the executor's) on batches
-        like ``batch``: measures memory, fits the budget and, with ``auto``, times the candidates
-        (:func:`mamlkit.exec.tuning.settle_strategy`). ``learner`` runs the candidates; its gradients and
-        the global RNG are left as they were."""
-        self._settling = True
-        try:
-            with self.planned():  # the candidates are timed under the threads they will run with
-                runs = iterations if iterations is not None else (self.iterations or 0)
-                chosen = tuning.settle_strategy(learner, batch, iterations=runs,
-                                                memory_budget_mb=self.memory_budget_mb, say=say)
-        finally:
-            self._settling = False
-        self._proven = True
-        return chosen
+        like ``batch``: measures memory, fits the budget (default: the executor's) and, with ``auto``, times
+        the candidates (:func:`mamlkit.exec.tuning.settle_strategy`), each through this executor's own
+        backward of ``work``. The gradients of ``work.params`` and the global RNG are left as they were."""
+        runs = iterations if iterations is not None else (self.iterations or 0)
+        budget = self.memory_budget_mb if memory_budget_mb is None else memory_budget_mb
+        with self.planned():  # the candidates are timed under the threads they will run with
+            self.strategy = tuning.settle_strategy(self, work, batch, iterations=runs, memory_budget_mb=budget,
+                                                   say=say)
+        self.proven = True
+        return self.strategy
 
     def resume(self, name: str | None) -> None:
         """Keep the strategy a checkpointed run measured and used (its recorded name), so a resumed ``auto``
         run computes exactly the same numbers without a new trial. An explicit strategy stays as asked."""
         if self.strategy.auto and name:
             self.strategy = Strategy.from_name(name)
-            self._proven = True  # the checkpointed run ran this model with it
+            self.proven = True  # the checkpointed run ran this model with it
 
     def __repr__(self) -> str:
         return f"Executor({self.strategy.name}{', auto' if self.strategy.auto else ''})"

@@ -12,7 +12,7 @@ hooks (and so ``torch.distributed._tools.mem_tracker``) do not.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -72,18 +72,17 @@ def peak_tensor_bytes(fn: Callable[[], Any], limit: int | None = None) -> int:
     return tracker.peak
 
 
-def meta_backward_peak(learner: Any, batch, strategy, limit: int | None = None) -> int:
-    """Peak tensor bytes of one ``learner.meta_backward(batch)`` under ``strategy``; the gradients
-    it accumulates are removed again, so the learner's state is unchanged. ``limit``: as in
-    :func:`peak_tensor_bytes`."""
-    params = list(learner.meta_parameters().values())
+def gradient_peak(run: Callable[[], Any], params: Iterable[torch.Tensor], limit: int | None = None) -> int:
+    """Peak tensor bytes of ``run()``, a backward pass that accumulates into the ``.grad`` of ``params``; the
+    gradients it accumulates are removed again and the global RNG is left as it was (dropout draws must not
+    shift the run's). ``limit``: as in :func:`peak_tensor_bytes`."""
+    params = list(params)
     grads = [p.grad for p in params]
     try:
         for p in params:
             p.grad = None
-        # dropout draws must not shift the run's RNG
-        with torch.random.fork_rng(devices=[]), learner.executor.using(strategy):
-            return peak_tensor_bytes(lambda: learner.meta_backward(batch), limit)
+        with torch.random.fork_rng(devices=[]):
+            return peak_tensor_bytes(run, limit)
     finally:
         for p, g in zip(params, grads):
             p.grad = g

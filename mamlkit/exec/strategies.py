@@ -64,7 +64,8 @@ class Strategy:
     ``compiled``: the meta-gradient runs as one ``torch.compile``-d function (implies vmap).
     ``workers``: run the loop's tasks on this many threads (0 or 1: the plain loop; -1: as many as
     :func:`mamlkit.exec.threads.task_workers` when it runs).
-    ``auto``: chosen by :func:`autotune` on the first training batch (until then it runs as given)."""
+    ``auto``: chosen by :func:`mamlkit.exec.tuning.settle_strategy` on the first training batch (until then it
+    runs as given)."""
 
     vectorize: bool
     chunk_size: int | None = None
@@ -108,12 +109,27 @@ class Strategy:
         return dataclasses.replace(self, **kw, cache={})
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a learner hands the executor for a meta-gradient, all the executor (and ``auto``'s trial) needs:
+    ``build(params) -> fn``, the per-task function for given meta-parameters (for an algorithm with an outer
+    direction of its own, Reptile's θ − φ or iMAML's implicit gradient, the builder of that one), the
+    meta-parameters ``params`` whose ``.grad`` receives it, and whether ``build`` traces under
+    ``torch.compile`` (``compilable``). ``build`` should be the same object on every call: the compiled
+    strategy keeps one compiled function per builder."""
+
+    build: Callable[[dict[str, Tensor]], TaskFn]
+    params: dict[str, nn.Parameter]
+    compilable: bool = False
+
+
 def choose_strategy(requested: str, model: nn.Module, device: torch.device | str = "cpu",
                     chunk_size: int | None = None, *, checkpoint_inner: bool = False) -> Strategy:
     """Resolve ``"auto" | "vmap" | "loop" | "threads" | "compile"`` to a :class:`Strategy`.
 
     ``auto`` starts as vmap (the loop for convolutional models on the CPU, or with
-    ``checkpoint_inner``) and is settled by :func:`autotune` on the first training batch.
+    ``checkpoint_inner``) and is settled by :func:`mamlkit.exec.tuning.settle_strategy` on the first training
+    batch.
     Every strategy is exact. A checkpointed inner loop (``checkpoint_inner``) runs only in the loop.
     """
     check_choice("strategy", requested, STRATEGIES)
@@ -195,6 +211,9 @@ def chunks(batch: TaskBatch, strategy: Strategy, for_backward: bool = False) -> 
     size = strategy.chunk_size
     if size is None:
         size = 1 if (for_backward and not strategy.vectorize) else batch.num_tasks
+    if size >= batch.num_tasks:  # one chunk: the batch itself (a slice of every field is a new TaskBatch, checked)
+        yield batch
+        return
     for start in range(0, batch.num_tasks, size):
         yield batch[start:start + size]
 
@@ -247,8 +266,9 @@ def backward_tasks(fn: TaskFn, batch: TaskBatch, strategy: Strategy, weight: flo
     return torch.cat(losses), torch.cat(preds)
 
 
-def meta_backward(build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str, nn.Parameter], batch: TaskBatch,
-                  strategy: Strategy, weight: float = 1.0, fn: TaskFn | None = None) -> tuple[Tensor, Tensor]:
+def backward_over_tasks(build: Callable[[dict[str, Tensor]], TaskFn], params: dict[str, nn.Parameter],
+                       batch: TaskBatch, strategy: Strategy, weight: float = 1.0, fn: TaskFn | None = None
+                       ) -> tuple[Tensor, Tensor]:
     """Accumulate ``weight ×`` the meta-gradient of the mean task loss into ``params[k].grad``.
 
     ``build(params) -> fn`` makes the per-task function for a given meta-parameter dict; the eager

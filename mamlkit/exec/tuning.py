@@ -13,8 +13,11 @@ meta-gradient for dispatch-bound MLPs in long runs. Before training, :func:`sett
 Every candidate should compute the same meta-gradient (tests check this to 1e-10 in float64); with
 ``auto`` that is checked, not assumed: the loop's meta-gradient on the trial batch is computed first, and
 a candidate whose own differs by more than rounding (:data:`AGREEMENT`) is dropped with the difference.
-So the choice changes speed and memory, never the numbers beyond floating-point rounding. The learner's
-gradients and the global RNG are left as they were.
+So the choice changes speed and memory, never the numbers beyond floating-point rounding. The trial is
+handed what the executor is (its :class:`~mamlkit.exec.strategies.Work`: a per-task builder and the
+meta-parameters) and runs each candidate through the executor's own backward
+(:meth:`~mamlkit.exec.executor.Executor.trial_backward`), never through a learner. The gradients of the
+meta-parameters and the global RNG are left as they were.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from mamlkit.base.batch import TaskBatch
 from mamlkit.base.errors import UserError
 from mamlkit.exec import threads
 from mamlkit.exec.exactness import DifferentiationError
-from mamlkit.exec.memory import ProbeStopped, mb, meta_backward_peak
-from mamlkit.exec.strategies import Strategy, _has_conv
+from mamlkit.exec.memory import ProbeStopped, gradient_peak, mb
+from mamlkit.exec.strategies import Strategy, Work, _has_conv
 
 # A compiled meta-gradient costs tens of seconds to build on a CPU; below this many iterations it
 # cannot pay that back, so ``auto`` does not try it.
@@ -61,10 +64,11 @@ AGREEMENT = {torch.float64: 1e-9, torch.float32: 1e-3}
 AGREEMENT_LOW = 5e-2  # float16 and bfloat16
 
 
-def estimate(learner: Any, batch: TaskBatch, strategy: Strategy,
+def estimate(executor: Any, work: Work, batch: TaskBatch, strategy: Strategy,
              enough: int | None = None) -> tuple[int, int, bool]:
     """``(fixed, per_task, exact)``: the peak tensor memory of one meta-iteration is about
-    ``fixed + per_task × (tasks run together)`` bytes. Measured on one and two tasks of ``batch``;
+    ``fixed + per_task × (tasks run together)`` bytes. Measured on one and two tasks of ``batch`` through
+    ``executor``'s backward of ``work`` (:func:`backward_peak`);
     ``exact`` is False where the measurement was stopped early and ``per_task`` is a lower bound.
 
     With ``enough``, a vectorised strategy whose one-task peak times the batch's tasks exceeds it stops
@@ -78,7 +82,7 @@ def estimate(learner: Any, batch: TaskBatch, strategy: Strategy,
     if enough is not None and probe.vectorize and batch.num_tasks > 1:
         limit = enough // batch.num_tasks  # past this, one task already proves the candidate too big
     try:
-        one = meta_backward_peak(learner, batch[:1], probe, limit)
+        one = backward_peak(executor, work, batch[:1], probe, limit)
     except ProbeStopped as stop:  # stopped early: a lower bound, and the process's peak stays low
         return 0, stop.nbytes, False
     if strategy.threaded:
@@ -87,7 +91,7 @@ def estimate(learner: Any, batch: TaskBatch, strategy: Strategy,
         return one, 0, True  # the loop frees each task's graph before the next
     if enough is not None and one * batch.num_tasks > enough:
         return 0, one, True
-    two = meta_backward_peak(learner, batch[:2], probe)
+    two = backward_peak(executor, work, batch[:2], probe)
     per_task = max(two - one, 0)
     return one - per_task, per_task, True
 
@@ -113,24 +117,31 @@ def _fit_budget(strategy: Strategy, fixed: int, per_task: int, num_tasks: int, b
     return strategy.replace(chunk_size=max(1, (budget - fixed) // per_task))
 
 
-def _time(learner: Any, batch: TaskBatch, strategy: Strategy, repeats: int = 3) -> float:
-    """Seconds per ``meta_backward`` (the best of ``repeats`` after one warm-up call)."""
-    return _time_all(learner, batch, [strategy], rounds=repeats)[0]
+def backward_peak(executor: Any, work: Work, batch: TaskBatch, strategy: Strategy, limit: int | None = None
+                  ) -> int:
+    """Peak tensor bytes of one backward of ``work`` on ``batch`` under ``strategy``
+    (:meth:`~mamlkit.exec.executor.Executor.trial_backward`); the gradients and the RNG are left as they were.
+    ``limit``: as in :func:`mamlkit.exec.memory.peak_tensor_bytes`."""
+    return gradient_peak(lambda: executor.trial_backward(work, batch, strategy), work.params.values(), limit)
 
 
-def _time_all(learner: Any, batch: TaskBatch, strategies: list[Strategy], rounds: int = 3,
+def _time(executor: Any, work: Work, batch: TaskBatch, strategy: Strategy, repeats: int = 3) -> float:
+    """Seconds per backward (the best of ``repeats`` after one warm-up call)."""
+    return _time_all(executor, work, batch, [strategy], rounds=repeats)[0]
+
+
+def _time_all(executor: Any, work: Work, batch: TaskBatch, strategies: list[Strategy], rounds: int = 3,
               say: Callable[[str], None] | None = None) -> list[float]:
-    """Seconds per ``meta_backward`` of each strategy: one warm-up call each, then ``rounds`` rounds
-    that time every strategy once, keeping each one's best. Interleaved rather than one strategy after
-    another, so that a change in the machine's load during the trial does not favour whichever ran
-    first. Before each call, the memory the previous strategy freed is handed back to the OS; after the
-    warm-up round, each strategy then runs once untimed (which warms the allocator's heap again, as in
-    training) and once timed. So the trial's peak memory is the hungriest candidate's, not the sum of
-    every candidate's leftovers, each kept in its own malloc arena (mini-ImageNet 5w1s: 2.5 GB before,
-    2.2 GB after, the threads candidate's own peak). A strategy that fails its
-    warm-up gets ``inf`` (and a message through ``say``); with no ``say`` the error propagates."""
-    executor = learner.executor
-    params = list(learner.meta_parameters().values())
+    """Seconds per backward of ``work`` (``executor.trial_backward``) under each of ``strategies``: one
+    warm-up call each, then ``rounds`` rounds that time every strategy once, keeping each one's best.
+    Interleaved rather than one strategy after another, so that a change in the machine's load during the
+    trial does not favour whichever ran first. Before each call, the memory the previous strategy freed is
+    handed back to the OS; after the warm-up round, each strategy then runs once untimed (which warms the
+    allocator's heap again, as in training) and once timed. So the trial's peak memory is the hungriest
+    candidate's, not the sum of every candidate's leftovers, each kept in its own malloc arena
+    (mini-ImageNet 5w1s: 2.5 GB before, 2.2 GB after, the threads candidate's own peak). A strategy that
+    fails its warm-up gets ``inf`` (and a message through ``say``); with no ``say`` the error propagates."""
+    params = list(work.params.values())
     grads = [p.grad for p in params]
     best = [math.inf] * len(strategies)
     ok = [True] * len(strategies)
@@ -142,13 +153,12 @@ def _time_all(learner: Any, batch: TaskBatch, strategies: list[Strategy], rounds
                         continue
                     start = None
                     try:
-                        with executor.using(strategy):
-                            if len(strategies) > 1:
-                                _release_freed_memory()
-                                if r:
-                                    learner.meta_backward(batch)
-                            start = time.perf_counter()
-                            learner.meta_backward(batch)
+                        if len(strategies) > 1:
+                            _release_freed_memory()
+                            if r:
+                                executor.trial_backward(work, batch, strategy)
+                        start = time.perf_counter()
+                        executor.trial_backward(work, batch, strategy)
                     except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for torch.compile
                         if say is None:
                             raise
@@ -181,18 +191,18 @@ def cannot_run(name: str, err: BaseException) -> StrategyError:
                          "plain PyTorch")
 
 
-def _candidates(learner: Any, iterations: int) -> list[Strategy]:
+def _candidates(executor: Any, work: Work, iterations: int) -> list[Strategy]:
     """What ``auto`` times: the strategies that can win for this model here, leanest first (so that a
     vectorised candidate's memory probe can stop as soon as it is far above a leaner one's, see
     :func:`estimate`). Whole tasks on threads are one for every model wherever they can run in parallel
     (:func:`_threads_usable`): they won for Conv nets with little work per task and, on a loaded machine,
     for a small transformer (benchmarks/RESULTS.md)."""
-    s = learner.executor.strategy
+    s = executor.strategy
     if not s.auto:
         return [s]
     vmap, loop = Strategy(True, s.chunk_size, auto_chunk=not s.chunk_size), Strategy(False, s.chunk_size)
-    on_threads = [Strategy(False, workers=-1)] if _threads_usable(learner) else []
-    if _has_conv(learner.model):
+    on_threads = [Strategy(False, workers=-1)] if _threads_usable(executor) else []
+    if _has_conv(executor.model):
         # Conv nets: vmap's grouped convolutions win with few query images, the loop with many (on a GPU
         # too: large images, few tasks), threads with little work per task (benchmarks/RESULTS.md);
         # compiling them takes minutes and lost to the loop when measured.
@@ -201,7 +211,7 @@ def _candidates(learner: Any, iterations: int) -> list[Strategy]:
     # loop still runs a model vmap cannot, see _FALLBACKS; threads are the loop's tasks run in parallel, with
     # the loop's numbers), and a compiled meta-gradient beats vmap by ~6× once its compile time is paid back.
     out = [*on_threads, vmap]
-    if getattr(learner, "compilable", False) and iterations >= COMPILE_MIN_ITERATIONS and _simple(learner.model):
+    if work.compilable and iterations >= COMPILE_MIN_ITERATIONS and _simple(executor.model):
         out.append(Strategy(True, s.chunk_size, compiled=True))
     return out
 
@@ -211,15 +221,15 @@ def _candidates(learner: Any, iterations: int) -> list[Strategy]:
 _FALLBACKS = [Strategy(False)]
 
 
-def _threads_usable(learner: Any) -> bool:
+def _threads_usable(executor: Any) -> bool:
     """Whether ``auto`` times whole tasks on threads: on the CPU, with more than one task worker
     (:func:`mamlkit.exec.threads.task_workers`) and more than one core to run them, for a model that drew no
     random numbers when it ran (dropout, found by what runs: ``Executor.random_ops``; on threads the draws
     would follow thread timing). Each worker runs one intra-op thread and the workers meet once per
     meta-iteration, not once per op, so a busy machine does not make them wait on every op as several
     intra-op threads would (:mod:`mamlkit.exec.threads`)."""
-    cpu = next(learner.model.parameters()).device.type == "cpu"
-    return cpu and min(threads.task_workers(), threads.cores()) > 1 and not learner.executor.random_ops()
+    cpu = executor.device.type == "cpu"
+    return cpu and min(threads.task_workers(), threads.cores()) > 1 and not executor.random_ops()
 
 
 _SIMPLE = (nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
@@ -281,9 +291,10 @@ def tune_malloc() -> bool:
                                      and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
-def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_budget_mb: float = 0.0,
+def settle_strategy(executor: Any, work: Work, batch: TaskBatch, *, iterations: int, memory_budget_mb: float = 0.0,
                     say: Callable[[str], None] = print) -> Strategy:
-    """Fix ``learner.executor.strategy`` for a run of ``iterations`` meta-iterations on batches like ``batch``.
+    """The strategy ``executor`` should keep for a run of ``iterations`` meta-iterations of ``work`` on batches
+    like ``batch`` (:meth:`~mamlkit.exec.executor.Executor.settle` keeps it).
 
     Prints the memory estimate and, with ``auto``, the time per meta-iteration of each candidate. ``auto``
     first computes the loop's meta-gradient on ``batch`` and keeps only candidates that agree with it
@@ -293,10 +304,10 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
     and :class:`~mamlkit.exec.exactness.DifferentiationError` when the model's ops cannot give the
     meta-gradient under any strategy.
     """
-    auto = learner.executor.strategy.auto
-    reference = _loop_reference(learner, batch) if auto else None
-    random_ops = learner.executor.random_ops()
-    options, needs, failed = _fit_candidates(learner, batch, iterations, memory_budget_mb, say)
+    auto = executor.strategy.auto
+    reference = _loop_reference(executor, work, batch) if auto else None
+    random_ops = executor.random_ops()
+    options, needs, failed = _fit_candidates(executor, work, batch, iterations, memory_budget_mb, say)
     if not options and failed:
         raise _nothing_runs(failed)
     if not options:
@@ -314,9 +325,9 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
             f"{options[0].name} without timing, so that a seed gives the same run whatever the machine's load")
         options = options[:1]
     elif auto and isinstance(reference, dict):
-        options = _agreeing(learner, batch, options, reference, failed, say)
+        options = _agreeing(executor, work, batch, options, reference, failed, say)
     if len(options) > 1:
-        seconds = _time_all(learner, batch, options, rounds=TRIAL_ROUNDS, say=say)
+        seconds = _time_all(executor, work, batch, options, rounds=TRIAL_ROUNDS, say=say)
         timed = [(t, c) for t, c in zip(seconds, options) if t < math.inf]
         if not timed:
             raise _nothing_runs(failed + [(c, RuntimeError("it raised in its timed trial")) for c in options])
@@ -331,23 +342,22 @@ def settle_strategy(learner: Any, batch: TaskBatch, *, iterations: int, memory_b
         options = [Strategy(False)]
     elif options[0].compiled:  # compile now, so a failure is a clear message rather than a mid-run traceback
         try:
-            _time(learner, batch, options[0], repeats=0)
+            _time(executor, work, batch, options[0], repeats=0)
         except Exception as err:  # noqa: BLE001
             raise UserError(f"--strategy compile failed on this machine ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200] if str(err) else ''}). torch.compile needs a "
                             "working C++ compiler on the CPU; use --strategy vmap (same numbers)") from err
-    learner.executor.strategy = options[0]
     return options[0]
 
 
-def _fit_candidates(learner: Any, batch: TaskBatch, iterations: int, memory_budget_mb: float,
+def _fit_candidates(executor: Any, work: Work, batch: TaskBatch, iterations: int, memory_budget_mb: float,
                     say: Callable[[str], None]) -> tuple[list[Strategy], dict[str, int], list]:
     """``(options, needs, failed)``: the candidates that ran one and two tasks of ``batch`` and fit the budget
     (vmap chunked to fit), their bytes of tensors per meta-iteration, and ``(candidate, error)`` for those
     that raised. The plain loop is tried only when every candidate raised."""
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb else None
     options, needs, failed = [], {}, []
-    candidates = _candidates(learner, iterations)
+    candidates = _candidates(executor, work, iterations)
     fallbacks = [c for c in _FALLBACKS if c not in candidates]
     for i, cand in enumerate(candidates + fallbacks):
         if i >= len(candidates) and (options or not failed):
@@ -359,12 +369,12 @@ def _fit_candidates(learner: Any, batch: TaskBatch, iterations: int, memory_budg
         else:
             enough = _skip_above(min(needs.values())) if needs else None
         try:
-            fixed, per_task, exact = estimate(learner, batch, cand, enough)
+            fixed, per_task, exact = estimate(executor, work, batch, cand, enough)
         except DifferentiationError:
             raise  # the model's ops, not the strategy: every strategy would fail alike
         except Exception as err:  # noqa: BLE001 - a candidate that cannot run this model
             _release_freed_memory()
-            if not learner.executor.strategy.auto:
+            if not executor.strategy.auto:
                 raise (err if isinstance(err, UserError) else cannot_run(cand.name, err)) from err
             failed.append((cand, err))
             say(f"mamlkit: strategy {cand.name} unavailable for this model ({_reason(err)}); skipped")
@@ -406,27 +416,28 @@ def _nothing_runs(failed: list[tuple[Strategy, BaseException]]) -> UserError:
     return error
 
 
-def _meta_gradient(learner: Any, batch: TaskBatch, strategy: Strategy) -> dict[str, torch.Tensor | None]:
-    """The meta-gradient of ``batch`` under ``strategy``, with the learner's gradients and the global RNG
-    left as they were."""
-    params = learner.meta_parameters()
+def _meta_gradient(executor: Any, work: Work, batch: TaskBatch, strategy: Strategy
+                   ) -> dict[str, torch.Tensor | None]:
+    """The meta-gradient of ``work`` on ``batch`` under ``strategy``, with the gradients of ``work.params`` and
+    the global RNG left as they were."""
+    params = work.params
     saved = {k: p.grad for k, p in params.items()}
     try:
         for p in params.values():
             p.grad = None
-        with torch.random.fork_rng(devices=[]), learner.executor.using(strategy):
-            learner.meta_backward(batch)
+        with torch.random.fork_rng(devices=[]):
+            executor.trial_backward(work, batch, strategy)
         return {k: None if p.grad is None else p.grad.detach().clone() for k, p in params.items()}
     finally:
         for k, p in params.items():
             p.grad = saved[k]
 
 
-def _loop_reference(learner: Any, batch: TaskBatch) -> dict[str, torch.Tensor] | BaseException:
+def _loop_reference(executor: Any, work: Work, batch: TaskBatch) -> dict[str, torch.Tensor] | BaseException:
     """The loop's meta-gradient on ``batch``, which ``auto``'s candidates must match, or the loop's error. Its
     first call also probes what the model runs (``Executor.check``)."""
     try:
-        return _meta_gradient(learner, batch, Strategy(False))
+        return _meta_gradient(executor, work, batch, Strategy(False))
     except DifferentiationError:
         raise
     except Exception as err:  # noqa: BLE001 - the candidates' own trials say what runs
@@ -447,11 +458,11 @@ def difference(got: dict[str, torch.Tensor | None], want: dict[str, torch.Tensor
     return diff / scale if scale > 0 else diff
 
 
-def _agreeing(learner: Any, batch: TaskBatch, options: list[Strategy], reference: dict[str, torch.Tensor],
-              failed: list, say: Callable[[str], None]) -> list[Strategy]:
+def _agreeing(executor: Any, work: Work, batch: TaskBatch, options: list[Strategy],
+              reference: dict[str, torch.Tensor], failed: list, say: Callable[[str], None]) -> list[Strategy]:
     """The ``options`` whose meta-gradient on ``batch`` is the loop's (``reference``) within :data:`AGREEMENT`;
     each other one is said and added to ``failed`` with its difference. The loop itself is not rerun."""
-    dtype = next(iter(learner.meta_parameters().values())).dtype
+    dtype = next(iter(work.params.values())).dtype
     tolerance = AGREEMENT.get(dtype, AGREEMENT_LOW)
     kept = []
     for cand in options:
@@ -459,7 +470,7 @@ def _agreeing(learner: Any, batch: TaskBatch, options: list[Strategy], reference
             kept.append(cand)
             continue
         try:
-            got = _meta_gradient(learner, batch, cand)
+            got = _meta_gradient(executor, work, batch, cand)
         except DifferentiationError:
             raise
         except Exception as err:  # noqa: BLE001

@@ -98,8 +98,8 @@ class World:
         shard = self.shard(num_tasks)
         return tasks.sample(num_tasks, task_generator(seed, "train", step))[shard.start:shard.stop]
 
-    def meta_backward(self, learner: Any, batch: TaskBatch, num_tasks: int, stopping: bool = False
-                      ) -> tuple[dict[str, float], bool]:
+    def backward_and_reduce(self, learner: Any, batch: TaskBatch, num_tasks: int, stopping: bool = False
+                            ) -> tuple[dict[str, float], bool]:
         """Fill ``.grad`` with the meta-gradient of the whole meta-batch; return its metrics, and whether
         any rank is ``stopping``.
 

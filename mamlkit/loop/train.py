@@ -318,8 +318,8 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
             for group in opt.param_groups:  # a pure function of the step: resume-exact
                 group["lr"] = meta_lr_at(cfg, trainer.step)
             with guard.gradient():
-                stats, guard.agreed = world.meta_backward(learner, batch.to(cfg.device, trainer.dtype),
-                                                          cfg.meta_batch, stopping=guard.stopping)
+                stats, guard.agreed = world.backward_and_reduce(learner, batch.to(cfg.device, trainer.dtype),
+                                                                  cfg.meta_batch, stopping=guard.stopping)
             guard.check_loss(stats["loss"])
             with guard.update():
                 opt.step()
@@ -390,7 +390,7 @@ def _ready(trainer: Trainer, world: distributed.World, end: int, bar: Any, hold:
             check_model_output(learner.model, first, learner.kind, cfg.model, learner.output)
         learner.check_output(first.support_x[0])  # a selector that does not fit the model: refused before the trial
         with hold(), torch.random.fork_rng(devices=[]):  # no draws from the training's stream
-            learner.executor.settle(learner, first, iterations=end - trainer.step,
+            learner.executor.settle(learner.work(), first, iterations=end - trainer.step,
                                     say=bar.write if main else lambda msg: None)
     if main:
         bar.write(f"mamlkit: {learner.name} on {cfg.task}, strategy {learner.executor.strategy.name}, "
