@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mamlkit.base.errors import DiskFull, UserError
+from mamlkit.base.limits import MAX_TASKS, check_count
 from mamlkit.config import load_yaml
 from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag, resumed_config
 from mamlkit.rl import config as rlconfig
@@ -28,7 +29,7 @@ def help_env(argv: list[str]) -> str | None:
     """The environment named in ``mamlkit rl train ENV --help``, whose values the help then shows."""
     if argv[:2] != ["rl", "train"] or not {"-h", "--help"} & set(argv):
         return None
-    return next((a for a in argv[2:] if a in ENV_NAMES), None)
+    return next((a for a in argv[2:] if is_env(a)), None)
 
 
 def env_values(env: str) -> rlconfig.RLConfig:
@@ -208,7 +209,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{trainer.run_dir}`", file=sys.stderr)
         return 128 + e.signum
     print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, best.safetensors, config.json, "
-          "metrics.jsonl, eval.md, figures)")
+          f"metrics.jsonl, eval.md, {'eval.json' if is_metaworld(trainer.cfg.env) else 'figures'})")
     return 0
 
 
@@ -229,6 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserError(f"--steps takes step counts from 1 to {MAX_EVAL_STEPS} (e.g. --steps 1 2 3), "
                             f"got {' '.join(map(str, args.steps))}")
         changes["eval_lrs"] = evaluate.step_rates(changes.get("eval_lrs", trainer.cfg.eval_lrs), max(args.steps))
+    check_count("--eval-episodes", args.eval_episodes, MAX_TASKS)
     for name, v in (("--eval-tasks", args.eval_tasks), ("--eval-traj", args.eval_traj),
                     ("--eval-episodes", args.eval_episodes)):
         if v is not None and v < 1:

@@ -74,19 +74,21 @@ class RLConfig:
 
     env: str = _flag("nav2d", ENVIRONMENT, "environment: nav2d | cheetah-vel | cheetah-dir | ml1-<task> | ml10 "
                      "(the ENV argument)")
-    reward_version: str = _flag("v2", ENVIRONMENT, "Meta-World's reward functions: v2 (the benchmark's current) | "
-                                "v1 (Meta-World environments only)")
     algo: str = _flag("maml-trpo", OUTER, "maml-trpo | pretrain (TRPO on all tasks jointly, no inner step; needs "
                       "--inner-steps 0)")
     # policy: Gaussian MLP, learned state-independent log σ
     hidden_sizes: tuple[int, ...] = _flag((100, 100), POLICY, "hidden layer widths of the Gaussian MLP policy")
     init_std: float = _flag(1.0, POLICY, "initial σ of the policy's actions (log σ is learned, state-independent)")
     # sampling
-    horizon: int = _flag(0, ENVIRONMENT, "episode length (0: the env's paper value, 100 nav2d, 200 cheetah)")
+    horizon: int = _flag(0, ENVIRONMENT, "episode length (0: the env's value: 500 Meta-World, its limit; 100 "
+                       "nav2d, 200 cheetah)")
     action_scale: float = _flag(0.0, ENVIRONMENT, "env action = policy action / scale, clipped to the env's range "
                                 "(0: the env's default, 10)")
     traj_per_task: int = _flag(20, ENVIRONMENT, "episodes sampled per task and per inner step (paper: 20)")
-    seed: int = _flag(0, ENVIRONMENT, "seed of the tasks, the sampling noise and the initial policy")
+    seed: int = _flag(0, ENVIRONMENT, "seed of the tasks (Meta-World: of its benchmark's goals), the sampling "
+                    "noise and the initial policy")
+    reward_version: str = _flag("v2", ENVIRONMENT, "Meta-World's reward functions: v2 (the benchmark's current) | "
+                                "v1 (Meta-World environments only)")
     gamma: float = _flag(0.99, ESTIMATOR, "discount factor of the returns")
     gae_lambda: float = _flag(1.0, ESTIMATOR, "GAE λ (1: Monte-Carlo returns minus the linear baseline)")
     estimator: str = _flag("reinforce", ESTIMATOR, "inner loss in the meta-gradient: reinforce (paper) | lvc (ProMP) "
@@ -97,7 +99,8 @@ class RLConfig:
                              "pretrain)")
     first_order: bool = _flag(False, INNER, "drop second-order terms of the meta-gradient and the Fisher")
     # outer loop: TRPO
-    meta_batch: int = _flag(0, OUTER, "tasks per meta-iteration (0: the env's paper value, 20 nav2d, 40 cheetah)")
+    meta_batch: int = _flag(0, OUTER, "tasks per meta-iteration (0: the env's paper value, 20 Meta-World, 20 "
+                      "nav2d, 40 cheetah)")
     iterations: int = _flag(200, OUTER, "meta-iterations (TRPO steps) to train for")
     max_kl: float = _flag(0.01, OUTER, "δ, the trust region's bound on the mean KL")
     cg_iters: int = _flag(10, OUTER, "conjugate-gradient iterations solving F x = g")

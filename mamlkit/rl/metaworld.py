@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mamlkit.base.errors import UserError
-from mamlkit.base.metrics import mean_ci
-from mamlkit.rl import sampling
 from mamlkit.rl.cheetah import _mujoco_warnings_to_log
-from mamlkit.rl.maml_trpo import adapt_tasks
-from mamlkit.rl.policy import split_dist
 
 PACKAGE_VERSION = "3.1.1"  # the version the extra pins and the tests ran on
 TRAIN, TEST = 0, 1  # the split codes of a task row
@@ -50,6 +45,10 @@ def _package():
     except ImportError:
         raise UserError("the Meta-World environments need the metaworld package: pip install 'mamlkit[metaworld]'"
                         ) from None
+    except OSError as e:  # measured: pip's downgrade from mujoco 4 leaves mujoco-core's plugins behind
+        raise UserError(f"Meta-World's simulator (mujoco) does not load: {e}. If mujoco 4 was installed before, its "
+                        "split packages are left over: pip uninstall mujoco-core mujoco-studio mujoco-studio-wasm, "
+                        "then pip install --force-reinstall --no-deps mujoco==3.3.0") from None
     return metaworld
 
 

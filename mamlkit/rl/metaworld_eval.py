@@ -167,11 +167,12 @@ def official_evaluation(model: nn.Module, cfg: RLConfig, steps: tuple[int, ...],
                                                       evaluation_episodes=eval_episodes)
         finally:
             envs.envs.close()
-        per_goal = torch.tensor([[np.mean([e[j] for e in eps[:eval_episodes]]) for j in (0, 1)]
-                                 for eps in envs.episodes.values()], dtype=torch.float64)
+        per_goal = torch.tensor([[np.mean([e[j] for e in envs.episodes[g][:eval_episodes]]) for j in (0, 1)]
+                                 for g in sorted(envs.episodes)], dtype=torch.float64)  # goals by (round, env)
         (sm, sci), (rm, rci) = mean_ci(per_goal[:, 0]), mean_ci(per_goal[:, 1])
         results[str(k)] = {"official_success_rate": success, "official_return": ret, "goals": per_goal.shape[0],
-                           "success_rate": {"mean": sm, "ci95": sci}, "return": {"mean": rm, "ci95": rci}}
+                           "success_rate": {"mean": sm, "ci95": sci}, "return": {"mean": rm, "ci95": rci},
+                           "goal_returns": per_goal[:, 1].tolist()}
     return {"sub_envs": sub_envs, "rounds": rounds, "adaptation_episodes": cfg.test_traj,
             "evaluation_episodes": eval_episodes, "steps": results}
 
@@ -184,7 +185,7 @@ def report(out_dir: Path, model: nn.Module, cfg: RLConfig, steps: tuple[int, ...
     lines = [f"{cfg.env}: Meta-World {env['version']} ({env['benchmark']}"
              + (f" {env['task']}" if env["task"] else "") + f", reward {env['reward_version']}), test split, "
              "metaworld.evaluation.metalearning_evaluation: success rate and return after k adaptation steps (rates "
-             f"{list(cfg.eval_lrs)}, {result['adaptation_episodes']} episodes per goal and step), mean ± 95% CI over "
+             f"{list(cfg.eval_lrs)}, {result['adaptation_episodes']} episode(s) per goal and step), mean ± 95% CI over "
              f"the test goals ({result['rounds']} round(s) of {result['sub_envs']}), "
              f"{result['evaluation_episodes']} evaluation episode(s) each; 'official' is the package's own mean.",
              "", "| steps | success rate | return | official success rate | official return |",
