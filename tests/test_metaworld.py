@@ -94,6 +94,30 @@ def test_reward_version_reaches_the_simulators_and_actions_are_scaled_as_the_pac
     assert not torch.allclose(rewards["v1"], rewards["v2"])  # the two reward functions differ
 
 
+def test_copies_of_a_task_share_one_model_and_step_as_independent_simulators():
+    pytest.importorskip("metaworld")
+    from mamlkit.rl import metaworld as mw
+    from mamlkit.rl.envs import make_env
+
+    # button-press writes the button's position into the model when it resets: sharing across tasks would be wrong
+    rows = mw.sample_tasks("ml1-button-press", 2, task_generator(0, "train", 1), "train", 0)
+    env = make_env("ml1-button-press", rows, 3, 4, action_scale=1.0)
+    sims = env.sims
+    assert sims[0].model is sims[2].model and sims[3].model is sims[5].model and sims[0].model is not sims[3].model
+    actions = torch.rand(4, 2, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    obs, _ = env.reset()
+    shared = [obs] + [env.step(a)[:2] for a in actions]
+    cls = mw.benchmark("ml1-button-press", 0).train_classes["button-press-v3"]
+    for t, task in enumerate(mw.resolve("ml1-button-press", rows)):
+        for n in range(3):
+            sim = cls(reward_function_version="v2")  # a simulator of its own, with its own model
+            sim.set_task(task)
+            assert np.array_equal(sim.reset()[0], shared[0][t, n].numpy())
+            for k, a in enumerate(actions):
+                o, r, *_ = sim.step(a[t, n].numpy())
+                assert np.array_equal(o, shared[k + 1][0][t, n].numpy()) and r == shared[k + 1][1][t, n].item()
+
+
 def test_the_policy_passes_metaworlds_own_evaluation_on_a_tiny_budget():
     pytest.importorskip("metaworld")
     from metaworld.evaluation import MetaLearningAgent
@@ -114,6 +138,15 @@ def test_the_policy_passes_metaworlds_own_evaluation_on_a_tiny_budget():
         assert r["official_return"] == pytest.approx(r["goal_returns"][0], rel=1e-12)
         assert r["return"]["mean"] == pytest.approx(sum(r["goal_returns"]) / 2, rel=1e-12)
         assert math.isfinite(r["return"]["ci95"])
+    # every step count ran on the same two goals of the test split (indices_in_test_split raises on any other)
+    assert result["steps"]["0"]["test_goals"] == result["steps"]["1"]["test_goals"]
+    assert len(set(result["steps"]["0"]["test_goals"])) == 2
+    bench = metaworld_eval.benchmark("ml1-reach", 0)
+    key = [metaworld_eval.goal_key(pickle.loads(t.data)["rand_vec"])
+           for t in (bench.test_tasks[7], bench.train_tasks[7])]
+    assert metaworld_eval.indices_in_test_split("ml1-reach", 0, [key[:1]]) == [7]
+    with pytest.raises(RuntimeError, match="outside the benchmark's test split"):
+        metaworld_eval.indices_in_test_split("ml1-reach", 0, [key])
     # one adaptation step moved the policy: the returns after it are not the pre-update ones
     assert result["steps"]["1"]["goal_returns"] != result["steps"]["0"]["goal_returns"]
 

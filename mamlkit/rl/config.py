@@ -80,15 +80,15 @@ class RLConfig:
     hidden_sizes: tuple[int, ...] = _flag((100, 100), POLICY, "hidden layer widths of the Gaussian MLP policy")
     init_std: float = _flag(1.0, POLICY, "initial σ of the policy's actions (log σ is learned, state-independent)")
     # sampling
-    horizon: int = _flag(0, ENVIRONMENT, "episode length (0: the env's value: 500 Meta-World, its limit; 100 "
+    horizon: int = _flag(0, ENVIRONMENT, "episode length (0: the env's value: 500 ML1/ML10, their limit; 100 "
                        "nav2d, 200 cheetah)")
     action_scale: float = _flag(0.0, ENVIRONMENT, "env action = policy action / scale, clipped to the env's range "
                                 "(0: the env's default, 10)")
     traj_per_task: int = _flag(20, ENVIRONMENT, "episodes sampled per task and per inner step (paper: 20)")
-    seed: int = _flag(0, ENVIRONMENT, "seed of the tasks (Meta-World: of its benchmark's goals), the sampling "
+    seed: int = _flag(0, ENVIRONMENT, "seed of the tasks (ML1/ML10: of the benchmark's goals), the sampling "
                     "noise and the initial policy")
-    reward_version: str = _flag("v2", ENVIRONMENT, "Meta-World's reward functions: v2 (the benchmark's current) | "
-                                "v1 (Meta-World environments only)")
+    reward_version: str = _flag("v2", ENVIRONMENT, "ML1/ML10 reward functions: v2 (the benchmark's current) | v1 "
+                                "(those environments only)")
     gamma: float = _flag(0.99, ESTIMATOR, "discount factor of the returns")
     gae_lambda: float = _flag(1.0, ESTIMATOR, "GAE λ (1: Monte-Carlo returns minus the linear baseline)")
     estimator: str = _flag("reinforce", ESTIMATOR, "inner loss in the meta-gradient: reinforce (paper) | lvc (ProMP) "
@@ -99,7 +99,7 @@ class RLConfig:
                              "pretrain)")
     first_order: bool = _flag(False, INNER, "drop second-order terms of the meta-gradient and the Fisher")
     # outer loop: TRPO
-    meta_batch: int = _flag(0, OUTER, "tasks per meta-iteration (0: the env's paper value, 20 Meta-World, 20 "
+    meta_batch: int = _flag(0, OUTER, "tasks per meta-iteration (0: the env's paper value, 20 ML1/ML10, 20 "
                       "nav2d, 40 cheetah)")
     iterations: int = _flag(200, OUTER, "meta-iterations (TRPO steps) to train for")
     max_kl: float = _flag(0.01, OUTER, "δ, the trust region's bound on the mean KL")

@@ -32,7 +32,9 @@ from mamlkit.rl.cheetah import _mujoco_warnings_to_log
 PACKAGE_VERSION = "3.1.1"  # the version the extra pins and the tests ran on
 TRAIN, TEST = 0, 1  # the split codes of a task row
 GOALS_PER_TYPE = 50  # Meta-World's goals per task type and split (metaworld._N_GOALS)
-_POOL: dict[tuple[str, str], list[Any]] = {}  # simulators by (task class, reward version): building one parses XML
+# Simulators, reused across batches (building one parses the XML): groups of N copies of one task class that share
+# one compiled model, by (task class, reward version, N).
+_POOL: dict[tuple[str, str, int], list[list[Any]]] = {}
 
 
 class TestTaskInTraining(RuntimeError):
@@ -124,18 +126,50 @@ def record(env: str, reward_version: str) -> dict[str, Any]:
             "task": None if env == "ml10" else f"{env.removeprefix('ml1-')}-v3"}
 
 
-def _simulators(classes: list[type], reward_version: str) -> list[Any]:
-    """One simulator per entry of ``classes``, reused from the pool (each class's in order)."""
-    taken: dict[tuple[str, str], int] = {}
+@functools.cache
+def _model_sharing(cls: type) -> type:
+    """``cls``, whose instances built while ``shared_model`` is set use that compiled model instead of their own.
+
+    A Sawyer model is 21 MB (its meshes), against 0.2 MB of simulation data: the N copies of one task share
+    one, so the default batch (20 tasks x 20 episodes) holds 20 models, not 400. Sharing within a task only is
+    exact: several task types write object positions into the model when they reset, the same values for the
+    same task, and stepping only reads it (the copies' own data carry their states)."""
+    import mujoco
+
+    class Sharing(cls):
+        shared_model = None
+
+        def _initialize_simulation(self):
+            model = Sharing.shared_model
+            return super()._initialize_simulation() if model is None else (model, mujoco.MjData(model))
+
+    Sharing.__name__ = Sharing.__qualname__ = cls.__name__  # the package names tasks by class name
+    return Sharing
+
+
+def _group(cls: type, reward_version: str, n: int) -> list[Any]:
+    """``n`` simulators of ``cls`` sharing one compiled model."""
+    sharing = _model_sharing(cls)
+    with _mujoco_warnings_to_log():
+        first = sharing(reward_function_version=reward_version)
+        sharing.shared_model = first.model
+        try:
+            return [first] + [sharing(reward_function_version=reward_version) for _ in range(n - 1)]
+        finally:
+            sharing.shared_model = None
+
+
+def _simulators(classes: list[type], reward_version: str, n: int) -> list[Any]:
+    """``n`` simulators sharing a model per entry of ``classes`` (one task each), reused from the pool."""
+    taken: dict[tuple[str, str, int], int] = {}
     out = []
     for cls in classes:
-        key = (cls.__name__, reward_version)
+        key = (cls.__name__, reward_version, n)
         pool = _POOL.setdefault(key, [])
         i = taken[key] = taken.get(key, -1) + 1
         if i == len(pool):
-            with _mujoco_warnings_to_log():
-                pool.append(cls(reward_function_version=reward_version))
-        out.append(pool[i])
+            pool.append(_group(cls, reward_version, n))
+        out.extend(pool[i])
     return out
 
 
@@ -154,8 +188,8 @@ class MetaWorldTasks:
         bench = benchmark(env, int(tasks[0, 2].item()) if tasks.numel() else 0)
         classes = {**bench.train_classes, **bench.test_classes}
         per_task = resolve(env, tasks)
-        self.tasks = [t for t in per_task for _ in range(num_envs)]
-        self.sims = _simulators([classes[t.env_name] for t in self.tasks], reward_version)
+        self.tasks = [t for t in per_task for _ in range(num_envs)]  # copy n of task t at t·N + n
+        self.sims = _simulators([classes[t.env_name] for t in per_task], reward_version, num_envs)
         self.T, self.num_envs, self.horizon, self.action_scale = tasks.shape[0], num_envs, horizon, action_scale
         self.t = 0
 

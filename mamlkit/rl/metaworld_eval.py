@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ class Recorder:
     def __init__(self, envs: Any):
         self.envs, self.round, self.evaluating = envs, -1, False
         self.episodes: dict[tuple[int, int], list[tuple[float, float]]] = {}
+        self.goals: list[list[tuple[float, ...]]] = []  # per round, each sub-environment's goal (its rand_vec)
 
     @property
     def num_envs(self) -> int:
@@ -112,11 +114,13 @@ class Recorder:
         return self.envs.get_attr(name)
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        if name == "sample_tasks":
-            self.round += 1
         if name == "toggle_terminate_on_success":
             self.evaluating = bool(args[0])
-        return self.envs.call(name, *args, **kwargs)
+        out = self.envs.call(name, *args, **kwargs)
+        if name == "sample_tasks":
+            self.round += 1
+            self.goals.append([goal_key(v) for v in self.envs.get_attr("_last_rand_vec")])
+        return out
 
     def reset(self, **kwargs: Any) -> Any:
         return self.envs.reset(**kwargs)
@@ -130,6 +134,21 @@ class Recorder:
                 self.episodes.setdefault((self.round, int(i)), []).append(
                     (float(final["success"][i]), float(final["episode"]["r"][i])))
         return out
+
+
+def goal_key(rand_vec: Any) -> tuple[float, ...]:
+    """A Meta-World goal (a task's ``rand_vec``: object and goal positions) as a hashable key."""
+    return tuple(np.round(np.asarray(rand_vec, dtype=np.float64), 9).tolist())
+
+
+def indices_in_test_split(env: str, seed: int, goals: list[list[tuple[float, ...]]]) -> list[int]:
+    """The index in the benchmark's test split of every goal of ``goals`` (per round, per sub-environment);
+    raises if one is not a test goal."""
+    index = {goal_key(pickle.loads(t.data)["rand_vec"]): i for i, t in enumerate(benchmark(env, seed).test_tasks)}
+    found = [index.get(g) for row in goals for g in row]
+    if None in found:
+        raise RuntimeError("Meta-World's test environment evaluated a goal outside the benchmark's test split")
+    return found
 
 
 def layout(env: str, seed: int, goals: int) -> tuple[int, int]:
@@ -172,7 +191,8 @@ def official_evaluation(model: nn.Module, cfg: RLConfig, steps: tuple[int, ...],
         (sm, sci), (rm, rci) = mean_ci(per_goal[:, 0]), mean_ci(per_goal[:, 1])
         results[str(k)] = {"official_success_rate": success, "official_return": ret, "goals": per_goal.shape[0],
                            "success_rate": {"mean": sm, "ci95": sci}, "return": {"mean": rm, "ci95": rci},
-                           "goal_returns": per_goal[:, 1].tolist()}
+                           "goal_returns": per_goal[:, 1].tolist(),
+                           "test_goals": indices_in_test_split(cfg.env, cfg.seed, envs.goals)}
     return {"sub_envs": sub_envs, "rounds": rounds, "adaptation_episodes": cfg.test_traj,
             "evaluation_episodes": eval_episodes, "steps": results}
 
