@@ -68,6 +68,21 @@ def test_training_samples_the_train_split_only_and_refuses_a_test_task(tmp_path,
         MAMLTRPO(trainer.policy, trainer.cfg).meta_step(test_rows, task_generator(0, "train", 9))
 
 
+def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(tmp_path):
+    pytest.importorskip("metaworld")
+    from mamlkit.rl import train
+
+    cfg = RLConfig(**TINY | {"val_every": 0}, iterations=2, out_dir=str(tmp_path))
+    whole = train.fit(train.new_trainer(cfg, tmp_path / "whole"))
+    train.fit(train.new_trainer(cfg, tmp_path / "half"), stop_at=1)
+    resumed = train.fit(train.load_trainer(tmp_path / "half"))  # on simulators the first runs have stepped
+    assert resumed.step == whole.step == 2
+    for (name, a), b in zip(whole.policy.named_parameters(), resumed.policy.parameters()):
+        assert torch.equal(a, b), name
+    start = train.make_policy(cfg).parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(whole.policy.parameters(), start))  # training moved it
+
+
 def test_reward_version_reaches_the_simulators_and_actions_are_scaled_as_the_package_steps(monkeypatch):
     pytest.importorskip("metaworld")
     from mamlkit.rl import metaworld as mw
