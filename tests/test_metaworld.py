@@ -186,6 +186,8 @@ def test_cli_train_eval_and_the_records_of_versions(tmp_path, capsys):
     assert "| 1 |" in capsys.readouterr().out
     assert main(["rl", "eval", str(run), "--eval-episodes", "0", "--overwrite"]) == 2
     assert "--eval-episodes must be >= 1" in capsys.readouterr().err
+    assert main(["rl", "eval", str(run), "--eval-tasks", "51", "--overwrite"]) == 2  # ML1 has 50 test goals
+    assert "more test goals than ml1-reach's test split holds (50" in capsys.readouterr().err
     # a Meta-World policy is not adapted to a 2D goal
     assert main(["rl", "adapt", str(run), "--goal", "0.1", "0.1", "--out", str(tmp_path / "a.png")]) == 2
     assert "takes nav2d ones" in capsys.readouterr().err

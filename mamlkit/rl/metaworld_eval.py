@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mamlkit.base.batch import task_generator
+from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import mean_ci
 from mamlkit.checkpoint import atomic_write_text
 from mamlkit.engine.functional import named_params
@@ -155,6 +156,9 @@ def layout(env: str, seed: int, goals: int) -> tuple[int, int]:
     """``(sub-environments, rounds)`` for at least ``goals`` test goals: the package's test vector environment
     takes a multiple of the test task types whose share divides each type's 50 goals."""
     types = len(benchmark(env, seed).test_classes)
+    if goals > GOALS_PER_TYPE * types:
+        raise UserError(f"--eval-tasks {goals} asks for more test goals than {env}'s test split holds "
+                        f"({GOALS_PER_TYPE * types}: {GOALS_PER_TYPE} per task type); use at most that many")
     per_type = max([d for d in range(1, GOALS_PER_TYPE + 1) if GOALS_PER_TYPE % d == 0 and d * types <= goals]
                    or [1])
     return per_type * types, max(1, math.ceil(goals / (per_type * types)))
