@@ -1,5 +1,5 @@
-"""Meta-World's ML1 and ML10 (Farama Foundation, ``metaworld`` 3.1.1) as meta-RL environments, and its
-official evaluation with mamlkit's policy as its ``MetaLearningAgent``.
+"""Meta-World's ML1 and ML10 (Farama Foundation, ``metaworld`` 3.1.1) as meta-RL environments (its official
+evaluation, with mamlkit's policy as its ``MetaLearningAgent``, is :mod:`mamlkit.rl.metaworld_eval`).
 
 Needs the optional extra: ``pip install 'mamlkit[metaworld]'`` (``metaworld==3.1.1`` pins ``mujoco==3.3.0``,
 inside the ``rl`` extra's range). Families: ``ml1-<task>`` (any ML1 task of the package, e.g. ``ml1-reach``,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
 from importlib import metadata
 from typing import Any
 
@@ -30,6 +31,7 @@ from mamlkit.base.errors import UserError
 from mamlkit.rl.cheetah import _mujoco_warnings_to_log
 
 PACKAGE_VERSION = "3.1.1"  # the version the extra pins and the tests ran on
+log = logging.getLogger("mamlkit")
 TRAIN, TEST = 0, 1  # the split codes of a task row
 GOALS_PER_TYPE = 50  # Meta-World's goals per task type and split (metaworld._N_GOALS)
 # Simulators, reused across batches (building one parses the XML): groups of N copies of one task class that share
@@ -69,8 +71,11 @@ def task_types() -> list[str]:
 
 
 def check_env(env: str) -> None:
-    """Refuse a Meta-World family the installed package does not have, naming the close ones."""
-    _package()
+    """Refuse a Meta-World family the installed package does not have, naming the close ones; warn if the
+    installed package is not the version the extra pins (its tasks and rewards may differ)."""
+    if (version := installed_version()) != PACKAGE_VERSION:
+        log.warning("metaworld %s is installed; mamlkit's Meta-World families are tested with %s, and runs "
+                    "record the version they used", version, PACKAGE_VERSION)
     if env == "ml10":
         return
     kind = env.removeprefix("ml1-")
@@ -83,7 +88,7 @@ def check_env(env: str) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def benchmark(env: str, seed: int):
+def benchmark(env: str, seed: int) -> Any:
     """The Meta-World benchmark of family ``env`` built with ``seed`` (cached: building ML1 takes seconds)."""
     check_env(env)
     mw = _package()
@@ -194,6 +199,7 @@ class MetaWorldTasks:
         self.t = 0
 
     def reset(self, *, seed: int | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """Set every copy's task and reset it: ``obs [T, N, 39]``."""
         obs = []
         for sim, task in zip(self.sims, self.tasks):
             sim.set_task(task)
@@ -202,6 +208,9 @@ class MetaWorldTasks:
         return torch.from_numpy(np.stack(obs)).view(self.T, self.num_envs, -1), {}
 
     def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
+        """``action [T, N, 4]`` (the policy's: divided by ``action_scale``, clipped to ±1) -> ``obs [T, N, 39]``,
+        ``reward [T, N]`` (the package's, of the run's reward version), never terminated, truncated at the
+        horizon, and ``info`` with ``"active"`` and ``"success"``."""
         a = (action.detach().double() / self.action_scale).clamp(-1, 1).reshape(len(self.sims), -1).numpy()
         obs, reward, success = [], [], []
         for sim, ai in zip(self.sims, a):

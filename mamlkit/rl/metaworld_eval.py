@@ -62,6 +62,8 @@ class PolicyAgent:
 
     @torch.no_grad()
     def adapt_action(self, observations: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``observations [E, 39]`` -> the environment's actions ``[E, 4]`` and, for :meth:`step`, the policy's
+        own (unscaled) actions and distributions."""
         out = self._out(observations)
         mean, log_std = split_dist(out)
         noise = torch.randn(mean.shape, generator=self.generator, dtype=torch.float64).to(self.dtype)
@@ -70,12 +72,14 @@ class PolicyAgent:
 
     @torch.no_grad()
     def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        """``observations [E, 39]`` -> the mean action of each sub-environment's policy, as the environment's."""
         return self._to_env(split_dist(self._out(observations))[0])
 
     def reset(self, env_mask: np.ndarray) -> None:
         """Nothing to reset: the policy is feed-forward."""
 
     def step(self, timestep: Any) -> None:
+        """Keep one step of every sub-environment (a ``metaworld.evaluation.Timestep``) for :meth:`adapt`."""
         aux = timestep.aux_policy_outputs
         self.buffer.append((timestep.observation, aux["policy_action"], aux["dist"], timestep.reward,
                             np.logical_or(timestep.terminated, timestep.truncated)))
@@ -109,12 +113,15 @@ class Recorder:
 
     @property
     def num_envs(self) -> int:
+        """The sub-environments (goals evaluated at once)."""
         return self.envs.num_envs
 
     def get_attr(self, name: str) -> Any:
+        """The vector environment's ``get_attr``."""
         return self.envs.get_attr(name)
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """The vector environment's ``call``, noting new goals (``sample_tasks``) and the evaluation phase."""
         if name == "toggle_terminate_on_success":
             self.evaluating = bool(args[0])
         out = self.envs.call(name, *args, **kwargs)
@@ -124,9 +131,11 @@ class Recorder:
         return out
 
     def reset(self, **kwargs: Any) -> Any:
+        """The vector environment's ``reset``."""
         return self.envs.reset(**kwargs)
 
     def step(self, actions: np.ndarray) -> Any:
+        """The vector environment's ``step``, keeping each evaluation episode's success and return as it ends."""
         out = self.envs.step(actions)
         _, _, terminated, truncated, infos = out
         if self.evaluating:
