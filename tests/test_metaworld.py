@@ -152,6 +152,7 @@ def test_the_policy_passes_metaworlds_own_evaluation_on_a_tiny_budget():
         # the package scores the first episode of its one task type: the first sub-environment's goal
         assert r["official_return"] == pytest.approx(r["goal_returns"][0], rel=1e-12)
         assert r["return"]["mean"] == pytest.approx(sum(r["goal_returns"]) / 2, rel=1e-12)
+        assert len(r["goal_returns"]) == len(r["test_goals"]) == 2
         assert math.isfinite(r["return"]["ci95"])
     # every step count ran on the same two goals of the test split (indices_in_test_split raises on any other)
     assert result["steps"]["0"]["test_goals"] == result["steps"]["1"]["test_goals"]
@@ -164,6 +165,39 @@ def test_the_policy_passes_metaworlds_own_evaluation_on_a_tiny_budget():
         metaworld_eval.indices_in_test_split("ml1-reach", 0, [key])
     # one adaptation step moved the policy: the returns after it are not the pre-update ones
     assert result["steps"]["1"]["goal_returns"] != result["steps"]["0"]["goal_returns"]
+
+
+def test_every_goal_is_scored_even_when_the_package_stops_at_the_first_episodes_to_end():
+    mw = pytest.importorskip("metaworld")
+    from metaworld.evaluation import metalearning_evaluation
+
+    from mamlkit.rl import metaworld_eval
+
+    class Scripted:  # moves sub-environment 0's hand straight to its goal; sub-environment 1's stays still
+        def __init__(self, envs):
+            self.envs = envs
+
+        def eval_action(self, obs):
+            action = np.zeros((len(obs), 4))
+            action[0, :3] = np.clip(100 * (self.envs.get_attr("_target_pos")[0] - obs[0, :3]), -1, 1)
+            return action
+
+        def init(self):
+            pass
+
+        def reset(self, env_mask):
+            pass
+
+    envs = mw.make_ml_envs_test("reach-v3", seed=0, meta_batch_size=2, max_episode_steps=100)
+    agent = Scripted(envs)
+    recorder = metaworld_eval.Recorder(envs, agent, 2)
+    success, _, _ = metalearning_evaluation(agent, recorder, num_evals=1, adaptation_steps=0, evaluation_episodes=2)
+    envs.close()
+    first, second = recorder.episodes[(0, 0)], recorder.episodes[(0, 1)]
+    # the package stopped after sub-environment 0's two quick successes: it scored only that goal
+    assert success == 1.0 and [s for s, _ in first[:2]] == [1.0, 1.0]
+    # the recorder then ran sub-environment 1's goal to its two (failed, full-length) episodes
+    assert len(second) == 2 and [s for s, _ in second] == [0.0, 0.0]
 
 
 def test_cli_train_eval_and_the_records_of_versions(tmp_path, capsys):

@@ -6,8 +6,8 @@ sub-environment of its test vector environment takes its next test goal, the age
 ``adapt_episodes`` episodes per goal and takes one policy-gradient step per adaptation step (rates
 ``cfg.eval_lrs``: 0.1, then 0.05), and the package scores ``eval_episodes`` episodes of the mean action
 with termination on success. The package returns its own mean success rate and return; a recorder around
-its vector environment (which only watches) keeps each goal's evaluation episodes, so the report also gives
-the mean ± 95% CI over the test goals.
+its vector environment keeps each goal's evaluation episodes (completing those the package did not wait for,
+:class:`Recorder`), so the report also gives the mean ± 95% CI over the test goals.
 """
 
 from __future__ import annotations
@@ -104,10 +104,18 @@ class PolicyAgent:
 
 class Recorder:
     """Meta-World's test vector environment, watched: every episode that ends while the package evaluates
-    (termination on success switched on) is kept per (round, sub-environment), i.e. per test goal."""
+    (termination on success switched on) is kept per (round, sub-environment), i.e. per test goal.
 
-    def __init__(self, envs: Any):
-        self.envs, self.round, self.evaluating = envs, -1, False
+    The package stops evaluating once each task type has ``evaluation_episodes`` episodes over all its
+    sub-environments, first ended first: with several goals per type (ML1), the goals whose episodes succeed
+    early are scored and the others may have no episode at all. So when the package ends its evaluation, the
+    recorder steps on with ``agent``'s evaluation actions until every goal has ``episodes`` episodes; the
+    package's own numbers are computed before and are unchanged, and each round starts with fresh goals and
+    a reset."""
+
+    def __init__(self, envs: Any, agent: PolicyAgent, episodes: int):
+        self.envs, self.agent, self.wanted = envs, agent, episodes
+        self.round, self.evaluating, self.obs = -1, False, None
         self.episodes: dict[tuple[int, int], list[tuple[float, float]]] = {}
         self.goals: list[list[tuple[float, ...]]] = []  # per round, each sub-environment's goal (its rand_vec)
 
@@ -123,6 +131,8 @@ class Recorder:
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """The vector environment's ``call``, noting new goals (``sample_tasks``) and the evaluation phase."""
         if name == "toggle_terminate_on_success":
+            if self.evaluating and not args[0]:  # the package's evaluation has ended: score every goal
+                self._complete()
             self.evaluating = bool(args[0])
         out = self.envs.call(name, *args, **kwargs)
         if name == "sample_tasks":
@@ -132,12 +142,22 @@ class Recorder:
 
     def reset(self, **kwargs: Any) -> Any:
         """The vector environment's ``reset``."""
-        return self.envs.reset(**kwargs)
+        out = self.envs.reset(**kwargs)
+        self.obs = out[0]
+        return out
+
+    def _complete(self) -> None:
+        """Step with the agent's evaluation actions until every goal of the round has its episodes."""
+        def short() -> bool:
+            return any(len(self.episodes.get((self.round, i), ())) < self.wanted for i in range(self.num_envs))
+
+        while short():
+            self.step(self.agent.eval_action(self.obs))
 
     def step(self, actions: np.ndarray) -> Any:
         """The vector environment's ``step``, keeping each evaluation episode's success and return as it ends."""
         out = self.envs.step(actions)
-        _, _, terminated, truncated, infos = out
+        self.obs, _, terminated, truncated, infos = out
         if self.evaluating:
             for i in np.flatnonzero(np.logical_or(terminated, truncated)):
                 final = infos["final_info"]
@@ -189,10 +209,10 @@ def official_evaluation(model: nn.Module, cfg: RLConfig, steps: tuple[int, ...],
     name = "ML10" if cfg.env == "ml10" else f"{cfg.env.removeprefix('ml1-')}-v3"
     results: dict[str, Any] = {}
     for k in (0, *steps):
+        agent = PolicyAgent(model, cfg, cfg.eval_lrs, task_generator(cfg.seed, "test", 0, "metaworld"))
         envs = Recorder(mw.make_ml_envs_test(name, seed=cfg.seed, meta_batch_size=sub_envs,
                                              max_episode_steps=cfg.episode_len,
-                                             reward_function_version=cfg.reward_version))
-        agent = PolicyAgent(model, cfg, cfg.eval_lrs, task_generator(cfg.seed, "test", 0, "metaworld"))
+                                             reward_function_version=cfg.reward_version), agent, eval_episodes)
         try:
             success, ret, _ = metalearning_evaluation(agent, envs, num_evals=rounds, adaptation_steps=k,
                                                       adaptation_episodes=cfg.test_traj,
@@ -220,7 +240,8 @@ def report(out_dir: Path, model: nn.Module, cfg: RLConfig, steps: tuple[int, ...
              "metaworld.evaluation.metalearning_evaluation: success rate and return after k adaptation steps (rates "
              f"{list(cfg.eval_lrs)}, {result['adaptation_episodes']} episode(s) per goal and step), mean ± 95% CI over "
              f"the test goals ({result['rounds']} round(s) of {result['sub_envs']}), "
-             f"{result['evaluation_episodes']} evaluation episode(s) each; 'official' is the package's own mean.",
+             f"{result['evaluation_episodes']} evaluation episode(s) each; 'official' is the package's own mean "
+             "(per task type, its first episodes to end over all goals).",
              "", "| steps | success rate | return | official success rate | official return |",
              "|---|---|---|---|---|"]
     for k, r in result["steps"].items():
