@@ -1,8 +1,9 @@
 """Meta-World families (the optional ``metaworld`` extra): splits, reward versions, the official evaluation
 through the MetaLearningAgent wrapper, the records in checkpoints and reports, and bad input (exit 2).
 
-Every test but the first needs the ``metaworld`` package (``pip install 'mamlkit[metaworld]'``) and skips
-without it."""
+The tests that build Meta-World's simulators need the ``metaworld`` package (``pip install
+'mamlkit[metaworld]'``) and skip without it; the missing package's message and the agent's adaptation step
+run everywhere."""
 
 from __future__ import annotations
 
@@ -36,6 +37,37 @@ def test_without_the_package_the_message_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "metaworld", None)  # as if not installed
     with pytest.raises(UserError, match=r"pip install 'mamlkit\[metaworld\]'"):
         envs.check_env("ml1-reach")
+
+
+def test_the_agents_adaptation_step_is_training_s_inner_step_on_the_episodes_it_was_shown():
+    from collections import namedtuple
+
+    from mamlkit.rl import metaworld_eval, sampling
+    from mamlkit.rl.maml_trpo import adapt_tasks
+    from mamlkit.rl.train import make_policy
+
+    cfg = RLConfig(**TINY)
+    policy = make_policy(cfg)
+    E, N, H = 3, 2, 4  # goals, episodes, steps
+    gen = torch.Generator().manual_seed(0)
+    ep = sampling.Episodes(torch.randn(E, N, H, 39, generator=gen, dtype=torch.float64),
+                           torch.randn(E, N, H, 4, generator=gen, dtype=torch.float64),
+                           torch.randn(E, N, H, generator=gen, dtype=torch.float64),
+                           torch.ones(E, N, H, dtype=torch.float64), torch.zeros(E, N, H, 8, dtype=torch.float64))
+    Timestep = namedtuple("Timestep", "observation action reward terminated truncated aux_policy_outputs")
+    agent = metaworld_eval.PolicyAgent(policy, cfg, (0.1, 0.05), gen)
+    for n in range(N):  # the vector environment's steps, as the package hands them over
+        for h in range(H):
+            agent.step(Timestep(ep.obs[:, n, h].numpy(), None, ep.rewards[:, n, h].numpy(), np.zeros(E, bool),
+                                np.full(E, h == H - 1), {"policy_action": ep.actions[:, n, h].numpy(),
+                                                         "dist": ep.dist[:, n, h].numpy()}))
+    agent.adapt()
+    theta = {k: v.detach() for k, v in policy.named_parameters()}
+    expected = adapt_tasks(policy, theta, *sampling.pack(ep, cfg.gamma, cfg.gae_lambda, with_dist=False), 0.1, False)
+    assert agent.per_task and all(torch.equal(agent.params[k], expected[k]) for k in expected)
+    assert not torch.equal(expected["log_std"][0], theta["log_std"])  # the step moved the policy
+    agent.init()  # a new round starts from the meta-learned parameters
+    assert agent.params is agent.theta and not agent.per_task
 
 
 def test_training_samples_the_train_split_only_and_refuses_a_test_task(tmp_path, monkeypatch):
