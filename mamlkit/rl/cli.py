@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from mamlkit.base.errors import DiskFull, UserError
+from mamlkit.base.limits import MAX_TASKS, check_count
 from mamlkit.config import load_yaml
 from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag, resumed_config
 from mamlkit.rl import config as rlconfig
-from mamlkit.rl.config import ENV_NAMES
+from mamlkit.rl.config import ENV_NAMES, METAWORLD_EXAMPLES, is_env, is_metaworld
 
 MAX_EVAL_STEPS = 10
 # Fields that may change when a run is resumed; everything else defines the run.
@@ -28,7 +29,7 @@ def help_env(argv: list[str]) -> str | None:
     """The environment named in ``mamlkit rl train ENV --help``, whose values the help then shows."""
     if argv[:2] != ["rl", "train"] or not {"-h", "--help"} & set(argv):
         return None
-    return next((a for a in argv[2:] if a in ENV_NAMES), None)
+    return next((a for a in argv[2:] if is_env(a)), None)
 
 
 def env_values(env: str) -> rlconfig.RLConfig:
@@ -49,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
         usage="mamlkit rl train [ENV] [--config FILE] [--resume RUN] [--FIELD VALUE ...]",
         about="Meta-train a policy with MAML-TRPO.", values_from=help_env,
         hint="`mamlkit rl train ENV --help` shows an environment's")
-    train.add_argument("env", nargs="?", metavar="ENV", help=f"environment: {', '.join(ENV_NAMES)}")
+    train.add_argument("env", nargs="?", metavar="ENV", help=f"environment: {', '.join(ENV_NAMES)}, or Meta-World's "
+                       f"{', '.join(METAWORLD_EXAMPLES)}, ml1-<task> (pip install 'mamlkit[metaworld]')")
     add_config_flags(train, rlconfig.RLConfig, skip=("env",), groups=rlconfig.GROUPS,
                      **({"values": env_values(help_env), "values_from": help_env} if help_env else {}))
     ev = rsub.add_parser("eval", help="evaluate a meta-RL run or checkpoint on fixed test tasks")
@@ -65,6 +67,10 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
                     help="α of test steps 1, 2, 3, ... (the last repeats; default: the run's, 0.1 0.05 0.05; the "
                          "paper's code tested nav2d with 0.5 0.25)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the pretrained and random baselines")
+    ev.add_argument("--eval-episodes", type=int, default=3, metavar="N",
+                    help="Meta-World runs: episodes its official evaluation scores per goal after adapting (default 3, "
+                         "the package's); --eval-tasks is then the number of test goals, --eval-traj the adaptation "
+                         "episodes per goal and step")
     ev.add_argument("--out", metavar="DIR", help="write eval.md, eval.json and the figures into DIR (default: the "
                     "run's folder, or the checkpoint's)")
     ev.add_argument("--overwrite", action="store_true", help="replace the report files already there")
@@ -127,13 +133,19 @@ def _best_or_last(trainer):
 
 
 def _report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, ...] | None = None,
-            out: Path | None = None) -> str:
+            out: Path | None = None, eval_episodes: int = 3) -> str:
     """Evaluate the run's policy, and with ``baselines`` the pretrained one (trained first when
     ``train_baseline``, else loaded from RUN/pretrained if there) and a randomly initialised one; the
-    report goes to ``out`` (default: the run folder)."""
+    report goes to ``out`` (default: the run folder). A Meta-World run is evaluated by the package's own
+    evaluation instead (``eval_episodes`` scored episodes per goal), without baselines."""
     from mamlkit.rl import evaluate, train
 
     cfg = trainer.cfg  # threads: set by the caller (rl train's fit, or _planned)
+    if is_metaworld(cfg.env):  # the benchmark's own evaluation; its baselines are the published ones
+        from mamlkit.rl import metaworld_eval
+
+        steps = show or tuple(range(1, len(cfg.eval_lrs) + 1))
+        return metaworld_eval.report(out or trainer.run_dir, trainer.policy, cfg, steps, eval_episodes)
     policies = {cfg.algo: trainer.policy}
     if baselines and cfg.algo != "pretrain":
         folder = trainer.run_dir / "pretrained"
@@ -196,9 +208,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = train.load_trainer(args.resume)
         trainer.cfg = resumed_config(trainer.cfg, overrides, RESUMABLE)
     else:
-        if args.env not in ENV_NAMES:
-            raise UserError(f"name an environment: `mamlkit rl train {{{'|'.join(ENV_NAMES)}}}` "
-                            f"(got {args.env!r}), or pass --resume RUN")
+        if not is_env(args.env or ""):
+            raise UserError(f"name an environment: `mamlkit rl train {{{'|'.join(ENV_NAMES + METAWORLD_EXAMPLES)}}}` "
+                            f"(or ml1-<task>; got {args.env!r}), or pass --resume RUN")
         file_values = load_yaml(args.config) if args.config else {}
         cfg = rlconfig.from_dict({**file_values, **overrides, "env": args.env})
         trainer = train.new_trainer(cfg, train.run_dir_for(cfg))
@@ -216,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{trainer.run_dir}`", file=sys.stderr)
         return 128 + e.signum
     print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, best.safetensors, config.json, "
-          "metrics.jsonl, eval.md, figures)")
+          f"metrics.jsonl, eval.md, {'eval.json' if is_metaworld(trainer.cfg.env) else 'figures'})")
     return 0
 
 
@@ -237,7 +249,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserError(f"--steps takes step counts from 1 to {MAX_EVAL_STEPS} (e.g. --steps 1 2 3), "
                             f"got {' '.join(map(str, args.steps))}")
         changes["eval_lrs"] = evaluate.step_rates(changes.get("eval_lrs", trainer.cfg.eval_lrs), max(args.steps))
-    for name, v in (("--eval-tasks", args.eval_tasks), ("--eval-traj", args.eval_traj)):
+    check_count("--eval-episodes", args.eval_episodes, MAX_TASKS)
+    for name, v in (("--eval-tasks", args.eval_tasks), ("--eval-traj", args.eval_traj),
+                    ("--eval-episodes", args.eval_episodes)):
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
     trainer.cfg = trainer.cfg.replace(**changes)
@@ -250,7 +264,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(what)
     with _planned(args.threads, trainer.cfg):
         text = _report(trainer, trainer.cfg.baselines and not args.no_baselines, train_baseline=False,
-                       show=tuple(args.steps) if args.steps else None, out=out)
+                       show=tuple(args.steps) if args.steps else None, out=out, eval_episodes=args.eval_episodes)
     print(text)
     print(f"report: {out} ({', '.join(n for n in evaluate.REPORT_FILES if (out / n).exists())})")
     return 0

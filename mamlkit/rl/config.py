@@ -14,9 +14,17 @@ from mamlkit.base.limits import check_fields
 from mamlkit.config import ConfigError, as_dict, build_config, flag, refuse_non_finite
 
 ENV_NAMES = ("nav2d", "cheetah-vel", "cheetah-dir")
-DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200}
-# Tasks per meta-iteration, as the paper's App. A.2: 20 for 2D navigation, 40 for the locomotion problems.
-DEFAULT_META_BATCH = {"nav2d": 20, "cheetah-vel": 40, "cheetah-dir": 40}
+# Meta-World (the optional `metaworld` extra, mamlkit.rl.metaworld): `ml1-<task>` for any ML1 task of the
+# benchmark (these are examples; the package's own list decides) and `ml10`.
+METAWORLD_EXAMPLES = ("ml1-reach", "ml1-push", "ml1-pick-place", "ml10")
+REWARD_VERSIONS = ("v2", "v1")  # Meta-World's reward functions; v2 is the benchmark's current one
+# Meta-World's episode length (SawyerXYZEnv.max_path_length): its simulators refuse a step beyond it.
+METAWORLD_HORIZON = 500
+# The tables below are read through `env_default`, which files every Meta-World family under "metaworld".
+DEFAULT_HORIZON = {"nav2d": 100, "cheetah-vel": 200, "cheetah-dir": 200, "metaworld": METAWORLD_HORIZON}
+# Tasks per meta-iteration, as the paper's App. A.2: 20 for 2D navigation, 40 for the locomotion problems;
+# Meta-World: 20, the meta-batch of its MAML-TRPO baselines and the default of its `make_ml_envs`.
+DEFAULT_META_BATCH = {"nav2d": 20, "cheetah-vel": 40, "cheetah-dir": 40, "metaworld": 20}
 TEST_BATCH_STEPS = 4000  # environment steps per test step in the paper's evaluation scripts
 # Policy actions are divided by this before the environment clips them to its range. 2D navigation: 10,
 # as the paper's code (cbfinn/maml_rl, maml_examples/maml_trpo_point.py) wraps the point environment in
@@ -25,10 +33,29 @@ TEST_BATCH_STEPS = 4000  # environment steps per test step in the paper's evalua
 # scale 1 the mean drifts far past the clip, where an inner gradient step no longer moves the agent).
 # Half-cheetah: 10, as pytorch-maml-rl's HalfCheetahVel/Dir (``normalization_scale``): torque noise 0.1
 # instead of flailing at the ±1 torque limits (see docs/rl.md).
-DEFAULT_ACTION_SCALE = {"nav2d": 10.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
+# Meta-World: 10, as garage's MAML-TRPO on Meta-World (``normalize(..., expected_action_scale=10.)``): its
+# actions are end-effector moves and a gripper command in [-1, 1].
+DEFAULT_ACTION_SCALE = {"nav2d": 10.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0, "metaworld": 10.0}
 # What 0 ("the env's default") meant in checkpoints written before the defaults above were resolved and
 # stored explicitly (nav2d was then 1).
-LEGACY_ACTION_SCALE = {"nav2d": 1.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0}
+LEGACY_ACTION_SCALE = {"nav2d": 1.0, "cheetah-vel": 10.0, "cheetah-dir": 10.0, "metaworld": 10.0}
+
+
+def is_metaworld(env: str) -> bool:
+    """Whether ``env`` names a Meta-World family (``ml10`` or ``ml1-<task>``); whether the task exists is
+    the package's to say (:func:`mamlkit.rl.metaworld.check_env`), so this needs no import of it."""
+    return env == "ml10" or (env.startswith("ml1-") and len(env) > 4
+                             and all(c.isalnum() or c == "-" for c in env[4:]))
+
+
+def is_env(env: str) -> bool:
+    """Whether ``env`` is an environment name mamlkit knows the form of."""
+    return env in ENV_NAMES or is_metaworld(env)
+
+
+def env_default(table: dict[str, Any], env: str) -> Any:
+    """``table``'s value for ``env``; every Meta-World family shares the entry ``"metaworld"``."""
+    return table["metaworld" if is_metaworld(env) else env]
 
 
 # The groups of `mamlkit rl train --help`, in order. Each field carries its group and its one line of help.
@@ -45,18 +72,23 @@ def _flag(default: Any, group: str, help: str) -> Any:
 class RLConfig:
     """Everything that defines a meta-RL run."""
 
-    env: str = _flag("nav2d", ENVIRONMENT, "environment: nav2d | cheetah-vel | cheetah-dir (the ENV argument)")
+    env: str = _flag("nav2d", ENVIRONMENT, "environment: nav2d | cheetah-vel | cheetah-dir | ml1-<task> | ml10 "
+                     "(the ENV argument)")
     algo: str = _flag("maml-trpo", OUTER, "maml-trpo | pretrain (TRPO on all tasks jointly, no inner step; needs "
                       "--inner-steps 0)")
     # policy: Gaussian MLP, learned state-independent log σ
     hidden_sizes: tuple[int, ...] = _flag((100, 100), POLICY, "hidden layer widths of the Gaussian MLP policy")
     init_std: float = _flag(1.0, POLICY, "initial σ of the policy's actions (log σ is learned, state-independent)")
     # sampling
-    horizon: int = _flag(0, ENVIRONMENT, "episode length (0: the env's paper value, 100 nav2d, 200 cheetah)")
+    horizon: int = _flag(0, ENVIRONMENT, "episode length (0: the env's value: 500 ML1/ML10, their limit; 100 "
+                       "nav2d, 200 cheetah)")
     action_scale: float = _flag(0.0, ENVIRONMENT, "env action = policy action / scale, clipped to the env's range "
                                 "(0: the env's default, 10)")
     traj_per_task: int = _flag(20, ENVIRONMENT, "episodes sampled per task and per inner step (paper: 20)")
-    seed: int = _flag(0, ENVIRONMENT, "seed of the tasks, the sampling noise and the initial policy")
+    seed: int = _flag(0, ENVIRONMENT, "seed of the tasks (ML1/ML10: of the benchmark's goals), the sampling "
+                    "noise and the initial policy")
+    reward_version: str = _flag("v2", ENVIRONMENT, "ML1/ML10 reward functions: v2 (the benchmark's current) | v1 "
+                                "(those environments only)")
     gamma: float = _flag(0.99, ESTIMATOR, "discount factor of the returns")
     gae_lambda: float = _flag(1.0, ESTIMATOR, "GAE λ (1: Monte-Carlo returns minus the linear baseline)")
     estimator: str = _flag("reinforce", ESTIMATOR, "inner loss in the meta-gradient: reinforce (paper) | lvc (ProMP) "
@@ -67,7 +99,8 @@ class RLConfig:
                              "pretrain)")
     first_order: bool = _flag(False, INNER, "drop second-order terms of the meta-gradient and the Fisher")
     # outer loop: TRPO
-    meta_batch: int = _flag(0, OUTER, "tasks per meta-iteration (0: the env's paper value, 20 nav2d, 40 cheetah)")
+    meta_batch: int = _flag(0, OUTER, "tasks per meta-iteration (0: the env's paper value, 20 ML1/ML10, 20 "
+                      "nav2d, 40 cheetah)")
     iterations: int = _flag(200, OUTER, "meta-iterations (TRPO steps) to train for")
     max_kl: float = _flag(0.01, OUTER, "δ, the trust region's bound on the mean KL")
     cg_iters: int = _flag(10, OUTER, "conjugate-gradient iterations solving F x = g")
@@ -112,7 +145,14 @@ class RLConfig:
         refuse_non_finite(self)
         check_fields(as_dict(self))  # every count and size below its bound (mamlkit.base.limits)
 
-        need(self.env in ENV_NAMES, f"env must be one of {', '.join(ENV_NAMES)}, got {self.env!r}")
+        need(is_env(self.env), f"env must be one of {', '.join(ENV_NAMES)}, or a Meta-World family "
+             f"({', '.join(METAWORLD_EXAMPLES)}, ...), got {self.env!r}")
+        need(self.reward_version in REWARD_VERSIONS, f"reward_version must be one of {', '.join(REWARD_VERSIONS)} "
+             f"(Meta-World's reward functions), got {self.reward_version!r}")
+        need(self.reward_version == "v2" or is_metaworld(self.env),
+             f"--reward-version applies to Meta-World environments only, not {self.env}; leave it out")
+        need(not is_metaworld(self.env) or self.horizon <= METAWORLD_HORIZON,
+             f"horizon must be <= {METAWORLD_HORIZON} for Meta-World (its episodes end there), got {self.horizon}")
         need(self.algo in ("maml-trpo", "pretrain"), f"algo must be maml-trpo or pretrain, got {self.algo!r}")
         need(self.estimator in ("reinforce", "lvc", "dice"),
              f"estimator must be reinforce, lvc or dice, got {self.estimator!r}")
@@ -141,12 +181,12 @@ class RLConfig:
 
     @property
     def episode_len(self) -> int:
-        return self.horizon or DEFAULT_HORIZON[self.env]
+        return self.horizon or env_default(DEFAULT_HORIZON, self.env)
 
     @property
     def tasks_per_batch(self) -> int:
         """Tasks per meta-iteration: ``meta_batch``, or for 0 the paper's value for the env."""
-        return self.meta_batch or DEFAULT_META_BATCH[self.env]
+        return self.meta_batch or env_default(DEFAULT_META_BATCH, self.env)
 
     @property
     def test_traj(self) -> int:
@@ -156,7 +196,7 @@ class RLConfig:
 
     @property
     def env_action_scale(self) -> float:
-        return self.action_scale or DEFAULT_ACTION_SCALE[self.env]
+        return self.action_scale or env_default(DEFAULT_ACTION_SCALE, self.env)
 
     def to_dict(self) -> dict[str, Any]:
         return as_dict(self)

@@ -12,6 +12,9 @@ Tasks are drawn by ``sample_tasks(num_tasks, generator)``; with
 * :class:`Nav2D`: the point-mass 2D navigation of Finn et al. 2017 §5.3 (pure torch).
 * :class:`HalfCheetahTasks`: HalfCheetah velocity / direction on ``gymnasium`` + ``mujoco``
   (the optional ``rl`` extra), see :mod:`mamlkit.rl.cheetah`.
+* :class:`~mamlkit.rl.metaworld.MetaWorldTasks`: Meta-World's ML1 and ML10 (the optional ``metaworld``
+  extra), see :mod:`mamlkit.rl.metaworld`. Its task rows name a split of the benchmark, and training
+  refuses rows of its test split (:func:`check_train_tasks`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from mamlkit.rl.config import ENV_NAMES
+from mamlkit.rl.config import ENV_NAMES, is_metaworld
 
 
 class TaskEnv(Protocol):
@@ -93,18 +96,33 @@ class Nav2D:
         return self.pos.clone(), reward, terminated, truncated, {"active": active}
 
 
-def make_env(name: str, tasks: Tensor, num_envs: int, horizon: int, action_scale: float = 1.0) -> TaskEnv:
+def make_env(name: str, tasks: Tensor, num_envs: int, horizon: int, action_scale: float = 1.0,
+             reward_version: str = "v2") -> TaskEnv:
     """Build environment ``name`` for ``tasks`` (from :func:`sample_tasks`) with N copies per task; the
-    environment divides the policy's actions by ``action_scale`` before clipping them to its range."""
+    environment divides the policy's actions by ``action_scale`` before clipping them to its range.
+    ``reward_version``: Meta-World's reward functions (the other environments have one reward)."""
     if name == "nav2d":
         return Nav2D(tasks, num_envs, horizon, action_scale=action_scale)
+    if is_metaworld(name):
+        from mamlkit.rl.metaworld import MetaWorldTasks
+
+        return MetaWorldTasks(name, tasks, num_envs, horizon, action_scale, reward_version)
     from mamlkit.rl.cheetah import HalfCheetahTasks
 
     return HalfCheetahTasks(name, tasks, num_envs, horizon, action_scale)
 
 
-def sample_tasks(name: str, num_tasks: int, generator: torch.Generator) -> Tensor:
-    """Task parameters ``[T, d]`` of environment ``name``: goals, target velocities or directions."""
+def sample_tasks(name: str, num_tasks: int, generator: torch.Generator, split: str = "train",
+                 seed: int = 0) -> Tensor:
+    """Task parameters ``[T, d]`` of environment ``name``: goals, target velocities or directions.
+
+    ``split`` and ``seed`` matter to Meta-World only, whose tasks are fixed lists: its benchmark of seed
+    ``seed`` gives ``"test"`` rows from its test split and every other split's rows from its train split.
+    The other environments draw every split from one distribution (the generator keeps them apart)."""
+    if is_metaworld(name):
+        from mamlkit.rl.metaworld import sample_tasks as metaworld_tasks
+
+        return metaworld_tasks(name, num_tasks, generator, split, seed)
     if name == "nav2d":
         return Nav2D.sample_tasks(num_tasks, generator)
     if name == "cheetah-vel":  # target velocity U[0, 2] (paper, App. A.2)
@@ -123,4 +141,34 @@ def env_dims(name: str) -> tuple[int, int]:
     """``(obs_dim, act_dim)`` of environment ``name`` without building it."""
     if name == "nav2d":
         return Nav2D.obs_dim, Nav2D.act_dim
+    if is_metaworld(name):
+        return 39, 4  # every Sawyer task: hand, gripper, two objects' poses, the previous frame, hidden goal
     return 17, 6  # gymnasium HalfCheetah-v5: 17 observations (x excluded), 6 torques
+
+
+def check_env(name: str) -> None:
+    """Refuse (``UserError``) an environment the installed packages lack: Meta-World's families need its
+    package, and their task must be one of its ML1 tasks."""
+    if is_metaworld(name):
+        from mamlkit.rl.metaworld import check_env as check
+
+        check(name)
+
+
+def check_train_tasks(name: str, tasks: Tensor) -> None:
+    """Raise if ``tasks`` holds a task of a benchmark's test split: training must never see one (Meta-World
+    PR #573 found its `ML1-train` used the test split). Only Meta-World's task rows name a split."""
+    if is_metaworld(name):
+        from mamlkit.rl.metaworld import check_train_tasks as check
+
+        check(tasks)
+
+
+def env_record(name: str, reward_version: str = "v2") -> dict[str, Any]:
+    """What a checkpoint and a report record of environment ``name`` beyond the run config: for Meta-World
+    the package's version and the reward functions'; nothing for the environments mamlkit implements."""
+    if not is_metaworld(name):
+        return {}
+    from mamlkit.rl.metaworld import record
+
+    return record(name, reward_version)

@@ -27,7 +27,7 @@ PAPER = {"nav2d": (-40.41, -11.68, -3.33, -3.23), "cheetah-dir": (-50.69, 293.19
 
 
 def test_tasks(cfg: RLConfig, num_tasks: int | None = None) -> Tensor:
-    return sample_tasks(cfg.env, num_tasks or cfg.eval_tasks, task_generator(cfg.seed, "test", 0))
+    return sample_tasks(cfg.env, num_tasks or cfg.eval_tasks, task_generator(cfg.seed, "test", 0), "test", cfg.seed)
 
 
 def adaptation_curve(policy: nn.Module, cfg: RLConfig, tasks: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from mamlkit.exec import strategies
 from mamlkit.loop.distributed import World
 from mamlkit.rl import sampling
 from mamlkit.rl.config import RLConfig
-from mamlkit.rl.envs import action_limit, make_env
+from mamlkit.rl.envs import action_limit, check_train_tasks, make_env
 from mamlkit.rl.policy import kl_divergence, log_prob
 from mamlkit.rl.trpo import Linearization, flat, trpo_step
 
@@ -254,7 +254,7 @@ class MAMLTRPO:
         """Episodes ``[T, N, H]`` of every task in ``tasks [T, d]`` with ``params`` (shared or per task); with
         ``share``, ``tasks`` are that block of the meta-batch."""
         env = make_env(self.cfg.env, tasks, num_traj or self.cfg.traj_per_task, self.cfg.episode_len,
-                       self.cfg.env_action_scale)
+                       self.cfg.env_action_scale, self.cfg.reward_version)
         return sampling.rollout(env, sampling.policy_fn(self.model, params, per_task), generator,
                                 self.dtype, deterministic, share)
 
@@ -380,6 +380,7 @@ class MAMLTRPO:
         """One meta-iteration on ``tasks [T, d]``; returns returns before/after adaptation, TRPO stats and
         the seconds spent sampling, in the inner step and in the TRPO step (``time_*_s``)."""
         cfg = self.cfg
+        check_train_tasks(cfg.env, tasks)  # a benchmark's test task never trains the policy
         batch, stats = self.collect(tasks, generator)
         clock = time.perf_counter()
         share = self.share(tasks.shape[0])

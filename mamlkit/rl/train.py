@@ -30,8 +30,8 @@ from mamlkit.base.limits import check_threads
 from mamlkit.base.metrics import MetricsLog, add_to_window, is_window, window_row
 from mamlkit.loop import distributed
 from mamlkit.models import Workload, check_model_memory
-from mamlkit.rl.config import LEGACY_ACTION_SCALE, RLConfig, from_dict
-from mamlkit.rl.envs import env_dims, sample_tasks
+from mamlkit.rl.config import LEGACY_ACTION_SCALE, RLConfig, env_default, from_dict, is_env
+from mamlkit.rl.envs import check_env, env_dims, env_record, sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
 from mamlkit.rl.policy import GaussianMLPPolicy, build_policy
 
@@ -68,6 +68,7 @@ def new_trainer(cfg: RLConfig, run_dir: Path) -> RLTrainer:
     # the checkpoint stores the action scale and the batch themselves, not "the default", so a later
     # change of a default cannot change what a saved run does or resumes with
     cfg = cfg.replace(action_scale=cfg.env_action_scale, meta_batch=cfg.tasks_per_batch)
+    check_env(cfg.env)  # an environment the installed packages lack is refused before the run folder exists
     return RLTrainer(cfg, make_policy(cfg), Path(run_dir))
 
 
@@ -86,12 +87,14 @@ def save_checkpoint(trainer: RLTrainer, path: Path, **extra: float) -> None:
         raise _diverged(trainer, trainer.step, "the policy's parameters hold NaN or inf")
     state = {"kind": "rl", "config": trainer.cfg.to_dict(), "algo": trainer.cfg.algo, "step": trainer.step,
              "best_val": trainer.best_val, "log_window": trainer.log_window} | extra
+    if record := env_record(trainer.cfg.env, trainer.cfg.reward_version):
+        state["environment"] = record  # Meta-World: the package's and the reward functions' versions
     checkpoint.save(path, tensors, state)
 
 
 def validation_tasks(cfg: RLConfig):
     """The fixed held-out tasks of the validation (split ``"val"``, disjoint draws from train and test)."""
-    return sample_tasks(cfg.env, cfg.val_tasks, task_generator(cfg.seed, "val", 0))
+    return sample_tasks(cfg.env, cfg.val_tasks, task_generator(cfg.seed, "val", 0), "val", cfg.seed)
 
 
 def validate(trainer: RLTrainer) -> dict[str, float]:
@@ -144,8 +147,8 @@ def rl_config_of(stored: dict, path: str | Path) -> RLConfig:
     # runs written before action_scale existed applied the policy's actions unscaled; those written
     # before the scale was stored explicitly (0) used the defaults of that time
     raw = {"action_scale": 1.0} | stored
-    if not raw["action_scale"] and isinstance(raw.get("env", "nav2d"), str):
-        raw["action_scale"] = LEGACY_ACTION_SCALE.get(raw.get("env", "nav2d"), 0.0)  # an unknown env is named below
+    if not raw["action_scale"] and isinstance(raw.get("env", "nav2d"), str) and is_env(raw.get("env", "nav2d")):
+        raw["action_scale"] = env_default(LEGACY_ACTION_SCALE, raw.get("env", "nav2d"))  # an unknown env is named below
     try:
         return from_dict(raw)
     except UserError as e:
@@ -260,7 +263,7 @@ def _fit(trainer: RLTrainer, stop_at: int | None, world: distributed.World) -> R
     try:
         while trainer.step < end:
             gen = task_generator(cfg.seed, "train", trainer.step)
-            tasks = sample_tasks(cfg.env, cfg.tasks_per_batch, gen)
+            tasks = sample_tasks(cfg.env, cfg.tasks_per_batch, gen, "train", cfg.seed)
             # an interrupted iteration is rolled back, so the checkpoint matches its step count
             snapshot = {k: p.detach().clone() for k, p in trainer.policy.named_parameters()}
             # A stop signal is never raised inside torch: cut in two, vmap's levels or functional_call's
