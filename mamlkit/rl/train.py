@@ -250,8 +250,8 @@ def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
             if not cfg.fast_fisher:
                 raise UserError("--no-fast-fisher (autograd through one process's whole meta-batch) runs in one "
                                 "process only: drop it, or run without torchrun")
-        guard = StepGuard(trainer, world, save_checkpoint, lambda: resume_command(run_dir), tensors=_policy_tensors,
-                          cause=_policy_settings, undo=_policy_undo)
+        guard = StepGuard(trainer, world, save_checkpoint, lambda: resume_command(trainer.resume_dir or run_dir),
+                          tensors=_policy_tensors, cause=_policy_settings, undo=_policy_undo)
         with rank_lock(run_dir, world), guard.disk_full():
             if world.is_main:
                 runfolder.record(run_dir, RUN_FILES)  # before they are written: a later --overwrite finds them
@@ -320,4 +320,5 @@ def pretrained_baseline(trainer: RLTrainer) -> RLTrainer:
         cfg = trainer.cfg.replace(algo="pretrain", inner_steps=0, run_name="pretrained",
                                   iterations=max(1, trainer.cfg.pretrain_iterations))
         base = new_trainer(cfg, folder)
+    base.resume_dir = trainer.run_dir  # a stop in it resumes the run, which then reports too
     return fit(base)
