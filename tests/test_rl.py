@@ -1047,3 +1047,25 @@ def test_shipped_policy_and_a_fixed_seed_run_give_the_recorded_numbers(tmp_path,
     assert {r["step"]: (r["grad_norm"], r["loss"], r["kl"]) for r in rows if r["split"] == "train"} == RUN_TRAIN
     tensors, _ = checkpoint.load(run)
     assert {k: v.double().sum().item() for k, v in sorted(tensors.items())} == RUN_PARAM_SUMS
+
+
+def test_rl_train_overwrite_replaces_the_run_and_an_empty_folder_is_no_run_to_resume(tmp_path, capsys):
+    flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines", *TINY_FLAGS]
+    assert main(["rl", "train", "nav2d", "--iterations", "1", *flags]) == 0
+    run = tmp_path / "r"
+    (run / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["rl", "train", "nav2d", "--iterations", "2", "--overwrite", *flags]) == 0
+    assert checkpoint.load(run)[1]["step"] == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]  # a fresh log, not the old one's rows
+    assert (run / "notes.txt").read_text() == "mine"  # what the run did not write stays
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"run folder: {run} (checkpoint.safetensors, ") and "eval.md" in last, last
+
+    assert main(["rl", "train", "--resume", str(run), "--overwrite"]) == 2
+    assert "cannot be combined with --resume" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["rl", "train", "--resume", str(empty)]) == 2
+    assert f"{empty} holds no checkpoint" in capsys.readouterr().err

@@ -325,7 +325,6 @@ def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], N
     from mamlkit.rl import evaluate
     from mamlkit.rl import train as rltrain
 
-    trainer, cfg = None, None
     if request.resume:
         if request.env:
             raise UserError("pass either an environment or --resume RUN, not both")
@@ -338,12 +337,12 @@ def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], N
     else:
         cfg = _rl_fresh_config(request)
         run_dir = rltrain.run_dir_for(cfg, overwrite=request.overwrite or not is_main_rank())
+        # built before the folder exists: an environment the installed packages lack leaves no folder behind
+        trainer = rltrain.new_trainer(cfg, run_dir)
     started.append(run_dir)
     with _lock(run_dir):
-        if trainer is None:
-            if request.overwrite and is_main_rank():
-                runfolder.clear(run_dir)
-            trainer = rltrain.new_trainer(cfg, run_dir)
+        if request.overwrite and is_main_rank():
+            runfolder.clear(run_dir)
         rltrain.fit(trainer)
         if not _rl_report_on_this_rank(trainer):
             return Outcome(run_dir)
