@@ -16,6 +16,7 @@ PARTS = {
     "mamlkit.use": "Use",
     "mamlkit.config": "Config", "mamlkit.presets": "Config", "mamlkit.flags": "Config",
     "mamlkit.loop": "Loop", "mamlkit.loop.distributed": "Dist", "mamlkit.loop.run": "Recipe",
+    "mamlkit.loop.guard": "Guard",
     "mamlkit.eval": "Eval",
     "mamlkit.algorithms": "Algorithms",
     "mamlkit.exec": "Exec", "mamlkit.exec.kernels": "Kernels",
@@ -26,7 +27,7 @@ PARTS = {
     "mamlkit.assemble": "Assemble",
     "mamlkit.checkpoint": "Store", "mamlkit.runfolder": "Store",
     "mamlkit.base": "Base",
-    "mamlkit.rl": "RL",
+    "mamlkit.rl": "RL", "mamlkit.rl.cli": "Face",
 }
 
 # (from, to): why (as docs/DEVELOPING.md explains)
@@ -58,6 +59,10 @@ NEVER = {
     ("Dist", "Loop"): "collectives are driven by the loop",
     ("RL", "Face"): "rl plugs into the CLI; flag helpers live in Config",
     ("RL", "Loop"): "RL has its own trainer; shared helpers live below",
+    ("RL", "Recipe"): "the recipe runs RL's trainer, not the reverse",
+    ("Guard", "Loop"): "the step guards serve both trainers and know neither",
+    ("Guard", "RL"): "the step guards serve both trainers and know neither",
+    ("Guard", "Recipe"): "the step guards serve both trainers and know neither",
     ("Config", "Loop"): "configs are data",
     ("Config", "Tasks"): "configs are data; plug-ins register their options, the config does not look them up",
     ("Config", "Algorithms"): "configs are data; plug-ins register their options, the config does not look them up",
@@ -239,3 +244,45 @@ def test_the_learner_check_itself():
     assert learner_parameters("def f(work, batch):\n    return lambda b: b\n") == []
     assert learner_parameters("class E:\n    def settle(self, learner, batch): ...\n") == [2]
     assert learner_parameters("g = lambda *, learner=None: learner\n") == [1]
+
+
+# Meta-RL runs through the recipe and the step guards: rl/ keeps no copy of their run-folder, resume, signal
+# or report handling.
+RUN_HELPERS = frozenset({"_diverged", "_saved_step", "_stop_if_disk_full", "_held_for_all_ranks", "_report_of_run",
+                         "_report_on_this_rank", "_check_resumable", "_lock", "after_stop"})
+# (the command line enters the stop-signal block, `runfolder.stop_on_signals`, as `mamlkit train` does)
+RUN_CALLS = frozenset({"signal.signal", "runfolder.lock", "runfolder.clear", "runfolder.report_folder"})
+
+
+def own_run_handling(source: str) -> list[str]:
+    """``name (line)`` of every function or class ``source`` defines that the recipe or the step guards own (the
+    top-level ones of ``loop/run.py`` and ``loop/guard.py``, and ``RUN_HELPERS``), and of every call in
+    ``RUN_CALLS``."""
+    owned = RUN_HELPERS | {node.name for name in ("run.py", "guard.py")
+                           for node in ast.parse((PACKAGE / "loop" / name).read_text()).body
+                           if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name in owned:
+            found.append(f"{node.name} (line {node.lineno})")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and isinstance(node.func.value, ast.Name) and f"{node.func.value.id}.{node.func.attr}" in RUN_CALLS):
+            found.append(f"{node.func.value.id}.{node.func.attr} (line {node.lineno})")
+    return found
+
+
+def test_rl_keeps_no_copy_of_the_run_handling():
+    """`rl train` and `rl eval` go through the recipe (lock, clear, resume, report) and the step guards (stop
+    signals, rollback, divergence, a full disk): rl/ defines none of their functions and makes none of their
+    calls (`mamlkit rl` parses, asks the recipe and prints, as `mamlkit train` does)."""
+    found = {path.name: own_run_handling(path.read_text()) for path in sorted((PACKAGE / "rl").glob("*.py"))}
+    assert not {k: v for k, v in found.items() if v}, found
+
+
+def test_the_run_handling_check_itself():
+    source = ("import signal\nfrom mamlkit import runfolder\n"
+              "def _diverged(t): pass\ndef train_run(t): pass\nclass StepGuard: pass\n"
+              "def f():\n    signal.signal(2, None)\n    with runfolder.lock('r'): pass\n"
+              "    runfolder.record('r', ())\n")
+    assert own_run_handling(source) == ["_diverged (line 3)", "train_run (line 4)", "StepGuard (line 5)",
+                                        "signal.signal (line 7)", "runfolder.lock (line 8)"]

@@ -1008,3 +1008,64 @@ def test_checkpoints_from_before_action_scale_load_unscaled(tmp_path):
     checkpoint.save(tmp_path / "old.safetensors", tensors, {"kind": "rl", "config": cfg, "step": 7})
     old = train.load_trainer(tmp_path / "old.safetensors")
     assert old.cfg.action_scale == 1.0 and old.step == 7 and old.best_val is None
+
+
+# Recorded from the code before `rl train` and `rl eval` went through the recipe (loop/run.py) and the step
+# guards: the shipped policy's returns and a fixed-seed float64 run, bit for bit.
+SHIPPED_CURVE = [[-7.073286533355713, -7.933540344238281, -5.337200164794922, -3.2204763889312744],
+                 [-12.52863597869873, -3.4922568798065186, -5.158813953399658, -2.9308054447174072],
+                 [-6.893007755279541, -7.201966285705566, -1.7406251430511475, -6.10557746887207]]
+RUN_RETURNS = {"maml-trpo": [-4.694557738285864, -3.7862658469863244, -4.470623858388716, -3.7885222978568938],
+               "pretrained": [-4.644198754080218, -3.827278231200129, -4.4431373785357176, -3.8673011956301075],
+               "random init": [-5.015267579873855, -4.25966444575638, -4.695640706803315, -4.039793028433159]}
+RUN_ROWS = {(1, "val"): (-4.570375098248293, -3.988910599505868),
+            (1, "train"): (-4.803602614901753, -4.743631450996122),
+            (2, "val"): (-4.487745845262209, -3.765522826290283), (2, "train"): (-2.9776239157831, -1.9633932961377425)}
+RUN_TRAIN = {1: (0.3125559802521858, -0.029689764692593157, 0.007771776315336306),
+             2: (0.33378780370214267, -0.03324496433445318, 0.0063949095505326245)}
+RUN_PARAM_SUMS = {"meta/log_std": 0.002373731529316865, "meta/mean.0.bias": -0.9878940164096937,
+                  "meta/mean.0.weight": -2.651304221667681, "meta/mean.2.bias": 0.49325414403703594,
+                  "meta/mean.2.weight": -0.3634097727982383}
+
+
+def test_shipped_policy_and_a_fixed_seed_run_give_the_recorded_numbers(tmp_path, capsys):
+    from mamlkit.rl import evaluate, train
+    from mamlkit.rl.cli import shipped_policy
+
+    shipped = train.load_trainer(shipped_policy("nav2d"))
+    cfg = shipped.cfg.replace(eval_tasks=3, eval_traj=2, horizon=20)
+    assert evaluate.adaptation_curve(shipped.policy, cfg, evaluate.test_tasks(cfg)).double().tolist() == SHIPPED_CURVE
+
+    flags = [*TINY_FLAGS, "--dtype", "float64", "--seed", "3", "--val-every", "1"]
+    assert main(["rl", "train", "nav2d", "--iterations", "2", "--out-dir", str(tmp_path), "--run-name", "r",
+                 *flags]) == 0
+    run = tmp_path / "r"
+    ev = json.loads((run / "eval.json").read_text())
+    assert {n: [c[s]["mean"] for s in sorted(c)] for n, c in ev["returns"].items()} == RUN_RETURNS
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["step"], r["split"]): (r["return_pre"], r["return_post"]) for r in rows} == RUN_ROWS
+    assert {r["step"]: (r["grad_norm"], r["loss"], r["kl"]) for r in rows if r["split"] == "train"} == RUN_TRAIN
+    tensors, _ = checkpoint.load(run)
+    assert {k: v.double().sum().item() for k, v in sorted(tensors.items())} == RUN_PARAM_SUMS
+
+
+def test_rl_train_overwrite_replaces_the_run_and_an_empty_folder_is_no_run_to_resume(tmp_path, capsys):
+    flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines", *TINY_FLAGS]
+    assert main(["rl", "train", "nav2d", "--iterations", "1", *flags]) == 0
+    run = tmp_path / "r"
+    (run / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["rl", "train", "nav2d", "--iterations", "2", "--overwrite", *flags]) == 0
+    assert checkpoint.load(run)[1]["step"] == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]  # a fresh log, not the old one's rows
+    assert (run / "notes.txt").read_text() == "mine"  # what the run did not write stays
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"run folder: {run} (checkpoint.safetensors, ") and "eval.md" in last, last
+
+    assert main(["rl", "train", "--resume", str(run), "--overwrite"]) == 2
+    assert "cannot be combined with --resume" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["rl", "train", "--resume", str(empty)]) == 2
+    assert f"{empty} holds no checkpoint" in capsys.readouterr().err

@@ -103,7 +103,8 @@ def train_run(request: Request, started: list[Path], say: Callable[[str], None] 
             learners["pretrain"], iterations["pretrain"] = baseline.learner, baseline.step
         if not is_main_rank():
             return Outcome(trainer.run_dir)  # under torchrun every rank trains; rank 0 alone evaluates and reports
-        table = _report_of_run(trainer.run_dir, learners, cfg, iterations)
+        table = _report_of_run(trainer.run_dir, lambda: reports.report(trainer.run_dir, learners, cfg, iterations),
+                               reports.REPORT_FILES, f"mamlkit eval {trainer.run_dir} --overwrite")
     return Outcome(trainer.run_dir, table, tuple(runfolder.written(trainer.run_dir)))
 
 
@@ -138,34 +139,41 @@ def _fresh(request: Request, approval: dict) -> tuple[config.TrainConfig, Path]:
     return cfg, train.run_dir_for(cfg, overwrite=request.overwrite or not is_main_rank())
 
 
-def after_stop(started: list[Path]) -> str:
-    """What a stopped `mamlkit train` leaves: a run to resume, or, stopped before the run's first checkpoint
-    (preparing data, timing strategies), none, and then no resume command, which could only fail."""
+def after_stop(started: list[Path], resume: Callable[[Path], str] | None = None) -> str:
+    """What a stopped `mamlkit train` (or, with its ``resume`` command, `mamlkit rl train`) leaves: a run to
+    resume, or, stopped before the run's first checkpoint (preparing data, timing strategies), none, and then no
+    resume command, which could only fail."""
     if not started:
         return " before training began"
     run_dir = started[0]
     if (run_dir / "checkpoint.safetensors").exists():
-        try:
-            model = json.loads((run_dir / "config.json").read_text()).get("model", "")
-        except (OSError, ValueError, AttributeError):
-            model = ""
-        return f"; resume with `{train.resume_command_for(run_dir, model)}`"
+        return f"; resume with `{(resume or _resume_command)(run_dir)}`"
     return (f" before the run's first checkpoint: nothing was trained, so {run_dir} holds no run to resume. Run the "
             "same command again to start it; the folder can be used as it is")
 
 
-def _report_of_run(run_dir: Path, learners: dict, cfg: config.TrainConfig, iterations: dict[str, int]) -> str:
-    """The trained run's report (``iterations``: each learner's), its files recorded in the run's manifest
-    before they are written; a full disk while writing it says that training is done and kept."""
+def _resume_command(run_dir: Path) -> str:
+    """The command that resumes the supervised run in ``run_dir`` (naming its model's factory, if any)."""
     try:
-        runfolder.record(run_dir, reports.REPORT_FILES)
-        return reports.report(run_dir, learners, cfg, iterations)
+        model = json.loads((run_dir / "config.json").read_text()).get("model", "")
+    except (OSError, ValueError, AttributeError):
+        model = ""
+    return train.resume_command_for(run_dir, model)
+
+
+def _report_of_run(run_dir: Path, write: Callable[[], str], files: tuple[str, ...], again: str) -> str:
+    """The trained run's report, written by ``write`` (which returns its table), its ``files`` recorded in the
+    run's manifest before they are written (the report module's own as well, registered with
+    :func:`mamlkit.runfolder.register_run_files`); a full disk while writing it says that training is done and
+    kept, and that ``again`` writes the report."""
+    try:
+        runfolder.record(run_dir, files)
+        return write()
     except Exception as e:
         if not runfolder.no_space(e):
             raise
         raise DiskFull(f"{runfolder.disk_full_message(e)}. Training finished and its checkpoint in {run_dir} "
-                       f"is intact: free some space, then `mamlkit eval {run_dir} --overwrite` writes the report"
-                       ) from None
+                       f"is intact: free some space, then `{again}` writes the report") from None
 
 
 def _check_resumable(path: Path) -> None:
@@ -288,3 +296,178 @@ def eval_run(path: str | Path, *, baseline: str | None = None, eval_tasks: int |
         # the iterations each trained, where known (a shipped model records none)
         say(reports.report(folder, learners, cfg, {name: step for name, step in steps.items() if step}))
     return folder, tuple(n for n in reports.REPORT_FILES if (folder / n).exists())
+
+
+# ---------------------------------------------------------------- meta-RL runs (`mamlkit rl train`, `rl eval`)
+
+# Fields of an RL run that may change when it is resumed; everything else defines the run.
+RL_RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
+                "eval_lrs", "baselines", "pretrain_iterations", "val_every", "fast_fisher", "dist_timeout"}
+MAX_EVAL_STEPS = 10  # `rl eval --steps` and `--eval-lrs`: test steps reported
+
+
+@dataclass(frozen=True)
+class RLRequest:
+    """What `mamlkit rl train` was asked: an environment ``env`` (a fresh run) or a run folder to ``resume``;
+    the fields set as flags (``given``) and in a ``--config`` file (``file_values``)."""
+
+    env: str | None = None
+    resume: str | None = None
+    given: dict[str, Any] = field(default_factory=dict)
+    file_values: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+
+
+def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], None] = print) -> Outcome:
+    """Run what ``request`` asks, holding the run folder's lock once for all of it: clear (``--overwrite``), fit,
+    the pretrained baseline, the report (of the best validated policy). ``started`` receives the run folder as
+    soon as it is known. Raises :class:`UserError` for what cannot be run."""
+    from mamlkit.rl import evaluate
+    from mamlkit.rl import train as rltrain
+
+    if request.resume:
+        if request.env:
+            raise UserError("pass either an environment or --resume RUN, not both")
+        if request.overwrite:
+            raise UserError("--overwrite starts a fresh run; it cannot be combined with --resume")
+        _check_resumable(Path(request.resume))
+        trainer = rltrain.load_trainer(request.resume)
+        trainer.cfg = resumed_config(trainer.cfg, {**request.file_values, **request.given}, RL_RESUMABLE)
+        run_dir = trainer.run_dir
+    else:
+        cfg = _rl_fresh_config(request)
+        run_dir = rltrain.run_dir_for(cfg, overwrite=request.overwrite or not is_main_rank())
+        # built before the folder exists: an environment the installed packages lack leaves no folder behind
+        trainer = rltrain.new_trainer(cfg, run_dir)
+    started.append(run_dir)
+    with _lock(run_dir):
+        if request.overwrite and is_main_rank():
+            runfolder.clear(run_dir)
+        rltrain.fit(trainer)
+        if not _rl_report_on_this_rank(trainer):
+            return Outcome(run_dir)
+        chosen, what = rltrain.best_or_last(trainer)
+        say("")
+        say(what)
+        table = _report_of_run(run_dir, lambda: _rl_report(chosen, trainer.cfg.baselines, train_baseline=True),
+                               (*evaluate.REPORT_FILES, "pretrained/"), f"mamlkit rl eval {run_dir} --overwrite")
+    return Outcome(run_dir, table, tuple(runfolder.written(run_dir)))
+
+
+def _rl_fresh_config(request: RLRequest):
+    """The config of the fresh RL run ``request`` asks for."""
+    from mamlkit.rl import config as rlconfig
+
+    if not rlconfig.is_env(request.env or ""):
+        names = "|".join(rlconfig.ENV_NAMES + rlconfig.METAWORLD_EXAMPLES)
+        raise UserError(f"name an environment: `mamlkit rl train {{{names}}}` (or ml1-<task>; got {request.env!r}), "
+                        "or pass --resume RUN")
+    return rlconfig.from_dict({**request.file_values, **request.given, "env": request.env})
+
+
+def _rl_report_on_this_rank(trainer) -> bool:
+    """Under torchrun: every rank trains the pretrained baseline (a distributed fit of its own), then rank 0
+    alone evaluates and reports. True on the rank that reports (the one process without torchrun)."""
+    from mamlkit.loop import distributed
+    from mamlkit.rl import train as rltrain
+
+    world = distributed.current()
+    if world.size == 1:
+        return True
+    cfg = trainer.cfg
+    if cfg.baselines and cfg.algo != "pretrain" and cfg.pretrain_iterations > 0:
+        rltrain.pretrained_baseline(trainer)  # rank 0's report then loads it from RUN/pretrained
+    return world.is_main
+
+
+def _rl_report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, ...] | None = None,
+               out: Path | None = None, eval_episodes: int = 3) -> str:
+    """Evaluate the run's policy, and with ``baselines`` the pretrained one (trained first when
+    ``train_baseline``, else loaded from RUN/pretrained if there) and a randomly initialised one; the
+    report goes to ``out`` (default: the run folder). A Meta-World run is evaluated by the package's own
+    evaluation instead (``eval_episodes`` scored episodes per goal), without baselines."""
+    from mamlkit.rl import evaluate
+    from mamlkit.rl import train as rltrain
+    from mamlkit.rl.config import is_metaworld
+
+    cfg = trainer.cfg  # threads: set by the caller (rl train's fit, or the eval's plan)
+    if is_metaworld(cfg.env):  # the benchmark's own evaluation; its baselines are the published ones
+        from mamlkit.rl import metaworld_eval
+
+        steps = show or tuple(range(1, len(cfg.eval_lrs) + 1))
+        return metaworld_eval.report(out or trainer.run_dir, trainer.policy, cfg, steps, eval_episodes)
+    policies = {cfg.algo: trainer.policy}
+    if baselines and cfg.algo != "pretrain":
+        folder = trainer.run_dir / "pretrained"
+        if (folder / "checkpoint.safetensors").exists() and not train_baseline:
+            policies["pretrained"] = rltrain.load_trainer(folder).policy
+        elif train_baseline and cfg.pretrain_iterations > 0:
+            policies["pretrained"] = rltrain.pretrained_baseline(trainer).policy
+        policies["random init"] = rltrain.make_policy(cfg.replace(seed=cfg.seed + 1))
+    return evaluate.report(out or trainer.run_dir, policies, cfg, show)
+
+
+@dataclass(frozen=True)
+class RLEval:
+    """What `mamlkit rl eval` was asked (None: the run's own setting)."""
+
+    path: str
+    eval_tasks: int | None = None
+    eval_traj: int | None = None
+    eval_lrs: tuple[float, ...] | None = None
+    steps: tuple[int, ...] | None = None
+    baselines: bool = True
+    eval_episodes: int = 3
+    out: str | None = None
+    overwrite: bool = False
+    last: bool = False
+    threads: int | None = None
+
+
+def rl_eval_run(request: RLEval, say: Callable[[str], None] = print) -> tuple[Path, tuple[str, ...]]:
+    """Evaluate the meta-RL run or checkpoint ``request.path`` (its best validated policy unless ``last``) on
+    fixed test tasks; ``say`` receives what is evaluated and the report's table. Returns the report's folder
+    and the files written there."""
+    from mamlkit.rl import evaluate
+    from mamlkit.rl import train as rltrain
+
+    trainer = rltrain.load_trainer(request.path)
+    trainer.cfg = trainer.cfg.replace(**_rl_eval_changes(request, trainer.cfg.eval_lrs))
+    # the run's own report (written when training ended) is kept unless the user says otherwise
+    out = runfolder.report_folder(Path(request.out) if request.out else trainer.run_dir, evaluate.REPORT_FILES,
+                                  request.overwrite)
+    what = f"evaluating the policy of iteration {trainer.step} from {request.path}"
+    if Path(request.path).is_dir() and not request.last:
+        trainer, what = rltrain.best_or_last(trainer)
+    say(what)
+    with evaluate.planned(request.threads, trainer.cfg):
+        say(_rl_report(trainer, trainer.cfg.baselines and request.baselines, train_baseline=False,
+                       show=request.steps or None, out=out, eval_episodes=request.eval_episodes))
+    return out, tuple(n for n in evaluate.REPORT_FILES if (out / n).exists())
+
+
+def _rl_eval_changes(request: RLEval, run_lrs: tuple[float, ...]) -> dict[str, Any]:
+    """The run's evaluation settings that ``request`` changes, checked."""
+    import math
+
+    from mamlkit.base.limits import MAX_TASKS, check_count
+    from mamlkit.rl import evaluate
+
+    changes: dict[str, Any] = {k: v for k, v in (("eval_tasks", request.eval_tasks),
+                                                 ("eval_traj", request.eval_traj)) if v is not None}
+    if request.eval_lrs is not None:
+        if not all(math.isfinite(a) and a >= 0 for a in request.eval_lrs) or len(request.eval_lrs) > MAX_EVAL_STEPS:
+            raise UserError(f"--eval-lrs takes 1 to {MAX_EVAL_STEPS} finite rates >= 0 (e.g. --eval-lrs 0.1 0.05), "
+                            f"got {' '.join(map(str, request.eval_lrs))}")
+        changes["eval_lrs"] = tuple(request.eval_lrs)
+    if request.steps is not None:
+        if not all(1 <= k <= MAX_EVAL_STEPS for k in request.steps):
+            raise UserError(f"--steps takes step counts from 1 to {MAX_EVAL_STEPS} (e.g. --steps 1 2 3), "
+                            f"got {' '.join(map(str, request.steps))}")
+        changes["eval_lrs"] = evaluate.step_rates(changes.get("eval_lrs", run_lrs), max(request.steps))
+    check_count("--eval-episodes", request.eval_episodes, MAX_TASKS)
+    for name, v in (("--eval-tasks", request.eval_tasks), ("--eval-traj", request.eval_traj),
+                    ("--eval-episodes", request.eval_episodes)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} must be >= 1, got {v}")
+    return changes

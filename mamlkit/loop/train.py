@@ -22,7 +22,7 @@ from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import MetricsLog, add_to_window, is_window, mean_ci, window_row
 from mamlkit.exec import threads, tuning
 from mamlkit.loop import distributed
-from mamlkit.loop.guard import StepGuard
+from mamlkit.loop.guard import StepGuard, one_stop_for_all_ranks, rank_lock
 from mamlkit.loop.schedules import meta_lr_at, meta_optimizer
 from mamlkit.models import (
     USER_MODELS,
@@ -265,8 +265,8 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     if trainer.cfg.tune_malloc:
         tuning.tune_malloc()
     # planned: the run's plan holds over the executor's own (built from the config before a resume changed it)
-    with threads.planned(plan), distributed.session(trainer.cfg) as world, _one_stop_for_all_ranks(world), \
-            _lock(trainer.run_dir, world), \
+    with threads.planned(plan), distributed.session(trainer.cfg) as world, one_stop_for_all_ranks(world), \
+            rank_lock(trainer.run_dir, world), \
             torch.random.fork_rng(devices=[]):
         # the training's RNG stream is its own: seeded from cfg.seed, or the checkpoint's, and the caller's
         # global RNG is left as it was
@@ -283,25 +283,10 @@ def fit(trainer: Trainer, stop_at: int | None = None) -> Trainer:
     return trainer
 
 
-def _lock(run_dir: Path, world: distributed.World) -> contextlib.AbstractContextManager:
-    """Rank 0's lock on the run folder, unless this process holds it already: a run's recipe
-    (:mod:`mamlkit.loop.run`) takes it once for training, baseline and report."""
-    take = world.is_main and not runfolder.holds(run_dir)
-    return runfolder.lock(run_dir) if take else contextlib.nullcontext()
-
-
-def _one_stop_for_all_ranks(world: distributed.World) -> contextlib.AbstractContextManager:
-    """With several ranks, a stop signal is only recorded, wherever in the fit it lands (sampling a
-    batch as much as in the meta-gradient): a rank that left alone would make the others' next
-    collective fail. The ranks stop together at the step they agree on (:func:`_fit_loop`)."""
-    several = world.active and world.size > 1
-    return runfolder.current().held() if several else contextlib.nullcontext()
-
-
 def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -> None:
     cfg, learner, opt, main = trainer.cfg, trainer.learner, trainer.optimizer, world.is_main
     # stop signals, the rollback of an abandoned iteration, the ranks' stop, divergence and a full disk
-    guard = StepGuard(trainer, world, save_checkpoint, lambda: resume_command(trainer))
+    guard = StepGuard(trainer, world, _save_with_rng, lambda: resume_command(trainer))
     metrics = _open_run(trainer, world, guard)
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
@@ -337,6 +322,12 @@ def _fit_loop(trainer: Trainer, stop_at: int | None, world: distributed.World) -
                 if main and save:
                     guard.save()
             bar.update(1)
+
+
+def _save_with_rng(trainer: Trainer, path: Path) -> None:
+    """The guard's checkpoint: the training's RNG stream as it stands after this step, with the rest."""
+    trainer.rng_state = torch.get_rng_state()
+    save_checkpoint(trainer, path)
 
 
 def _open_run(trainer: Trainer, world: distributed.World, guard: StepGuard) -> MetricsLog:

@@ -1,5 +1,5 @@
 """``mamlkit rl train ENV``, ``mamlkit rl eval RUN`` and ``mamlkit rl adapt RUN --goal X Y``: meta-RL
-from the command line.
+from the command line. `rl train` and `rl eval` parse, ask the recipe (:mod:`mamlkit.loop.run`) and print.
 
 Every :class:`~mamlkit.rl.config.RLConfig` field is a flag; mistakes raise ``UserError`` (exit 2).
 """
@@ -7,22 +7,14 @@ Every :class:`~mamlkit.rl.config.RLConfig` field is a flag; mistakes raise ``Use
 from __future__ import annotations
 
 import argparse
-import math
-import signal
 import sys
 from pathlib import Path
 
-from mamlkit.base.errors import DiskFull, UserError
-from mamlkit.base.limits import MAX_TASKS, check_count
+from mamlkit.base.errors import UserError
 from mamlkit.config import load_yaml
-from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag, resumed_config
+from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag
 from mamlkit.rl import config as rlconfig
-from mamlkit.rl.config import ENV_NAMES, METAWORLD_EXAMPLES, is_env, is_metaworld
-
-MAX_EVAL_STEPS = 10
-# Fields that may change when a run is resumed; everything else defines the run.
-RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
-             "eval_lrs", "baselines", "pretrain_iterations", "val_every", "fast_fisher", "dist_timeout"}
+from mamlkit.rl.config import ENV_NAMES, METAWORLD_EXAMPLES, is_env
 
 
 def help_env(argv: list[str]) -> str | None:
@@ -54,6 +46,8 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
                        f"{', '.join(METAWORLD_EXAMPLES)}, ml1-<task> (pip install 'mamlkit[metaworld]')")
     add_config_flags(train, rlconfig.RLConfig, skip=("env",), groups=rlconfig.GROUPS,
                      **({"values": env_values(help_env), "values_from": help_env} if help_env else {}))
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in the run folder (exactly the files it wrote) with a fresh one")
     ev = rsub.add_parser("eval", help="evaluate a meta-RL run or checkpoint on fixed test tasks")
     ev.add_argument("checkpoint", help="run folder or checkpoint file written by `mamlkit rl train`")
     ev.add_argument("--eval-tasks", type=int, metavar="N", help="number of test tasks (default: the run's, 40)")
@@ -109,164 +103,38 @@ def shipped_policy(name: str) -> Path:
     return path
 
 
-def _best_or_last(trainer):
-    """``(policy's trainer, what it is)``: the run's best validated policy (RUN/best.safetensors) if it
-    has one, else ``trainer`` itself."""
-    from mamlkit import checkpoint
-    from mamlkit.rl import train
-
-    best = train.best_path(trainer.run_dir)
-    if not best.exists():
-        return trainer, f"evaluating the policy of iteration {trainer.step} in {trainer.run_dir}"
-    chosen = train.load_trainer(best)
-    # a policy of this run: the run's shapes, since the run's settings (below) evaluate it
-    checkpoint.check_tensors({f"meta/{k}": p for k, p in chosen.policy.named_parameters()}, "meta/",
-                             dict(trainer.policy.named_parameters()), where=f"best policy {best} of the run")
-    chosen.cfg = trainer.cfg  # evaluation settings as given now
-    _, state = checkpoint.load(best)
-    if "val_return_post" not in state:
-        raise checkpoint.CheckpointError(f"{best} holds no val_return_post (its validation return); the file is "
-                                         "damaged. `mamlkit rl eval --last RUN` evaluates the last iteration")
-    return chosen, (f"evaluating {best}: iteration {chosen.step} of {trainer.step}, the best validation "
-                    f"return after 1 step ({state['val_return_post']:.2f} on {trainer.cfg.val_tasks} held-out "
-                    "tasks); `mamlkit rl eval --last RUN` evaluates the last iteration")
-
-
-def _report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, ...] | None = None,
-            out: Path | None = None, eval_episodes: int = 3) -> str:
-    """Evaluate the run's policy, and with ``baselines`` the pretrained one (trained first when
-    ``train_baseline``, else loaded from RUN/pretrained if there) and a randomly initialised one; the
-    report goes to ``out`` (default: the run folder). A Meta-World run is evaluated by the package's own
-    evaluation instead (``eval_episodes`` scored episodes per goal), without baselines."""
-    from mamlkit.rl import evaluate, train
-
-    cfg = trainer.cfg  # threads: set by the caller (rl train's fit, or _planned)
-    if is_metaworld(cfg.env):  # the benchmark's own evaluation; its baselines are the published ones
-        from mamlkit.rl import metaworld_eval
-
-        steps = show or tuple(range(1, len(cfg.eval_lrs) + 1))
-        return metaworld_eval.report(out or trainer.run_dir, trainer.policy, cfg, steps, eval_episodes)
-    policies = {cfg.algo: trainer.policy}
-    if baselines and cfg.algo != "pretrain":
-        folder = trainer.run_dir / "pretrained"
-        if (folder / "checkpoint.safetensors").exists() and not train_baseline:
-            policies["pretrained"] = train.load_trainer(folder).policy
-        elif train_baseline and cfg.pretrain_iterations > 0:
-            policies["pretrained"] = train.pretrained_baseline(trainer).policy
-        policies["random init"] = train.make_policy(cfg.replace(seed=cfg.seed + 1))
-    return evaluate.report(out or trainer.run_dir, policies, cfg, show)
-
-
-def _planned(requested: int | None, cfg):
-    """The thread plan of `rl eval` and `rl adapt`, as `mamlkit train`'s (:mod:`mamlkit.exec.threads`):
-    ``--threads N``, else the run's; 0 is mamlkit's choice, one intra-op thread on the CPU, which keeps a
-    fair share of a busy machine. The caller's settings come back when the block ends."""
-    from mamlkit.exec import threads
-
-    return threads.planned(threads.choose(cfg.threads if requested is None else requested))
-
-
-def _report_of_run(chosen, trainer) -> str:
-    """The trained run's report; a full disk while writing it says that training is done and kept."""
-    from mamlkit import runfolder
-    from mamlkit.rl import evaluate
-
-    try:
-        runfolder.record(trainer.run_dir, (*evaluate.REPORT_FILES, "pretrained/"))  # before they are written
-        return _report(chosen, trainer.cfg.baselines, train_baseline=True)
-    except Exception as e:
-        if not runfolder.no_space(e):
-            raise
-        run = trainer.run_dir
-        raise DiskFull(f"{runfolder.disk_full_message(e)}. Training finished and its checkpoint in {run} is intact: "
-                       f"free some space, then `mamlkit rl eval {run} --overwrite` writes the report") from None
-
-
-def _report_on_this_rank(trainer) -> bool:
-    """Under torchrun: every rank trains the pretrained baseline (a distributed fit of its own), then rank 0
-    alone evaluates and reports. True on the rank that reports (the one process without torchrun)."""
-    from mamlkit.loop import distributed
-    from mamlkit.rl import train
-
-    world = distributed.current()
-    if world.size == 1:
-        return True
-    cfg = trainer.cfg
-    if cfg.baselines and cfg.algo != "pretrain" and cfg.pretrain_iterations > 0:
-        train.pretrained_baseline(trainer)  # rank 0's report then loads it from RUN/pretrained
-    return world.is_main
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from mamlkit import runfolder
+    from mamlkit.loop import run
     from mamlkit.rl import train
-    from mamlkit.runfolder import Stopped, stop_on_signals
 
-    overrides = {k: v for k, v in vars(args).items() if k in rlconfig.field_types() and k != "env"}
-    if args.resume:
-        if args.env:
-            raise UserError("pass either an environment or --resume RUN, not both")
-        trainer = train.load_trainer(args.resume)
-        trainer.cfg = resumed_config(trainer.cfg, overrides, RESUMABLE)
-    else:
-        if not is_env(args.env or ""):
-            raise UserError(f"name an environment: `mamlkit rl train {{{'|'.join(ENV_NAMES + METAWORLD_EXAMPLES)}}}` "
-                            f"(or ml1-<task>; got {args.env!r}), or pass --resume RUN")
-        file_values = load_yaml(args.config) if args.config else {}
-        cfg = rlconfig.from_dict({**file_values, **overrides, "env": args.env})
-        trainer = train.new_trainer(cfg, train.run_dir_for(cfg))
+    given = {k: v for k, v in vars(args).items() if k in rlconfig.field_types() and k != "env"}
+    request = run.RLRequest(env=args.env, resume=args.resume, given=given, overwrite=args.overwrite,
+                            file_values=load_yaml(args.config) if args.config else {})
+    started: list[Path] = []  # the run folder, once known: named in the message after a stop signal
     try:
-        with stop_on_signals():
-            train.fit(trainer)
-            if not _report_on_this_rank(trainer):
-                return 0
-            chosen, what = _best_or_last(trainer)
-            print()
-            print(what)
-            print(_report_of_run(chosen, trainer))
-    except Stopped as e:
-        print(f"stopped by {signal.Signals(e.signum).name}. Resume with `mamlkit rl train --resume "
-              f"{trainer.run_dir}`", file=sys.stderr)
+        with runfolder.stop_on_signals():
+            outcome = run.rl_train_run(request, started)
+    except runfolder.Stopped as e:
+        if run.is_main_rank():  # under torchrun every rank is stopped; one says so
+            print(f"mamlkit: stopped by {e.args[0]}{run.after_stop(started, train.resume_command)}", file=sys.stderr)
         return 128 + e.signum
-    print(f"run folder: {trainer.run_dir} (checkpoint.safetensors, best.safetensors, config.json, "
-          f"metrics.jsonl, eval.md, {'eval.json' if is_metaworld(trainer.cfg.env) else 'figures'})")
+    if outcome.report is not None:
+        print(outcome.report)
+        print(f"run folder: {outcome.run_dir} ({', '.join(outcome.written)})")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mamlkit import runfolder
-    from mamlkit.rl import evaluate, train
+    from mamlkit.loop import run
 
-    trainer = train.load_trainer(args.checkpoint)
-    changes = {k: v for k, v in (("eval_tasks", args.eval_tasks), ("eval_traj", args.eval_traj))
-               if v is not None}
-    if args.eval_lrs is not None:
-        if not all(math.isfinite(a) and a >= 0 for a in args.eval_lrs) or len(args.eval_lrs) > MAX_EVAL_STEPS:
-            raise UserError(f"--eval-lrs takes 1 to {MAX_EVAL_STEPS} finite rates >= 0 (e.g. --eval-lrs 0.1 0.05), "
-                            f"got {' '.join(map(str, args.eval_lrs))}")
-        changes["eval_lrs"] = tuple(args.eval_lrs)
-    if args.steps is not None:
-        if not all(1 <= k <= MAX_EVAL_STEPS for k in args.steps):
-            raise UserError(f"--steps takes step counts from 1 to {MAX_EVAL_STEPS} (e.g. --steps 1 2 3), "
-                            f"got {' '.join(map(str, args.steps))}")
-        changes["eval_lrs"] = evaluate.step_rates(changes.get("eval_lrs", trainer.cfg.eval_lrs), max(args.steps))
-    check_count("--eval-episodes", args.eval_episodes, MAX_TASKS)
-    for name, v in (("--eval-tasks", args.eval_tasks), ("--eval-traj", args.eval_traj),
-                    ("--eval-episodes", args.eval_episodes)):
-        if v is not None and v < 1:
-            raise UserError(f"{name} must be >= 1, got {v}")
-    trainer.cfg = trainer.cfg.replace(**changes)
-    # the run's own report (written when training ended) is kept unless the user says otherwise
-    out = runfolder.report_folder(Path(args.out) if args.out else trainer.run_dir, evaluate.REPORT_FILES,
-                                  args.overwrite)
-    what = f"evaluating the policy of iteration {trainer.step} from {args.checkpoint}"
-    if Path(args.checkpoint).is_dir() and not args.last:
-        trainer, what = _best_or_last(trainer)
-    print(what)
-    with _planned(args.threads, trainer.cfg):
-        text = _report(trainer, trainer.cfg.baselines and not args.no_baselines, train_baseline=False,
-                       show=tuple(args.steps) if args.steps else None, out=out, eval_episodes=args.eval_episodes)
-    print(text)
-    print(f"report: {out} ({', '.join(n for n in evaluate.REPORT_FILES if (out / n).exists())})")
+    request = run.RLEval(args.checkpoint, eval_tasks=args.eval_tasks, eval_traj=args.eval_traj,
+                         eval_lrs=tuple(args.eval_lrs) if args.eval_lrs is not None else None,
+                         steps=tuple(args.steps) if args.steps is not None else None,
+                         baselines=not args.no_baselines, eval_episodes=args.eval_episodes, out=args.out,
+                         overwrite=args.overwrite, last=args.last, threads=args.threads)
+    out, written = run.rl_eval_run(request)
+    print(f"report: {out} ({', '.join(written)})")
     return 0
 
 
@@ -294,13 +162,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     trainer = train.load_trainer(source)
     what = f"the policy of iteration {trainer.step} from {source}"
     if source.is_dir():
-        trainer, what = _best_or_last(trainer)
+        trainer, what = train.best_or_last(trainer)
     if trainer.cfg.env != "nav2d":
         raise UserError(f"{args.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes nav2d ones")
     cfg = trainer.cfg.replace(eval_lrs=evaluate.step_rates(trainer.cfg.eval_lrs, args.steps),
                               eval_traj=args.traj, seed=args.seed)
     goal = torch.tensor([[x, y]], dtype=torch.float64)
-    with _planned(args.threads, cfg):
+    with evaluate.planned(args.threads, cfg):
         curve = evaluate.trajectory_figure(out, {cfg.algo: trainer.policy}, cfg, tasks=goal,
                                            shown_steps=tuple(range(args.steps + 1)))[0][0]
     print(what.replace("evaluating ", "adapting "))

@@ -8,6 +8,7 @@ takes one policy-gradient step (rates ``cfg.eval_lrs``, paper: 0.1 then 0.05).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -35,6 +36,15 @@ def adaptation_curve(policy: nn.Module, cfg: RLConfig, tasks: Tensor) -> Tensor:
     gen = task_generator(cfg.seed, "test", 0, "rollouts")
     curve, _ = MAMLTRPO(policy, cfg).adapt_curve(tasks, cfg.eval_lrs, gen, cfg.test_traj)
     return curve
+
+
+def planned(requested: int | None, cfg: RLConfig) -> contextlib.AbstractContextManager:
+    """The thread plan of `rl eval` and `rl adapt`, as `mamlkit train`'s (:mod:`mamlkit.exec.threads`):
+    ``--threads N``, else the run's; 0 is mamlkit's choice, one intra-op thread on the CPU, which keeps a
+    fair share of a busy machine. The caller's settings come back when the block ends."""
+    from mamlkit.exec import threads
+
+    return threads.planned(threads.choose(cfg.threads if requested is None else requested))
 
 
 def _fmt(mean: float, ci: float) -> str:

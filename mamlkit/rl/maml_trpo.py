@@ -2,9 +2,10 @@
 
 The inner step is the engine's :func:`~mamlkit.engine.inner.adapt_path` with the SGD rule on the
 policy-gradient loss ``loss_fn(model(states), (actions, advantages, mask))``; the outer
-objective and KL come out of :func:`~mamlkit.engine.inner.make_task_fn` run by
-:func:`mamlkit.exec.strategies.map_tasks` under vmap, so the meta-gradient and the Fisher-vector
-products differentiate through the inner step exactly (or first-order with ``first_order``).
+objective and KL come out of :func:`~mamlkit.engine.inner.make_task_fn` run by the
+:class:`~mamlkit.exec.executor.Executor` under vmap (as every learner's per-task work), so the
+meta-gradient and the Fisher-vector products differentiate through the inner step exactly (or first-order
+with ``first_order``).
 TRPO takes the gradient and the Fisher products task by task from :func:`linearize_tasks` (the
 same numbers as autograd on that objective, in fewer passes; ``fast_fisher=False`` uses autograd).
 With ``inner_steps=0`` the same code is TRPO on all tasks jointly (the pretrained baseline).
@@ -23,7 +24,7 @@ from mamlkit.base.batch import TaskBatch
 from mamlkit.engine.functional import call, named_params
 from mamlkit.engine.inner import LossFn, adapt_path, make_task_fn, support_loss_fn
 from mamlkit.engine.rules import sgd
-from mamlkit.exec import strategies
+from mamlkit.exec.executor import Executor
 from mamlkit.loop.distributed import World
 from mamlkit.rl import sampling
 from mamlkit.rl.config import RLConfig
@@ -32,7 +33,6 @@ from mamlkit.rl.policy import kl_divergence, log_prob
 from mamlkit.rl.trpo import Linearization, flat, trpo_step
 
 Params = dict[str, Tensor]
-VMAP = strategies.Strategy(vectorize=True)
 
 
 ESTIMATORS = ("reinforce", "lvc", "dice")
@@ -242,6 +242,15 @@ class MAMLTRPO:
         self.world = world or World()
         self.act_dim = model.log_std.numel()
         self.dtype = next(model.parameters()).dtype
+        self._executor: Executor | None = None
+
+    @property
+    def executor(self) -> Executor:
+        """The policy's executor: vmap over tasks; the thread count is the one the caller set (``rl train``'s
+        ``--threads``), which the executor's plan keeps."""
+        if self._executor is None:
+            self._executor = Executor(self.model, "vmap", threads=torch.get_num_threads())
+        return self._executor
 
     @property
     def num_tasks(self) -> int:
@@ -296,7 +305,7 @@ class MAMLTRPO:
         fn = make_task_fn(self.model, named_params(self.model), {}, loss_fn=loss_fn,
                           rule=sgd(cfg.inner_lr), steps=cfg.inner_steps, first_order=cfg.first_order,
                           objective=trpo_objective(self.act_dim))
-        surr, kl = strategies.map_tasks(fn, batch, VMAP)
+        surr, kl = self.executor.evaluate_tasks(fn, batch)  # with the graph to the meta-parameters
         if self.world.size > 1:  # this rank's tasks: the whole batch's (no graph through it: the line search's)
             surr, kl = self.gather(torch.stack([surr, kl], 1).detach(), self.num_tasks).unbind(1)
         return surr.mean(), kl.mean()

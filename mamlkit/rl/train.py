@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from mamlkit.base.errors import Diverged, UserError
 from mamlkit.base.limits import check_threads
 from mamlkit.base.metrics import MetricsLog, add_to_window, is_window, window_row
 from mamlkit.loop import distributed
+from mamlkit.loop.guard import StepGuard, one_stop_for_all_ranks, rank_lock
 from mamlkit.models import Workload, check_model_memory
 from mamlkit.rl.config import LEGACY_ACTION_SCALE, RLConfig, env_default, from_dict, is_env
 from mamlkit.rl.envs import check_env, env_dims, env_record, sample_tasks
@@ -47,6 +45,7 @@ class RLTrainer:
     best_val: float | None = None  # best validation 1-step return so far (RUN/best.safetensors)
     # the log window in progress, carried in checkpoints (mamlkit.base.metrics.add_to_window)
     log_window: dict = field(default_factory=dict)
+    resume_dir: Path | None = None  # the run a stop resumes, where not this one (the pretrained baseline's)
 
     @property
     def algo(self) -> MAMLTRPO:
@@ -72,19 +71,46 @@ def new_trainer(cfg: RLConfig, run_dir: Path) -> RLTrainer:
     return RLTrainer(cfg, make_policy(cfg), Path(run_dir))
 
 
-def run_dir_for(cfg: RLConfig) -> Path:
+def run_dir_for(cfg: RLConfig, overwrite: bool = False) -> Path:
+    """The run folder of a fresh run; one that holds a checkpoint is refused unless ``overwrite``."""
     path = Path(cfg.out_dir) / (cfg.run_name or f"rl-{cfg.env}-{cfg.algo}")
-    if (path / "checkpoint.safetensors").exists():
+    if (path / "checkpoint.safetensors").exists() and not overwrite:
         raise UserError(f"run folder {path} already holds a checkpoint. Resume it with `mamlkit rl train "
-                        f"--resume {path}`, or pick another folder with --run-name or --out-dir.")
+                        f"--resume {path}`, replace it with --overwrite, or pick another folder with --run-name or "
+                        "--out-dir.")
     return path
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``."""
+    return f"mamlkit rl train --resume {run_dir}"
+
+
+def best_or_last(trainer: RLTrainer) -> tuple[RLTrainer, str]:
+    """``(policy's trainer, what it is)``: the run's best validated policy (RUN/best.safetensors) if it
+    has one, else ``trainer`` itself."""
+    best = best_path(trainer.run_dir)
+    if not best.exists():
+        return trainer, f"evaluating the policy of iteration {trainer.step} in {trainer.run_dir}"
+    chosen = load_trainer(best)
+    # a policy of this run: the run's shapes, since the run's settings (below) evaluate it
+    checkpoint.check_tensors({f"meta/{k}": p for k, p in chosen.policy.named_parameters()}, "meta/",
+                             dict(trainer.policy.named_parameters()), where=f"best policy {best} of the run")
+    chosen.cfg = trainer.cfg  # evaluation settings as given now
+    _, state = checkpoint.load(best)
+    if "val_return_post" not in state:
+        raise checkpoint.CheckpointError(f"{best} holds no val_return_post (its validation return); the file is "
+                                         "damaged. `mamlkit rl eval --last RUN` evaluates the last iteration")
+    return chosen, (f"evaluating {best}: iteration {chosen.step} of {trainer.step}, the best validation "
+                    f"return after 1 step ({state['val_return_post']:.2f} on {trainer.cfg.val_tasks} held-out "
+                    "tasks); `mamlkit rl eval --last RUN` evaluates the last iteration")
 
 
 def save_checkpoint(trainer: RLTrainer, path: Path, **extra: float) -> None:
     """Policy parameters + JSON state (config, step, best validation return, ``extra``), atomically."""
     tensors = {f"meta/{k}": v for k, v in trainer.policy.named_parameters()}
-    if not checkpoint.all_finite(tensors.values()):  # never a checkpoint of a diverged run
-        raise _diverged(trainer, trainer.step, "the policy's parameters hold NaN or inf")
+    if not checkpoint.all_finite(tensors.values()):  # never a checkpoint of a diverged run (fit checks first)
+        raise Diverged(f"the policy of step {trainer.step} holds NaN or inf; {path} is not written")
     state = {"kind": "rl", "config": trainer.cfg.to_dict(), "algo": trainer.cfg.algo, "step": trainer.step,
              "best_val": trainer.best_val, "log_window": trainer.log_window} | extra
     if record := env_record(trainer.cfg.env, trainer.cfg.reward_version):
@@ -155,32 +181,35 @@ def rl_config_of(stored: dict, path: str | Path) -> RLConfig:
         raise checkpoint.CheckpointError(f"{path}: its run config is invalid: {e}") from None
 
 
-def _check_progress(trainer: RLTrainer, stats: dict[str, float], step: int) -> None:
+def _check_progress(guard: StepGuard, stats: dict[str, float], step: int) -> None:
     """Stop a run whose surrogate loss or meta-gradient is not finite: TRPO then rejects every step and the
     policy never changes again, so training on would only log NaN (the check is on floats already at hand)."""
     bad = {k: stats[k] for k in ("loss_before", "grad_norm") if k in stats and not math.isfinite(stats[k])}
     if bad:
         names = {"loss_before": "surrogate loss", "grad_norm": "meta-gradient's norm"}
-        raise _diverged(trainer, step, " and ".join(f"its {names[k]} ({k}) is {v}" for k, v in bad.items()))
+        raise guard.diverged(step, " and ".join(f"its {names[k]} ({k}) is {v}" for k, v in bad.items()))
 
 
-def _diverged(trainer: RLTrainer, step: int, what: str) -> Diverged:
-    """The error that stops a diverged run: the step, what is not finite, the likely cause, what is kept."""
-    cfg, run, saved = trainer.cfg, trainer.run_dir, _saved_step(trainer.run_dir)
-    kept = (f"The checkpoint of step {saved} in {run} is kept as it was (finite)." if saved is not None else
-            "No checkpoint had been written, so none is kept.")
-    return Diverged(f"meta-RL training diverged at step {step}: {what}. Likely cause: a setting too large for this "
-                    f"policy (--inner-lr {cfg.inner_lr:g}, --init-std {cfg.init_std:g}, --max-kl {cfg.max_kl:g}), or "
-                    f"values beyond the range of {cfg.dtype} (--dtype float64 holds more). Training stopped. {kept} "
-                    "Start a new run with smaller settings.")
+def _policy_settings(cfg: RLConfig) -> tuple[str, str]:
+    """A meta-RL run's likely cause of divergence, and what to do (:class:`StepGuard`)."""
+    return (f"a setting too large for this policy (--inner-lr {cfg.inner_lr:g}, --init-std {cfg.init_std:g}, "
+            f"--max-kl {cfg.max_kl:g})", "Start a new run with smaller settings (--overwrite replaces this one).")
 
 
-def _saved_step(run: Path) -> int | None:
-    """The step of the checkpoint in ``run``, or None where there is none (checkpoints are written
-    atomically: the one there is whole)."""
-    with contextlib.suppress(Exception):
-        return checkpoint.load(run / "checkpoint.safetensors")[1]["step"]
-    return None
+def _policy_undo(trainer: RLTrainer):
+    """The policy's parameters now, to be put back: an abandoned iteration leaves the checkpoint's step count
+    matching its parameters. TRPO keeps no optimiser state, and the draws come from the step's own generator."""
+    snapshot = {k: p.detach().clone() for k, p in trainer.policy.named_parameters()}
+
+    def undo() -> None:
+        with torch.no_grad():
+            for k, p in trainer.policy.named_parameters():
+                p.copy_(snapshot[k])
+    return undo
+
+
+def _policy_tensors(trainer: RLTrainer):
+    return trainer.policy.parameters()
 
 
 def _validate_and_keep_best(trainer: RLTrainer, step: int, metrics: MetricsLog, write) -> None:
@@ -205,7 +234,8 @@ def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
     """Meta-train from ``trainer.step`` to ``cfg.iterations`` (or ``stop_at``), checkpointing on the way
     and validating every ``cfg.val_every`` iterations (the best policy goes to ``best.safetensors``).
 
-    On KeyboardInterrupt (and the CLI's SIGINT/SIGTERM) the unfinished iteration is rolled back and
+    The step's guards are the supervised trainer's (:class:`~mamlkit.loop.guard.StepGuard`): on
+    KeyboardInterrupt (and the CLI's SIGINT/SIGTERM) the unfinished iteration is rolled back and
     ``checkpoint.safetensors`` written, then the exception propagates. Launched by torchrun, the ranks
     share each meta-batch (:mod:`mamlkit.loop.distributed`); a stop signal on any rank stops every rank
     after the same iteration, and rank 0 writes the checkpoint."""
@@ -214,103 +244,71 @@ def fit(trainer: RLTrainer, stop_at: int | None = None) -> RLTrainer:
         check_threads(cfg.threads)
         torch.set_num_threads(cfg.threads)
     run_dir = trainer.run_dir
-    with distributed.session(cfg) as world, _held_for_all_ranks(world):
+    with distributed.session(cfg) as world, one_stop_for_all_ranks(world):
         if world.size > 1:
             world.shard(cfg.tasks_per_batch)  # a rank without a task is a UserError, before any work
             if not cfg.fast_fisher:
                 raise UserError("--no-fast-fisher (autograd through one process's whole meta-batch) runs in one "
                                 "process only: drop it, or run without torchrun")
-        main = world.is_main
-        with (runfolder.lock(run_dir) if main else contextlib.nullcontext()), _stop_if_disk_full(trainer):
-            if main:
+        guard = StepGuard(trainer, world, save_checkpoint, lambda: resume_command(trainer.resume_dir or run_dir),
+                          tensors=_policy_tensors, cause=_policy_settings, undo=_policy_undo)
+        with rank_lock(run_dir, world), guard.disk_full():
+            if world.is_main:
                 runfolder.record(run_dir, RUN_FILES)  # before they are written: a later --overwrite finds them
                 runfolder.prepare(run_dir, trainer.step)
                 checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-            return _fit(trainer, stop_at, world)
+            return _fit(trainer, stop_at, world, guard)
 
 
-def _held_for_all_ranks(world: distributed.World) -> contextlib.AbstractContextManager:
-    """With several ranks a stop signal is only recorded: a rank that left alone would make the others'
-    next collective fail. The ranks then stop after the iteration at whose end they agree to (:func:`_fit`)."""
-    return runfolder.current().held() if world.size > 1 else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _stop_if_disk_full(trainer: RLTrainer) -> Iterator[None]:
-    """Turn an out-of-space write into :class:`~mamlkit.runfolder.DiskFull`, naming the intact checkpoint."""
-    try:
-        yield
-    except Exception as e:
-        if not runfolder.no_space(e):
-            raise
-        run, saved = trainer.run_dir, _saved_step(trainer.run_dir)
-        kept = (f"The checkpoint of step {saved} in {run} is intact: free some space, then resume with "
-                f"`mamlkit rl train --resume {run}`." if saved is not None else
-                "No checkpoint had been written yet: free some space and start the run again.")
-        raise runfolder.DiskFull(f"{runfolder.disk_full_message(e)} at step {trainer.step}; training stopped. "
-                                 + kept) from None
-
-
-def _fit(trainer: RLTrainer, stop_at: int | None, world: distributed.World) -> RLTrainer:
+def _fit(trainer: RLTrainer, stop_at: int | None, world: distributed.World, guard: StepGuard) -> RLTrainer:
     cfg, run_dir, main = trainer.cfg, trainer.run_dir, world.is_main
     metrics = MetricsLog(run_dir, tensorboard=False, enabled=main)
     algo = MAMLTRPO(trainer.policy, cfg, world)
     end = min(stop_at or cfg.iterations, cfg.iterations)
     bar = tqdm(total=end, initial=trainer.step, disable=not (cfg.progress and main),
                desc=f"{cfg.env} {cfg.algo}", dynamic_ncols=True, unit="it")
-    start, snapshot = time.perf_counter(), None
-    signals = runfolder.current()
+    start = time.perf_counter()
     try:
-        while trainer.step < end:
-            gen = task_generator(cfg.seed, "train", trainer.step)
-            tasks = sample_tasks(cfg.env, cfg.tasks_per_batch, gen, "train", cfg.seed)
-            # an interrupted iteration is rolled back, so the checkpoint matches its step count
-            snapshot = {k: p.detach().clone() for k, p in trainer.policy.named_parameters()}
-            # A stop signal is never raised inside torch: cut in two, vmap's levels or functional_call's
-            # swapped-in parameters leave the process's torch state broken (the rollback itself then
-            # fails). One that lands during the iteration takes effect once it is finished, logged and
-            # checkpointed.
-            with signals.deferred():
-                stats = algo.meta_step(tasks, gen)
-                step = trainer.step + 1
-                _check_progress(trainer, stats, step)  # the same all-reduced numbers on every rank
-                if main and cfg.val_every and cfg.inner_steps and step % cfg.val_every == 0:
-                    _validate_and_keep_best(trainer, step, metrics, bar.write)
-                add_to_window(trainer.log_window, stats)
-                # a row at the run's end, not at a `stop_at` (the run goes on: its window is checkpointed)
-                if step % cfg.log_every == 0 or step == cfg.iterations:  # rank 0 alone writes (metrics)
-                    row = window_row(trainer.log_window)
-                    row["elapsed_s"] = time.perf_counter() - start
-                    metrics.log(step, "train", row)
-                    bar.set_postfix({k.replace("return_", "R_"): f"{row[k]:.1f}"
-                                     for k in ("return_pre", "return_post") if k in row})
-                    trainer.log_window = {}
-                trainer.step, snapshot = step, None
-                if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
-                    save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
-            bar.update(1)
-            if world.size > 1 and world.any_rank(signals.received is not None):  # held: stop together
-                raise runfolder.Stopped(signals.received or signal.SIGTERM)
-    except (KeyboardInterrupt, distributed.CollectiveError) as e:
-        # a stop, or another rank's crash: the unfinished iteration is undone on every rank (the same
-        # parameters everywhere), and rank 0 keeps the finished ones
-        if snapshot is not None:
-            with torch.no_grad():
-                for k, p in trainer.policy.named_parameters():
-                    p.copy_(snapshot[k])
-        if main:
-            save_checkpoint(trainer, run_dir / "checkpoint.safetensors")
-            where = f"{run_dir / 'checkpoint.safetensors'}. Resume with `mamlkit rl train --resume {run_dir}`"
-            if isinstance(e, distributed.CollectiveError):
-                print(f"mamlkit: checkpoint of step {trainer.step} saved to {where}", file=sys.stderr, flush=True)
-            else:
-                bar.write(f"interrupted at step {trainer.step}; checkpoint saved to {where}")
-        raise
+        with guard.stops(bar):
+            while trainer.step < end:
+                guard.begin()  # an interrupted iteration is rolled back, so the checkpoint matches its step count
+                gen = task_generator(cfg.seed, "train", trainer.step)
+                tasks = sample_tasks(cfg.env, cfg.tasks_per_batch, gen, "train", cfg.seed)
+                # A stop signal is never raised inside torch: cut in two, vmap's levels or functional_call's
+                # swapped-in parameters leave the process's torch state broken (the rollback itself then
+                # fails). One that lands during the iteration takes effect once it is finished, logged and
+                # checkpointed.
+                with guard.hold():
+                    stats = algo.meta_step(tasks, gen)
+                    _check_progress(guard, stats, trainer.step + 1)  # the same all-reduced numbers on every rank
+                    _after_step(trainer, guard, stats, metrics, bar, start, end)
+                bar.update(1)
+                guard.agree()  # the ranks, their stop signals held, stop together
     finally:
         bar.close()
         with contextlib.suppress(OSError):  # a full disk is reported by the write that hit it
             metrics.close()
     return trainer
+
+
+def _after_step(trainer: RLTrainer, guard: StepGuard, stats: dict[str, float], metrics: MetricsLog, bar,
+                start: float, end: int) -> None:
+    """Validate, log and checkpoint the iteration just taken; it counts once this returns."""
+    cfg, main, step = trainer.cfg, guard.world.is_main, trainer.step + 1
+    if main and cfg.val_every and cfg.inner_steps and step % cfg.val_every == 0:
+        _validate_and_keep_best(trainer, step, metrics, bar.write)
+    add_to_window(trainer.log_window, stats)
+    # a row at the run's end, not at a `stop_at` (the run goes on: its window is checkpointed)
+    if step % cfg.log_every == 0 or step == cfg.iterations:  # rank 0 alone writes (metrics)
+        row = window_row(trainer.log_window)
+        row["elapsed_s"] = time.perf_counter() - start
+        metrics.log(step, "train", row)
+        bar.set_postfix({k.replace("return_", "R_"): f"{row[k]:.1f}"
+                         for k in ("return_pre", "return_post") if k in row})
+        trainer.log_window = {}
+    trainer.step = step
+    if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == end):
+        guard.save()
 
 
 def pretrained_baseline(trainer: RLTrainer) -> RLTrainer:
@@ -322,4 +320,5 @@ def pretrained_baseline(trainer: RLTrainer) -> RLTrainer:
         cfg = trainer.cfg.replace(algo="pretrain", inner_steps=0, run_name="pretrained",
                                   iterations=max(1, trainer.cfg.pretrain_iterations))
         base = new_trainer(cfg, folder)
+    base.resume_dir = trainer.run_dir  # a stop in it resumes the run, which then reports too
     return fit(base)
