@@ -22,7 +22,7 @@ from helpers import copy_repository
 # None reads data (the model zoo, exactness and output tests build their models and tasks in memory):
 # running them again in the copy would only add minutes.
 NOT_AGAIN = ("tests/test_fresh_clone.py", "tests/test_wheel.py", "tests/test_model_zoo.py", "tests/test_exactness.py",
-             "tests/test_outputs.py")
+             "tests/test_outputs.py", "tests/test_rl_distributed.py", "tests/test_metaworld.py")
 
 
 def test_no_test_reads_data_beside_the_repository():
