@@ -19,8 +19,8 @@ import pytest
 from conftest import DATASETS, REQUIRE_DATA_ENV, ROOT
 from helpers import copy_repository
 
-# None reads data (the model zoo, exactness and output tests build their models and tasks in memory):
-# running them again in the copy would only add minutes.
+# None reads data (the model zoo, exactness, output and torchrun meta-RL tests build their models and tasks in
+# memory; Meta-World's come from its optional extra): running them again in the copy would only add minutes.
 NOT_AGAIN = ("tests/test_fresh_clone.py", "tests/test_wheel.py", "tests/test_model_zoo.py", "tests/test_exactness.py",
              "tests/test_outputs.py", "tests/test_rl_distributed.py", "tests/test_metaworld.py")
 
