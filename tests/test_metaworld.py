@@ -256,7 +256,7 @@ def test_cli_train_eval_and_the_records_of_versions(tmp_path, capsys):
     assert "more test goals than ml1-reach's test split holds (50" in capsys.readouterr().err
     # a Meta-World policy is not adapted to a 2D goal
     assert main(["rl", "adapt", str(run), "--goal", "0.1", "0.1", "--out", str(tmp_path / "a.png")]) == 2
-    assert "takes nav2d ones" in capsys.readouterr().err
+    assert "give three numbers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -273,3 +273,80 @@ def test_bad_names_versions_and_horizons_exit_2(argv, message, capsys, tmp_path)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # refused before a run folder was made
+
+
+def _tiny_run(tmp_path):
+    from mamlkit.rl import train
+
+    cfg = RLConfig(**TINY | {"val_every": 0}, iterations=1, out_dir=str(tmp_path))
+    return train.fit(train.new_trainer(cfg, tmp_path / "run")), tmp_path / "run"
+
+
+def test_adapt_writes_the_figure_for_a_goal_and_for_a_test_task(tmp_path, capsys):
+    pytest.importorskip("metaworld")
+    _, run = _tiny_run(tmp_path)
+    capsys.readouterr()
+    fig = tmp_path / "goal.png"
+    assert main(["rl", "adapt", str(run), "--goal", "0.05", "0.85", "0.2", "--steps", "2", "--traj", "2",
+                 "--out", str(fig)]) == 0
+    out = capsys.readouterr().out
+    assert fig.stat().st_size > 10_000 and "goal at (0.050, 0.850, 0.200)" in out
+    assert all(f"  {k} step{'s' * (k != 1)}: " in out for k in range(3)) and "  3 steps" not in out
+    fig = tmp_path / "task.svg"
+    assert main(["rl", "adapt", str(run), "--test-task", "7", "--steps", "1", "--traj", "1", "--out", str(fig)]) == 0
+    assert fig.read_text().startswith("<?xml") and "test task 7" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--goal", "0.5", "0.85", "0.2"], "outside reach-v3's goal space: give three numbers with x in [-0.1, 0.1]"),
+    (["--goal", "0", "0.85", "nan"], "outside reach-v3's goal space"),
+    (["--goal", "0", "0.85"], "give three numbers with x in [-0.1, 0.1], y in [0.8, 0.9], z in [0.05, 0.3]"),
+    (["--test-task", "50"], "--test-task 50 is outside ml1-reach's test split: use an index from 0 to 49"),
+    (["--test-task", "-1"], "use an index from 0 to 49"),
+    (["--goal", "0", "0.85", "0.2", "--task-type", "push"], "--task-type 'push' is not a test task type of "
+                                                            "ml1-reach: use one of reach"),
+    (["--goal", "-0.05", "0.82", "0.2"], "reach-v3 rejects this goal: it is too close to the objects' positions"),
+    (["--goal", "0", "0.85", "0.2", "--test-task", "1"], "pass either --goal X Y Z or --test-task INDEX"),
+    ([], "pass either --goal X Y Z or --test-task INDEX"),
+])
+def test_adapt_bad_goals_indices_and_task_types_exit_2(argv, message, tmp_path, capsys):
+    pytest.importorskip("metaworld")
+    _, run = _tiny_run(tmp_path)
+    capsys.readouterr()
+    assert main(["rl", "adapt", str(run), "--traj", "1", "--out", str(tmp_path / "f.png")] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_adapt_with_four_numbers_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["rl", "adapt", "run", "--goal", "0", "0.85", "0.2", "1"])
+    assert e.value.code == 2 and "expected 2 arguments (X Y, nav2d) or 3" in capsys.readouterr().err
+
+
+def test_adapting_to_a_goal_takes_training_s_inner_step_on_the_same_episodes():
+    pytest.importorskip("metaworld")
+    from mamlkit.rl import metaworld as mw
+    from mamlkit.rl import metaworld_adapt
+    from mamlkit.rl.maml_trpo import MAMLTRPO, adapt_tasks
+    from mamlkit.rl.train import make_policy
+
+    cfg = RLConfig(**TINY | {"eval_traj": 2, "eval_lrs": (0.1, 0.05)})
+    assert cfg.inner_lr == cfg.eval_lrs[0] and cfg.traj_per_task == cfg.test_traj
+    policy = make_policy(cfg)
+    row = mw.given_goal("ml1-reach", 0, [0.1, 0.9, 0.1])
+    assert metaworld_adapt.task_goal("ml1-reach", row).tolist() == [0.1, 0.9, 0.1]
+    sim = mw.MetaWorldTasks("ml1-reach", row, 1, 3).sims[0]
+    sim.set_task(mw.resolve("ml1-reach", row)[0])
+    sim.reset()
+    assert np.array_equal(sim._target_pos, [0.1, 0.9, 0.1])  # the simulator's goal is the one given
+    result = metaworld_adapt.adapt(policy, cfg, row, torch.Generator().manual_seed(5))
+    batch, _ = MAMLTRPO(policy, cfg).collect(row, torch.Generator().manual_seed(5))  # training's sampling
+    theta = {k: v.detach() for k, v in policy.named_parameters()}
+    expected = adapt_tasks(policy, theta, batch.support_x, batch.support_y, cfg.inner_lr, per_task=False)
+    assert len(result["path"]) == 3 and all(torch.equal(result["path"][1][k], expected[k]) for k in expected)
+    assert not torch.equal(expected["log_std"][0], theta["log_std"])  # the step moved the policy
+    hands = [ep["hand"] for ep in result["episodes"]]
+    assert all(h.shape == (cfg.episode_len + 1, 3) for h in hands) and np.array_equal(hands[0][0], hands[2][0])
+    assert not np.array_equal(hands[0], hands[2])  # the adapted policy moves the hand differently

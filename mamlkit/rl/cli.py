@@ -14,7 +14,7 @@ from mamlkit.base.errors import UserError
 from mamlkit.config import load_yaml
 from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag
 from mamlkit.rl import config as rlconfig
-from mamlkit.rl.config import ENV_NAMES, METAWORLD_EXAMPLES, is_env
+from mamlkit.rl.config import ENV_NAMES, METAWORLD_EXAMPLES, is_env, is_metaworld
 
 
 def help_env(argv: list[str]) -> str | None:
@@ -72,20 +72,26 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
                     help="evaluate the run's last checkpoint, not its best validated one (RUN/best.safetensors)")
     add_threads_flag(ev, "default: the run's --threads")
 
-    ad = rsub.add_parser("adapt", help="adapt a meta-trained nav2d policy to a goal and draw its trajectories",
-                         description="Adapt a meta-trained 2D-navigation policy to the goal (X, Y) with 1-3 "
-                                     "policy-gradient steps (the policy's test rates, 0.1 then 0.05 by default) "
-                                     "and write the figure of its mean-action trajectories before and after "
-                                     "each step.")
-    ad.add_argument("checkpoint", help="`nav2d` (the meta-trained policy shipped with mamlkit), or a nav2d run "
-                                       "folder (its best validated policy) or checkpoint file")
-    ad.add_argument("--goal", type=float, nargs=2, metavar=("X", "Y"), required=True,
-                    help=f"goal position, each coordinate in [{ARENA[0]}, {ARENA[1]}] (the training goals' range)")
+    ad = rsub.add_parser("adapt", help="adapt a meta-trained policy to a goal and draw its trajectories",
+                         description="Adapt a meta-trained policy with 1-3 policy-gradient steps (the run's test "
+                                     "rates, 0.1 then 0.05 by default) and write the figure of its mean-action "
+                                     "trajectories before and after each step: a 2D-navigation policy to the goal "
+                                     "(X, Y); a Meta-World one to the goal (X, Y, Z) or to a test task of its "
+                                     "benchmark (--test-task), drawing the end effector's path.")
+    ad.add_argument("checkpoint", help="`nav2d` (the meta-trained policy shipped with mamlkit), or a nav2d or "
+                                       "Meta-World run folder (its best validated policy) or checkpoint file")
+    ad.add_argument("--goal", type=float, nargs="+", metavar="X", action=_GoalAction,
+                    help=f"goal position: X Y for nav2d, each in [{ARENA[0]}, {ARENA[1]}] (the training goals' "
+                         "range); X Y Z for Meta-World, inside the task type's goal space")
+    ad.add_argument("--test-task", type=int, metavar="INDEX",
+                    help="Meta-World: adapt to this task of the benchmark's test split instead of --goal")
+    ad.add_argument("--task-type", metavar="NAME",
+                    help="Meta-World ML10: the test task type of --goal (e.g. drawer-close)")
     ad.add_argument("--steps", type=int, default=3, metavar="K", help="adaptation steps, 1 to 3 (default 3)")
     ad.add_argument("--traj", type=int, default=20, metavar="N",
                     help="episodes sampled per step (default 20, the paper's)")
-    ad.add_argument("--out", default="nav2d_adapt.png", metavar="FILE",
-                    help="figure to write (default nav2d_adapt.png)")
+    ad.add_argument("--out", metavar="FILE",
+                    help="figure to write (default nav2d_adapt.png, or ENV_adapt.png for Meta-World)")
     ad.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the sampling noise (default 0)")
     add_threads_flag(ad, "default: the policy's run's --threads")
 
@@ -138,33 +144,101 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_adapt(args: argparse.Namespace) -> int:
-    import math
+class _GoalAction(argparse.Action):
+    """``--goal``: two numbers (nav2d) or three (Meta-World), refused by the parser otherwise."""
 
-    import torch
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) not in (2, 3):
+            parser.error(f"argument --goal: expected 2 arguments (X Y, nav2d) or 3 (X Y Z, Meta-World), "
+                         f"got {len(values)}")
+        setattr(namespace, self.dest, values)
 
-    from mamlkit.rl import evaluate, train
 
-    x, y = args.goal
-    if not all(math.isfinite(v) and ARENA[0] <= v <= ARENA[1] for v in (x, y)):
-        raise UserError(f"--goal {x:g} {y:g} is outside the arena: each coordinate must be in "
-                        f"[{ARENA[0]}, {ARENA[1]}], the range of the goals the policy was meta-trained on")
+def _check_2d_goal(args: argparse.Namespace) -> None:
+    """Refuse a 2-number --goal outside the nav2d arena."""
+    if args.goal is not None and len(args.goal) == 2:
+        x, y = args.goal
+        if not all(math.isfinite(v) and ARENA[0] <= v <= ARENA[1] for v in (x, y)):
+            raise UserError(f"--goal {x:g} {y:g} is outside the arena: each coordinate must be in "
+                            f"[{ARENA[0]}, {ARENA[1]}], the range of the goals the policy was meta-trained on")
+
+
+def _adapt_options(args: argparse.Namespace, default_out: str) -> Path:
+    """Check `rl adapt`'s --steps, --traj and --out (any environment's); return the figure's path."""
     if not 1 <= args.steps <= 3:
         raise UserError(f"--steps must be 1, 2 or 3 (the paper's test protocol), got {args.steps}")
     if args.traj < 1:
         raise UserError(f"--traj must be >= 1, got {args.traj}")
-    out = Path(args.out)
+    out = Path(args.out or default_out)
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise UserError(f"--out {out} must end in .png, .pdf or .svg")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _adapt_metaworld(args: argparse.Namespace, trainer, what: str) -> int:
+    """`rl adapt` of a Meta-World policy: to --goal X Y Z (of --task-type for ML10) or to --test-task INDEX."""
+    from mamlkit.base.batch import task_generator
+    from mamlkit.rl import evaluate, metaworld, metaworld_adapt
+
+    cfg = trainer.cfg
+    if (args.goal is None) == (args.test_task is None):
+        raise UserError(f"{cfg.env}: pass either --goal X Y Z or --test-task INDEX (a task of the benchmark's "
+                        "test split)")
+    if args.test_task is not None and args.task_type is not None:
+        raise UserError("--task-type names the task type of --goal; --test-task INDEX already names a task")
+    out = _adapt_options(args, f"{cfg.env}_adapt.png")
+    if args.goal is not None:
+        row = metaworld.given_goal(cfg.env, cfg.seed, args.goal, args.task_type)
+        task = "the given goal"
+    else:
+        row = metaworld.test_task_row(cfg.env, cfg.seed, args.test_task)
+        task = f"test task {args.test_task}"
+    cfg = cfg.replace(eval_lrs=evaluate.step_rates(cfg.eval_lrs, args.steps), eval_traj=args.traj)
+    with evaluate.planned(args.threads, cfg):
+        result = metaworld_adapt.adapt(trainer.policy, cfg, row, task_generator(args.seed, "adapt", 0))
+        goal = metaworld_adapt.task_goal(cfg.env, row)
+        name = metaworld.resolve(cfg.env, row)[0].env_name
+        metaworld_adapt.trajectory_figure(out, result["episodes"], goal,
+                                          f"{cfg.env} ({name}), {task}: end effector, mean action")
+    print(what.replace("evaluating ", "adapting "))
+    rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
+    print(f"{name}, {task}, goal at ({', '.join(f'{v:.3f}' for v in goal)}): after 0..{args.steps} steps "
+          f"(rates {rates}), mean return of {args.traj} sampled episodes; return and success of the mean action:")
+    for k, (r, ep) in enumerate(zip(result["sampled"], result["episodes"])):
+        print(f"  {k} step{'s' * (k != 1)}: {r:.2f}; mean action {ep['return']:.2f}, "
+              f"{'success' if ep['success'] else 'no success'}")
+    print(f"figure: {out}")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import torch
+
+    from mamlkit.rl import evaluate, train
+
+    _adapt_options(args, "adapt.png")  # mistakes of any environment's, before the checkpoint is read
     source = shipped_policy(args.checkpoint) if args.checkpoint in SHIPPED else Path(args.checkpoint)
-    trainer = train.load_trainer(source)
+    try:
+        trainer = train.load_trainer(source)
+    except UserError:  # the goal's mistake first, as it would be for a readable nav2d checkpoint
+        _check_2d_goal(args)
+        raise
     what = f"the policy of iteration {trainer.step} from {source}"
     if source.is_dir():
         trainer, what = train.best_or_last(trainer)
+    if is_metaworld(trainer.cfg.env):
+        return _adapt_metaworld(args, trainer, what)
     if trainer.cfg.env != "nav2d":
-        raise UserError(f"{args.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes nav2d ones")
+        raise UserError(f"{args.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes nav2d and "
+                        "Meta-World ones")
+    if args.goal is None or len(args.goal) != 2 or args.test_task is not None or args.task_type is not None:
+        raise UserError("a nav2d policy adapts to --goal X Y (two numbers); --test-task and --task-type are "
+                        "Meta-World's")
+    _check_2d_goal(args)
+    x, y = args.goal
+    out = _adapt_options(args, "nav2d_adapt.png")
     cfg = trainer.cfg.replace(eval_lrs=evaluate.step_rates(trainer.cfg.eval_lrs, args.steps),
                               eval_traj=args.traj, seed=args.seed)
     goal = torch.tensor([[x, y]], dtype=torch.float64)

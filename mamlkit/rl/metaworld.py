@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import pickle
 from importlib import metadata
 from typing import Any
 
@@ -32,8 +33,11 @@ from mamlkit.rl.cheetah import _mujoco_warnings_to_log
 
 PACKAGE_VERSION = "3.1.1"  # the version the extra pins and the tests ran on
 log = logging.getLogger("mamlkit")
-TRAIN, TEST = 0, 1  # the split codes of a task row
+TRAIN, TEST, GIVEN = 0, 1, 2  # the split codes of a task row; GIVEN: a goal of the user's (:func:`given_goal`)
 GOALS_PER_TYPE = 50  # Meta-World's goals per task type and split (metaworld._N_GOALS)
+# The tasks of the user's goals (`rl adapt --goal`): a row [GIVEN, i, seed] names _GIVEN[i]. A goal is no task of
+# the benchmark, so it has no index there; a row still has to name it for the simulators' constructor.
+_GIVEN: list[Any] = []
 # Simulators, reused across batches (building one parses the XML): groups of N copies of one task class that share
 # one compiled model, by (task class, reward version, N).
 _POOL: dict[tuple[str, str, int], list[list[Any]]] = {}
@@ -119,9 +123,97 @@ def resolve(env: str, tasks: Tensor) -> list[Any]:
     """The ``metaworld.Task`` of every row of ``tasks [T, 3]``."""
     out = []
     for code, index, seed in tasks.tolist():
+        if int(code) == GIVEN:
+            out.append(_GIVEN[int(index)])
+            continue
         bench = benchmark(env, int(seed))
         out.append((bench.test_tasks if int(code) == TEST else bench.train_tasks)[int(index)])
     return out
+
+
+def test_types(env: str, seed: int) -> list[str]:
+    """The task types of ``env``'s test split, as mamlkit names them (``reach``; ML10's five)."""
+    return sorted(name.removesuffix("-v3") for name in benchmark(env, seed).test_classes)
+
+
+def _of_type(env: str, seed: int, task_type: str | None) -> str:
+    """The package's name of the test task type ``task_type`` (required for ML10, implied by an ML1 family)."""
+    types = test_types(env, seed)
+    if task_type is None and len(types) == 1:
+        return f"{types[0]}-v3"
+    if task_type is None:
+        raise UserError(f"{env} has several test task types: name one with --task-type ({', '.join(types)})")
+    if task_type.removesuffix("-v3") not in types:
+        raise UserError(f"--task-type {task_type!r} is not a test task type of {env}: use one of {', '.join(types)}")
+    return f"{task_type.removesuffix('-v3')}-v3"
+
+
+def test_task_row(env: str, seed: int, index: int) -> Tensor:
+    """The task row ``[1, 3]`` of test task ``index`` of the benchmark of ``seed``; refuses an index outside it."""
+    n = len(benchmark(env, seed).test_tasks)
+    if not 0 <= index < n:
+        raise UserError(f"--test-task {index} is outside {env}'s test split: use an index from 0 to {n - 1}")
+    return torch.tensor([[TEST, index, seed]], dtype=torch.float64)
+
+
+def goal_bounds(env: str, seed: int, task_type: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The goal space (low, high) of a test task type of ``env``: the bounds its goals are drawn from."""
+    name = _of_type(env, seed, task_type)
+    with _mujoco_warnings_to_log():
+        space = benchmark(env, seed).test_classes[name]().goal_space
+    return np.asarray(space.low, dtype=np.float64), np.asarray(space.high, dtype=np.float64)
+
+
+class _Redrawn(Exception):
+    """A simulator asked for its task's numbers again while resetting."""
+
+
+def _reset_once(sim: Any, name: str) -> None:
+    """Reset ``sim``, refusing a task it rejects: several task types redraw the goal while it is too close to the
+    objects, which with a task's fixed numbers would loop for ever (reach: 0.15 apart in x-y)."""
+    calls = []
+
+    def numbers() -> np.ndarray:
+        calls.append(1)
+        if len(calls) > 10:  # a reset reads them a few times; a redraw loop reads them without end
+            raise _Redrawn
+        return sim._last_rand_vec
+
+    sim._get_state_rand_vec = numbers
+    try:
+        sim.reset()
+    except _Redrawn:
+        raise UserError(f"{name} rejects this goal: it is too close to the objects' positions (the task type redraws "
+                        "such goals); choose a goal farther from them, or --test-task INDEX") from None
+    finally:
+        del sim._get_state_rand_vec
+
+
+def given_goal(env: str, seed: int, goal: list[float], task_type: str | None = None) -> Tensor:
+    """The task row ``[1, 3]`` of ``goal`` (x, y, z) for a test task type of ``env``: its first test task (the
+    objects' positions) with the goal replaced. Refuses a goal outside the type's goal space, or a type whose
+    simulator does not take its goal from the task's last three numbers."""
+    name = _of_type(env, seed, task_type)
+    low, high = goal_bounds(env, seed, task_type)
+    g = np.asarray(goal, dtype=np.float64)
+    bounds = f"x in [{low[0]:g}, {high[0]:g}], y in [{low[1]:g}, {high[1]:g}], z in [{low[2]:g}, {high[2]:g}]"
+    if g.shape != low.shape or not np.isfinite(g).all() or (g < low).any() or (g > high).any():
+        raise UserError(f"--goal {' '.join(f'{v:g}' for v in goal)} is outside {name}'s goal space: give three "
+                        f"numbers with {bounds}")
+    bench = benchmark(env, seed)
+    base = next(t for t in bench.test_tasks if t.env_name == name)
+    data = pickle.loads(base.data)
+    data["rand_vec"] = np.concatenate([np.asarray(data["rand_vec"], dtype=np.float64)[:-3], g])
+    task = type(base)(env_name=name, data=pickle.dumps(data))
+    with _mujoco_warnings_to_log():
+        sim = bench.test_classes[name]()
+        sim.set_task(task)
+        _reset_once(sim, name)
+    if not np.allclose(np.asarray(sim._target_pos, dtype=np.float64), g):  # its goal derives from its objects
+        raise UserError(f"{name} places its goal from its objects' positions, not from a goal of yours: "
+                        "use --test-task INDEX instead of --goal")
+    _GIVEN.append(task)
+    return torch.tensor([[GIVEN, len(_GIVEN) - 1, seed]], dtype=torch.float64)
 
 
 def record(env: str, reward_version: str) -> dict[str, Any]:

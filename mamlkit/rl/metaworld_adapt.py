@@ -1,0 +1,94 @@
+"""``mamlkit rl adapt`` for a Meta-World run: adapt the policy to one task (a test task of the benchmark, or a goal
+of the user's) and draw the end effector's trajectory before and after each step.
+
+The steps are :meth:`~mamlkit.rl.maml_trpo.MAMLTRPO.adapt_curve`'s (the inner step of training on freshly sampled
+episodes, rates ``cfg.eval_lrs``). The figure shows the hand's path (the first three numbers of Meta-World's
+observation) of one mean-action episode per step count, in three projections, with the goal marked: MuJoCo's
+offscreen rendering needs an OpenGL backend (EGL or OSMesa) that a headless machine often lacks, a figure of
+matplotlib's Agg backend does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mamlkit.base.batch import task_generator
+from mamlkit.checkpoint import atomic_write
+from mamlkit.rl import sampling
+from mamlkit.rl.config import RLConfig
+from mamlkit.rl.envs import make_env
+from mamlkit.rl.maml_trpo import MAMLTRPO
+
+
+@torch.no_grad()
+def mean_action_episode(model: nn.Module, cfg: RLConfig, row: Tensor, params: dict[str, Tensor], per_task: bool
+                        ) -> dict[str, Any]:
+    """One episode of task ``row [1, 3]`` with the mean action of ``params``: the hand's positions ``[H+1, 3]``,
+    the return, and whether the package's success flag was ever set."""
+    env = make_env(cfg.env, row, 1, cfg.episode_len, cfg.env_action_scale, cfg.reward_version)
+    obs, _ = env.reset()
+    dtype = next(model.parameters()).dtype
+    policy = sampling.policy_fn(model, params, per_task)
+    hand, ret, success = [obs[0, 0, :3].double()], 0.0, False
+    for _ in range(env.horizon):
+        mean = policy(obs.to(dtype))[..., :env.act_dim]
+        obs, reward, _, truncated, info = env.step(mean)
+        hand.append(obs[0, 0, :3].double())
+        ret += reward[0, 0].item()
+        success |= bool(info["success"][0, 0].item())
+        if truncated.all():
+            break
+    return {"hand": torch.stack(hand).numpy(), "return": ret, "success": success}
+
+
+def adapt(model: nn.Module, cfg: RLConfig, row: Tensor, generator: torch.Generator | None = None
+          ) -> dict[str, Any]:
+    """Adapt to task ``row [1, 3]`` with ``len(cfg.eval_lrs)`` steps of ``cfg.test_traj`` sampled episodes each
+    (noise from ``generator``, default ``task_generator(cfg.seed, "adapt", 0)``).
+
+    Returns the parameters after 0..K steps (``path``), the mean return of the sampled episodes per step count
+    (``sampled``) and a mean-action episode per step count (``episodes``, :func:`mean_action_episode`)."""
+    gen = task_generator(cfg.seed, "adapt", 0) if generator is None else generator
+    curve, path = MAMLTRPO(model, cfg).adapt_curve(row, cfg.eval_lrs, gen, cfg.test_traj)
+    episodes = [mean_action_episode(model, cfg, row, p, k > 0) for k, p in enumerate(path)]
+    return {"path": path, "sampled": curve[0].tolist(), "episodes": episodes}
+
+
+def trajectory_figure(path: Path, episodes: list[dict[str, Any]], goal: np.ndarray, title: str) -> None:
+    """The hand's path of each episode (pre-update, then after each step) in the x-y, x-z and y-z planes, the
+    goal marked; written whole or not at all."""
+    from mamlkit.rl.evaluate import _plt
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+    planes = ((0, 1), (0, 2), (1, 2))
+    for k, ep in enumerate(episodes):
+        label = ("pre-update" if k == 0 else f"{k} grad step{'s' * (k > 1)}") + (", success" if ep["success"] else "")
+        style = ":" if k == 0 else "-"
+        for ax, (i, j) in zip(axes, planes):
+            ax.plot(ep["hand"][:, i], ep["hand"][:, j], style, marker=".", markersize=3, label=label)
+    for ax, (i, j) in zip(axes, planes):
+        ax.scatter([episodes[0]["hand"][0, i]], [episodes[0]["hand"][0, j]], marker="o", color="black", s=30,
+                   label="start", zorder=5)
+        ax.scatter([goal[i]], [goal[j]], marker="*", s=150, color="red", label="goal", zorder=6)
+        ax.set_xlabel("xyz"[i])
+        ax.set_ylabel("xyz"[j])
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), dpi=110))
+    plt.close(fig)
+
+
+def task_goal(env: str, row: Tensor) -> np.ndarray:
+    """The goal (x, y, z) of task ``row [1, 3]``: the last three numbers of its ``rand_vec``."""
+    import pickle
+
+    from mamlkit.rl.metaworld import resolve
+
+    return np.asarray(pickle.loads(resolve(env, row)[0].data)["rand_vec"], dtype=np.float64)[-3:]
