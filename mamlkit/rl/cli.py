@@ -7,6 +7,7 @@ Every :class:`~mamlkit.rl.config.RLConfig` field is a flag; mistakes raise ``Use
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
