@@ -232,6 +232,36 @@ def test_every_goal_is_scored_even_when_the_package_stops_at_the_first_episodes_
     assert len(second) == 2 and [s for s, _ in second] == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("env", ["ml1-reach", "ml10"])
+def test_the_report_shows_the_published_maml_figures_with_source_and_reward_version(env, tmp_path, monkeypatch):
+    pytest.importorskip("metaworld")
+    from mamlkit.rl import metaworld_eval, metaworld_published
+
+    step = {"success_rate": {"mean": 0.5, "ci95": 0.1}, "return": {"mean": 100.0, "ci95": 5.0},
+            "official_success_rate": 0.5, "official_return": 100.0}
+    fake = {"sub_envs": 5, "rounds": 1, "adaptation_episodes": 1, "evaluation_episodes": 1,
+            "steps": {"0": step, "1": step}}
+    monkeypatch.setattr(metaworld_eval, "official_evaluation", lambda *a, **k: fake)  # the table, not the run
+    cfg = RLConfig(**{**TINY, "env": env})
+    text = metaworld_eval.report(tmp_path, None, cfg, (1,))
+    assert text == (tmp_path / "eval.md").read_text()
+    published = text.split(f"Published MAML figures for {env}")[1]
+    assert "| source | where | reward | split | success rate | measure |" in published
+    rows = metaworld_published.figures(env)
+    assert {"meta-train", "meta-test"} <= {split for f in rows for split in f.split.split(" and ")}
+    for f in rows:  # every figure with its source, place, reward version and split
+        value = "plotted only" if f.value is None else f"{100 * f.value:.1f}%"
+        assert f"| {f.source} | {f.where} | {f.reward} | {f.split} | {value} |" in published
+    if env == "ml10":  # the 2019 paper's v1 numbers and the 2021 revision's (v2) Table 1
+        assert "| v1 | meta-test | 36.0% |" in published and "| Table 1 | v2 | meta-test | 31.6% |" in published
+        assert "| meta-test | 13.2% |" in published
+    else:
+        assert "| Figure 4 | v2 | meta-train and meta-test | plotted only |" in published
+    saved = json.loads((tmp_path / "eval.json").read_text())["published"]
+    assert [(f["source"], f["split"], f["value"]) for f in saved] == [(f.source, f.split, f.value) for f in rows]
+    assert metaworld_published.table("ml1-door-open", "v2") == []  # none found: nothing printed
+
+
 def test_cli_train_eval_and_the_records_of_versions(tmp_path, capsys):
     pytest.importorskip("metaworld")
     argv = ["rl", "train", "ml1-reach", "--iterations", "1", "--meta-batch", "2", "--traj-per-task", "2",

@@ -6,7 +6,8 @@ Layout:
   ``Nav2D`` (pure torch) and ``cheetah.py`` (HalfCheetah velocity/direction on gymnasium + mujoco,
   the optional ``rl`` extra). Tasks come from ``sample_tasks(env, T, generator)``.
 * ``metaworld.py``: Meta-World's ML1 and ML10 (the optional ``metaworld`` extra), train split only in
-  training; ``metaworld_eval.py``: its official ``metalearning_evaluation`` with the policy as its agent.
+  training; ``metaworld_eval.py``: its official ``metalearning_evaluation`` with the policy as its agent;
+  ``metaworld_published.py``: the published MAML success rates the report prints beside it.
 * ``policy.py``: the Gaussian MLP policy (a plain ``nn.Module``), log-likelihood, KL.
 * ``sampling.py``: rollouts and packing episodes as the engine's per-task ``(x, y)``.
 * ``advantages.py``: discounted returns, the linear feature baseline, GAE.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from mamlkit.base.errors import UserError
 from mamlkit.base.metrics import mean_ci
 from mamlkit.checkpoint import atomic_write_text
 from mamlkit.engine.functional import named_params
-from mamlkit.rl import sampling
+from mamlkit.rl import metaworld_published, sampling
 from mamlkit.rl.config import RLConfig
 from mamlkit.rl.maml_trpo import adapt_tasks
 from mamlkit.rl.metaworld import GOALS_PER_TYPE, _package, benchmark, record
@@ -232,7 +233,8 @@ def official_evaluation(model: nn.Module, cfg: RLConfig, steps: tuple[int, ...],
 
 def report(out_dir: Path, model: nn.Module, cfg: RLConfig, steps: tuple[int, ...], eval_episodes: int = 3) -> str:
     """Run :func:`official_evaluation` and write ``eval.md`` and ``eval.json`` (with the package's version and
-    the reward version) into ``out_dir``; return the table."""
+    the reward version) into ``out_dir``; return the table, followed by the published MAML figures for the
+    benchmark (:mod:`mamlkit.rl.metaworld_published`) where there are any."""
     result = official_evaluation(model, cfg, steps, eval_episodes)
     env = record(cfg.env, cfg.reward_version)
     lines = [f"{cfg.env}: Meta-World {env['version']} ({env['benchmark']}"
@@ -248,8 +250,10 @@ def report(out_dir: Path, model: nn.Module, cfg: RLConfig, steps: tuple[int, ...
         s, g = r["success_rate"], r["return"]
         lines.append(f"| {k} | {s['mean']:.3f} ± {s['ci95']:.3f} | {g['mean']:.2f} ± {g['ci95']:.2f} | "
                      f"{r['official_success_rate']:.3f} | {r['official_return']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(out_dir / "eval.json", json.dumps({"env": cfg.env, "environment": env,
-                                                         "eval_lrs": list(cfg.eval_lrs), **result}, indent=2))
+    published = metaworld_published.table(cfg.env, cfg.reward_version)
+    text = "\n".join(lines + ([""] + published if published else [])) + "\n"
+    atomic_write_text(out_dir / "eval.json", json.dumps({
+        "env": cfg.env, "environment": env, "eval_lrs": list(cfg.eval_lrs), **result,
+        "published": [asdict(f) for f in metaworld_published.figures(cfg.env)]}, indent=2))
     atomic_write_text(out_dir / "eval.md", text)
     return text
