@@ -2,24 +2,22 @@
 (TRPO's) and its environment family's (Meta-World's reward_version). Every RL flag has one owner; an option the
 chosen algorithm and family do not read is refused (exit 2, naming its owner) from flags, a --config file and
 a resume; a config.json written when every option was a field of every RL config loads; and an environment
-family registered from outside the package (one file: its family, its options, one registry line) is usable by
-`mamlkit rl train` without editing mamlkit."""
+family registered from outside the package (docs/DEVELOPING.md's: one file, its registry line included) is usable
+by `mamlkit rl train` without editing mamlkit."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
-from typing import Any
+import re
+from pathlib import Path
 
 import pytest
-import torch
 
 from mamlkit import config
 from mamlkit.base import options as plugins
 from mamlkit.rl import families
 from mamlkit.rl.config import RLConfig, field_types, from_dict, from_stored
-from mamlkit.rl.options import ENVIRONMENT, rl_option
 
 RL = RLConfig.choices.kinds
 # A config.json of `mamlkit rl train nav2d` as the code before the options moved wrote it: all 40 keys, Meta-World's
@@ -113,51 +111,28 @@ def test_an_old_config_json_with_every_key_loads():
 
 # ---------------------------------------------------------------- an environment family from outside the package
 
-@dataclass(frozen=True, kw_only=True)
-class LineOptions:
-    """What only the line family reads."""
-
-    line_speed: float = rl_option(1.0, ENVIRONMENT, "how far an action of 1 moves the point on the line")
-
-
-class Line:
-    """A point on a line moved towards its task's goal: ``obs [T, N, 1]``, reward minus the distance."""
-
-    obs_dim = act_dim = 1
-
-    def __init__(self, goals: torch.Tensor, num_envs: int, horizon: int, action_scale: float, speed: float):
-        self.goals, self.num_envs, self.horizon, self.scale, self.speed = goals, num_envs, horizon, action_scale, speed
-
-    def reset(self, *, seed: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        self.x, self.t = torch.zeros(self.goals.shape[0], self.num_envs, 1, dtype=torch.float64), 0
-        return self.x.clone(), {}
-
-    def step(self, action: torch.Tensor):
-        self.x = self.x + self.speed * (action.detach().double() / self.scale).clamp(-1, 1)
-        self.t += 1
-        reward = -(self.x - self.goals[:, None]).abs()[..., 0]
-        done = torch.full(reward.shape, self.t >= self.horizon)
-        return self.x.clone(), reward, torch.zeros_like(done), done, {"active": torch.ones_like(done)}
-
-
-SPEEDS: list[float] = []  # the speed of every Line built
-
-
-def make_line(env, tasks, num_envs, horizon, action_scale, line_speed=LineOptions.line_speed):
-    SPEEDS.append(line_speed)
-    return Line(tasks, num_envs, horizon, action_scale, line_speed)
-
-
-def line_tasks(env, num_tasks, generator, split, seed):
-    return torch.rand(num_tasks, 1, generator=generator, dtype=torch.float64) * 2 - 1
+DOC = Path(__file__).resolve().parents[1] / "docs" / "DEVELOPING.md"
+MADE: list[dict] = []  # the options every environment of the line family was made with
 
 
 @pytest.fixture
 def line_family():
-    """The one registry line of the family (its file is this one); forgotten after the test."""
-    family = families.register_env_family(families.EnvFamily(
-        "line", make_line, line_tasks, dims=(1, 1), horizon=7, meta_batch=3, options=(LineOptions,)))
-    yield family
+    """docs/DEVELOPING.md's line family, its file run as written (its registry line included), its `make` watched;
+    forgotten after the test."""
+    text = DOC.read_text()
+    start = text.index("## How to add an RL environment family\n")
+    blocks = re.findall(r"```python\n(.*?)```", text[start:text.index("\n## ", start + 1)], re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], str(DOC), "exec", dont_inherit=True), {"__name__": "line"})
+    family = families.family_of("line")
+    made = family.make
+
+    def watched(*args, **options):
+        MADE.append(options)
+        return made(*args, **options)
+
+    MADE.clear()
+    yield families.register_env_family(dataclasses.replace(family, make=watched))
     families.unregister_env_family("line")
 
 
@@ -185,22 +160,20 @@ def test_a_family_registered_outside_the_package_builds_configs_with_its_default
 
 
 def test_a_family_registered_outside_the_package_trains_and_reports(line_family, cli, tmp_path):
-    SPEEDS.clear()
     code, _, err = cli("rl", "train", "line", "--out-dir", tmp_path, "--run-name", "r", *TINY)
     assert code == 0, err
+    assert MADE  # its environments came from its make
     from mamlkit.rl import train
 
     trainer = train.load_trainer(tmp_path / "r")
     assert trainer.cfg.env == "line" and trainer.step == 1 and next(trainer.policy.parameters()).shape[-1] == 1
     assert json.loads((tmp_path / "r" / "config.json").read_text())["line_speed"] == 1.0
     assert "| 0 | " in (tmp_path / "r" / "eval.md").read_text()  # the standard report: returns after 0..K steps
-    assert SPEEDS and set(SPEEDS) == {1.0}
 
 
 @pytest.mark.xfail(strict=True, reason="the sampler (MAMLTRPO.collect) passes make_env Meta-World's reward_version "
                                        "alone, not the family's settings (cfg.family.settings(cfg))")
 def test_a_family_s_own_option_reaches_its_environments(line_family, cli, tmp_path):
-    SPEEDS.clear()
     code, _, err = cli("rl", "train", "line", "--line-speed", "0.5", "--out-dir", tmp_path, *TINY)
     assert code == 0, err
-    assert SPEEDS and set(SPEEDS) == {0.5}
+    assert MADE and all(options == {"line_speed": 0.5} for options in MADE)
