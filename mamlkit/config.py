@@ -5,6 +5,9 @@ here; the settings that only some algorithms or task families read are declared 
 classes (:mod:`mamlkit.base.options`), and a config holds the options of the algorithm and family it names
 (``options``), read as if they were its own fields (``cfg.msl``). Presets (:mod:`mamlkit.presets`) fill it
 with a paper's setting; a YAML file and flags override.
+
+The functions below take the config class: ``mamlkit.rl.config.RLConfig`` is built by them too, choosing an RL
+algorithm and an environment family (each class's ``choices``, a :class:`Choices`).
 """
 
 from __future__ import annotations

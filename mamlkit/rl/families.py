@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mamlkit.base.options import ConfigError, need, register_options, unregister_options
+from mamlkit.base.options import need, register_options, unregister_options
 from mamlkit.rl.options import ENVIRONMENT, rl_option
 
 # A function, or its dotted name ``module:function``, imported on first use; None: the family has none.
@@ -114,7 +114,7 @@ def hook(fn: Hook) -> Callable[..., Any]:
         module, _, name = fn.partition(":")
         return getattr(importlib.import_module(module), name)
     if fn is None:
-        raise ConfigError("this environment family has no such hook")
+        raise ValueError("the environment family has no such hook; ask for it only where it is not None")
     return fn
 
 
