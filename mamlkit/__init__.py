@@ -15,8 +15,9 @@ import typing
 __version__ = "0.1.0"
 
 # The modules that register the built-in plug-ins' options (mamlkit.base.options loads them on its first
-# lookup, since configs must not import plug-ins). Light modules: `mamlkit train --help` needs no torch.
-PLUGINS = ("mamlkit.tasks", "mamlkit.algorithms.options")
+# lookup, since configs must not import plug-ins): the task families, the algorithms, the RL algorithms and the
+# RL environment families. Light modules: `mamlkit train --help` and `mamlkit rl train --help` need no torch.
+PLUGINS = ("mamlkit.tasks", "mamlkit.algorithms.options", "mamlkit.rl.options", "mamlkit.rl.families")
 
 # The public names and the modules that define them. They are imported on first use, so that the
 # command line (`mamlkit --help`, `mamlkit presets`) answers without importing torch.

@@ -5,6 +5,9 @@ here; the settings that only some algorithms or task families read are declared 
 classes (:mod:`mamlkit.base.options`), and a config holds the options of the algorithm and family it names
 (``options``), read as if they were its own fields (``cfg.msl``). Presets (:mod:`mamlkit.presets`) fill it
 with a paper's setting; a YAML file and flags override.
+
+The functions below take the config class: ``mamlkit.rl.config.RLConfig`` is built by them too, choosing an RL
+algorithm and an environment family (each class's ``choices``, a :class:`Choices`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,20 @@ def flag(default: Any, group: str, help: str, groups: tuple[str, ...] = GROUPS) 
     """A config field with its CLI group and help line (:func:`mamlkit.base.options.option`); ``group`` is one
     of ``groups``, the help groups of the config's command (``mamlkit rl train`` has its own)."""
     return plugins.option(default, group, help, groups)
+
+
+def option_attribute(cfg: Any, name: str) -> Any:
+    """``cfg.name`` for an option of the chosen plug-ins (``cfg.msl``); an option of another plug-in of the config's
+    kinds reads as its default, the value it has for every run that does not choose that plug-in."""
+    if name.startswith("__") or name == "options":
+        raise AttributeError(name)
+    for opts in cfg.__dict__.get("options", ()):
+        if name in opts.__dataclass_fields__:
+            return getattr(opts, name)
+    owner = plugins.owner(name, type(cfg).choices.kinds)
+    if owner is None:
+        raise AttributeError(f"{type(cfg).__name__!r} object has no attribute {name!r}")
+    return owner.__dataclass_fields__[name].default
 
 
 @dataclass(frozen=True, kw_only=True, init=False)
@@ -104,26 +121,12 @@ class TrainConfig:
     options: tuple[Any, ...] = dataclasses.field(default=())
 
     def __init__(self, **values: Any) -> None:
-        _fill(self, values, loose=())
+        fill(self, values, loose=())
 
-    def __getattr__(self, name: str) -> Any:
-        """An option of the chosen plug-ins by name (``cfg.msl``); an option of another plug-in reads as its
-        default, the value it has for every run that does not choose that plug-in."""
-        if name.startswith("__") or name == "options":
-            raise AttributeError(name)
-        for opts in self.__dict__.get("options", ()):
-            if name in opts.__dataclass_fields__:
-                return getattr(opts, name)
-        owner = plugins.owner(name)
-        if owner is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return owner.__dataclass_fields__[name].default
+    __getattr__ = option_attribute  # cfg.msl: an option of the chosen plug-ins, else its default
 
     def __post_init__(self) -> None:
-        refuse_non_finite(self)
-        for opts in self.options:  # given as instances (``options=``): not checked before
-            refuse_non_finite(opts)
-        check_fields(self.to_dict())  # every count and size below its bound (mamlkit.base.limits)
+        check_values(self)
 
         need(_json_object(self.model_args) is not None,
              f"model_args must be a JSON object such as '{{\"hidden\": 64}}', got {_shown(self.model_args)}")
@@ -152,10 +155,7 @@ class TrainConfig:
         self._check_schedule()
         need(all(s >= 0 for s in self.eval_steps) and len(self.eval_steps) > 0,
              f"eval_steps must be non-negative step counts, got {self.eval_steps}")
-        for opts in self.options:  # a plug-in's checks across generic fields (MAML++: inner_steps >= 1)
-            check = plugins.hook(opts, "check")
-            if check is not None:
-                check(self)
+        check_options(self)
 
     def _check_schedule(self) -> None:
         need(self.meta_lr > 0, f"meta_lr must be > 0, got {self.meta_lr}")
@@ -185,42 +185,93 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The flat mapping of every generic field and every option of the chosen plug-ins (config.json, YAML
         keys, checkpoints): the keys are the flags' names."""
-        values = as_dict(self)
-        del values["options"]
-        for opts in self.options:
-            values.update(as_dict(opts))
-        return values
+        return flat_dict(self)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """This config with ``changes``; options of this config that a newly chosen plug-in does not read are
         dropped, while a change it does not read is refused."""
-        values = self.to_dict()
-        return from_dict({**values, **changes}, loose=set(values) - set(changes))
+        return replaced(self, changes)
 
 
-def _generic() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "options"}
+@dataclass(frozen=True)
+class Choices:
+    """How a config class chooses its plug-ins, whose options it holds (:mod:`mamlkit.base.options`): ``kinds``,
+    the kinds of plug-in its command takes the options of; ``chosen(cfg)``, the ``(kind, name)`` of each plug-in
+    the config's generic fields choose, in the order its options are held; ``what``, how messages name its keys.
+    One set of functions below serves every config class through its ``choices`` (no base class)."""
+
+    kinds: tuple[str, ...]
+    chosen: Callable[[Any], tuple[tuple[str, str], ...]]
+    what: str = "config"
+
+
+TrainConfig.choices = Choices(("algo", "task"), lambda cfg: (("algo", cfg.algo), ("task", cfg.task)))
+
+
+def check_values(cfg: Any) -> None:
+    """The checks of every config class that come first: finite floats (options too: given as instances, they
+    were not checked before), every count and size below its bound (:mod:`mamlkit.base.limits`)."""
+    refuse_non_finite(cfg)
+    for opts in cfg.options:
+        refuse_non_finite(opts)
+    check_fields(cfg.to_dict())
+
+
+def check_options(cfg: Any) -> None:
+    """The chosen plug-ins' checks across generic fields (MAML++: inner_steps >= 1), after the generic ones."""
+    for opts in cfg.options:
+        check = plugins.hook(opts, "check")
+        if check is not None:
+            check(cfg)
+
+
+def flat_dict(cfg: Any) -> dict[str, Any]:
+    """A config's flat mapping: its generic fields, then the options of its plug-ins (config.json's keys)."""
+    values = as_dict(cfg)
+    del values["options"]
+    for opts in cfg.options:
+        values.update(as_dict(opts))
+    return values
+
+
+def replaced(cfg: Any, changes: dict[str, Any]) -> Any:
+    """``cfg`` with ``changes`` (:meth:`TrainConfig.replace`): its options a newly chosen plug-in does not read
+    are dropped, a change it does not read is refused."""
+    values = cfg.to_dict()
+    return from_dict({**values, **changes}, loose=set(values) - set(changes), cls=type(cfg))
+
+
+def _generic(cls: type = TrainConfig) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.name != "options"}
+
+
+def _classes_of(chosen: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
+    return tuple(dict.fromkeys(c for kind, name in chosen for c in plugins.options_of(kind, name)))
 
 
 def chosen_options(algo: str, task: str) -> tuple[type, ...]:
     """The options classes a config for ``algo`` and ``task`` holds: the algorithm's, then the family's."""
-    return tuple(dict.fromkeys((*plugins.options_of("algo", algo), *plugins.options_of("task", task))))
+    return _classes_of((("algo", algo), ("task", task)))
 
 
-def _fill(cfg: TrainConfig, values: dict[str, Any], loose: Iterable[str]) -> None:
+def fill(cfg: Any, values: dict[str, Any], loose: Iterable[str]) -> None:
     """Set ``cfg``'s fields from ``values`` (generic fields and the chosen plug-ins' options by name), drop the
     options in ``loose`` that the chosen plug-ins do not read, refuse the others, then check it all."""
     values = dict(values)
-    generic = _generic()
-    unknown = sorted(k for k in values if k not in generic and k != "options" and plugins.owner(k) is None)
+    cls = type(cfg)
+    generic = _generic(cls)
+    kinds = cls.choices.kinds
+    unknown = sorted(k for k in values if k not in generic and k != "options" and plugins.owner(k, kinds) is None)
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(field_types())}")
+        raise ConfigError(f"unknown {cls.choices.what} key(s): {', '.join(unknown)}. Valid keys: "
+                          f"{', '.join(field_types(cls))}")
     given = values.pop("options", None)
     for name, f in generic.items():
         object.__setattr__(cfg, name, values.pop(name) if name in values else f.default)
-    classes = chosen_options(cfg.algo, cfg.task) if given is None else tuple(type(o) for o in given)
+    chosen = cls.choices.chosen(cfg)
+    classes = _classes_of(chosen) if given is None else tuple(type(o) for o in given)
     owned = {f.name for c in classes for f in dataclasses.fields(c)}
-    _refuse_unowned(sorted(set(values) - owned - set(loose)), cfg.algo, cfg.task)
+    _refuse_unowned(sorted(set(values) - owned - set(loose)), chosen)
     _refuse_non_finite_values(values)  # before an option's own checks, which an infinity or a NaN may pass
     opts = tuple(given) if given is not None else tuple(
         c(**{f.name: values[f.name] for f in dataclasses.fields(c) if f.name in values}) for c in classes)
@@ -232,24 +283,28 @@ def _fill(cfg: TrainConfig, values: dict[str, Any], loose: Iterable[str]) -> Non
     cfg.__post_init__()
 
 
-def check_owned(cfg: TrainConfig, names: Iterable[str]) -> None:
-    """Refuse the options in ``names`` that ``cfg``'s algorithm and task family do not read (a resumed run's
-    overrides, before anything else is said about them)."""
+def check_owned(cfg: Any, names: Iterable[str]) -> None:
+    """Refuse the options in ``names`` that ``cfg``'s chosen plug-ins (its algorithm and task family, or RL
+    algorithm and environment family) do not read (a resumed run's overrides, before anything else is said
+    about them)."""
     owned = {f.name for o in cfg.options for f in dataclasses.fields(o)}
-    _refuse_unowned(sorted(n for n in names if plugins.owner(n) is not None and n not in owned), cfg.algo, cfg.task)
+    kinds = type(cfg).choices.kinds
+    _refuse_unowned(sorted(n for n in names if plugins.owner(n, kinds) is not None and n not in owned),
+                    type(cfg).choices.chosen(cfg))
 
 
-def _refuse_unowned(names: list[str], algo: str, task: str) -> None:
-    """Refuse the options in ``names``, which neither ``algo`` nor ``task`` reads, naming their flags and the
+def _refuse_unowned(names: list[str], chosen: tuple[tuple[str, str], ...]) -> None:
+    """Refuse the options in ``names``, which none of the ``chosen`` plug-ins reads, naming their flags and the
     chosen plug-in's own settings of that kind: every flag takes effect or is refused, none is ignored."""
-    for kind, name in (("task", task), ("algo", algo)):
-        mine = [n for n in names if any(k == kind for k, _ in plugins.users(plugins.owner(n)))]
+    for kind, name in reversed(chosen):  # the family's first, then the algorithm's
+        label, works = plugins.KINDS[kind]
+        mine = [n for n in names if plugins.users(plugins.owner(n), (kind,))]
         if mine:
             own = [f.name for c in plugins.options_of(kind, name) for f in dataclasses.fields(c)]
-            readers = {n: [u for k, u in plugins.users(plugins.owner(n)) if k == kind] for n in mine}
-            where = "; ".join(f"--{n.replace('_', '-')} works with --{kind} {_or(users)}"
+            readers = {n: [u for _, u in plugins.users(plugins.owner(n), (kind,))] for n in mine}
+            where = "; ".join(works.format(flag=n.replace("_", "-"), users=_or(users))
                               for n, users in sorted(readers.items()))
-            label = plugins.KINDS[kind].format(name)
+            label = label.format(name)
             if not plugins.registered(kind, name):
                 label += " (no plug-in is registered under that name)"
             refuse_unused(mine, own, label, where)
@@ -311,12 +366,13 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def field_types() -> dict[str, Any]:
-    """The type of every config key: the generic fields, then every registered plug-in option."""
-    types_ = typing.get_type_hints(TrainConfig)
+def field_types(cls: type = TrainConfig) -> dict[str, Any]:
+    """The type of every key of config class ``cls``: its generic fields, then every option of its kinds'
+    plug-ins."""
+    types_ = typing.get_type_hints(cls)
     del types_["options"]
-    for cls in plugins.option_classes():
-        types_.update(typing.get_type_hints(cls))
+    for option_cls in plugins.option_classes(cls.choices.kinds):
+        types_.update(typing.get_type_hints(option_cls))
     return types_
 
 
@@ -354,48 +410,39 @@ def as_dict(cfg: Any) -> dict[str, Any]:
             for f in dataclasses.fields(cfg)}
 
 
-def build_config(cls: type, values: dict[str, Any], what: str = "config") -> Any:
-    """``cls(**values)`` with every value coerced to its field's type, rejecting unknown keys with the
-    list of valid ones (shared by :class:`TrainConfig` and ``mamlkit.rl.config.RLConfig``)."""
-    types_ = typing.get_type_hints(cls)
+def from_dict(values: dict[str, Any], loose: Iterable[str] = (), cls: type = TrainConfig) -> Any:
+    """Build a config of class ``cls`` from a flat dict (:meth:`TrainConfig.to_dict`'s keys), rejecting unknown
+    keys with the list of valid ones. Options of a plug-in the config does not choose are refused, but those
+    named in ``loose`` (a preset's values, the rest of a replaced config) are dropped."""
+    types_ = field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ConfigError(f"unknown {what} key(s): {', '.join(unknown)}. Valid keys: {', '.join(types_)}")
-    return cls(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
-
-
-def from_dict(values: dict[str, Any], loose: Iterable[str] = ()) -> TrainConfig:
-    """Build a config from a flat dict (:meth:`TrainConfig.to_dict`'s keys), rejecting unknown keys with the
-    list of valid ones. Options of a plug-in the config does not choose are refused, but those named in
-    ``loose`` (a preset's values, the rest of a replaced config) are dropped."""
-    types_ = field_types()
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(types_)}")
-    cfg = object.__new__(TrainConfig)
-    _fill(cfg, {k: _coerce(k, v, types_[k]) for k, v in values.items()}, loose)
+        raise ConfigError(f"unknown {cls.choices.what} key(s): {', '.join(unknown)}. Valid keys: {', '.join(types_)}")
+    cfg = object.__new__(cls)
+    fill(cfg, {k: _coerce(k, v, types_[k]) for k, v in values.items()}, loose)
     return cfg
 
 
-def from_stored(values: dict[str, Any]) -> TrainConfig:
+def from_stored(values: dict[str, Any], cls: type = TrainConfig) -> Any:
     """The config a run stored (config.json, a checkpoint's state). Files written when every option was a field
     of every config hold the options of plug-ins the run did not choose: those at their default are dropped,
     any other value is refused, since the stored run would silently change meaning."""
-    types_ = field_types()
-    generic = _generic()
-    chosen = {}
-    for name in ("algo", "task"):
-        chosen[name] = _coerce(name, values.get(name, generic[name].default), types_[name])
-    owned = {f.name for c in chosen_options(chosen["algo"], chosen["task"]) for f in dataclasses.fields(c)}
-    stray = [k for k in values if k not in generic and k not in owned and plugins.owner(k) is not None]
+    types_ = field_types(cls)
+    generic = _generic(cls)
+    kinds = cls.choices.kinds
+    probe = types.SimpleNamespace(**{n: _coerce(n, values[n], types_[n]) if n in values else f.default
+                                     for n, f in generic.items()})
+    chosen = cls.choices.chosen(probe)
+    owned = {f.name for c in _classes_of(chosen) for f in dataclasses.fields(c)}
+    stray = [k for k in values if k not in generic and k not in owned and plugins.owner(k, kinds) is not None]
     changed = sorted(k for k in stray
                      if _coerce(k, values[k], types_[k]) != plugins.owner(k).__dataclass_fields__[k].default)
     if changed:
+        readers = " and ".join(plugins.KINDS[kind][0].format(name) for kind, name in chosen)
         raise ConfigError(f"the stored config sets {', '.join(f'{k}={values[k]!r}' for k in changed)}, which "
-                          f"--algo {chosen['algo']} and the {chosen['task']} task family do not read; the run "
-                          "cannot be loaded with that setting ignored. Remove the key from its config.json if "
-                          "that is intended")
-    return from_dict({k: v for k, v in values.items() if k not in stray})
+                          f"{readers} do not read; the run cannot be loaded with that setting ignored. Remove the "
+                          "key from its config.json if that is intended")
+    return from_dict({k: v for k, v in values.items() if k not in stray}, cls=cls)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -445,5 +492,6 @@ def _check_yaml_shape(events: Any, path: str) -> None:
             depth -= 1
 
 
-__all__ = ["TrainConfig", "ConfigError", "from_dict", "from_stored", "load_yaml", "flag", "GROUPS", "field_types",
-           "chosen_options"]
+__all__ = ["TrainConfig", "Choices", "ConfigError", "from_dict", "from_stored", "load_yaml", "flag", "GROUPS",
+           "field_types", "chosen_options", "fill", "check_owned", "check_values", "check_options", "flat_dict",
+           "replaced", "option_attribute"]

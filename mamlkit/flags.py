@@ -19,7 +19,9 @@ REPEATABLE = {"adapt"}
 
 
 def resumed_config(cfg, overrides: dict, allowed: set[str]):
-    """``cfg`` with ``overrides`` applied, refusing fields that define the run (only ``allowed`` may change)."""
+    """``cfg`` with ``overrides`` applied, refusing fields that define the run (only ``allowed`` may change). An
+    option the run's plug-ins do not read is refused first, naming its owner."""
+    config.check_owned(cfg, overrides)
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise UserError(f"cannot change {', '.join(bad)} when resuming; these may change: "
@@ -85,8 +87,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainCo
                      title: str = "config fields (override the preset and --config)", skip: tuple[str, ...] = (),
                      values: object | None = None, values_from: str = "default",
                      groups: tuple[str, ...] = config.GROUPS) -> None:
-    """One flag per field of the config dataclass ``cls`` (but ``skip``) and, for :class:`TrainConfig`, per
-    option of every registered plug-in (:mod:`mamlkit.base.options`); unset flags stay out of the namespace, so
+    """One flag per field of the config dataclass ``cls`` (but ``skip``) and per option of every registered plug-in
+    of its kinds (``cls.choices``, :mod:`mamlkit.base.options`); unset flags stay out of the namespace, so
     only what the user typed overrides the preset or YAML file.
 
     Fields with ``group``/``help`` metadata (:func:`mamlkit.config.flag`) get their line of help under
@@ -97,9 +99,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainCo
     values = cls() if values is None else values
     fields = {f.name: (f, typing.get_type_hints(cls)[f.name], "") for f in dataclasses.fields(cls)
               if f.name not in skip and f.name != "options"}
-    if cls is config.TrainConfig:
-        for option_cls in plugins.option_classes():
-            owners = ", ".join(name for _, name in plugins.users(option_cls))
+    kinds = cls.choices.kinds if hasattr(cls, "choices") else None
+    if kinds is not None:
+        for option_cls in plugins.option_classes(kinds):
+            owners = ", ".join(name for _, name in plugins.users(option_cls, kinds))
             hints = typing.get_type_hints(option_cls)
             fields |= {f.name: (f, hints[f.name], f"{owners}: ") for f in dataclasses.fields(option_cls)
                        if f.name not in skip}

@@ -129,8 +129,9 @@ def test_a_catastrophic_pattern_in_a_checkpoint_ends_adapt_and_load_with_a_messa
 
 def test_every_bounded_field_is_a_config_field_and_every_count_field_is_bounded():
     from mamlkit.rl.config import RLConfig
+    from mamlkit.rl.config import field_types as rl_field_types
 
-    fields = set(config.field_types()) | set(RLConfig.__dataclass_fields__)
+    fields = set(config.field_types()) | set(rl_field_types())
     assert set(limits.FIELD_BOUNDS) <= fields
     from mamlkit.base.options import option_classes
 

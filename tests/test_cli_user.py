@@ -34,12 +34,12 @@ def help_text(capsys, *argv: str) -> str:
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields that are flags: a config's own and, for TrainConfig, every plug-in's options (which its
+    """The fields that are flags: a config's own and every option of the plug-ins of its kinds (which its
     ``options`` field holds)."""
     from mamlkit.base.options import option_fields
 
     own = [f for f in dataclasses.fields(cls) if f.name != "options"]
-    return own + list(option_fields().values()) if cls is TrainConfig else own
+    return own + list(option_fields(cls.choices.kinds).values())
 
 
 @pytest.mark.parametrize("cls,groups", [(TrainConfig, GROUPS), (RLConfig, RL_GROUPS)])

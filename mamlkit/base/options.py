@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from mamlkit.base.errors import UserError
@@ -36,8 +36,14 @@ def need(ok: bool, msg: str) -> None:
 TASK, MODEL, INNER, OUTER, EXECUTION, LOGGING = GROUPS = (
     "task and data", "model", "inner loop", "outer loop", "execution", "logging, checkpoints and evaluation")
 
-# The kinds of plug-in that own options: the config field naming the chosen one, and how messages name it.
-KINDS = {"algo": "--algo {}", "task": "the {} task family"}
+# The kinds of plug-in that own options, and how messages name them: the chosen one (``{}``: its name), and where
+# an option of another plug-in of that kind takes effect (``{flag}``: the option's flag, ``{users}``: its readers).
+# `mamlkit train` chooses an algorithm and a task family, `mamlkit rl train` an RL algorithm and an environment
+# family (:mod:`mamlkit.rl.families`).
+KINDS = {"algo": ("--algo {}", "--{flag} works with --algo {users}"),
+         "task": ("the {} task family", "--{flag} works with --task {users}"),
+         "rl-algo": ("--algo {}", "--{flag} works with --algo {users}"),
+         "env": ("the {} environment family", "--{flag} applies to {users} environments only")}
 
 
 def option(default: Any, group: str, help: str, groups: tuple[str, ...] = GROUPS) -> Any:
@@ -54,7 +60,7 @@ _LOADED: list[bool] = []
 
 
 def register_options(kind: str, name: str, *classes: type) -> None:
-    """Declare that the plug-in ``name`` of ``kind`` (``"algo"`` or ``"task"``) reads the fields of ``classes``
+    """Declare that the plug-in ``name`` of ``kind`` (one of :data:`KINDS`) reads the fields of ``classes``
     (frozen dataclasses of :func:`option` fields). Refuses a field that another class already declares, so
     that every flag has one owner, and a field without group or help."""
     if kind not in KINDS:
@@ -106,27 +112,33 @@ def registered(kind: str, name: str) -> bool:
     return (kind, name) in _REGISTRY
 
 
-def option_classes() -> list[type]:
-    """Every registered options class, each once, in registration order."""
+def option_classes(kinds: Iterable[str] | None = None) -> list[type]:
+    """Every options class registered by a plug-in of ``kinds`` (None: of every kind; a config's kinds: the
+    options its command may take), each once, in registration order."""
     _load()
-    return list(dict.fromkeys(c for classes in _REGISTRY.values() for c in classes))
+    kinds = None if kinds is None else set(kinds)
+    return list(dict.fromkeys(c for (kind, _), classes in _REGISTRY.items() if kinds is None or kind in kinds
+                              for c in classes))
 
 
-def owner(field: str) -> type | None:
-    """The class that declares ``field``, or None when no plug-in option has that name."""
+def owner(field: str, kinds: Iterable[str] | None = None) -> type | None:
+    """The class that declares ``field``, or None when no plug-in (of ``kinds``, if given) has an option of that
+    name."""
     _load()
-    return _OWNER.get(field)
+    cls = _OWNER.get(field)
+    return cls if cls is not None and (kinds is None or users(cls, kinds)) else None
 
 
-def users(cls: type) -> list[tuple[str, str]]:
-    """The ``(kind, name)`` of every plug-in that lists ``cls``, in registration order."""
+def users(cls: type, kinds: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """The ``(kind, name)`` of every plug-in (of ``kinds``, if given) that lists ``cls``, in registration order."""
     _load()
-    return [key for key, classes in _REGISTRY.items() if cls in classes]
+    kinds = None if kinds is None else set(kinds)
+    return [key for key, classes in _REGISTRY.items() if cls in classes and (kinds is None or key[0] in kinds)]
 
 
-def option_fields() -> dict[str, dataclasses.Field]:
-    """Every registered option field by name (each has one owner)."""
-    return {f.name: f for cls in option_classes() for f in dataclasses.fields(cls)}
+def option_fields(kinds: Iterable[str] | None = None) -> dict[str, dataclasses.Field]:
+    """Every registered option field (of the plug-ins of ``kinds``, if given) by name (each has one owner)."""
+    return {f.name: f for cls in option_classes(kinds) for f in dataclasses.fields(cls)}
 
 
 def hook(instance: Any, name: str) -> Callable[..., Any] | None:

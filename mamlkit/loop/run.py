@@ -357,9 +357,10 @@ def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], N
 def _rl_fresh_config(request: RLRequest):
     """The config of the fresh RL run ``request`` asks for."""
     from mamlkit.rl import config as rlconfig
+    from mamlkit.rl import families
 
-    if not rlconfig.is_env(request.env or ""):
-        names = "|".join(rlconfig.ENV_NAMES + rlconfig.METAWORLD_EXAMPLES)
+    if families.find_family(request.env or "") is None:
+        names = "|".join(families.examples())
         raise UserError(f"name an environment: `mamlkit rl train {{{names}}}` (or ml1-<task>; got {request.env!r}), "
                         "or pass --resume RUN")
     return rlconfig.from_dict({**request.file_values, **request.given, "env": request.env})
@@ -388,14 +389,12 @@ def _rl_report(trainer, baselines: bool, train_baseline: bool, show: tuple[int, 
     evaluation instead (``eval_episodes`` scored episodes per goal), without baselines."""
     from mamlkit.rl import evaluate
     from mamlkit.rl import train as rltrain
-    from mamlkit.rl.config import is_metaworld
+    from mamlkit.rl.families import hook
 
     cfg = trainer.cfg  # threads: set by the caller (rl train's fit, or the eval's plan)
-    if is_metaworld(cfg.env):  # the benchmark's own evaluation; its baselines are the published ones
-        from mamlkit.rl import metaworld_eval
-
+    if cfg.family.report is not None:  # a benchmark's own evaluation (Meta-World's); its baselines: the published
         steps = show or tuple(range(1, len(cfg.eval_lrs) + 1))
-        return metaworld_eval.report(out or trainer.run_dir, trainer.policy, cfg, steps, eval_episodes)
+        return hook(cfg.family.report)(out or trainer.run_dir, trainer.policy, cfg, steps, eval_episodes)
     policies = {cfg.algo: trainer.policy}
     if baselines and cfg.algo != "pretrain":
         folder = trainer.run_dir / "pretrained"

@@ -15,5 +15,8 @@ Layout:
   the TRPO step with its backtracking line search.
 * ``maml_trpo.py``: the meta-learner: inner step = :func:`mamlkit.engine.inner.adapt_path`, outer = TRPO,
   whose gradient and Fisher products come task by task through the inner step (``linearize_tasks``).
+* ``families.py``: the environment families (nav2d, cheetah-vel, cheetah-dir, Meta-World): what each
+  environment needs (its environments, tasks, defaults, report, options), looked up by ``family_of(env)``;
+  ``options.py``: the help groups of ``mamlkit rl train`` and TRPO's options.
 * ``config.py``, ``train.py``, ``evaluate.py``, ``cli.py``: ``mamlkit rl train|eval``.
 """

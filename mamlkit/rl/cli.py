@@ -15,14 +15,14 @@ from mamlkit.base.errors import UserError
 from mamlkit.config import load_yaml
 from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag
 from mamlkit.rl import config as rlconfig
-from mamlkit.rl.config import ENV_NAMES, METAWORLD_EXAMPLES, is_env, is_metaworld
+from mamlkit.rl import families
 
 
 def help_env(argv: list[str]) -> str | None:
     """The environment named in ``mamlkit rl train ENV --help``, whose values the help then shows."""
     if argv[:2] != ["rl", "train"] or not {"-h", "--help"} & set(argv):
         return None
-    return next((a for a in argv[2:] if is_env(a)), None)
+    return next((a for a in argv[2:] if families.find_family(a) is not None), None)
 
 
 def env_values(env: str) -> rlconfig.RLConfig:
@@ -43,8 +43,7 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
         usage="mamlkit rl train [ENV] [--config FILE] [--resume RUN] [--FIELD VALUE ...]",
         about="Meta-train a policy with MAML-TRPO.", values_from=help_env,
         hint="`mamlkit rl train ENV --help` shows an environment's")
-    train.add_argument("env", nargs="?", metavar="ENV", help=f"environment: {', '.join(ENV_NAMES)}, or Meta-World's "
-                       f"{', '.join(METAWORLD_EXAMPLES)}, ml1-<task> (pip install 'mamlkit[metaworld]')")
+    train.add_argument("env", nargs="?", metavar="ENV", help=f"environment: {families.known()}")
     add_config_flags(train, rlconfig.RLConfig, skip=("env",), groups=rlconfig.GROUPS,
                      **({"values": env_values(help_env), "values_from": help_env} if help_env else {}))
     train.add_argument("--overwrite", action="store_true",
@@ -98,7 +97,8 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
 
 
 ARENA = (-0.5, 0.5)  # nav2d goals are drawn from U[-0.5, 0.5]² (paper §5.3); a policy knows no others
-SHIPPED = {"nav2d": "nav2d-maml-trpo.safetensors"}  # policies in mamlkit/assets/ (see docs/rl.md)
+# policies in mamlkit/assets/ (see docs/rl.md), by the family that ships them
+SHIPPED = {f.name: f.shipped for f in families.ENV_FAMILIES.values() if f.shipped}
 
 
 def shipped_policy(name: str) -> Path:
@@ -229,11 +229,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     what = f"the policy of iteration {trainer.step} from {source}"
     if source.is_dir():
         trainer, what = train.best_or_last(trainer)
-    if is_metaworld(trainer.cfg.env):
+    adapts = trainer.cfg.family.adapt  # what `rl adapt` gives the policy's environment family
+    if adapts == "metaworld":
         return _adapt_metaworld(args, trainer, what)
-    if trainer.cfg.env != "nav2d":
-        raise UserError(f"{args.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes nav2d and "
-                        "Meta-World ones")
+    if adapts != "goal-2d":
+        takers = " and ".join(f.name for f in families.ENV_FAMILIES.values() if f.adapt)
+        raise UserError(f"{args.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes {takers} ones")
     if args.goal is None or len(args.goal) != 2 or args.test_task is not None or args.task_type is not None:
         raise UserError("a nav2d policy adapts to --goal X Y (two numbers); --test-task and --task-type are "
                         "Meta-World's")

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from mamlkit.rl.config import ENV_NAMES, is_metaworld
+from mamlkit.rl.families import family_of, hook
 
 
 class TaskEnv(Protocol):
@@ -96,20 +96,36 @@ class Nav2D:
         return self.pos.clone(), reward, terminated, truncated, {"active": active}
 
 
+def make_nav2d(name: str, tasks: Tensor, num_envs: int, horizon: int, action_scale: float) -> Nav2D:
+    """The nav2d family's environments (:mod:`mamlkit.rl.families`)."""
+    return Nav2D(tasks, num_envs, horizon, action_scale=action_scale)
+
+
+def nav2d_tasks(name: str, num_tasks: int, generator: torch.Generator, split: str, seed: int) -> Tensor:
+    """Goals ``[T, 2]`` uniform in ``[-0.5, 0.5]²``; every split from one distribution."""
+    return Nav2D.sample_tasks(num_tasks, generator)
+
+
+def cheetah_vel_tasks(name: str, num_tasks: int, generator: torch.Generator, split: str, seed: int) -> Tensor:
+    """Target velocities ``[T, 1]`` ~ U[0, 2] (paper, App. A.2)."""
+    return 2.0 * torch.rand(num_tasks, 1, generator=generator, dtype=torch.float64)
+
+
+def cheetah_dir_tasks(name: str, num_tasks: int, generator: torch.Generator, split: str, seed: int) -> Tensor:
+    """Directions ``[T, 1]``: forward (+1) or backward (-1), equally likely."""
+    return torch.randint(0, 2, (num_tasks, 1), generator=generator).double() * 2 - 1
+
+
 def make_env(name: str, tasks: Tensor, num_envs: int, horizon: int, action_scale: float = 1.0,
-             reward_version: str = "v2") -> TaskEnv:
+             reward_version: str = "v2", **settings: Any) -> TaskEnv:
     """Build environment ``name`` for ``tasks`` (from :func:`sample_tasks`) with N copies per task; the
     environment divides the policy's actions by ``action_scale`` before clipping them to its range.
-    ``reward_version``: Meta-World's reward functions (the other environments have one reward)."""
-    if name == "nav2d":
-        return Nav2D(tasks, num_envs, horizon, action_scale=action_scale)
-    if is_metaworld(name):
-        from mamlkit.rl.metaworld import MetaWorldTasks
-
-        return MetaWorldTasks(name, tasks, num_envs, horizon, action_scale, reward_version)
-    from mamlkit.rl.cheetah import HalfCheetahTasks
-
-    return HalfCheetahTasks(name, tasks, num_envs, horizon, action_scale)
+    ``settings``: the values of the family's own options (:meth:`EnvFamily.settings` of the run config), which
+    its ``make`` takes by name; ``reward_version`` (Meta-World's) is the one the sampler passes by position."""
+    family = family_of(name)
+    owned = {f for c in family.options for f in c.__dataclass_fields__}
+    settings = {k: v for k, v in ({"reward_version": reward_version} | settings).items() if k in owned}
+    return hook(family.make)(name, tasks, num_envs, horizon, action_scale, **settings)
 
 
 def sample_tasks(name: str, num_tasks: int, generator: torch.Generator, split: str = "train",
@@ -119,56 +135,38 @@ def sample_tasks(name: str, num_tasks: int, generator: torch.Generator, split: s
     ``split`` and ``seed`` matter to Meta-World only, whose tasks are fixed lists: its benchmark of seed
     ``seed`` gives ``"test"`` rows from its test split and every other split's rows from its train split.
     The other environments draw every split from one distribution (the generator keeps them apart)."""
-    if is_metaworld(name):
-        from mamlkit.rl.metaworld import sample_tasks as metaworld_tasks
-
-        return metaworld_tasks(name, num_tasks, generator, split, seed)
-    if name == "nav2d":
-        return Nav2D.sample_tasks(num_tasks, generator)
-    if name == "cheetah-vel":  # target velocity U[0, 2] (paper, App. A.2)
-        return 2.0 * torch.rand(num_tasks, 1, generator=generator, dtype=torch.float64)
-    if name == "cheetah-dir":  # forward (+1) or backward (-1), equally likely
-        return torch.randint(0, 2, (num_tasks, 1), generator=generator).double() * 2 - 1
-    raise ValueError(f"unknown environment {name!r}; choose one of {', '.join(ENV_NAMES)}")
+    return hook(family_of(name).sample)(name, num_tasks, generator, split, seed)
 
 
 def action_limit(name: str) -> float:
     """The bound the environment clips its (scaled) actions to: ±0.1 moves (nav2d), ±1 torques (cheetah)."""
-    return 0.1 if name == "nav2d" else 1.0
+    return family_of(name).action_limit
 
 
 def env_dims(name: str) -> tuple[int, int]:
     """``(obs_dim, act_dim)`` of environment ``name`` without building it."""
-    if name == "nav2d":
-        return Nav2D.obs_dim, Nav2D.act_dim
-    if is_metaworld(name):
-        return 39, 4  # every Sawyer task: hand, gripper, two objects' poses, the previous frame, hidden goal
-    return 17, 6  # gymnasium HalfCheetah-v5: 17 observations (x excluded), 6 torques
+    return family_of(name).dims
 
 
 def check_env(name: str) -> None:
     """Refuse (``UserError``) an environment the installed packages lack: Meta-World's families need its
     package, and their task must be one of its ML1 tasks."""
-    if is_metaworld(name):
-        from mamlkit.rl.metaworld import check_env as check
-
-        check(name)
+    family = family_of(name)
+    if family.check is not None:
+        hook(family.check)(name)
 
 
 def check_train_tasks(name: str, tasks: Tensor) -> None:
     """Raise if ``tasks`` holds a task of a benchmark's test split: training must never see one (Meta-World
     PR #573 found its `ML1-train` used the test split). Only Meta-World's task rows name a split."""
-    if is_metaworld(name):
-        from mamlkit.rl.metaworld import check_train_tasks as check
+    family = family_of(name)
+    if family.check_train is not None:
+        hook(family.check_train)(tasks)
 
-        check(tasks)
 
-
-def env_record(name: str, reward_version: str = "v2") -> dict[str, Any]:
-    """What a checkpoint and a report record of environment ``name`` beyond the run config: for Meta-World
-    the package's version and the reward functions'; nothing for the environments mamlkit implements."""
-    if not is_metaworld(name):
-        return {}
-    from mamlkit.rl.metaworld import record
-
-    return record(name, reward_version)
+def env_record(cfg: Any) -> dict[str, Any]:
+    """What a checkpoint and a report record of the environment of run config ``cfg`` beyond the config: for
+    Meta-World the package's version and the reward functions'; nothing for the environments mamlkit
+    implements."""
+    family = family_of(cfg.env)
+    return {} if family.record is None else hook(family.record)(cfg.env, **family.settings(cfg))

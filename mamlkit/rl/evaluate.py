@@ -23,9 +23,6 @@ from mamlkit.rl.envs import sample_tasks
 from mamlkit.rl.maml_trpo import MAMLTRPO
 from mamlkit.runfolder import register_run_files
 
-# Finn et al. 2017, MAML after 0..3 steps: Table 4 (2D navigation), Table 5 (half-cheetah forward/backward).
-PAPER = {"nav2d": (-40.41, -11.68, -3.33, -3.23), "cheetah-dir": (-50.69, 293.19, 313.48, 315.65)}
-
 
 def test_tasks(cfg: RLConfig, num_tasks: int | None = None) -> Tensor:
     return sample_tasks(cfg.env, num_tasks or cfg.eval_tasks, task_generator(cfg.seed, "test", 0), "test", cfg.seed)
@@ -74,7 +71,7 @@ def report(run_dir: Path, policies: dict[str, nn.Module], cfg: RLConfig,
     tasks = test_tasks(cfg)
     curves = {name: adaptation_curve(p, cfg, tasks) for name, p in policies.items()}
     steps = [0, *sorted(set(show))] if show else range(len(cfg.eval_lrs) + 1)
-    paper = PAPER.get(cfg.env)
+    paper = cfg.family.paper  # the paper's MAML returns after 0..3 steps, where it reports the env
     names = list(policies)
     lines = [f"{cfg.env}: average return per episode after k policy-gradient steps (rates "
              f"{list(cfg.eval_lrs)}), mean ± 95% CI over {tasks.shape[0]} fixed test tasks, "
@@ -100,7 +97,7 @@ def report(run_dir: Path, policies: dict[str, nn.Module], cfg: RLConfig,
                                                          "paper": paper}, indent=2))
     atomic_write_text(run_dir / "eval.md", text)
     curve_figure(run_dir / "returns_vs_steps.png", curves, paper)
-    if cfg.env == "nav2d":
+    if cfg.family.trajectories:  # agents in the plane: the paper's figure 4
         trajectory_figure(run_dir / "figure4_trajectories.png", policies, cfg)
     return text
 

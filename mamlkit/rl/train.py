@@ -28,8 +28,9 @@ from mamlkit.base.metrics import MetricsLog, add_to_window, is_window, window_ro
 from mamlkit.loop import distributed
 from mamlkit.loop.guard import StepGuard, one_stop_for_all_ranks, rank_lock
 from mamlkit.models import Workload, check_model_memory
-from mamlkit.rl.config import LEGACY_ACTION_SCALE, RLConfig, env_default, from_dict, is_env
+from mamlkit.rl.config import RLConfig, from_stored
 from mamlkit.rl.envs import check_env, env_dims, env_record, sample_tasks
+from mamlkit.rl.families import find_family
 from mamlkit.rl.maml_trpo import MAMLTRPO
 from mamlkit.rl.policy import GaussianMLPPolicy, build_policy
 
@@ -113,7 +114,7 @@ def save_checkpoint(trainer: RLTrainer, path: Path, **extra: float) -> None:
         raise Diverged(f"the policy of step {trainer.step} holds NaN or inf; {path} is not written")
     state = {"kind": "rl", "config": trainer.cfg.to_dict(), "algo": trainer.cfg.algo, "step": trainer.step,
              "best_val": trainer.best_val, "log_window": trainer.log_window} | extra
-    if record := env_record(trainer.cfg.env, trainer.cfg.reward_version):
+    if record := env_record(trainer.cfg):
         state["environment"] = record  # Meta-World: the package's and the reward functions' versions
     checkpoint.save(path, tensors, state)
 
@@ -171,12 +172,15 @@ def rl_config_of(stored: dict, path: str | Path) -> RLConfig:
     """The run config of a meta-RL checkpoint (its state's ``config``, an object: checked on load); an invalid
     one is a CheckpointError naming the file."""
     # runs written before action_scale existed applied the policy's actions unscaled; those written
-    # before the scale was stored explicitly (0) used the defaults of that time
+    # before the scale was stored explicitly (0) used the defaults of that time (its family's legacy scale).
+    # Configs written when every option was a field of every RL config hold the options of plug-ins the run
+    # did not choose (a nav2d run's reward_version): from_stored drops those at their defaults.
     raw = {"action_scale": 1.0} | stored
-    if not raw["action_scale"] and isinstance(raw.get("env", "nav2d"), str) and is_env(raw.get("env", "nav2d")):
-        raw["action_scale"] = env_default(LEGACY_ACTION_SCALE, raw.get("env", "nav2d"))  # an unknown env is named below
+    family = find_family(raw.get("env", "nav2d"))  # an unknown env is named below
+    if not raw["action_scale"] and family is not None:
+        raw["action_scale"] = family.action_scale if family.legacy_action_scale is None else family.legacy_action_scale
     try:
-        return from_dict(raw)
+        return from_stored(raw)
     except UserError as e:
         raise checkpoint.CheckpointError(f"{path}: its run config is invalid: {e}") from None
 
