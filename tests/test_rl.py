@@ -591,6 +591,39 @@ def test_line_search_needs_improvement_and_kl_within_the_bound():
     assert stats["backtracks"] == 15 and torch.equal(p, torch.zeros(2, dtype=D))
 
 
+def test_the_executors_loop_gives_vmaps_numbers(monkeypatch):
+    """Every per-task piece of MAML-TRPO runs on its executor: the post-update policies' sampling, the inner
+    step, the surrogate and KL (collect, losses, the meta-gradient) and the test-time adaptation. Under the
+    loop they run task by task, and give vmap's numbers (float64)."""
+    from mamlkit.exec import strategies
+    from mamlkit.exec.executor import Executor
+
+    cfg = RLConfig(**TINY)
+    tasks = sample_tasks("nav2d", cfg.meta_batch, task_generator(0, "train", 0))
+    seen, real_map, real_tasks = [], strategies.map_args, strategies.map_tasks
+    monkeypatch.setattr(strategies, "map_args", lambda *a, **k: seen.append(k["vectorize"]) or real_map(*a, **k))
+    monkeypatch.setattr(strategies, "map_tasks",
+                        lambda fn, b, s: seen.append(s.vectorize) or real_tasks(fn, b, s))
+    out = {}
+    for strategy in ("vmap", "loop"):
+        seen.clear()
+        policy = build_policy(2, 2, cfg.hidden_sizes, 0.5, seed=1, dtype=D)
+        algo = MAMLTRPO(policy, cfg, executor=Executor(policy, strategy))
+        gen = torch.Generator().manual_seed(4)
+        batch, stats = algo.collect(tasks, gen)
+        surr, kl = algo.losses(batch)
+        grad = flat(torch.autograd.grad(surr, list(policy.parameters())))
+        curve, path = algo.adapt_curve(tasks[:2], (0.1, 0.05), gen, 3)
+        out[strategy] = [batch.support_y, batch.query_x, batch.query_y, surr, kl, grad, curve, *path[2].values(),
+                         torch.tensor([stats["return_post"]], dtype=D)]
+        # 18 rollout steps of post-update policies (6 in collect, 6 x 2 in adapt_curve), 3 inner
+        # steps (collect's, adapt_curve's two), the objective once: all on this strategy
+        assert len(seen) == 22 and set(seen) == {strategy == "vmap"}, seen
+    for vmapped, looped in zip(out["vmap"], out["loop"]):
+        assert vmapped.shape == looped.shape and torch.allclose(vmapped, looped, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(out["vmap"][5], torch.zeros_like(out["vmap"][5]))  # a meta-gradient to compare
+
+
 def test_evaluation_steps_use_0_1_then_0_05():
     # Finn et al. 2017, App. A.2: trained with one step of α = 0.1, evaluated "halving the learning rate
     # after the first gradient step" (the paper's test_maml_point.py: init_learning_rate α, then 0.5 α).
