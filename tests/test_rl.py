@@ -723,6 +723,31 @@ def test_cli_train_eval_and_resume(tmp_path, capsys):
     assert all(torch.equal(full[k], half[k]) for k in full)
 
 
+def test_resuming_a_finished_run_says_so_and_writes_a_missing_report(tmp_path, capsys):
+    flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines"] + TINY_FLAGS
+    assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 0
+    run = tmp_path / "r"
+    made = {name: (run / name).stat().st_mtime_ns for name in ("eval.md", "checkpoint.safetensors")}
+    capsys.readouterr()
+    assert main(["rl", "train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is finished: 1 iterations trained, report in {run / 'eval.md'}: nothing to do" in out
+    assert "--iterations above 1 to train further" in out and f"`mamlkit rl eval {run} --overwrite`" in out
+    assert "| 0 |" not in out  # no report again
+    assert {name: (run / name).stat().st_mtime_ns for name in made} == made
+    # the report missing: written, nothing trained
+    (run / "eval.md").unlink()
+    assert main(["rl", "train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "is finished" not in out and "| 1 |" in out and (run / "eval.md").exists()
+    assert checkpoint.load(run)[1]["step"] == 1 and (run / "checkpoint.safetensors").stat().st_mtime_ns == \
+        made["checkpoint.safetensors"]
+    # other report settings: reported again with them
+    assert main(["rl", "train", "--resume", str(run), "--eval-tasks", "2"]) == 0
+    assert "is finished" not in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text())["num_tasks"] == 2
+
+
 def test_cli_eval_steps_and_adapt_to_a_goal(tmp_path, capsys):
     flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines"] + TINY_FLAGS
     assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 0

@@ -204,20 +204,25 @@ def _finished(trainer: train.Trainer, stored: config.TrainConfig) -> bool:
 
 
 def _nothing_left(trainer: train.Trainer, stored: config.TrainConfig, asked: int, say: Callable[[str], None],
-                  note: Callable[[str], None]) -> bool:
-    """Whether a resumed run has nothing left to do (:func:`_finished`), saying so; ``asked``: the iterations
-    the command asked for, which a run already past them does not go back to (said too)."""
+                  note: Callable[[str], None], finished: bool | None = None, baseline: bool | None = None,
+                  evaluate: str = "mamlkit eval") -> bool:
+    """Whether a resumed run has nothing left to do (``finished``, by default :func:`_finished`), saying so;
+    ``asked``: the iterations the command asked for, which a run already past them does not go back to (said
+    too). ``baseline``: whether the run trains a baseline (default: a supervised run's ``compare_pretrained``);
+    ``evaluate``: the command that evaluates the run again (a meta-RL run's is `mamlkit rl eval`)."""
     run, step, cfg = trainer.run_dir, trainer.step, trainer.cfg
     below = f"--iterations {asked} is below the {step} it has trained, and " if asked < step else ""
-    if not _finished(trainer, stored):
+    if not (_finished(trainer, stored) if finished is None else finished):
         if below and is_main_rank():
             note(f"mamlkit: {below}it trains no further; finishing what it has not done")
         return False
+    if baseline is None:
+        baseline = cfg.compare_pretrained and cfg.algo != "pretrain"
     if is_main_rank():  # under torchrun every rank finds the same
         say(f"mamlkit: {below}{run} is finished: {step} iterations trained"
-            f"{' (its baseline too)' if cfg.compare_pretrained and cfg.algo != 'pretrain' else ''}, report in "
+            f"{' (its baseline too)' if baseline else ''}, report in "
             f"{run / 'eval.md'}: nothing to do. Pass --iterations above {step} to train further, or run "
-            f"`mamlkit eval {run} --overwrite` to evaluate it again.")
+            f"`{evaluate} {run} --overwrite` to evaluate it again.")
     return True
 
 
@@ -303,6 +308,8 @@ def eval_run(path: str | Path, *, baseline: str | None = None, eval_tasks: int |
 # Fields of an RL run that may change when it is resumed; everything else defines the run.
 RL_RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
                 "eval_lrs", "baselines", "pretrain_iterations", "val_every", "fast_fisher", "dist_timeout"}
+# The settings an RL run's report depends on: a finished run resumed with others is reported again.
+RL_REPORTED = ("eval_tasks", "eval_traj", "eval_lrs", "baselines", "pretrain_iterations")
 MAX_EVAL_STEPS = 10  # `rl eval --steps` and `--eval-lrs`: test steps reported
 
 
@@ -326,13 +333,7 @@ def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], N
     from mamlkit.rl import train as rltrain
 
     if request.resume:
-        if request.env:
-            raise UserError("pass either an environment or --resume RUN, not both")
-        if request.overwrite:
-            raise UserError("--overwrite starts a fresh run; it cannot be combined with --resume")
-        _check_resumable(Path(request.resume))
-        trainer = rltrain.load_trainer(request.resume)
-        trainer.cfg = resumed_config(trainer.cfg, {**request.file_values, **request.given}, RL_RESUMABLE)
+        trainer, stored, asked = _rl_resumed(request)
         run_dir = trainer.run_dir
     else:
         cfg = _rl_fresh_config(request)
@@ -343,6 +344,9 @@ def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], N
     with _lock(run_dir):
         if request.overwrite and is_main_rank():
             runfolder.clear(run_dir)
+        if request.resume and _nothing_left(trainer, stored, asked, say, _stderr, _rl_finished(trainer, stored),
+                                            _rl_trains_baseline(trainer.cfg), "mamlkit rl eval"):
+            return Outcome(run_dir)
         rltrain.fit(trainer)
         if not _rl_report_on_this_rank(trainer):
             return Outcome(run_dir)
@@ -352,6 +356,54 @@ def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], N
         table = _report_of_run(run_dir, lambda: _rl_report(chosen, trainer.cfg.baselines, train_baseline=True),
                                (*evaluate.REPORT_FILES, "pretrained/"), f"mamlkit rl eval {run_dir} --overwrite")
     return Outcome(run_dir, table, tuple(runfolder.written(run_dir)))
+
+
+def _rl_resumed(request: RLRequest):
+    """The trainer of the RL run ``request`` resumes, its config as the command changes it; the checkpoint's
+    config; the iterations the command asked for (a run past them trains no further: its config keeps what it
+    trained)."""
+    from mamlkit.rl import train as rltrain
+
+    if request.env:
+        raise UserError("pass either an environment or --resume RUN, not both")
+    if request.overwrite:
+        raise UserError("--overwrite starts a fresh run; it cannot be combined with --resume")
+    _check_resumable(Path(request.resume))
+    trainer = rltrain.load_trainer(request.resume)
+    stored = trainer.cfg
+    trainer.cfg = resumed_config(stored, {**request.file_values, **request.given}, RL_RESUMABLE)
+    asked = trainer.cfg.iterations
+    trainer.cfg = trainer.cfg.replace(iterations=max(asked, trainer.step))
+    return trainer, stored, asked
+
+
+def _rl_trains_baseline(cfg) -> bool:
+    """Whether an RL run's report trains the pretrained baseline (:func:`_rl_report`; a Meta-World run's
+    report has none)."""
+    from mamlkit.rl.config import is_metaworld
+
+    return cfg.baselines and cfg.algo != "pretrain" and cfg.pretrain_iterations > 0 and not is_metaworld(cfg.env)
+
+
+def _rl_finished(trainer, stored) -> bool:
+    """Whether a resumed RL run has nothing left to do (as :func:`_finished` for a supervised one): trained to
+    its iterations, its pretrained baseline (if its report trains one) too, and its report written after them
+    with the same report settings as ``stored`` (the checkpoint's). RL's eval.json records no iterations: the
+    report is the finished run's when its files are newer than the checkpoints it evaluated."""
+    cfg, run = trainer.cfg, trainer.run_dir
+    if trainer.step < cfg.iterations or any(getattr(cfg, f) != getattr(stored, f) for f in RL_REPORTED):
+        return False
+    evaluated = [run / "checkpoint.safetensors"]
+    try:
+        if _rl_trains_baseline(cfg):
+            step = checkpoint.load(run / "pretrained")[1].get("step")
+            if not (isinstance(step, int) and step >= max(1, cfg.pretrain_iterations)):
+                return False
+            evaluated.append(run / "pretrained" / "checkpoint.safetensors")
+        written = min((run / name).stat().st_mtime_ns for name in ("eval.md", "eval.json"))
+        return written >= max(path.stat().st_mtime_ns for path in evaluated)
+    except (OSError, ValueError, UserError):  # whatever is missing or unreadable is redone
+        return False
 
 
 def _rl_fresh_config(request: RLRequest):
