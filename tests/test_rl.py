@@ -808,7 +808,7 @@ def test_rl_eval_never_replaces_a_report_silently(tmp_path, capsys):
 
 def test_shipped_nav2d_policy_is_small_valid_and_adapts(tmp_path, capsys):
     from mamlkit.rl import train
-    from mamlkit.rl.cli import shipped_policy
+    from mamlkit.rl.adapt_inputs import shipped_policy
 
     path = shipped_policy("nav2d")
     assert path.stat().st_size < 100_000
@@ -1088,7 +1088,7 @@ RUN_PARAM_SUMS = {"meta/log_std": 0.002373731529316865, "meta/mean.0.bias": -0.9
 
 def test_shipped_policy_and_a_fixed_seed_run_give_the_recorded_numbers(tmp_path, capsys):
     from mamlkit.rl import evaluate, train
-    from mamlkit.rl.cli import shipped_policy
+    from mamlkit.rl.adapt_inputs import shipped_policy
 
     shipped = train.load_trainer(shipped_policy("nav2d"))
     cfg = shipped.cfg.replace(eval_tasks=3, eval_traj=2, horizon=20)

@@ -523,3 +523,125 @@ def _rl_eval_changes(request: RLEval, run_lrs: tuple[float, ...]) -> dict[str, A
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
     return changes
+
+
+# ---------------------------------------------------------------- `mamlkit rl adapt`
+
+@dataclass(frozen=True)
+class RLAdapt:
+    """What `mamlkit rl adapt` was asked: the policy (``checkpoint``: a run folder, a checkpoint file or a
+    shipped policy's name) and where to adapt it: ``goal`` (X Y for nav2d, X Y Z for Meta-World, of
+    ``task_type`` for ML10) or a Meta-World ``test_task``; ``steps`` steps of ``traj`` episodes each (noise
+    from ``seed``), the figure to ``out`` (None: the environment's default name)."""
+
+    checkpoint: str
+    goal: tuple[float, ...] | None = None
+    test_task: int | None = None
+    task_type: str | None = None
+    steps: int = 3
+    traj: int = 20
+    out: str | None = None
+    seed: int = 0
+    threads: int | None = None
+
+
+def rl_adapt_run(request: RLAdapt) -> list[str]:
+    """Adapt the policy ``request`` names to its goal or test task and write the figure of its trajectories before
+    and after each step; returns the lines to print (the policy, the returns per step count, the figure).
+    Raises :class:`UserError` for what cannot be adapted, the options' mistakes before the checkpoint is read."""
+    from mamlkit.rl import adapt_inputs
+    from mamlkit.rl import train as rltrain
+    from mamlkit.rl.config import is_metaworld
+
+    _rl_adapt_figure(request, "adapt.png")  # mistakes of any environment's, before the checkpoint is read
+    name = request.checkpoint
+    source = adapt_inputs.shipped_policy(name) if name in adapt_inputs.SHIPPED else Path(name)
+    try:
+        trainer = rltrain.load_trainer(source)
+    except UserError:  # the goal's mistake first, as it would be for a readable nav2d checkpoint
+        adapt_inputs.check_2d_goal(request.goal)
+        raise
+    what = f"the policy of iteration {trainer.step} from {source}"
+    if source.is_dir():
+        trainer, what = rltrain.best_or_last(trainer)
+    what = what.replace("evaluating ", "adapting ")
+    if is_metaworld(trainer.cfg.env):
+        return _rl_adapt_metaworld(request, trainer, what)
+    return _rl_adapt_nav2d(request, trainer, what)
+
+
+def _rl_adapt_figure(request: RLAdapt, default_out: str) -> Path:
+    """Check `rl adapt`'s steps, episodes and figure (any environment's); return the figure's path."""
+    if not 1 <= request.steps <= 3:
+        raise UserError(f"--steps must be 1, 2 or 3 (the paper's test protocol), got {request.steps}")
+    if request.traj < 1:
+        raise UserError(f"--traj must be >= 1, got {request.traj}")
+    out = Path(request.out or default_out)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out {out} must end in .png, .pdf or .svg")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _rl_adapt_nav2d(request: RLAdapt, trainer, what: str) -> list[str]:
+    """`rl adapt` of a nav2d policy to the goal X Y."""
+    import torch
+
+    from mamlkit.rl import adapt_inputs, evaluate
+
+    if trainer.cfg.env != "nav2d":
+        raise UserError(f"{request.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes nav2d and "
+                        "Meta-World ones")
+    if (request.goal is None or len(request.goal) != 2 or request.test_task is not None
+            or request.task_type is not None):
+        raise UserError("a nav2d policy adapts to --goal X Y (two numbers); --test-task and --task-type are "
+                        "Meta-World's")
+    adapt_inputs.check_2d_goal(request.goal)
+    x, y = request.goal
+    out = _rl_adapt_figure(request, "nav2d_adapt.png")
+    cfg = trainer.cfg.replace(eval_lrs=evaluate.step_rates(trainer.cfg.eval_lrs, request.steps),
+                              eval_traj=request.traj, seed=request.seed)
+    goal = torch.tensor([[x, y]], dtype=torch.float64)
+    with evaluate.planned(request.threads, cfg):
+        curve = evaluate.trajectory_figure(out, {cfg.algo: trainer.policy}, cfg, tasks=goal,
+                                           shown_steps=tuple(range(request.steps + 1)))[0][0]
+    rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
+    return [what, f"goal ({x:g}, {y:g}): mean return of {request.traj} episodes after 0..{request.steps} steps "
+                  f"(rates {rates}):",
+            *(f"  {k} step{'s' * (k != 1)}: {r:.2f}" for k, r in enumerate(curve.tolist())), f"figure: {out}"]
+
+
+def _rl_adapt_metaworld(request: RLAdapt, trainer, what: str) -> list[str]:
+    """`rl adapt` of a Meta-World policy: to the goal X Y Z (of ``task_type`` for ML10) or to a test task."""
+    from mamlkit.base.batch import task_generator
+    from mamlkit.rl import evaluate, metaworld, metaworld_adapt
+
+    cfg = trainer.cfg
+    if (request.goal is None) == (request.test_task is None):
+        raise UserError(f"{cfg.env}: pass either --goal X Y Z or --test-task INDEX (a task of the benchmark's "
+                        "test split)")
+    if request.test_task is not None and request.task_type is not None:
+        raise UserError("--task-type names the task type of --goal; --test-task INDEX already names a task")
+    out = _rl_adapt_figure(request, f"{cfg.env}_adapt.png")
+    if request.goal is not None:
+        row = metaworld.given_goal(cfg.env, cfg.seed, list(request.goal), request.task_type)
+        task = "the given goal"
+    else:
+        row = metaworld.test_task_row(cfg.env, cfg.seed, request.test_task)
+        task = f"test task {request.test_task}"
+    cfg = cfg.replace(eval_lrs=evaluate.step_rates(cfg.eval_lrs, request.steps), eval_traj=request.traj)
+    with evaluate.planned(request.threads, cfg):
+        result = metaworld_adapt.adapt(trainer.policy, cfg, row, task_generator(request.seed, "adapt", 0))
+        goal = metaworld_adapt.task_goal(cfg.env, row)
+        name = metaworld.resolve(cfg.env, row)[0].env_name
+        metaworld_adapt.trajectory_figure(out, result["episodes"], goal,
+                                          f"{cfg.env} ({name}), {task}: end effector, mean action")
+    rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
+    lines = [what, f"{name}, {task}, goal at ({', '.join(f'{v:.3f}' for v in goal)}): after 0..{request.steps} steps "
+                   f"(rates {rates}), mean return of {request.traj} sampled episodes; return and success of the mean "
+                   "action:"]
+    for k, (r, ep) in enumerate(zip(result["sampled"], result["episodes"])):
+        lines.append(f"  {k} step{'s' * (k != 1)}: {r:.2f}; mean action {ep['return']:.2f}, "
+                     f"{'success' if ep['success'] else 'no success'}")
+    return [*lines, f"figure: {out}"]

@@ -14,5 +14,6 @@ Layout:
   the TRPO step with its backtracking line search.
 * ``maml_trpo.py``: the meta-learner: inner step = :func:`mamlkit.engine.inner.adapt_path`, outer = TRPO,
   whose gradient and Fisher products come task by task through the inner step (``linearize_tasks``).
-* ``config.py``, ``train.py``, ``evaluate.py``, ``cli.py``: ``mamlkit rl train|eval``.
+* ``config.py``, ``train.py``, ``evaluate.py``, ``cli.py``: ``mamlkit rl train|eval|adapt``;
+  ``adapt_inputs.py``: nav2d's arena of goals and the shipped policies (no torch: the parser's help reads it).
 """
