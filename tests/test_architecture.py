@@ -286,3 +286,31 @@ def test_the_run_handling_check_itself():
               "    runfolder.record('r', ())\n")
     assert own_run_handling(source) == ["_diverged (line 3)", "train_run (line 4)", "StepGuard (line 5)",
                                         "signal.signal (line 7)", "runfolder.lock (line 8)"]
+
+
+# How tasks run is the executor's: RL maps its per-task work (the post-update policies, the inner step) with
+# `Executor.map`, never with vmap itself.
+def vmap_calls(source: str) -> list[str]:
+    """``name (line)`` of every call of vmap in ``source`` (``torch.vmap``, ``torch.func.vmap``, a ``vmap``
+    imported by name) and of every import of it."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            if name == "vmap" or name.endswith(".vmap"):
+                found.append((node.lineno, name))
+        elif isinstance(node, ast.ImportFrom) and any(a.name == "vmap" for a in node.names):
+            found.append((node.lineno, "import of vmap"))
+    return [f"{what} (line {line})" for line, what in sorted(found)]
+
+
+def test_rl_runs_tasks_through_the_executor():
+    found = {path.name: vmap_calls(path.read_text()) for path in sorted((PACKAGE / "rl").glob("*.py"))}
+    assert not {k: v for k, v in found.items() if v}, found
+
+
+def test_the_vmap_check_itself():
+    source = ("import torch\nfrom torch.func import vmap\nf = torch.vmap(g)(x)\ny = vmap(g, in_dims=0)(x)\n"
+              "z = torch.func.vmap(g)\n# torch.vmap(g) in a comment\ns = 'vmap'\nexecutor.map(g, x)\n")
+    assert vmap_calls(source) == ["import of vmap (line 2)", "torch.vmap (line 3)", "vmap (line 4)",
+                                  "torch.func.vmap (line 5)"]

@@ -591,6 +591,39 @@ def test_line_search_needs_improvement_and_kl_within_the_bound():
     assert stats["backtracks"] == 15 and torch.equal(p, torch.zeros(2, dtype=D))
 
 
+def test_the_executors_loop_gives_vmaps_numbers(monkeypatch):
+    """Every per-task piece of MAML-TRPO runs on its executor: the post-update policies' sampling, the inner
+    step, the surrogate and KL (collect, losses, the meta-gradient) and the test-time adaptation. Under the
+    loop they run task by task, and give vmap's numbers (float64)."""
+    from mamlkit.exec import strategies
+    from mamlkit.exec.executor import Executor
+
+    cfg = RLConfig(**TINY)
+    tasks = sample_tasks("nav2d", cfg.meta_batch, task_generator(0, "train", 0))
+    seen, real_map, real_tasks = [], strategies.map_args, strategies.map_tasks
+    monkeypatch.setattr(strategies, "map_args", lambda *a, **k: seen.append(k["vectorize"]) or real_map(*a, **k))
+    monkeypatch.setattr(strategies, "map_tasks",
+                        lambda fn, b, s: seen.append(s.vectorize) or real_tasks(fn, b, s))
+    out = {}
+    for strategy in ("vmap", "loop"):
+        seen.clear()
+        policy = build_policy(2, 2, cfg.hidden_sizes, 0.5, seed=1, dtype=D)
+        algo = MAMLTRPO(policy, cfg, executor=Executor(policy, strategy))
+        gen = torch.Generator().manual_seed(4)
+        batch, stats = algo.collect(tasks, gen)
+        surr, kl = algo.losses(batch)
+        grad = flat(torch.autograd.grad(surr, list(policy.parameters())))
+        curve, path = algo.adapt_curve(tasks[:2], (0.1, 0.05), gen, 3)
+        out[strategy] = [batch.support_y, batch.query_x, batch.query_y, surr, kl, grad, curve, *path[2].values(),
+                         torch.tensor([stats["return_post"]], dtype=D)]
+        # 18 rollout steps of post-update policies (6 in collect, 6 x 2 in adapt_curve), 3 inner
+        # steps (collect's, adapt_curve's two), the objective once: all on this strategy
+        assert len(seen) == 22 and set(seen) == {strategy == "vmap"}, seen
+    for vmapped, looped in zip(out["vmap"], out["loop"]):
+        assert vmapped.shape == looped.shape and torch.allclose(vmapped, looped, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(out["vmap"][5], torch.zeros_like(out["vmap"][5]))  # a meta-gradient to compare
+
+
 def test_evaluation_steps_use_0_1_then_0_05():
     # Finn et al. 2017, App. A.2: trained with one step of α = 0.1, evaluated "halving the learning rate
     # after the first gradient step" (the paper's test_maml_point.py: init_learning_rate α, then 0.5 α).
@@ -690,6 +723,31 @@ def test_cli_train_eval_and_resume(tmp_path, capsys):
     assert all(torch.equal(full[k], half[k]) for k in full)
 
 
+def test_resuming_a_finished_run_says_so_and_writes_a_missing_report(tmp_path, capsys):
+    flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines"] + TINY_FLAGS
+    assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 0
+    run = tmp_path / "r"
+    made = {name: (run / name).stat().st_mtime_ns for name in ("eval.md", "checkpoint.safetensors")}
+    capsys.readouterr()
+    assert main(["rl", "train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is finished: 1 iterations trained, report in {run / 'eval.md'}: nothing to do" in out
+    assert "--iterations above 1 to train further" in out and f"`mamlkit rl eval {run} --overwrite`" in out
+    assert "| 0 |" not in out  # no report again
+    assert {name: (run / name).stat().st_mtime_ns for name in made} == made
+    # the report missing: written, nothing trained
+    (run / "eval.md").unlink()
+    assert main(["rl", "train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "is finished" not in out and "| 1 |" in out and (run / "eval.md").exists()
+    assert checkpoint.load(run)[1]["step"] == 1 and (run / "checkpoint.safetensors").stat().st_mtime_ns == \
+        made["checkpoint.safetensors"]
+    # other report settings: reported again with them
+    assert main(["rl", "train", "--resume", str(run), "--eval-tasks", "2"]) == 0
+    assert "is finished" not in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text())["num_tasks"] == 2
+
+
 def test_cli_eval_steps_and_adapt_to_a_goal(tmp_path, capsys):
     flags = ["--out-dir", str(tmp_path), "--run-name", "r", "--no-baselines"] + TINY_FLAGS
     assert main(["rl", "train", "nav2d", "--iterations", "1"] + flags) == 0
@@ -750,7 +808,7 @@ def test_rl_eval_never_replaces_a_report_silently(tmp_path, capsys):
 
 def test_shipped_nav2d_policy_is_small_valid_and_adapts(tmp_path, capsys):
     from mamlkit.rl import train
-    from mamlkit.rl.cli import shipped_policy
+    from mamlkit.rl.adapt_inputs import shipped_policy
 
     path = shipped_policy("nav2d")
     assert path.stat().st_size < 100_000
@@ -1030,7 +1088,7 @@ RUN_PARAM_SUMS = {"meta/log_std": 0.002373731529316865, "meta/mean.0.bias": -0.9
 
 def test_shipped_policy_and_a_fixed_seed_run_give_the_recorded_numbers(tmp_path, capsys):
     from mamlkit.rl import evaluate, train
-    from mamlkit.rl.cli import shipped_policy
+    from mamlkit.rl.adapt_inputs import shipped_policy
 
     shipped = train.load_trainer(shipped_policy("nav2d"))
     cfg = shipped.cfg.replace(eval_tasks=3, eval_traj=2, horizon=20)

@@ -171,8 +171,6 @@ def test_a_family_registered_outside_the_package_trains_and_reports(line_family,
     assert "| 0 | " in (tmp_path / "r" / "eval.md").read_text()  # the standard report: returns after 0..K steps
 
 
-@pytest.mark.xfail(strict=True, reason="the sampler (MAMLTRPO.collect) passes make_env Meta-World's reward_version "
-                                       "alone, not the family's settings (cfg.family.settings(cfg))")
 def test_a_family_s_own_option_reaches_its_environments(line_family, cli, tmp_path):
     code, _, err = cli("rl", "train", "line", "--line-speed", "0.5", "--out-dir", tmp_path, *TINY)
     assert code == 0, err

@@ -189,14 +189,16 @@ class Executor:
 
     # --- evaluation and adaptation -----------------------------------------------------------------
 
-    def map(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn`` on each task's slice of ``args`` (tensors, or dicts of tensors, with a leading task
-        dimension), its outputs stacked over tasks (:func:`strategies.map_args`): evaluation's per-task work,
-        which builds no meta-gradient. Vectorised where the strategy is (vmap, compile, ``auto`` before its
-        trial), else task by task (loop, threads); where vmap cannot run the model (an op without a
-        batching rule, a tensor's value read in Python, random draws it refuses), in the loop from then on."""
-        return self._vectorised_or_loop(lambda: strategies.map_args(fn, args, vectorize=True),
-                                        lambda: strategies.map_args(fn, args, vectorize=False))
+    def map(self, fn: Callable[..., Any], *args: Any, shared: tuple = ()) -> Any:
+        """``fn(*shared, *slice)`` on each task's slice of ``args`` (tensors, or dicts of tensors, with a leading
+        task dimension), its outputs stacked over tasks (:func:`strategies.map_args`): evaluation's per-task
+        work, which builds no meta-gradient. ``shared``: arguments every task gets whole, leading ``fn``'s (the
+        parameters all tasks start from, beside each task's episodes). Vectorised where the strategy is (vmap,
+        compile, ``auto`` before its trial), else task by task (loop, threads); where vmap cannot run the model
+        (an op without a batching rule, a tensor's value read in Python, random draws it refuses), in the loop
+        from then on."""
+        return self._vectorised_or_loop(lambda: strategies.map_args(fn, args, vectorize=True, shared=shared),
+                                        lambda: strategies.map_args(fn, args, vectorize=False, shared=shared))
 
     def evaluate_tasks(self, fn: TaskFn, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Per-task losses ``[T]`` and query predictions of ``fn`` for evaluation, with the strategy (chunks

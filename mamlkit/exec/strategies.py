@@ -227,19 +227,21 @@ def map_tasks(fn: TaskFn, batch: TaskBatch, strategy: Strategy) -> tuple[Tensor,
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def map_args(fn: Callable[..., Any], args: tuple, *, vectorize: bool) -> Any:
-    """``fn`` on each task's slice of ``args`` (tensors, or dicts and tuples of them, with a leading task
-    dimension), its outputs (likewise) stacked over tasks: evaluation's per-task work, which builds no
-    meta-gradient. ``vectorize``: ``torch.vmap`` under the modes of :func:`task_modes` (random draws
-    independent per task, as :func:`_run`'s); otherwise a loop over tasks. The loop runs no compiled
-    kernel: ``fn`` may differentiate with ``torch.func.grad``, which their autograd functions do not
-    support, and evaluation differentiates once, so the fused kernels gain little."""
+def map_args(fn: Callable[..., Any], args: tuple, *, vectorize: bool, shared: tuple = ()) -> Any:
+    """``fn(*shared, *slice)`` on each task's slice of ``args`` (tensors, or dicts and tuples of them, with a
+    leading task dimension), its outputs (likewise) stacked over tasks: evaluation's per-task work, which builds
+    no meta-gradient. ``shared``: arguments every task gets whole (``in_dims=None`` under vmap). ``vectorize``:
+    ``torch.vmap`` under the modes of :func:`task_modes` (random draws independent per task, as :func:`_run`'s);
+    otherwise a loop over tasks. The loop runs no compiled kernel: ``fn`` may differentiate with
+    ``torch.func.grad``, which their autograd functions do not support, and evaluation differentiates once, so
+    the fused kernels gain little."""
     num_tasks = pytree.tree_leaves(args)[0].shape[0]
     if vectorize:
         with task_modes(True):
-            return torch.vmap(fn, randomness="different")(*args)
+            in_dims = (None,) * len(shared) + (0,) * len(args)
+            return torch.vmap(fn, in_dims=in_dims, randomness="different")(*shared, *args)
     with exact_ops(vectorized=False, second_order=False):
-        outs = [fn(*pytree.tree_map(lambda t, i=i: t[i], args)) for i in range(num_tasks)]
+        outs = [fn(*shared, *pytree.tree_map(lambda t, i=i: t[i], args)) for i in range(num_tasks)]
     return pytree.tree_map(lambda *per_task: torch.stack(per_task), *outs)
 
 

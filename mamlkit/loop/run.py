@@ -204,20 +204,25 @@ def _finished(trainer: train.Trainer, stored: config.TrainConfig) -> bool:
 
 
 def _nothing_left(trainer: train.Trainer, stored: config.TrainConfig, asked: int, say: Callable[[str], None],
-                  note: Callable[[str], None]) -> bool:
-    """Whether a resumed run has nothing left to do (:func:`_finished`), saying so; ``asked``: the iterations
-    the command asked for, which a run already past them does not go back to (said too)."""
+                  note: Callable[[str], None], finished: bool | None = None, baseline: bool | None = None,
+                  evaluate: str = "mamlkit eval") -> bool:
+    """Whether a resumed run has nothing left to do (``finished``, by default :func:`_finished`), saying so;
+    ``asked``: the iterations the command asked for, which a run already past them does not go back to (said
+    too). ``baseline``: whether the run trains a baseline (default: a supervised run's ``compare_pretrained``);
+    ``evaluate``: the command that evaluates the run again (a meta-RL run's is `mamlkit rl eval`)."""
     run, step, cfg = trainer.run_dir, trainer.step, trainer.cfg
     below = f"--iterations {asked} is below the {step} it has trained, and " if asked < step else ""
-    if not _finished(trainer, stored):
+    if not (_finished(trainer, stored) if finished is None else finished):
         if below and is_main_rank():
             note(f"mamlkit: {below}it trains no further; finishing what it has not done")
         return False
+    if baseline is None:
+        baseline = cfg.compare_pretrained and cfg.algo != "pretrain"
     if is_main_rank():  # under torchrun every rank finds the same
         say(f"mamlkit: {below}{run} is finished: {step} iterations trained"
-            f"{' (its baseline too)' if cfg.compare_pretrained and cfg.algo != 'pretrain' else ''}, report in "
+            f"{' (its baseline too)' if baseline else ''}, report in "
             f"{run / 'eval.md'}: nothing to do. Pass --iterations above {step} to train further, or run "
-            f"`mamlkit eval {run} --overwrite` to evaluate it again.")
+            f"`{evaluate} {run} --overwrite` to evaluate it again.")
     return True
 
 
@@ -303,6 +308,8 @@ def eval_run(path: str | Path, *, baseline: str | None = None, eval_tasks: int |
 # Fields of an RL run that may change when it is resumed; everything else defines the run.
 RL_RESUMABLE = {"iterations", "log_every", "checkpoint_every", "progress", "threads", "eval_tasks", "eval_traj",
                 "eval_lrs", "baselines", "pretrain_iterations", "val_every", "fast_fisher", "dist_timeout"}
+# The settings an RL run's report depends on: a finished run resumed with others is reported again.
+RL_REPORTED = ("eval_tasks", "eval_traj", "eval_lrs", "baselines", "pretrain_iterations")
 MAX_EVAL_STEPS = 10  # `rl eval --steps` and `--eval-lrs`: test steps reported
 
 
@@ -326,13 +333,7 @@ def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], N
     from mamlkit.rl import train as rltrain
 
     if request.resume:
-        if request.env:
-            raise UserError("pass either an environment or --resume RUN, not both")
-        if request.overwrite:
-            raise UserError("--overwrite starts a fresh run; it cannot be combined with --resume")
-        _check_resumable(Path(request.resume))
-        trainer = rltrain.load_trainer(request.resume)
-        trainer.cfg = resumed_config(trainer.cfg, {**request.file_values, **request.given}, RL_RESUMABLE)
+        trainer, stored, asked = _rl_resumed(request)
         run_dir = trainer.run_dir
     else:
         cfg = _rl_fresh_config(request)
@@ -343,6 +344,9 @@ def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], N
     with _lock(run_dir):
         if request.overwrite and is_main_rank():
             runfolder.clear(run_dir)
+        if request.resume and _nothing_left(trainer, stored, asked, say, _stderr, _rl_finished(trainer, stored),
+                                            _rl_trains_baseline(trainer.cfg), "mamlkit rl eval"):
+            return Outcome(run_dir)
         rltrain.fit(trainer)
         if not _rl_report_on_this_rank(trainer):
             return Outcome(run_dir)
@@ -352,6 +356,53 @@ def rl_train_run(request: RLRequest, started: list[Path], say: Callable[[str], N
         table = _report_of_run(run_dir, lambda: _rl_report(chosen, trainer.cfg.baselines, train_baseline=True),
                                (*evaluate.REPORT_FILES, "pretrained/"), f"mamlkit rl eval {run_dir} --overwrite")
     return Outcome(run_dir, table, tuple(runfolder.written(run_dir)))
+
+
+def _rl_resumed(request: RLRequest):
+    """The trainer of the RL run ``request`` resumes, its config as the command changes it; the checkpoint's
+    config; the iterations the command asked for (a run past them trains no further: its config keeps what it
+    trained)."""
+    from mamlkit.rl import train as rltrain
+
+    if request.env:
+        raise UserError("pass either an environment or --resume RUN, not both")
+    if request.overwrite:
+        raise UserError("--overwrite starts a fresh run; it cannot be combined with --resume")
+    _check_resumable(Path(request.resume))
+    trainer = rltrain.load_trainer(request.resume)
+    stored = trainer.cfg
+    trainer.cfg = resumed_config(stored, {**request.file_values, **request.given}, RL_RESUMABLE)
+    asked = trainer.cfg.iterations
+    trainer.cfg = trainer.cfg.replace(iterations=max(asked, trainer.step))
+    return trainer, stored, asked
+
+
+def _rl_trains_baseline(cfg) -> bool:
+    """Whether an RL run's report trains the pretrained baseline (:func:`_rl_report`; a Meta-World run's
+    report has none: its family's own evaluation reports the published figures instead)."""
+    return (cfg.baselines and cfg.algo != "pretrain" and cfg.pretrain_iterations > 0
+            and cfg.family.report is None)
+
+
+def _rl_finished(trainer, stored) -> bool:
+    """Whether a resumed RL run has nothing left to do (as :func:`_finished` for a supervised one): trained to
+    its iterations, its pretrained baseline (if its report trains one) too, and its report written after them
+    with the same report settings as ``stored`` (the checkpoint's). RL's eval.json records no iterations: the
+    report is the finished run's when its files are newer than the checkpoints it evaluated."""
+    cfg, run = trainer.cfg, trainer.run_dir
+    if trainer.step < cfg.iterations or any(getattr(cfg, f) != getattr(stored, f) for f in RL_REPORTED):
+        return False
+    evaluated = [run / "checkpoint.safetensors"]
+    try:
+        if _rl_trains_baseline(cfg):
+            step = checkpoint.load(run / "pretrained")[1].get("step")
+            if not (isinstance(step, int) and step >= max(1, cfg.pretrain_iterations)):
+                return False
+            evaluated.append(run / "pretrained" / "checkpoint.safetensors")
+        written = min((run / name).stat().st_mtime_ns for name in ("eval.md", "eval.json"))
+        return written >= max(path.stat().st_mtime_ns for path in evaluated)
+    except (OSError, ValueError, UserError):  # whatever is missing or unreadable is redone
+        return False
 
 
 def _rl_fresh_config(request: RLRequest):
@@ -375,8 +426,7 @@ def _rl_report_on_this_rank(trainer) -> bool:
     world = distributed.current()
     if world.size == 1:
         return True
-    cfg = trainer.cfg
-    if cfg.baselines and cfg.algo != "pretrain" and cfg.pretrain_iterations > 0:
+    if _rl_trains_baseline(trainer.cfg):
         rltrain.pretrained_baseline(trainer)  # rank 0's report then loads it from RUN/pretrained
     return world.is_main
 
@@ -470,3 +520,128 @@ def _rl_eval_changes(request: RLEval, run_lrs: tuple[float, ...]) -> dict[str, A
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
     return changes
+
+
+# ---------------------------------------------------------------- `mamlkit rl adapt`
+
+@dataclass(frozen=True)
+class RLAdapt:
+    """What `mamlkit rl adapt` was asked: the policy (``checkpoint``: a run folder, a checkpoint file or a
+    shipped policy's name) and where to adapt it: ``goal`` (X Y for nav2d, X Y Z for Meta-World, of
+    ``task_type`` for ML10) or a Meta-World ``test_task``; ``steps`` steps of ``traj`` episodes each (noise
+    from ``seed``), the figure to ``out`` (None: the environment's default name)."""
+
+    checkpoint: str
+    goal: tuple[float, ...] | None = None
+    test_task: int | None = None
+    task_type: str | None = None
+    steps: int = 3
+    traj: int = 20
+    out: str | None = None
+    seed: int = 0
+    threads: int | None = None
+
+
+def rl_adapt_run(request: RLAdapt) -> list[str]:
+    """Adapt the policy ``request`` names to its goal or test task and write the figure of its trajectories before
+    and after each step; returns the lines to print (the policy, the returns per step count, the figure).
+    Raises :class:`UserError` for what cannot be adapted, the options' mistakes before the checkpoint is read."""
+    from mamlkit.rl import adapt_inputs, families
+    from mamlkit.rl import train as rltrain
+
+    _rl_adapt_figure(request, "adapt.png")  # mistakes of any environment's, before the checkpoint is read
+    name = request.checkpoint
+    source = adapt_inputs.shipped_policy(name) if name in adapt_inputs.SHIPPED else Path(name)
+    try:
+        trainer = rltrain.load_trainer(source)
+    except UserError:  # the goal's mistake first, as it would be for a readable nav2d checkpoint
+        adapt_inputs.check_2d_goal(request.goal)
+        raise
+    what = f"the policy of iteration {trainer.step} from {source}"
+    if source.is_dir():
+        trainer, what = rltrain.best_or_last(trainer)
+    what = what.replace("evaluating ", "adapting ")
+    adapt = _RL_ADAPT.get(trainer.cfg.family.adapt)  # what `rl adapt` gives the policy's environment family
+    if adapt is None:
+        takers = " and ".join(f.name for f in families.ENV_FAMILIES.values() if f.adapt)
+        raise UserError(f"{request.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes {takers} "
+                        "ones")
+    return adapt(request, trainer, what)
+
+
+def _rl_adapt_figure(request: RLAdapt, default_out: str) -> Path:
+    """Check `rl adapt`'s steps, episodes and figure (any environment's); return the figure's path."""
+    if not 1 <= request.steps <= 3:
+        raise UserError(f"--steps must be 1, 2 or 3 (the paper's test protocol), got {request.steps}")
+    if request.traj < 1:
+        raise UserError(f"--traj must be >= 1, got {request.traj}")
+    out = Path(request.out or default_out)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out {out} must end in .png, .pdf or .svg")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _rl_adapt_nav2d(request: RLAdapt, trainer, what: str) -> list[str]:
+    """`rl adapt` of a nav2d policy to the goal X Y."""
+    import torch
+
+    from mamlkit.rl import adapt_inputs, evaluate
+
+    if (request.goal is None or len(request.goal) != 2 or request.test_task is not None
+            or request.task_type is not None):
+        raise UserError("a nav2d policy adapts to --goal X Y (two numbers); --test-task and --task-type are "
+                        "Meta-World's")
+    adapt_inputs.check_2d_goal(request.goal)
+    x, y = request.goal
+    out = _rl_adapt_figure(request, "nav2d_adapt.png")
+    cfg = trainer.cfg.replace(eval_lrs=evaluate.step_rates(trainer.cfg.eval_lrs, request.steps),
+                              eval_traj=request.traj, seed=request.seed)
+    goal = torch.tensor([[x, y]], dtype=torch.float64)
+    with evaluate.planned(request.threads, cfg):
+        curve = evaluate.trajectory_figure(out, {cfg.algo: trainer.policy}, cfg, tasks=goal,
+                                           shown_steps=tuple(range(request.steps + 1)))[0][0]
+    rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
+    return [what, f"goal ({x:g}, {y:g}): mean return of {request.traj} episodes after 0..{request.steps} steps "
+                  f"(rates {rates}):",
+            *(f"  {k} step{'s' * (k != 1)}: {r:.2f}" for k, r in enumerate(curve.tolist())), f"figure: {out}"]
+
+
+def _rl_adapt_metaworld(request: RLAdapt, trainer, what: str) -> list[str]:
+    """`rl adapt` of a Meta-World policy: to the goal X Y Z (of ``task_type`` for ML10) or to a test task."""
+    from mamlkit.base.batch import task_generator
+    from mamlkit.rl import evaluate, metaworld, metaworld_adapt
+
+    cfg = trainer.cfg
+    if (request.goal is None) == (request.test_task is None):
+        raise UserError(f"{cfg.env}: pass either --goal X Y Z or --test-task INDEX (a task of the benchmark's "
+                        "test split)")
+    if request.test_task is not None and request.task_type is not None:
+        raise UserError("--task-type names the task type of --goal; --test-task INDEX already names a task")
+    out = _rl_adapt_figure(request, f"{cfg.env}_adapt.png")
+    if request.goal is not None:
+        row = metaworld.given_goal(cfg.env, cfg.seed, list(request.goal), request.task_type)
+        task = "the given goal"
+    else:
+        row = metaworld.test_task_row(cfg.env, cfg.seed, request.test_task)
+        task = f"test task {request.test_task}"
+    cfg = cfg.replace(eval_lrs=evaluate.step_rates(cfg.eval_lrs, request.steps), eval_traj=request.traj)
+    with evaluate.planned(request.threads, cfg):
+        result = metaworld_adapt.adapt(trainer.policy, cfg, row, task_generator(request.seed, "adapt", 0))
+        goal = metaworld_adapt.task_goal(cfg.env, row)
+        name = metaworld.resolve(cfg.env, row)[0].env_name
+        metaworld_adapt.trajectory_figure(out, result["episodes"], goal,
+                                          f"{cfg.env} ({name}), {task}: end effector, mean action")
+    rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
+    lines = [what, f"{name}, {task}, goal at ({', '.join(f'{v:.3f}' for v in goal)}): after 0..{request.steps} steps "
+                   f"(rates {rates}), mean return of {request.traj} sampled episodes; return and success of the mean "
+                   "action:"]
+    for k, (r, ep) in enumerate(zip(result["sampled"], result["episodes"])):
+        lines.append(f"  {k} step{'s' * (k != 1)}: {r:.2f}; mean action {ep['return']:.2f}, "
+                     f"{'success' if ep['success'] else 'no success'}")
+    return [*lines, f"figure: {out}"]
+
+
+# `rl adapt` by what an environment family's `adapt` says it takes (mamlkit.rl.families.EnvFamily.adapt)
+_RL_ADAPT = {"goal-2d": _rl_adapt_nav2d, "metaworld": _rl_adapt_metaworld}

@@ -6,8 +6,7 @@ Layout:
   ``Nav2D`` (pure torch) and ``cheetah.py`` (HalfCheetah velocity/direction on gymnasium + mujoco,
   the optional ``rl`` extra). Tasks come from ``sample_tasks(env, T, generator)``.
 * ``metaworld.py``: Meta-World's ML1 and ML10 (the optional ``metaworld`` extra), train split only in
-  training; ``metaworld_eval.py``: its official ``metalearning_evaluation`` with the policy as its agent;
-  ``metaworld_published.py``: the published MAML success rates the report prints beside it.
+  training; ``metaworld_eval.py``: its official ``metalearning_evaluation`` with the policy as its agent.
 * ``policy.py``: the Gaussian MLP policy (a plain ``nn.Module``), log-likelihood, KL.
 * ``sampling.py``: rollouts and packing episodes as the engine's per-task ``(x, y)``.
 * ``advantages.py``: discounted returns, the linear feature baseline, GAE.
@@ -18,5 +17,6 @@ Layout:
 * ``families.py``: the environment families (nav2d, cheetah-vel, cheetah-dir, Meta-World): what each
   environment needs (its environments, tasks, defaults, report, options), looked up by ``family_of(env)``;
   ``options.py``: the help groups of ``mamlkit rl train`` and TRPO's options.
-* ``config.py``, ``train.py``, ``evaluate.py``, ``cli.py``: ``mamlkit rl train|eval``.
+* ``config.py``, ``train.py``, ``evaluate.py``, ``cli.py``: ``mamlkit rl train|eval|adapt``;
+  ``adapt_inputs.py``: nav2d's arena of goals and the shipped policies (no torch: the parser's help reads it).
 """

@@ -1,5 +1,5 @@
 """``mamlkit rl train ENV``, ``mamlkit rl eval RUN`` and ``mamlkit rl adapt RUN --goal X Y``: meta-RL
-from the command line. `rl train` and `rl eval` parse, ask the recipe (:mod:`mamlkit.loop.run`) and print.
+from the command line. Each parses, asks the recipe (:mod:`mamlkit.loop.run`) and prints.
 
 Every :class:`~mamlkit.rl.config.RLConfig` field is a flag; mistakes raise ``UserError`` (exit 2).
 """
@@ -7,15 +7,14 @@ Every :class:`~mamlkit.rl.config.RLConfig` field is a flag; mistakes raise ``Use
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from mamlkit.base.errors import UserError
 from mamlkit.config import load_yaml
 from mamlkit.flags import add_config_command, add_config_flags, add_threads_flag
 from mamlkit.rl import config as rlconfig
 from mamlkit.rl import families
+from mamlkit.rl.adapt_inputs import ARENA
 
 
 def help_env(argv: list[str]) -> str | None:
@@ -96,20 +95,6 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
     add_threads_flag(ad, "default: the policy's run's --threads")
 
 
-ARENA = (-0.5, 0.5)  # nav2d goals are drawn from U[-0.5, 0.5]² (paper §5.3); a policy knows no others
-# policies in mamlkit/assets/ (see docs/rl.md), by the family that ships them
-SHIPPED = {f.name: f.shipped for f in families.ENV_FAMILIES.values() if f.shipped}
-
-
-def shipped_policy(name: str) -> Path:
-    """The path of the meta-trained policy ``name`` that ships with the package."""
-    path = Path(__file__).resolve().parents[1] / "assets" / SHIPPED[name]  # mamlkit/assets
-    if not path.exists():
-        raise UserError(f"the shipped {name} policy is missing from this installation ({path}); "
-                        "pass a run folder or checkpoint of `mamlkit rl train nav2d` instead")
-    return path
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from mamlkit import runfolder
     from mamlkit.loop import run
@@ -155,104 +140,14 @@ class _GoalAction(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _check_2d_goal(args: argparse.Namespace) -> None:
-    """Refuse a 2-number --goal outside the nav2d arena."""
-    if args.goal is not None and len(args.goal) == 2:
-        x, y = args.goal
-        if not all(math.isfinite(v) and ARENA[0] <= v <= ARENA[1] for v in (x, y)):
-            raise UserError(f"--goal {x:g} {y:g} is outside the arena: each coordinate must be in "
-                            f"[{ARENA[0]}, {ARENA[1]}], the range of the goals the policy was meta-trained on")
-
-
-def _adapt_options(args: argparse.Namespace, default_out: str) -> Path:
-    """Check `rl adapt`'s --steps, --traj and --out (any environment's); return the figure's path."""
-    if not 1 <= args.steps <= 3:
-        raise UserError(f"--steps must be 1, 2 or 3 (the paper's test protocol), got {args.steps}")
-    if args.traj < 1:
-        raise UserError(f"--traj must be >= 1, got {args.traj}")
-    out = Path(args.out or default_out)
-    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise UserError(f"--out {out} must end in .png, .pdf or .svg")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
-    return out
-
-
-def _adapt_metaworld(args: argparse.Namespace, trainer, what: str) -> int:
-    """`rl adapt` of a Meta-World policy: to --goal X Y Z (of --task-type for ML10) or to --test-task INDEX."""
-    from mamlkit.base.batch import task_generator
-    from mamlkit.rl import evaluate, metaworld, metaworld_adapt
-
-    cfg = trainer.cfg
-    if (args.goal is None) == (args.test_task is None):
-        raise UserError(f"{cfg.env}: pass either --goal X Y Z or --test-task INDEX (a task of the benchmark's "
-                        "test split)")
-    if args.test_task is not None and args.task_type is not None:
-        raise UserError("--task-type names the task type of --goal; --test-task INDEX already names a task")
-    out = _adapt_options(args, f"{cfg.env}_adapt.png")
-    if args.goal is not None:
-        row = metaworld.given_goal(cfg.env, cfg.seed, args.goal, args.task_type)
-        task = "the given goal"
-    else:
-        row = metaworld.test_task_row(cfg.env, cfg.seed, args.test_task)
-        task = f"test task {args.test_task}"
-    cfg = cfg.replace(eval_lrs=evaluate.step_rates(cfg.eval_lrs, args.steps), eval_traj=args.traj)
-    with evaluate.planned(args.threads, cfg):
-        result = metaworld_adapt.adapt(trainer.policy, cfg, row, task_generator(args.seed, "adapt", 0))
-        goal = metaworld_adapt.task_goal(cfg.env, row)
-        name = metaworld.resolve(cfg.env, row)[0].env_name
-        metaworld_adapt.trajectory_figure(out, result["episodes"], goal,
-                                          f"{cfg.env} ({name}), {task}: end effector, mean action")
-    print(what.replace("evaluating ", "adapting "))
-    rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
-    print(f"{name}, {task}, goal at ({', '.join(f'{v:.3f}' for v in goal)}): after 0..{args.steps} steps "
-          f"(rates {rates}), mean return of {args.traj} sampled episodes; return and success of the mean action:")
-    for k, (r, ep) in enumerate(zip(result["sampled"], result["episodes"])):
-        print(f"  {k} step{'s' * (k != 1)}: {r:.2f}; mean action {ep['return']:.2f}, "
-              f"{'success' if ep['success'] else 'no success'}")
-    print(f"figure: {out}")
-    return 0
-
-
 def cmd_adapt(args: argparse.Namespace) -> int:
-    import torch
+    from mamlkit.loop import run
 
-    from mamlkit.rl import evaluate, train
-
-    _adapt_options(args, "adapt.png")  # mistakes of any environment's, before the checkpoint is read
-    source = shipped_policy(args.checkpoint) if args.checkpoint in SHIPPED else Path(args.checkpoint)
-    try:
-        trainer = train.load_trainer(source)
-    except UserError:  # the goal's mistake first, as it would be for a readable nav2d checkpoint
-        _check_2d_goal(args)
-        raise
-    what = f"the policy of iteration {trainer.step} from {source}"
-    if source.is_dir():
-        trainer, what = train.best_or_last(trainer)
-    adapts = trainer.cfg.family.adapt  # what `rl adapt` gives the policy's environment family
-    if adapts == "metaworld":
-        return _adapt_metaworld(args, trainer, what)
-    if adapts != "goal-2d":
-        takers = " and ".join(f.name for f in families.ENV_FAMILIES.values() if f.adapt)
-        raise UserError(f"{args.checkpoint} holds a {trainer.cfg.env} policy; `mamlkit rl adapt` takes {takers} ones")
-    if args.goal is None or len(args.goal) != 2 or args.test_task is not None or args.task_type is not None:
-        raise UserError("a nav2d policy adapts to --goal X Y (two numbers); --test-task and --task-type are "
-                        "Meta-World's")
-    _check_2d_goal(args)
-    x, y = args.goal
-    out = _adapt_options(args, "nav2d_adapt.png")
-    cfg = trainer.cfg.replace(eval_lrs=evaluate.step_rates(trainer.cfg.eval_lrs, args.steps),
-                              eval_traj=args.traj, seed=args.seed)
-    goal = torch.tensor([[x, y]], dtype=torch.float64)
-    with evaluate.planned(args.threads, cfg):
-        curve = evaluate.trajectory_figure(out, {cfg.algo: trainer.policy}, cfg, tasks=goal,
-                                           shown_steps=tuple(range(args.steps + 1)))[0][0]
-    print(what.replace("evaluating ", "adapting "))
-    rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
-    print(f"goal ({x:g}, {y:g}): mean return of {args.traj} episodes after 0..{args.steps} steps (rates {rates}):")
-    for k, r in enumerate(curve.tolist()):
-        print(f"  {k} step{'s' * (k != 1)}: {r:.2f}")
-    print(f"figure: {out}")
+    request = run.RLAdapt(args.checkpoint, goal=tuple(args.goal) if args.goal is not None else None,
+                          test_task=args.test_task, task_type=args.task_type, steps=args.steps, traj=args.traj,
+                          out=args.out, seed=args.seed, threads=args.threads)
+    for line in run.rl_adapt_run(request):
+        print(line)
     return 0
 
 

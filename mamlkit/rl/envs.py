@@ -117,14 +117,17 @@ def cheetah_dir_tasks(name: str, num_tasks: int, generator: torch.Generator, spl
 
 
 def make_env(name: str, tasks: Tensor, num_envs: int, horizon: int, action_scale: float = 1.0,
-             reward_version: str = "v2", **settings: Any) -> TaskEnv:
+             **settings: Any) -> TaskEnv:
     """Build environment ``name`` for ``tasks`` (from :func:`sample_tasks`) with N copies per task; the
     environment divides the policy's actions by ``action_scale`` before clipping them to its range.
-    ``settings``: the values of the family's own options (:meth:`EnvFamily.settings` of the run config), which
-    its ``make`` takes by name; ``reward_version`` (Meta-World's) is the one the sampler passes by position."""
+    ``settings``: values of the family's own options (:meth:`EnvFamily.settings` of a run config, such as
+    Meta-World's ``reward_version``), which its ``make`` takes by name; one the family does not own is refused,
+    so that a setting meant for another family never goes unused."""
     family = family_of(name)
     owned = {f for c in family.options for f in c.__dataclass_fields__}
-    settings = {k: v for k, v in ({"reward_version": reward_version} | settings).items() if k in owned}
+    stray = sorted(set(settings) - owned)
+    if stray:
+        raise TypeError(f"make_env: the {family.name} environment family takes no {', '.join(stray)}")
     return hook(family.make)(name, tasks, num_envs, horizon, action_scale, **settings)
 
 

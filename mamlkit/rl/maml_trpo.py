@@ -3,9 +3,9 @@
 The inner step is the engine's :func:`~mamlkit.engine.inner.adapt_path` with the SGD rule on the
 policy-gradient loss ``loss_fn(model(states), (actions, advantages, mask))``; the outer
 objective and KL come out of :func:`~mamlkit.engine.inner.make_task_fn` run by the
-:class:`~mamlkit.exec.executor.Executor` under vmap (as every learner's per-task work), so the
-meta-gradient and the Fisher-vector products differentiate through the inner step exactly (or first-order
-with ``first_order``).
+:class:`~mamlkit.exec.executor.Executor` (vmap unless the caller hands another, as every learner's per-task
+work; the inner step and the post-update policies' sampling run on it too), so the meta-gradient and the
+Fisher-vector products differentiate through the inner step exactly (or first-order with ``first_order``).
 TRPO takes the gradient and the Fisher products task by task from :func:`linearize_tasks` (the
 same numbers as autograd on that objective, in fewer passes; ``fast_fisher=False`` uses autograd).
 With ``inner_steps=0`` the same code is TRPO on all tasks jointly (the pretrained baseline).
@@ -103,10 +103,11 @@ def trpo_objective(act_dim: int):
 
 
 def adapt_tasks(model: nn.Module, params: Mapping[str, Tensor], sx: Tensor, sy: Tensor, lr: float,
-                per_task: bool) -> Params:
+                per_task: bool, executor: Executor | None = None) -> Params:
     """One policy-gradient step per task with the engine's inner loop: returns detached ``θ'`` with
     a leading task dim. ``params``: shared (``per_task=False``) or ``[T, ...]`` per task;
-    ``sx [T, M, d]``, ``sy [T, M, a+2]`` from :func:`mamlkit.rl.sampling.pack`."""
+    ``sx [T, M, d]``, ``sy [T, M, a+2]`` from :func:`mamlkit.rl.sampling.pack`. The tasks run on
+    ``executor`` (default: :func:`mamlkit.rl.sampling.task_executor`)."""
     act_dim = sy.shape[-1] - 2
     loss = support_loss_fn(model, pg_loss(act_dim), {}, {})
 
@@ -115,7 +116,8 @@ def adapt_tasks(model: nn.Module, params: Mapping[str, Tensor], sx: Tensor, sy: 
         return {k: v.detach() for k, v in fast.items()}
 
     params = {k: v.detach() for k, v in params.items()}
-    return torch.vmap(one, in_dims=(0 if per_task else None, 0, 0))(params, sx, sy)
+    run = executor or sampling.task_executor(model)
+    return run.map(one, params, sx, sy) if per_task else run.map(one, sx, sy, shared=(params,))
 
 
 def linearize_tasks(model: nn.Module, batch: TaskBatch, fisher: TaskBatch | None, *, loss_fn: LossFn, lr: float,
@@ -237,19 +239,21 @@ class MAMLTRPO:
     task order, so every rank takes the one-process step, bit for bit.
     """
 
-    def __init__(self, model: nn.Module, cfg: RLConfig, world: World | None = None):
+    def __init__(self, model: nn.Module, cfg: RLConfig, world: World | None = None,
+                 executor: Executor | None = None):
         self.model, self.cfg = model, cfg
         self.world = world or World()
         self.act_dim = model.log_std.numel()
         self.dtype = next(model.parameters()).dtype
-        self._executor: Executor | None = None
+        self._executor = executor
 
     @property
     def executor(self) -> Executor:
-        """The policy's executor: vmap over tasks; the thread count is the one the caller set (``rl train``'s
-        ``--threads``), which the executor's plan keeps."""
+        """How the per-task work runs (the post-update policies' sampling, the inner step, the surrogate and KL):
+        the one given, else vmap over tasks under the caller's thread count
+        (:func:`~mamlkit.rl.sampling.task_executor`)."""
         if self._executor is None:
-            self._executor = Executor(self.model, "vmap", threads=torch.get_num_threads())
+            self._executor = sampling.task_executor(self.model)
         return self._executor
 
     @property
@@ -263,8 +267,8 @@ class MAMLTRPO:
         """Episodes ``[T, N, H]`` of every task in ``tasks [T, d]`` with ``params`` (shared or per task); with
         ``share``, ``tasks`` are that block of the meta-batch."""
         env = make_env(self.cfg.env, tasks, num_traj or self.cfg.traj_per_task, self.cfg.episode_len,
-                       self.cfg.env_action_scale, self.cfg.reward_version)
-        return sampling.rollout(env, sampling.policy_fn(self.model, params, per_task), generator,
+                       self.cfg.env_action_scale, **self.cfg.family.settings(self.cfg))
+        return sampling.rollout(env, sampling.policy_fn(self.model, params, per_task, self.executor), generator,
                                 self.dtype, deterministic, share)
 
     def share(self, num_tasks: int) -> sampling.Share | None:
@@ -347,7 +351,7 @@ class MAMLTRPO:
                                                        "time_inner_s": 0.0}
         sx, sy = self.pack(pre, with_dist=False)
         t_inner = time.perf_counter()
-        fast = adapt_tasks(self.model, theta, sx, sy, cfg.inner_lr, per_task=False)
+        fast = adapt_tasks(self.model, theta, sx, sy, cfg.inner_lr, per_task=False, executor=self.executor)
         t_inner = time.perf_counter() - t_inner
         post = self.sample(tasks, fast, True, generator, share=share)
         qx, qy = self.pack(post, with_dist=True)
@@ -419,6 +423,6 @@ class MAMLTRPO:
             curve.append(ep.returns().mean(1))
             if k < len(lrs):
                 sx, sy = self.pack(ep, with_dist=False)
-                path.append(adapt_tasks(self.model, path[-1], sx, sy, lrs[k], per_task))
+                path.append(adapt_tasks(self.model, path[-1], sx, sy, lrs[k], per_task, self.executor))
                 per_task = True
         return torch.stack(curve, dim=1), path

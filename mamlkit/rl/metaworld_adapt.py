@@ -30,7 +30,7 @@ def mean_action_episode(model: nn.Module, cfg: RLConfig, row: Tensor, params: di
                         ) -> dict[str, Any]:
     """One episode of task ``row [1, 3]`` with the mean action of ``params``: the hand's positions ``[H+1, 3]``,
     the return, and whether the package's success flag was ever set."""
-    env = make_env(cfg.env, row, 1, cfg.episode_len, cfg.env_action_scale, cfg.reward_version)
+    env = make_env(cfg.env, row, 1, cfg.episode_len, cfg.env_action_scale, **cfg.family.settings(cfg))
     obs, _ = env.reset()
     dtype = next(model.parameters()).dtype
     policy = sampling.policy_fn(model, params, per_task)

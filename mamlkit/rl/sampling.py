@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mamlkit.base.stops import stop_point
 from mamlkit.engine.functional import call
+from mamlkit.exec.executor import Executor
 from mamlkit.rl.advantages import baseline_features, discounted_returns, fit_linear_baseline, gae, normalize
 from mamlkit.rl.envs import TaskEnv
 from mamlkit.rl.policy import split_dist
@@ -40,11 +41,20 @@ class Episodes:
         return (self.rewards * self.mask).sum(-1)
 
 
-def policy_fn(model: nn.Module, params: Mapping[str, Tensor], per_task: bool) -> PolicyFn:
-    """``obs [T, N, d] -> [T, N, 2a]`` with shared ``params``, or per-task ones (leading dim T) under vmap."""
+def task_executor(model: nn.Module) -> Executor:
+    """The executor of a policy's per-task work where the caller names none: vmap over the tasks, under the
+    thread count the caller set (``rl train``'s ``--threads``, ``rl eval``'s plan), which its plan keeps."""
+    return Executor(model, "vmap", threads=torch.get_num_threads())
+
+
+def policy_fn(model: nn.Module, params: Mapping[str, Tensor], per_task: bool,
+              executor: Executor | None = None) -> PolicyFn:
+    """``obs [T, N, d] -> [T, N, 2a]`` with shared ``params`` (one batched call), or per-task ones (leading
+    dim T), each task's run by ``executor`` (default: :func:`task_executor`)."""
     if not per_task:
         return lambda obs: call(model, params, {}, obs)
-    return lambda obs: torch.vmap(lambda p, o: call(model, p, {}, o))(dict(params), obs)
+    run = executor or task_executor(model)
+    return lambda obs: run.map(lambda p, o: call(model, p, {}, o), dict(params), obs)
 
 
 @dataclass(frozen=True)
