@@ -273,6 +273,8 @@ def test_cli_train_eval_and_the_records_of_versions(tmp_path, capsys):
     expected = {"package": "metaworld", "version": "3.1.1", "reward_version": "v1", "benchmark": "ML1",
                 "task": "reach-v3"}
     assert state["environment"] == expected and state["config"]["reward_version"] == "v1"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= row[k] <= 1 for row in logged if row["split"] == "train" for k in ("success_pre", "success_post"))
     assert json.loads((run / "eval.json").read_text())["environment"] == expected
     assert "Meta-World 3.1.1 (ML1 reach-v3, reward v1)" in (run / "eval.md").read_text()
     capsys.readouterr()

@@ -148,6 +148,39 @@ def test_tasks_and_rollouts_are_deterministic():
     assert torch.allclose(eps[0].rewards[:, :, 0], -(nxt - a[:, None]).norm(dim=-1))
 
 
+
+class _Flagging(Nav2D):
+    """nav2d that reports success (as Meta-World does) at fixed steps of fixed copies: copy (0, 0) at step 1,
+    copy (1, 2) at step 2, but copy (1, 1) only after its episode ended (which must not count)."""
+
+    def reset(self, *, seed=None):
+        self.k = 0
+        return super().reset(seed=seed)
+
+    def step(self, action):
+        obs, r, term, trunc, info = super().step(action)
+        self.k += 1
+        flag = torch.zeros(2, 3, dtype=D)
+        active = torch.ones(2, 3, dtype=torch.bool)
+        if self.k == 1:
+            flag[0, 0] = 1.0
+        if self.k == 2:
+            flag[1, 2] = 1.0
+        if self.k >= 2:
+            active[1, 1] = False
+            flag[1, 1] = 1.0
+        return obs, r, term, trunc, {**info, "active": active & info["active"], "success": flag}
+
+
+def test_rollouts_record_success_where_the_environment_reports_it():
+    goals = torch.tensor([[0.5, 0.5], [-0.5, 0.2]], dtype=D)
+    policy = build_policy(2, 2, (5,), 1.0, seed=0, dtype=D)
+    fn = sampling.policy_fn(policy, dict(policy.named_parameters()), per_task=False)
+    ep = sampling.rollout(_Flagging(goals, 3, 4), fn, torch.Generator().manual_seed(0), D)
+    assert ep.success.tolist() == [[True, False, False], [False, False, True]]
+    assert sampling.rollout(Nav2D(goals, 3, 4), fn, torch.Generator().manual_seed(0), D).success is None
+
+
 # ---------------------------------------------------------------- baseline and GAE
 
 def test_returns_and_gae_hand_computed():

@@ -344,7 +344,7 @@ class MAMLTRPO:
         theta = {k: v.detach() for k, v in named_params(self.model).items()}
         pre = self.sample(tasks, theta, False, generator, share=share)
         stats = {"return_pre": self.whole(pre.returns(), share).mean().item(),
-                 "clip_frac_pre": self.clip_fraction(pre, share)}
+                 "clip_frac_pre": self.clip_fraction(pre, share)} | self.success_rate(pre, share, "pre")
         if cfg.inner_steps == 0:
             qx, qy = self.pack(pre, with_dist=True)
             return TaskBatch(qx, qy, qx, qy), stats | {"time_sample_s": time.perf_counter() - clock,
@@ -356,8 +356,16 @@ class MAMLTRPO:
         post = self.sample(tasks, fast, True, generator, share=share)
         qx, qy = self.pack(post, with_dist=True)
         stats["return_post"] = self.whole(post.returns(), share).mean().item()
+        stats |= self.success_rate(post, share, "post")
         stats |= {"time_sample_s": time.perf_counter() - clock - t_inner, "time_inner_s": t_inner}
         return TaskBatch(sx, sy, qx, qy), stats
+
+    def success_rate(self, ep: sampling.Episodes, share: sampling.Share | None, when: str) -> dict[str, float]:
+        """``{"success_<when>": fraction of the batch's episodes that succeeded}`` for environments that report
+        success (Meta-World's), over every rank's episodes with ``share``; ``{}`` for the others."""
+        if ep.success is None:
+            return {}
+        return {f"success_{when}": self.whole(ep.success.double(), share).mean().item()}
 
     def clip_fraction(self, ep: sampling.Episodes, share: sampling.Share | None = None) -> float:
         """Fraction of valid steps whose action the environment clipped (in any coordinate). Near 1 the

@@ -28,13 +28,15 @@ PolicyFn = Callable[[Tensor], Tensor]  # obs [T, N, d] -> [T, N, 2a]
 class Episodes:
     """Fixed-horizon episodes of T tasks x N trajectories: ``obs [T, N, H, d]``, ``actions [T, N, H, a]``,
     ``rewards, mask [T, N, H]`` (mask: 1 while the episode runs) and ``dist [T, N, H, 2a]``
-    (the sampling policy's mean and log σ at each state)."""
+    (the sampling policy's mean and log σ at each state); ``success [T, N]``: whether the episode succeeded at
+    any step, for environments that say so (``info["success"]``, Meta-World's), else None."""
 
     obs: Tensor
     actions: Tensor
     rewards: Tensor
     mask: Tensor
     dist: Tensor
+    success: Tensor | None = None
 
     def returns(self) -> Tensor:
         """Undiscounted return of each episode, ``[T, N]``."""
@@ -86,6 +88,7 @@ def rollout(env: TaskEnv, policy: PolicyFn, generator: torch.Generator, dtype: t
     # copy i of the batch is reset with seed + i (Gymnasium's vector-env convention) on every rank
     obs, _ = env.reset(seed=seed + (share.rows.start * env.num_envs if share else 0))
     obs_l, act_l, rew_l, mask_l, dist_l = [], [], [], [], []
+    success = None  # [T, N]: succeeded at a step while running, where the environment reports success
     for _ in range(env.horizon):
         stop_point()  # a stop signal may end validation and evaluation here (mamlkit.base.stops)
         o = obs.to(dtype)
@@ -99,6 +102,9 @@ def rollout(env: TaskEnv, policy: PolicyFn, generator: torch.Generator, dtype: t
         rew_l.append(reward.to(dtype))
         mask_l.append(info["active"])
         dist_l.append(out)
+        if "success" in info:
+            hit = info["success"].bool() & info["active"].bool()
+            success = hit if success is None else success | hit
         if not info["active"].any():
             break
     if share is not None:  # the draws of the steps other ranks still ran (their outputs are not kept here)
@@ -107,7 +113,7 @@ def rollout(env: TaskEnv, policy: PolicyFn, generator: torch.Generator, dtype: t
     pad = env.horizon - len(obs_l)  # every copy finished early: pad with invalid steps
     for lst in (obs_l, act_l, rew_l, mask_l, dist_l):
         lst.extend([torch.zeros_like(lst[-1])] * pad)
-    return Episodes(*(torch.stack(lst, dim=2) for lst in (obs_l, act_l, rew_l, mask_l, dist_l)))
+    return Episodes(*(torch.stack(lst, dim=2) for lst in (obs_l, act_l, rew_l, mask_l, dist_l)), success=success)
 
 
 def _noise(shape: torch.Size, generator: torch.Generator, share: Share | None) -> Tensor:
