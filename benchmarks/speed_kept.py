@@ -9,8 +9,8 @@ so that a change in the machine's load hits both alike. A process builds ``mamlk
 strategy named, calls ``meta_backward`` on one fixed batch until warm (the compiled strategy builds its kernel
 here), then times ``--iters`` calls. It reports the process's CPU seconds per call as well as wall seconds: on a
 shared machine the wall clock also counts the time other jobs held the core, the CPU time much less so. Prints,
-per workload and strategy, the median over rounds of each tree and the median of the per-round ratios
-(after / before: above 1 is faster now), with their range.
+per workload and strategy, the median over rounds of each tree and the median of the per-round ratios of
+times, before / after (the speed now over the speed before: above 1 is faster now), with their range.
 
 Workloads (the models are plain ``nn.Module``s written here, so that both trees run the same code):
 ``sinusoid`` (the paper's 1-40-40-1 MLP, 10 support and 10 query points, meta-batch 25, one inner step of 0.01)
