@@ -99,13 +99,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = config.TrainCo
     values = cls() if values is None else values
     fields = {f.name: (f, typing.get_type_hints(cls)[f.name], "") for f in dataclasses.fields(cls)
               if f.name not in skip and f.name != "options"}
-    kinds = cls.choices.kinds if hasattr(cls, "choices") else None
-    if kinds is not None:
-        for option_cls in plugins.option_classes(kinds):
-            owners = ", ".join(name for _, name in plugins.users(option_cls, kinds))
-            hints = typing.get_type_hints(option_cls)
-            fields |= {f.name: (f, hints[f.name], f"{owners}: ") for f in dataclasses.fields(option_cls)
-                       if f.name not in skip}
+    kinds = cls.choices.kinds
+    for option_cls in plugins.option_classes(kinds):
+        owners = ", ".join(name for _, name in plugins.users(option_cls, kinds))
+        hints = typing.get_type_hints(option_cls)
+        fields |= {f.name: (f, hints[f.name], f"{owners}: ") for f in dataclasses.fields(option_cls)
+                   if f.name not in skip}
     groups = {g: parser.add_argument_group(g) for g in groups
               if any(f.metadata.get("group") == g for f, _, _ in fields.values())}
     fallback = None

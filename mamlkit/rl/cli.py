@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
                         description="Meta-RL with MAML-TRPO (Finn et al. 2017, §5.3).")
     rsub = rl.add_subparsers(dest="rl_command", required=True)
     train = add_config_command(
-        rsub, "train", help="meta-train a policy on nav2d, cheetah-vel, cheetah-dir or Meta-World (ml1-<task>, ml10)",
+        rsub, "train", help=f"meta-train a policy on {families.known()}",
         usage="mamlkit rl train [ENV] [--config FILE] [--resume RUN] [--FIELD VALUE ...]",
         about="Meta-train a policy with MAML-TRPO.", values_from=help_env,
         hint="`mamlkit rl train ENV --help` shows an environment's")
