@@ -184,7 +184,8 @@ def test_the_policy_passes_metaworlds_own_evaluation_on_a_tiny_budget():
         # the package scores the first episode of its one task type: the first sub-environment's goal
         assert r["official_return"] == pytest.approx(r["goal_returns"][0], rel=1e-12)
         assert r["return"]["mean"] == pytest.approx(sum(r["goal_returns"]) / 2, rel=1e-12)
-        assert len(r["goal_returns"]) == len(r["test_goals"]) == 2
+        assert len(r["goal_returns"]) == len(r["goal_successes"]) == len(r["test_goals"]) == 2
+        assert r["success_rate"]["mean"] == pytest.approx(sum(r["goal_successes"]) / 2, rel=1e-12)
         assert math.isfinite(r["return"]["ci95"])
     # every step count ran on the same two goals of the test split (indices_in_test_split raises on any other)
     assert result["steps"]["0"]["test_goals"] == result["steps"]["1"]["test_goals"]
@@ -382,3 +383,38 @@ def test_adapting_to_a_goal_takes_training_s_inner_step_on_the_same_episodes():
     hands = [ep["hand"] for ep in result["episodes"]]
     assert all(h.shape == (cfg.episode_len + 1, 3) for h in hands) and np.array_equal(hands[0][0], hands[2][0])
     assert not np.array_equal(hands[0], hands[2])  # the adapted policy moves the hand differently
+
+
+def _report(goals: list[int], successes: list[float]) -> dict:
+    step = {"test_goals": goals, "goal_successes": successes,
+            "success_rate": {"mean": sum(successes) / len(successes), "ci95": 0.0}}
+    return {"env": "ml1-reach", "environment": {"version": "3.1.1", "reward_version": "v2"}, "steps": {"1": step}}
+
+
+def test_two_evaluations_pair_goal_by_goal():
+    """benchmarks/paired_eval.py: the paired interval is the interval of the per-goal differences, matched by
+    test-split index (not by position), and the sign test is the exact binomial one."""
+    import importlib.util
+    from pathlib import Path
+
+    from mamlkit.base.metrics import mean_ci
+
+    path = Path(__file__).parents[1] / "benchmarks" / "paired_eval.py"
+    spec = importlib.util.spec_from_file_location("paired_eval", path)
+    paired_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired_eval)
+
+    a = _report([3, 1, 2, 0, 4, 5, 6], [1, 1, 1, 1, 1, 2 / 3, 0])
+    b = _report([0, 1, 2, 3, 4, 5, 6], [0, 1 / 3, 1, 0, 1, 1, 0])   # goal 3 is a's first, b's fourth
+    (row,) = paired_eval.paired(a, b)
+    diff = torch.tensor([1 - 0, 1 - 1 / 3, 1 - 1, 1 - 0, 1 - 1, 2 / 3 - 1, 0 - 0], dtype=torch.float64)
+    mean, ci = mean_ci(diff)
+    assert row["difference"] == pytest.approx(mean, rel=1e-12) and row["ci95"] == pytest.approx(ci, rel=1e-12)
+    assert (row["a_better"], row["b_better"]) == (3, 1)
+    assert row["sign_test_p"] == pytest.approx(2 * (1 + 4) / 2 ** 4, rel=1e-12)   # 3 of 4, two-sided: 0.625
+    assert paired_eval.sign_test(9, 0) == pytest.approx(2 / 2 ** 9, rel=1e-12)
+    assert paired_eval.sign_test(0, 0) == 1.0
+    with pytest.raises(SystemExit, match="different test goals"):
+        paired_eval.paired(a, _report([0, 1, 2, 3, 4, 5, 7], [0] * 7))
+    with pytest.raises(SystemExit, match="same benchmark"):
+        paired_eval.paired(a, {**b, "env": "ml10"})

@@ -200,9 +200,10 @@ def official_evaluation(model: nn.Module, cfg: RLConfig, steps: tuple[int, ...],
     split of the benchmark of ``cfg.seed``: ``cfg.eval_tasks`` goals at least (:func:`layout`),
     ``cfg.test_traj`` adaptation episodes per goal and step, ``eval_episodes`` scored episodes.
 
-    Returns, per step count, the package's own mean success rate and return and the mean ± 95% CI of both
-    over the test goals. Every step count runs on the same goals (a fresh vector environment of the same
-    seed) with the same sampling noise."""
+    Returns, per step count, the package's own mean success rate and return, the mean ± 95% CI of both
+    over the test goals, and each goal's (in the order of ``test_goals``, their indices in the test split, so
+    that two policies' evaluations pair goal by goal). Every step count runs on the same goals (a fresh vector
+    environment of the same seed) with the same sampling noise."""
     mw = _package()
     from metaworld.evaluation import metalearning_evaluation
 
@@ -225,7 +226,7 @@ def official_evaluation(model: nn.Module, cfg: RLConfig, steps: tuple[int, ...],
         (sm, sci), (rm, rci) = mean_ci(per_goal[:, 0]), mean_ci(per_goal[:, 1])
         results[str(k)] = {"official_success_rate": success, "official_return": ret, "goals": per_goal.shape[0],
                            "success_rate": {"mean": sm, "ci95": sci}, "return": {"mean": rm, "ci95": rci},
-                           "goal_returns": per_goal[:, 1].tolist(),
+                           "goal_successes": per_goal[:, 0].tolist(), "goal_returns": per_goal[:, 1].tolist(),
                            "test_goals": indices_in_test_split(cfg.env, cfg.seed, envs.goals)}
     return {"sub_envs": sub_envs, "rounds": rounds, "adaptation_episodes": cfg.test_traj,
             "evaluation_episodes": eval_episodes, "steps": results}
