@@ -385,6 +385,92 @@ def test_adapting_to_a_goal_takes_training_s_inner_step_on_the_same_episodes():
     assert not np.array_equal(hands[0], hands[2])  # the adapted policy moves the hand differently
 
 
+def _offscreen_gl():
+    """Skip unless MuJoCo can render offscreen here (EGL or OSMesa: a system library, not a Python package)."""
+    from mamlkit.rl import render
+
+    try:
+        context, _ = render.gl_context(32, 32)
+    except UserError as e:
+        pytest.skip(str(e))
+    context.free()
+
+
+def test_rendering_leaves_the_episode_unchanged_and_shows_its_states():
+    """A rendered episode is the unrendered one (hand, return, success, bit for bit); its frames are the
+    scene at steps 0, 5, 10, ... and the last, and they show the arm moving (frames differ), the same state
+    rendering to the same pixels."""
+    pytest.importorskip("metaworld")
+    _offscreen_gl()
+    from mamlkit.rl import metaworld as mw
+    from mamlkit.rl import metaworld_adapt, render
+    from mamlkit.rl.train import make_policy
+
+    cfg = RLConfig(**TINY | {"horizon": 12})
+    policy = make_policy(cfg)
+    row = mw.test_task_row("ml1-reach", 0, 3)
+    theta = {k: v.detach() for k, v in policy.named_parameters()}
+    plain = metaworld_adapt.mean_action_episode(policy, cfg, row, theta, False)
+    with render.OffscreenRenderer(64, 48, camera=metaworld_adapt.CAMERA, flip=False) as r:
+        shot = metaworld_adapt.mean_action_episode(policy, cfg, row, theta, False, r)
+        env = mw.MetaWorldTasks("ml1-reach", row, 1, 12)
+        env.reset()
+        sim = env.sims[0]
+        again = r.frame(sim.model, sim.data)
+        assert np.array_equal(again, r.frame(sim.model, sim.data))
+        assert np.array_equal(again, shot["frames"][0])   # the episode's first frame is its reset state
+    assert np.array_equal(plain["hand"], shot["hand"]) and plain["return"] == shot["return"]
+    assert plain["success"] == shot["success"] and "frames" not in plain
+    assert len(shot["frames"]) == len(shot["frame_success"]) == 4   # t = 0, 5, 10 and the last, 12
+    assert all(f.shape == (48, 64, 3) and f.dtype == np.uint8 for f in shot["frames"])
+    assert not np.array_equal(shot["frames"][0], shot["frames"][-1])  # the arm moved
+
+
+def test_adapt_renders_the_episodes_side_by_side(tmp_path, capsys):
+    pytest.importorskip("metaworld")
+    _offscreen_gl()
+    from PIL import Image
+
+    _, run = _tiny_run(tmp_path)
+    capsys.readouterr()
+    video, fig = tmp_path / "reach.gif", tmp_path / "reach.png"
+    assert main(["rl", "adapt", str(run), "--test-task", "3", "--steps", "2", "--traj", "1", "--out", str(fig),
+                 "--video", str(video)]) == 0
+    out = capsys.readouterr().out
+    assert "video: " in out and "(3 frames of 3 episodes side by side" in out and fig.exists()
+    with Image.open(video) as gif:   # horizon 6: frames at t = 0, 5 and 6; three panels of 320 x (240 + label)
+        assert (gif.n_frames, gif.size) == (3, (3 * 320, 240 + 16))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("video, message", [
+    ("clip.mp4", "--video {d}/clip.mp4 must end in .gif"),
+    ("nowhere/clip.gif", "--video {d}/nowhere/clip.gif: folder {d}/nowhere does not exist"),
+    ("f.png", "--video {d}/f.png must end in .gif (an animated GIF)"),
+])
+def test_adapt_bad_videos_exit_2_before_anything_runs(video, message, tmp_path, capsys):
+    assert main(["rl", "adapt", str(tmp_path / "no-run"), "--goal", "0", "0.85", "0.2", "--out",
+                 str(tmp_path / "f.png"), "--video", str(tmp_path / video)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(d=tmp_path) in err and "Traceback" not in err
+
+
+def test_without_offscreen_opengl_the_message_names_the_libraries(monkeypatch):
+    from mamlkit.rl import render
+
+    monkeypatch.setattr(render, "BACKENDS", ("no-such-backend",))
+    with pytest.raises(UserError, match=r"no offscreen OpenGL on this machine \(no-such-backend: "
+                                        r"ModuleNotFoundError.*apt-get install libegl1"):
+        render.gl_context(32, 32)
+
+
+def test_a_nav2d_policy_has_no_video(tmp_path, capsys):
+    assert main(["rl", "adapt", "nav2d", "--goal", "0.2", "0.3", "--traj", "1", "--out", str(tmp_path / "n.png"),
+                 "--video", str(tmp_path / "n.gif")]) == 2
+    assert "--video renders a MuJoCo scene" in capsys.readouterr().err
+    assert not (tmp_path / "n.png").exists() and not (tmp_path / "n.gif").exists()
+
+
 def _report(goals: list[int], successes: list[float]) -> dict:
     step = {"test_goals": goals, "goal_successes": successes,
             "success_rate": {"mean": sum(successes) / len(successes), "ci95": 0.0}}

@@ -529,7 +529,8 @@ class RLAdapt:
     """What `mamlkit rl adapt` was asked: the policy (``checkpoint``: a run folder, a checkpoint file or a
     shipped policy's name) and where to adapt it: ``goal`` (X Y for nav2d, X Y Z for Meta-World, of
     ``task_type`` for ML10) or a Meta-World ``test_task``; ``steps`` steps of ``traj`` episodes each (noise
-    from ``seed``), the figure to ``out`` (None: the environment's default name)."""
+    from ``seed``), the figure to ``out`` (None: the environment's default name) and, for a MuJoCo environment,
+    the rendered episodes to ``video`` (an animated GIF; None: none)."""
 
     checkpoint: str
     goal: tuple[float, ...] | None = None
@@ -540,6 +541,7 @@ class RLAdapt:
     out: str | None = None
     seed: int = 0
     threads: int | None = None
+    video: str | None = None
 
 
 def rl_adapt_run(request: RLAdapt) -> list[str]:
@@ -580,6 +582,12 @@ def _rl_adapt_figure(request: RLAdapt, default_out: str) -> Path:
         raise UserError(f"--out {out} must end in .png, .pdf or .svg")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    if request.video is not None:
+        video = Path(request.video)
+        if video.suffix.lower() != ".gif":
+            raise UserError(f"--video {video} must end in .gif (an animated GIF)")
+        if not video.parent.is_dir():
+            raise UserError(f"--video {video}: folder {video.parent} does not exist")
     return out
 
 
@@ -593,6 +601,9 @@ def _rl_adapt_nav2d(request: RLAdapt, trainer, what: str) -> list[str]:
             or request.task_type is not None):
         raise UserError("a nav2d policy adapts to --goal X Y (two numbers); --test-task and --task-type are "
                         "Meta-World's")
+    if request.video is not None:
+        raise UserError("--video renders a MuJoCo scene (a Meta-World policy's); nav2d's episodes are all in the "
+                        "figure (--out)")
     adapt_inputs.check_2d_goal(request.goal)
     x, y = request.goal
     out = _rl_adapt_figure(request, "nav2d_adapt.png")
@@ -627,12 +638,18 @@ def _rl_adapt_metaworld(request: RLAdapt, trainer, what: str) -> list[str]:
         row = metaworld.test_task_row(cfg.env, cfg.seed, request.test_task)
         task = f"test task {request.test_task}"
     cfg = cfg.replace(eval_lrs=evaluate.step_rates(cfg.eval_lrs, request.steps), eval_traj=request.traj)
-    with evaluate.planned(request.threads, cfg):
-        result = metaworld_adapt.adapt(trainer.policy, cfg, row, task_generator(request.seed, "adapt", 0))
+    with evaluate.planned(request.threads, cfg), contextlib.ExitStack() as stack:
+        renderer = None
+        if request.video is not None:  # before adapting: a machine without offscreen OpenGL fails at once
+            from mamlkit.rl.render import OffscreenRenderer
+            renderer = stack.enter_context(OffscreenRenderer(camera=metaworld_adapt.CAMERA, flip=False))
+        result = metaworld_adapt.adapt(trainer.policy, cfg, row, task_generator(request.seed, "adapt", 0), renderer)
         goal = metaworld_adapt.task_goal(cfg.env, row)
         name = metaworld.resolve(cfg.env, row)[0].env_name
         metaworld_adapt.trajectory_figure(out, result["episodes"], goal,
                                           f"{cfg.env} ({name}), {task}: end effector, mean action")
+        if renderer is not None:
+            frames = metaworld_adapt.rollout_video(Path(request.video), result["episodes"])
     rates = ", ".join(f"{a:g}" for a in cfg.eval_lrs)
     lines = [what, f"{name}, {task}, goal at ({', '.join(f'{v:.3f}' for v in goal)}): after 0..{request.steps} steps "
                    f"(rates {rates}), mean return of {request.traj} sampled episodes; return and success of the mean "
@@ -640,7 +657,9 @@ def _rl_adapt_metaworld(request: RLAdapt, trainer, what: str) -> list[str]:
     for k, (r, ep) in enumerate(zip(result["sampled"], result["episodes"])):
         lines.append(f"  {k} step{'s' * (k != 1)}: {r:.2f}; mean action {ep['return']:.2f}, "
                      f"{'success' if ep['success'] else 'no success'}")
-    return [*lines, f"figure: {out}"]
+    video = ([f"video: {request.video} ({frames} frames of {len(result['episodes'])} episodes side by side, "
+              f"rendered offscreen through {renderer.backend})"] if request.video is not None else [])
+    return [*lines, f"figure: {out}", *video]
 
 
 # `rl adapt` by what an environment family's `adapt` says it takes (mamlkit.rl.families.EnvFamily.adapt)

@@ -91,6 +91,9 @@ def add_parser(sub: argparse._SubParsersAction, help_env: str | None = None) -> 
                     help="episodes sampled per step (default 20, the paper's)")
     ad.add_argument("--out", metavar="FILE",
                     help="figure to write (default nav2d_adapt.png, or ENV_adapt.png for Meta-World)")
+    ad.add_argument("--video", metavar="FILE.gif",
+                    help="Meta-World: also render the mean-action episodes (before and after each step, side by "
+                         "side) to this animated GIF, through MuJoCo's offscreen OpenGL (EGL or OSMesa)")
     ad.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the sampling noise (default 0)")
     add_threads_flag(ad, "default: the policy's run's --threads")
 
@@ -145,7 +148,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     request = run.RLAdapt(args.checkpoint, goal=tuple(args.goal) if args.goal is not None else None,
                           test_task=args.test_task, task_type=args.task_type, steps=args.steps, traj=args.traj,
-                          out=args.out, seed=args.seed, threads=args.threads)
+                          out=args.out, seed=args.seed, threads=args.threads, video=args.video)
     for line in run.rl_adapt_run(request):
         print(line)
     return 0
