@@ -8,6 +8,7 @@ backend is fixed by ``MUJOCO_GL`` when mujoco is first imported (GLFW unless set
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,12 @@ MAX_FRAMES = 2000
 def gl_context(width: int, height: int) -> tuple[Any, str]:
     """An offscreen OpenGL context, made current: EGL, else OSMesa; ``(context, backend)``.
 
-    Raises :class:`UserError` naming what each backend said and how to install one."""
+    Raises :class:`UserError` naming what each backend said and how to install one. Mesa's software rasteriser
+    starts a thread per core unless ``LP_NUM_THREADS`` says otherwise; it gets torch's thread count, the number
+    the run was planned with (`--threads`), so rendering on a busy machine takes no more cores than adapting."""
+    import torch
+
+    os.environ.setdefault("LP_NUM_THREADS", str(torch.get_num_threads()))
     said = []
     for name in BACKENDS:
         try:
