@@ -16,15 +16,9 @@ import math
 import sys
 from pathlib import Path
 
+import torch
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its normal 95% interval (as ``mamlkit.base.metrics.mean_ci``)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, 1.96 * math.sqrt(var / n)
+from mamlkit.base.metrics import mean_ci
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -48,7 +42,7 @@ def paired(a: dict, b: dict) -> list[dict]:
         if set(sa) != set(sb):
             raise SystemExit(f"after {k} step(s) the two reports ran on different test goals")
         diff = [sa[g] - sb[g] for g in sorted(sa)]
-        d, ci = mean_ci(diff)
+        d, ci = mean_ci(torch.tensor(diff, dtype=torch.float64))
         wins, losses = sum(x > 0 for x in diff), sum(x < 0 for x in diff)
         rows.append({"steps": int(k), "goals": len(diff), "a": ra["success_rate"]["mean"],
                      "b": rb["success_rate"]["mean"], "difference": d, "ci95": ci, "a_better": wins,

@@ -421,7 +421,7 @@ def test_rendering_leaves_the_episode_unchanged_and_shows_its_states():
         assert np.array_equal(again, shot["frames"][0])   # the episode's first frame is its reset state
     assert np.array_equal(plain["hand"], shot["hand"]) and plain["return"] == shot["return"]
     assert plain["success"] == shot["success"] and "frames" not in plain
-    assert len(shot["frames"]) == len(shot["frame_success"]) == 4   # t = 0, 5, 10 and the last, 12
+    assert len(shot["frames"]) == len(shot["frame_steps"]) == 4   # t = 0, 5, 10 and the last, 12
     assert all(f.shape == (48, 64, 3) and f.dtype == np.uint8 for f in shot["frames"])
     assert not np.array_equal(shot["frames"][0], shot["frames"][-1])  # the arm moved
 

@@ -35,22 +35,22 @@ def mean_action_episode(model: nn.Module, cfg: RLConfig, row: Tensor, params: di
                         renderer: OffscreenRenderer | None = None) -> dict[str, Any]:
     """One episode of task ``row [1, 3]`` with the mean action of ``params``: the hand's positions ``[H+1, 3]``,
     the return, and whether the package's success flag was ever set; with ``renderer``, also ``frames`` (the
-    scene at step 0 and every :data:`FRAME_EVERY` steps, and the last) and ``frame_success`` (whether success
-    was reached by each frame)."""
+    scene at step 0 and every :data:`FRAME_EVERY` steps, and the last) and ``frame_steps`` (each frame's time step
+    and whether success was reached by then)."""
     env = make_env(cfg.env, row, 1, cfg.episode_len, cfg.env_action_scale, **cfg.family.settings(cfg))
     obs, _ = env.reset()
     dtype = next(model.parameters()).dtype
     policy = sampling.policy_fn(model, params, per_task)
     hand, ret, success = [obs[0, 0, :3].double()], 0.0, False
-    frames, frame_success = [], []
+    frames, frame_steps = [], []
 
-    def shoot() -> None:
+    def shoot(t: int) -> None:
         sim = env.sims[0]
         frames.append(renderer.frame(sim.model, sim.data))
-        frame_success.append(success)
+        frame_steps.append((t, success))
 
     if renderer is not None:
-        shoot()
+        shoot(0)
     for t in range(1, env.horizon + 1):
         mean = policy(obs.to(dtype))[..., :env.act_dim]
         obs, reward, _, truncated, info = env.step(mean)
@@ -58,11 +58,11 @@ def mean_action_episode(model: nn.Module, cfg: RLConfig, row: Tensor, params: di
         ret += reward[0, 0].item()
         success |= bool(info["success"][0, 0].item())
         if renderer is not None and (t % FRAME_EVERY == 0 or truncated.all()):
-            shoot()
+            shoot(t)
         if truncated.all():
             break
     out = {"hand": torch.stack(hand).numpy(), "return": ret, "success": success}
-    return out | ({"frames": frames, "frame_success": frame_success} if renderer is not None else {})
+    return out | ({"frames": frames, "frame_steps": frame_steps} if renderer is not None else {})
 
 
 def adapt(model: nn.Module, cfg: RLConfig, row: Tensor, generator: torch.Generator | None = None,
@@ -111,8 +111,7 @@ def rollout_video(path: Path, episodes: list[dict[str, Any]], fps: int = 25) -> 
     labels = []
     for k, ep in enumerate(episodes):
         name = "pre-update" if k == 0 else f"{k} grad step{'s' * (k > 1)}"
-        steps = [min(i * FRAME_EVERY, len(ep["hand"]) - 1) for i in range(len(ep["frames"]))]
-        labels.append([f"{name}, t={t}" + (", success" if ok else "") for t, ok in zip(steps, ep["frame_success"])])
+        labels.append([f"{name}, t={t}" + (", success" if ok else "") for t, ok in ep["frame_steps"]])
     return write_gif(path, [ep["frames"] for ep in episodes], labels, fps)
 
 
