@@ -200,6 +200,38 @@ def test_the_policy_passes_metaworlds_own_evaluation_on_a_tiny_budget():
     assert result["steps"]["1"]["goal_returns"] != result["steps"]["0"]["goal_returns"]
 
 
+def test_each_step_counts_simulators_are_freed_before_the_next_are_built(monkeypatch):
+    """An evaluation builds a test vector environment per step count, each simulator with its own compiled
+    model (50 goals: about 1.1 GB); they hold reference cycles, so with the collector idle they outlived their
+    step count and a 50-goal evaluation peaked at 4 GB."""
+    import gc
+    import weakref
+
+    mw = pytest.importorskip("metaworld")
+    from mamlkit.rl import metaworld_eval
+    from mamlkit.rl.train import make_policy
+
+    real, built = mw.make_ml_envs_test, []
+
+    def watched(*args, **kwargs):
+        assert all(ref() is None for ref in built), "the previous step count's simulators are still alive"
+        envs = real(*args, **kwargs)
+        built.extend(weakref.ref(e.unwrapped) for e in envs.envs)
+        return envs
+
+    monkeypatch.setattr(mw, "make_ml_envs_test", watched)
+    cfg = RLConfig(**TINY)
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()  # the collector's own timing must not decide the outcome
+    try:
+        metaworld_eval.official_evaluation(make_policy(cfg), cfg, (1, 2), eval_episodes=1)
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert len(built) == 3 * 2 and all(ref() is None for ref in built)
+
+
 def test_every_goal_is_scored_even_when_the_package_stops_at_the_first_episodes_to_end():
     mw = pytest.importorskip("metaworld")
     from metaworld.evaluation import metalearning_evaluation
@@ -282,6 +314,7 @@ def test_cli_train_eval_and_the_records_of_versions(tmp_path, capsys):
     assert main(["rl", "eval", str(run), "--steps", "1", "--eval-episodes", "1", "--overwrite"]) == 0
     ev = json.loads((run / "eval.json").read_text())
     assert list(ev["steps"]) == ["0", "1"] and ev["evaluation_episodes"] == 1
+    assert ev["seed"] == 0  # the benchmark's seed fixes the test goals that test_goals index
     assert "| 1 |" in capsys.readouterr().out
     assert main(["rl", "eval", str(run), "--eval-episodes", "0", "--overwrite"]) == 2
     assert "--eval-episodes must be >= 1" in capsys.readouterr().err
@@ -504,3 +537,13 @@ def test_two_evaluations_pair_goal_by_goal():
         paired_eval.paired(a, _report([0, 1, 2, 3, 4, 5, 7], [0] * 7))
     with pytest.raises(SystemExit, match="same benchmark"):
         paired_eval.paired(a, {**b, "env": "ml10"})
+    with pytest.raises(SystemExit, match="benchmark seeds 0 and 1"):
+        paired_eval.paired({**a, "seed": 0}, {**b, "seed": 1})
+    # pooled over two seeds: the (seed, goal) differences together, each seed matched within itself
+    c, d = _report([5, 9], [1, 1]), _report([9, 5], [1, 0])   # goal 5: 1 - 0; goal 9: 1 - 1
+    (pool,) = paired_eval.pooled([(a, b), (c, d)])
+    mean, ci = mean_ci(torch.cat([diff, torch.tensor([1.0, 0.0], dtype=torch.float64)]))
+    assert pool["goals"] == 9 and pool["difference"] == pytest.approx(mean, rel=1e-12)
+    assert pool["ci95"] == pytest.approx(ci, rel=1e-12) and (pool["a_better"], pool["b_better"]) == (4, 1)
+    assert pool["a"] == pytest.approx((7 * a["steps"]["1"]["success_rate"]["mean"] + 2 * 1.0) / 9, rel=1e-12)
+    assert pool["sign_test_p"] == pytest.approx(2 * (1 + 5) / 2 ** 5, rel=1e-12)

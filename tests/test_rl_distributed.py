@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mamlkit import runfolder
 from mamlkit.base.batch import task_generator
+from mamlkit.cli import main
 from mamlkit.loop import distributed
 from mamlkit.rl import sampling, train
 from mamlkit.rl.config import RLConfig
@@ -234,3 +235,35 @@ def test_torchrun_rl_train_trains_and_only_rank_0_reports(tmp_path):
     run = tmp_path / "rl-nav2d-maml-trpo"
     assert train.load_trainer(run).step == 2 and train.load_trainer(run / "pretrained").step == 1
     assert (run / "eval.md").exists() and "pretrained" in (run / "eval.md").read_text()
+
+
+def test_two_nodes_train_as_one_process_and_only_the_first_node_writes(tmp_path):
+    """Two torchrun launchers on the loopback as two machines of one rank each (``--nnodes 2``): every rank is
+    its node's ``LOCAL_RANK`` 0, so a job that took "local rank 0" for "the writer" would write twice. The job
+    ends with the one-process parameters bit for bit (float64) and one set of files."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to this python")
+    flags = ["--iterations", "2", "--meta-batch", "3", "--traj-per-task", "2", "--horizon", "10", "--hidden-sizes",
+             "8", "--val-every", "1", "--val-tasks", "2", "--eval-tasks", "2", "--eval-traj", "2", "--eval-lrs", "0.1",
+             "--no-baselines", "--dtype", "float64", "--no-progress", "--threads", "1"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    port, nodes = free_port(), []
+    for node in range(2):
+        (tmp_path / f"node{node}").mkdir()
+        nodes.append(subprocess.Popen(
+            [str(torchrun), "--nnodes=2", f"--node-rank={node}", "--nproc_per_node=1", "--master-addr=127.0.0.1",
+             f"--master-port={port}", "-m", "mamlkit", "rl", "train", "nav2d", *flags, "--out-dir",
+             str(tmp_path / "shared")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            cwd=tmp_path / f"node{node}"))
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [err[-3000:] for _, err in outs]
+    assert outs[0][0].count("run folder:") == 1 and outs[0][0].count("| steps |") == 1
+    assert "run folder:" not in outs[1][0] and "| steps |" not in outs[1][0]  # the second node wrote nothing
+    assert [p for node in range(2) for p in (tmp_path / f"node{node}").iterdir()] == []  # nothing in either cwd
+    assert main(["rl", "train", "nav2d", *flags, "--out-dir", str(tmp_path / "one")]) == 0
+    two, one = (train.load_trainer(tmp_path / d / "rl-nav2d-maml-trpo") for d in ("shared", "one"))
+    assert two.step == one.step == 2
+    assert all(torch.equal(v, params(one)[k]) for k, v in params(two).items())
+    assert [r["step"] for r in rows(tmp_path / "shared" / "rl-nav2d-maml-trpo", "train")] == [1, 2]

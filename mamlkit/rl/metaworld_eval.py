@@ -12,6 +12,7 @@ its vector environment keeps each goal's evaluation episodes (completing those t
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import pickle
@@ -182,6 +183,15 @@ def indices_in_test_split(env: str, seed: int, goals: list[list[tuple[float, ...
     return found
 
 
+def release(envs: Recorder) -> None:
+    """Free a closed test vector environment now. Its 50 simulators each hold their own compiled model (about
+    21 MB: the package builds them, so they cannot share one as training's do), and the environments keep
+    reference cycles that Python's collector, counting objects rather than bytes, may leave for several step
+    counts: without this an evaluation of 50 goals held three or four of them at once."""
+    envs.envs = None
+    gc.collect()
+
+
 def layout(env: str, seed: int, goals: int) -> tuple[int, int]:
     """``(sub-environments, rounds)`` for at least ``goals`` test goals: the package's test vector environment
     takes a multiple of the test task types whose share divides each type's 50 goals."""
@@ -221,6 +231,7 @@ def official_evaluation(model: nn.Module, cfg: RLConfig, steps: tuple[int, ...],
                                                       evaluation_episodes=eval_episodes)
         finally:
             envs.envs.close()
+        release(envs)
         per_goal = torch.tensor([[np.mean([e[j] for e in envs.episodes[g][:eval_episodes]]) for j in (0, 1)]
                                  for g in sorted(envs.episodes)], dtype=torch.float64)  # goals by (round, env)
         (sm, sci), (rm, rci) = mean_ci(per_goal[:, 0]), mean_ci(per_goal[:, 1])
@@ -233,9 +244,10 @@ def official_evaluation(model: nn.Module, cfg: RLConfig, steps: tuple[int, ...],
 
 
 def report(out_dir: Path, model: nn.Module, cfg: RLConfig, steps: tuple[int, ...], eval_episodes: int = 3) -> str:
-    """Run :func:`official_evaluation` and write ``eval.md`` and ``eval.json`` (with the package's version and
-    the reward version) into ``out_dir``; return the table, followed by the published MAML figures for the
-    benchmark (:mod:`mamlkit.rl.metaworld_published`) where there are any."""
+    """Run :func:`official_evaluation` and write ``eval.md`` and ``eval.json`` (with the package's version, the
+    reward version and the benchmark's seed, which fixes the test goals) into ``out_dir``; return the table,
+    followed by the published MAML figures for the benchmark (:mod:`mamlkit.rl.metaworld_published`) where
+    there are any."""
     result = official_evaluation(model, cfg, steps, eval_episodes)
     env = record(cfg.env, cfg.reward_version)
     lines = [f"{cfg.env}: Meta-World {env['version']} ({env['benchmark']}"
@@ -254,7 +266,7 @@ def report(out_dir: Path, model: nn.Module, cfg: RLConfig, steps: tuple[int, ...
     published = metaworld_published.table(cfg.env, cfg.reward_version)
     text = "\n".join(lines + ([""] + published if published else [])) + "\n"
     atomic_write_text(out_dir / "eval.json", json.dumps({
-        "env": cfg.env, "environment": env, "eval_lrs": list(cfg.eval_lrs), **result,
+        "env": cfg.env, "environment": env, "seed": cfg.seed, "eval_lrs": list(cfg.eval_lrs), **result,
         "published": [asdict(f) for f in metaworld_published.figures(cfg.env)]}, indent=2))
     atomic_write_text(out_dir / "eval.md", text)
     return text
