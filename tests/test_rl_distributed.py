@@ -218,15 +218,20 @@ def test_a_dying_rank_ends_the_job_and_rank_0_keeps_the_finished_iterations(tmp_
     assert f"mamlkit rl train --resume {run}" in survivor
 
 
-def test_torchrun_rl_train_trains_and_only_rank_0_reports(tmp_path):
+def torchrun_and_env() -> tuple[Path, dict[str, str]]:
+    """The torchrun beside this python (the test skips without it) and an environment that imports this tree."""
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun not installed next to this python")
+    root = Path(__file__).resolve().parents[1]
+    return torchrun, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+
+
+def test_torchrun_rl_train_trains_and_only_rank_0_reports(tmp_path):
+    torchrun, env = torchrun_and_env()
     flags = ["--iterations", "2", "--meta-batch", "3", "--traj-per-task", "2", "--horizon", "10", "--hidden-sizes",
              "8", "--val-every", "1", "--val-tasks", "2", "--eval-tasks", "2", "--eval-traj", "2", "--eval-lrs", "0.1",
              "--pretrain-iterations", "1", "--no-progress", "--threads", "1", "--out-dir", str(tmp_path)]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master-addr=127.0.0.1",
                            f"--master-port={free_port()}", "-m", "mamlkit", "rl", "train", "nav2d", *flags],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -241,14 +246,10 @@ def test_two_nodes_train_as_one_process_and_only_the_first_node_writes(tmp_path)
     """Two torchrun launchers on the loopback as two machines of one rank each (``--nnodes 2``): every rank is
     its node's ``LOCAL_RANK`` 0, so a job that took "local rank 0" for "the writer" would write twice. The job
     ends with the one-process parameters bit for bit (float64) and one set of files."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun not installed next to this python")
+    torchrun, env = torchrun_and_env()
     flags = ["--iterations", "2", "--meta-batch", "3", "--traj-per-task", "2", "--horizon", "10", "--hidden-sizes",
              "8", "--val-every", "1", "--val-tasks", "2", "--eval-tasks", "2", "--eval-traj", "2", "--eval-lrs", "0.1",
              "--no-baselines", "--dtype", "float64", "--no-progress", "--threads", "1"]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     port, nodes = free_port(), []
     for node in range(2):
         (tmp_path / f"node{node}").mkdir()

@@ -184,10 +184,11 @@ def indices_in_test_split(env: str, seed: int, goals: list[list[tuple[float, ...
 
 
 def release(envs: Recorder) -> None:
-    """Free a closed test vector environment now. Its 50 simulators each hold their own compiled model (about
+    """Close a test vector environment and free it now. Its 50 simulators each hold their own compiled model (about
     21 MB: the package builds them, so they cannot share one as training's do), and the environments keep
     reference cycles that Python's collector, counting objects rather than bytes, may leave for several step
     counts: without this an evaluation of 50 goals held three or four of them at once."""
+    envs.envs.close()
     envs.envs = None
     gc.collect()
 
@@ -230,8 +231,7 @@ def official_evaluation(model: nn.Module, cfg: RLConfig, steps: tuple[int, ...],
                                                       adaptation_episodes=cfg.test_traj,
                                                       evaluation_episodes=eval_episodes)
         finally:
-            envs.envs.close()
-        release(envs)
+            release(envs)
         per_goal = torch.tensor([[np.mean([e[j] for e in envs.episodes[g][:eval_episodes]]) for j in (0, 1)]
                                  for g in sorted(envs.episodes)], dtype=torch.float64)  # goals by (round, env)
         (sm, sci), (rm, rci) = mean_ci(per_goal[:, 0]), mean_ci(per_goal[:, 1])
